@@ -1,0 +1,169 @@
+"""Model matrices for a parsed formula, named the way lme4 names them.
+
+The fixed-effects matrix follows R's model.matrix: treatment contrasts with the first level (sorted)
+as reference for text columns, ``a * b`` expanded to main effects and interaction. Column names are
+lme4's (``(Intercept)``, ``armtreatment``, ``week:armtreatment``, ``I(week^2)``), so that estimates can
+be compared by name with lme4's output. Rank-deficient fixed-effect columns are dropped, as lmer does,
+and listed in ``Design.dropped``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from longitudinal.errors import FormulaError
+from longitudinal.formula import FUNCTIONS, ModelFormula, to_patsy
+
+
+@dataclass(frozen=True, eq=False)
+class BlockDesign:
+    """One random-effects bar: its model matrix ``Z`` (n × q) and lme4's term names."""
+
+    group: str
+    terms: tuple[str, ...]
+    Z: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class Design:
+    """Response, fixed-effects matrix and random-effects blocks of one candidate on one data set.
+
+    ``codes`` maps each row to its level of the grouping factor (0..G-1, ``levels`` sorted as R sorts
+    factor levels for these labels). Rows are in the order of the data frame given.
+    """
+
+    y: np.ndarray
+    X: np.ndarray
+    fixed_names: tuple[str, ...]
+    dropped: tuple[str, ...]
+    blocks: tuple[BlockDesign, ...]
+    group: str
+    codes: np.ndarray
+    levels: np.ndarray
+
+    @property
+    def n_obs(self) -> int:
+        return int(self.y.shape[0])
+
+    @property
+    def n_groups(self) -> int:
+        return int(self.levels.shape[0])
+
+    @property
+    def Z(self) -> np.ndarray:
+        """All blocks side by side (n × q), the per-group columns of the random effects."""
+        return np.hstack([block.Z for block in self.blocks])
+
+
+def build_design(data: pd.DataFrame, formula: ModelFormula) -> Design:
+    """Build the matrices of ``formula`` on ``data`` (typed: numbers as floats, categoricals as text).
+
+    Missing values are not handled here: validation removes every row with a missing value in a column
+    any candidate uses, so all candidates are fitted on the same rows. A missing value reaching this
+    point is an error.
+    """
+    import patsy  # statsmodels' formula dependency; imported here to keep `import longitudinal` light
+
+    frame = _model_frame(data, formula)
+    env = patsy.EvalEnvironment([{name: getattr(np, fn) for name, fn in FUNCTIONS.items()}])
+    y = frame[formula.response].to_numpy(dtype=float)
+    X_frame = _dmatrix(patsy, to_patsy(formula.fixed), frame, env, formula.fixed)
+    names = [_lme4_name(c) for c in X_frame.columns]
+    X, kept = _drop_rank_deficient(X_frame.to_numpy(dtype=float))
+    blocks = []
+    for block in formula.blocks:
+        spec = " + ".join(("1" if block.intercept else "0",) + tuple(to_patsy(t) for t in block.terms if t != "1"))
+        Z_frame = _dmatrix(patsy, spec, frame, env, " + ".join(block.terms))
+        blocks.append(BlockDesign(
+            group=block.group,
+            terms=tuple(_lme4_name(c) for c in Z_frame.columns),
+            Z=np.ascontiguousarray(Z_frame.to_numpy(dtype=float)),
+        ))
+    group = formula.groups[0]
+    codes, levels = pd.factorize(frame[group].astype(str), sort=True)
+    return Design(
+        y=y,
+        X=np.ascontiguousarray(X),
+        fixed_names=tuple(names[i] for i in kept),
+        dropped=tuple(name for i, name in enumerate(names) if i not in set(kept)),
+        blocks=tuple(blocks),
+        group=group,
+        codes=codes.astype(np.int64),
+        levels=np.asarray(levels),
+    )
+
+
+def _model_frame(data: pd.DataFrame, formula: ModelFormula) -> pd.DataFrame:
+    missing = sorted(formula.columns - set(data.columns))
+    if missing:
+        raise FormulaError(f"formula {formula.text!r} uses column {missing[0]!r}, which the data lack")
+    frame = data.loc[:, sorted(formula.columns)].reset_index(drop=True)
+    holes = [c for c in frame.columns if frame[c].isna().any()]
+    if holes:
+        raise FormulaError(f"column {holes[0]!r} has missing values; validation should have removed those rows")
+    # Text columns become categoricals with sorted levels, as R's factor() orders them.
+    converted = {
+        column: pd.Categorical(frame[column].astype(str), categories=sorted(frame[column].astype(str).unique()))
+        for column in frame.columns
+        if not pd.api.types.is_numeric_dtype(frame[column]) and column != formula.response
+    }
+    return frame.assign(**converted) if converted else frame
+
+
+def _dmatrix(patsy: object, spec: str, frame: pd.DataFrame, env: object, shown: str) -> pd.DataFrame:
+    try:
+        return patsy.dmatrix(spec, frame, eval_env=env, return_type="dataframe", NA_action="raise")  # type: ignore[attr-defined]
+    except Exception as exc:  # patsy raises its own PatsyError and plain Python errors from evaluating terms
+        raise FormulaError(f"cannot build the model matrix for {shown!r}: {' '.join(str(exc).split())}") from None
+
+
+def _drop_rank_deficient(X: np.ndarray, tol: float = 1e-7) -> tuple[np.ndarray, list[int]]:
+    """Keep the columns that are not linear combinations of the columns before them."""
+    if X.shape[1] == 0:
+        return X, []
+    R = np.linalg.qr(X, mode="r")
+    diag = np.abs(np.diag(R))
+    scale = max(float(diag.max()), 1e-300)
+    kept = [j for j in range(X.shape[1]) if diag[j] > tol * scale]
+    return X[:, kept], kept
+
+
+_LEVEL = re.compile(r"^(?P<code>.*)\[(?:T\.)?(?P<level>.*)\]$")
+
+
+def _lme4_name(column: str) -> str:
+    """patsy's column name to lme4's: ``Intercept`` → ``(Intercept)``, ``arm[T.b]`` → ``armb``."""
+    if column == "Intercept":
+        return "(Intercept)"
+    return ":".join(_lme4_factor(part) for part in _split_colon(column))
+
+
+def _lme4_factor(part: str) -> str:
+    match = _LEVEL.match(part)
+    if match and not part.startswith("I("):
+        return match.group("code") + match.group("level")
+    return _r_code(part)
+
+
+def _r_code(code: str) -> str:
+    # Undo to_patsy for display: 'I(week ** 2)' → 'I(week^2)'.
+    return code.replace(" ** ", "^").replace("**", "^")
+
+
+def _split_colon(name: str) -> list[str]:
+    parts: list[str] = []
+    depth, start = 0, 0
+    for i, ch in enumerate(name):
+        if ch in "([":
+            depth += 1
+        elif ch in ")]":
+            depth -= 1
+        elif ch == ":" and depth == 0:
+            parts.append(name[start:i])
+            start = i + 1
+    parts.append(name[start:])
+    return parts

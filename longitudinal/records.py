@@ -1,0 +1,230 @@
+"""Typed records that the stages exchange.
+
+Every stage returns one of these, never a third-party results object, so that the engine behind a fit,
+the validator behind the checks or the plotting library can change without touching the others.
+Records are frozen; the ones holding arrays or frames compare by identity (``eq=False``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+Method = Literal["ML", "REML"]
+
+#: Columns ingestion adds to every row: where it was read from.
+SOURCE_COLUMNS = ("source_file", "source_line")
+
+# ---------------------------------------------------------------------------------------------- ingest
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One input file as read: its path, content hash (sha256) and number of data rows."""
+
+    path: str
+    sha256: str
+    rows: int
+
+
+@dataclass(frozen=True, eq=False)
+class Ingested:
+    """What ingestion read.
+
+    ``raw`` holds every row exactly as read (all values as text for CSV, native for Parquet) plus the
+    columns ``source_file`` and ``source_line`` (1-based line in the file, header = line 1; for Parquet
+    the 1-based row number). ``typed`` has the same index and columns with the configured roles coerced
+    (subject and categoricals to text, time and outcome and numeric covariates to float); a value that
+    could not be coerced is NaN there while ``raw`` keeps what was read, so validation can quarantine it.
+    """
+
+    raw: pd.DataFrame
+    typed: pd.DataFrame
+    files: tuple[SourceFile, ...]
+
+    @property
+    def rows_read(self) -> int:
+        return len(self.raw)
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+
+@dataclass(frozen=True)
+class ExpectationOutcome:
+    """One check and what it found. ``level`` is "table" (failing fails the run) or "row" (quarantines)."""
+
+    name: str
+    level: Literal["table", "row"]
+    column: str | None
+    success: bool
+    unexpected_count: int
+    description: str
+    details: str = ""
+
+
+@dataclass(frozen=True, eq=False)
+class Validated:
+    """The rows to analyse and the rows set aside, with the reason for each.
+
+    ``visits``: typed rows that every candidate is fitted on (same index as in ``Ingested``), with
+    ``source_file`` and ``source_line``. ``quarantine``: every quarantined row as read plus
+    ``source_file``, ``source_line`` and ``reason``. ``rows_read == rows_analysed + rows_quarantined``.
+    """
+
+    visits: pd.DataFrame
+    quarantine: pd.DataFrame
+    expectations: tuple[ExpectationOutcome, ...]
+    rows_read: int
+
+    @property
+    def rows_analysed(self) -> int:
+        return len(self.visits)
+
+    @property
+    def rows_quarantined(self) -> int:
+        return len(self.quarantine)
+
+    @property
+    def success(self) -> bool:
+        return all(e.success for e in self.expectations if e.level == "table")
+
+
+# ------------------------------------------------------------------------------------------------- fit
+
+
+@dataclass(frozen=True)
+class FixedEffect:
+    """A fixed-effect estimate with its Wald standard error, 95% interval and two-sided p-value."""
+
+    term: str
+    estimate: float
+    std_error: float
+    ci_low: float
+    ci_high: float
+    p_value: float
+
+
+@dataclass(frozen=True)
+class VarianceComponent:
+    """The standard deviation of one random-effect term (``term`` "(Intercept)" for the intercept)."""
+
+    group: str
+    term: str
+    sd: float
+
+
+@dataclass(frozen=True)
+class Correlation:
+    group: str
+    term1: str
+    term2: str
+    corr: float
+
+
+@dataclass(frozen=True)
+class OptimizerAttempt:
+    """One optimizer run: what it reached (log-likelihood, or REML log-criterion) and whether it converged."""
+
+    optimizer: str
+    loglik: float
+    converged: bool
+    iterations: int
+    seconds: float
+    message: str = ""
+
+
+@dataclass(frozen=True, eq=False)
+class Fit:
+    """One candidate fitted by one method (ML for comparison, REML for the reported estimates).
+
+    ``loglik`` is the maximized log-likelihood for ML and the maximized REML log-likelihood for REML
+    (``reml_criterion`` = -2 × that, lme4's "REML criterion at convergence"). ``n_params`` follows lme4:
+    fixed effects + random-effect (co)variance parameters + 1 residual variance.
+
+    ``ranef`` is long: columns ``group, level, term, estimate, cond_sd`` (conditional modes of the random
+    effects and their conditional standard deviations). ``fitted`` and ``residuals`` align with the rows
+    of the data the candidate was fitted on. A failed fit has ``converged=False``, ``loglik=nan`` and
+    ``message`` saying why.
+    """
+
+    name: str
+    formula: str
+    method: Method
+    engine: str
+    converged: bool
+    singular: bool
+    message: str
+    n_obs: int
+    n_subjects: int
+    n_params: int
+    loglik: float
+    reml_criterion: float | None = None
+    fixed_effects: tuple[FixedEffect, ...] = ()
+    random_effects: tuple[VarianceComponent, ...] = ()
+    correlations: tuple[Correlation, ...] = ()
+    residual_sd: float = math.nan
+    ranef: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["group", "level", "term", "estimate", "cond_sd"]))
+    fitted: np.ndarray = field(default_factory=lambda: np.empty(0))
+    residuals: np.ndarray = field(default_factory=lambda: np.empty(0))
+    optimizer: str = ""
+    attempts: tuple[OptimizerAttempt, ...] = ()
+    gradient_max: float = math.nan
+    iterations: int = 0
+    seconds: float = 0.0
+
+    @property
+    def usable(self) -> bool:
+        """Converged with a finite likelihood: may compete in the selection."""
+        return self.converged and math.isfinite(self.loglik)
+
+    @property
+    def aic(self) -> float:
+        return -2.0 * self.loglik + 2.0 * self.n_params
+
+    @property
+    def bic(self) -> float:
+        return -2.0 * self.loglik + self.n_params * math.log(self.n_obs) if self.n_obs > 0 else math.nan
+
+
+def failed_fit(
+    name: str, formula: str, method: Method, engine: str, reason: str, *, n_obs: int, n_subjects: int,
+    n_params: int, attempts: tuple[OptimizerAttempt, ...] = (), seconds: float = 0.0,
+) -> Fit:
+    """The record of a candidate that could not be fitted, with the reason in ``message``."""
+    return Fit(
+        name=name, formula=formula, method=method, engine=engine, converged=False, singular=False,
+        message=reason, n_obs=n_obs, n_subjects=n_subjects, n_params=n_params, loglik=math.nan,
+        attempts=attempts, seconds=seconds,
+    )
+
+
+# ------------------------------------------------------------------------------------------- selection
+
+
+@dataclass(frozen=True, eq=False)
+class Selection:
+    """The model comparison. ``table`` has exactly the columns of ``model_comparison.csv``."""
+
+    criterion: Literal["aic", "bic"]
+    table: pd.DataFrame
+    selected: str
+
+
+# --------------------------------------------------------------------------------------------- outputs
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """Where a finished run lives and what it chose."""
+
+    run_dir: Path
+    selected: str | None
+    rows_read: int
+    rows_analysed: int
+    rows_quarantined: int

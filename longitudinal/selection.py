@@ -1,0 +1,89 @@
+"""Choose among candidate models by AIC or BIC.
+
+AIC = −2 logLik + 2k and BIC = −2 logLik + k·ln(n), with lme4's conventions: the log-likelihood is
+the maximized *ML* log-likelihood, k = fixed effects + random-effect (co)variance parameters + 1
+(residual variance) and n = rows analysed. Only converged fits with a finite likelihood, fitted by ML
+on identical rows, compete; Δ is measured from the best competitor and the Akaike/Schwarz weights are
+exp(−Δ/2) normalized over the competitors. A tie (within 1e-6) goes to the candidate with fewer
+parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Sequence
+
+import numpy as np
+import pandas as pd
+
+from longitudinal.errors import FitError
+from longitudinal.records import Fit, Selection
+
+COLUMNS = (
+    "model", "formula", "converged", "singular", "n_obs", "n_subjects", "n_params", "loglik",
+    "aic", "bic", "delta_aic", "delta_bic", "aic_weight", "bic_weight", "selected",
+)
+_TIE = 1e-6
+
+
+def select_model(fits: Sequence[Fit], criterion: Literal["aic", "bic"]) -> Selection:
+    """Compare ML fits of the candidates and pick the lowest ``criterion``.
+
+    Raises :class:`FitError` when no candidate is usable (the message gives each candidate's reason),
+    and refuses comparisons that are statistically meaningless: REML fits, or fits on different rows.
+    """
+    if criterion not in ("aic", "bic"):
+        raise ValueError(f"criterion must be 'aic' or 'bic', got {criterion!r}")
+    reml = [f.name for f in fits if f.method != "ML"]
+    if reml:
+        raise FitError(
+            f"candidates {', '.join(reml)} were fitted by REML; AIC/BIC compare ML fits only "
+            "(REML likelihoods of different fixed effects are not comparable)"
+        )
+    usable = [f for f in fits if f.usable]
+    if not usable:
+        reasons = "; ".join(f"{f.name}: {f.message or 'did not converge'}" for f in fits)
+        raise FitError(f"no candidate model could be fitted ({reasons})")
+    sizes = {f.n_obs for f in usable}
+    if len(sizes) > 1:
+        detail = ", ".join(f"{f.name} n={f.n_obs}" for f in usable)
+        raise FitError(f"candidates were fitted on different rows ({detail}); AIC/BIC need identical rows")
+
+    aic = np.array([f.aic if f.usable else math.nan for f in fits])
+    bic = np.array([f.bic if f.usable else math.nan for f in fits])
+    delta_aic, aic_weight = _deltas_and_weights(aic)
+    delta_bic, bic_weight = _deltas_and_weights(bic)
+    score = aic if criterion == "aic" else bic
+    best = min(
+        (i for i, f in enumerate(fits) if f.usable),
+        key=lambda i: (round(score[i] / _TIE) * _TIE, fits[i].n_params, i),
+    )
+    table = pd.DataFrame({
+        "model": [f.name for f in fits],
+        "formula": [f.formula for f in fits],
+        "converged": [f.usable for f in fits],
+        "singular": [f.singular for f in fits],
+        "n_obs": [f.n_obs for f in fits],
+        "n_subjects": [f.n_subjects for f in fits],
+        "n_params": [f.n_params for f in fits],
+        "loglik": [f.loglik for f in fits],
+        "aic": aic,
+        "bic": bic,
+        "delta_aic": delta_aic,
+        "delta_bic": delta_bic,
+        "aic_weight": aic_weight,
+        "bic_weight": bic_weight,
+        "selected": [i == best for i in range(len(fits))],
+    }, columns=list(COLUMNS))
+    return Selection(criterion=criterion, table=table, selected=fits[best].name)
+
+
+def _deltas_and_weights(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    finite = np.isfinite(values)
+    delta = np.full(values.shape, math.nan)
+    weight = np.full(values.shape, math.nan)
+    if finite.any():
+        delta[finite] = values[finite] - values[finite].min()
+        relative = np.exp(-0.5 * delta[finite])
+        weight[finite] = relative / relative.sum()
+    return delta, weight

@@ -1,0 +1,47 @@
+"""Report: write the run's files and the HTML report into the staging folder, then publish the run.
+
+Writing is retried (an output folder can be briefly unavailable); every write is idempotent.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
+
+from longitudinal.figures import build_figures, figure_to_png
+from longitudinal.outputs import publish_run, write_json
+from longitudinal.report import ReportInputs, render_report
+from tasks._artifacts import artifact_key
+
+
+@task(name="write-report", retries=2, retry_delay_seconds=[1, 5], cache_policy=NO_CACHE)
+def write_report(staging: Path, inputs: ReportInputs) -> Path:
+    figures = build_figures(inputs.validated.visits, inputs.config, inputs.selection, inputs.selected)
+    pngs = {}
+    for stem, figure in figures.items():
+        pngs[stem] = figure_to_png(figure)
+        (staging / "figures" / f"{stem}.png").write_bytes(pngs[stem])
+    path = staging / "report.html"
+    path.write_text(render_report(inputs, pngs), encoding="utf-8")
+    get_run_logger().info("report with %d figures written", len(pngs))
+    return path
+
+
+@task(name="publish", retries=2, retry_delay_seconds=[1, 5], cache_policy=NO_CACHE)
+def publish(staging: Path, run_id: str, manifest: dict, study: str, summary_markdown: str) -> Path:
+    write_json(manifest, staging / "manifest.json")
+    run_dir = publish_run(staging, run_id)
+    report = run_dir / "report.html"
+    create_link_artifact(
+        link=report.resolve().as_uri(), link_text=f"{study} report ({run_id})",
+        key=artifact_key(study, "report"), description="The run's HTML report (a file on the machine that ran it)",
+    )
+    create_markdown_artifact(
+        markdown=summary_markdown, key=artifact_key(study, "summary"), description=f"Run summary for {study}",
+    )
+    get_run_logger().info("run published at %s", run_dir)
+    return run_dir

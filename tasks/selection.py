@@ -1,0 +1,28 @@
+"""Select: compare the ML fits by AIC/BIC and publish the comparison table."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+from prefect import task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
+
+from longitudinal.records import Fit, Selection
+from longitudinal.selection import select_model
+from tasks._artifacts import artifact_key
+
+
+@task(name="select", cache_policy=NO_CACHE)
+def select(fits: Sequence[Fit], criterion: Literal["aic", "bic"], study: str) -> Selection:
+    selection = select_model(fits, criterion)
+    table = selection.table.round(4).astype(object).where(selection.table.notna(), None)
+    create_table_artifact(
+        table=table.to_dict(orient="records"),
+        key=artifact_key(study, "model-comparison"),
+        description=f"Model comparison for {study} by {criterion.upper()}; selected: {selection.selected}",
+    )
+    get_run_logger().info("selected %s by %s", selection.selected, criterion.upper())
+    return selection
