@@ -1,0 +1,124 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from longitudinal.config import load_config, parse_config
+from longitudinal.errors import ConfigError
+
+MINIMAL = {
+    "study": "trial-1",
+    "data": {"source": "incoming/", "subject": "patient_id", "time": "week", "outcome": "score"},
+    "models": {"candidates": {"ri": "score ~ week + (1 | patient_id)"}},
+}
+
+
+def _with(**changes: object) -> dict:
+    document = {key: (dict(value) if isinstance(value, dict) else value) for key, value in MINIMAL.items()}
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split("__")
+        target = document
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[leaf] = value
+    return document
+
+
+def test_defaults_are_the_documented_ones(tmp_path: Path) -> None:
+    config = parse_config(MINIMAL, base_dir=tmp_path)
+    assert config.validation.min_observations_per_subject == 1
+    assert config.validation.outcome_range is None
+    assert config.models.criterion == "bic"
+    assert config.models.engine == "lme4-style"
+    assert config.output.directory == "reports"
+    assert config.data.categorical == ()
+
+
+def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> None:
+    (tmp_path / "study").mkdir()
+    path = tmp_path / "study" / "config.yaml"
+    path.write_text(
+        "study: s\n"
+        "data: {source: incoming/, subject: id, time: t, outcome: y}\n"
+        "models: {candidates: {ri: 'y ~ t + (1 | id)'}}\n"
+        "output: {directory: out}\n"
+    )
+    config = load_config(path)
+    assert config.source_path == tmp_path / "study" / "incoming"
+    assert config.output_dir == tmp_path / "study" / "out" / "s"
+
+
+def test_absolute_paths_stay(tmp_path: Path) -> None:
+    config = parse_config(_with(data__source=str(tmp_path / "x.csv")), base_dir=Path("/elsewhere"))
+    assert config.source_path == tmp_path / "x.csv"
+
+
+def test_unknown_key_is_named_with_the_allowed_ones() -> None:
+    with pytest.raises(ConfigError, match=r"unknown key 'models.critrion' \(allowed here: criterion, engine, candidates\)"):
+        parse_config(_with(models__critrion="aic"))
+
+
+def test_unknown_top_level_key() -> None:
+    with pytest.raises(ConfigError, match=r"unknown key 'outputs'"):
+        parse_config(_with(outputs={"directory": "x"}))
+
+
+def test_missing_required_key() -> None:
+    document = _with()
+    del document["data"]["outcome"]
+    with pytest.raises(ConfigError, match=r"missing required key 'data.outcome'"):
+        parse_config(document)
+
+
+def test_empty_candidate_list() -> None:
+    with pytest.raises(ConfigError, match=r"models.candidates: the candidate list is empty"):
+        parse_config(_with(models__candidates={}))
+
+
+def test_bad_criterion() -> None:
+    with pytest.raises(ConfigError, match=r"models.criterion: Input should be 'aic' or 'bic'"):
+        parse_config(_with(models__criterion="dic"))
+
+
+def test_study_name_names_a_folder() -> None:
+    with pytest.raises(ConfigError, match=r"study: 'my study' may use only letters, digits, - and _"):
+        parse_config(_with(study="my study"))
+
+
+def test_outcome_range_must_be_ordered() -> None:
+    with pytest.raises(ConfigError, match=r"low \(10.0\) is above high \(0.0\)"):
+        parse_config(_with(validation={"outcome_range": [10, 0]}))
+
+
+def test_roles_must_be_distinct() -> None:
+    with pytest.raises(ConfigError, match=r"three different columns"):
+        parse_config(_with(data__time="score"))
+
+
+def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("study: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: not valid YAML"):
+        load_config(bad)
+
+
+def test_criterion_override() -> None:
+    config = parse_config(MINIMAL)
+    assert config.with_criterion("aic").models.criterion == "aic"
+    assert config.with_criterion(None) is config
+
+
+def test_config_is_frozen() -> None:
+    config = parse_config(MINIMAL)
+    with pytest.raises(Exception):
+        config.study = "other"  # type: ignore[misc]
+
+
+def test_bundled_example_config_loads() -> None:
+    config = load_config(Path(__file__).parents[1] / "config" / "example.yaml")
+    assert config.study == "example-trial"
+    assert config.source_path.is_file()
+    assert set(config.models.candidates) == {"ri", "ris", "ris_uncorrelated"}

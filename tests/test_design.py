@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from longitudinal.design import build_design
+from longitudinal.errors import FormulaError
+from longitudinal.formula import parse_formula
+
+
+@pytest.fixture
+def visits() -> pd.DataFrame:
+    rng = np.random.default_rng(3)
+    return pd.DataFrame({
+        "g": np.repeat(["s3", "s1", "s2", "s4"], 4),
+        "t": np.tile([0.0, 1.0, 2.0, 3.0], 4),
+        "arm": np.repeat(["treatment", "control", "control", "treatment"], 4),
+        "site": np.repeat(["2", "1", "3", "1"], 4),
+        "y": rng.normal(size=16),
+    })
+
+
+def test_names_follow_lme4(visits: pd.DataFrame) -> None:
+    design = build_design(visits, parse_formula("y ~ t * arm + site + I(t^2) + (t | g)"))
+    assert set(design.fixed_names) == {
+        "(Intercept)", "t", "armtreatment", "site2", "site3", "I(t^2)", "t:armtreatment",
+    }
+    assert design.blocks[0].terms == ("(Intercept)", "t")
+
+
+def test_treatment_coding_uses_the_first_sorted_level_as_reference(visits: pd.DataFrame) -> None:
+    design = build_design(visits, parse_formula("y ~ arm + (1 | g)"))
+    column = design.X[:, design.fixed_names.index("armtreatment")]
+    np.testing.assert_array_equal(column, (visits["arm"] == "treatment").to_numpy(dtype=float))
+
+
+def test_values_of_derived_terms(visits: pd.DataFrame) -> None:
+    design = build_design(visits, parse_formula("y ~ I(t^2) + log(t + 1) + (0 + t | g)"))
+    np.testing.assert_allclose(design.X[:, design.fixed_names.index("I(t^2)")], visits["t"] ** 2)
+    np.testing.assert_allclose(design.X[:, design.fixed_names.index("log(t + 1)")], np.log(visits["t"] + 1))
+    assert design.blocks[0].terms == ("t",)
+    np.testing.assert_allclose(design.blocks[0].Z[:, 0], visits["t"])
+
+
+def test_groups_are_coded_in_sorted_order(visits: pd.DataFrame) -> None:
+    design = build_design(visits, parse_formula("y ~ t + (1 | g)"))
+    assert list(design.levels) == ["s1", "s2", "s3", "s4"]
+    assert list(design.levels[design.codes[:4]]) == ["s3"] * 4
+    assert design.n_obs == 16 and design.n_groups == 4
+
+
+def test_uncorrelated_slope_gives_two_blocks(visits: pd.DataFrame) -> None:
+    design = build_design(visits, parse_formula("y ~ t + (t || g)"))
+    assert [b.terms for b in design.blocks] == [("(Intercept)",), ("t",)]
+    assert design.Z.shape == (16, 2)
+
+
+def test_rank_deficient_columns_are_dropped_and_listed(visits: pd.DataFrame) -> None:
+    data = visits.assign(t2=visits["t"] * 2)
+    design = build_design(data, parse_formula("y ~ t + t2 + (1 | g)"))
+    assert design.fixed_names == ("(Intercept)", "t")
+    assert design.dropped == ("t2",)
+    assert design.X.shape == (16, 2)
+
+
+def test_missing_values_must_not_reach_the_design(visits: pd.DataFrame) -> None:
+    data = visits.assign(t=visits["t"].where(visits.index != 3))
+    with pytest.raises(FormulaError, match=r"column 't' has missing values"):
+        build_design(data, parse_formula("y ~ t + (1 | g)"))
+
+
+def test_input_frame_is_not_modified(visits: pd.DataFrame) -> None:
+    before = visits.copy()
+    build_design(visits, parse_formula("y ~ t * arm + (t | g)"))
+    pd.testing.assert_frame_equal(visits, before)

@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import pytest
+
+from longitudinal.errors import ConfigError, FormulaError
+from longitudinal.formula import (
+    RandomBlock,
+    candidate_covariates,
+    check_columns,
+    check_same_response,
+    parse_candidates,
+    parse_formula,
+    to_patsy,
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "fixed", "blocks"),
+    [
+        ("y ~ t + (1 | g)", "t", [("1",)]),
+        ("y ~ t + (t | g)", "t", [("1", "t")]),
+        ("y ~ t + (1 + t | g)", "t", [("1", "t")]),
+        ("y ~ t + (0 + t | g)", "t", [("t",)]),
+        ("y ~ t + (-1 + t | g)", "t", [("t",)]),
+        ("y ~ t + (t - 1 | g)", "t", [("t",)]),
+        ("y ~ t + (t || g)", "t", [("1",), ("t",)]),
+        ("y ~ t + (1 | g) + (0 + t | g)", "t", [("1",), ("t",)]),
+        ("y ~ t * arm + (t | g)", "t * arm", [("1", "t")]),
+        ("y ~ t + t:arm + (1 | g)", "t + t:arm", [("1",)]),
+        ("y ~ t + I(t^2) + (t + I(t^2) | g)", "t + I(t^2)", [("1", "t", "I(t^2)")]),
+        ("y ~ 1 + (1 | g)", "1", [("1",)]),
+        ("y ~ 0 + t + (1|g)", "0 + t", [("1",)]),
+    ],
+)
+def test_lme4_forms(text: str, fixed: str, blocks: list[tuple[str, ...]]) -> None:
+    formula = parse_formula(text)
+    assert formula.response == "y"
+    assert formula.fixed == fixed
+    assert formula.blocks == tuple(RandomBlock(terms=b, group="g") for b in blocks)
+    assert formula.groups == ("g",)
+
+
+def test_columns_read_by_a_formula() -> None:
+    formula = parse_formula("score ~ week * arm + I(week^2) + log(age) + (week | patient_id)")
+    assert formula.columns == {"score", "week", "arm", "age", "patient_id"}
+
+
+def test_power_inside_I_becomes_python_power() -> None:
+    assert to_patsy("I(week^2) + week:arm") == "I(week**2) + week:arm"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("y ~ t + (1 | school/pupil)", r"candidate 'c' .*nested random effects \('school/pupil'\) are not supported yet"),
+        ("y ~ t + (1 | school:pupil)", r"nested random effects .* not supported yet"),
+        ("y ~ t + (1 | g) + (1 | rater)", r"several grouping factors \(g, rater\) — crossed random effects are not supported yet"),
+        ("y ~ t", r"no random-effects term; a mixed model needs one such as '\(1 \| subject\)'"),
+        ("y ~ t + (1 | g", r"unbalanced parentheses"),
+        ("y ~ t ~ (1 | g)", r"one '~'"),
+        ("y + z ~ t + (1 | g)", r"the left of '~' must be the outcome column"),
+        ("y ~ t + (1 | 2g)", r"grouping factor after '\|' must be a column name"),
+        ("y ~ spline(t) + (1 | g)", r"unknown function in 'spline\(t\)'"),
+        ("y ~ t + (0 | g)", r"has no terms"),
+    ],
+)
+def test_refusals_name_the_candidate_and_the_problem(text: str, message: str) -> None:
+    with pytest.raises(FormulaError, match=message):
+        parse_formula(text, name="c")
+
+
+def test_formula_errors_are_config_errors() -> None:
+    assert issubclass(FormulaError, ConfigError)
+
+
+def test_check_columns_names_candidate_column_and_available() -> None:
+    formulas = parse_candidates({"ri": "y ~ t + (1 | g)", "ris": "y ~ t + age2 + (t | g)"})
+    with pytest.raises(ConfigError, match=r"candidate 'ris' uses column 'age2', which the data lack; columns are: y, t, g"):
+        check_columns(formulas, ["y", "t", "g"])
+    check_columns(formulas, ["y", "t", "g", "age2"])
+
+
+def test_candidates_must_model_the_outcome() -> None:
+    formulas = parse_candidates({"ri": "z ~ t + (1 | g)"})
+    with pytest.raises(ConfigError, match=r"candidate 'ri' models 'z', but data.outcome is 'y'"):
+        check_same_response(formulas, "y")
+
+
+def test_candidate_covariates_exclude_roles() -> None:
+    formulas = parse_candidates({"a": "y ~ t * arm + (1 | g)", "b": "y ~ t + age + (t | g)"})
+    assert candidate_covariates(formulas, {"y", "t", "g"}) == ["age", "arm"]
