@@ -31,7 +31,7 @@ test: $(STAMP)
 # Regenerate the bundled example study (fixed seed: the file changes only if the simulator does).
 example-data: $(STAMP)
 	$(BIN)/longitudinal simulate --out config/example-data/trial.csv --subjects 300 --min-visits 4 \
-		--max-visits 8 --seed 20261125 --bad-rows 8
+		--max-visits 8 --seed 20240601 --bad-rows 8
 
 clean:
 	rm -rf $(VENV) reports/*/ .pytest_cache

@@ -65,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument("--subjects", type=int, default=300)
     simulate.add_argument("--min-visits", type=int, default=4)
     simulate.add_argument("--max-visits", type=int, default=8)
-    simulate.add_argument("--seed", type=int, default=20261125)
+    simulate.add_argument("--seed", type=int, default=20240601)
     simulate.add_argument("--bad-rows", type=int, default=0, help="deliberately bad rows to inject")
     simulate.set_defaults(handler=_simulate)
 

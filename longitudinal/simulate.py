@@ -1,0 +1,270 @@
+"""Simulate longitudinal studies with known parameters: the example study, the tests, the benchmarks.
+
+The model is a two-arm trial with a random intercept and a random slope per subject::
+
+    score_ij = b0 + b_week * week_ij + b_arm * treated_i + b_int * week_ij * treated_i + b_age * age_i
+               + site_effect[site_i] + u0_i + u1_i * week_ij + e_ij
+
+    (u0_i, u1_i) ~ N(0, [[sd0², rho·sd0·sd1], [rho·sd0·sd1, sd1²]]),   e_ij ~ N(0, sd_e²)
+
+which is exactly what ``score ~ week * arm + age + (week | patient_id)`` (plus ``site`` when its effects
+are not zero) fits. Dropout is completely at random (MCAR): every subject attends ``min_visits`` visits,
+then before each further scheduled visit drops out with ``dropout_probability``, so that maximum
+likelihood stays unbiased and moment checks stay simple. Everything is vectorised over rows; the only
+per-subject work is array arithmetic, so two million rows take a few seconds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from longitudinal.errors import ConfigError
+
+# The kinds of deliberately bad rows, injected in this order (then round again) when n_bad_rows > 0.
+BAD_ROW_KINDS: tuple[str, ...] = (
+    "outcome_na",  # score "n/a"
+    "outcome_text",  # score "not done"
+    "missing_time",  # week left empty
+    "exact_duplicate",  # a visit written twice, identically
+    "conflicting_duplicate",  # a visit written twice with different scores
+    "out_of_range",  # score -999, a missing-value code
+)
+OUT_OF_RANGE_SCORE = -999.0
+
+
+@dataclass(frozen=True)
+class SimulationSpec:
+    """The design and the true parameters of a simulated two-arm trial.
+
+    Time is in weeks: visit k (0-based) happens at week ``k * visit_spacing``. Fixed effects are on the
+    scale of ``score ~ week * arm + age`` with "control" as the reference arm and ``age`` in years (not
+    centred). ``site_effects[k-1]`` is added for subjects at site k; ``len(site_effects)`` is the number
+    of sites. Subjects are randomised 1:1 (exactly balanced up to one subject) and spread evenly over sites.
+    ``decimals`` rounds the score as a case report form would (None keeps full precision).
+    """
+
+    n_subjects: int = 300
+    min_visits: int = 4
+    max_visits: int = 8
+    visit_spacing: float = 1.0
+    dropout_probability: float = 0.15
+    intercept: float = 40.0
+    week_slope: float = -1.0
+    arm_effect: float = 0.5
+    week_arm_interaction: float = -1.0
+    age_effect: float = 0.2
+    age_mean: float = 45.0
+    age_sd: float = 12.0
+    age_range: tuple[float, float] = (18.0, 80.0)
+    site_effects: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0)
+    random_intercept_sd: float = 7.0
+    random_slope_sd: float = 0.8
+    random_correlation: float = -0.45
+    residual_sd: float = 4.0
+    decimals: int | None = 2
+    seed: int = 20240601
+    n_bad_rows: int = 0
+
+    def __post_init__(self) -> None:
+        checks: list[tuple[bool, str]] = [
+            (self.n_subjects >= 1, f"n_subjects must be at least 1, got {self.n_subjects}"),
+            (self.min_visits >= 1, f"min_visits must be at least 1, got {self.min_visits}"),
+            (
+                self.max_visits >= self.min_visits,
+                f"max_visits ({self.max_visits}) must be at least min_visits ({self.min_visits})",
+            ),
+            (self.visit_spacing > 0, f"visit_spacing must be positive, got {self.visit_spacing}"),
+            (
+                0.0 <= self.dropout_probability <= 1.0,
+                f"dropout_probability must be in [0, 1], got {self.dropout_probability}",
+            ),
+            (len(self.site_effects) >= 1, "site_effects needs one value per site (at least one site)"),
+            (self.age_range[0] < self.age_range[1], f"age_range must be (low, high), got {self.age_range}"),
+            (self.age_sd >= 0, f"age_sd must be non-negative, got {self.age_sd}"),
+            (
+                self.random_intercept_sd >= 0,
+                f"random_intercept_sd must be non-negative, got {self.random_intercept_sd}",
+            ),
+            (self.random_slope_sd >= 0, f"random_slope_sd must be non-negative, got {self.random_slope_sd}"),
+            (
+                -1.0 <= self.random_correlation <= 1.0,
+                f"random_correlation must be in [-1, 1], got {self.random_correlation}",
+            ),
+            (self.residual_sd > 0, f"residual_sd must be positive, got {self.residual_sd}"),
+            (self.n_bad_rows >= 0, f"n_bad_rows must be non-negative, got {self.n_bad_rows}"),
+            (
+                self.n_bad_rows <= self.n_subjects,
+                f"n_bad_rows ({self.n_bad_rows}) can be at most n_subjects ({self.n_subjects}): "
+                "each bad row goes to a different subject",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"simulation: {message}; change that setting")
+
+    @property
+    def n_sites(self) -> int:
+        return len(self.site_effects)
+
+
+def true_parameters(spec: SimulationSpec) -> dict[str, Any]:
+    """The parameters the data were drawn from, named as lme4 names them.
+
+    ``fixed_effects`` are the terms of ``score ~ week * arm + age``; site 1 is absorbed into the
+    intercept, and ``site_effects`` holds the contrasts ``site2``, ... against site 1 (what a model
+    with ``site`` as a factor estimates). ``random_effects`` are standard deviations per term.
+    """
+    return {
+        "fixed_effects": {
+            "(Intercept)": spec.intercept + spec.site_effects[0],
+            "week": spec.week_slope,
+            "armtreatment": spec.arm_effect,
+            "age": spec.age_effect,
+            "week:armtreatment": spec.week_arm_interaction,
+        },
+        "site_effects": {
+            f"site{k + 1}": spec.site_effects[k] - spec.site_effects[0] for k in range(1, spec.n_sites)
+        },
+        "random_effects": {"(Intercept)": spec.random_intercept_sd, "week": spec.random_slope_sd},
+        "correlation": spec.random_correlation,
+        "residual_sd": spec.residual_sd,
+    }
+
+
+def simulate_trial(spec: SimulationSpec) -> pd.DataFrame:
+    """Draw one trial: columns ``patient_id, week, arm, age, site, score``, one row per attended visit.
+
+    Rows are sorted by subject then week. Without bad rows, ``week`` is integer when the spacing is a
+    whole number (float otherwise), ``age`` and ``site`` are integers and ``score`` is float. With
+    ``n_bad_rows > 0`` the frame is what a messy export looks like: ``score`` becomes an object column
+    mixing floats and text ("n/a", "not done"), ``week`` a nullable column with a missing value, and
+    duplicated visits are appended at the end (see ``inject_bad_rows``). The clean rows are the same
+    draw with or without bad rows (the bad rows use their own random stream).
+    """
+    rng = np.random.default_rng(spec.seed)
+    n = spec.n_subjects
+
+    extra_possible = spec.max_visits - spec.min_visits
+    if spec.dropout_probability > 0.0 and extra_possible > 0:
+        # Visits kept after the guaranteed ones = failures before the first dropout, capped.
+        extra = np.minimum(rng.geometric(spec.dropout_probability, size=n) - 1, extra_possible)
+    else:
+        extra = np.full(n, extra_possible)
+    visits_per_subject = spec.min_visits + extra
+
+    treated = rng.permutation(np.arange(n) % 2 == 1)
+    site = rng.permutation(np.arange(n) % spec.n_sites) + 1
+    age = np.clip(np.round(rng.normal(spec.age_mean, spec.age_sd, size=n)), *spec.age_range).astype(np.int64)
+
+    sd0, sd1, rho = spec.random_intercept_sd, spec.random_slope_sd, spec.random_correlation
+    z = rng.standard_normal((n, 2))
+    u0 = sd0 * z[:, 0]
+    u1 = sd1 * (rho * z[:, 0] + math.sqrt(max(0.0, 1.0 - rho * rho)) * z[:, 1])
+
+    subject = np.repeat(np.arange(n), visits_per_subject)
+    starts = np.concatenate(([0], np.cumsum(visits_per_subject)[:-1]))
+    visit = np.arange(len(subject)) - np.repeat(starts, visits_per_subject)
+    week = visit * spec.visit_spacing
+
+    site_effects = np.asarray(spec.site_effects, dtype=float)
+    subject_level = (
+        spec.intercept
+        + spec.arm_effect * treated
+        + spec.age_effect * age
+        + site_effects[site - 1]
+        + u0
+    )
+    subject_slope = spec.week_slope + spec.week_arm_interaction * treated + u1
+    score = (
+        subject_level[subject]
+        + subject_slope[subject] * week
+        + rng.normal(0.0, spec.residual_sd, size=len(subject))
+    )
+    if spec.decimals is not None:
+        score = np.round(score, spec.decimals)
+
+    width = max(4, len(str(n)))
+    ids = np.array([f"P{i + 1:0{width}d}" for i in range(n)], dtype=object)
+    whole_weeks = float(spec.visit_spacing).is_integer()
+    frame = pd.DataFrame(
+        {
+            "patient_id": ids[subject],
+            "week": visit * int(spec.visit_spacing) if whole_weeks else week,
+            "arm": np.where(treated, "treatment", "control")[subject],
+            "age": age[subject],
+            "site": site[subject],
+            "score": score,
+        }
+    )
+    if spec.n_bad_rows == 0:
+        return frame
+    return inject_bad_rows(frame, spec.n_bad_rows, seed=spec.seed)
+
+
+def inject_bad_rows(frame: pd.DataFrame, n_bad_rows: int, *, seed: int) -> pd.DataFrame:
+    """Return a copy of a clean trial with ``n_bad_rows`` deliberately bad rows, one per subject.
+
+    The kinds cycle through ``BAD_ROW_KINDS``. Four kinds overwrite a visit in place (score "n/a",
+    score "not done", an empty week, score -999); the two duplicate kinds append a copy of a visit at
+    the end, identical or with the score changed by +5. So the result has ``len(frame)`` plus the number
+    of duplicate kinds rows. Its ``score`` column is object (floats and text) and ``week`` is nullable.
+    """
+    rng = np.random.default_rng([seed, 1])
+    subjects = frame["patient_id"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, subjects[1:] != subjects[:-1]])
+    counts = np.diff(np.r_[starts, len(frame)])
+    chosen = rng.choice(len(starts), size=n_bad_rows, replace=False)
+    rows = starts[chosen] + rng.integers(0, counts[chosen])
+    kinds = [BAD_ROW_KINDS[k % len(BAD_ROW_KINDS)] for k in range(n_bad_rows)]
+
+    score = frame["score"].astype(object).to_numpy(copy=True)
+    week = frame["week"].astype("Float64" if frame["week"].dtype.kind == "f" else "Int64").copy()
+    appended: list[pd.DataFrame] = []
+    for row, kind in zip(rows, kinds):
+        if kind == "outcome_na":
+            score[row] = "n/a"
+        elif kind == "outcome_text":
+            score[row] = "not done"
+        elif kind == "missing_time":
+            week.iloc[row] = pd.NA
+        elif kind == "out_of_range":
+            score[row] = OUT_OF_RANGE_SCORE
+        elif kind == "exact_duplicate":
+            appended.append(frame.iloc[[row]])
+        elif kind == "conflicting_duplicate":
+            appended.append(frame.iloc[[row]].assign(score=round(float(frame["score"].iloc[row]) + 5.0, 10)))
+    bad = frame.assign(week=week, score=pd.Series(score, index=frame.index, dtype=object))
+    if not appended:
+        return bad
+    extra = pd.concat(appended).astype({"score": object, "week": week.dtype})
+    return pd.concat([bad, extra], ignore_index=True)
+
+
+def write_table(frame: pd.DataFrame, path: str | Path) -> Path:
+    """Write a frame as CSV or Parquet, chosen by the suffix (.csv, .parquet); return the path.
+
+    CSV has no index column and missing values as empty fields. Parquet goes through pyarrow; an object
+    column mixing numbers and text (a score column with bad rows) is stored as text, because Parquet
+    columns have one type. Missing parent folders are created.
+    """
+    target = Path(path)
+    suffix = target.suffix.lower()
+    if suffix not in {".csv", ".parquet"}:
+        raise ConfigError(f"cannot write '{target}': the file name must end in .csv or .parquet")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if suffix == ".csv":
+        frame.to_csv(target, index=False)
+        return target
+    mixed = {
+        column: frame[column].map(lambda v: v if v is None or pd.isna(v) else str(v)).astype("string")
+        for column in frame.columns
+        if frame[column].dtype == object
+    }
+    frame.assign(**mixed).to_parquet(target, index=False, engine="pyarrow")
+    return target

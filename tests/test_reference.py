@@ -1,0 +1,177 @@
+"""Our fits against lme4's numbers (tests/reference/lme4_reference.json, made by make_reference.R).
+
+Each (data set, candidate) is fitted by ML and by REML with ``longitudinal.fitting.fit_candidate`` on the
+same CSV that R read. The columns R turned into factors are text here; every other column is float. Each
+tolerance sits next to the R call that produced the number it is compared with. Fits are cached for the
+session, so the selection tests reuse the ML fits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from longitudinal.records import Fit
+
+REFERENCE_DIR = Path(__file__).parent / "reference"
+REFERENCE: dict[str, Any] = json.loads((REFERENCE_DIR / "lme4_reference.json").read_text())
+DATASETS: dict[str, Any] = REFERENCE["datasets"]
+
+CASES = [(dataset, candidate) for dataset, spec in DATASETS.items() for candidate in spec["candidates"]]
+CASE_IDS = [f"{dataset}-{candidate}" for dataset, candidate in CASES]
+
+FitFn = Callable[[str, str, str, str], Fit]
+
+
+def read_visits(dataset: str) -> pd.DataFrame:
+    """The data set as the fitting stage receives it: R's factor columns as text, the rest float."""
+    spec = DATASETS[dataset]
+    factors = list(spec["factors"])
+    frame = pd.read_csv(REFERENCE_DIR / spec["file"], dtype={column: str for column in factors})
+    numeric = {column: frame[column].astype(float) for column in frame.columns if column not in factors}
+    return frame.assign(**numeric)
+
+
+@pytest.fixture(scope="session")
+def fit_reference() -> FitFn:
+    """Fit (dataset, candidate, method, engine) once per session."""
+    from longitudinal.fitting import fit_candidate
+
+    visits: dict[str, pd.DataFrame] = {}
+    fits: dict[tuple[str, str, str, str], Fit] = {}
+
+    def fit(dataset: str, candidate: str, method: str, engine: str) -> Fit:
+        key = (dataset, candidate, method, engine)
+        if key not in fits:
+            if dataset not in visits:
+                visits[dataset] = read_visits(dataset)
+            formula = DATASETS[dataset]["candidates"][candidate]
+            fits[key] = fit_candidate(
+                visits[dataset], candidate, formula, method=method, engine=engine  # type: ignore[arg-type]
+            )
+        return fits[key]
+
+    return fit
+
+
+def reference_fit(dataset: str, candidate: str, method: str) -> dict[str, Any]:
+    return DATASETS[dataset]["fits"][candidate][method]
+
+
+# --------------------------------------------------------------------------------------------- ML
+
+
+@pytest.mark.parametrize(("dataset", "candidate"), CASES, ids=[f"{i}-ML" for i in CASE_IDS])
+def test_ml_fit_matches_lme4(fit_reference: FitFn, dataset: str, candidate: str) -> None:
+    ref = reference_fit(dataset, candidate, "ML")
+    fit = fit_reference(dataset, candidate, "ML", "lme4-style")
+
+    assert fit.usable, f"{dataset}/{candidate} did not fit: {fit.message}"
+    # R: nobs(lmer(formula, data, REML = FALSE))
+    assert fit.n_obs == ref["nobs"]
+    # R: attr(logLik(lmer(formula, data, REML = FALSE)), "df")  -- fixed effects + theta + 1
+    assert fit.n_params == ref["df"]
+    # R: as.numeric(logLik(lmer(formula, data, REML = FALSE)));  |Δ| < 0.01
+    assert abs(fit.loglik - ref["logLik"]) < 0.01
+    # R: AIC(fit), BIC(fit) for the ML fit (BIC with n = rows);  |Δ| < 0.02
+    assert abs(fit.aic - ref["AIC"]) < 0.02
+    assert abs(fit.bic - ref["BIC"]) < 0.02
+
+
+# ------------------------------------------------------------------------------------------- REML
+
+
+@pytest.mark.parametrize(("dataset", "candidate"), CASES, ids=[f"{i}-REML" for i in CASE_IDS])
+def test_reml_fit_matches_lme4(fit_reference: FitFn, dataset: str, candidate: str) -> None:
+    ref = reference_fit(dataset, candidate, "REML")
+    fit = fit_reference(dataset, candidate, "REML", "lme4-style")
+
+    assert fit.usable, f"{dataset}/{candidate} did not fit: {fit.message}"
+    # R: names(fixef(lmer(formula, data, REML = TRUE)))  -- same terms, lme4's names
+    estimates = {effect.term: effect for effect in fit.fixed_effects}
+    assert sorted(estimates) == sorted(ref["fixed_effects"])
+    for term, expected in ref["fixed_effects"].items():
+        # R: fixef(fit)[[term]];  within 1e-3 relative, or 1e-3 of its standard error for an estimate
+        # near zero (where relative digits mean nothing)
+        assert estimates[term].estimate == pytest.approx(
+            expected["estimate"], rel=1e-3, abs=1e-3 * expected["std_error"]
+        ), term
+        # R: sqrt(diag(vcov(fit)))[[term]];  within 1e-2 relative (it depends on the variance estimates)
+        assert estimates[term].std_error == pytest.approx(expected["std_error"], rel=1e-2), term
+    # R: REMLcrit(fit) = -2 * logLik(fit) for a REML fit;  |Δ| < 0.02
+    assert fit.reml_criterion is not None
+    assert abs(fit.reml_criterion - ref["REML_criterion"]) < 0.02
+    # R: sigma(fit);  within 1e-3 relative
+    assert fit.residual_sd == pytest.approx(ref["residual_sd"], rel=1e-3)
+    # R: as.data.frame(VarCorr(fit))$sdcor per term (one grouping factor, each term once);
+    # within 1e-2 relative, or 1e-3 residual SDs for a variance at the boundary
+    sds = {component.term: component.sd for component in fit.random_effects}
+    for component in ref["random_effects"]:
+        assert sds[component["term"]] == pytest.approx(
+            component["sd"], rel=1e-2, abs=1e-3 * ref["residual_sd"]
+        ), component["term"]
+
+
+# -------------------------------------------------------------------------------------- selection
+
+
+def lme4_choice(dataset: str, criterion: str) -> str:
+    """The candidate with the lowest ML AIC or BIC in lme4's numbers (make_reference.R keeps ties out)."""
+    fits = DATASETS[dataset]["fits"]
+    return min(fits, key=lambda candidate: fits[candidate]["ML"][criterion.upper()])
+
+
+SELECTION_CASES = [(dataset, criterion) for dataset in DATASETS for criterion in ("aic", "bic")]
+
+
+@pytest.mark.parametrize(
+    ("dataset", "criterion"), SELECTION_CASES, ids=[f"{d}-{c}" for d, c in SELECTION_CASES]
+)
+def test_selection_matches_lme4(fit_reference: FitFn, dataset: str, criterion: str) -> None:
+    # R: which.min(sapply(fits, AIC)) and which.min(sapply(fits, BIC)) over the ML fits
+    fits = {
+        candidate: fit_reference(dataset, candidate, "ML", "lme4-style")
+        for candidate in DATASETS[dataset]["candidates"]
+    }
+    scores = {name: getattr(fit, criterion) for name, fit in fits.items() if fit.usable}
+    assert set(scores) == set(fits), f"failed fits: {sorted(set(fits) - set(scores))}"
+    assert min(scores, key=scores.__getitem__) == lme4_choice(dataset, criterion)
+
+
+def test_reference_has_no_near_ties() -> None:
+    """A selection test is only meaningful when lme4's winner leads by more than the AIC/BIC tolerances."""
+    for dataset, criterion in SELECTION_CASES:
+        values = sorted(fit["ML"][criterion.upper()] for fit in DATASETS[dataset]["fits"].values())
+        assert values[1] - values[0] > 0.1, (dataset, criterion)
+
+
+def test_reference_data_match_the_json() -> None:
+    """The CSVs are the ones R fitted: same rows, and every formula's variables are columns."""
+    for dataset, spec in DATASETS.items():
+        visits = read_visits(dataset)
+        assert len(visits) == spec["nrow"], dataset
+        assert not visits.isna().any().any(), dataset
+        for candidate, fits in spec["fits"].items():
+            assert fits["ML"]["nobs"] == spec["nrow"], (dataset, candidate)
+            assert not math.isnan(fits["ML"]["logLik"]), (dataset, candidate)
+
+
+# ----------------------------------------------------------------------------------- statsmodels
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("dataset", "candidate"), CASES, ids=[f"{i}-ML-statsmodels" for i in CASE_IDS])
+def test_statsmodels_loglik_matches_lme4(fit_reference: FitFn, dataset: str, candidate: str) -> None:
+    ref = reference_fit(dataset, candidate, "ML")
+    fit = fit_reference(dataset, candidate, "ML", "statsmodels")
+
+    assert fit.usable, f"{dataset}/{candidate} did not fit with statsmodels: {fit.message}"
+    # R: as.numeric(logLik(lmer(formula, data, REML = FALSE)));  |Δ| < 0.05 (statsmodels' optimizers
+    # can stop a few hundredths short of the optimum even from fresh starts)
+    assert abs(fit.loglik - ref["logLik"]) < 0.05
