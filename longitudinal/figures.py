@@ -1,0 +1,617 @@
+"""Figures for the report: each builder returns a :class:`matplotlib.figure.Figure` and never saves it.
+
+Builders use ``Figure()`` directly (no pyplot), so they hold no global backend state and need no
+``close``; :func:`figure_to_png` renders one with Agg. Every figure has a title and labelled axes,
+and uses constrained layout so that labels do not overlap. Large studies stay fast: trajectories
+and subject panels draw a seeded sample of subjects, dense scatters become hexagonal bins, and the
+QQ plot draws at most a few thousand quantiles.
+
+User-provided text (column, candidate and subject names) goes through :func:`_plain`, so a ``$`` in
+a name is shown as written instead of starting matplotlib's math mode.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.collections import LineCollection
+from matplotlib.figure import Figure
+from scipy.special import ndtri
+
+from longitudinal.config import StudyConfig
+from longitudinal.records import Fit, Selection
+
+FIGURE_KEYS: tuple[str, ...] = (
+    "trajectories",
+    "model_comparison",
+    "coefficients",
+    "random_effects",
+    "residuals_vs_fitted",
+    "qq",
+    "residuals_over_time",
+    "observed_vs_fitted",
+)
+"""File stems of the report's figures, in the order the report shows them."""
+
+PALETTE: tuple[str, ...] = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
+"""Colour-blind-tolerable, print-distinguishable colours for up to six groups."""
+
+_HIGHLIGHT = "#1f5fa8"
+_MUTED = "#9aa5b1"
+_SMOOTH = "#d62728"
+_DENSE_ROWS = 5_000  # above this many points a scatter becomes hexagonal bins
+_MAX_QQ_POINTS = 4_000
+_MAX_TIME_LEVELS = 25  # up to this many distinct times, means are per time; above, per bin
+_N_BINS = 20
+
+
+
+@contextmanager
+def _style() -> Iterator[None]:
+    """The report's look, applied while artists are created and restored afterwards."""
+    with matplotlib.rc_context({
+        "font.size": 9.0,
+        "axes.titlesize": 10.0,
+        "axes.labelsize": 9.0,
+        "figure.titlesize": 11.0,
+        "legend.fontsize": 8.0,
+        "xtick.labelsize": 8.0,
+        "ytick.labelsize": 8.0,
+        "axes.spines.top": False,
+        "axes.spines.right": False,
+        "axes.grid": True,
+        "grid.color": "#e3e6ea",
+        "grid.linewidth": 0.6,
+        "axes.axisbelow": True,
+        "figure.facecolor": "white",
+        "savefig.facecolor": "white",
+    }):
+        yield
+
+
+def _plain(text: object) -> str:
+    """``text`` as literal figure text: escape ``$`` so matplotlib does not read it as math."""
+    return str(text).replace("$", r"\$")
+
+
+def _shorten(text: object, limit: int = 28) -> str:
+    value = str(text)
+    return value if len(value) <= limit else value[: limit - 1] + "…"
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def figure_to_png(fig: Figure, dpi: int = 110) -> bytes:
+    """Render ``fig`` as PNG bytes with the Agg renderer; the figure is left as it was."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
+
+
+def _message_figure(title: str, message: str) -> Figure:
+    """A titled placeholder that says why a figure has nothing to draw (e.g. a failed refit)."""
+    with _style():
+        fig = _new_figure(7.0, 2.2)
+        ax = fig.add_subplot()
+        ax.set_title(_plain(title))
+        ax.text(0.5, 0.5, _plain(message), ha="center", va="center", wrap=True, color="#555555")
+        ax.set_axis_off()
+    return fig
+
+
+def _outcome_of(formula: str) -> str:
+    """The response named left of ``~`` in an lme4 formula (used to put units on axes)."""
+    left = formula.split("~", 1)[0].strip()
+    return left or "outcome"
+
+
+# ------------------------------------------------------------------------------------ trajectories
+
+
+def _is_text(series: pd.Series) -> bool:
+    return bool(pd.api.types.is_string_dtype(series) or isinstance(series.dtype, pd.CategoricalDtype))
+
+
+def choose_group_column(visits: pd.DataFrame, formula: str, exclude: Sequence[str] = ()) -> str | None:
+    """The first text column among ``formula``'s fixed-effect columns with 2 to 6 levels, else None.
+
+    Bars ``( ... | ... )`` are removed before looking, so the subject factor is never chosen; used to
+    colour trajectories by a treatment arm or similar.
+    """
+    right = formula.split("~", 1)[1] if "~" in formula else formula
+    while True:
+        stripped = re.sub(r"\([^()]*\|[^()]*\)", " ", right)
+        if stripped == right:
+            break
+        right = stripped
+    seen: list[str] = []
+    for token in re.findall(r"[A-Za-z_.][A-Za-z0-9_.]*", right):
+        if token in seen or token in exclude or token not in visits.columns:
+            continue
+        seen.append(token)
+        column = visits[token]
+        if _is_text(column) and 2 <= column.nunique(dropna=True) <= 6:
+            return str(token)
+    return None
+
+
+def _sample_subjects(ids: pd.Series, n: int, seed: int) -> np.ndarray:
+    """A seeded sample of at most ``n`` distinct subject ids, in sorted order."""
+    unique = np.sort(pd.unique(ids.dropna()).astype(str))
+    if len(unique) <= n:
+        return unique
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(unique, size=n, replace=False))
+
+
+def _binned_means(x: np.ndarray, y: np.ndarray) -> pd.DataFrame:
+    """Mean of ``y`` (with its standard error) per distinct ``x`` when few, else per quantile bin of ``x``.
+
+    Returns columns ``x`` (the mean x of the bin), ``mean``, ``se`` and ``n``; NaNs are dropped.
+    """
+    keep = np.isfinite(x) & np.isfinite(y)
+    frame = pd.DataFrame({"x": x[keep], "y": y[keep]})
+    if frame.empty:
+        return pd.DataFrame(columns=["x", "mean", "se", "n"])
+    if frame["x"].nunique() <= _MAX_TIME_LEVELS:
+        key = frame["x"]
+    else:
+        key = pd.qcut(frame["x"], q=_N_BINS, duplicates="drop")
+    grouped = frame.groupby(key, observed=True)
+    out = pd.DataFrame({
+        "x": grouped["x"].mean(),
+        "mean": grouped["y"].mean(),
+        "se": grouped["y"].std(ddof=1) / np.sqrt(grouped["y"].count()),
+        "n": grouped["y"].count(),
+    })
+    return out.reset_index(drop=True).sort_values("x").reset_index(drop=True)
+
+
+def plot_trajectories(
+    visits: pd.DataFrame, subject: str, time: str, outcome: str, group: str | None = None,
+    max_subjects: int = 200, seed: int = 0,
+) -> Figure:
+    """Spaghetti plot of observed trajectories with the mean trend per time point.
+
+    Thin translucent lines: a seeded sample of at most ``max_subjects`` subjects. Bold lines: the mean
+    outcome over *all* subjects per time point (per quantile bin of time when times are many), per level
+    of ``group`` when given, with a ±1.96 SE band. Rows with a missing time or outcome are not drawn.
+    """
+    data = visits[[c for c in dict.fromkeys([subject, time, outcome, group]) if c is not None]].copy()
+    data = data.assign(**{subject: data[subject].astype(str)})
+    data = data[np.isfinite(data[time].to_numpy(float)) & np.isfinite(data[outcome].to_numpy(float))]
+    levels: list[object] = [None]
+    if group is not None:
+        levels = sorted(pd.unique(data[group].dropna()).tolist(), key=str)
+    sample = _sample_subjects(data[subject], max_subjects, seed)
+    n_subjects = data[subject].nunique()
+
+    with _style():
+        fig = _new_figure(8.0, 4.6)
+        ax = fig.add_subplot()
+        shown = data[data[subject].isin(sample)].sort_values([subject, time])
+        for index, level in enumerate(levels):
+            colour = PALETTE[index % len(PALETTE)] if group is not None else "#7f8c99"
+            part = shown if level is None else shown[shown[group] == level]
+            segments = [
+                np.column_stack([g[time].to_numpy(float), g[outcome].to_numpy(float)])
+                for _, g in part.groupby(subject, sort=False)
+            ]
+            ax.add_collection(LineCollection(segments, colors=colour, linewidths=0.6,
+                                             alpha=0.18 if group is not None else 0.3))
+            everyone = data if level is None else data[data[group] == level]
+            trend = _binned_means(everyone[time].to_numpy(float), everyone[outcome].to_numpy(float))
+            mean_colour = colour if group is not None else "#111111"
+            label = "mean, all subjects" if level is None else f"{_plain(group)} = {_plain(level)} (mean)"
+            ax.fill_between(trend["x"], trend["mean"] - 1.96 * trend["se"].fillna(0),
+                            trend["mean"] + 1.96 * trend["se"].fillna(0), color=mean_colour, alpha=0.15,
+                            linewidth=0)
+            ax.plot(trend["x"], trend["mean"], color=mean_colour, linewidth=2.4, marker="o", markersize=3.5,
+                    label=label)
+        ax.autoscale_view()
+        shown_text = f"{len(sample):,} of {n_subjects:,} subjects" if len(sample) < n_subjects \
+            else f"all {n_subjects:,} subjects"
+        ax.set_title(f"Observed trajectories of {_plain(outcome)} ({shown_text} drawn; means over all)")
+        ax.set_xlabel(_plain(time))
+        ax.set_ylabel(_plain(outcome))
+        ax.legend(loc="best", frameon=False, title="band: ±1.96 SE" if len(levels) else None)
+    return fig
+
+
+# -------------------------------------------------------------------------------- model comparison
+
+
+def plot_model_comparison(selection: Selection) -> Figure:
+    """ΔAIC and ΔBIC from the best converged candidate, one bar per candidate.
+
+    The selected candidate is highlighted; candidates that did not converge (no Δ) are marked
+    "failed" in place of a bar. Δ values come from the comparison table (``delta_aic``,
+    ``delta_bic``); when absent they are computed from ``aic``/``bic`` over converged rows.
+    """
+    table = selection.table.reset_index(drop=True)
+    names = [str(n) for n in table["model"]]
+    selected = [str(n) == selection.selected for n in table["model"]]
+    converged = table["converged"].astype(bool).to_numpy() if "converged" in table else np.ones(len(table), bool)
+    height = 1.4 + 0.42 * max(len(names), 1)
+    with _style():
+        fig = _new_figure(8.5, height)
+        axes = fig.subplots(1, 2, sharey=True)
+        positions = np.arange(len(names))[::-1]
+        for ax, criterion in zip(axes, ("aic", "bic"), strict=True):
+            delta = _deltas(table, criterion, converged)
+            finite = np.isfinite(delta)
+            top = float(np.nanmax(delta)) if finite.any() else 0.0
+            span = top if top > 0 else 1.0
+            colours = [_HIGHLIGHT if s else _MUTED for s in selected]
+            ax.barh(positions[finite], delta[finite], color=np.array(colours)[finite], height=0.6)
+            for pos, value, ok, chosen in zip(positions, delta, finite, selected, strict=True):
+                if ok:
+                    text = f"{value:,.2f}" + ("  selected" if chosen else "")
+                    ax.text(value + span * 0.02, pos, text, va="center", fontsize=8,
+                            fontweight="bold" if chosen else "normal")
+                else:
+                    ax.text(span * 0.02, pos, "failed (not compared)", va="center", fontsize=8,
+                            color="#b03a2e", fontstyle="italic")
+            ax.set_xlim(0, span * 1.45)
+            ax.set_yticks(positions, [_plain(_shorten(n)) for n in names])
+            ax.set_ylim(-0.6, len(names) - 0.4)
+            ax.grid(axis="y", visible=False)
+            used = " (selection criterion)" if criterion == selection.criterion else ""
+            ax.set_title(f"Δ{criterion.upper()} from best{used}")
+            ax.set_xlabel(f"Δ{criterion.upper()} (lower is better)")
+        axes[0].set_ylabel("Candidate model")
+        fig.suptitle("Model comparison by ML fit: information criteria relative to the best candidate")
+    return fig
+
+
+def _deltas(table: pd.DataFrame, criterion: str, converged: np.ndarray) -> np.ndarray:
+    column = f"delta_{criterion}"
+    if column in table:
+        values = pd.to_numeric(table[column], errors="coerce").to_numpy(float)
+    else:
+        raw = pd.to_numeric(table[criterion], errors="coerce").to_numpy(float)
+        raw = np.where(converged, raw, np.nan)
+        best = np.nanmin(raw) if np.isfinite(raw).any() else np.nan
+        values = raw - best
+    return np.where(converged, values, np.nan)
+
+
+# ------------------------------------------------------------------------------------ coefficients
+
+
+def plot_coefficients(fit: Fit) -> Figure:
+    """Forest plot of the fixed effects: estimate and Wald 95% interval, with a zero line.
+
+    The intercept sits in its own panel with its own scale, since it is on the outcome's level while
+    the other terms are changes; drawn on one axis it would squash every other interval.
+    """
+    if not fit.fixed_effects:
+        return _message_figure("Fixed effects", f"No fixed effects to draw for {fit.name!r}: {fit.message}")
+    outcome = _outcome_of(fit.formula)
+    intercept = [fe for fe in fit.fixed_effects if fe.term == "(Intercept)"]
+    others = [fe for fe in fit.fixed_effects if fe.term != "(Intercept)"]
+    panels = [p for p in (intercept, others) if p]
+    with _style():
+        fig = _new_figure(8.0, 1.5 + 0.38 * len(fit.fixed_effects) + 0.5 * (len(panels) - 1))
+        axes = fig.subplots(len(panels), 1, squeeze=False,
+                            gridspec_kw={"height_ratios": [max(len(p), 1) + 0.6 for p in panels]})[:, 0]
+        for ax, effects in zip(axes, panels, strict=True):
+            est = np.array([fe.estimate for fe in effects])
+            low = np.array([fe.ci_low for fe in effects])
+            high = np.array([fe.ci_high for fe in effects])
+            pos = np.arange(len(effects))[::-1]
+            ax.hlines(pos, low, high, color=_HIGHLIGHT, linewidth=1.6)
+            ax.plot(est, pos, "o", color=_HIGHLIGHT, markersize=5)
+            finite = np.concatenate([low, high, est])
+            finite = finite[np.isfinite(finite)]
+            lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (-1.0, 1.0)
+            width = max(hi - lo, abs(hi) * 0.05, 1e-9)
+            if effects is others or lo - width <= 0 <= hi + width:
+                lo, hi = min(lo, 0.0), max(hi, 0.0)
+                ax.axvline(0.0, color="#333333", linewidth=0.9, linestyle="--")
+            pad = (hi - lo) * 0.06 or 1.0
+            ax.set_xlim(lo - pad, hi + pad)
+            ax.set_yticks(pos, [_plain(_shorten(fe.term, 36)) for fe in effects])
+            ax.set_ylim(-0.7, len(effects) - 0.3)
+            ax.grid(axis="y", visible=False)
+            ax.set_ylabel("Term")
+            ax.set_xlabel(f"Estimate ({_plain(outcome)} units)" if effects is intercept
+                          else f"Estimate (change in {_plain(outcome)} per unit of the term)")
+        axes[0].set_title("Fixed-effect estimates with Wald 95% confidence intervals")
+        fig.suptitle(f"Fixed effects of {_plain(_shorten(fit.name, 40))} ({fit.method})")
+    return fig
+
+
+# ---------------------------------------------------------------------------------- random effects
+
+
+def plot_random_effects(fit: Fit, max_caterpillar_terms: int = 3) -> Figure:
+    """Predicted random effects (conditional modes) per term: histograms, plus caterpillar plots.
+
+    Histograms show each term's distribution over levels, with the model's N(0, SD²) for reference
+    (predictions are shrunk, so they spread less than that). When there are at most
+    ``max_caterpillar_terms`` terms, a second row shows the sorted conditional modes with their
+    ±1.96 conditional SD (a band when levels are many).
+    """
+    ranef = fit.ranef
+    if ranef is None or ranef.empty:
+        return _message_figure("Predicted random effects", f"No random effects were predicted for {fit.name!r}.")
+    outcome = _outcome_of(fit.formula)
+    keys = list(dict.fromkeys(zip(ranef["group"].astype(str), ranef["term"].astype(str), strict=True)))
+    sds = {(vc.group, vc.term): vc.sd for vc in fit.random_effects}
+    caterpillar = len(keys) <= max_caterpillar_terms
+    ncols = min(len(keys), 4)
+    nrows_hist = math.ceil(len(keys) / ncols)
+    nrows = nrows_hist + (1 if caterpillar else 0)
+    with _style():
+        fig = _new_figure(max(4.5, 3.4 * ncols), 0.8 + 2.7 * nrows)
+        axes = fig.subplots(nrows, ncols, squeeze=False)
+        for index, (group, term) in enumerate(keys):
+            part = ranef[(ranef["group"].astype(str) == group) & (ranef["term"].astype(str) == term)]
+            values = part["estimate"].to_numpy(float)
+            values = values[np.isfinite(values)]
+            label = f"{_plain(group)}: {_plain(_shorten(term))}"
+            ax = axes[index // ncols, index % ncols]
+            bins = int(min(60, max(10, math.sqrt(max(len(values), 1)))))
+            ax.hist(values, bins=bins, color=_MUTED, edgecolor="white", linewidth=0.4)
+            sd = sds.get((group, term), math.nan)
+            if values.size and math.isfinite(sd) and sd > 0:
+                width = (values.max() - values.min()) / bins if values.max() > values.min() else sd
+                grid = np.linspace(min(values.min(), -3 * sd), max(values.max(), 3 * sd), 200)
+                density = np.exp(-0.5 * (grid / sd) ** 2) / (sd * math.sqrt(2 * math.pi))
+                ax.plot(grid, density * values.size * width, color=_SMOOTH, linewidth=1.2,
+                        label=f"N(0, {sd:.3g}²) from model")
+                ax.set_ylim(0, ax.get_ylim()[1] * 1.3)  # headroom so the legend sits above the bars
+                ax.legend(loc="upper right", frameon=False)
+            ax.set_title(label)
+            ax.set_xlabel(f"Conditional mode ({_plain(outcome)} units)" if term == "(Intercept)"
+                          else f"Conditional mode ({_plain(outcome)} per unit of {_plain(_shorten(term, 20))})")
+            ax.set_ylabel(f"Levels of {_plain(group)}")
+            if caterpillar:
+                _draw_caterpillar(axes[nrows_hist, index], part, label)
+        used = set(range(len(keys))) | ({nrows_hist * ncols + i for i in range(len(keys))} if caterpillar else set())
+        for flat, ax in enumerate(axes.ravel()):
+            if flat not in used:
+                ax.set_axis_off()
+        fig.suptitle(f"Predicted random effects of {_plain(_shorten(fit.name, 40))} by term")
+    return fig
+
+
+def _draw_caterpillar(ax: Axes, part: pd.DataFrame, label: str) -> None:
+    """Sorted conditional modes with ±1.96 conditional SD: error bars when few levels, a band when many."""
+    ordered = part.sort_values("estimate")
+    est = ordered["estimate"].to_numpy(float)
+    half = 1.96 * pd.to_numeric(ordered["cond_sd"], errors="coerce").fillna(0.0).to_numpy(float)
+    rank = np.arange(1, len(est) + 1)
+    if len(est) <= 60:
+        ax.errorbar(rank, est, yerr=half, fmt="o", markersize=3, color=_HIGHLIGHT, ecolor=_MUTED, elinewidth=1)
+    else:
+        ax.fill_between(rank, est - half, est + half, color=_MUTED, alpha=0.5, linewidth=0, label="±1.96 cond. SD")
+        ax.plot(rank, est, color=_HIGHLIGHT, linewidth=1.2, label="conditional mode")
+        ax.legend(loc="upper left", frameon=False)
+    ax.axhline(0.0, color="#333333", linewidth=0.8, linestyle="--")
+    ax.set_title(f"{label}, sorted")
+    ax.set_xlabel("Rank of level")
+    ax.set_ylabel("Mode ± 1.96 cond. SD")
+
+
+# ------------------------------------------------------------------------------------ diagnostics
+
+
+def _aligned(fit: Fit) -> tuple[np.ndarray, np.ndarray]:
+    fitted = np.asarray(fit.fitted, dtype=float)
+    residuals = np.asarray(fit.residuals, dtype=float)
+    if fitted.shape != residuals.shape:
+        raise ValueError(
+            f"fit {fit.name!r} has {fitted.size} fitted values but {residuals.size} residuals; "
+            "both must align with the rows the candidate was fitted on"
+        )
+    return fitted, residuals
+
+
+def _density_scatter(fig: Figure, ax: Axes, x: np.ndarray, y: np.ndarray) -> None:
+    """A scatter for few points; hexagonal bins (with a count colour bar) for many."""
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    if x.size > _DENSE_ROWS:
+        hexes = ax.hexbin(x, y, gridsize=70, mincnt=1, cmap="Blues", bins="log", linewidths=0)
+        fig.colorbar(hexes, ax=ax, label="Rows per hexagon (log scale)")
+    else:
+        ax.scatter(x, y, s=9, alpha=0.45, color=_HIGHLIGHT, linewidths=0)
+
+
+def _draw_smooth(ax: Axes, x: np.ndarray, y: np.ndarray, label: str) -> None:
+    means = _binned_means(x, y)
+    if not means.empty:
+        ax.plot(means["x"], means["mean"], color=_SMOOTH, linewidth=1.8, marker="o", markersize=3, label=label)
+        ax.legend(loc="upper right", frameon=False)
+
+
+def plot_residuals_vs_fitted(fit: Fit) -> Figure:
+    """Conditional residuals (observed − fitted, random effects included) against fitted values.
+
+    A zero line and the mean residual per quantile bin of the fitted values show curvature or drift;
+    a funnel shape indicates variance growing with the mean.
+    """
+    fitted, residuals = _aligned(fit)
+    if fitted.size == 0:
+        return _message_figure("Residuals against fitted values", f"{fit.name!r} has no fitted values: {fit.message}")
+    outcome = _plain(_outcome_of(fit.formula))
+    with _style():
+        fig = _new_figure(7.5, 4.4)
+        ax = fig.add_subplot()
+        _density_scatter(fig, ax, fitted, residuals)
+        ax.axhline(0.0, color="#333333", linewidth=0.9, linestyle="--")
+        _draw_smooth(ax, fitted, residuals, "binned mean")
+        ax.set_title(f"Residuals against fitted values ({_plain(_shorten(fit.name, 40))}, {fit.method})")
+        ax.set_xlabel(f"Fitted value ({outcome} units)")
+        ax.set_ylabel(f"Residual ({outcome} units)")
+    return fig
+
+
+def plot_qq(fit: Fit) -> Figure:
+    """Normal QQ plot of standardized residuals (residual / σ̂) with a reference line through the quartiles.
+
+    The line is R's ``qqline``: it judges the shape (tails, skew) rather than the scale, since
+    conditional residuals are shrunk and spread a little less than σ̂.
+
+    Plotting positions (i − 0.5)/n; with many rows, at most a few thousand evenly spaced order
+    statistics are drawn (always including both extremes). NaN residuals are dropped.
+    """
+    _, residuals = _aligned(fit)
+    residuals = residuals[np.isfinite(residuals)]
+    if residuals.size < 2:
+        return _message_figure("Normal QQ plot of residuals", f"{fit.name!r} has too few residuals to draw.")
+    scale = fit.residual_sd if math.isfinite(fit.residual_sd) and fit.residual_sd > 0 \
+        else float(np.std(residuals, ddof=1))
+    ordered = np.sort(residuals / scale)
+    n = ordered.size
+    index = np.unique(np.linspace(0, n - 1, min(n, _MAX_QQ_POINTS)).round().astype(int))
+    theoretical = ndtri((index + 0.5) / n)
+    q25, q75 = np.quantile(ordered, [0.25, 0.75])
+    slope = (q75 - q25) / (2 * ndtri(0.75))
+    intercept = (q25 + q75) / 2
+    with _style():
+        fig = _new_figure(5.6, 5.0)
+        ax = fig.add_subplot()
+        ax.scatter(theoretical, ordered[index], s=9, color=_HIGHLIGHT, alpha=0.6, linewidths=0)
+        edge = float(max(np.abs(theoretical).max(), 1.0))
+        ax.plot([-edge, edge], [intercept - slope * edge, intercept + slope * edge], color=_SMOOTH,
+                linewidth=1.2, label="normal line through the quartiles")
+        ax.legend(loc="upper left", frameon=False)
+        ax.set_title(f"Normal QQ plot of standardized residuals ({_plain(_shorten(fit.name, 40))})")
+        ax.set_xlabel("Theoretical N(0, 1) quantile")
+        ax.set_ylabel("Standardized residual (residual / σ̂)")
+    return fig
+
+
+def plot_residuals_over_time(fit: Fit, time_values: np.ndarray | pd.Series, time_label: str = "Time") -> Figure:
+    """Conditional residuals against time, with the mean residual per time point (or time bin).
+
+    A systematic pattern in the means suggests a misspecified time trend (e.g. a missing quadratic term).
+    ``time_values`` must align with the fit's rows.
+    """
+    _, residuals = _aligned(fit)
+    time = np.asarray(time_values, dtype=float)
+    if residuals.size == 0:
+        return _message_figure("Residuals over time", f"{fit.name!r} has no residuals: {fit.message}")
+    if time.shape != residuals.shape:
+        raise ValueError(
+            f"{time.size} time values given for fit {fit.name!r} with {residuals.size} residuals; "
+            "pass the time column of the rows the candidate was fitted on"
+        )
+    outcome = _plain(_outcome_of(fit.formula))
+    keep = np.isfinite(time) & np.isfinite(residuals)
+    levels = np.unique(time[keep])
+    discrete = levels.size <= _MAX_TIME_LEVELS
+    with _style():
+        fig = _new_figure(7.5, 4.4)
+        ax = fig.add_subplot()
+        if discrete and levels.size:
+            spacing = float(np.diff(levels).min()) if levels.size > 1 else 1.0
+            if keep.sum() > _DENSE_ROWS // 2:
+                groups = [residuals[keep][time[keep] == level] for level in levels]
+                ax.boxplot(groups, positions=levels, widths=0.5 * spacing, manage_ticks=False,
+                           flierprops={"markersize": 2, "alpha": 0.4, "markeredgecolor": _MUTED},
+                           medianprops={"color": _HIGHLIGHT}, boxprops={"color": "#555555"})
+            else:
+                jitter = np.random.default_rng(0).uniform(-0.15, 0.15, keep.sum()) * spacing
+                ax.scatter(time[keep] + jitter, residuals[keep], s=9, alpha=0.45, color=_HIGHLIGHT, linewidths=0)
+        else:
+            _density_scatter(fig, ax, time, residuals)
+        ax.axhline(0.0, color="#333333", linewidth=0.9, linestyle="--")
+        _draw_smooth(ax, time, residuals, "mean per time" if discrete else "mean per time bin")
+        ax.set_title(f"Residuals over time ({_plain(_shorten(fit.name, 40))}, {fit.method})")
+        ax.set_xlabel(_plain(time_label))
+        ax.set_ylabel(f"Residual ({outcome} units)")
+    return fig
+
+
+def plot_observed_vs_fitted(
+    visits: pd.DataFrame, fit: Fit, subject: str, time: str, outcome: str, n_subjects: int = 12, seed: int = 0,
+) -> Figure:
+    """Small multiples for a seeded sample of subjects: observed points and the fitted trajectory.
+
+    Fitted values are conditional (fixed effects plus the subject's predicted random effects) and
+    must align positionally with ``visits``. Panels share both axes so subjects compare at a glance.
+    """
+    fitted, _ = _aligned(fit)
+    if fitted.size == 0:
+        return _message_figure("Observed and fitted trajectories", f"{fit.name!r} has no fitted values: {fit.message}")
+    if fitted.size != len(visits):
+        raise ValueError(
+            f"fit {fit.name!r} has {fitted.size} fitted values but the visits have {len(visits)} rows; "
+            "pass the rows the candidate was fitted on, in the same order"
+        )
+    data = pd.DataFrame({
+        "subject": visits[subject].astype(str).to_numpy(),
+        "time": visits[time].to_numpy(float),
+        "observed": visits[outcome].to_numpy(float),
+        "fitted": fitted,
+    })
+    sample = _sample_subjects(data["subject"], n_subjects, seed)
+    ncols = min(4, max(len(sample), 1))
+    nrows = max(math.ceil(len(sample) / ncols), 1)
+    with _style():
+        fig = _new_figure(2.45 * ncols + 0.6, 2.0 * nrows + 1.0)
+        axes = fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False)
+        for ax, sid in zip(axes.ravel(), sample, strict=False):
+            part = data[data["subject"] == sid].sort_values("time")
+            ax.plot(part["time"], part["fitted"], color=_SMOOTH, linewidth=1.5,
+                    label="fitted (fixed effects + the subject's random effects)")
+            ax.plot(part["time"], part["observed"], "o", color=_HIGHLIGHT, markersize=4, label="observed")
+            ax.set_title(_plain(_shorten(sid, 22)), fontsize=8.5)
+        for index, ax in enumerate(axes.ravel()):
+            if index >= len(sample):
+                ax.set_axis_off()
+            elif index + ncols >= len(sample):  # the lowest panel of its column: label its time axis
+                ax.xaxis.set_tick_params(labelbottom=True)
+                ax.set_xlabel(_plain(time))
+        handles, labels = axes[0, 0].get_legend_handles_labels()
+        # below the panels: a figure legend beside the suptitle would collide with a long title
+        fig.legend(handles, labels, loc="outside lower center", ncols=2, frameon=False)
+        fig.suptitle(f"Observed and fitted trajectories of {_plain(_shorten(fit.name, 40))}, "
+                     f"{len(sample)} sampled subjects")
+        fig.supylabel(_plain(outcome))
+    return fig
+
+
+# ----------------------------------------------------------------------------------------- all
+
+
+def build_figures(
+    visits: pd.DataFrame, config: StudyConfig, selection: Selection, selected: Fit, *,
+    max_subjects: int = 200, n_panels: int = 12, seed: int = 0,
+) -> dict[str, Figure]:
+    """Every report figure, keyed by its file stem (see :data:`FIGURE_KEYS`), in report order.
+
+    ``selected`` is the REML refit of the chosen candidate; its ``fitted`` and ``residuals`` align with
+    the rows of ``visits``. Trajectories are coloured by the first text column with 2–6 levels among
+    the selected formula's fixed-effect columns (e.g. a treatment arm), if any.
+    """
+    roles = config.data
+    group = choose_group_column(visits, selected.formula, exclude=(roles.subject, roles.time, roles.outcome))
+    return {
+        "trajectories": plot_trajectories(visits, roles.subject, roles.time, roles.outcome, group=group,
+                                          max_subjects=max_subjects, seed=seed),
+        "model_comparison": plot_model_comparison(selection),
+        "coefficients": plot_coefficients(selected),
+        "random_effects": plot_random_effects(selected),
+        "residuals_vs_fitted": plot_residuals_vs_fitted(selected),
+        "qq": plot_qq(selected),
+        "residuals_over_time": plot_residuals_over_time(
+            selected, visits[roles.time].to_numpy(float) if len(selected.residuals) else np.empty(0),
+            time_label=roles.time),
+        "observed_vs_fitted": plot_observed_vs_fitted(visits, selected, roles.subject, roles.time, roles.outcome,
+                                                      n_subjects=n_panels, seed=seed),
+    }

@@ -1,0 +1,626 @@
+"""The HTML report: one self-contained page (inline CSS, figures as base64 PNG, no external resource).
+
+:func:`render_report` builds the page from the run's records and the PNG bytes of its figures and
+returns it as a string; writing it is the caller's job. Every user-provided string (study, file,
+column, candidate, formula, level and message text) is HTML-escaped. A figure missing from the
+mapping is replaced by a note, never an error.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from longitudinal.config import StudyConfig
+from longitudinal.records import Fit, Selection, SourceFile, Validated
+
+QUARANTINE_ROWS_SHOWN = 20
+
+
+@dataclass(frozen=True, eq=False)
+class ReportInputs:
+    """Everything the report shows, as records: the run, its data accounting, its fits and its timings.
+
+    ``fits`` are the ML fits of every candidate (failed ones included); ``selected`` is the REML refit of
+    the chosen candidate. ``timings`` follows the manifest: ``{"stages": {stage: s}, "fits": {name: s}}``
+    (other keys are shown as they are); ``versions`` maps package names to version strings.
+    """
+
+    study: str
+    run_id: str
+    created: str
+    config: StudyConfig
+    files: tuple[SourceFile, ...]
+    validated: Validated
+    selection: Selection
+    fits: tuple[Fit, ...]
+    selected: Fit
+    timings: Mapping[str, Any] = field(default_factory=dict)
+    versions: Mapping[str, str] = field(default_factory=dict)
+
+
+SECTIONS: tuple[tuple[str, str], ...] = (
+    ("data", "1. Data summary"),
+    ("validation", "2. Validation summary"),
+    ("trajectories", "3. Observed trajectories"),
+    ("comparison", "4. Model comparison"),
+    ("selected", "5. Selected model (REML estimates)"),
+    ("random-effects", "6. Random effects"),
+    ("diagnostics", "7. Residual diagnostics"),
+    ("observed-fitted", "8. Observed against fitted"),
+    ("reproducibility", "9. Reproducibility"),
+)
+
+# --------------------------------------------------------------------------------------- formatting
+
+
+def esc(value: object) -> str:
+    """``value`` as HTML text, with ``&``, ``<``, ``>`` and both quotes escaped."""
+    return html.escape(str(value), quote=True)
+
+
+def _is_missing(value: object) -> bool:
+    if value is None:
+        return True
+    try:
+        return bool(pd.isna(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def format_number(value: object, digits: int = 4) -> str:
+    """A number to ``digits`` significant digits, in plain notation unless very large or small.
+
+    Missing values are "—"; integers are printed whole with thousands separators.
+    """
+    if _is_missing(value):
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (int, np.integer)):
+        return f"{value:,}"
+    try:
+        x = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return str(value)
+    if math.isnan(x):
+        return "—"
+    if math.isinf(x):
+        return "∞" if x > 0 else "−∞"
+    if x == 0:
+        return "0"
+    magnitude = math.floor(math.log10(abs(x)))
+    if -3 <= magnitude < 6:
+        decimals = max(0, digits - 1 - magnitude)
+        return f"{x:,.{decimals}f}"
+    return f"{x:.{digits - 1}e}"
+
+
+def format_fixed(value: object, decimals: int = 2) -> str:
+    """A number with fixed decimals (log-likelihoods, information criteria and their differences)."""
+    if _is_missing(value):
+        return "—"
+    x = float(value)  # type: ignore[arg-type]
+    if math.isinf(x):
+        return "∞" if x > 0 else "−∞"
+    return f"{x:,.{decimals}f}"
+
+
+def format_p(value: object) -> str:
+    """A p-value: "<0.001" below 0.001, else three decimals."""
+    if _is_missing(value):
+        return "—"
+    p = float(value)  # type: ignore[arg-type]
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def format_weight(value: object) -> str:
+    """An Akaike/Schwarz weight: "<0.001" below 0.001, else three decimals."""
+    if _is_missing(value):
+        return "—"
+    w = float(value)  # type: ignore[arg-type]
+    return "<0.001" if 0 < w < 0.001 else f"{w:.3f}"
+
+
+def format_seconds(value: object) -> str:
+    if _is_missing(value):
+        return "—"
+    s = float(value)  # type: ignore[arg-type]
+    return f"{s * 1000:.0f} ms" if s < 1 else f"{s:,.2f} s"
+
+
+def _yes_no(value: object) -> str:
+    if _is_missing(value):
+        return "—"
+    return "yes" if bool(value) else "no"
+
+
+# ------------------------------------------------------------------------------------------ HTML bits
+
+
+Cell = tuple[str, str]  # (html content, css class)
+
+
+def _table(headers: Sequence[str], rows: Iterable[Sequence[Cell]], *, row_classes: Sequence[str] = (),
+           caption: str = "") -> str:
+    """An HTML table; headers are plain text, cells are already-escaped HTML with a css class."""
+    head = "".join(f"<th>{esc(h)}</th>" for h in headers)
+    body = []
+    for index, row in enumerate(rows):
+        css = row_classes[index] if index < len(row_classes) and row_classes[index] else ""
+        attr = f' class="{css}"' if css else ""
+        cells = "".join(f'<td class="{c}">{content}</td>' if c else f"<td>{content}</td>" for content, c in row)
+        body.append(f"<tr{attr}>{cells}</tr>")
+    cap = f"<caption>{esc(caption)}</caption>" if caption else ""
+    if not body:
+        body.append(f'<tr><td colspan="{len(headers)}" class="empty">none</td></tr>')
+    rows_html = "".join(body)
+    return (f'<div class="table-wrap"><table>{cap}<thead><tr>{head}</tr></thead>'
+            f"<tbody>{rows_html}</tbody></table></div>")
+
+
+def _num(text: str) -> Cell:
+    return (esc(text), "num")
+
+
+def _txt(value: object) -> Cell:
+    return (esc(value), "")
+
+
+def _code(value: object) -> Cell:
+    return (f"<code>{esc(value)}</code>", "")
+
+
+def _figure(figures: Mapping[str, bytes], key: str, caption: str) -> str:
+    """An embedded PNG with its caption, or a note saying the figure was not produced."""
+    png = figures.get(key)
+    if not png:
+        return f'<p class="note">Figure <code>{esc(key)}</code> was not produced for this run.</p>'
+    data = base64.b64encode(png).decode("ascii")
+    return (f'<figure id="fig-{esc(key)}"><img src="data:image/png;base64,{data}" alt="{esc(caption)}">'
+            f"<figcaption>{esc(caption)}</figcaption></figure>")
+
+
+def _section(anchor: str, title: str, body: str) -> str:
+    return f'<section id="{anchor}"><h2>{esc(title)}</h2>\n{body}\n</section>'
+
+
+def _dl(items: Sequence[tuple[str, str]]) -> str:
+    """A key/value list; values are already-escaped HTML."""
+    rows = "".join(f"<dt>{esc(k)}</dt><dd>{v}</dd>" for k, v in items)
+    return f'<dl class="facts">{rows}</dl>'
+
+
+# ------------------------------------------------------------------------------------------ sections
+
+
+def _candidate_count(fits: Sequence[Fit]) -> tuple[int, int]:
+    return len(fits), sum(1 for f in fits if f.usable)
+
+
+def _accounting_sentence(validated: Validated) -> str:
+    read, analysed, quarantined = validated.rows_read, validated.rows_analysed, validated.rows_quarantined
+    holds = read == analysed + quarantined
+    sentence = (f"Rows read = rows analysed + rows quarantined: {read:,} = {analysed:,} + {quarantined:,}.")
+    if holds:
+        return f'<p class="accounting">{esc(sentence)}</p>'
+    return (f'<p class="accounting warning">{esc(sentence)} This does not add up '
+            f"({read - analysed - quarantined:+,} rows unaccounted for): do not use these results.</p>")
+
+
+def _summary(inputs: ReportInputs) -> str:
+    cfg, selection, selected, validated = inputs.config, inputs.selection, inputs.selected, inputs.validated
+    n_total, n_usable = _candidate_count(inputs.fits)
+    subjects = _n_subjects(validated.visits, cfg.data.subject)
+    criterion = selection.criterion.upper()
+    parts = [
+        f"Of {n_total} candidate model{'s' if n_total != 1 else ''} fitted by maximum likelihood, "
+        f"{n_usable} converged; <strong>{esc(selection.selected)}</strong> "
+        f"(<code>{esc(selected.formula)}</code>) was selected as the one with the lowest {esc(criterion)}.",
+        "Its estimates below come from a REML refit of that formula.",
+        f"The analysis used {validated.rows_analysed:,} rows from {subjects:,} subjects; "
+        + (f"{validated.rows_quarantined:,} of the {validated.rows_read:,} rows read were quarantined "
+           "and are listed with their reasons in section 1." if validated.rows_quarantined
+           else f"none of the {validated.rows_read:,} rows read was quarantined."),
+    ]
+    if selected.singular:
+        parts.append('<span class="warning-text">The selected fit is singular (a random-effect variance at '
+                     "or near zero, or a correlation near ±1): see section 5.</span>")
+    if not selected.converged:
+        parts.append(f'<span class="warning-text">The REML refit did not converge: {esc(selected.message)}</span>')
+    return f'<section id="summary"><h2>Summary</h2><p>{" ".join(parts)}</p></section>'
+
+
+def _n_subjects(visits: pd.DataFrame, subject: str) -> int:
+    return int(visits[subject].nunique()) if subject in visits else 0
+
+
+def _data_section(inputs: ReportInputs) -> str:
+    cfg, validated = inputs.config, inputs.validated
+    visits = validated.visits
+    roles = cfg.data
+    per_subject = visits.groupby(roles.subject, observed=True).size() if roles.subject in visits and len(visits) \
+        else pd.Series(dtype=float)
+    time = pd.to_numeric(visits[roles.time], errors="coerce") if roles.time in visits else pd.Series(dtype=float)
+    visits_text = (f"{int(per_subject.min()):,} / {float(per_subject.median()):g} / {int(per_subject.max()):,}"
+                   if len(per_subject) else "—")
+    facts = _dl([
+        ("Subjects analysed", esc(f"{_n_subjects(visits, roles.subject):,}")),
+        ("Rows read", esc(f"{validated.rows_read:,}")),
+        ("Rows analysed", esc(f"{validated.rows_analysed:,}")),
+        ("Rows quarantined", esc(f"{validated.rows_quarantined:,}")),
+        ("Visits per subject (min / median / max)", esc(visits_text)),
+        (f"Time range ({roles.time})", esc(f"{time.min():.6g} to {time.max():.6g}")
+         if time.notna().any() else "—"),
+        ("Columns", esc(f"subject {roles.subject}, time {roles.time}, outcome {roles.outcome}")
+         + (esc(f", categorical {', '.join(roles.categorical)}") if roles.categorical else "")),
+    ])
+    files = _table(
+        ["File", "sha256 (first 12)", "Rows"],
+        [[_code(f.path), _code(f.sha256[:12]), _num(f"{f.rows:,}")] for f in inputs.files],
+    )
+    quarantine = validated.quarantine
+    if len(quarantine) and "reason" in quarantine:
+        counts = quarantine["reason"].astype(str).value_counts()
+        reasons = _table(["Reason", "Rows"], [[_txt(r), _num(f"{n:,}")] for r, n in counts.items()])
+    else:
+        reasons = '<p class="note">No row was quarantined.</p>'
+    shown = _quarantine_preview(quarantine)
+    return "\n".join([
+        _accounting_sentence(validated), facts,
+        "<h3>Input files</h3>", files,
+        "<h3>Quarantined rows by reason</h3>", reasons,
+        shown,
+    ])
+
+
+def _quarantine_preview(quarantine: pd.DataFrame) -> str:
+    """The first rows of the quarantine table as read, source file, line and reason first."""
+    if quarantine.empty:
+        return ""
+    first = [c for c in ("source_file", "source_line", "reason") if c in quarantine]
+    columns = first + [c for c in quarantine.columns if c not in first]
+    head = quarantine.head(QUARANTINE_ROWS_SHOWN)
+    rows = []
+    for _, record in head[columns].iterrows():
+        cells: list[Cell] = []
+        for column in columns:
+            value = record[column]
+            if _is_missing(value):
+                cells.append(('<span class="na">NA</span>', ""))
+            elif isinstance(value, str) and not value.strip():
+                cells.append(('<span class="na">(empty)</span>', ""))
+            elif column == "source_line":
+                cells.append(_num(str(value)))
+            else:
+                cells.append(_txt(value))
+        rows.append(cells)
+    more = len(quarantine) - len(head)
+    note = (f'<p class="note">Showing the first {len(head):,} of {len(quarantine):,} quarantined rows; '
+            "all are in <code>quarantine.csv</code>.</p>") if more > 0 else \
+        '<p class="note">All quarantined rows, as read; they are also in <code>quarantine.csv</code>.</p>'
+    return "<h3>Quarantined rows</h3>" + note + _table([str(c) for c in columns], rows)
+
+
+def _validation_section(inputs: ReportInputs) -> str:
+    validated = inputs.validated
+    rows, classes = [], []
+    for outcome in validated.expectations:
+        status = ('<span class="pass">pass</span>' if outcome.success else '<span class="fail">fail</span>', "")
+        rows.append([
+            _txt(outcome.name), _txt(outcome.level), _txt(outcome.column or "—"), status,
+            _num(f"{outcome.unexpected_count:,}"), _txt(outcome.description), _txt(outcome.details),
+        ])
+        classes.append("" if outcome.success else "failed")
+    n_fail = sum(1 for e in validated.expectations if not e.success)
+    verdict = ("All table-level checks passed, so the run went on." if validated.success
+               else "A table-level check failed.")
+    intro = (f"<p>{len(validated.expectations)} checks, {n_fail} with findings. {verdict} A failing "
+             "<em>table</em>-level check stops the run; a failing <em>row</em>-level check quarantines the rows "
+             "it counts and the run goes on.</p>")
+    table = _table(["Expectation", "Level", "Column", "Result", "Rows", "Description", "Details"], rows,
+                   row_classes=classes)
+    return intro + table
+
+
+def _comparison_section(inputs: ReportInputs, figures: Mapping[str, bytes]) -> str:
+    selection = inputs.selection
+    table = selection.table
+    n_obs = inputs.validated.rows_analysed
+    headers = ["Model", "Formula", "Converged", "Singular", "k", "logLik", "AIC", "BIC", "ΔAIC", "ΔBIC",
+               "AIC weight", "BIC weight", "Selected"]
+    rows, classes = [], []
+    for _, row in table.iterrows():
+        chosen = str(row.get("model")) == selection.selected
+        rows.append([
+            (f"<strong>{esc(row.get('model'))}</strong>" if chosen else esc(row.get("model")), ""),
+            _code(row.get("formula", "")),
+            _txt(_yes_no(row.get("converged"))),
+            _txt(_yes_no(row.get("singular"))),
+            _num(format_number(_as_int(row.get("n_params")))),
+            _num(format_fixed(row.get("loglik"))),
+            _num(format_fixed(row.get("aic"))),
+            _num(format_fixed(row.get("bic"))),
+            _num(format_fixed(row.get("delta_aic"))),
+            _num(format_fixed(row.get("delta_bic"))),
+            _num(format_weight(row.get("aic_weight"))),
+            _num(format_weight(row.get("bic_weight"))),
+            ('<span class="chosen">✔ selected</span>' if chosen else "", ""),
+        ])
+        classes.append("selected" if chosen else ("failed" if not bool(row.get("converged")) else ""))
+    explain = (
+        f"<p>All candidates were fitted by maximum likelihood (ML) on the same {n_obs:,} rows; REML "
+        "likelihoods are not comparable across different fixed effects. AIC = −2 logLik + 2k and "
+        "BIC = −2 logLik + k·ln(n), counting as lme4 does: k = fixed effects + random-effect "
+        f"(co)variance parameters + 1 residual variance, and n = {n_obs:,} rows analysed (not subjects). "
+        "Δ is the difference from the best converged candidate; weights are exp(−Δ/2) normalised over "
+        f"converged candidates. The selection criterion was <strong>{esc(selection.criterion.upper())}</strong>"
+        "; ties go to the candidate with fewer parameters.</p>"
+    )
+    failed = [f for f in inputs.fits if not f.usable]
+    failed_html = ""
+    if failed:
+        items = "".join(f"<li><strong>{esc(f.name)}</strong> (<code>{esc(f.formula)}</code>): "
+                        f"{esc(f.message or 'did not converge')}</li>" for f in failed)
+        failed_html = f'<h3>Candidates that failed</h3><ul class="failed-list">{items}</ul>'
+    chart = _figure(figures, "model_comparison",
+                    "ΔAIC and ΔBIC of each candidate from the best one (ML fits); the selected model is "
+                    "highlighted, failed candidates are marked.")
+    return explain + _table(headers, rows, row_classes=classes) + failed_html + chart
+
+
+def _as_int(value: object) -> object:
+    if _is_missing(value):
+        return value
+    try:
+        return int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return value
+
+
+def _selected_section(inputs: ReportInputs, figures: Mapping[str, bytes]) -> str:
+    fit = inputs.selected
+    parts = []
+    if not fit.converged:
+        parts.append(f'<p class="warning">The REML refit did not converge: {esc(fit.message)}</p>')
+    if fit.singular:
+        parts.append('<p class="warning"><strong>Singular fit.</strong> A random-effect standard deviation is '
+                     "at or near zero relative to the residual SD, or a correlation is near ±1: the data do not "
+                     "support this random-effect structure. Consider a simpler one (e.g. drop the random slope "
+                     "or its correlation).</p>")
+    parts.append(_dl([
+        ("Model", f"<strong>{esc(fit.name)}</strong>"),
+        ("Formula", f"<code>{esc(fit.formula)}</code>"),
+        ("Method", esc(f"{fit.method} (engine {fit.engine})")),
+        ("Observations", esc(f"{fit.n_obs:,}")),
+        ("Groups (subjects)", esc(f"{fit.n_subjects:,}")),
+        ("REML criterion at convergence", esc(format_fixed(fit.reml_criterion))),
+        ("Residual SD", esc(format_number(fit.residual_sd))),
+    ]))
+    fixed_rows = []
+    for fe in fit.fixed_effects:
+        z = fe.estimate / fe.std_error if fe.std_error and math.isfinite(fe.std_error) else math.nan
+        fixed_rows.append([
+            _code(fe.term), _num(format_number(fe.estimate)), _num(format_number(fe.std_error)),
+            _num(f"{format_number(fe.ci_low)} to {format_number(fe.ci_high)}"),
+            _num(format_fixed(z, 2)), _num(format_p(fe.p_value)),
+        ])
+    parts.append("<h3>Fixed effects</h3>")
+    parts.append(_table(["Term", "Estimate", "SE", "95% CI", "z", "p"], fixed_rows))
+    parts.append('<p class="note">Wald inference: z = estimate / SE, 95% CI = estimate ± 1.96 SE and two-sided '
+                 "p-values from the normal distribution. Without a degrees-of-freedom correction "
+                 "(Satterthwaite, Kenward–Roger) these are somewhat liberal when subjects are few.</p>")
+    parts.append(_figure(figures, "coefficients", "Fixed-effect estimates with Wald 95% confidence intervals; "
+                         "the dashed line marks zero."))
+    random_rows = [[_txt(vc.group), _code(vc.term), _num(format_number(vc.sd)), _num(format_number(vc.sd ** 2))]
+                   for vc in fit.random_effects]
+    random_rows.append([_txt("Residual"), _txt(""), _num(format_number(fit.residual_sd)),
+                        _num(format_number(fit.residual_sd ** 2))])
+    parts.append("<h3>Random effects</h3>")
+    parts.append(_table(["Group", "Term", "SD", "Variance"], random_rows))
+    if fit.correlations:
+        corr_rows = [[_txt(c.group), _code(c.term1), _code(c.term2), _num(format_fixed(c.corr, 3))]
+                     for c in fit.correlations]
+        parts.append("<h3>Random-effect correlations</h3>")
+        parts.append(_table(["Group", "Term 1", "Term 2", "Correlation"], corr_rows))
+    return "\n".join(parts)
+
+
+def _reproducibility_section(inputs: ReportInputs) -> str:
+    parts = [_dl([
+        ("Study", esc(inputs.study)),
+        ("Run id", f"<code>{esc(inputs.run_id)}</code>"),
+        ("Created", esc(inputs.created)),
+    ])]
+    stages = inputs.timings.get("stages") if isinstance(inputs.timings.get("stages"), Mapping) else None
+    fit_times = inputs.timings.get("fits") if isinstance(inputs.timings.get("fits"), Mapping) else None
+    others = {k: v for k, v in inputs.timings.items() if k not in ("stages", "fits")}
+    parts.append("<h3>Timings</h3>")
+    if stages:
+        parts.append(_table(["Stage", "Time"], [[_txt(k), _num(format_seconds(v))] for k, v in stages.items()],
+                            caption="Per stage"))
+    if fit_times:
+        parts.append(_table(["Candidate", "Time"], [[_txt(k), _num(format_seconds(v))] for k, v in fit_times.items()],
+                            caption="Per candidate fit"))
+    if others:
+        parts.append(_table(["Timing", "Value"], [[_txt(k), _num(format_seconds(v) if isinstance(v, (int, float))
+                                                               else str(v))] for k, v in others.items()]))
+    if not (stages or fit_times or others):
+        parts.append('<p class="note">No timings were recorded.</p>')
+    parts.append("<h3>Optimizer diagnostics</h3>")
+    parts.append('<p class="note">Each candidate is fitted from fresh starts with several optimizers; the best '
+                 "finite log-likelihood among converged attempts wins. ΔlogLik is how far each attempt stopped "
+                 "short of the winner.</p>")
+    parts.append(_optimizer_table([*inputs.fits, inputs.selected]))
+    parts.append("<h3>Package versions</h3>")
+    parts.append(_table(["Package", "Version"], [[_txt(k), _code(v)] for k, v in sorted(inputs.versions.items())]))
+    parts.append("<h3>Study config</h3>")
+    config = json.dumps(inputs.config.model_dump(mode="json"), indent=2, ensure_ascii=False)
+    parts.append(f"<pre>{esc(config)}</pre>")
+    return "\n".join(parts)
+
+
+def _optimizer_table(fits: Sequence[Fit]) -> str:
+    """One row per candidate fit (ML and the REML refit) and per optimizer attempt."""
+    headers = ["Candidate", "Method", "Optimizer", "Iterations", "Converged", "logLik", "ΔlogLik",
+               "max |gradient|", "Time", "Message"]
+    rows, classes = [], []
+    for fit in fits:
+        rows.append([
+            (f"<strong>{esc(fit.name)}</strong>", ""), _txt(fit.method), _txt(fit.optimizer or "—"),
+            _num(format_number(fit.iterations)), _txt(_yes_no(fit.converged)), _num(format_fixed(fit.loglik, 3)),
+            _num(""), _num(format_number(fit.gradient_max, 3)), _num(format_seconds(fit.seconds)),
+            _txt(fit.message),
+        ])
+        classes.append("fit-row" + ("" if fit.converged else " failed"))
+        finite = [a.loglik for a in fit.attempts if math.isfinite(a.loglik)]
+        best = max(finite) if finite else math.nan
+        for attempt in fit.attempts:
+            gap = best - attempt.loglik if math.isfinite(attempt.loglik) and math.isfinite(best) else math.nan
+            rows.append([
+                _txt(""), _txt(""), ("↳ " + esc(attempt.optimizer), "attempt"),
+                _num(format_number(attempt.iterations)),
+                _txt(_yes_no(attempt.converged)), _num(format_fixed(attempt.loglik, 3)),
+                _num(format_fixed(gap, 3)), _num(""), _num(format_seconds(attempt.seconds)), _txt(attempt.message),
+            ])
+            classes.append("attempt-row")
+    return _table(headers, rows, row_classes=classes)
+
+
+# ------------------------------------------------------------------------------------------ the page
+
+
+_CSS = """
+:root { --ink:#1d232a; --muted:#5b6670; --line:#d7dce1; --soft:#f4f6f8; --accent:#1f5fa8; --bad:#b03a2e;
+        --good:#2e7d32; --warn-bg:#fff4e5; --warn-line:#e0a040; }
+* { box-sizing: border-box; }
+body { margin: 0; color: var(--ink); background: #fff; line-height: 1.5;
+       font: 15px/1.5 -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, "DejaVu Sans", sans-serif; }
+main { max-width: 1100px; margin: 0 auto; padding: 28px 32px 64px; }
+header { border-bottom: 3px solid var(--accent); padding-bottom: 12px; margin-bottom: 18px; }
+h1 { font-size: 1.7em; margin: 0 0 4px; }
+.meta { color: var(--muted); font-size: 0.92em; }
+h2 { font-size: 1.3em; margin: 2.0em 0 0.6em; padding-bottom: 4px; border-bottom: 1px solid var(--line); }
+h3 { font-size: 1.05em; margin: 1.4em 0 0.5em; }
+nav.toc { background: var(--soft); border: 1px solid var(--line); border-radius: 6px; padding: 10px 18px; }
+nav.toc ol { margin: 4px 0; padding-left: 0; list-style: none; columns: 2; }
+nav.toc a { color: var(--accent); text-decoration: none; }
+nav.toc a:hover { text-decoration: underline; }
+code, pre { font-family: "SFMono-Regular", Menlo, Consolas, "DejaVu Sans Mono", monospace; font-size: 0.88em; }
+code { background: var(--soft); padding: 0 3px; border-radius: 3px; word-break: break-word; }
+pre { background: var(--soft); border: 1px solid var(--line); padding: 10px; overflow-x: auto; }
+.table-wrap { overflow-x: auto; margin: 0.6em 0 1em; }
+table { border-collapse: collapse; font-size: 0.88em; min-width: 40%; }
+caption { text-align: left; font-weight: 600; padding: 4px 0; color: var(--muted); }
+th, td { border-bottom: 1px solid var(--line); padding: 4px 10px; text-align: left; vertical-align: top; }
+th { background: var(--soft); border-bottom: 2px solid var(--line); white-space: nowrap; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+td.empty { color: var(--muted); font-style: italic; }
+tbody tr:nth-child(even) { background: #fafbfc; }
+tr.selected { background: #e8f0fb !important; }
+tr.failed td { color: var(--bad); }
+tr.attempt-row td { color: var(--muted); font-size: 0.95em; }
+tr.fit-row td { border-top: 1px solid #bcc4cc; }
+.pass { color: var(--good); font-weight: 600; }
+.fail { color: var(--bad); font-weight: 600; }
+.chosen { color: var(--accent); font-weight: 700; white-space: nowrap; }
+.na { color: var(--muted); font-style: italic; }
+.note { color: var(--muted); font-size: 0.9em; }
+.accounting { font-weight: 600; }
+.warning { background: var(--warn-bg); border-left: 4px solid var(--warn-line); padding: 8px 12px; }
+.warning-text { color: var(--bad); }
+dl.facts { display: grid; grid-template-columns: max-content 1fr; gap: 2px 18px; margin: 0.6em 0; }
+dl.facts dt { color: var(--muted); }
+dl.facts dd { margin: 0; }
+figure { margin: 1em 0 1.6em; text-align: center; }
+figure img { max-width: 100%; height: auto; border: 1px solid var(--line); }
+figcaption { color: var(--muted); font-size: 0.9em; margin-top: 4px; }
+footer { margin-top: 3em; color: var(--muted); font-size: 0.85em; border-top: 1px solid var(--line);
+         padding-top: 8px; }
+@media print {
+  body { font-size: 11pt; }
+  main { max-width: none; padding: 0; }
+  nav.toc { display: none; }
+  h2 { break-after: avoid; page-break-after: avoid; }
+  figure, table, dl.facts { break-inside: avoid; page-break-inside: avoid; }
+  .table-wrap { overflow: visible; }
+  a { color: inherit; text-decoration: none; }
+}
+"""
+
+
+def render_report(inputs: ReportInputs, figures: Mapping[str, bytes]) -> str:
+    """The whole report as one self-contained HTML string.
+
+    ``figures`` maps the stems of :data:`longitudinal.figures.FIGURE_KEYS` to PNG bytes; a missing
+    key gives a note in place of that figure. Nothing is loaded from the network: styles are inline
+    and images are ``data:`` URIs.
+    """
+    fit = inputs.selected
+    builders: dict[str, Callable[[], str]] = {
+        "data": lambda: _data_section(inputs),
+        "validation": lambda: _validation_section(inputs),
+        "trajectories": lambda: _figure(
+            figures, "trajectories",
+            "Observed outcome over time: thin lines are a sample of subjects, bold lines the mean over all "
+            "subjects at each time with a ±1.96 SE band."),
+        "comparison": lambda: _comparison_section(inputs, figures),
+        "selected": lambda: _selected_section(inputs, figures),
+        "random-effects": lambda: (
+            "<p>Predicted random effects (conditional modes, BLUPs) of the selected model, one panel per term. "
+            "They are shrunk towards zero, so their spread is smaller than the estimated SD; heavy tails or "
+            "several modes suggest a missing covariate or subgroup.</p>"
+            + _figure(figures, "random_effects", "Distribution of the predicted random effects per term, and the "
+                      "sorted conditional modes with ±1.96 conditional SD.")),
+        "diagnostics": lambda: (
+            "<p>Conditional residuals (observed − fitted, including each subject's predicted random effects) "
+            f"of the REML fit of {esc(fit.name)}.</p>"
+            + _figure(figures, "residuals_vs_fitted", "Residuals against fitted values, with the mean residual "
+                      "per bin of fitted values: curvature suggests a missing term, a funnel unequal variance.")
+            + _figure(figures, "qq", "Normal QQ plot of standardized residuals (residual / residual SD); points "
+                      "on the line mean normal residuals, bent tails mean heavy or light tails.")
+            + _figure(figures, "residuals_over_time", "Residuals over time with the mean per time point: a "
+                      "pattern suggests a misspecified time trend.")),
+        "observed-fitted": lambda: _figure(
+            figures, "observed_vs_fitted",
+            "Observed values (points) and fitted trajectories (lines, fixed effects plus the subject's "
+            "predicted random effects) for a random sample of subjects."),
+        "reproducibility": lambda: _reproducibility_section(inputs),
+    }
+    toc = "".join(f'<li><a href="#{anchor}">{esc(title)}</a></li>' for anchor, title in SECTIONS)
+    body = "\n".join(_section(anchor, title, builders[anchor]()) for anchor, title in SECTIONS)
+    title = f"{inputs.study}: longitudinal mixed-model report"
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="generator" content="longitudinal">
+<title>{esc(title)}</title>
+<style>{_CSS}</style>
+</head>
+<body>
+<main>
+<header>
+<h1>{esc(inputs.study)}</h1>
+<div class="meta">Longitudinal mixed-model report · run <code>{esc(inputs.run_id)}</code> · created
+{esc(inputs.created)} · selection by {esc(inputs.selection.criterion.upper())}</div>
+</header>
+<nav class="toc" aria-label="Contents"><strong>Contents</strong>
+<ol><li><a href="#summary">Summary</a></li>{toc}</ol></nav>
+{_summary(inputs)}
+{body}
+<footer>Generated by longitudinal. Estimates are from the REML refit of the selected model; the model
+comparison uses ML fits on identical rows.</footer>
+</main>
+</body>
+</html>
+"""

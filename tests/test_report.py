@@ -1,0 +1,217 @@
+"""The HTML report: every section, escaped user text, self-contained, the row accounting stated."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from longitudinal.config import parse_config
+from longitudinal.figures import FIGURE_KEYS
+from longitudinal.records import (
+    ExpectationOutcome,
+    FixedEffect,
+    Fit,
+    OptimizerAttempt,
+    Selection,
+    SourceFile,
+    Validated,
+    VarianceComponent,
+    failed_fit,
+)
+from longitudinal.report import SECTIONS, ReportInputs, format_number, format_p, render_report
+
+PNG = b"\x89PNG\r\n\x1a\nnot-really-an-image"
+BAD_NAME = "evil<script>alert(1)</script>"
+
+
+def make_validated(n_quarantined: int = 3) -> Validated:
+    visits = pd.DataFrame({
+        "pid": np.repeat(["a", "b", "c", "d"], [3, 4, 5, 4]),
+        "week": [0.0, 1, 2, 0, 1, 2, 3, 0, 1, 2, 3, 4, 0, 1, 2, 3],
+        "score": np.linspace(10, 20, 16),
+        "source_file": "visits.csv",
+        "source_line": np.arange(2, 18),
+    })
+    quarantine = pd.DataFrame({
+        "pid": ["e"] * n_quarantined,
+        "week": ["x"] * n_quarantined,
+        "score": ["12"] * n_quarantined,
+        "source_file": "visits.csv",
+        "source_line": np.arange(18, 18 + n_quarantined),
+        "reason": ["time not a number"] * (n_quarantined - 1) + ["<b>odd</b> reason"],
+    })
+    expectations = (
+        ExpectationOutcome("required_columns_present", "table", None, True, 0, "pid, week and score exist"),
+        ExpectationOutcome("time_is_number", "row", "week", False, n_quarantined, "week is a number"),
+    )
+    return Validated(visits=visits, quarantine=quarantine, expectations=expectations,
+                     rows_read=len(visits) + n_quarantined)
+
+
+def make_fits() -> tuple[Fit, ...]:
+    common = {"engine": "test", "converged": True, "singular": False, "message": "", "n_obs": 16, "n_subjects": 4}
+    attempts = (OptimizerAttempt("bobyqa", -30.0, True, 40, 0.01),
+                OptimizerAttempt("lbfgs", -30.25, True, 22, 0.02, "stopped short"))
+    return (
+        Fit(name="ri", formula="score ~ week + (1 | pid)", method="ML", n_params=4, loglik=-32.0, **common),
+        Fit(name="ris", formula="score ~ week + (week | pid)", method="ML", n_params=6, loglik=-30.0,
+            optimizer="bobyqa", attempts=attempts, iterations=40, **common),
+        failed_fit(BAD_NAME, "score ~ week + (week || pid)", "ML", "test", "log-likelihood is not finite (inf)",
+                   n_obs=16, n_subjects=4, n_params=5),
+    )
+
+
+def make_selection(fits: tuple[Fit, ...]) -> Selection:
+    rows = []
+    for fit in fits:
+        rows.append({"model": fit.name, "formula": fit.formula, "converged": fit.converged, "singular": fit.singular,
+                     "n_obs": fit.n_obs, "n_subjects": fit.n_subjects, "n_params": fit.n_params,
+                     "loglik": fit.loglik, "aic": fit.aic, "bic": fit.bic})
+    table = pd.DataFrame(rows)
+    for criterion in ("aic", "bic"):
+        table[f"delta_{criterion}"] = table[criterion] - table[criterion].min()
+        weight = np.exp(-table[f"delta_{criterion}"] / 2)
+        table[f"{criterion}_weight"] = weight / weight.sum()
+    table["selected"] = table["model"] == "ris"
+    return Selection(criterion="bic", table=table, selected="ris")
+
+
+def make_selected() -> Fit:
+    return Fit(
+        name="ris", formula="score ~ week + (week | pid)", method="REML", engine="test", converged=True,
+        singular=False, message="", n_obs=16, n_subjects=4, n_params=6, loglik=-31.5, reml_criterion=63.0,
+        fixed_effects=(FixedEffect("(Intercept)", 10.123456, 0.5, 9.143, 11.10, 2e-9),
+                       FixedEffect("week", 0.5, 0.25, 0.01, 0.99, 0.0456)),
+        random_effects=(VarianceComponent("pid", "(Intercept)", 1.5), VarianceComponent("pid", "week", 0.1)),
+        residual_sd=0.8,
+    )
+
+
+def make_inputs(**changes: object) -> ReportInputs:
+    fits = make_fits()
+    config = parse_config({
+        "study": "demo-study",
+        "data": {"source": "visits.csv", "subject": "pid", "time": "week", "outcome": "score"},
+        "models": {"criterion": "bic", "candidates": {"ri": "score ~ week + (1 | pid)",
+                                                      "ris": "score ~ week + (week | pid)"}},
+    })
+    inputs = ReportInputs(
+        study="demo-study", run_id="20250101T000000Z", created="2025-01-01T00:00:00+00:00", config=config,
+        files=(SourceFile("visits.csv", "0123456789abcdef" * 4, 19),), validated=make_validated(),
+        selection=make_selection(fits), fits=fits, selected=make_selected(),
+        timings={"stages": {"ingest": 0.012, "fit": 1.5}, "fits": {"ri": 0.2, "ris": 0.3}},
+        versions={"numpy": "2.4.0", "pandas": "3.1.1"},
+    )
+    return replace(inputs, **changes)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def page() -> str:
+    return render_report(make_inputs(), {key: PNG for key in FIGURE_KEYS})
+
+
+def test_every_section_heading_appears_in_order(page: str) -> None:
+    positions = [page.index(f"<h2>{title}</h2>") for _, title in SECTIONS]
+    assert page.index("<h2>Summary</h2>") < positions[0]
+    assert positions == sorted(positions)
+    for anchor, _ in SECTIONS:
+        assert f'href="#{anchor}"' in page and f'id="{anchor}"' in page
+
+
+def test_summary_names_the_selected_model_criterion_and_counts(page: str) -> None:
+    summary = page[page.index('<section id="summary">'):page.index('<section id="data">')]
+    assert "<strong>ris</strong>" in summary
+    assert "lowest BIC" in summary
+    assert "16 rows from 4 subjects" in summary
+    assert "3 of the 19 rows read were quarantined" in summary
+
+
+def test_the_row_accounting_is_stated_with_its_numbers(page: str) -> None:
+    assert "Rows read = rows analysed + rows quarantined: 19 = 16 + 3." in page
+    assert "does not add up" not in page
+
+
+def test_broken_accounting_is_flagged() -> None:
+    broken = replace(make_validated(), rows_read=25)
+    page = render_report(make_inputs(validated=broken), {})
+    assert "25 = 16 + 3. This does not add up (+6 rows unaccounted for)" in page
+
+
+def test_user_text_is_escaped() -> None:
+    page = render_report(make_inputs(study=BAD_NAME), {})
+    assert "<script" not in page
+    assert "evil&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "&lt;b&gt;odd&lt;/b&gt; reason" in page
+
+
+def test_the_page_is_self_contained(page: str) -> None:
+    assert "http://" not in page and "https://" not in page
+    assert "<link" not in page and "<script" not in page and "@import" not in page
+    sources = re.findall(r'src="([^"]*)"', page)
+    assert sources and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert len(sources) == len(FIGURE_KEYS)
+
+
+def test_missing_figures_become_notes() -> None:
+    page = render_report(make_inputs(), {"trajectories": PNG})
+    assert page.count("data:image/png;base64,") == 1
+    for key in FIGURE_KEYS[1:]:
+        assert f"Figure <code>{key}</code> was not produced for this run." in page
+
+
+def test_model_comparison_table_marks_the_selected_and_lists_failures(page: str) -> None:
+    section = page[page.index('<section id="comparison">'):page.index('<section id="selected">')]
+    assert section.count('<tr class="selected">') == 1
+    assert "✔ selected" in section
+    assert "k = fixed effects + random-effect (co)variance parameters + 1 residual variance" in section
+    assert "n = 16 rows analysed" in section
+    assert "log-likelihood is not finite (inf)" in section
+    assert "-30.00" in section  # logLik of ris with two decimals
+
+
+def test_selected_model_section_formats_estimates_and_p_values(page: str) -> None:
+    section = page[page.index('<section id="selected">'):page.index('<section id="random-effects">')]
+    assert ">10.12<" in section  # four significant digits
+    assert "&lt;0.001" in section and ">0.046<" in section
+    assert ">20.25<" in section  # Wald z = 10.123456 / 0.5
+    assert "Residual" in section and ">0.6400<" in section  # residual variance 0.8²
+    assert "Singular fit" not in section
+
+
+def test_a_singular_selected_fit_is_warned_about() -> None:
+    page = render_report(make_inputs(selected=replace(make_selected(), singular=True)), {})
+    assert "Singular fit." in page
+
+
+def test_quarantine_preview_shows_the_first_twenty_rows_with_source_line() -> None:
+    page = render_report(make_inputs(validated=make_validated(n_quarantined=25)), {})
+    assert "Showing the first 20 of 25 quarantined rows" in page
+    assert ">37<" in page and ">38<" not in page  # source lines 18..37 shown, 38.. not
+    assert "time not a number</td><td class=\"num\">24<" in page  # counted by reason
+
+
+def test_reproducibility_lists_timings_versions_and_optimizer_attempts(page: str) -> None:
+    section = page[page.index('<section id="reproducibility">'):]
+    assert ">12 ms<" in section and ">1.50 s<" in section
+    assert "<code>2.4.0</code>" in section
+    assert "↳ lbfgs" in section and ">0.250<" in section  # how far lbfgs stopped short
+    assert "stopped short" in section
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    (12.3456, "12.35"), (0.000123456, "1.235e-04"), (1234567.0, "1.235e+06"), (-0.5, "-0.5000"),
+    (math.nan, "—"), (None, "—"), (7, "7"), (12345, "12,345"),
+])
+def test_format_number(value: object, expected: str) -> None:
+    assert format_number(value) == expected
+
+
+@pytest.mark.parametrize(("value", "expected"), [(0.0004, "<0.001"), (0.001, "0.001"), (0.04567, "0.046"),
+                                                 (1.0, "1.000"), (math.nan, "—")])
+def test_format_p(value: float, expected: str) -> None:
+    assert format_p(value) == expected
