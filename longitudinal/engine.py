@@ -1,0 +1,607 @@
+"""lme4's profiled-deviance formulation of a linear mixed model, for one grouping factor.
+
+Bates, Mächler, Bolker & Walker (2015), "Fitting Linear Mixed-Effects Models Using lme4", J. Stat. Softw.
+67(1), sections 3-5. The random effects are b = Λθ u with u ~ N(0, σ² I); Λθ is block-diagonal over the
+random-effects bars of the formula, one lower-triangular block per bar, so ``(x || g)`` (one bar per term)
+gives a diagonal Λ. θ is in lme4's order: bar by bar, the lower triangle column by column; diagonal elements
+are bounded below by 0, the others are free; the optimizer starts from θ = 1 on the diagonal, 0 elsewhere.
+
+With one grouping factor Z'Z is block-diagonal over the G groups, so everything the deviance needs is in
+per-group cross-products computed once (``compute_crossproducts``): Z_g'Z_g (q × q), Z_g'[X_g y_g] and the
+dense [X y]'[X y]. For a given θ, per group::
+
+    M_g = Λ' Z_g'Z_g Λ + I = L_g L_g'          R_g = L_g⁻¹ Λ' Z_g'[X_g y_g] = [RZX_g  cu_g]
+    S   = [X y]'[X y] − Σ_g R_g' R_g          (so A = S_XX = RX'RX, b = S_Xy)
+    β = A⁻¹ b     r² = S_yy − b'β (penalized RSS)     log|M| = Σ_g 2 Σ log diag L_g
+
+    ML   deviance = log|M| + n (1 + log(2π r² / n))
+    REML criterion = log|M| + log|A| + (n − p)(1 + log(2π r² / (n − p)))
+
+Each evaluation costs O(G q³ + G q p² + p³) and never touches the n rows: the 1×1 and 2×2 Cholesky factors
+are written out as array arithmetic over the groups (batched ``np.linalg.cholesky`` only for q ≥ 3).
+
+Estimation (``fit_lmm``): θ by bounded BOBYQA as lme4's default ``nloptwrap`` (``nlopt.LN_BOBYQA``,
+xtol_abs = ftol_abs = 1e-8, at most 100 000 evaluations, nlopt's default initial step), then β,
+σ² = r²/n (ML) or r²/(n − p) (REML), vcov(β) = σ² A⁻¹, the conditional modes b_g = Λ L_g⁻ᵀ(cu_g − RZX_g β)
+and their conditional covariance σ² Λ M_g⁻¹ Λ' (given β, as lme4's ``ranef(condVar = TRUE)``).
+Convergence is judged as lme4's ``checkConv``: a central-difference gradient and Hessian of the deviance
+at the optimum (step 1e-4), the scaled gradient max(min(|H⁻¹ᐟ² g|, |g|)) < 0.002 — here over the
+parameters off the boundary, where lme4 skips the check for singular fits; a Hessian that is not positive
+definite is a warning only. An optimum failing the check gets one restart from near it; the lowest
+deviance is kept. A fit is singular (lme4's ``isSingular``, tol 1e-4) when a diagonal θ is below 1e-4,
+and here also when a random-effect correlation exceeds 0.999 in absolute value. A model that reproduces
+the outcome exactly (zero residual variance: unbounded likelihood) is a failure, not a fit.
+
+Missing values are not handled here: the design has none (validation removed those rows).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+from scipy import sparse
+
+from longitudinal.design import Design
+from longitudinal.errors import FitError
+from longitudinal.records import OptimizerAttempt
+
+#: lme4's defaults (lmerControl / nloptwrap / checkConv / isSingular).
+XTOL_ABS = 1e-8
+FTOL_ABS = 1e-8
+MAX_EVALUATIONS = 100_000
+GRADIENT_TOL = 2e-3
+HESSIAN_TOL = 1e-6
+SINGULAR_TOL = 1e-4
+BOUNDARY_TOL = 1e-5
+DERIVATIVE_STEP = 1e-4
+CORRELATION_LIMIT = 0.999
+#: A residual RMS this small relative to the outcome's RMS means the model reproduces the data exactly
+#: (rounding noise, not variation: the likelihood would be unbounded).
+EXACT_FIT_RATIO = 1e-6
+#: What the optimizer sees where the deviance cannot be computed; finite so BOBYQA's model stays usable.
+_UNDEFINED_DEVIANCE = 1e12
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+class FitFailure(FitError):
+    """One fit failed numerically; ``attempts`` holds the optimizer runs made before the failure."""
+
+    def __init__(self, message: str, attempts: tuple[OptimizerAttempt, ...] = ()) -> None:
+        super().__init__(message)
+        self.attempts = attempts
+
+
+@dataclass(frozen=True, eq=False)
+class CrossProducts:
+    """The per-group cross-products: everything a deviance evaluation reads, nothing of size n.
+
+    Stored term-major so each slice over the groups is contiguous: ``ZtZ[i, j]`` is the length-G vector of
+    Σ_rows z_i z_j per group, ``ZtXy[i]`` the (G, p + 1) matrix of Σ_rows z_i [x y] per group; ``XytXy`` is
+    [X y]'[X y]. ``block_sizes`` are the numbers of terms of the bars, in formula order.
+    """
+
+    ZtZ: np.ndarray
+    ZtXy: np.ndarray
+    XytXy: np.ndarray
+    n_obs: int
+    block_sizes: tuple[int, ...]
+
+    @property
+    def n_groups(self) -> int:
+        return int(self.ZtZ.shape[2])
+
+    @property
+    def n_fixed(self) -> int:
+        return int(self.XytXy.shape[0]) - 1
+
+    @property
+    def n_random(self) -> int:
+        """q: random-effect terms per group, over all bars."""
+        return int(self.ZtZ.shape[0])
+
+
+@dataclass(frozen=True)
+class ThetaLayout:
+    """Where each θ sits in the q × q matrix Λ, and its lower bound (lme4's order and bounds)."""
+
+    rows: tuple[int, ...]
+    cols: tuple[int, ...]
+    lower: tuple[float, ...]
+    block_sizes: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        return len(self.rows)
+
+    @property
+    def diagonal(self) -> np.ndarray:
+        """Mask of the θ that are diagonal elements of Λ (variance parameters bounded at 0)."""
+        mask: np.ndarray = np.asarray(self.rows) == np.asarray(self.cols)
+        return mask
+
+    def start(self) -> np.ndarray:
+        """lme4's default start: 1 on the diagonal, 0 off it."""
+        return self.diagonal.astype(float)
+
+    def lambda_matrix(self, theta: np.ndarray) -> np.ndarray:
+        """Λθ (q × q, block lower-triangular)."""
+        q = sum(self.block_sizes)
+        lam = np.zeros((q, q))
+        lam[list(self.rows), list(self.cols)] = theta
+        return lam
+
+
+@dataclass(frozen=True, eq=False)
+class EngineResult:
+    """What ``fit_lmm`` estimated, in the order of the design's columns and bars.
+
+    ``deviance`` is the ML deviance (−2 log-likelihood) or the REML criterion. ``covariances[k]`` is the
+    covariance matrix of bar k's random effects (σ² Λ_k Λ_k'). ``modes`` (G × q) are the conditional modes
+    of the random effects, ``cond_sd`` their conditional standard deviations; columns follow
+    ``Design.Z``. ``evaluations`` counts deviance evaluations of all optimizer runs.
+    """
+
+    reml: bool
+    theta: np.ndarray
+    deviance: float
+    beta: np.ndarray
+    vcov: np.ndarray
+    sigma: float
+    covariances: tuple[np.ndarray, ...]
+    modes: np.ndarray
+    cond_sd: np.ndarray
+    fitted: np.ndarray
+    residuals: np.ndarray
+    converged: bool
+    singular: bool
+    messages: tuple[str, ...]
+    gradient_max: float
+    evaluations: int
+    attempts: tuple[OptimizerAttempt, ...]
+
+    @property
+    def loglik(self) -> float:
+        """The maximized log-likelihood (ML) or REML log-likelihood (REML): −deviance / 2."""
+        return -0.5 * self.deviance
+
+
+# ------------------------------------------------------------------------------------- cross-products
+
+
+def compute_crossproducts(design: Design) -> CrossProducts:
+    """One pass over the rows: per-group Z'Z and Z'[X y] through a sparse group-indicator product."""
+    Z = design.Z
+    n, q = Z.shape
+    G = design.n_groups
+    W = np.column_stack([Z, design.X, design.y])  # [Z X y]
+    Xy = W[:, q:]
+    # Each row's products z_i·[z x y], summed per group by the G × n indicator matrix: one sparse matmul
+    # (faster than a bincount per column). Built column-compressed, one 1 per row, so nothing is sorted.
+    products = (Z[:, :, None] * W[:, None, :]).reshape(n, -1)
+    indicator = sparse.csc_matrix((np.ones(n), design.codes, np.arange(n + 1)), shape=(G, n))
+    sums = np.asarray(indicator @ products).reshape(G, q, W.shape[1])
+    return CrossProducts(
+        ZtZ=np.ascontiguousarray(sums[:, :, :q].transpose(1, 2, 0)),
+        ZtXy=np.ascontiguousarray(sums[:, :, q:].transpose(1, 0, 2)),
+        XytXy=Xy.T @ Xy,
+        n_obs=n,
+        block_sizes=tuple(len(block.terms) for block in design.blocks),
+    )
+
+
+def layout_theta(block_sizes: tuple[int, ...]) -> ThetaLayout:
+    """θ's positions in Λ: per bar, the lower triangle column by column (lme4's ``getME(m, "theta")``)."""
+    rows: list[int] = []
+    cols: list[int] = []
+    lower: list[float] = []
+    offset = 0
+    for size in block_sizes:
+        for j in range(size):
+            for i in range(j, size):
+                rows.append(offset + i)
+                cols.append(offset + j)
+                lower.append(0.0 if i == j else -math.inf)
+        offset += size
+    return ThetaLayout(rows=tuple(rows), cols=tuple(cols), lower=tuple(lower), block_sizes=block_sizes)
+
+
+# ------------------------------------------------------------------------------------------- deviance
+
+
+@dataclass(frozen=True, eq=False)
+class _Solution:
+    """The penalized least-squares solution at one θ (what the deviance and the estimates need)."""
+
+    deviance: float
+    r2: float
+    chol_S: np.ndarray  # Cholesky factor of [A b; b' c] ((p + 1) × (p + 1))
+    chol_M: np.ndarray  # (q, q, G): L_g, lower triangle
+    R: np.ndarray  # (q, G, p + 1): L_g⁻¹ Λ' Z_g'[X_g y_g]
+    lam: np.ndarray
+
+
+def profiled_deviance(source: Design | CrossProducts, theta: np.ndarray, reml: bool) -> float:
+    """The ML deviance (profiled over β and σ²) or the REML criterion at ``theta``.
+
+    From a ``Design`` the cross-products are computed first (one pass over the rows); from a
+    ``CrossProducts`` the cost does not depend on the number of rows. Returns ``inf`` where the
+    penalized residual sum of squares is not positive.
+    """
+    products = source if isinstance(source, CrossProducts) else compute_crossproducts(source)
+    layout = layout_theta(products.block_sizes)
+    theta = np.asarray(theta, dtype=float)
+    if theta.shape != (layout.size,):
+        raise ValueError(f"theta has shape {theta.shape}; this model has {layout.size} covariance parameters")
+    solution = _solve(products, layout.lambda_matrix(theta), reml)
+    return solution.deviance if solution is not None else math.inf
+
+
+def _solve(products: CrossProducts, lam: np.ndarray, reml: bool) -> _Solution | None:
+    """Penalized least squares at Λ; None where r² ≤ 0 or a factorization fails.
+
+    The Cholesky factor of the augmented S = [A b; b' c] holds everything: its leading p × p block is
+    RX (A = RX RX'), its last row (w', r) with RX w = b and r² = c − w'w, the penalized RSS.
+    """
+    chol_M, R, logdet_M = _factor_groups(products, lam)
+    q, G, k = R.shape
+    p = k - 1
+    flat = R.reshape(q * G, k)
+    S = products.XytXy - flat.T @ flat
+    try:
+        chol_S = np.linalg.cholesky(S)
+    except np.linalg.LinAlgError:
+        return None
+    r2 = float(chol_S[p, p]) ** 2
+    if not (r2 > 0.0 and math.isfinite(r2) and math.isfinite(logdet_M)):
+        return None
+    n = products.n_obs
+    if reml:
+        logdet_A = 2.0 * float(np.log(np.diagonal(chol_S)[:p]).sum())
+        dof = n - p
+        deviance = logdet_M + logdet_A + dof * (1.0 + _LOG_2PI + math.log(r2 / dof))
+    else:
+        deviance = logdet_M + n * (1.0 + _LOG_2PI + math.log(r2 / n))
+    return _Solution(deviance=deviance, r2=r2, chol_S=chol_S, chol_M=chol_M, R=R, lam=lam)
+
+
+def _factor_groups(products: CrossProducts, lam: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """Per group: L_g (Cholesky of Λ'Z_g'Z_gΛ + I) and L_g⁻¹ Λ' Z_g'[X_g y_g]; and log|M| = Σ log|M_g|."""
+    ZtZ, ZtXy = products.ZtZ, products.ZtXy
+    q, G, k = ZtXy.shape
+    if q == 1:
+        l11 = lam[0, 0]
+        m = l11 * l11 * ZtZ[0, 0] + 1.0
+        d = np.sqrt(m)
+        R = ((l11 / d)[:, None] * ZtXy[0])[None]
+        return d[None, None], R, float(np.log(m).sum())
+    if q == 2:
+        l11, l21, l22 = lam[0, 0], lam[1, 0], lam[1, 1]
+        a, b, c = ZtZ[0, 0], ZtZ[1, 0], ZtZ[1, 1]
+        k21 = b * l11 + c * l21  # (Z'Z Λ)[1, 0]
+        m11 = l11 * (a * l11 + b * l21) + l21 * k21 + 1.0
+        m22 = l22 * l22 * c + 1.0
+        chol = np.empty((2, 2, G))
+        L11 = np.sqrt(m11, out=chol[0, 0])
+        L21 = np.divide(l22 * k21, L11, out=chol[1, 0])
+        d22 = m22 - L21 * L21
+        L22 = np.sqrt(d22, out=chol[1, 1])
+        chol[0, 1] = 0.0
+        # R_0 = (l11 W_0 + l21 W_1) / L11,   R_1 = (l22 W_1 − L21 R_0) / L22,   W_i = Z_i'[X y] per group
+        R = np.empty((2, G, k))
+        np.multiply((l11 / L11)[:, None], ZtXy[0], out=R[0])
+        if l21 != 0.0:
+            R[0] += (l21 / L11)[:, None] * ZtXy[1]
+        np.multiply((l22 / L22)[:, None], ZtXy[1], out=R[1])
+        R[1] -= (L21 / L22)[:, None] * R[0]
+        return chol, R, float(np.log(m11).sum() + np.log(d22).sum())
+    M = np.einsum("ai,abg,bj->gij", lam, ZtZ, lam, optimize=True) + np.eye(q)
+    chol = np.ascontiguousarray(np.linalg.cholesky(M).transpose(1, 2, 0))
+    logdet = 2.0 * float(sum(np.log(chol[i, i]).sum() for i in range(q)))
+    B = np.tensordot(lam.T, ZtXy, axes=(1, 0))  # Λ' Z_g'[X_g y_g], (q, G, p + 1)
+    return chol, _forward_groups(chol, B), logdet
+
+
+def _forward_groups(chol: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """Solve L_g X_g = B_g for all groups at once: chol (q, q, G), B (q, G, k) → (q, G, k)."""
+    q = chol.shape[0]
+    X = np.empty(B.shape)
+    for i in range(q):
+        acc = np.array(B[i])
+        for j in range(i):
+            acc -= chol[i, j][:, None] * X[j]
+        X[i] = acc / chol[i, i][:, None]
+    return X
+
+
+def _backward_groups(chol: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """Solve L_g' X_g = B_g for all groups at once: chol (q, q, G), B (q, G) → (q, G)."""
+    q = chol.shape[0]
+    X = np.empty_like(B)
+    for i in reversed(range(q)):
+        acc = B[i].copy()
+        for j in range(i + 1, q):
+            acc -= chol[j, i] * X[j]
+        X[i] = acc / chol[i, i]
+    return X
+
+
+# ------------------------------------------------------------------------------------------- fitting
+
+
+def fit_lmm(design: Design, *, reml: bool) -> EngineResult:
+    """Fit the design by ML (``reml=False``) or REML with lme4's formulation and convergence checks.
+
+    Raises ``FitFailure`` (a ``FitError``) when the model cannot be fitted to these data: too few groups
+    or observations for the random effects (lme4's ``lmerControl`` checks), a penalized residual sum of
+    squares that is zero or not finite at every θ tried, or an outcome reproduced exactly by the model.
+    """
+    _check_identifiable(design)
+    products = compute_crossproducts(design)
+    layout = layout_theta(products.block_sizes)
+
+    def deviance(theta: np.ndarray) -> float:
+        solution = _solve(products, layout.lambda_matrix(theta), reml)
+        return solution.deviance if solution is not None else math.inf
+
+    attempts: list[OptimizerAttempt] = []
+    runs: list[_Run] = []
+    start = layout.start()
+    for label in ("bobyqa", "bobyqa (restart)"):
+        began = time.perf_counter()
+        run = _optimize(deviance, start, layout)
+        attempts.append(OptimizerAttempt(
+            optimizer=label, loglik=-0.5 * run.deviance if math.isfinite(run.deviance) else math.nan,
+            converged=run.converged, iterations=run.evaluations, seconds=time.perf_counter() - began,
+            message=run.message,
+        ))
+        runs.append(run)
+        if run.converged or not math.isfinite(run.deviance):
+            break
+        # Not convincing: restart once from the optimum with the variances lifted off the boundary, so
+        # that BOBYQA builds a fresh quadratic model around it (lme4's advice for convergence warnings).
+        start = np.where(layout.diagonal, np.maximum(run.theta * 1.1, 0.05), run.theta)
+    finite = [run for run in runs if math.isfinite(run.deviance)]
+    if not finite:
+        raise FitFailure(
+            "the deviance could not be computed at any θ tried (penalized residual sum of squares not "
+            "positive): the outcome is fitted exactly or the design is degenerate; check the data and the formula",
+            tuple(attempts),
+        )
+    # The lowest deviance wins; a converged run as good (within the optimizer's tolerance) is preferred.
+    lowest = min(run.deviance for run in finite)
+    best = min(finite, key=lambda run: (run.deviance > lowest + 10 * FTOL_ABS, not run.converged, run.deviance))
+    theta = best.theta
+    solution = _solve(products, layout.lambda_matrix(theta), reml)
+    if solution is None:
+        raise FitFailure("the deviance is not finite at the optimum; check the data and the formula", tuple(attempts))
+    return _assemble(
+        design, products, layout, theta, solution, reml=reml, converged=best.converged, message=best.message,
+        gradient_max=best.gradient_max, attempts=tuple(attempts),
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class _Run:
+    """One optimizer run, after lme4's boundary snap and convergence checks."""
+
+    theta: np.ndarray
+    deviance: float
+    converged: bool
+    gradient_max: float
+    evaluations: int
+    message: str
+
+
+def _optimize(deviance: Callable[[np.ndarray], float], start: np.ndarray, layout: ThetaLayout) -> _Run:
+    """BOBYQA from ``start``, then lme4's ``check.boundary`` and ``checkConv`` at the optimum."""
+    lower = np.asarray(layout.lower)
+    theta, value, evaluations, status = _run_bobyqa(deviance, start, lower)
+    if not math.isfinite(value):
+        return _Run(theta, value, False, math.nan, evaluations, "the deviance is not finite at any θ tried")
+    theta, value = _snap_to_boundary(deviance, theta, value, lower)
+    converged, gradient_max, notes = _check_convergence(deviance, theta, value, layout)
+    message = "; ".join(filter(None, (status, *notes)))
+    return _Run(theta, value, converged and status == "", gradient_max, evaluations, message)
+
+
+def _check_identifiable(design: Design) -> None:
+    """lme4's ``lmerControl`` checks that stop a fit: too few groups, rows or rows per random effect."""
+    n, G, p = design.n_obs, design.n_groups, design.X.shape[1]
+    if G < 2:
+        raise FitFailure(
+            f"grouping factor {design.group!r} has {G} level; random effects need at least 2 groups"
+        )
+    if n <= G:
+        raise FitFailure(
+            f"number of observations ({n}) is not larger than the number of levels of {design.group!r} ({G}): "
+            "the random effects and the residual variance are not identifiable; drop the random-effects term"
+        )
+    for block in design.blocks:
+        effects = len(block.terms) * G
+        if n <= effects:
+            bar = f"({' + '.join(block.terms)} | {block.group})"
+            raise FitFailure(
+                f"number of observations ({n}) is not larger than the number of random effects ({effects}) "
+                f"for {bar}: its variance and the residual variance are not identifiable; "
+                "use fewer random-effect terms"
+            )
+    if n <= p:
+        raise FitFailure(f"number of observations ({n}) is not larger than the number of fixed effects ({p})")
+
+
+def _run_bobyqa(
+    deviance: Callable[[np.ndarray], float], start: np.ndarray, lower: np.ndarray,
+) -> tuple[np.ndarray, float, int, str]:
+    """Minimize with nlopt's bounded BOBYQA; returns θ, deviance, evaluations and a status note ("" if ok).
+
+    The initial step is nlopt's default, as in lme4's ``nloptwrap`` (nloptr sets none): from lme4's start
+    this retraces lme4's path. The best point seen is tracked so that an nlopt exception (round-off
+    limited) still yields it; non-finite deviances are shown to BOBYQA as a large finite value.
+    """
+    import nlopt
+
+    best: dict[str, object] = {"value": math.inf, "theta": start.copy()}
+    count = [0]
+
+    def objective(theta: np.ndarray, _grad: np.ndarray) -> float:
+        count[0] += 1
+        value = deviance(theta)
+        if not math.isfinite(value):
+            return _UNDEFINED_DEVIANCE
+        if value < best["value"]:  # type: ignore[operator]
+            best["value"], best["theta"] = value, theta.copy()
+        return value
+
+    opt = nlopt.opt(nlopt.LN_BOBYQA, start.shape[0])
+    opt.set_lower_bounds(lower)
+    opt.set_min_objective(objective)
+    opt.set_xtol_abs(XTOL_ABS)
+    opt.set_ftol_abs(FTOL_ABS)
+    opt.set_maxeval(MAX_EVALUATIONS)
+    status = ""
+    try:
+        opt.optimize(start)
+        if opt.last_optimize_result() == nlopt.MAXEVAL_REACHED:
+            status = f"BOBYQA stopped at the evaluation limit ({MAX_EVALUATIONS})"
+    except nlopt.RoundoffLimited:
+        status = "BOBYQA stopped: round-off limited"
+    except (RuntimeError, ValueError) as exc:
+        status = f"BOBYQA failed: {exc}"
+    return np.asarray(best["theta"], dtype=float), float(best["value"]), count[0], status  # type: ignore[arg-type]
+
+
+def _snap_to_boundary(
+    deviance: Callable[[np.ndarray], float], theta: np.ndarray, value: float, lower: np.ndarray,
+) -> tuple[np.ndarray, float]:
+    """lme4's ``check.boundary``: a θ within 1e-5 of its bound moves onto it if that is no worse."""
+    theta = theta.copy()
+    near = (theta - lower > 0.0) & (theta - lower < BOUNDARY_TOL)
+    for i in np.flatnonzero(near):
+        trial = theta.copy()
+        trial[i] = lower[i]
+        trial_value = deviance(trial)
+        if trial_value < value:
+            theta, value = trial, trial_value
+    return theta, value
+
+
+def _check_convergence(
+    deviance: Callable[[np.ndarray], float], theta: np.ndarray, value: float, layout: ThetaLayout,
+) -> tuple[bool, float, tuple[str, ...]]:
+    """lme4's ``checkConv`` on the parameters off the boundary: (converged, max scaled |grad|, notes)."""
+    gradient, hessian = _derivatives(deviance, theta, value)
+    free = ~(layout.diagonal & (theta - np.asarray(layout.lower) < SINGULAR_TOL))
+    if not free.any():
+        return True, 0.0, ()
+    g = gradient[free]
+    H = hessian[np.ix_(free, free)]
+    notes: list[str] = []
+    if not np.all(np.isfinite(g)) or not np.all(np.isfinite(H)):
+        return False, math.nan, ("the gradient of the deviance at the optimum is not finite",)
+    try:
+        scaled = np.linalg.solve(np.linalg.cholesky(H).T, g)
+        gradient_max = float(np.max(np.minimum(np.abs(scaled), np.abs(g))))
+    except np.linalg.LinAlgError:
+        # lme4 reports "unable to evaluate scaled gradient"; the plain gradient still says something.
+        gradient_max = float(np.max(np.abs(g)))
+        notes.append("unable to evaluate the scaled gradient (Hessian not positive definite)")
+    eigenvalues = np.linalg.eigvalsh(H)
+    negative = int(np.sum(eigenvalues < -HESSIAN_TOL))
+    if negative:
+        notes.append(f"degenerate Hessian with {negative} negative eigenvalue{'s' if negative > 1 else ''}")
+    elif np.any(np.abs(eigenvalues) < HESSIAN_TOL):
+        notes.append("Hessian is numerically singular: parameters are not uniquely determined")
+    converged = gradient_max < GRADIENT_TOL
+    if not converged:
+        notes.insert(0, f"failed to converge with max|grad| = {gradient_max:.3g} (tol = {GRADIENT_TOL:g})")
+    return converged, gradient_max, tuple(notes)
+
+
+def _derivatives(
+    deviance: Callable[[np.ndarray], float], theta: np.ndarray, value: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Central-difference gradient and Hessian with step 1e-4 (lme4's ``deriv12``)."""
+    k = theta.shape[0]
+    h = DERIVATIVE_STEP
+    gradient = np.empty(k)
+    hessian = np.empty((k, k))
+
+    def at(*moves: tuple[int, float]) -> float:
+        point = theta.copy()
+        for index, step in moves:
+            point[index] += step
+        return deviance(point)
+
+    for j in range(k):
+        up, down = at((j, h)), at((j, -h))
+        gradient[j] = (up - down) / (2 * h)
+        hessian[j, j] = (up - 2 * value + down) / (h * h)
+        for i in range(j):
+            hessian[i, j] = hessian[j, i] = (
+                at((i, h), (j, h)) - at((i, h), (j, -h)) - at((i, -h), (j, h)) + at((i, -h), (j, -h))
+            ) / (4 * h * h)
+    return gradient, hessian
+
+
+def _assemble(
+    design: Design, products: CrossProducts, layout: ThetaLayout, theta: np.ndarray, solution: _Solution, *,
+    reml: bool, converged: bool, message: str, gradient_max: float, attempts: tuple[OptimizerAttempt, ...],
+) -> EngineResult:
+    """Estimates at the optimum θ: β, σ, vcov, covariance per bar, conditional modes, fitted values."""
+    n, p = products.n_obs, products.n_fixed
+    sigma2 = solution.r2 / (n - p if reml else n)
+    lam = solution.lam
+    RX = solution.chol_S[:p, :p]
+    RX_inv = np.linalg.solve(RX, np.eye(p))  # small p × p; triangular, but LAPACK's general solve is exact enough
+    beta = RX_inv.T @ solution.chol_S[p, :p]
+    vcov = sigma2 * (RX_inv.T @ RX_inv)
+    R = solution.R
+    v = R[:, :, p] - R[:, :, :p] @ beta  # cu_g − RZX_g β, (q, G)
+    u = _backward_groups(solution.chol_M, v)
+    modes = (lam @ u).T  # b_g = Λ u_g, (G, q)
+    q, G = u.shape
+    T = _forward_groups(solution.chol_M, np.broadcast_to(lam.T[:, None, :], (q, G, q)))  # L_g⁻¹ Λ'
+    cond_sd = np.sqrt(sigma2 * np.einsum("igj,igj->gj", T, T))
+    fitted = design.X @ beta + np.einsum("nq,nq->n", design.Z, modes[design.codes])
+    residuals = design.y - fitted
+
+    # r² recomputed from the residuals (no cancellation): rounding noise in the profiled r² can look like
+    # a tiny but positive residual variance when the model reproduces the outcome exactly.
+    r2_direct = float(residuals @ residuals + np.sum(u * u))
+    y_rms = math.sqrt(float(design.y @ design.y) / n)
+    sigma = math.sqrt(sigma2)
+    if not math.isfinite(sigma) or r2_direct <= (EXACT_FIT_RATIO * y_rms) ** 2 * n:
+        raise FitFailure(
+            f"zero residual variance: the model reproduces the outcome exactly (residual SD "
+            f"{math.sqrt(r2_direct / n):.3g}, outcome RMS {y_rms:.3g}), so the likelihood is unbounded; "
+            "the data are degenerate for this model",
+            attempts,
+        )
+
+    covariances: list[np.ndarray] = []
+    singular = bool(np.any(theta[layout.diagonal] < SINGULAR_TOL))
+    offset = 0
+    for size in layout.block_sizes:
+        block = lam[offset:offset + size, offset:offset + size]
+        cov = sigma2 * block @ block.T
+        covariances.append(cov)
+        if size > 1:
+            sd = np.sqrt(np.diag(cov))
+            with np.errstate(invalid="ignore", divide="ignore"):
+                corr = cov / np.outer(sd, sd)
+            off = corr[~np.eye(size, dtype=bool)]
+            singular = singular or bool(np.any(np.abs(off[np.isfinite(off)]) > CORRELATION_LIMIT))
+        offset += size
+    messages = [m for m in message.split("; ") if m]
+    if singular:
+        messages.insert(0, "boundary (singular) fit: a variance is zero or a correlation is ±1")
+    return EngineResult(
+        reml=reml, theta=theta, deviance=solution.deviance, beta=beta, vcov=vcov, sigma=sigma,
+        covariances=tuple(covariances), modes=modes, cond_sd=cond_sd, fitted=fitted, residuals=residuals,
+        converged=converged, singular=singular, messages=tuple(messages), gradient_max=gradient_max,
+        evaluations=sum(a.iterations for a in attempts), attempts=attempts,
+    )

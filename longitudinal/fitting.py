@@ -1,0 +1,152 @@
+"""Fit one candidate model to the validated visits and return the project's ``Fit`` record.
+
+The default engine is ``longitudinal.engine`` (lme4's profiled-deviance formulation, bounded BOBYQA, lme4's
+convergence and singularity checks); ``engine="statsmodels"`` uses statsmodels' MixedLM instead. Either
+way the result is the same record, so selection and reporting do not know which engine ran.
+
+Conventions (lme4's): ``loglik`` is the maximized log-likelihood for ML and the REML log-likelihood for REML
+(``reml_criterion`` = −2 × that); ``n_params`` = fixed effects + covariance parameters θ + 1 (residual
+variance); fixed effects carry Wald standard errors, 95% intervals (± 1.959964 SE) and two-sided normal
+p-values. Missing values are not handled here: validation removed every row with a missing value in a
+column any candidate uses, so all candidates are fitted on the same rows.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+from longitudinal.design import Design, build_design
+from longitudinal.engine import EngineResult, FitFailure, fit_lmm, layout_theta
+from longitudinal.errors import ConfigError
+from longitudinal.formula import parse_formula
+from longitudinal.records import Correlation, Fit, FixedEffect, VarianceComponent, failed_fit
+
+ENGINES = ("lme4-style", "statsmodels")
+_Z_95 = 1.959963984540054
+
+
+def fit_candidate(
+    visits: pd.DataFrame, name: str, formula: str, *, method: Literal["ML", "REML"] = "ML",
+    engine: str = "lme4-style",
+) -> Fit:
+    """Fit candidate ``name`` (``formula`` in lme4 notation) to ``visits`` by ML or REML.
+
+    Numerical failures (zero residual variance, too few groups or rows for the random effects, a
+    factorization that breaks down) come back as a failed ``Fit`` whose ``message`` says why; a bad
+    formula raises ``FormulaError`` and programming errors raise as usual.
+    """
+    if method not in ("ML", "REML"):
+        raise ConfigError(f"candidate {name!r}: method must be 'ML' or 'REML', got {method!r}")
+    if engine not in ENGINES:
+        raise ConfigError(f"candidate {name!r}: unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
+    began = time.perf_counter()
+    design = build_design(visits, parse_formula(formula, name=name))
+    if engine == "statsmodels":
+        from longitudinal.sm_engine import fit_statsmodels  # statsmodels is slow to import; only when asked
+
+        fit: Fit = fit_statsmodels(design, name=name, formula=formula, method=method)
+        return fit
+    n_params = count_parameters(design)
+    try:
+        result = fit_lmm(design, reml=method == "REML")
+    except FitFailure as failure:
+        return failed_fit(
+            name, formula, method, "lme4-style", f"candidate {name!r}: {failure}", n_obs=design.n_obs,
+            n_subjects=design.n_groups, n_params=n_params, attempts=failure.attempts,
+            seconds=time.perf_counter() - began,
+        )
+    except np.linalg.LinAlgError as exc:
+        return failed_fit(
+            name, formula, method, "lme4-style", f"candidate {name!r}: linear algebra failed ({exc})",
+            n_obs=design.n_obs, n_subjects=design.n_groups, n_params=n_params,
+            seconds=time.perf_counter() - began,
+        )
+    return _to_record(design, result, name=name, formula=formula, method=method, began=began)
+
+
+def count_parameters(design: Design) -> int:
+    """lme4's parameter count: fixed effects + covariance parameters θ + 1 residual variance."""
+    theta = layout_theta(tuple(len(block.terms) for block in design.blocks))
+    return int(design.X.shape[1]) + theta.size + 1
+
+
+def _to_record(
+    design: Design, result: EngineResult, *, name: str, formula: str, method: Literal["ML", "REML"],
+    began: float,
+) -> Fit:
+    return Fit(
+        name=name,
+        formula=formula,
+        method=method,
+        engine="lme4-style",
+        converged=result.converged,
+        singular=result.singular,
+        message="; ".join(result.messages),
+        n_obs=design.n_obs,
+        n_subjects=design.n_groups,
+        n_params=count_parameters(design),
+        loglik=result.loglik,
+        reml_criterion=result.deviance if result.reml else None,
+        fixed_effects=_fixed_effects(design, result),
+        random_effects=tuple(
+            VarianceComponent(group=block.group, term=term, sd=float(math.sqrt(cov[i, i])))
+            for block, cov in zip(design.blocks, result.covariances)
+            for i, term in enumerate(block.terms)
+        ),
+        correlations=_correlations(design, result),
+        residual_sd=result.sigma,
+        ranef=_ranef_frame(design, result),
+        fitted=result.fitted,
+        residuals=result.residuals,
+        optimizer="bobyqa",
+        attempts=result.attempts,
+        gradient_max=result.gradient_max,
+        iterations=result.evaluations,
+        seconds=time.perf_counter() - began,
+    )
+
+
+def _fixed_effects(design: Design, result: EngineResult) -> tuple[FixedEffect, ...]:
+    """Wald inference from vcov(β) = σ² (RX'RX)⁻¹, as lme4's summary (normal reference distribution)."""
+    from scipy.stats import norm
+
+    effects = []
+    for term, estimate, variance in zip(design.fixed_names, result.beta, np.diag(result.vcov)):
+        se = float(math.sqrt(variance))
+        z = float(estimate) / se if se > 0 else math.nan
+        effects.append(FixedEffect(
+            term=term, estimate=float(estimate), std_error=se, ci_low=float(estimate) - _Z_95 * se,
+            ci_high=float(estimate) + _Z_95 * se, p_value=float(2.0 * norm.sf(abs(z))),
+        ))
+    return tuple(effects)
+
+
+def _correlations(design: Design, result: EngineResult) -> tuple[Correlation, ...]:
+    """Correlations within each bar of two or more terms (NaN where a variance is zero)."""
+    out = []
+    for block, cov in zip(design.blocks, result.covariances):
+        sd = np.sqrt(np.diag(cov))
+        for j in range(len(block.terms)):
+            for i in range(j + 1, len(block.terms)):
+                denominator = sd[i] * sd[j]
+                corr = float(cov[i, j] / denominator) if denominator > 0 else math.nan
+                out.append(Correlation(group=block.group, term1=block.terms[j], term2=block.terms[i], corr=corr))
+    return tuple(out)
+
+
+def _ranef_frame(design: Design, result: EngineResult) -> pd.DataFrame:
+    """Conditional modes in long form: one row per (level, term), levels in the design's order."""
+    terms = [term for block in design.blocks for term in block.terms]
+    G, q = result.modes.shape
+    return pd.DataFrame({
+        "group": np.repeat(np.array([design.group], dtype=object), G * q),
+        "level": np.repeat(design.levels.astype(object), q),
+        "term": np.tile(np.array(terms, dtype=object), G),
+        "estimate": result.modes.reshape(-1),
+        "cond_sd": result.cond_sd.reshape(-1),
+    })

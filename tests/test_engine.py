@@ -1,0 +1,241 @@
+"""The lme4-style engine: its deviance against the dense definition, closed-form REML/ML answers, lme4's
+sleepstudy fit, statsmodels' optimum, and a deviance whose cost depends on the groups only."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from longitudinal.design import Design, build_design
+from longitudinal.engine import (
+    CrossProducts,
+    FitFailure,
+    compute_crossproducts,
+    fit_lmm,
+    layout_theta,
+    profiled_deviance,
+)
+from longitudinal.formula import parse_formula
+from longitudinal.simulate import SimulationSpec, simulate_trial
+
+TESTS = Path(__file__).resolve().parent
+
+
+def design_of(frame: pd.DataFrame, formula: str) -> Design:
+    return build_design(frame, parse_formula(formula))
+
+
+def read_sleepstudy() -> pd.DataFrame:
+    """lme4's sleepstudy (18 subjects × 10 days), written by R's write.csv(sleepstudy, row.names = FALSE)."""
+    for path in (TESTS / "data" / "sleepstudy.csv", TESTS / "reference" / "data" / "sleepstudy.csv"):
+        if path.exists():
+            return pd.read_csv(path, dtype={"Subject": str})
+    raise FileNotFoundError("tests/data/sleepstudy.csv is missing; see tests/test_engine.py")
+
+
+@pytest.fixture(scope="module")
+def small() -> pd.DataFrame:
+    """Six groups of 3-5 rows with two covariates: small enough for the dense n × n likelihood."""
+    rng = np.random.default_rng(3)
+    sizes = [3, 4, 5, 3, 5, 4]
+    g = np.repeat([f"s{i}" for i in range(len(sizes))], sizes)
+    x = rng.normal(size=g.size)
+    w = rng.uniform(0, 2, size=g.size)
+    y = 1.0 + 0.5 * x - w + rng.normal(size=len(sizes)).repeat(sizes) + rng.normal(size=g.size)
+    return pd.DataFrame({"y": y, "x": x, "w": w, "g": g})
+
+
+def dense_deviance(design: Design, theta: np.ndarray, reml: bool) -> float:
+    """The ML deviance or REML criterion from the marginal model y ~ N(Xβ, σ²(I + ZΛΛ'Z')), profiled
+    over β and σ² by generalized least squares on dense n × n matrices (the definition, no tricks)."""
+    lam = layout_theta(tuple(len(b.terms) for b in design.blocks)).lambda_matrix(theta)
+    Z, X, y = design.Z, design.X, design.y
+    n, p = X.shape
+    same_group = design.codes[:, None] == design.codes[None, :]
+    V = np.eye(n) + (Z @ lam @ lam.T @ Z.T) * same_group
+    Vinv = np.linalg.inv(V)
+    XtVX = X.T @ Vinv @ X
+    beta = np.linalg.solve(XtVX, X.T @ Vinv @ y)
+    r = y - X @ beta
+    r2 = float(r @ Vinv @ r)
+    logdet_V = np.linalg.slogdet(V)[1]
+    if reml:
+        return logdet_V + np.linalg.slogdet(XtVX)[1] + (n - p) * (1 + math.log(2 * math.pi * r2 / (n - p)))
+    return logdet_V + n * (1 + math.log(2 * math.pi * r2 / n))
+
+
+# --------------------------------------------------------------------------------------- the deviance
+
+
+def test_theta_follows_lme4_order_and_bounds() -> None:
+    layout = layout_theta((2, 1))
+    # lme4: per bar, the lower triangle column by column; variances bounded at 0, covariances free.
+    assert list(zip(layout.rows, layout.cols)) == [(0, 0), (1, 0), (1, 1), (2, 2)]
+    assert layout.lower == (0.0, -math.inf, 0.0, 0.0)
+    assert layout.start().tolist() == [1.0, 0.0, 1.0, 1.0]
+    assert layout.lambda_matrix(np.array([1.0, 2.0, 3.0, 4.0])).tolist() == [[1, 0, 0], [2, 3, 0], [0, 0, 4]]
+
+
+@pytest.mark.parametrize("reml", [False, True], ids=["ML", "REML"])
+@pytest.mark.parametrize(
+    ("bars", "theta"),
+    [
+        ("(1 | g)", [0.7]),  # q = 1, written out
+        ("(x | g)", [0.9, -0.4, 0.3]),  # q = 2, written out
+        ("(x || g)", [0.9, 0.3]),  # q = 2, diagonal Λ
+        ("(1 + x + w | g)", [0.8, 0.2, -0.5, 0.6, 0.1, 0.4]),  # q = 3, batched Cholesky
+        ("(x | g) + (0 + w | g)", [0.8, -0.3, 0.5, 0.7]),  # two bars, block-diagonal Λ
+    ],
+)
+def test_profiled_deviance_equals_the_dense_definition(
+    small: pd.DataFrame, bars: str, theta: list[float], reml: bool,
+) -> None:
+    design = design_of(small, f"y ~ x + w + {bars}")
+    expected = dense_deviance(design, np.array(theta), reml)
+    assert profiled_deviance(design, np.array(theta), reml) == pytest.approx(expected, rel=1e-11)
+
+
+def test_balanced_one_way_reml_equals_the_anova_estimates() -> None:
+    # Balanced one-way random-intercept ANOVA: REML gives the moment estimates when they are positive,
+    # σ²_e = MSW and σ²_b = (MSB − MSW)/m; the intercept is the grand mean with SE √(MSB/(G·m)).
+    y = np.array([[9.0, 11.0, 10.5, 12.0], [14.0, 15.5, 13.0, 16.0], [8.0, 7.5, 9.5, 8.5],
+                  [12.0, 13.5, 11.0, 12.5], [16.5, 18.0, 17.0, 15.0]])
+    G, m = y.shape
+    frame = pd.DataFrame({"y": y.ravel(), "g": np.repeat([f"g{i}" for i in range(G)], m)})
+    group_means, grand_mean = y.mean(axis=1), y.mean()
+    msb = m * ((group_means - grand_mean) ** 2).sum() / (G - 1)
+    msw = ((y - group_means[:, None]) ** 2).sum() / (G * (m - 1))
+
+    result = fit_lmm(design_of(frame, "y ~ 1 + (1 | g)"), reml=True)
+
+    # The optimizer stops when the deviance changes by < 1e-8: variances agree to about 1e-5 relative.
+    assert result.converged and not result.singular
+    assert result.sigma**2 == pytest.approx(msw, rel=1e-5)
+    assert result.covariances[0][0, 0] == pytest.approx((msb - msw) / m, rel=1e-5)
+    assert result.beta[0] == pytest.approx(grand_mean, rel=1e-12)
+    assert math.sqrt(result.vcov[0, 0]) == pytest.approx(math.sqrt(msb / (G * m)), rel=1e-5)
+
+    # ML (balanced): the same σ²_e, and σ²_b = ((G − 1)/G · MSB − MSW)/m.
+    ml = fit_lmm(design_of(frame, "y ~ 1 + (1 | g)"), reml=False)
+    assert ml.sigma**2 == pytest.approx(msw, rel=1e-5)
+    assert ml.covariances[0][0, 0] == pytest.approx(((G - 1) / G * msb - msw) / m, rel=1e-5)
+
+
+def test_sleepstudy_reml_matches_lme4() -> None:
+    # lme4 1.1-31: lmer(Reaction ~ Days + (Days | Subject), sleepstudy); getME(fit, "theta") and REMLcrit(fit).
+    result = fit_lmm(design_of(read_sleepstudy(), "Reaction ~ Days + (Days | Subject)"), reml=True)
+    assert result.converged and not result.singular
+    assert result.theta == pytest.approx([0.96674177, 0.01516906, 0.23090995], abs=2e-5)
+    assert result.deviance == pytest.approx(1743.62827196, abs=1e-6)
+    # ranef(fit, condVar = TRUE): subject 308's modes and conditional variances.
+    assert result.modes[0] == pytest.approx([2.2585509499, 9.19897576557], abs=1e-3)
+    assert result.cond_sd[0] ** 2 == pytest.approx([145.7055875198, 5.31228291226], rel=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ optimizer
+
+
+def statsmodels_best_loglik(design: Design) -> tuple[float, np.ndarray]:
+    """statsmodels MixedLM by ML with L-BFGS, from its default start and from three others; the best."""
+    import statsmodels.api as sm
+    from statsmodels.regression.mixed_linear_model import MixedLMParams
+
+    model = sm.MixedLM(design.y, design.X, groups=design.codes, exog_re=design.Z)
+    beta0 = np.linalg.lstsq(design.X, design.y, rcond=None)[0]
+    starts = [None] + [
+        MixedLMParams.from_components(fe_params=beta0, cov_re=scale * np.eye(design.Z.shape[1]))
+        for scale in (0.1, 1.0, 10.0)
+    ]
+    fits = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for start in starts:
+            fit = model.fit(reml=False, method="lbfgs", start_params=start)
+            if np.isfinite(fit.llf):
+                fits.append(fit)
+    best = max(fits, key=lambda f: f.llf)
+    return float(best.llf), np.asarray(best.fe_params)
+
+
+@pytest.mark.slow
+def test_ml_optimum_is_at_least_statsmodels() -> None:
+    visits = simulate_trial(SimulationSpec(n_subjects=60, seed=11))
+    design = design_of(visits, "score ~ week * arm + age + (week | patient_id)")
+    sm_loglik, sm_beta = statsmodels_best_loglik(design)
+
+    ours = fit_lmm(design, reml=False)
+
+    assert ours.converged
+    assert ours.loglik >= sm_loglik - 1e-6
+    assert ours.loglik - sm_loglik < 0.01
+    assert ours.beta == pytest.approx(sm_beta, rel=1e-4, abs=1e-4)
+
+
+def test_every_optimizer_run_is_recorded(small: pd.DataFrame) -> None:
+    result = fit_lmm(design_of(small, "y ~ x + (x | g)"), reml=False)
+    assert result.attempts[0].optimizer == "bobyqa"
+    assert result.evaluations == sum(a.iterations for a in result.attempts) > 0
+    assert all(a.seconds >= 0 for a in result.attempts)
+    assert result.loglik == pytest.approx(max(a.loglik for a in result.attempts), abs=1e-9)
+
+
+def test_an_outcome_on_an_exact_line_is_a_failure_not_an_infinite_likelihood() -> None:
+    frame = pd.DataFrame({"y": [1.0, 3.0, 5.0, 7.0, 9.0], "x": [0.0, 1.0, 2.0, 3.0, 4.0], "g": list("aabbb")})
+    with pytest.raises(FitFailure, match="zero residual variance") as failure:
+        fit_lmm(design_of(frame, "y ~ x + (1 | g)"), reml=False)
+    assert len(failure.value.attempts) >= 1
+
+
+def test_one_row_per_group_cannot_carry_a_random_slope() -> None:
+    frame = pd.DataFrame({"y": [1.0, 2.5, 2.0, 4.5, 3.0, 7.0], "x": [0.0, 1, 2, 3, 4, 5], "g": list("abcdef")})
+    with pytest.raises(FitFailure, match=r"number of observations \(6\) is not larger than the number of levels"):
+        fit_lmm(design_of(frame, "y ~ x + (x | g)"), reml=False)
+    frame = pd.concat([frame, frame.assign(y=frame["y"] + 1.0)], ignore_index=True)
+    with pytest.raises(FitFailure, match=r"number of random effects \(12\) for \(\(Intercept\) \+ x \| g\)"):
+        fit_lmm(design_of(frame, "y ~ x + (x | g)"), reml=False)
+
+
+# ------------------------------------------------------------------------------------- cost per θ
+
+
+def test_crossproducts_hold_nothing_of_size_n(small: pd.DataFrame) -> None:
+    design = design_of(small, "y ~ x + w + (x | g)")
+    products = compute_crossproducts(design)
+    G, q, p = design.n_groups, 2, design.X.shape[1]
+    assert products.ZtZ.shape == (q, q, G)
+    assert products.ZtXy.shape == (q, G, p + 1)
+    assert products.XytXy.shape == (p + 1, p + 1)
+    arrays = [v for v in vars(products).values() if isinstance(v, np.ndarray)]
+    assert all(design.n_obs not in a.shape for a in arrays)
+
+
+def test_deviance_reads_only_the_crossproducts(small: pd.DataFrame) -> None:
+    # Each row repeated 10 times within its group multiplies every cross-product by 10: the deviance of
+    # the 10× data equals the deviance computed from the original cross-products scaled by 10, so a
+    # deviance evaluation sees the groups' sums, never the rows.
+    formula = "y ~ x + w + (x | g)"
+    design = design_of(small, formula)
+    tenfold = design_of(small.loc[small.index.repeat(10)].reset_index(drop=True), formula)
+    products = compute_crossproducts(design)
+    scaled = dataclasses.replace(
+        products, ZtZ=10 * products.ZtZ, ZtXy=10 * products.ZtXy, XytXy=10 * products.XytXy,
+        n_obs=10 * products.n_obs,
+    )
+    big = compute_crossproducts(tenfold)
+    assert isinstance(big, CrossProducts) and big.ZtZ.shape == products.ZtZ.shape
+    for theta in ([1.0, 0.0, 1.0], [0.4, -0.2, 0.1]):
+        for reml in (False, True):
+            assert profiled_deviance(big, np.array(theta), reml) == pytest.approx(
+                profiled_deviance(scaled, np.array(theta), reml), rel=1e-12
+            )
+
+
+def test_deviance_rejects_a_theta_of_the_wrong_length(small: pd.DataFrame) -> None:
+    with pytest.raises(ValueError, match="3 covariance parameters"):
+        profiled_deviance(design_of(small, "y ~ x + (x | g)"), np.array([1.0]), False)
