@@ -1,0 +1,377 @@
+"""Ingestion: read the study's CSV and Parquet files into one table, remembering where every row came from.
+
+``data.source`` is a file, a folder (its ``*.csv`` and ``*.parquet`` files, sorted by name, not
+recursive) or a glob pattern. CSV is read as text, cell for cell, so that nothing is lost before
+validation; Parquet keeps its native types. The union of the files is ``raw``; ``typed`` coerces the
+configured roles (see :func:`coerce_types`). A value that cannot be coerced becomes missing in ``typed``
+while ``raw`` keeps it, so that validation can quarantine the row and show what was read.
+Columns that the config names but the data lack are not an error here: validation reports them.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from longitudinal.config import StudyConfig
+from longitudinal.errors import DataError
+from longitudinal.records import Ingested, SourceFile
+
+MISSING_TOKENS: frozenset[str] = frozenset({"", "NA", "N/A", "n/a", "na", "NaN", "nan", "null", "NULL", ".", "-"})
+"""Cell values (after stripping whitespace) that mean "missing" in a CSV file or a Parquet text column."""
+
+SOURCE_COLUMNS: tuple[str, str] = ("source_file", "source_line")
+DATA_SUFFIXES: tuple[str, ...] = (".csv", ".parquet")
+
+_GLOB_CHARS = re.compile(r"[*?\[]")
+# Arrow (RE2) patterns, applied to whole columns at once.
+_INTEGRAL_TEXT = r"^([+-]?\d+)\.0*$"
+_DECIMAL_COMMA = r"^([+-]?\d*),(\d+(?:[eE][+-]?\d+)?)$"
+_NUMBER = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"
+_MISSING_SET = pa.array(sorted(MISSING_TOKENS), type=pa.string())
+_PARQUET_MAGIC = b"PAR1"
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+@dataclass(frozen=True, eq=False)
+class _FilePart:
+    """One file as read: its rows as text (CSV) or native (Parquet), and how to parse its numbers."""
+
+    raw: pd.DataFrame
+    source: SourceFile
+    decimal_comma: bool
+
+
+def read_sources(config: StudyConfig) -> Ingested:
+    """Read every file that ``data.source`` names and return their union, raw and typed.
+
+    Rows keep the order of the files (sorted by name) and of the lines within each file; the index is a
+    clean RangeIndex. Each row remembers ``source_file`` (relative to the config's folder when possible)
+    and ``source_line`` (CSV: physical line, header = line 1; Parquet: 1-based row number). Blank lines
+    and lines holding only delimiters are not rows.
+    """
+    paths = find_source_files(config)
+    parts = [_read_file(path, config) for path in paths]
+    raw = _union([part.raw for part in parts])
+    typed = coerce_types(parts, raw, config)
+    return Ingested(raw=raw, typed=typed, files=tuple(part.source for part in parts))
+
+
+def find_source_files(config: StudyConfig) -> list[Path]:
+    """The data files that ``data.source`` names: a file, a folder's CSV/Parquet files, or a glob's matches."""
+    path = config.source_path
+    given = config.data.source
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(
+            (p for p in path.iterdir() if p.is_file() and p.suffix.lower() in DATA_SUFFIXES and not p.name.startswith(".")),
+            key=lambda p: p.name,
+        )
+        if not files:
+            raise DataError(
+                f"data.source {given!r}: the folder {path} holds no .csv or .parquet files; "
+                "put the data files there or point data.source at a file"
+            )
+        return files
+    if _GLOB_CHARS.search(str(path)):
+        matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+        if not matches:
+            raise DataError(
+                f"data.source {given!r}: the pattern {path} matches no files; "
+                "check the pattern or point data.source at a file or a folder"
+            )
+        return matches
+    raise DataError(
+        f"data.source {given!r}: {path} does not exist; set data.source to a .csv or .parquet file, "
+        "a folder of them, or a glob such as 'incoming/*.csv'"
+    )
+
+
+# ----------------------------------------------------------------------------------------- reading
+
+
+def _read_file(path: Path, config: StudyConfig) -> _FilePart:
+    shown = _display_path(path, config.base_dir)
+    try:
+        content = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{shown}: cannot be read ({exc.strerror or exc}); check that the file exists and is readable") from None
+    if path.suffix.lower() == ".parquet" or content.startswith(_PARQUET_MAGIC):
+        frame = _parse_parquet(content, shown)
+        decimal_comma = False
+        lines = np.arange(1, len(frame) + 1, dtype=np.int64)
+    else:
+        frame, lines, decimal_comma = _parse_csv(content, shown)
+    for name in SOURCE_COLUMNS:
+        if name in frame.columns:
+            raise DataError(
+                f"{shown}: has a column named {name!r}, which the pipeline uses to record where each row "
+                "came from; rename that column"
+            )
+    raw = frame.assign(source_file=shown, source_line=lines).reset_index(drop=True)
+    source = SourceFile(path=shown, sha256=hashlib.sha256(content).hexdigest(), rows=len(raw))
+    return _FilePart(raw=raw, source=source, decimal_comma=decimal_comma)
+
+
+def _display_path(path: Path, base_dir: Path) -> str:
+    """The path relative to the config's folder when it lies inside it, else absolute."""
+    absolute = path.resolve()
+    try:
+        return str(absolute.relative_to(Path(base_dir).resolve()))
+    except ValueError:
+        return str(absolute)
+
+
+def _parse_parquet(content: bytes, shown: str) -> pd.DataFrame:
+    import pyarrow.parquet as pq
+
+    try:
+        frame = pq.read_table(pa.BufferReader(content)).to_pandas()
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise DataError(
+            f"{shown}: cannot be read as Parquet ({_one_line(str(exc))}); check that the file is complete, "
+            "or export it again as Parquet or CSV"
+        ) from None
+    if not isinstance(frame.index, pd.RangeIndex) or frame.index.name is not None:
+        # An index written by pandas may be a real column (e.g. the subject id): keep it as one.
+        frame = frame.reset_index(drop=all(name is None for name in frame.index.names))
+    frame.columns = [str(column) for column in frame.columns]
+    return frame
+
+
+def _parse_csv(content: bytes, shown: str) -> tuple[pd.DataFrame, np.ndarray, bool]:
+    """Parse CSV bytes as text; return the rows, their physical line numbers and whether decimals use commas."""
+    text = _decode(content, shown)
+    if not text.strip():
+        return pd.DataFrame(), np.empty(0, dtype=np.int64), False
+    first_line = text.lstrip("\r\n").splitlines()[0]
+    sep = ","
+    if ";" in first_line and "," not in first_line:
+        sep = ";"
+    elif "\t" in first_line and "," not in first_line and ";" not in first_line:
+        sep = "\t"
+    try:
+        frame = pd.read_csv(
+            io.StringIO(text), sep=sep, dtype=str, keep_default_na=False, skip_blank_lines=False,
+        )
+    except (pd.errors.ParserError, ValueError) as exc:
+        raise DataError(
+            f"{shown}: cannot be parsed as CSV ({_one_line(str(exc))}); check the delimiter and the quoting "
+            "on that line"
+        ) from None
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame(), np.empty(0, dtype=np.int64), False
+    frame.columns = [str(column).strip() for column in frame.columns]
+    lines = _physical_lines(frame, text)
+    blank = _all_blank(frame)
+    if blank.any():
+        frame, lines = frame.loc[~blank], lines[~blank]
+    return frame.reset_index(drop=True), lines, sep == ";"
+
+
+def _decode(content: bytes, shown: str) -> str:
+    if content.startswith(_ZIP_MAGIC):
+        raise DataError(
+            f"{shown}: looks like an Excel workbook or a ZIP archive, not CSV or Parquet; "
+            "export the sheet as CSV (UTF-8) or Parquet"
+        )
+    if content.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError(f"{shown}: is UTF-16 text; save it as UTF-8 CSV and run again")
+    if b"\x00" in content[:65536]:
+        raise DataError(
+            f"{shown}: looks like a binary file, not CSV or Parquet; export the data as .csv (UTF-8) or .parquet"
+        )
+    try:
+        return content.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = content.count(b"\n", 0, exc.start) + 1
+        raise DataError(
+            f"{shown}: is not UTF-8 text (byte 0x{content[exc.start]:02x} on line {line}); "
+            "save it as UTF-8 CSV, or export it as Parquet"
+        ) from None
+
+
+def _physical_lines(frame: pd.DataFrame, text: str) -> np.ndarray:
+    """1-based physical line of each parsed row: header = line 1, plus the newlines quoted inside earlier cells."""
+    header_lines = 1 + sum(str(column).count("\n") for column in frame.columns)
+    leading_blank = text[: len(text) - len(text.lstrip("\r\n"))].count("\n")
+    lines = np.arange(len(frame), dtype=np.int64) + 1 + leading_blank + header_lines
+    if len(frame) and '"' in text:
+        embedded = np.zeros(len(frame), dtype=np.int64)
+        for column in frame.columns:
+            embedded += frame[column].str.count("\n").fillna(0).to_numpy(dtype=np.int64)
+        if embedded.any():
+            lines = lines + np.concatenate(([0], np.cumsum(embedded)[:-1]))
+    return lines
+
+
+def _all_blank(frame: pd.DataFrame) -> np.ndarray:
+    if frame.empty:
+        return np.zeros(len(frame), dtype=bool)
+    blank = np.ones(len(frame), dtype=bool)
+    for column in frame.columns:
+        blank &= (frame[column].str.strip() == "").to_numpy(dtype=bool)
+    return blank
+
+
+def _union(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
+    """Rows of every frame in order; a column a file lacks is missing in that file's rows."""
+    columns = list(dict.fromkeys(c for frame in frames for c in frame.columns if c not in SOURCE_COLUMNS))
+    columns += list(SOURCE_COLUMNS)
+    non_empty = [frame for frame in frames if len(frame)]
+    if not non_empty:
+        union = pd.DataFrame({column: pd.Series([], dtype=object) for column in columns})
+        return union.astype({"source_line": np.int64})
+    union = pd.concat(non_empty, ignore_index=True, sort=False)
+    return union.reindex(columns=columns)
+
+
+# ------------------------------------------------------------------------------------------ typing
+
+
+def coerce_types(parts: Sequence[_FilePart], raw: pd.DataFrame, config: StudyConfig) -> pd.DataFrame:
+    """The typed table: same index as ``raw``, data columns coerced by role, plus the source columns.
+
+    Subject and ``data.categorical`` columns become text (whitespace stripped; integral numbers written
+    without a decimal part, so a CSV "7" and a Parquet 7 or 7.0 are the same subject). Time and outcome
+    become float64, NaN where missing or not a number. Every other column is float64 when all its
+    non-missing values (over all files) are numbers, else text. Missing tokens (:data:`MISSING_TOKENS`)
+    are NaN everywhere; infinite values count as not a number.
+    """
+    data_columns = [c for c in raw.columns if c not in SOURCE_COLUMNS]
+    text_roles = {config.data.subject, *config.data.categorical}
+    number_roles = {config.data.time, config.data.outcome}
+    typed: dict[str, pd.Series] = {}
+    for column in data_columns:
+        if column in text_roles:
+            typed[column] = _stack(parts, column, _text_of)
+            continue
+        numbers = _stack(parts, column, _numbers_of)
+        if column in number_roles:
+            typed[column] = numbers
+            continue
+        present = _stack(parts, column, _presence_of)
+        if bool((numbers.notna() == present).all()):
+            typed[column] = numbers
+        else:
+            typed[column] = _stack(parts, column, _text_of)
+    out = pd.DataFrame(typed, index=raw.index)
+    return out.assign(source_file=raw["source_file"], source_line=raw["source_line"])
+
+
+def _text_of(values: pd.Series, part: _FilePart) -> pd.Series:
+    return to_text(values)
+
+
+def _numbers_of(values: pd.Series, part: _FilePart) -> pd.Series:
+    return parse_numbers(values, decimal_comma=part.decimal_comma)
+
+
+def _presence_of(values: pd.Series, part: _FilePart) -> pd.Series:
+    return pd.Series(~is_missing(values), index=values.index)
+
+
+def _stack(
+    parts: Sequence[_FilePart], column: str, convert: Callable[[pd.Series, _FilePart], pd.Series],
+) -> pd.Series:
+    """Convert ``column`` file by file (within one file a column has one dtype) and stack the results.
+
+    Rows of a file that lacks the column get the converter's view of an all-missing column.
+    """
+    pieces: list[pd.Series] = []
+    for part in parts:
+        if not len(part.raw):
+            continue
+        values = part.raw[column] if column in part.raw.columns else pd.Series(np.nan, index=part.raw.index)
+        pieces.append(convert(values, part))
+    if not pieces:
+        return convert(pd.Series([], dtype=np.float64), parts[0]) if parts else pd.Series([], dtype=object)
+    return pd.Series(np.concatenate([piece.to_numpy() for piece in pieces]))
+
+
+def is_missing(values: pd.Series) -> np.ndarray:
+    """True where a value is missing: NaN/None, or text that strips to one of :data:`MISSING_TOKENS`."""
+    if values.dtype.kind in "biufcmM":
+        return np.asarray(values.isna(), dtype=bool)
+    return _missing_in(_trimmed(values))
+
+
+def to_text(values: pd.Series) -> pd.Series:
+    """Values as canonical text (object dtype), NaN where missing.
+
+    Whitespace is stripped and integral numbers lose their decimal part ("7.0" and 7.0 become "7"),
+    so identifiers agree across CSV and Parquet files. Leading zeros are kept ("007" stays "007").
+    """
+    kind = values.dtype.kind
+    if kind in "iuf":
+        out = pd.Series(np.nan, index=values.index, dtype=object)
+        present = values.notna().to_numpy(dtype=bool)
+        kept = values[present]
+        if kind == "f":
+            floats = kept.to_numpy(dtype=np.float64)
+            integral = np.isfinite(floats) & (np.floor(floats) == floats) & (np.abs(floats) < 2.0**53)
+            text = kept.astype(str).to_numpy(dtype=object)
+            text[integral] = kept[integral].astype(np.int64).astype(str).to_numpy(dtype=object)
+        else:
+            text = kept.astype(str).to_numpy(dtype=object)
+        out[present] = text
+        return out
+    trimmed = _trimmed(values)
+    missing = _missing_in(trimmed)
+    canonical = pc.replace_substring_regex(trimmed, pattern=_INTEGRAL_TEXT, replacement=r"\1")
+    text = np.asarray(canonical.to_numpy(zero_copy_only=False), dtype=object)
+    text[missing] = np.nan
+    return pd.Series(text, index=values.index, dtype=object)
+
+
+def parse_numbers(values: pd.Series, *, decimal_comma: bool = False) -> pd.Series:
+    """Values as float64: NaN where missing, not a number, or infinite.
+
+    Text is stripped first and must look like a decimal number ("12", "-1.5", "2e3"); with
+    ``decimal_comma`` a value like "12,5" reads as 12.5 (files delimited by semicolons use the decimal
+    comma). Booleans read as 0/1.
+    """
+    if values.dtype.kind in "biuf":
+        numbers = values.to_numpy(dtype=np.float64, na_value=np.nan)
+    else:
+        trimmed = _trimmed(values)
+        if decimal_comma:
+            trimmed = pc.replace_substring_regex(trimmed, pattern=_DECIMAL_COMMA, replacement=r"\1.\2")
+        valid = pc.fill_null(pc.match_substring_regex(trimmed, pattern=_NUMBER), False)
+        kept = pc.if_else(valid, trimmed, pa.scalar(None, type=pa.string()))
+        numbers = np.asarray(pc.cast(kept, pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)
+    numbers = np.where(np.isfinite(numbers), numbers, np.nan)
+    return pd.Series(numbers, index=values.index, dtype=np.float64)
+
+
+def _trimmed(values: pd.Series) -> pa.Array:
+    """Values as an Arrow string array with surrounding whitespace removed (null where NaN/None)."""
+    present = values.notna().to_numpy(dtype=bool)
+    text = np.where(present, values.astype(str).to_numpy(dtype=object), None)
+    return pc.utf8_trim_whitespace(pa.array(text, type=pa.string()))
+
+
+def _missing_in(trimmed: pa.Array) -> np.ndarray:
+    missing = pc.or_(pc.is_null(trimmed), pc.is_in(trimmed, value_set=_MISSING_SET))
+    return np.asarray(pc.fill_null(missing, True).to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+__all__ = [
+    "MISSING_TOKENS", "SOURCE_COLUMNS", "read_sources", "find_source_files", "coerce_types", "is_missing",
+    "to_text", "parse_numbers",
+]

@@ -1,0 +1,290 @@
+"""Validation: each row rule with its reason, the table-level failures, and the row accounting."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Collection
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from longitudinal.config import StudyConfig, parse_config
+from longitudinal.errors import DataError
+from longitudinal.ingest import read_sources
+from longitudinal.records import Validated
+from longitudinal.validation import ensure_valid, validate_visits, validation_summary
+
+HEADER = "id,week,score,age,arm\n"
+GOOD = "".join(f"{s},{w},{10 + s + w},{30 + s},{'AB'[s % 2]}\n" for s in (1, 2, 3) for w in (0, 1))
+
+
+def make_config(base: Path, **validation: Any) -> StudyConfig:
+    return parse_config(
+        {
+            "study": "s",
+            "data": {"source": "visits.csv", "subject": "id", "time": "week", "outcome": "score",
+                     "categorical": ["arm"]},
+            "validation": validation,
+            "models": {"candidates": {"ri": "score ~ week + (1 | id)"}},
+        },
+        base_dir=base,
+    )
+
+
+def check(tmp_path: Path, text: str, covariates: Collection[str] = (), **validation: Any) -> Validated:
+    """Validate a CSV written from ``text``; every call also checks the row accounting."""
+    (tmp_path / "visits.csv").write_text(text)
+    config = make_config(tmp_path, **validation)
+    validated = validate_visits(read_sources(config), config, covariates)
+    assert_accounted(validated)
+    return validated
+
+
+def assert_accounted(validated: Validated) -> None:
+    assert validated.rows_read == validated.rows_analysed + validated.rows_quarantined
+    assert validated.quarantine["reason"].notna().all()
+    assert (validated.quarantine["reason"].str.len() > 0).all()
+    rows = sorted([*validated.visits.index, *validated.quarantine.index])
+    assert rows == list(range(validated.rows_read))
+    row_counts = sum(e.unexpected_count for e in validated.expectations if e.level == "row")
+    assert row_counts == validated.rows_quarantined
+
+
+def reasons(validated: Validated) -> dict[int, str]:
+    """source_line -> reason."""
+    quarantine = validated.quarantine
+    return dict(zip(quarantine["source_line"].tolist(), quarantine["reason"].tolist(), strict=True))
+
+
+def outcome(validated: Validated, name: str, column: str | None = None) -> Any:
+    found = [e for e in validated.expectations if e.name == name and (column is None or e.column == column)]
+    assert len(found) == 1, name
+    return found[0]
+
+
+# ----------------------------------------------------------------------------------------- clean data
+
+
+def test_clean_data_pass_and_visits_keep_index_labels_sorted(tmp_path: Path) -> None:
+    text = HEADER + "10,1,5,40,A\n2,1,5,40,B\n10,0,5,40,A\n2,0,5,40,B\n3,0,5,40,A\n"
+    validated = check(tmp_path, text, covariates=["age", "arm"])
+    assert validated.success
+    assert validated.rows_quarantined == 0
+    visits = validated.visits
+    assert visits["id"].tolist() == ["2", "2", "3", "10", "10"]  # numeric ids sort as numbers
+    assert visits["week"].tolist() == [0.0, 1.0, 0.0, 0.0, 1.0]
+    assert visits.index.tolist() == [3, 1, 4, 2, 0]
+    assert visits["source_line"].tolist() == [5, 3, 6, 4, 2]
+    assert list(validated.quarantine.columns) == ["id", "week", "score", "age", "arm", "source_file", "source_line", "reason"]
+    assert all(e.success for e in validated.expectations)
+    ensure_valid(validated, make_config(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------ row rules
+
+
+BAD_ROWS = [  # (row, reason, rule); each row lands on line 8 + its position
+    (",0,5,40,A", "subject missing (column 'id')", "subject_present"),
+    ("NA,1,5,40,A", "subject missing (column 'id')", "subject_present"),
+    ("4,,5,40,A", "time missing (column 'week')", "time_present"),
+    ("4,n/a,5,40,A", "time missing (column 'week')", "time_present"),
+    ("4,week two,5,40,A", "time is not a number: 'week two' (column 'week')", "time_is_number"),
+    ("4,0,,40,A", "outcome missing (column 'score')", "outcome_present"),
+    ("4,1,N/A,40,A", "outcome missing (column 'score')", "outcome_present"),
+    ("4,2,abc,40,A", "outcome is not a number: 'abc' (column 'score')", "outcome_is_number"),
+    ("4,3,120,40,A", "outcome 120 is outside outcome_range [0, 100] (column 'score')", "outcome_in_range"),
+    ("4,4,-0.5,40,A", "outcome -0.5 is outside outcome_range [0, 100] (column 'score')", "outcome_in_range"),
+]
+
+
+def test_each_row_rule_quarantines_with_its_reason(tmp_path: Path) -> None:
+    text = HEADER + GOOD + "".join(row + "\n" for row, _, _ in BAD_ROWS)
+    validated = check(tmp_path, text, outcome_range=[0, 100])
+    assert reasons(validated) == {8 + i: reason for i, (_, reason, _) in enumerate(BAD_ROWS)}
+    for rule in {rule for _, _, rule in BAD_ROWS}:
+        expected = sum(1 for _, _, r in BAD_ROWS if r == rule)
+        assert outcome(validated, rule).unexpected_count == expected, rule
+        assert not outcome(validated, rule).success
+    assert validated.success  # row problems never fail the run
+    assert validated.quarantine["score"].tolist() == [row.split(",")[2] for row, _, _ in BAD_ROWS]  # as read
+    assert validated.visits["source_line"].tolist() == list(range(2, 8))
+
+
+def test_outcome_range_bounds_are_inclusive(tmp_path: Path) -> None:
+    validated = check(tmp_path, HEADER + GOOD + "4,0,0,40,A\n4,1,100,40,A\n", outcome_range=[0, 100])
+    assert validated.rows_quarantined == 0
+
+
+def test_a_row_gets_only_its_first_reason(tmp_path: Path) -> None:
+    text = HEADER + GOOD + ",x,abc,,A\n4,0,abc,,A\n4,1,200,,A\n"
+    validated = check(tmp_path, text, covariates=["age"], outcome_range=[0, 100])
+    assert reasons(validated) == {
+        8: "subject missing (column 'id')",
+        9: "outcome is not a number: 'abc' (column 'score')",
+        10: "outcome 200 is outside outcome_range [0, 100] (column 'score')",
+    }
+
+
+def test_exact_duplicates_keep_the_first_copy(tmp_path: Path) -> None:
+    text = HEADER + GOOD + "1,0,11,31,B\n1,0,11.0,31,B\n"  # lines 8 and 9 repeat line 2 (11 == 11.0)
+    validated = check(tmp_path, text)
+    assert reasons(validated) == {8: "exact duplicate of visits.csv line 2", 9: "exact duplicate of visits.csv line 2"}
+    assert outcome(validated, "no_exact_duplicates").unexpected_count == 2
+    assert 2 in validated.visits["source_line"].tolist()
+
+
+def test_conflicting_duplicates_quarantine_every_copy(tmp_path: Path) -> None:
+    text = HEADER + GOOD + "1,0,99,31,B\n"
+    validated = check(tmp_path, text)
+    expected = "conflicting duplicate visit: subject 1 at time 0 appears 2 times with different values"
+    assert reasons(validated) == {2: expected, 8: expected}
+    assert outcome(validated, "no_conflicting_duplicates").unexpected_count == 2
+
+
+def test_duplicates_of_a_quarantined_row_do_not_count(tmp_path: Path) -> None:
+    text = HEADER + GOOD + "1,0,abc,31,B\n"  # same visit as line 2, but its outcome is not a number
+    validated = check(tmp_path, text)
+    assert reasons(validated) == {8: "outcome is not a number: 'abc' (column 'score')"}
+
+
+def test_duplicates_across_files_name_the_first_file(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.csv").write_text(HEADER + GOOD)
+    (tmp_path / "in" / "b.csv").write_text(HEADER + "2,1,13,32,A\n")
+    config = make_config(tmp_path).model_copy(update={"data": make_config(tmp_path).data.model_copy(update={"source": "in"})})
+    validated = validate_visits(read_sources(config), config, ())
+    assert_accounted(validated)
+    assert validated.quarantine["reason"].tolist() == ["exact duplicate of in/a.csv line 5"]
+    assert validated.quarantine["source_file"].tolist() == ["in/b.csv"]
+
+
+def test_missing_covariate_used_by_a_candidate_quarantines_the_row(tmp_path: Path) -> None:
+    text = HEADER + GOOD + "4,0,5,,A\n4,1,5,40,\n"
+    used = check(tmp_path, text, covariates=["age", "arm"])
+    assert reasons(used) == {
+        8: "missing covariate 'age' (used by the candidate models)",
+        9: "missing covariate 'arm' (used by the candidate models)",
+    }
+    assert outcome(used, "covariate_present", "age").unexpected_count == 1
+    unused = check(tmp_path, text, covariates=[])
+    assert unused.rows_quarantined == 0
+
+
+def test_covariate_with_a_typo_is_analysed_as_a_number(tmp_path: Path) -> None:
+    text = HEADER + GOOD + "4,0,5,unknown,A\n4,1,5,41,A\n"
+    validated = check(tmp_path, text, covariates=["age"])
+    assert reasons(validated) == {8: "covariate 'age' is not a number: 'unknown' (used by the candidate models)"}
+    assert validated.visits["age"].dtype == np.float64
+    assert outcome(validated, "covariate_is_number", "age").unexpected_count == 1
+
+
+def test_subject_with_too_few_rows_left(tmp_path: Path) -> None:
+    text = HEADER + GOOD + "4,0,5,40,A\n4,1,abc,40,A\n5,0,5,40,A\n5,1,5,40,A\n6,0,5,40,A\n6,1,5,40,A\n"
+    validated = check(tmp_path, text, min_observations_per_subject=3)
+    assert reasons(validated) == {
+        line: f"subject {line // 2} has 2 rows, fewer than min_observations_per_subject = 3"
+        for line in range(2, 8)
+    } | {
+        8: "subject 4 has 1 row, fewer than min_observations_per_subject = 3",
+        9: "outcome is not a number: 'abc' (column 'score')",
+        10: "subject 5 has 2 rows, fewer than min_observations_per_subject = 3",
+        11: "subject 5 has 2 rows, fewer than min_observations_per_subject = 3",
+        12: "subject 6 has 2 rows, fewer than min_observations_per_subject = 3",
+        13: "subject 6 has 2 rows, fewer than min_observations_per_subject = 3",
+    }
+    assert outcome(validated, "min_observations_per_subject").unexpected_count == 11
+    assert validated.rows_analysed == 0
+    kept = check(tmp_path, text, min_observations_per_subject=2)
+    assert reasons(kept) == {
+        8: "subject 4 has 1 row, fewer than min_observations_per_subject = 2",
+        9: "outcome is not a number: 'abc' (column 'score')",
+    }
+
+
+# ------------------------------------------------------------------------------------- table level
+
+
+def test_missing_required_column_fails_with_the_columns_listed(tmp_path: Path) -> None:
+    validated = check(tmp_path, "id,week,value\n1,0,1\n2,0,1\n3,0,1\n")
+    assert not validated.success
+    assert validated.rows_analysed == 0
+    assert set(validated.quarantine["reason"]) == {"outcome missing (column 'score')"}
+    with pytest.raises(DataError, match=r"^required column 'score' \(data.outcome\) is missing; columns are: id, week, value$"):
+        ensure_valid(validated, make_config(tmp_path))
+
+
+def test_missing_covariate_column_fails_the_run(tmp_path: Path) -> None:
+    validated = check(tmp_path, "id,week,score\n" + "1,0,1\n2,0,1\n3,0,1\n", covariates=["age"])
+    message = r"^required column 'age' \(used by the candidate models\) is missing; columns are: id, week, score$"
+    with pytest.raises(DataError, match=message):
+        ensure_valid(validated, make_config(tmp_path))
+
+
+def test_no_rows_fails_the_run(tmp_path: Path) -> None:
+    validated = check(tmp_path, HEADER)
+    assert validated.rows_read == 0
+    with pytest.raises(DataError, match=r"^no rows to analyse: 0 rows read from visits.csv$"):
+        ensure_valid(validated, make_config(tmp_path))
+
+
+def test_too_few_subjects_left_fails_the_run(tmp_path: Path) -> None:
+    text = HEADER + "1,0,1,30,A\n1,1,2,30,A\n2,0,1,30,A\n3,0,abc,30,A\n3,1,,30,A\n"
+    validated = check(tmp_path, text)
+    assert not validated.success
+    assert not outcome(validated, "enough_subjects").success
+    message = r"^only 2 subjects left after the row checks \(3 needed\); 2 rows were quarantined, see quarantine.csv$"
+    with pytest.raises(DataError, match=message):
+        ensure_valid(validated, make_config(tmp_path))
+
+
+def test_no_row_left_reports_zero_subjects(tmp_path: Path) -> None:
+    validated = check(tmp_path, HEADER + "1,0,x,30,A\n")
+    with pytest.raises(DataError, match=r"^only 0 subjects left .*; 1 row was quarantined"):
+        ensure_valid(validated, make_config(tmp_path))
+    one = check(tmp_path, HEADER + "1,0,1,30,A\n1,1,1,30,A\n")
+    with pytest.raises(DataError, match=r"^only 1 subject left after the row checks \(3 needed\); 0 rows were"):
+        ensure_valid(one, make_config(tmp_path))
+
+
+# ----------------------------------------------------------------------------------------- summary
+
+
+def test_summary_is_json_ready_and_counts_reasons_by_rule(tmp_path: Path) -> None:
+    text = HEADER + GOOD + "1,0,11,31,B\n4,0,abc,40,A\n4,1,5,,A\n"
+    validated = check(tmp_path, text, covariates=["age"])
+    summary = json.loads(json.dumps(validation_summary(validated)))
+    assert summary["success"] is True
+    assert (summary["rows_read"], summary["rows_analysed"], summary["rows_quarantined"]) == (9, 6, 3)
+    counts = {k: v for k, v in summary["quarantine_reasons"].items() if v}
+    assert counts == {"outcome_is_number": 1, "no_exact_duplicates": 1, "covariate_present:age": 1}
+    names = [e["name"] for e in summary["expectations"]]
+    assert names[:4] == ["column_exists"] * 4 and "enough_subjects" in names
+    assert {"name", "level", "column", "success", "unexpected_count", "description", "details"} <= set(summary["expectations"][0])
+
+
+# ---------------------------------------------------------------------------------- accounting
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_accounting_holds_on_messy_data(tmp_path: Path, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n = 60
+    ids = rng.choice(["1", "2", "3", "4", "5", "", "NA"], size=n)
+    weeks = rng.choice(["0", "1", "2", "x", "", "1.0"], size=n)
+    scores = rng.choice(["1", "2.5", "50", "-3", "abc", "", "n/a", "200"], size=n)
+    ages = rng.choice(["30", "31", "", "old"], size=n)
+    lines = [f"{i},{w},{s},{a},A" for i, w, s, a in zip(ids, weeks, scores, ages, strict=True)]
+    duplicate = lines[:10]  # exact copies
+    text = HEADER + "\n".join(lines + duplicate) + "\n"
+    validated = check(
+        tmp_path, text, covariates=["age"], outcome_range=[0, 100],
+        min_observations_per_subject=int(rng.integers(1, 4)),
+    )
+    visits = validated.visits
+    assert visits[["id", "week", "score"]].notna().all().all()
+    assert not visits.duplicated(["id", "week"]).any()
+    assert visits["score"].between(0, 100).all()
+    assert set(validated.quarantine.columns) >= {"source_file", "source_line", "reason"}
