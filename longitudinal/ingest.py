@@ -25,12 +25,11 @@ import pyarrow.compute as pc
 
 from longitudinal.config import StudyConfig
 from longitudinal.errors import DataError
-from longitudinal.records import Ingested, SourceFile
+from longitudinal.records import SOURCE_COLUMNS, Ingested, SourceFile
 
 MISSING_TOKENS: frozenset[str] = frozenset({"", "NA", "N/A", "n/a", "na", "NaN", "nan", "null", "NULL", ".", "-"})
 """Cell values (after stripping whitespace) that mean "missing" in a CSV file or a Parquet text column."""
 
-SOURCE_COLUMNS: tuple[str, str] = ("source_file", "source_line")
 DATA_SUFFIXES: tuple[str, ...] = (".csv", ".parquet")
 
 _GLOB_CHARS = re.compile(r"[*?\[]")

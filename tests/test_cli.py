@@ -1,0 +1,108 @@
+"""The command line as a user meets it: exit codes, one-line errors, the last line of stdout."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300,
+    )
+
+
+def _one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+def test_config_error_exits_2_with_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "study.yaml"
+    config.write_text(
+        "study: s\ndata: {source: x.csv, subject: id, time: t, outcome: y}\n"
+        "models: {critrion: aic, candidates: {ri: 'y ~ t + (1 | id)'}}\n"
+    )
+    result = _cli("run", "--config", str(config))
+    assert result.returncode == 2
+    assert "unknown key 'models.critrion'" in _one_line_error(result)
+
+
+def test_missing_config_file_exits_2(tmp_path: Path) -> None:
+    result = _cli("validate", "--config", str(tmp_path / "nope.yaml"))
+    assert result.returncode == 2
+    assert "does not exist" in _one_line_error(result)
+
+
+def test_usage_error_exits_2() -> None:
+    result = _cli("run")
+    assert result.returncode == 2
+    assert "--config" in result.stderr
+
+
+def test_bad_formula_exits_2_naming_the_candidate(tmp_path: Path) -> None:
+    config = tmp_path / "study.yaml"
+    config.write_text(
+        "study: s\ndata: {source: x.csv, subject: id, time: t, outcome: y}\n"
+        "models: {candidates: {nested: 'y ~ t + (1 | school/id)'}}\n"
+    )
+    result = _cli("validate", "--config", str(config))
+    assert result.returncode == 2
+    assert "candidate 'nested'" in _one_line_error(result)
+
+
+def test_simulate_writes_the_file_and_prints_it(tmp_path: Path) -> None:
+    out = tmp_path / "sim.parquet"
+    result = _cli("simulate", "--out", str(out), "--subjects", "20", "--seed", "3")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == str(out)
+    frame = pd.read_parquet(out)
+    assert frame["patient_id"].nunique() == 20
+
+
+def test_validate_on_the_example(tmp_path: Path, copy_example_study) -> None:
+    config = copy_example_study(tmp_path)
+    result = _cli("validate", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    folder = Path(result.stdout.strip().splitlines()[-1])
+    assert folder.parent == tmp_path / "reports" / "example-trial" / "validations"
+    quarantine = pd.read_csv(folder / "quarantine.csv")
+    assert len(quarantine) > 0
+    assert f"= {2025 - len(quarantine)} analysed + {len(quarantine)} quarantined" in result.stdout
+
+
+def test_data_error_exits_1(tmp_path: Path, copy_example_study) -> None:
+    data = tmp_path / "renamed.csv"
+    data.write_text("patient,week,arm,age,site,score\nA,0,control,50,1,10\n")
+    config = copy_example_study(tmp_path)
+    text = config.read_text()
+    source = str(ROOT / "config" / "example-data" / "trial.csv")
+    config.write_text(text.replace(source, str(data)))
+    result = _cli("validate", "--config", str(config))
+    assert result.returncode == 1
+    assert "patient_id" in _one_line_error(result)
+
+
+@pytest.mark.slow
+def test_run_prints_the_run_folder_last(tmp_path: Path, copy_example_study) -> None:
+    config = copy_example_study(tmp_path)
+    env_home = tmp_path / "prefect-home"
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", "--config", str(config), "--criterion", "aic"],
+        capture_output=True, text=True, cwd=ROOT, timeout=600,
+        env={**__import__("os").environ, "PREFECT_HOME": str(env_home)},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    run_dir = Path(result.stdout.strip().splitlines()[-1])
+    assert (run_dir / "report.html").is_file()
+    assert run_dir.parent == tmp_path / "reports" / "example-trial"
+    assert pd.read_csv(run_dir / "model_comparison.csv")["selected"].sum() == 1
+    assert '"criterion": "aic"' in (run_dir / "selected_model.json").read_text()
