@@ -8,6 +8,7 @@ shows the traceback too. Prefect is imported only by ``run``, so ``validate`` an
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
 import sys
@@ -82,9 +83,12 @@ def _run(args: argparse.Namespace) -> int:
     from flows.study_pipeline import study_pipeline
 
     _strip_prefect_tracebacks(debug=args.debug)
+    # Prefect stops its embedded server at exit and logs that to stdout; registered before the flow
+    # starts that server, this handler runs after it, so the run folder stays the last line.
+    closing: list[str] = []
+    atexit.register(lambda: print(*closing, sep="\n", flush=True) if closing else None)
     run_dir = study_pipeline(config_path=str(args.config.resolve()), criterion=args.criterion)
-    print(f"report: {Path(run_dir) / 'report.html'}")
-    print(run_dir)
+    closing += [f"report: {Path(run_dir) / 'report.html'}", str(run_dir)]
     return 0
 
 

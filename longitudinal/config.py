@@ -6,6 +6,7 @@ so a scheduled run started from another working directory behaves the same.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -110,7 +111,7 @@ class StudyConfig(_Frozen):
 
 def _resolve(base: Path, value: str) -> Path:
     path = Path(value).expanduser()
-    return path if path.is_absolute() else base / path
+    return Path(os.path.normpath(path if path.is_absolute() else base / path))
 
 
 def load_config(path: str | Path) -> StudyConfig:
