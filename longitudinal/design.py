@@ -5,6 +5,10 @@ as reference for text columns, ``a * b`` expanded to main effects and interactio
 lme4's (``(Intercept)``, ``armtreatment``, ``week:armtreatment``, ``I(week^2)``), so that estimates can
 be compared by name with lme4's output. Rank-deficient fixed-effect columns are dropped, as lmer does,
 and listed in ``Design.dropped``.
+
+Each random-effects bar has its own grouping factor (``BlockDesign.codes``/``levels``). An interaction factor
+``a:b`` has one level per combination present in the data, labelled ``"<a level>:<b level>"`` and ordered
+with ``a`` varying slowest, as lme4 builds it (``droplevels(a:b)``).
 """
 
 from __future__ import annotations
@@ -21,19 +25,33 @@ from longitudinal.formula import FUNCTIONS, ModelFormula, to_patsy
 
 @dataclass(frozen=True, eq=False)
 class BlockDesign:
-    """One random-effects bar: its model matrix ``Z`` (n × q) and lme4's term names."""
+    """One random-effects bar: its model matrix ``Z`` (n × q), lme4's term names and its grouping factor.
+
+    ``codes`` maps each row to its level of ``group`` (0..G-1), ``levels`` are the level labels (sorted as
+    R sorts them for these labels; bars on the same factor share the same arrays).
+    """
 
     group: str
     terms: tuple[str, ...]
     Z: np.ndarray
+    codes: np.ndarray
+    levels: np.ndarray
+
+    @property
+    def n_levels(self) -> int:
+        return int(self.levels.shape[0])
 
 
 @dataclass(frozen=True, eq=False)
 class Design:
     """Response, fixed-effects matrix and random-effects blocks of one candidate on one data set.
 
-    ``codes`` maps each row to its level of the grouping factor (0..G-1, ``levels`` sorted as R sorts
-    factor levels for these labels). Rows are in the order of the data frame given.
+    ``group``, ``codes`` and ``levels`` describe the primary grouping factor: the only one when every bar
+    shares one factor (the longitudinal subject); with several factors (nested or crossed), the one with
+    the most levels (the finest: ``school:pupil`` in ``(1 | school/pupil)``, ``patient`` in
+    ``(t | patient) + (1 | rater)``; the first in formula order on a tie). ``codes`` maps each row to its
+    level (0..G-1, ``levels`` sorted as R sorts factor levels for these labels). Every bar also carries
+    its own factor's codes and levels. Rows are in the order of the data frame given.
     """
 
     y: np.ndarray
@@ -51,7 +69,22 @@ class Design:
 
     @property
     def n_groups(self) -> int:
+        """Levels of the primary grouping factor ``group``."""
         return int(self.levels.shape[0])
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        """The distinct grouping factors of the bars, in formula order."""
+        return tuple(dict.fromkeys(block.group for block in self.blocks))
+
+    @property
+    def single_factor(self) -> bool:
+        """True when every bar has the same grouping factor (per-group Z'Z is block-diagonal)."""
+        return len(self.groups) == 1
+
+    def levels_of(self, group: str) -> int:
+        """Number of levels of grouping factor ``group`` (one of ``groups``)."""
+        return next(block.n_levels for block in self.blocks if block.group == group)
 
     @property
     def Z(self) -> np.ndarray:
@@ -74,17 +107,22 @@ def build_design(data: pd.DataFrame, formula: ModelFormula) -> Design:
     X_frame = _dmatrix(patsy, to_patsy(formula.fixed), frame, env, formula.fixed)
     names = [_lme4_name(c) for c in X_frame.columns]
     X, kept = _drop_rank_deficient(X_frame.to_numpy(dtype=float))
+    factors = {group: code_factor(data, group.split(":")) for group in formula.groups}
     blocks = []
     for block in formula.blocks:
         spec = " + ".join(("1" if block.intercept else "0",) + tuple(to_patsy(t) for t in block.terms if t != "1"))
         Z_frame = _dmatrix(patsy, spec, frame, env, " + ".join(block.terms))
+        codes, levels = factors[block.group]
         blocks.append(BlockDesign(
             group=block.group,
             terms=tuple(_lme4_name(c) for c in Z_frame.columns),
             Z=np.ascontiguousarray(Z_frame.to_numpy(dtype=float)),
+            codes=codes,
+            levels=levels,
         ))
-    group = formula.groups[0]
-    codes, levels = pd.factorize(frame[group].astype(str), sort=True)
+    # The primary factor: the one with the most levels, first in formula order on a tie.
+    group = max(formula.groups, key=lambda name: (factors[name][1].shape[0], -formula.groups.index(name)))
+    codes, levels = factors[group]
     return Design(
         y=y,
         X=np.ascontiguousarray(X),
@@ -92,9 +130,30 @@ def build_design(data: pd.DataFrame, formula: ModelFormula) -> Design:
         dropped=tuple(name for i, name in enumerate(names) if i not in set(kept)),
         blocks=tuple(blocks),
         group=group,
-        codes=codes.astype(np.int64),
-        levels=np.asarray(levels),
+        codes=codes,
+        levels=levels,
     )
+
+
+def code_factor(data: pd.DataFrame, columns: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Codes (0..G-1 per row) and labels of the grouping factor made of ``columns`` (one, or an interaction).
+
+    Each column's values are read as text and sorted; an interaction keeps only the combinations present,
+    ordered with the first column varying slowest and labelled ``"a:b"``, as lme4's ``droplevels(a:b)``.
+    """
+    parts = [pd.factorize(data[column].astype(str).to_numpy(), sort=True) for column in columns]
+    if len(parts) == 1:
+        codes, levels = parts[0]
+        return codes.astype(np.int64), np.asarray(levels, dtype=object)
+    codes, levels = parts[0]
+    key, labels = codes.astype(np.int64), np.asarray(levels, dtype=object)
+    for codes, levels in parts[1:]:
+        # Re-coded after each column, so the combined key stays below the number of rows (no overflow).
+        width = len(levels)
+        used, inverse = np.unique(key * width + codes, return_inverse=True)
+        labels = labels[used // width] + ":" + np.asarray(levels, dtype=object)[used % width]
+        key = inverse.reshape(-1).astype(np.int64)
+    return key, labels
 
 
 def _model_frame(data: pd.DataFrame, formula: ModelFormula) -> pd.DataFrame:

@@ -1,5 +1,8 @@
 """lme4's profiled-deviance formulation of a linear mixed model, for one grouping factor.
 
+(Designs with several grouping factors, nested or crossed, go from ``fit_lmm`` and ``profiled_deviance`` to
+``longitudinal.sparse_engine``, which reuses this module's per-group factorization for the finest factor.)
+
 Bates, Mächler, Bolker & Walker (2015), "Fitting Linear Mixed-Effects Models Using lme4", J. Stat. Softw.
 67(1), sections 3-5. The random effects are b = Λθ u with u ~ N(0, σ² I); Λθ is block-diagonal over the
 random-effects bars of the formula, one lower-triangular block per bar, so ``(x || g)`` (one bar per term)
@@ -136,13 +139,27 @@ class ThetaLayout:
 
 
 @dataclass(frozen=True, eq=False)
+class FactorRanef:
+    """The conditional modes of one grouping factor's random effects: ``modes`` and ``cond_sd`` are
+    (levels × terms), rows in the order of ``levels``, columns the terms of all bars on that factor."""
+
+    group: str
+    levels: np.ndarray
+    terms: tuple[str, ...]
+    modes: np.ndarray
+    cond_sd: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
 class EngineResult:
     """What ``fit_lmm`` estimated, in the order of the design's columns and bars.
 
     ``deviance`` is the ML deviance (−2 log-likelihood) or the REML criterion. ``covariances[k]`` is the
     covariance matrix of bar k's random effects (σ² Λ_k Λ_k'). ``modes`` (G × q) are the conditional modes
     of the random effects, ``cond_sd`` their conditional standard deviations; columns follow
-    ``Design.Z``. ``evaluations`` counts deviance evaluations of all optimizer runs.
+    ``Design.Z`` (with several grouping factors: those of the primary factor ``Design.group`` only, columns
+    the terms of its bars). ``ranef`` holds the modes of every grouping factor, in formula order of first
+    appearance. ``evaluations`` counts deviance evaluations of all optimizer runs.
     """
 
     reml: bool
@@ -162,6 +179,7 @@ class EngineResult:
     gradient_max: float
     evaluations: int
     attempts: tuple[OptimizerAttempt, ...]
+    ranef: tuple[FactorRanef, ...] = ()
 
     @property
     def loglik(self) -> float:
@@ -228,9 +246,14 @@ def profiled_deviance(source: Design | CrossProducts, theta: np.ndarray, reml: b
     """The ML deviance (profiled over β and σ²) or the REML criterion at ``theta``.
 
     From a ``Design`` the cross-products are computed first (one pass over the rows); from a
-    ``CrossProducts`` the cost does not depend on the number of rows. Returns ``inf`` where the
+    ``CrossProducts`` the cost does not depend on the number of rows. A design with several grouping
+    factors goes to ``sparse_engine.multilevel_deviance``. Returns ``inf`` where the
     penalized residual sum of squares is not positive.
     """
+    if isinstance(source, Design) and not source.single_factor:
+        from longitudinal.sparse_engine import multilevel_deviance
+
+        return multilevel_deviance(source, theta, reml)
     products = source if isinstance(source, CrossProducts) else compute_crossproducts(source)
     layout = layout_theta(products.block_sizes)
     theta = np.asarray(theta, dtype=float)
@@ -339,6 +362,10 @@ def fit_lmm(design: Design, *, reml: bool) -> EngineResult:
     or observations for the random effects (lme4's ``lmerControl`` checks), a penalized residual sum of
     squares that is zero or not finite at every θ tried, or an outcome reproduced exactly by the model.
     """
+    if not design.single_factor:
+        from longitudinal.sparse_engine import fit_multilevel  # nested or crossed: the blocked sparse path
+
+        return fit_multilevel(design, reml=reml)
     _check_identifiable(design)
     products = compute_crossproducts(design)
     layout = layout_theta(products.block_sizes)
@@ -347,6 +374,24 @@ def fit_lmm(design: Design, *, reml: bool) -> EngineResult:
         solution = _solve(products, layout.lambda_matrix(theta), reml)
         return solution.deviance if solution is not None else math.inf
 
+    best, attempts = minimize_deviance(deviance, layout)
+    theta = best.theta
+    solution = _solve(products, layout.lambda_matrix(theta), reml)
+    if solution is None:
+        raise FitFailure("the deviance is not finite at the optimum; check the data and the formula", attempts)
+    return _assemble(
+        design, products, layout, theta, solution, reml=reml, converged=best.converged, message=best.message,
+        gradient_max=best.gradient_max, attempts=attempts,
+    )
+
+
+def minimize_deviance(
+    deviance: Callable[[np.ndarray], float], layout: ThetaLayout,
+) -> tuple[_Run, tuple[OptimizerAttempt, ...]]:
+    """BOBYQA from lme4's start with lme4's checks, one restart if not convincing; the best run and all runs.
+
+    Raises ``FitFailure`` when the deviance is not finite anywhere the optimizer went.
+    """
     attempts: list[OptimizerAttempt] = []
     runs: list[_Run] = []
     start = layout.start()
@@ -374,14 +419,7 @@ def fit_lmm(design: Design, *, reml: bool) -> EngineResult:
     # The lowest deviance wins; a converged run as good (within the optimizer's tolerance) is preferred.
     lowest = min(run.deviance for run in finite)
     best = min(finite, key=lambda run: (run.deviance > lowest + 10 * FTOL_ABS, not run.converged, run.deviance))
-    theta = best.theta
-    solution = _solve(products, layout.lambda_matrix(theta), reml)
-    if solution is None:
-        raise FitFailure("the deviance is not finite at the optimum; check the data and the formula", tuple(attempts))
-    return _assemble(
-        design, products, layout, theta, solution, reml=reml, converged=best.converged, message=best.message,
-        gradient_max=best.gradient_max, attempts=tuple(attempts),
-    )
+    return best, tuple(attempts)
 
 
 @dataclass(frozen=True, eq=False)
@@ -572,16 +610,29 @@ def _assemble(
     # r² recomputed from the residuals (no cancellation): rounding noise in the profiled r² can look like
     # a tiny but positive residual variance when the model reproduces the outcome exactly.
     r2_direct = float(residuals @ residuals + np.sum(u * u))
-    y_rms = math.sqrt(float(design.y @ design.y) / n)
     sigma = math.sqrt(sigma2)
-    if not math.isfinite(sigma) or r2_direct <= (EXACT_FIT_RATIO * y_rms) ** 2 * n:
-        raise FitFailure(
-            f"zero residual variance: the model reproduces the outcome exactly (residual SD "
-            f"{math.sqrt(r2_direct / n):.3g}, outcome RMS {y_rms:.3g}), so the likelihood is unbounded; "
-            "the data are degenerate for this model",
-            attempts,
-        )
+    exact_fit_failure(r2_direct, design.y, sigma, attempts)
 
+    covariances, singular = block_covariances(layout, theta, sigma2)
+    messages = [m for m in message.split("; ") if m]
+    if singular:
+        messages.insert(0, "boundary (singular) fit: a variance is zero or a correlation is ±1")
+    return EngineResult(
+        reml=reml, theta=theta, deviance=solution.deviance, beta=beta, vcov=vcov, sigma=sigma,
+        covariances=tuple(covariances), modes=modes, cond_sd=cond_sd, fitted=fitted, residuals=residuals,
+        converged=converged, singular=singular, messages=tuple(messages), gradient_max=gradient_max,
+        evaluations=sum(a.iterations for a in attempts), attempts=attempts,
+        ranef=(FactorRanef(
+            group=design.group, levels=design.levels, terms=tuple(t for b in design.blocks for t in b.terms),
+            modes=modes, cond_sd=cond_sd,
+        ),),
+    )
+
+
+def block_covariances(layout: ThetaLayout, theta: np.ndarray, sigma2: float) -> tuple[list[np.ndarray], bool]:
+    """Each bar's random-effect covariance σ² Λ_k Λ_k', and whether the fit is singular (lme4's
+    ``isSingular``: a diagonal θ below 1e-4; here also a correlation beyond ±0.999)."""
+    lam = layout.lambda_matrix(theta)
     covariances: list[np.ndarray] = []
     singular = bool(np.any(theta[layout.diagonal] < SINGULAR_TOL))
     offset = 0
@@ -596,12 +647,17 @@ def _assemble(
             off = corr[~np.eye(size, dtype=bool)]
             singular = singular or bool(np.any(np.abs(off[np.isfinite(off)]) > CORRELATION_LIMIT))
         offset += size
-    messages = [m for m in message.split("; ") if m]
-    if singular:
-        messages.insert(0, "boundary (singular) fit: a variance is zero or a correlation is ±1")
-    return EngineResult(
-        reml=reml, theta=theta, deviance=solution.deviance, beta=beta, vcov=vcov, sigma=sigma,
-        covariances=tuple(covariances), modes=modes, cond_sd=cond_sd, fitted=fitted, residuals=residuals,
-        converged=converged, singular=singular, messages=tuple(messages), gradient_max=gradient_max,
-        evaluations=sum(a.iterations for a in attempts), attempts=attempts,
-    )
+    return covariances, singular
+
+
+def exact_fit_failure(r2_direct: float, y: np.ndarray, sigma: float, attempts: tuple[OptimizerAttempt, ...]) -> None:
+    """Raise ``FitFailure`` when the model reproduces the outcome exactly (zero residual variance)."""
+    n = y.shape[0]
+    y_rms = math.sqrt(float(y @ y) / n)
+    if not math.isfinite(sigma) or r2_direct <= (EXACT_FIT_RATIO * y_rms) ** 2 * n:
+        raise FitFailure(
+            f"zero residual variance: the model reproduces the outcome exactly (residual SD "
+            f"{math.sqrt(r2_direct / n):.3g}, outcome RMS {y_rms:.3g}), so the likelihood is unbounded; "
+            "the data are degenerate for this model",
+            attempts,
+        )

@@ -140,13 +140,16 @@ def _correlations(design: Design, result: EngineResult) -> tuple[Correlation, ..
 
 
 def _ranef_frame(design: Design, result: EngineResult) -> pd.DataFrame:
-    """Conditional modes in long form: one row per (level, term), levels in the design's order."""
-    terms = [term for block in design.blocks for term in block.terms]
-    G, q = result.modes.shape
-    return pd.DataFrame({
-        "group": np.repeat(np.array([design.group], dtype=object), G * q),
-        "level": np.repeat(design.levels.astype(object), q),
-        "term": np.tile(np.array(terms, dtype=object), G),
-        "estimate": result.modes.reshape(-1),
-        "cond_sd": result.cond_sd.reshape(-1),
-    })
+    """Conditional modes in long form: one row per (group, level, term); factor by factor in formula order,
+    within a factor level by level in the design's order (``level`` of ``a:b`` is lme4's "a1:b1" label)."""
+    frames = []
+    for factor in result.ranef:
+        G, q = factor.modes.shape
+        frames.append(pd.DataFrame({
+            "group": np.repeat(np.array([factor.group], dtype=object), G * q),
+            "level": np.repeat(factor.levels.astype(object), q),
+            "term": np.tile(np.array(factor.terms, dtype=object), G),
+            "estimate": factor.modes.reshape(-1),
+            "cond_sd": factor.cond_sd.reshape(-1),
+        }))
+    return frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)

@@ -5,8 +5,11 @@
 Each bar is one block with its own unstructured covariance matrix, as in lme4; ``(x || g)`` expands,
 as lme4 does, to ``(1 | g) + (0 + x | g)``: one block per term, hence uncorrelated.
 
-Nested (``g1/g2``, ``g1:g2``) and crossed (bars on different factors) random effects are not supported
-yet and are refused with a message saying so.
+Nested and crossed random effects follow lme4 too. A grouping factor may be an interaction ``a:b`` (one
+level per combination of a level of ``a`` and a level of ``b``, as when side labels repeat across dogs), and
+``(t | a/b)`` expands, as lme4's ``findbars`` does, to ``(t | a) + (t | a:b)`` (``a/b/c`` to ``a``, ``a:b``,
+``a:b:c``). Bars on different factors are crossed (``(t | patient) + (1 | rater)``). ``||`` expands first,
+then ``/``: ``(t || a/b)`` gives ``(1 | a) + (1 | a:b) + (0 + t | a) + (0 + t | a:b)``.
 """
 
 from __future__ import annotations
@@ -25,7 +28,10 @@ _NAME = re.compile(r"^[A-Za-z_.][A-Za-z0-9_.]*$")
 
 @dataclass(frozen=True)
 class RandomBlock:
-    """One random-effects bar: its terms (``"1"`` is the intercept) and its grouping factor."""
+    """One random-effects bar: its terms (``"1"`` is the intercept) and its grouping factor.
+
+    ``group`` is a column name or an interaction of columns written as lme4 writes it (``"dog:side"``).
+    """
 
     terms: tuple[str, ...]
     group: str
@@ -33,6 +39,11 @@ class RandomBlock:
     @property
     def intercept(self) -> bool:
         return "1" in self.terms
+
+    @property
+    def factors(self) -> tuple[str, ...]:
+        """The data columns whose combination is the grouping factor (``("dog", "side")`` for ``dog:side``)."""
+        return tuple(self.group.split(":"))
 
 
 @dataclass(frozen=True)
@@ -79,14 +90,8 @@ def parse_formula(text: str, *, name: str = "formula") -> ModelFormula:
         raise FormulaError(
             f"{where}: no random-effects term; a mixed model needs one such as '(1 | subject)'"
         )
-    groups = tuple(dict.fromkeys(b.group for b in blocks))
-    if len(groups) > 1:
-        raise FormulaError(
-            f"{where}: random effects on several grouping factors ({', '.join(groups)}) — crossed random "
-            "effects are not supported yet; use one grouping factor (the subject)"
-        )
     fixed = " + ".join(fixed_terms).replace("+ -", "-") if fixed_terms else "1"
-    columns = {left} | set(groups)
+    columns = {left} | {column for block in blocks for column in block.factors}
     columns |= _term_columns(fixed, where)
     for block in blocks:
         for term in block.terms:
@@ -137,14 +142,7 @@ def _parse_bar(inner: str, where: str) -> list[RandomBlock]:
     else:
         bar = _find_top(inner, "|")
         lhs, group = inner[:bar], inner[bar + 1:]
-    group = group.strip()
-    if "/" in group or ":" in group:
-        raise FormulaError(
-            f"{where}: nested random effects ({group!r}) are not supported yet; "
-            "use one grouping factor (the subject), e.g. '(1 | subject)'"
-        )
-    if not _NAME.match(group):
-        raise FormulaError(f"{where}: the grouping factor after '|' must be a column name, got {group!r}")
+    groups = _nested_groups(group.strip(), where)
     intercept = True
     terms: list[str] = []
     for sign, term in _split_top(lhs.strip(), "+-"):
@@ -159,8 +157,28 @@ def _parse_bar(inner: str, where: str) -> list[RandomBlock]:
     if not ordered:
         raise FormulaError(f"{where}: the random-effects term '({inner})' has no terms")
     if double >= 0:
-        return [RandomBlock(terms=(term,), group=group) for term in ordered]
-    return [RandomBlock(terms=ordered, group=group)]
+        return [RandomBlock(terms=(term,), group=group) for term in ordered for group in groups]
+    return [RandomBlock(terms=ordered, group=group) for group in groups]
+
+
+def _nested_groups(text: str, where: str) -> list[str]:
+    """``a/b/c`` → ``["a", "a:b", "a:b:c"]`` (lme4's expansion of nesting); ``a:b`` → ``["a:b"]``."""
+    levels = [part.strip() for part in text.split("/")]
+    groups: list[str] = []
+    columns: list[str] = []
+    for level in levels:
+        parts = [part.strip() for part in level.split(":")]
+        for part in parts:
+            if not _NAME.match(part):
+                raise FormulaError(
+                    f"{where}: the grouping factor after '|' must be a column name, columns joined by ':' "
+                    f"(interaction) or '/' (nesting), got {text!r}"
+                )
+            if part in columns:
+                raise FormulaError(f"{where}: column {part!r} appears twice in the grouping factor {text!r}")
+            columns.append(part)
+        groups.append(":".join(columns))
+    return groups
 
 
 def _term_columns(expression: str, where: str) -> set[str]:

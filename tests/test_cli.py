@@ -52,7 +52,7 @@ def test_bad_formula_exits_2_naming_the_candidate(tmp_path: Path) -> None:
     config = tmp_path / "study.yaml"
     config.write_text(
         "study: s\ndata: {source: x.csv, subject: id, time: t, outcome: y}\n"
-        "models: {candidates: {nested: 'y ~ t + (1 | school/id)'}}\n"
+        "models: {candidates: {nested: 'y ~ t + (1 | 2id)'}}\n"
     )
     result = _cli("validate", "--config", str(config))
     assert result.returncode == 2

@@ -74,3 +74,42 @@ def test_input_frame_is_not_modified(visits: pd.DataFrame) -> None:
     before = visits.copy()
     build_design(visits, parse_formula("y ~ t * arm + (t | g)"))
     pd.testing.assert_frame_equal(visits, before)
+
+
+@pytest.fixture
+def dogs() -> pd.DataFrame:
+    """Two sides per dog, labels repeating across dogs (so ``side`` alone is not a grouping factor)."""
+    rng = np.random.default_rng(4)
+    return pd.DataFrame({
+        "dog": np.repeat(["d2", "d1", "d3"], 4),
+        "side": np.tile(["R", "R", "L", "L"], 3),
+        "t": np.tile([0.0, 1.0], 6),
+        "y": rng.normal(size=12),
+    })
+
+
+def test_an_interaction_factor_has_one_level_per_combination_labelled_as_lme4(dogs: pd.DataFrame) -> None:
+    design = build_design(dogs, parse_formula("y ~ t + (t | dog) + (1 | dog:side)"))
+    dog, side = design.blocks
+    assert (dog.group, side.group) == ("dog", "dog:side")
+    assert list(dog.levels) == ["d1", "d2", "d3"]
+    # R: levels(droplevels(dog:side)) -- the first factor varies slowest
+    assert list(side.levels) == ["d1:L", "d1:R", "d2:L", "d2:R", "d3:L", "d3:R"]
+    assert list(side.levels[side.codes]) == [f"{d}:{s}" for d, s in zip(dogs["dog"], dogs["side"])]
+    assert list(dog.levels[dog.codes]) == list(dogs["dog"])
+
+
+def test_the_primary_factor_is_the_one_with_most_levels(dogs: pd.DataFrame) -> None:
+    design = build_design(dogs, parse_formula("y ~ t + (1 | dog/side)"))
+    assert design.groups == ("dog", "dog:side")
+    assert not design.single_factor
+    assert design.group == "dog:side" and design.n_groups == 6
+    assert design.levels_of("dog") == 3
+    np.testing.assert_array_equal(design.codes, design.blocks[1].codes)
+
+
+def test_one_factor_designs_keep_their_single_group(dogs: pd.DataFrame) -> None:
+    design = build_design(dogs, parse_formula("y ~ t + (t || dog)"))
+    assert design.single_factor and design.groups == ("dog",)
+    assert design.group == "dog" and list(design.levels) == ["d1", "d2", "d3"]
+    assert all(block.codes is design.codes for block in design.blocks)

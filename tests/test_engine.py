@@ -239,3 +239,146 @@ def test_deviance_reads_only_the_crossproducts(small: pd.DataFrame) -> None:
 def test_deviance_rejects_a_theta_of_the_wrong_length(small: pd.DataFrame) -> None:
     with pytest.raises(ValueError, match="3 covariance parameters"):
         profiled_deviance(design_of(small, "y ~ x + (x | g)"), np.array([1.0]), False)
+
+
+# ------------------------------------------------------------------------------ nested and crossed
+
+
+def full_random_effects(design: Design, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Dense Z (n × Σ q_b G_b, bar by bar, level-major) and Λ (block-diagonal, Λ_b once per level)."""
+    sizes = tuple(len(b.terms) for b in design.blocks)
+    lam = layout_theta(sizes).lambda_matrix(theta)
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    Zs, lams = [], []
+    for k, block in enumerate(design.blocks):
+        q, G = sizes[k], block.n_levels
+        Z = np.zeros((design.n_obs, q * G))
+        for j in range(q):
+            Z[np.arange(design.n_obs), block.codes * q + j] = block.Z[:, j]
+        Zs.append(Z)
+        lams.append(np.kron(np.eye(G), lam[offsets[k]:offsets[k + 1], offsets[k]:offsets[k + 1]]))
+    size = sum(L.shape[0] for L in lams)
+    Lam = np.zeros((size, size))
+    at = 0
+    for L in lams:
+        Lam[at:at + L.shape[0], at:at + L.shape[0]] = L
+        at += L.shape[0]
+    return np.hstack(Zs), Lam
+
+
+def dense_deviance_any(design: Design, theta: np.ndarray, reml: bool) -> float:
+    """As ``dense_deviance``, for any grouping factors: V = I + ZΛΛ'Z' built from the full Z."""
+    Z, Lam = full_random_effects(design, theta)
+    X, y = design.X, design.y
+    n, p = X.shape
+    Vinv = np.linalg.inv(np.eye(n) + Z @ Lam @ Lam.T @ Z.T)
+    XtVX = X.T @ Vinv @ X
+    r = y - X @ np.linalg.solve(XtVX, X.T @ Vinv @ y)
+    r2 = float(r @ Vinv @ r)
+    logdet_V = -np.linalg.slogdet(Vinv)[1]
+    if reml:
+        return logdet_V + np.linalg.slogdet(XtVX)[1] + (n - p) * (1 + math.log(2 * math.pi * r2 / (n - p)))
+    return logdet_V + n * (1 + math.log(2 * math.pi * r2 / n))
+
+
+@pytest.fixture(scope="module")
+def clinic() -> pd.DataFrame:
+    """8 patients × 2 sides, rated by 4 raters at random: crossed and nested factors on 64 rows."""
+    rng = np.random.default_rng(11)
+    n = 64
+    patient = rng.integers(0, 8, n)
+    frame = pd.DataFrame({
+        "patient": [f"p{i}" for i in patient],
+        "side": rng.choice(["L", "R"], n),
+        "rater": [f"r{i}" for i in rng.integers(0, 4, n)],
+        "t": rng.uniform(0, 3, n),
+        "w": rng.normal(size=n),
+    })
+    y = 1 + frame["t"] + rng.normal(size=8)[patient] + 0.3 * rng.normal(size=8)[patient] * frame["t"]
+    return frame.assign(y=y + rng.normal(size=n))
+
+
+@pytest.fixture(params=["dense", "sparse"])
+def schur_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test with the Schur complement factored densely (the default at this size) and by SuperLU."""
+    from longitudinal import sparse_engine
+
+    if request.param == "sparse":
+        monkeypatch.setattr(sparse_engine, "SCHUR_DENSE_LIMIT", 0)
+        monkeypatch.setattr(sparse_engine, "DENSE_RZR_ELEMENTS", 0)
+    return str(request.param)
+
+
+@pytest.mark.parametrize("reml", [False, True], ids=["ML", "REML"])
+@pytest.mark.parametrize(
+    ("bars", "theta"),
+    [
+        ("(t | patient) + (1 | rater)", [0.8, -0.3, 0.5, 0.7]),  # crossed, correlated primary bar
+        ("(1 | patient) + (t | rater) + (0 + w | patient)", [0.8, 0.6, 0.2, 0.4, 0.3]),  # two bars on each
+        ("(1 | patient/side)", [0.6, 0.9]),  # nested: patient and patient:side
+        ("(t | patient) + (1 | patient:side)", [0.8, -0.3, 0.5, 0.7]),  # nested, slope at the outer level
+        ("(t || rater/patient)", [0.8, 0.5, 0.7, 0.4]),  # || then /
+        ("(1 | patient) + (1 | rater) + (1 | patient:side)", [0.5, 0.7, 0.9]),  # three factors
+    ],
+)
+def test_multilevel_deviance_equals_the_dense_definition(
+    clinic: pd.DataFrame, bars: str, theta: list[float], reml: bool, schur_path: str,
+) -> None:
+    design = design_of(clinic, f"y ~ t + w + {bars}")
+    assert not design.single_factor
+    expected = dense_deviance_any(design, np.array(theta), reml)
+    assert profiled_deviance(design, np.array(theta), reml) == pytest.approx(expected, rel=1e-12, abs=1e-9)
+
+
+def test_the_dense_check_agrees_with_the_one_factor_definition(small: pd.DataFrame) -> None:
+    design = design_of(small, "y ~ x + w + (x | g)")
+    theta = np.array([0.9, -0.4, 0.3])
+    assert dense_deviance_any(design, theta, False) == pytest.approx(dense_deviance(design, theta, False), rel=1e-12)
+
+
+def test_crossed_fit_modes_and_conditional_sds_equal_the_dense_formulas(clinic: pd.DataFrame, schur_path: str) -> None:
+    # b = ΛΛ'Z'V⁻¹(y − Xβ) (BLUP, V relative to σ²) and Var(b | y) = σ² Λ (Λ'Z'ZΛ + I)⁻¹ Λ' at the optimum
+    design = design_of(clinic, "y ~ t + (t | patient) + (1 | rater) + (1 | patient:side)")
+    result = fit_lmm(design, reml=True)
+    Z, Lam = full_random_effects(design, result.theta)
+    n = design.n_obs
+    V = np.eye(n) + Z @ Lam @ Lam.T @ Z.T
+    b = Lam @ Lam.T @ Z.T @ np.linalg.solve(V, design.y - design.X @ result.beta)
+    cond = result.sigma ** 2 * Lam @ np.linalg.inv(Lam.T @ Z.T @ Z @ Lam + np.eye(Z.shape[1])) @ Lam.T
+    by_group = {factor.group: factor for factor in result.ranef}
+    assert list(by_group) == ["patient", "rater", "patient:side"]
+    at = 0
+    for block in design.blocks:
+        factor = by_group[block.group]
+        size = len(block.terms) * block.n_levels
+        np.testing.assert_allclose(factor.modes.reshape(-1), b[at:at + size], atol=1e-8)
+        np.testing.assert_allclose(factor.cond_sd.reshape(-1), np.sqrt(np.diag(cond)[at:at + size]), rtol=1e-7)
+        at += size
+    np.testing.assert_allclose(result.fitted, design.X @ result.beta + Z @ b, atol=1e-8)
+    assert design.group == "patient:side"  # the finest factor: EngineResult.modes are its modes
+    np.testing.assert_allclose(result.modes, by_group["patient:side"].modes)
+
+
+def test_multilevel_products_hold_nothing_of_size_n(clinic: pd.DataFrame) -> None:
+    from longitudinal.sparse_engine import compute_multiproducts
+
+    design = design_of(clinic, "y ~ t + (t | patient) + (1 | rater)")
+    products = compute_multiproducts(design)
+    arrays = [v for v in vars(products).values() if isinstance(v, np.ndarray)]
+    arrays += [v for block in products.rest for v in vars(block).values() if isinstance(v, np.ndarray)]
+    arrays += [v for v in vars(products.primary).values() if isinstance(v, np.ndarray)]
+    assert all(design.n_obs not in a.shape for a in arrays)
+    # one pair block per (patient, rater) seen, never more than the rows
+    pairs = clinic.groupby(["patient", "rater"]).ngroups
+    assert products.rest[0].cross.shape == (pairs, 2, 1)
+
+
+def test_a_factor_with_as_many_levels_as_rows_is_not_identifiable(clinic: pd.DataFrame) -> None:
+    frame = clinic.assign(visit=[f"v{i}" for i in range(len(clinic))])
+    with pytest.raises(FitFailure, match=r"number of observations \(64\) is not larger than the number of levels of 'visit' \(64\)"):
+        fit_lmm(design_of(frame, "y ~ t + (1 | patient) + (1 | visit)"), reml=False)
+
+
+def test_a_grouping_factor_with_one_level_is_refused(clinic: pd.DataFrame) -> None:
+    with pytest.raises(FitFailure, match=r"grouping factor 'site' has 1 level"):
+        fit_lmm(design_of(clinic.assign(site="A"), "y ~ t + (1 | patient) + (1 | site)"), reml=False)

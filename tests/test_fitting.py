@@ -194,3 +194,34 @@ def test_the_input_frame_is_not_modified(sleepstudy: pd.DataFrame) -> None:
     before = sleepstudy.copy()
     fit_candidate(sleepstudy, "ri", "Reaction ~ Days + (1 | Subject)")
     pd.testing.assert_frame_equal(sleepstudy, before)
+
+
+# ---------------------------------------------------------------------------------- nested and crossed
+
+
+@pytest.fixture(scope="module")
+def pastes() -> pd.DataFrame:
+    """lme4's Pastes: 10 batches × 3 casks (labels a, b, c repeat across batches) × 2 assays."""
+    return pd.read_csv(TESTS / "reference" / "data" / "pastes.csv", dtype={"batch": str, "cask": str})
+
+
+def test_a_nested_fit_reports_every_factor(pastes: pd.DataFrame) -> None:
+    fit = fit_candidate(pastes, "nested", "strength ~ 1 + (1 | batch/cask)", method="REML")
+    assert fit.usable and fit.engine == "lme4-style"
+    # R: VarCorr(lmer(strength ~ 1 + (1 | batch/cask), Pastes)): batch 1.28737, cask:batch 2.90408, σ 0.82341
+    sds = {c.group: c.sd for c in fit.random_effects}
+    assert sds == pytest.approx({"batch": 1.28737, "batch:cask": 2.90408}, rel=1e-5)
+    assert fit.residual_sd == pytest.approx(0.82341, rel=1e-5)
+    assert fit.n_params == 4 and fit.n_subjects == 30  # the finest factor: batch:cask
+    # ranef: one row per (factor, level, term), factors in formula order, lme4's level labels
+    assert fit.ranef.groupby("group", sort=False).size().to_dict() == {"batch": 10, "batch:cask": 30}
+    assert list(fit.ranef.loc[fit.ranef["group"] == "batch:cask", "level"][:4]) == ["A:a", "A:b", "A:c", "B:a"]
+    assert fit.ranef["cond_sd"].gt(0).all()
+    assert fit.fitted.shape == (len(pastes),)
+
+
+def test_statsmodels_cannot_fit_several_grouping_factors(pastes: pd.DataFrame) -> None:
+    fit = fit_candidate(pastes, "nested", "strength ~ 1 + (1 | batch/cask)", engine="statsmodels")
+    assert not fit.usable and math.isnan(fit.loglik)
+    assert fit.message.startswith("candidate 'nested': random effects on 'batch' besides 'batch:cask'")
+    assert "not expressible in statsmodels MixedLM; use engine lme4-style" in fit.message

@@ -40,6 +40,38 @@ def test_lme4_forms(text: str, fixed: str, blocks: list[tuple[str, ...]]) -> Non
     assert formula.groups == ("g",)
 
 
+@pytest.mark.parametrize(
+    ("text", "blocks"),
+    [
+        # lme4's findbars: a/b → a and a:b (lme4 writes the inner factor b:a; we keep the outer first)
+        ("y ~ t + (1 | school/pupil)", [(("1",), "school"), (("1",), "school:pupil")]),
+        ("y ~ t + (t | a/b/c)", [(("1", "t"), "a"), (("1", "t"), "a:b"), (("1", "t"), "a:b:c")]),
+        ("y ~ t + (t | dog) + (1 | dog:side)", [(("1", "t"), "dog"), (("1",), "dog:side")]),
+        ("y ~ t + (t | patient) + (1 | rater)", [(("1", "t"), "patient"), (("1",), "rater")]),
+        # || expands first, then /
+        ("y ~ t + (t || a/b)", [(("1",), "a"), (("1",), "a:b"), (("t",), "a"), (("t",), "a:b")]),
+        ("y ~ t + (1 | a:b/c)", [(("1",), "a:b"), (("1",), "a:b:c")]),
+    ],
+)
+def test_nested_and_crossed_forms(text: str, blocks: list[tuple[tuple[str, ...], str]]) -> None:
+    formula = parse_formula(text)
+    assert formula.blocks == tuple(RandomBlock(terms=terms, group=group) for terms, group in blocks)
+    assert formula.groups == tuple(dict.fromkeys(group for _, group in blocks))
+
+
+def test_an_interaction_factor_reads_each_of_its_columns() -> None:
+    formula = parse_formula("y ~ t + (t | dog) + (1 | dog:side)")
+    assert formula.columns == {"y", "t", "dog", "side"}
+    assert formula.blocks[1].factors == ("dog", "side")
+    assert parse_formula("y ~ 1 + (1 | a/b/c)").columns == {"y", "a", "b", "c"}
+
+
+def test_a_grouping_column_the_data_lack_is_refused_by_name() -> None:
+    formulas = parse_candidates({"nested": "y ~ t + (1 | school/pupil)"})
+    with pytest.raises(ConfigError, match=r"candidate 'nested' uses column 'pupil', which the data lack"):
+        check_columns(formulas, ["y", "t", "school"])
+
+
 def test_columns_read_by_a_formula() -> None:
     formula = parse_formula("score ~ week * arm + I(week^2) + log(age) + (week | patient_id)")
     assert formula.columns == {"score", "week", "arm", "age", "patient_id"}
@@ -52,9 +84,11 @@ def test_power_inside_I_becomes_python_power() -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("y ~ t + (1 | school/pupil)", r"candidate 'c' .*nested random effects \('school/pupil'\) are not supported yet"),
-        ("y ~ t + (1 | school:pupil)", r"nested random effects .* not supported yet"),
-        ("y ~ t + (1 | g) + (1 | rater)", r"several grouping factors \(g, rater\) — crossed random effects are not supported yet"),
+        ("y ~ t + (1 | school/2pupil)", r"candidate 'c' .*: the grouping factor after '\|' must be a column name, "
+         r"columns joined by ':' \(interaction\) or '/' \(nesting\), got 'school/2pupil'"),
+        ("y ~ t + (1 | school/)", r"must be a column name.*got 'school/'"),
+        ("y ~ t + (1 | g:g)", r"column 'g' appears twice in the grouping factor 'g:g'"),
+        ("y ~ t + (1 | a/b:a)", r"column 'a' appears twice in the grouping factor 'a/b:a'"),
         ("y ~ t", r"no random-effects term; a mixed model needs one such as '\(1 \| subject\)'"),
         ("y ~ t + (1 | g", r"unbalanced parentheses"),
         ("y ~ t ~ (1 | g)", r"one '~'"),

@@ -64,6 +64,65 @@ def reference_fit(dataset: str, candidate: str, method: str) -> dict[str, Any]:
     return DATASETS[dataset]["fits"][candidate][method]
 
 
+#: Where lme4's optimizer stopped measurably short of the optimum (our criterion lower by more than 1e-6)
+#: its variance components differ by slightly more than 1e-3: there 2e-3 relative, with the reason.
+VARIANCE_TOLERANCE = {
+    # lme4's REML criterion 5.6e-6 above ours: its intercept and slope SDs 1.03e-3 and 1.1e-3 off ours
+    ("orthodont", "ris", "REML"): 2e-3,
+}
+
+
+def factor_key(name: str) -> frozenset[str]:
+    """A grouping factor as the set of columns it combines: lme4 names ``(1 | a/b)``'s inner factor
+    ``b:a`` where we write ``a:b``; ``||`` repeats a factor as ``g.1`` in ``as.data.frame(VarCorr)``."""
+    return frozenset(name.split(":"))
+
+
+def reference_factor(component: dict[str, Any]) -> frozenset[str]:
+    """The reference's grouping factor of a random effect: ``factors`` (nested and crossed data sets,
+    make_reference.R's ``with_factors``), else the one subject column (``group``)."""
+    return frozenset(component["factors"]) if "factors" in component else frozenset([component["group"]])
+
+
+def assert_estimates_match(fit: Fit, ref: dict[str, Any], case: tuple[str, str, str]) -> None:
+    """Fixed effects, their SEs, σ, random-effect SDs per (factor, term), correlations and group counts."""
+    # R: names(fixef(fit)) -- same terms, lme4's names
+    estimates = {effect.term: effect for effect in fit.fixed_effects}
+    assert sorted(estimates) == sorted(ref["fixed_effects"])
+    for term, expected in ref["fixed_effects"].items():
+        # R: fixef(fit)[[term]];  within 1e-5 relative, or 1e-4 of its standard error for an estimate near
+        # zero (where relative digits mean nothing; the largest difference seen is 2.1e-5 SEs)
+        assert estimates[term].estimate == pytest.approx(
+            expected["estimate"], rel=1e-5, abs=1e-4 * expected["std_error"]
+        ), term
+        # R: sqrt(diag(vcov(fit)))[[term]];  within 1e-3 relative (it depends on the variance estimates)
+        assert estimates[term].std_error == pytest.approx(expected["std_error"], rel=1e-3), term
+    # R: sigma(fit);  within 1e-3 relative
+    assert fit.residual_sd == pytest.approx(ref["residual_sd"], rel=1e-3)
+    # R: as.data.frame(VarCorr(fit))$sdcor per (grouping factor, term); within 1e-3 relative, or 1e-3
+    # residual SDs for a variance at the boundary
+    tolerance = VARIANCE_TOLERANCE.get(case, 1e-3)
+    sds = {(factor_key(c.group), c.term): c.sd for c in fit.random_effects}
+    assert len(sds) == len(fit.random_effects) == len(ref["random_effects"])
+    for component in ref["random_effects"]:
+        key = (reference_factor(component), component["term"])
+        assert sds[key] == pytest.approx(component["sd"], rel=tolerance, abs=1e-3 * ref["residual_sd"]), key
+    # R: the correlations of as.data.frame(VarCorr(fit)); within 1e-3 (skipped where lme4 has none: a
+    # singular fit's correlation is not determined)
+    corrs = {(factor_key(c.group), c.term1, c.term2): c.corr for c in fit.correlations}
+    assert len(corrs) == len(ref["correlations"])
+    for component in ref["correlations"]:
+        key = (reference_factor(component), component["term1"], component["term2"])
+        if component["corr"] is not None and not ref["isSingular"]:
+            assert corrs[key] == pytest.approx(component["corr"], abs=tolerance), key
+    # R: ngrps(fit) -- levels per grouping factor; the fit's subjects are the finest factor's levels
+    levels = fit.ranef.groupby("group")["level"].nunique()
+    assert {factor_key(g): int(n) for g, n in levels.items()} == {
+        factor_key(g): n for g, n in ref["ngrps"].items()
+    }
+    assert fit.n_subjects == max(ref["ngrps"].values())
+
+
 # --------------------------------------------------------------------------------------------- ML
 
 
@@ -77,11 +136,14 @@ def test_ml_fit_matches_lme4(fit_reference: FitFn, dataset: str, candidate: str)
     assert fit.n_obs == ref["nobs"]
     # R: attr(logLik(lmer(formula, data, REML = FALSE)), "df")  -- fixed effects + theta + 1
     assert fit.n_params == ref["df"]
-    # R: as.numeric(logLik(lmer(formula, data, REML = FALSE)));  |Δ| < 0.01
-    assert abs(fit.loglik - ref["logLik"]) < 0.01
-    # R: AIC(fit), BIC(fit) for the ML fit (BIC with n = rows);  |Δ| < 0.02
-    assert abs(fit.aic - ref["AIC"]) < 0.02
-    assert abs(fit.bic - ref["BIC"]) < 0.02
+    # R: as.numeric(logLik(lmer(formula, data, REML = FALSE)));  |Δ| < 1e-4
+    assert abs(fit.loglik - ref["logLik"]) < 1e-4
+    # R: AIC(fit), BIC(fit) for the ML fit (BIC with n = rows);  |Δ| < 1e-3
+    assert abs(fit.aic - ref["AIC"]) < 1e-3
+    assert abs(fit.bic - ref["BIC"]) < 1e-3
+    # R: isSingular(fit)
+    assert fit.singular == ref["isSingular"]
+    assert_estimates_match(fit, ref, (dataset, candidate, "ML"))
 
 
 # ------------------------------------------------------------------------------------------- REML
@@ -93,29 +155,12 @@ def test_reml_fit_matches_lme4(fit_reference: FitFn, dataset: str, candidate: st
     fit = fit_reference(dataset, candidate, "REML", "lme4-style")
 
     assert fit.usable, f"{dataset}/{candidate} did not fit: {fit.message}"
-    # R: names(fixef(lmer(formula, data, REML = TRUE)))  -- same terms, lme4's names
-    estimates = {effect.term: effect for effect in fit.fixed_effects}
-    assert sorted(estimates) == sorted(ref["fixed_effects"])
-    for term, expected in ref["fixed_effects"].items():
-        # R: fixef(fit)[[term]];  within 1e-3 relative, or 1e-3 of its standard error for an estimate
-        # near zero (where relative digits mean nothing)
-        assert estimates[term].estimate == pytest.approx(
-            expected["estimate"], rel=1e-3, abs=1e-3 * expected["std_error"]
-        ), term
-        # R: sqrt(diag(vcov(fit)))[[term]];  within 1e-2 relative (it depends on the variance estimates)
-        assert estimates[term].std_error == pytest.approx(expected["std_error"], rel=1e-2), term
-    # R: REMLcrit(fit) = -2 * logLik(fit) for a REML fit;  |Δ| < 0.02
+    # R: REMLcrit(fit) = -2 * logLik(fit) for a REML fit;  |Δ| < 2e-4 (1e-4 in log-likelihood)
     assert fit.reml_criterion is not None
-    assert abs(fit.reml_criterion - ref["REML_criterion"]) < 0.02
-    # R: sigma(fit);  within 1e-3 relative
-    assert fit.residual_sd == pytest.approx(ref["residual_sd"], rel=1e-3)
-    # R: as.data.frame(VarCorr(fit))$sdcor per term (one grouping factor, each term once);
-    # within 1e-2 relative, or 1e-3 residual SDs for a variance at the boundary
-    sds = {component.term: component.sd for component in fit.random_effects}
-    for component in ref["random_effects"]:
-        assert sds[component["term"]] == pytest.approx(
-            component["sd"], rel=1e-2, abs=1e-3 * ref["residual_sd"]
-        ), component["term"]
+    assert abs(fit.reml_criterion - ref["REML_criterion"]) < 2e-4
+    # R: isSingular(fit)
+    assert fit.singular == ref["isSingular"]
+    assert_estimates_match(fit, ref, (dataset, candidate, "REML"))
 
 
 # -------------------------------------------------------------------------------------- selection
@@ -165,8 +210,27 @@ def test_reference_data_match_the_json() -> None:
 # ----------------------------------------------------------------------------------- statsmodels
 
 
+def one_factor(dataset: str, candidate: str) -> bool:
+    from longitudinal.formula import parse_formula
+
+    return len(parse_formula(DATASETS[dataset]["candidates"][candidate]).groups) == 1
+
+
+SM_CASES = [case for case in CASES if one_factor(*case)]
+MULTI_CASES = [case for case in CASES if not one_factor(*case)]
+
+
+@pytest.mark.parametrize(("dataset", "candidate"), MULTI_CASES, ids=[f"{d}-{c}" for d, c in MULTI_CASES])
+def test_statsmodels_refuses_several_grouping_factors(fit_reference: FitFn, dataset: str, candidate: str) -> None:
+    # MixedLM has one grouping factor: nested and crossed bars come back as a failed fit saying why.
+    fit = fit_reference(dataset, candidate, "ML", "statsmodels")
+    assert not fit.usable
+    assert fit.engine == "statsmodels"
+    assert "not expressible in statsmodels MixedLM" in fit.message
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(("dataset", "candidate"), CASES, ids=[f"{i}-ML-statsmodels" for i in CASE_IDS])
+@pytest.mark.parametrize(("dataset", "candidate"), SM_CASES, ids=[f"{d}-{c}-ML-statsmodels" for d, c in SM_CASES])
 def test_statsmodels_loglik_matches_lme4(fit_reference: FitFn, dataset: str, candidate: str) -> None:
     ref = reference_fit(dataset, candidate, "ML")
     fit = fit_reference(dataset, candidate, "ML", "statsmodels")

@@ -126,6 +126,67 @@ datasets <- list(
       ris = "score ~ week * arm + age + (week | patient_id)",
       ris_uncorrelated = "score ~ week * arm + age + (week || patient_id)"
     )
+  ),
+  # Nested and crossed random effects. `subject` is the unit measured over time (several columns when
+  # it sits below a named level); lme4 writes the nested factor `school/pupil` as `pupil:school`, the
+  # Python side as `school:pupil` (see `factors` in each random effect of the JSON).
+  sim_school = list(
+    multilevel = TRUE,
+    source = "make_reference.R: simulate_schools() (set.seed(301))",
+    subject = c("school", "pupil"), time = "year", outcome = "score",
+    factors = c("school", "pupil"),
+    candidates = c(
+      nested = "score ~ year + (1 | school/pupil)",
+      school_slope = "score ~ year + (year | school) + (1 | school:pupil)",
+      pupil_only = "score ~ year + (1 | school:pupil)",
+      school_only = "score ~ year + (1 | school)"
+    )
+  ),
+  sim_dogs = list(
+    multilevel = TRUE,
+    source = "make_reference.R: simulate_dogs() (set.seed(302))",
+    subject = c("dog", "side"), time = "t", outcome = "y",
+    factors = c("dog", "side", "breed"),
+    candidates = c(
+      dog_slope_side = "y ~ t + breed + (t | dog) + (1 | dog:side)",
+      dog_slope_side_uncorrelated = "y ~ t + breed + (t || dog) + (1 | dog:side)",
+      nested_intercepts = "y ~ t + breed + (1 | dog/side)",
+      dog_slope = "y ~ t + breed + (t | dog)"
+    )
+  ),
+  sim_raters = list(
+    multilevel = TRUE,
+    source = "make_reference.R: simulate_raters() (set.seed(303))",
+    subject = "patient", time = "t", outcome = "y",
+    factors = c("patient", "rater", "arm"),
+    candidates = c(
+      crossed = "y ~ t * arm + (t | patient) + (1 | rater)",
+      crossed_intercepts = "y ~ t * arm + (1 | patient) + (1 | rater)",
+      crossed_uncorrelated = "y ~ t * arm + (t || patient) + (1 | rater)",
+      patient_only = "y ~ t * arm + (t | patient)"
+    )
+  ),
+  penicillin = list(
+    multilevel = TRUE,
+    source = "lme4::Penicillin",
+    subject = "plate", time = NULL, outcome = "diameter",
+    factors = c("plate", "sample"),
+    candidates = c(
+      crossed = "diameter ~ 1 + (1 | plate) + (1 | sample)",
+      plate_only = "diameter ~ 1 + (1 | plate)",
+      sample_only = "diameter ~ 1 + (1 | sample)"
+    )
+  ),
+  pastes = list(
+    multilevel = TRUE,
+    source = "lme4::Pastes",
+    subject = c("batch", "cask"), time = NULL, outcome = "strength",
+    factors = c("batch", "cask"),
+    candidates = c(
+      nested = "strength ~ 1 + (1 | batch/cask)",
+      sample_only = "strength ~ 1 + (1 | batch:cask)",
+      batch_only = "strength ~ 1 + (1 | batch)"
+    )
   )
 )
 
@@ -143,10 +204,80 @@ as_plain <- function(frame, columns) {
 public <- list(
   sleepstudy = as_plain(lme4::sleepstudy, c("Subject", "Days", "Reaction")),
   orthodont = as_plain(nlme::Orthodont, c("Subject", "age", "distance", "Sex")),
-  chickweight = as_plain(datasets::ChickWeight, c("Chick", "Time", "weight", "Diet"))
+  chickweight = as_plain(datasets::ChickWeight, c("Chick", "Time", "weight", "Diet")),
+  penicillin = as_plain(lme4::Penicillin, c("plate", "sample", "diameter")),
+  pastes = as_plain(lme4::Pastes, c("batch", "cask", "strength"))
 )
 for (name in names(public)) {
   write.csv(public[[name]], file.path(data_dir, paste0(name, ".csv")), row.names = FALSE)
+}
+
+# ------------------------------------------------------------------------------ simulated nested and crossed studies
+# Each with its own seed; outcomes rounded to 3 decimals so the CSV holds exactly the numbers fitted.
+
+simulate_schools <- function() {
+  # Pupils in schools measured yearly; pupil labels p1..p8 repeat across schools (nested), 15% of
+  # the visits after year 0 missing (unbalanced).
+  set.seed(301)
+  schools <- sprintf("s%02d", 1:30)
+  pupils <- sprintf("p%d", 1:8)
+  grid <- expand.grid(year = 0:3, pupil = pupils, school = schools, stringsAsFactors = FALSE)
+  s <- match(grid$school, schools)
+  p <- (s - 1) * length(pupils) + match(grid$pupil, pupils)
+  school_int <- rnorm(length(schools), 0, 4)
+  school_slope <- rnorm(length(schools), 0, 0.8)
+  pupil_int <- rnorm(length(schools) * length(pupils), 0, 3)
+  grid$score <- round(50 + 2 * grid$year + school_int[s] + school_slope[s] * grid$year + pupil_int[p] +
+                        rnorm(nrow(grid), 0, 2), 3)
+  keep <- grid$year == 0 | runif(nrow(grid)) > 0.15
+  grid[keep, c("school", "pupil", "year", "score")]
+}
+
+simulate_dogs <- function() {
+  # Both sides (L, R) of each dog scanned on the same days; side labels repeat across dogs; breed is a
+  # per-dog categorical covariate; correlated random intercept and slope per dog, intercept per side.
+  set.seed(302)
+  dogs <- sprintf("d%02d", 1:36)
+  grid <- expand.grid(t = 0:4, side = c("L", "R"), dog = dogs, stringsAsFactors = FALSE)
+  d <- match(grid$dog, dogs)
+  k <- (d - 1) * 2 + match(grid$side, c("L", "R"))
+  breed <- rep(c("beagle", "collie", "terrier"), length.out = length(dogs))
+  grid$breed <- breed[d]
+  z1 <- rnorm(length(dogs))
+  z2 <- rnorm(length(dogs))
+  dog_int <- 2 * z1
+  dog_slope <- 0.5 * (0.3 * z1 + sqrt(1 - 0.3^2) * z2)
+  side_int <- rnorm(2 * length(dogs), 0, 1.2)
+  breed_effect <- c(beagle = 0, collie = 1.5, terrier = -1)[grid$breed]
+  grid$y <- round(10 + 1.5 * grid$t + breed_effect + dog_int[d] + dog_slope[d] * grid$t + side_int[k] +
+                    rnorm(nrow(grid), 0, 1), 3)
+  keep <- grid$t == 0 | runif(nrow(grid)) > 0.1
+  grid[keep, c("dog", "side", "breed", "t", "y")]
+}
+
+simulate_raters <- function() {
+  # Patients seen at 6 visits, each visit scored by one of 8 raters drawn at random (crossed), arm per
+  # patient; correlated random intercept and slope per patient, intercept per rater.
+  set.seed(303)
+  patients <- sprintf("pt%03d", 1:80)
+  raters <- sprintf("r%d", 1:8)
+  grid <- expand.grid(t = 0:5, patient = patients, stringsAsFactors = FALSE)
+  i <- match(grid$patient, patients)
+  grid$rater <- sample(raters, nrow(grid), replace = TRUE)
+  r <- match(grid$rater, raters)
+  grid$arm <- rep(c("control", "treatment"), length.out = length(patients))[i]
+  z1 <- rnorm(length(patients))
+  z2 <- rnorm(length(patients))
+  rater_int <- rnorm(length(raters), 0, 1.5)
+  grid$y <- round(20 + 0.8 * grid$t - 0.5 * grid$t * (grid$arm == "treatment") + 3 * z1[i] +
+                    0.6 * (-0.2 * z1[i] + sqrt(1 - 0.2^2) * z2[i]) * grid$t + rater_int[r] +
+                    rnorm(nrow(grid), 0, 1.5), 3)
+  grid[, c("patient", "rater", "arm", "t", "y")]
+}
+
+simulated <- list(sim_school = simulate_schools(), sim_dogs = simulate_dogs(), sim_raters = simulate_raters())
+for (name in names(simulated)) {
+  write.csv(simulated[[name]], file.path(data_dir, paste0(name, ".csv")), row.names = FALSE)
 }
 
 # ------------------------------------------------------------------------------ fitting
@@ -157,6 +288,20 @@ read_dataset <- function(name, spec) {
     frame[[column]] <- factor(as.character(frame[[column]]))
   }
   frame
+}
+
+multi_factor <- function(spec) isTRUE(spec$multilevel)
+
+# The grouping factor of row i of as.data.frame(VarCorr(fit)) as the data columns it combines
+# ("cask:batch" -> batch, cask). Its rows list, bar by bar in getME(fit, "cnms") order, the q SDs then
+# the q(q - 1)/2 correlations. Added only for the nested and crossed data sets, so the one-factor
+# entries stay as they were.
+with_factors <- function(record, i, fit, spec) {
+  if (!multi_factor(spec)) return(record)
+  cnms <- getME(fit, "cnms")
+  row_factor <- rep(names(cnms), vapply(cnms, function(x) length(x) * (length(x) + 1) / 2, 1))
+  record$factors <- I(sort(strsplit(row_factor[[i]], ":", fixed = TRUE)[[1]]))
+  record
 }
 
 fit_record <- function(formula, frame, spec, reml) {
@@ -192,14 +337,14 @@ fit_record <- function(formula, frame, spec, reml) {
       setNames(seq_along(beta), names(beta)),
       function(i) list(estimate = unname(beta[[i]]), std_error = unname(se[[i]]))
     ),
-    random_effects = lapply(which(is_sd), function(i) list(
+    random_effects = lapply(which(is_sd), function(i) with_factors(list(
       grp = vc$grp[[i]], group = spec$subject, term = vc$var1[[i]],
       variance = vc$vcov[[i]], sd = vc$sdcor[[i]]
-    )),
-    correlations = lapply(which(is_corr), function(i) list(
+    ), i, fit, spec)),
+    correlations = lapply(which(is_corr), function(i) with_factors(list(
       grp = vc$grp[[i]], group = spec$subject, term1 = vc$var1[[i]], term2 = vc$var2[[i]],
       corr = vc$sdcor[[i]]
-    )),
+    ), i, fit, spec)),
     var_corr = vc,
     residual_sd = sigma(fit),
     theta = I(unname(getME(fit, "theta"))),
