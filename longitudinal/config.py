@@ -6,6 +6,7 @@ so a scheduled run started from another working directory behaves the same.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from pathlib import Path
@@ -24,18 +25,62 @@ class _Frozen(BaseModel):
 
 
 class DataConfig(_Frozen):
+    """Where the data are and which column plays which role.
+
+    ``subject`` is one column, or a list of columns whose combination identifies the subject, outermost
+    first (``[dog, side]``: each side of each dog is followed over time; side labels repeat across dogs).
+    ``constant`` lists columns that must not change within a subject (``[arm, age]``); a subject whose
+    value changes has all its rows quarantined.
+    """
+
     source: str
-    subject: str
+    subject: str | tuple[str, ...]
     time: str
     outcome: str
     categorical: tuple[str, ...] = ()
+    constant: tuple[str, ...] = ()
+
+    @field_validator("subject", mode="before")
+    @classmethod
+    def _one_or_several(cls, value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            if not value:
+                raise ValueError("the list is empty; name the subject column, or its columns outermost first")
+            if not all(isinstance(part, str) for part in value):
+                raise ValueError(f"expected column names, got {list(value)!r}")
+            if len(set(value)) < len(value):
+                raise ValueError(f"a column appears twice in {list(value)!r}")
+            return value[0] if len(value) == 1 else tuple(value)
+        if not isinstance(value, str):
+            raise ValueError(f"expected a column name or a list of column names, got {value!r}")
+        return value
 
     @field_validator("subject", "time", "outcome")
     @classmethod
-    def _non_empty(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("must name a column")
+    def _non_empty(cls, value: str | tuple[str, ...]) -> str | tuple[str, ...]:
+        for part in (value,) if isinstance(value, str) else value:
+            if not part.strip():
+                raise ValueError("must name a column")
         return value
+
+    @property
+    def subject_columns(self) -> tuple[str, ...]:
+        """The column(s) identifying the subject, outermost first (one for a single ``subject``)."""
+        return (self.subject,) if isinstance(self.subject, str) else self.subject
+
+    @property
+    def subject_key(self) -> str:
+        """The column of ``Validated.visits`` that identifies the subject.
+
+        The subject column itself when there is one; for several, ``"dog:side"`` (lme4's name for the
+        interaction), a text column validation adds whose values join the parts with ":" ("D1:L").
+        """
+        return ":".join(self.subject_columns)
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """Every column with a role: the subject column(s), time and outcome."""
+        return (*self.subject_columns, self.time, self.outcome)
 
 
 class ValidationConfig(_Frozen):
@@ -88,9 +133,17 @@ class StudyConfig(_Frozen):
 
     @model_validator(mode="after")
     def _roles_distinct(self) -> StudyConfig:
-        roles = {"subject": self.data.subject, "time": self.data.time, "outcome": self.data.outcome}
-        if len(set(roles.values())) < 3:
-            raise ValueError(f"data.subject, data.time and data.outcome must be three different columns, got {roles}")
+        data = self.data
+        roles = {"subject": data.subject, "time": data.time, "outcome": data.outcome}
+        if len(set(data.roles)) < len(data.roles):
+            shown = {k: list(v) if isinstance(v, tuple) else v for k, v in roles.items()}
+            raise ValueError(f"data.subject, data.time and data.outcome must be different columns, got {shown}")
+        for column in data.constant:
+            if column in data.roles:
+                role = "data.subject" if column in data.subject_columns else "data.time" if column == data.time else "data.outcome"
+                raise ValueError(
+                    f"data.constant: {column!r} is {role}; list only covariates that must not change within a subject"
+                )
         return self
 
     @property
@@ -148,7 +201,9 @@ def describe_validation_error(exc: ValidationError) -> str:
         if kind == "extra_forbidden":
             parent = error["loc"][:-1]
             allowed = _allowed_keys(parent)
-            messages.append(f"unknown key {key!r} (allowed here: {', '.join(allowed)})")
+            close = difflib.get_close_matches(str(error["loc"][-1]), allowed, n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            messages.append(f"unknown key {key!r} ({hint}allowed here: {', '.join(allowed)})")
         elif kind == "missing":
             messages.append(f"missing required key {key!r}")
         else:

@@ -5,11 +5,16 @@ recursive) or a glob pattern. CSV is read as text, cell for cell, so that nothin
 validation; Parquet keeps its native types. The union of the files is ``raw``; ``typed`` coerces the
 configured roles (see :func:`coerce_types`). A value that cannot be coerced becomes missing in ``typed``
 while ``raw`` keeps it, so that validation can quarantine the row and show what was read.
-Columns that the config names but the data lack are not an error here: validation reports them.
+Columns that the config names but no file has are not an error here: validation reports them. Ingestion
+refuses what cannot be a study table at all: no data row in any file, a file that is not CSV or Parquet,
+a header naming a column twice, a role column that one file lacks while the others have it, and a
+time column of dates not written as ISO 8601.
 """
 
 from __future__ import annotations
 
+import csv
+import difflib
 import glob
 import hashlib
 import io
@@ -37,18 +42,28 @@ _GLOB_CHARS = re.compile(r"[*?\[]")
 _INTEGRAL_TEXT = r"^([+-]?\d+)\.0*$"
 _DECIMAL_COMMA = r"^([+-]?\d*),(\d+(?:[eE][+-]?\d+)?)$"
 _NUMBER = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"
+_ISO_DATE = r"^\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?)?$"
+_OTHER_DATE = r"^(\d{1,2}[/.-]\d{1,2}[/.-]\d{2,4}|\d{4}/\d{1,2}/\d{1,2}|\d{1,2}[ -][A-Za-z]{3,9}[ -]\d{2,4})$"
 _MISSING_SET = pa.array(sorted(MISSING_TOKENS), type=pa.string())
 _PARQUET_MAGIC = b"PAR1"
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
 @dataclass(frozen=True, eq=False)
-class _FilePart:
+class FilePart:
     """One file as read: its rows as text (CSV) or native (Parquet), and how to parse its numbers."""
 
     raw: pd.DataFrame
     source: SourceFile
     decimal_comma: bool
+
+
+@dataclass(frozen=True, eq=False)
+class IsoDates:
+    """A time column read from ISO 8601 dates: days since ``origin``, the earliest date in the column."""
+
+    days: pd.Series
+    origin: pd.Timestamp
 
 
 def read_sources(config: StudyConfig) -> Ingested:
@@ -59,8 +74,19 @@ def read_sources(config: StudyConfig) -> Ingested:
     and ``source_line`` (CSV: physical line, header = line 1; Parquet: 1-based row number). Blank lines
     and lines holding only delimiters are not rows.
     """
-    paths = find_source_files(config)
-    parts = [_read_file(path, config) for path in paths]
+    return assemble([read_file(path, config) for path in find_source_files(config)], config)
+
+
+def assemble(parts: Sequence[FilePart], config: StudyConfig) -> Ingested:
+    """The files read (in this order) as one table, raw and typed: what :func:`read_sources` returns.
+
+    Refuses (:class:`DataError`) when no file holds a data row and when one file lacks a role column
+    the others have.
+    """
+    if not any(len(part.raw) for part in parts):
+        has_header = any(c not in SOURCE_COLUMNS for part in parts for c in part.raw.columns)
+        raise DataError(f"no rows to analyse: {describe_no_rows([part.source for part in parts], has_header)}")
+    _check_columns_agree(parts, config)
     raw = _union([part.raw for part in parts])
     typed = coerce_types(parts, raw, config)
     return Ingested(raw=raw, typed=typed, files=tuple(part.source for part in parts))
@@ -97,10 +123,54 @@ def find_source_files(config: StudyConfig) -> list[Path]:
     )
 
 
+def _check_columns_agree(parts: Sequence[FilePart], config: StudyConfig) -> None:
+    """Refuse a file that lacks a role column the other files have (renamed in one export, say).
+
+    Its rows would otherwise all be quarantined as "missing", hiding a structural problem. A column no
+    file has is validation's to report; files without rows are ignored.
+    """
+    data = config.data
+    labels = {c: "data.subject" for c in data.subject_columns}
+    labels |= {data.time: "data.time", data.outcome: "data.outcome"} | {c: "data.constant" for c in data.constant}
+    with_rows = [part for part in parts if len(part.raw)]
+    for column, label in labels.items():
+        having = [part for part in with_rows if column in part.raw.columns]
+        if not having or len(having) == len(with_rows):
+            continue
+        lacking = next(part for part in with_rows if column not in part.raw.columns)
+        columns = [c for c in lacking.raw.columns if c not in SOURCE_COLUMNS]
+        raise DataError(
+            f"{lacking.source.path}: column {column!r} ({label}) is missing, although {having[0].source.path} "
+            f"has it; its columns are: {', '.join(columns)}{did_you_mean(column, columns)}; "
+            "give every file the same column names"
+        )
+
+
+def describe_no_rows(files: Sequence[SourceFile], has_header: bool) -> str:
+    """Why there is nothing to analyse, naming the file(s): empty, or a header line and nothing else."""
+    if len(files) == 1:
+        what = "has a header line but no data rows" if has_header else "is empty"
+        return f"{files[0].path} {what}; check the export, or point data.source at the data file"
+    return (f"none of the {len(files)} files ({', '.join(f.path for f in files)}) holds a data row; "
+            "check the exports, or point data.source at the data files")
+
+
+def did_you_mean(name: str, columns: Sequence[str]) -> str:
+    """ "; did you mean 'Score'?" when a column is a close match of ``name`` (case first, then spelling), else ""."""
+    columns = [str(c) for c in columns]
+    same_case = [c for c in columns if c.strip().lower() == name.strip().lower()]
+    close = same_case or difflib.get_close_matches(name.lower(), [c.lower() for c in columns], n=1, cutoff=0.75)
+    if not close:
+        return ""
+    match = close[0] if same_case else next(c for c in columns if c.lower() == close[0])
+    return f"; did you mean {match!r}?"
+
+
 # ----------------------------------------------------------------------------------------- reading
 
 
-def _read_file(path: Path, config: StudyConfig) -> _FilePart:
+def read_file(path: Path, config: StudyConfig) -> FilePart:
+    """Read one CSV or Parquet file; a file that is neither, or cannot be parsed, is a :class:`DataError`."""
     shown = _display_path(path, config.base_dir)
     try:
         content = path.read_bytes()
@@ -120,7 +190,7 @@ def _read_file(path: Path, config: StudyConfig) -> _FilePart:
             )
     raw = frame.assign(source_file=shown, source_line=lines).reset_index(drop=True)
     source = SourceFile(path=shown, sha256=hashlib.sha256(content).hexdigest(), rows=len(raw))
-    return _FilePart(raw=raw, source=source, decimal_comma=decimal_comma)
+    return FilePart(raw=raw, source=source, decimal_comma=decimal_comma)
 
 
 def _display_path(path: Path, base_dir: Path) -> str:
@@ -171,6 +241,12 @@ def _parse_csv(content: bytes, shown: str) -> tuple[pd.DataFrame, np.ndarray, bo
         ) from None
     except pd.errors.EmptyDataError:
         return pd.DataFrame(), np.empty(0, dtype=np.int64), False
+    header = [name.strip() for name in next(csv.reader(io.StringIO(text.lstrip("\r\n")), delimiter=sep))]
+    twice = sorted({name for name in header if header.count(name) > 1 and name})
+    if twice:
+        raise DataError(
+            f"{shown}: the header names column {twice[0]!r} twice; rename one of them so every column has its own name"
+        )
     frame.columns = [str(column).strip() for column in frame.columns]
     lines = _physical_lines(frame, text)
     blank = _all_blank(frame)
@@ -196,8 +272,9 @@ def _decode(content: bytes, shown: str) -> str:
     except UnicodeDecodeError as exc:
         line = content.count(b"\n", 0, exc.start) + 1
         raise DataError(
-            f"{shown}: is not UTF-8 text (byte 0x{content[exc.start]:02x} on line {line}); "
-            "save it as UTF-8 CSV, or export it as Parquet"
+            f"{shown}: is not UTF-8 text (byte 0x{content[exc.start]:02x} on line {line}; perhaps Latin-1 or "
+            "Windows-1252); save it as UTF-8 CSV (spreadsheet: Save As 'CSV UTF-8'; shell: "
+            f"iconv -f WINDOWS-1252 -t UTF-8 {Path(shown).name} > utf8.csv), or export it as Parquet"
         ) from None
 
 
@@ -239,23 +316,32 @@ def _union(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
 # ------------------------------------------------------------------------------------------ typing
 
 
-def coerce_types(parts: Sequence[_FilePart], raw: pd.DataFrame, config: StudyConfig) -> pd.DataFrame:
+def coerce_types(parts: Sequence[FilePart], raw: pd.DataFrame, config: StudyConfig) -> pd.DataFrame:
     """The typed table: same index as ``raw``, data columns coerced by role, plus the source columns.
 
     Subject and ``data.categorical`` columns become text (whitespace stripped; integral numbers written
     without a decimal part, so a CSV "7" and a Parquet 7 or 7.0 are the same subject). Time and outcome
-    become float64, NaN where missing or not a number. Every other column is float64 when all its
-    non-missing values (over all files) are numbers, else text. Missing tokens (:data:`MISSING_TOKENS`)
-    are NaN everywhere; infinite values count as not a number.
+    become float64, NaN where missing or not a number. A time column of ISO 8601 dates (2024-01-15,
+    optionally with a time of day) becomes days since the earliest date in the data (see
+    :func:`parse_iso_dates`); dates written otherwise (15/01/2024) are refused, as day and month are
+    ambiguous. Every other column is float64 when all its non-missing values (over all files) are
+    numbers, else text. Missing tokens (:data:`MISSING_TOKENS`) are NaN everywhere; infinite values
+    count as not a number.
     """
     data_columns = [c for c in raw.columns if c not in SOURCE_COLUMNS]
-    text_roles = {config.data.subject, *config.data.categorical}
+    text_roles = {*config.data.subject_columns, *config.data.categorical}
     number_roles = {config.data.time, config.data.outcome}
     typed: dict[str, pd.Series] = {}
     for column in data_columns:
         if column in text_roles:
             typed[column] = _stack(parts, column, _text_of)
             continue
+        if column == config.data.time:
+            dates = parse_iso_dates(raw[column])
+            if dates is not None:
+                typed[column] = pd.Series(dates.days.to_numpy(dtype=np.float64))
+                continue
+            _refuse_other_dates(raw, column)
         numbers = _stack(parts, column, _numbers_of)
         if column in number_roles:
             typed[column] = numbers
@@ -269,20 +355,72 @@ def coerce_types(parts: Sequence[_FilePart], raw: pd.DataFrame, config: StudyCon
     return out.assign(source_file=raw["source_file"], source_line=raw["source_line"])
 
 
-def _text_of(values: pd.Series, part: _FilePart) -> pd.Series:
+def parse_iso_dates(values: pd.Series) -> IsoDates | None:
+    """A time column of dates as days since the earliest one, or None when it does not hold dates.
+
+    The column holds dates when it is a datetime column (Parquet) or when more than half of its
+    non-missing values are ISO 8601 dates ("2024-01-15", "2024-01-15 08:30", "2024-01-15T08:30:00") and
+    they outnumber the plain numbers. Days are fractional when a time of day is given; time zones are
+    not read. Values that are not such dates (or impossible ones, 2024-02-30) are NaN in ``days``, so
+    validation quarantines their rows. Why the earliest date in the data: days since each subject's own
+    first visit would be an analysis choice (it moves every intercept), the study's first date is not.
+    """
+    if values.dtype.kind == "M":
+        stamps = pd.Series(pd.to_datetime(values))
+        if getattr(stamps.dt, "tz", None) is not None:
+            stamps = stamps.dt.tz_convert(None)
+    else:
+        trimmed = _trimmed(values)
+        is_date = np.asarray(pc.fill_null(pc.match_substring_regex(trimmed, pattern=_ISO_DATE), False), dtype=bool)
+        n_dates = int(is_date.sum())
+        if n_dates == 0:
+            return None
+        present = int((~_missing_in(trimmed)).sum())
+        n_numbers = int(parse_numbers(values).notna().sum())
+        if n_dates <= n_numbers or n_dates * 2 <= present:
+            return None
+        text = pd.Series(np.asarray(trimmed.to_numpy(zero_copy_only=False), dtype=object), index=values.index)
+        stamps = pd.to_datetime(text.where(is_date), errors="coerce", format="ISO8601")
+    if stamps.notna().sum() == 0:
+        return None
+    origin = pd.Timestamp(stamps.min())
+    days = (stamps - origin) / pd.Timedelta(days=1)
+    return IsoDates(days=pd.Series(days.to_numpy(dtype=np.float64), index=values.index), origin=origin)
+
+
+def _refuse_other_dates(raw: pd.DataFrame, column: str) -> None:
+    """Fail on a time column of dates not written as ISO 8601: 03/04/2024 is March or April."""
+    values = raw[column]
+    if values.dtype.kind in "biufM":
+        return
+    trimmed = _trimmed(values)
+    is_other = np.asarray(pc.fill_null(pc.match_substring_regex(trimmed, pattern=_OTHER_DATE), False), dtype=bool)
+    present = int((~_missing_in(trimmed)).sum())
+    if not is_other.any() or is_other.sum() * 2 <= present:
+        return
+    first = int(np.flatnonzero(is_other)[0])
+    raise DataError(
+        f"column {column!r} (data.time) holds dates written like {str(values.iloc[first]).strip()!r} "
+        f"({raw['source_file'].iloc[first]} line {raw['source_line'].iloc[first]}), where day and month are "
+        "ambiguous; write them as ISO dates (2024-01-15), which are read as days since the earliest date, "
+        "or give the time as a number (weeks since baseline, say)"
+    )
+
+
+def _text_of(values: pd.Series, part: FilePart) -> pd.Series:
     return to_text(values)
 
 
-def _numbers_of(values: pd.Series, part: _FilePart) -> pd.Series:
+def _numbers_of(values: pd.Series, part: FilePart) -> pd.Series:
     return parse_numbers(values, decimal_comma=part.decimal_comma)
 
 
-def _presence_of(values: pd.Series, part: _FilePart) -> pd.Series:
+def _presence_of(values: pd.Series, part: FilePart) -> pd.Series:
     return pd.Series(~is_missing(values), index=values.index)
 
 
 def _stack(
-    parts: Sequence[_FilePart], column: str, convert: Callable[[pd.Series, _FilePart], pd.Series],
+    parts: Sequence[FilePart], column: str, convert: Callable[[pd.Series, FilePart], pd.Series],
 ) -> pd.Series:
     """Convert ``column`` file by file (within one file a column has one dtype) and stack the results.
 
@@ -371,6 +509,6 @@ def _one_line(text: str) -> str:
 
 
 __all__ = [
-    "MISSING_TOKENS", "SOURCE_COLUMNS", "read_sources", "find_source_files", "coerce_types", "is_missing",
-    "to_text", "parse_numbers",
+    "MISSING_TOKENS", "SOURCE_COLUMNS", "FilePart", "IsoDates", "read_sources", "read_file", "assemble", "find_source_files", "coerce_types",
+    "is_missing", "to_text", "parse_numbers", "parse_iso_dates", "did_you_mean", "describe_no_rows",
 ]

@@ -4,11 +4,13 @@ The checks run as great-expectations 1.x expectations on an ephemeral context (i
 import costs seconds). Table-level expectations fail the run (:func:`ensure_valid`); row-level ones
 quarantine rows. Each quarantined row gets the reason of the first rule it breaks, in this order:
 
-1. subject missing; 2. time missing, 3. time not a number; 4. outcome missing, 5. outcome not a number;
+0. a repeated header line; 1. subject missing (any of its columns); 2. time missing, 3. time not a
+number (not an ISO date when the column holds dates); 4. outcome missing, 5. outcome not a number;
 6. outcome outside ``validation.outcome_range``; 7. the same (subject, time) twice among the rows still
 in: an exact duplicate (equal in every data column) keeps its first copy, conflicting copies all go;
-8. a covariate used by a candidate model missing (or not a number); 9. a subject left with fewer than
-``validation.min_observations_per_subject`` rows.
+8. a covariate used by a candidate model missing (or not a number); 9. a ``data.constant`` column
+taking two values within a subject (every row of that subject goes); 10. a subject left with fewer
+than ``validation.min_observations_per_subject`` rows.
 
 A missing required column counts as missing in every row, so the accounting stays whole:
 ``rows_read == rows_analysed + rows_quarantined`` always holds.
@@ -27,7 +29,7 @@ import pandas as pd
 
 from longitudinal.config import StudyConfig
 from longitudinal.errors import DataError
-from longitudinal.ingest import SOURCE_COLUMNS, is_missing, parse_numbers
+from longitudinal.ingest import SOURCE_COLUMNS, describe_no_rows, did_you_mean, is_missing, parse_iso_dates, parse_numbers
 from longitudinal.records import ExpectationOutcome, Ingested, Validated
 
 MIN_SUBJECTS = 3
@@ -38,6 +40,11 @@ _ELIGIBLE_FOR_DUPLICATES = f"{_PREFIX}dup_eligible"
 _SUBJECT_ROWS = f"{_PREFIX}subject_rows"
 _SURVIVOR = f"{_PREFIX}survivor"
 _KEPT = f"{_PREFIX}kept"
+_KEY = f"{_PREFIX}subject"
+_HEADER_LINE = f"{_PREFIX}header_line"
+_PER_COLUMN_RULES = ("covariate_", "constant_")
+#: Joins the parts of a subject given by several columns: lme4 labels the levels of dog:side "D1:L".
+KEY_SEPARATOR = ":"
 
 _GX = "great_expectations "
 _CHECKS = {
@@ -51,10 +58,12 @@ _CHECKS = {
     "no_conflicting_duplicates": _GX + "expect_compound_columns_to_be_unique; copies that differ told apart in pandas",
     "covariate_present": _GX + "expect_column_values_to_not_be_null on the value as read",
     "covariate_is_number": _GX + "expect_column_values_to_not_be_null on the value as a number",
+    "not_a_header_line": "rows whose subject, time and outcome cells equal the column names, found in pandas, then "
+    + _GX + "expect_column_values_to_be_between",
+    "constant_within_subject": "distinct values per subject counted in pandas, then " + _GX + "expect_column_values_to_be_between",
     "min_observations_per_subject": "rows per subject counted in pandas, then " + _GX + "expect_column_values_to_be_between",
 }
 
-_ROLE_LABELS = {"subject": "data.subject", "time": "data.time", "outcome": "data.outcome"}
 
 
 @dataclass(frozen=True)
@@ -75,12 +84,16 @@ def validate_visits(ingested: Ingested, config: StudyConfig, covariates: Collect
     ``covariates`` are the columns other than subject, time and outcome that any candidate uses: a row
     missing one of them is quarantined so that every candidate is fitted on the same rows. A covariate
     not listed in ``data.categorical`` whose values are mostly numbers is analysed as a number, and a
-    row where it is not one is quarantined. ``visits`` keeps the index labels of ``ingested.typed`` and
-    is sorted by subject (numerically when every id is a number) then time; ``quarantine`` keeps read
-    order and the same index labels.
+    row where it is not one is quarantined. When ``data.subject`` names several columns, their
+    combination is the subject throughout, and ``visits`` gains the text column ``data.subject_key``
+    ("dog:side", values "D1:L") next to the original columns. ``visits`` keeps the index labels of
+    ``ingested.typed`` and is sorted by subject (numerically when every id is a number) then time;
+    ``quarantine`` keeps read order and the same index labels.
     """
-    subject, time, outcome = config.data.subject, config.data.time, config.data.outcome
-    covariates = tuple(dict.fromkeys(c for c in covariates if c not in (subject, time, outcome)))
+    data = config.data
+    subjects, time, outcome = data.subject_columns, data.time, data.outcome
+    covariates = tuple(dict.fromkeys(c for c in covariates if c not in data.roles))
+    constant = tuple(dict.fromkeys(data.constant))
     raw = ingested.raw.reset_index(drop=True)
     typed = ingested.typed.reset_index(drop=True)
     labels = ingested.typed.index
@@ -88,19 +101,25 @@ def validate_visits(ingested: Ingested, config: StudyConfig, covariates: Collect
     data_columns = [c for c in typed.columns if c not in SOURCE_COLUMNS]
     numeric_covariates = _numeric_covariates(typed, covariates, config)
     typed = typed.assign(**{c: parse_numbers(typed[c], decimal_comma=True) for c in numeric_covariates})
+    required = tuple(dict.fromkeys((*subjects, time, outcome, *covariates, *constant)))
+    present = {c for c in required if c in typed.columns}
+    dates = parse_iso_dates(raw[time]) if time in present and n else None
+    key = _subject_key(typed, subjects)
 
     # Stage 1: per-row checks that need nothing but the row itself (plus the table-level basics).
     stage1 = _Stage()
-    for column in (subject, time, outcome, *covariates):
+    for column in required:
         stage1.expect("column_exists", column, "ExpectColumnToExist", column=column)
     stage1.expect("table_has_rows", None, "ExpectTableRowCountToBeBetween", min_value=1)
-    present = {c for c in (subject, time, outcome, *covariates) if c in typed.columns}
-    frame1 = typed[[c for c in (subject, time, outcome, *covariates) if c in present]].copy()
+    frame1 = typed[[c for c in required if c in present]].copy()
     for column in present:
-        if column != subject:
+        if column not in subjects:
             frame1[_read(column)] = raw[column].where(~is_missing(raw[column]))
-    if subject in present:
-        stage1.expect("subject_present", subject, "ExpectColumnValuesToNotBeNull", column=subject)
+    frame1[_HEADER_LINE] = _repeated_header(raw, [c for c in (*subjects, time, outcome) if c in present])
+    stage1.expect("not_a_header_line", None, "ExpectColumnValuesToBeBetween", column=_HEADER_LINE, max_value=0)
+    for column in subjects:
+        if column in present:
+            stage1.expect("subject_present", column, "ExpectColumnValuesToNotBeNull", column=column)
     for column in (time, outcome):
         if column in present:
             stage1.expect(f"{_role_of(column, config)}_present", column, "ExpectColumnValuesToNotBeNull", column=_read(column))
@@ -125,13 +144,21 @@ def validate_visits(ingested: Ingested, config: StudyConfig, covariates: Collect
 
     raw_text = {c: raw[c] for c in present}
     range_text = "" if low_high is None else f"[{_format_float(low_high[0])}, {_format_float(low_high[1])}]"
+    time_kind = "an ISO date (YYYY-MM-DD)" if dates is not None else "a number"
     rules: list[_Rule] = [
-        _constant_rule("subject_present", subject, f"subject ({subject!r}) is not missing",
-                       flagged("subject_present", subject), f"subject missing (column {subject!r})", n),
+        _constant_rule("not_a_header_line", None, "no row repeats the header line", flagged("not_a_header_line", None),
+                       "a repeated header line (its cells are the column names)", n),
+    ]
+    rules += [
+        _constant_rule("subject_present", column, f"subject ({column!r}) is not missing",
+                       flagged("subject_present", column), f"subject missing (column {column!r})", n)
+        for column in subjects
+    ]
+    rules += [
         _constant_rule("time_present", time, f"time ({time!r}) is not missing",
                        flagged("time_present", time), f"time missing (column {time!r})", n),
-        _value_rule("time_is_number", time, f"time ({time!r}) is a number",
-                    flagged("time_is_number", time), "time is not a number: '{}'" + f" (column {time!r})",
+        _value_rule("time_is_number", time, f"time ({time!r}) is {time_kind}",
+                    flagged("time_is_number", time), f"time is not {time_kind}: " + "'{}'" + f" (column {time!r})",
                     raw_text.get(time), n),
         _constant_rule("outcome_present", outcome, f"outcome ({outcome!r}) is not missing",
                        flagged("outcome_present", outcome), f"outcome missing (column {outcome!r})", n),
@@ -147,18 +174,25 @@ def validate_visits(ingested: Ingested, config: StudyConfig, covariates: Collect
         ))
     taken = _any_failure(rules, n)
 
-    # Stage 2: the same (subject, time) twice, among rows that passed stage 1.
+    # Stage 2: the same (subject, time) twice among rows that passed stage 1; columns declared constant
+    # that change within a subject (judged on every row whose subject is known).
     eligible = ~taken
-    in_duplicate_group = np.zeros(n, dtype=bool)
+    checked_constant = [c for c in constant if c in present]
+    stage2 = _Stage()
+    frame2 = pd.DataFrame(index=range(n))
     if eligible.any():
-        frame2 = typed[[subject, time]].assign(**{_ELIGIBLE_FOR_DUPLICATES: eligible})
-        stage2 = _Stage()
+        frame2 = frame2.assign(**{c: typed[c] for c in (*subjects, time)}, **{_ELIGIBLE_FOR_DUPLICATES: eligible})
         stage2.expect(
-            "unique_subject_time", None, "ExpectCompoundColumnsToBeUnique", column_list=[subject, time],
+            "unique_subject_time", None, "ExpectCompoundColumnsToBeUnique", column_list=[*subjects, time],
             only_where=_ELIGIBLE_FOR_DUPLICATES,
         )
-        in_duplicate_group = stage2.run(frame2).failing("unique_subject_time", None, n) & eligible
-    exact, conflicting = _duplicate_rules(typed, data_columns, subject, time, in_duplicate_group)
+    distinct = {c: _distinct_within(typed[c], key) for c in checked_constant}
+    for column in checked_constant:
+        frame2[_distinct(column)] = distinct[column]
+        stage2.expect("constant_within_subject", column, "ExpectColumnValuesToBeBetween", column=_distinct(column), max_value=1)
+    found2 = stage2.run(frame2)
+    in_duplicate_group = found2.failing("unique_subject_time", None, n) & eligible
+    exact, conflicting = _duplicate_rules(typed, data_columns, subjects, time, key, in_duplicate_group)
     rules += [exact, conflicting]
     for column in covariates:
         rules.append(_constant_rule(
@@ -172,6 +206,8 @@ def validate_visits(ingested: Ingested, config: StudyConfig, covariates: Collect
                 f"covariate {column!r} is not a number: " + "'{}' (used by the candidate models)",
                 raw_text.get(column), n,
             ))
+    for column in checked_constant:
+        rules.append(_changing_rule(column, typed[column], key, found2.failing("constant_within_subject", column, n)))
     taken = _any_failure(rules, n)
 
     # Stage 3: rows per subject among the survivors, and the subjects left.
@@ -179,38 +215,36 @@ def validate_visits(ingested: Ingested, config: StudyConfig, covariates: Collect
     survivor = ~taken
     subject_rows = np.zeros(n, dtype=np.int64)
     if survivor.any():
-        subjects = typed[subject]
-        counts = subjects[survivor].value_counts()
-        subject_rows[survivor] = subjects[survivor].map(counts).to_numpy(dtype=np.int64)
+        counts = key[survivor].value_counts()
+        subject_rows[survivor] = key[survivor].map(counts).to_numpy(dtype=np.int64)
     too_few = survivor & (subject_rows < minimum)
     kept = survivor & ~too_few
     stage3 = _Stage()
+    key_label = data.subject_key
     if survivor.any():
-        frame3 = pd.DataFrame({
-            subject: typed[subject], _SUBJECT_ROWS: subject_rows, _SURVIVOR: survivor, _KEPT: kept,
-        })
+        frame3 = pd.DataFrame({_KEY: key, _SUBJECT_ROWS: subject_rows, _SURVIVOR: survivor, _KEPT: kept})
         stage3.expect(
-            "min_observations_per_subject", subject, "ExpectColumnValuesToBeBetween", column=_SUBJECT_ROWS,
+            "min_observations_per_subject", key_label, "ExpectColumnValuesToBeBetween", column=_SUBJECT_ROWS,
             min_value=minimum, only_where=_SURVIVOR,
         )
         if kept.any():
             stage3.expect(
-                "enough_subjects", subject, "ExpectColumnUniqueValueCountToBeBetween", column=subject,
+                "enough_subjects", key_label, "ExpectColumnUniqueValueCountToBeBetween", column=_KEY,
                 min_value=MIN_SUBJECTS, only_where=_KEPT,
             )
         # great-expectations finds the rows; the pandas counts above are what it checks against.
-        too_few = stage3.run(frame3).failing("min_observations_per_subject", subject, n) & survivor
+        too_few = stage3.run(frame3).failing("min_observations_per_subject", key_label, n) & survivor
         kept = survivor & ~too_few
-    subjects_left = int(typed.loc[kept, subject].nunique()) if kept.any() else 0
+    subjects_left = int(key[kept].nunique()) if kept.any() else 0
     few_reasons = pd.Series(np.nan, index=range(n), dtype=object)
     if too_few.any():
         left = pd.Series(subject_rows[too_few], index=typed.index[too_few])
         few_reasons[too_few] = (
-            "subject " + typed.loc[too_few, subject].astype(str) + " has " + left.astype(str)
+            "subject " + key[too_few].astype(str) + " has " + left.astype(str)
             + np.where(left == 1, " row", " rows") + f", fewer than min_observations_per_subject = {minimum}"
         ).to_numpy(dtype=object)
     rules.append(_Rule(
-        "min_observations_per_subject", subject,
+        "min_observations_per_subject", key_label,
         f"every subject keeps at least {minimum} rows after the other checks", too_few, few_reasons,
         "",
     ))
@@ -219,20 +253,29 @@ def validate_visits(ingested: Ingested, config: StudyConfig, covariates: Collect
     # Table-level outcomes, then the row-level ones with the rows each rule quarantined.
     outcomes: list[ExpectationOutcome] = []
     available = ", ".join(data_columns) if data_columns else "(none)"
-    for column, role in [(subject, "subject"), (time, "time"), (outcome, "outcome")] + [(c, "covariate") for c in covariates]:
+    for column in required:
         ok = bool(found1.success("column_exists", column))
         outcomes.append(ExpectationOutcome(
             name="column_exists", level="table", column=column, success=ok, unexpected_count=0,
-            description=f"required column {column!r} ({_role_label(role)}) is present",
-            details="" if ok else f"columns are: {available}",
+            description=f"required column {column!r} ({_label_of(column, config)}) is present",
+            details="" if ok else f"columns are: {available}{did_you_mean(column, data_columns)}",
         ))
     outcomes.append(ExpectationOutcome(
         name="table_has_rows", level="table", column=None, success=bool(found1.success("table_has_rows", None)),
-        unexpected_count=0,
-        description="the data have at least one row", details=f"{n} rows read",
+        unexpected_count=0, description="the data have at least one row",
+        details=f"{n} rows read" if n or not ingested.files else _why_no_rows(ingested, data_columns),
     ))
-    for rule in rules:
-        count = int(((reason == rule.name) & rule.failing).sum())
+    if dates is not None:
+        outcomes.append(ExpectationOutcome(
+            name="time_read_as_dates", level="table", column=time, success=True, unexpected_count=0,
+            description=(
+                f"time {time!r} holds ISO dates: read as days since {_format_date(dates.origin)}, "
+                "the earliest date in the data"
+            ),
+            details=f"{int(dates.days.notna().sum())} dates read; a value that is not an ISO date is quarantined",
+        ))
+    for index, rule in enumerate(rules):
+        count = int((reason == index).sum())
         failing = int(rule.failing.sum())
         details = rule.details or _CHECKS.get(rule.name, "")
         if rule.column is not None and rule.column not in present and rule.name.endswith("_present"):
@@ -243,15 +286,18 @@ def validate_visits(ingested: Ingested, config: StudyConfig, covariates: Collect
             name=rule.name, level="row", column=rule.column, success=count == 0, unexpected_count=count,
             description=rule.description, details=details,
         ))
-    enough = stage3.success("enough_subjects", subject)
+    enough = stage3.success("enough_subjects", key_label)
     outcomes.append(ExpectationOutcome(
-        name="enough_subjects", level="table", column=subject,
+        name="enough_subjects", level="table", column=key_label,
         success=bool(enough) if enough is not None else subjects_left >= MIN_SUBJECTS,
         unexpected_count=0, description=f"at least {MIN_SUBJECTS} subjects left after the row checks",
         details=f"{subjects_left} subjects left",
     ))
     reason_texts = _reason_texts(rules, reason, n)
-    visits = _sort_visits(typed.loc[kept].set_axis(labels[kept]), subject, time)
+    visits = typed.loc[kept]
+    if len(subjects) > 1:
+        visits = _with_subject_key(visits, key[kept], config)
+    visits = _sort_visits(visits.set_axis(labels[kept]), subjects, time)
     quarantined = ~kept
     quarantine = raw.loc[quarantined].assign(reason=reason_texts[quarantined].to_numpy(dtype=object))
     quarantine = quarantine.set_axis(labels[quarantined])
@@ -259,20 +305,28 @@ def validate_visits(ingested: Ingested, config: StudyConfig, covariates: Collect
 
 
 def ensure_valid(validated: Validated, config: StudyConfig) -> None:
-    """Raise :class:`DataError` with one line for the first failing table-level expectation."""
-    for outcome in validated.expectations:
-        if outcome.level != "table" or outcome.success:
-            continue
-        if outcome.name == "column_exists":
-            role = _role_of(outcome.column or "", config)
-            raise DataError(f"required column {outcome.column!r} ({_role_label(role)}) is missing; {outcome.details}")
+    """Raise :class:`DataError` with one line for the first failing table-level expectation.
+
+    No rows at all comes first: every column of an empty file is "missing", which would mislead.
+    """
+    failing = [e for e in validated.expectations if e.level == "table" and not e.success]
+    failing.sort(key=lambda e: e.name != "table_has_rows")
+    for outcome in failing:
         if outcome.name == "table_has_rows":
-            raise DataError(f"no rows to analyse: 0 rows read from {config.data.source}")
+            raise DataError(f"no rows to analyse: {outcome.details}")
+        if outcome.name == "column_exists":
+            column = outcome.column or ""
+            raise DataError(
+                f"required column {column!r} ({_label_of(column, config)}) is missing from "
+                f"{_source_text(config)}; {outcome.details}"
+            )
         if outcome.name == "enough_subjects":
-            left = validated.visits[config.data.subject].nunique() if config.data.subject in validated.visits else 0
+            key = config.data.subject_key
+            visits = validated.visits
+            left = _subject_key(visits, config.data.subject_columns).nunique() if set(config.data.subject_columns) <= set(visits) else 0
             quarantined = validated.rows_quarantined
             raise DataError(
-                f"only {_plural(left, 'subject')} left after the row checks ({MIN_SUBJECTS} needed); "
+                f"only {_plural(left, 'subject')}{'' if len(config.data.subject_columns) == 1 else f' ({key})'} left after the row checks ({MIN_SUBJECTS} needed); "
                 f"{_plural(quarantined, 'row')} {'was' if quarantined == 1 else 'were'} quarantined, "
                 f"see {QUARANTINE_FILE}"
             )
@@ -280,18 +334,34 @@ def ensure_valid(validated: Validated, config: StudyConfig) -> None:
 
 
 def validation_summary(validated: Validated) -> dict[str, Any]:
-    """A JSON-ready summary for ``validation.json``: the counts, the reasons by rule, every expectation."""
+    """A JSON-ready summary for ``validation.json``: the counts, the reasons by rule, every expectation.
+
+    ``quarantine_reasons`` counts quarantined rows by rule, never by reason text (which shows values):
+    the rule's name, with the column for the rules checked column by column ("covariate_present:age",
+    "constant_within_subject:arm", "subject_present:side" when the subject has several columns).
+    ``quarantine_rules`` lists the same counts with each rule's description, for a report table.
+    ``notes`` says how the data were read where that changes the numbers (dates turned into days).
+    """
     reasons: dict[str, int] = {}
+    rules: list[dict[str, Any]] = []
+    subject_rules = sum(1 for e in validated.expectations if e.level == "row" and e.name == "subject_present")
     for outcome in validated.expectations:
-        if outcome.level == "row":
-            key = outcome.name if not outcome.name.startswith("covariate_") else f"{outcome.name}:{outcome.column}"
-            reasons[key] = reasons.get(key, 0) + int(outcome.unexpected_count)
+        if outcome.level != "row":
+            continue
+        per_column = outcome.name.startswith(_PER_COLUMN_RULES) or (outcome.name == "subject_present" and subject_rules > 1)
+        key = f"{outcome.name}:{outcome.column}" if per_column else outcome.name
+        reasons[key] = reasons.get(key, 0) + int(outcome.unexpected_count)
+        rules.append({"rule": key, "column": outcome.column, "description": outcome.description,
+                      "rows": int(outcome.unexpected_count)})
+    notes = [e.description for e in validated.expectations if e.name == "time_read_as_dates"]
     return {
         "success": bool(validated.success),
         "rows_read": int(validated.rows_read),
         "rows_analysed": int(validated.rows_analysed),
         "rows_quarantined": int(validated.rows_quarantined),
         "quarantine_reasons": reasons,
+        "quarantine_rules": rules,
+        "notes": notes,
         "expectations": [dataclasses.asdict(outcome) for outcome in validated.expectations],
     }
 
@@ -305,14 +375,106 @@ def _read(column: str) -> str:
 
 
 def _role_of(column: str, config: StudyConfig) -> str:
-    for role in ("subject", "time", "outcome"):
-        if getattr(config.data, role) == column:
-            return role
-    return "covariate"
+    data = config.data
+    if column in data.subject_columns:
+        return "subject"
+    return "time" if column == data.time else "outcome" if column == data.outcome else "covariate"
 
 
-def _role_label(role: str) -> str:
-    return _ROLE_LABELS.get(role, "used by the candidate models")
+def _label_of(column: str, config: StudyConfig) -> str:
+    """The config key that makes ``column`` required: "data.subject", ..., "data.constant", or the models."""
+    role = _role_of(column, config)
+    if role != "covariate":
+        return f"data.{role}"
+    return "data.constant" if column in config.data.constant else "used by the candidate models"
+
+
+def _source_text(config: StudyConfig) -> str:
+    return f"data.source {config.data.source!r}" if config.source_path.is_dir() else config.data.source
+
+
+def _why_no_rows(ingested: Ingested, data_columns: list[str]) -> str:
+    return describe_no_rows(ingested.files, bool(data_columns))
+
+
+def _subject_key(frame: pd.DataFrame, subjects: tuple[str, ...]) -> pd.Series:
+    """The subject of each row as text: the subject column, or the parts joined by ":"; NaN when a part is missing."""
+    if any(column not in frame.columns for column in subjects):
+        return pd.Series(np.nan, index=frame.index, dtype=object)
+    if len(subjects) == 1:
+        return frame[subjects[0]].astype(object)
+    parts = [frame[column].astype(object) for column in subjects]
+    known = np.logical_and.reduce([part.notna().to_numpy(dtype=bool) for part in parts])
+    joined = parts[0].astype(str)
+    for part in parts[1:]:
+        joined = joined + KEY_SEPARATOR + part.astype(str)
+    return joined.where(known).astype(object)
+
+
+def _with_subject_key(visits: pd.DataFrame, key: pd.Series, config: StudyConfig) -> pd.DataFrame:
+    """``visits`` with the combined subject column ``data.subject_key`` added, once it is known to be safe."""
+    name = config.data.subject_key
+    subjects = list(config.data.subject_columns)
+    if name in visits.columns:
+        raise DataError(
+            f"the data have a column named {name!r}, the name given to the combined subject "
+            f"(data.subject: {subjects}); rename that column"
+        )
+    if len(visits) and key.nunique() != len(visits.drop_duplicates(subjects)):
+        raise DataError(
+            f"the subject columns {subjects} hold values containing {KEY_SEPARATOR!r}, so joined with it two "
+            f"subjects read the same; remove {KEY_SEPARATOR!r} from those values"
+        )
+    if not set(subjects) <= set(visits.columns):  # a subject column is absent: no row is kept
+        return visits.assign(**{name: key.to_numpy(dtype=object)})
+    position = visits.columns.get_loc(subjects[-1]) + 1
+    return visits.assign(**{name: key.to_numpy(dtype=object)})[
+        [*visits.columns[:position], name, *visits.columns[position:]]
+    ]
+
+
+def _repeated_header(raw: pd.DataFrame, columns: list[str]) -> np.ndarray:
+    """0/1 per row: 1 where every role cell reads as its own column name (a second header pasted in)."""
+    if not columns or raw.empty:
+        return np.zeros(len(raw), dtype=np.int64)
+    same = np.ones(len(raw), dtype=bool)
+    for column in columns:
+        values = raw[column]
+        text = values.astype(str).str.strip().to_numpy(dtype=object)
+        same &= values.notna().to_numpy(dtype=bool) & (text == column)
+    return same.astype(np.int64)
+
+
+def _distinct(column: str) -> str:
+    return f"{_PREFIX}distinct_{column}"
+
+
+def _distinct_within(values: pd.Series, key: pd.Series) -> np.ndarray:
+    """For each row, how many distinct non-missing values of ``values`` its subject has (NaN without a subject)."""
+    counts = values.groupby(key.to_numpy(), dropna=True).nunique(dropna=True)
+    return key.map(counts).to_numpy(dtype=np.float64)
+
+
+def _changing_rule(column: str, values: pd.Series, key: pd.Series, failing: np.ndarray) -> _Rule:
+    """Every row of a subject whose ``data.constant`` column takes more than one value: which copy is right is unknown."""
+    n = len(values)
+    reasons = pd.Series(np.nan, index=range(n), dtype=object)
+    if failing.any():
+        shown = _format_numbers(values) if values.dtype.kind == "f" else values.astype(object)
+        rows = pd.DataFrame({"key": key[failing], "value": shown[failing].where(values[failing].notna())})
+        listed = rows.dropna().groupby("key")["value"].agg(lambda v: ", ".join(repr(str(x)) for x in sorted(set(v))))
+        reasons[failing] = (
+            f"column {column!r} changes within subject " + rows["key"].astype(str) + " ("
+            + rows["key"].map(listed).astype(str) + "); data.constant says it does not"
+        ).to_numpy(dtype=object)
+    return _Rule(
+        "constant_within_subject", column, f"{column!r} takes one value within each subject (data.constant)",
+        failing, reasons, "",
+    )
+
+
+def _format_date(stamp: pd.Timestamp) -> str:
+    return stamp.strftime("%Y-%m-%d") if stamp == stamp.normalize() else stamp.isoformat(sep=" ")
 
 
 def _numeric_covariates(typed: pd.DataFrame, covariates: tuple[str, ...], config: StudyConfig) -> tuple[str, ...]:
@@ -356,7 +518,8 @@ def _value_rule(
 
 
 def _duplicate_rules(
-    typed: pd.DataFrame, data_columns: list[str], subject: str, time: str, in_group: np.ndarray,
+    typed: pd.DataFrame, data_columns: list[str], subjects: tuple[str, ...], time: str, key: pd.Series,
+    in_group: np.ndarray,
 ) -> tuple[_Rule, _Rule]:
     """Split the (subject, time) duplicates into exact copies (all but the first) and conflicting visits."""
     n = len(typed)
@@ -366,11 +529,11 @@ def _duplicate_rules(
     conflict_reasons = pd.Series(np.nan, index=range(n), dtype=object)
     if in_group.any():
         rows = typed.loc[in_group]
-        keys = [rows[subject], rows[time]]
+        keys = [rows[column] for column in (*subjects, time)]
         distinct = (~rows.duplicated(subset=data_columns, keep="first")).groupby(keys).transform("sum")
-        size = rows.groupby(keys)[subject].transform("size")
+        size = rows.groupby(keys)[time].transform("size")
         is_conflict = (distinct > 1).to_numpy()
-        is_extra_copy = (~is_conflict) & rows.duplicated(subset=[subject, time], keep="first").to_numpy()
+        is_extra_copy = (~is_conflict) & rows.duplicated(subset=[*subjects, time], keep="first").to_numpy()
         positions = np.flatnonzero(in_group)
         exact[positions[is_extra_copy]] = True
         conflicting[positions[is_conflict]] = True
@@ -380,7 +543,7 @@ def _duplicate_rules(
             "exact duplicate of " + first_file[is_extra_copy].astype(str) + " line " + first_line[is_extra_copy].astype(str)
         ).to_numpy(dtype=object)
         conflict_reasons[conflicting] = (
-            "conflicting duplicate visit: subject " + rows.loc[is_conflict, subject].astype(str)
+            "conflicting duplicate visit: subject " + key[in_group][is_conflict].astype(str)
             + " at time " + _format_numbers(rows.loc[is_conflict, time]) + " appears "
             + size[is_conflict].astype(str) + " times with different values"
         ).to_numpy(dtype=object)
@@ -400,30 +563,36 @@ def _any_failure(rules: list[_Rule], n: int) -> np.ndarray:
 
 
 def _assign_reasons(rules: list[_Rule], n: int) -> np.ndarray:
-    """The name of the first rule each row breaks ("" when none)."""
-    reason = np.full(n, "", dtype=object)
-    for rule in rules:
-        new = rule.failing & (reason == "")
-        reason[new] = rule.name
+    """The position in ``rules`` of the first rule each row breaks (-1 when none).
+
+    By position, not name: a rule checked column by column (covariate_present for age, then for arm)
+    appears once per column, and a row breaking two of them counts once, for the first.
+    """
+    reason = np.full(n, -1, dtype=np.int64)
+    for index, rule in enumerate(rules):
+        reason[rule.failing & (reason < 0)] = index
     return reason
 
 
 def _reason_texts(rules: list[_Rule], reason: np.ndarray, n: int) -> pd.Series:
     texts = pd.Series(np.nan, index=range(n), dtype=object)
-    for rule in rules:
-        mine = (reason == rule.name) & rule.failing & texts.isna().to_numpy()
+    for index, rule in enumerate(rules):
+        mine = reason == index
         texts[mine] = rule.reasons[mine].to_numpy(dtype=object)
     return texts
 
 
-def _sort_visits(visits: pd.DataFrame, subject: str, time: str) -> pd.DataFrame:
+def _sort_visits(visits: pd.DataFrame, subjects: tuple[str, ...], time: str) -> pd.DataFrame:
+    """Rows by subject (outermost column first; numerically when every id is a number), then time."""
     if visits.empty:
         return visits
-    ids = visits[subject]
-    as_numbers = pd.to_numeric(ids, errors="coerce")
-    key = as_numbers if bool(as_numbers.notna().all()) else ids
-    order = np.lexsort((visits[time].to_numpy(dtype=np.float64), pd.factorize(key, sort=True)[0]))
-    return visits.iloc[order]
+    keys = [visits[time].to_numpy(dtype=np.float64)]
+    for column in reversed(subjects):
+        ids = visits[column]
+        as_numbers = pd.to_numeric(ids, errors="coerce")
+        key = as_numbers if bool(as_numbers.notna().all()) else ids
+        keys.append(pd.factorize(key, sort=True)[0])
+    return visits.iloc[np.lexsort(keys)]
 
 
 def _format_numbers(values: pd.Series) -> pd.Series:

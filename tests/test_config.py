@@ -55,7 +55,7 @@ def test_absolute_paths_stay(tmp_path: Path) -> None:
 
 
 def test_unknown_key_is_named_with_the_allowed_ones() -> None:
-    with pytest.raises(ConfigError, match=r"unknown key 'models.critrion' \(allowed here: criterion, engine, candidates\)"):
+    with pytest.raises(ConfigError, match=r"unknown key 'models.critrion' \(did you mean 'criterion'\? allowed here: criterion, engine, candidates\)"):
         parse_config(_with(models__critrion="aic"))
 
 
@@ -92,7 +92,7 @@ def test_outcome_range_must_be_ordered() -> None:
 
 
 def test_roles_must_be_distinct() -> None:
-    with pytest.raises(ConfigError, match=r"three different columns"):
+    with pytest.raises(ConfigError, match=r"must be different columns"):
         parse_config(_with(data__time="score"))
 
 
@@ -122,3 +122,53 @@ def test_bundled_example_config_loads() -> None:
     assert config.study == "example-trial"
     assert config.source_path.is_file()
     assert set(config.models.candidates) == {"ri", "ris", "ris_uncorrelated"}
+
+
+def test_subject_may_be_a_list_of_columns_outermost_first() -> None:
+    config = parse_config(_with(data__subject=["dog", "side"]))
+    assert config.data.subject == ("dog", "side")
+    assert config.data.subject_columns == ("dog", "side")
+    assert config.data.subject_key == "dog:side"
+    assert config.data.roles == ("dog", "side", "week", "score")
+    assert config.model_dump(mode="json")["data"]["subject"] == ["dog", "side"]
+
+
+def test_a_single_subject_keeps_working_as_before() -> None:
+    for given in ("patient_id", ["patient_id"]):
+        config = parse_config(_with(data__subject=given))
+        assert config.data.subject == "patient_id"
+        assert config.data.subject_columns == ("patient_id",)
+        assert config.data.subject_key == "patient_id"
+
+
+@pytest.mark.parametrize(
+    ("subject", "message"),
+    [
+        ([], r"data.subject: the list is empty; name the subject column"),
+        (["dog", "dog"], r"data.subject: a column appears twice in \['dog', 'dog'\]"),
+        (["dog", "week"], r"must be different columns, got \{'subject': \['dog', 'week'\]"),
+        (5, r"data.subject: expected a column name or a list of column names, got 5"),
+    ],
+)
+def test_bad_subject_lists(subject: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config(_with(data__subject=subject))
+
+
+def test_constant_columns_are_optional_and_must_be_covariates() -> None:
+    assert parse_config(MINIMAL).data.constant == ()
+    assert parse_config(_with(data__constant=["arm", "age"])).data.constant == ("arm", "age")
+    with pytest.raises(ConfigError, match=r"data.constant: 'week' is data.time; list only covariates"):
+        parse_config(_with(data__constant=["arm", "week"]))
+
+
+def test_misspelt_key_suggests_the_close_one_and_names_the_missing_one() -> None:
+    document = _with(data__outcom="score")
+    del document["data"]["outcome"]
+    with pytest.raises(ConfigError, match=(
+        r"^config: missing required key 'data.outcome'; unknown key 'data.outcom' \(did you mean 'outcome'\? "
+        r"allowed here: source, subject, time, outcome, categorical, constant\)$"
+    )):
+        parse_config(document)
+    with pytest.raises(ConfigError, match=r"unknown key 'zzz' \(allowed here: study, data"):
+        parse_config(_with(zzz=1))

@@ -12,7 +12,7 @@ import pytest
 
 from longitudinal.config import StudyConfig, parse_config
 from longitudinal.errors import DataError
-from longitudinal.ingest import is_missing, parse_numbers, read_sources, to_text
+from longitudinal.ingest import did_you_mean, is_missing, parse_iso_dates, parse_numbers, read_sources, to_text
 
 
 def make_config(base: Path, source: str, **data: Any) -> StudyConfig:
@@ -127,13 +127,19 @@ def test_empty_and_header_only_files_contribute_no_rows(tmp_path: Path) -> None:
     assert ingested.raw["source_file"].tolist() == ["in/c_rows.csv"] * 2
 
 
-def test_all_empty_input_gives_zero_rows_not_an_error(tmp_path: Path) -> None:
-    write(tmp_path / "in" / "a.csv", "")
-    write(tmp_path / "in" / "b.csv", "id,week,score\n")
-    ingested = read_sources(make_config(tmp_path, "in"))
-    assert ingested.rows_read == 0
-    assert {"id", "week", "score", "source_file", "source_line"} <= set(ingested.raw.columns)
-    assert len(ingested.typed) == 0
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        ({"a.csv": ""}, r"^no rows to analyse: in/a.csv is empty; check the export"),
+        ({"a.csv": "id,week,score\n\n"}, r"^no rows to analyse: in/a.csv has a header line but no data rows"),
+        ({"a.csv": "", "b.csv": "id,week,score\n"}, r"^no rows to analyse: none of the 2 files \(in/a.csv, in/b.csv\)"),
+    ],
+)
+def test_no_data_row_in_any_file_is_a_data_error(tmp_path: Path, files: dict[str, str], message: str) -> None:
+    for name, text in files.items():
+        write(tmp_path / "in" / name, text)
+    with pytest.raises(DataError, match=message):
+        read_sources(make_config(tmp_path, "in"))
 
 
 def test_binary_garbage_is_a_data_error_naming_the_file(tmp_path: Path) -> None:
@@ -144,7 +150,8 @@ def test_binary_garbage_is_a_data_error_naming_the_file(tmp_path: Path) -> None:
 
 def test_non_utf8_text_is_a_data_error_saying_what_to_do(tmp_path: Path) -> None:
     (tmp_path / "latin.csv").write_bytes("id,week,score,town\n1,0,1,Zürich\n".encode("latin-1"))
-    with pytest.raises(DataError, match=r"^latin.csv: is not UTF-8 text \(byte 0xfc on line 2\); save it as UTF-8"):
+    message = r"^latin.csv: is not UTF-8 text \(byte 0xfc on line 2; perhaps Latin-1 .*\); save it as UTF-8 CSV .*iconv"
+    with pytest.raises(DataError, match=message):
         read_sources(make_config(tmp_path, "latin.csv"))
 
 
@@ -254,3 +261,66 @@ def test_to_text_and_is_missing() -> None:
     assert is_missing(pd.Series(["", " NA ", "na", "0", "nan", "NaN", "x"])).tolist() == [
         True, True, True, False, True, True, False,
     ]
+
+
+# ------------------------------------------------------------------------------------ dates, columns
+
+
+def test_iso_dates_in_the_time_column_become_days_since_the_earliest(tmp_path: Path) -> None:
+    write(tmp_path / "v.csv", "id,day,score\n1,2024-01-20,1\n1,2024-01-15,2\n2,2024-01-16 12:00,3\n2,2024-02-30,4\n2,,5\n")
+    typed = read_sources(make_config(tmp_path, "v.csv", time="day")).typed
+    assert typed["day"].tolist()[:3] == [5.0, 0.0, 1.5]
+    assert typed["day"].isna().tolist() == [False, False, False, True, True]  # impossible date, missing
+
+
+def test_parquet_datetimes_and_csv_dates_share_one_origin(tmp_path: Path) -> None:
+    write(tmp_path / "in" / "a.csv", "id,day,score\n1,2024-01-15,1\n")
+    pd.DataFrame({"id": [2], "day": [pd.Timestamp("2024-01-10")], "score": [1.0]}).to_parquet(tmp_path / "in" / "b.parquet")
+    assert read_sources(make_config(tmp_path, "in", time="day")).typed["day"].tolist() == [5.0, 0.0]
+    stamps = parse_iso_dates(pd.Series(pd.to_datetime(["2024-03-02", "2024-03-01"])))
+    assert stamps is not None and stamps.days.tolist() == [1.0, 0.0] and stamps.origin == pd.Timestamp("2024-03-01")
+
+
+def test_numbers_with_a_stray_date_stay_numbers(tmp_path: Path) -> None:
+    assert parse_iso_dates(pd.Series(["0", "1", "2024-01-15"])) is None
+    write(tmp_path / "v.csv", "id,week,score\n1,0,1\n1,1,1\n1,2024-01-15,1\n")
+    assert read_sources(make_config(tmp_path, "v.csv")).typed["week"].isna().tolist() == [False, False, True]
+
+
+@pytest.mark.parametrize("date", ["15/01/2024", "01.15.2024", "15-Jan-2024"])
+def test_dates_in_other_formats_are_refused_naming_the_fix(tmp_path: Path, date: str) -> None:
+    write(tmp_path / "v.csv", f"id,week,score\n1,{date},1\n1,{date},1\n")
+    with pytest.raises(DataError, match=(
+        rf"^column 'week' \(data.time\) holds dates written like '{date}' \(v.csv line 2\), where day and month "
+        r"are ambiguous; write them as ISO dates \(2024-01-15\)"
+    )):
+        read_sources(make_config(tmp_path, "v.csv"))
+
+
+def test_a_file_lacking_a_role_column_the_others_have_is_refused(tmp_path: Path) -> None:
+    write(tmp_path / "in" / "a.csv", "id,week,score\n1,0,1\n")
+    write(tmp_path / "in" / "b.csv", "id,Week,score\n1,1,1\n")
+    write(tmp_path / "in" / "c.csv", "id,score\n")  # no rows: ignored
+    with pytest.raises(DataError, match=(
+        r"^in/b.csv: column 'week' \(data.time\) is missing, although in/a.csv has it; its columns are: "
+        r"id, Week, score; did you mean 'Week'\?; give every file the same column names$"
+    )):
+        read_sources(make_config(tmp_path, "in"))
+
+
+def test_subject_columns_become_text(tmp_path: Path) -> None:
+    write(tmp_path / "v.csv", "dog,side,week,score\n7,1,0,1\n7.0,2.0,1,1\n")
+    typed = read_sources(make_config(tmp_path, "v.csv", subject=["dog", "side"])).typed
+    assert typed["dog"].tolist() == ["7", "7"] and typed["side"].tolist() == ["1", "2"]
+
+
+def test_a_header_naming_a_column_twice_is_refused(tmp_path: Path) -> None:
+    write(tmp_path / "v.csv", "id,week,score,week\n1,0,1,2\n")
+    with pytest.raises(DataError, match=r"^v.csv: the header names column 'week' twice; rename one of them"):
+        read_sources(make_config(tmp_path, "v.csv"))
+
+
+def test_did_you_mean() -> None:
+    assert did_you_mean("score", ["id", "Score"]) == "; did you mean 'Score'?"
+    assert did_you_mean("patient_id", ["patientid", "week"]) == "; did you mean 'patientid'?"
+    assert did_you_mean("score", ["id", "week"]) == ""
