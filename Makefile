@@ -11,7 +11,7 @@ CONFIG ?= config/example.yaml
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: run test validate example-data clean
+.PHONY: run test validate server bench example-data clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,16 @@ validate: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# A local Prefect server and UI (SQLite under $$PREFECT_HOME, ~/.prefect by default; analytics off) for `longitudinal serve`:
+# open http://127.0.0.1:4200 and, in another shell, export PREFECT_API_URL=http://127.0.0.1:4200/api
+server: $(STAMP)
+	PREFECT_SERVER_UI_API_URL=http://127.0.0.1:4200/api \
+		$(BIN)/prefect server start --host 127.0.0.1 --port 4200 --ui --analytics-off
+
+# Speed and memory at 2,000 to 2,000,000 rows against lme4 (see benchmarks/README.md); not a test.
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_pipeline.py
 
 # Regenerate the bundled example study (fixed seed: the file changes only if the simulator does).
 example-data: $(STAMP)

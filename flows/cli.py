@@ -61,6 +61,16 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("--config", required=True, type=Path, help="the study's YAML config")
     validate.set_defaults(handler=_validate)
 
+    serve = commands.add_parser(
+        "serve", help="serve each study as a Prefect deployment: schedule, new-data trigger, one run at a time",
+    )
+    serve.add_argument("--config", required=True, type=Path, action="append", help="a study's YAML config (repeatable)")
+    serve.add_argument("--settle-seconds", type=float, default=2.0,
+                       help="a landed file counts as complete once unchanged this long (default 2)")
+    serve.add_argument("--rescan-seconds", type=float, default=60.0,
+                       help="how often the landing folders are rescanned as a backstop (default 60)")
+    serve.set_defaults(handler=_serve)
+
     simulate = commands.add_parser("simulate", help="write a synthetic two-arm longitudinal trial")
     simulate.add_argument("--out", required=True, type=Path, help="output file (.csv or .parquet)")
     simulate.add_argument("--subjects", type=int, default=300)
@@ -70,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument("--bad-rows", type=int, default=0, help="deliberately bad rows to inject")
     simulate.set_defaults(handler=_simulate)
 
-    for sub in (run, validate, simulate):
+    for sub in (run, validate, serve, simulate):
         sub.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
@@ -92,31 +102,48 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from longitudinal.config import load_config
+
+    for path in args.config:
+        load_config(path)
+    if not os.environ.get("PREFECT_API_URL"):
+        _quiet_prefect(debug=args.debug)
+        from prefect.settings import PREFECT_API_URL
+
+        if not PREFECT_API_URL.value():
+            raise ConfigError(
+                "serve needs a running Prefect server: start one with 'make server' and set "
+                "PREFECT_API_URL=http://127.0.0.1:4200/api"
+            )
+    _quiet_prefect(debug=args.debug)
+    from flows.serve import serve_studies
+
+    _strip_prefect_tracebacks(debug=args.debug)
+    serve_studies(list(args.config), settle_seconds=args.settle_seconds, rescan_seconds=args.rescan_seconds)
+    return 0
+
+
 def _validate(args: argparse.Namespace) -> int:
     from longitudinal.config import load_config
-    from longitudinal.formula import candidate_covariates, check_columns, check_same_response, parse_candidates
+    from longitudinal.formula import check_candidates, check_same_response, parse_candidates
     from longitudinal.ingest import read_sources
-    from longitudinal.outputs import new_run_id, write_json, write_quarantine
-    from longitudinal.records import SOURCE_COLUMNS
-    from longitudinal.validation import ensure_valid, validate_visits, validation_summary
+    from longitudinal.outputs import write_validation
+    from longitudinal.validation import ensure_valid, validate_visits
 
     config = load_config(args.config)
     formulas = parse_candidates(config.models.candidates)
     check_same_response(formulas, config.data.outcome)
     ingested = read_sources(config)
-    roles = {config.data.subject, config.data.time, config.data.outcome}
-    check_columns(formulas, {c for c in ingested.raw.columns if c not in SOURCE_COLUMNS} | roles)
-    validated = validate_visits(ingested, config, candidate_covariates(formulas, roles))
-    folder = config.output_dir / "validations" / new_run_id()
-    folder.mkdir(parents=True)
-    write_json(validation_summary(validated), folder / "validation.json")
-    write_quarantine(validated, folder)
+    covariates = check_candidates(formulas, config.data.roles, list(ingested.raw.columns))
+    validated = validate_visits(ingested, config, covariates)
+    folder = write_validation(validated, config)
     print(
         f"{validated.rows_read} rows read = {validated.rows_analysed} analysed + "
         f"{validated.rows_quarantined} quarantined"
     )
+    print(folder)  # the checks and the quarantine, also when the table-level check below fails
     ensure_valid(validated, config)
-    print(folder)
     return 0
 
 

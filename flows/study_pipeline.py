@@ -14,8 +14,10 @@ from typing import Any
 from prefect import flow, unmapped
 from prefect.runtime import flow_run
 
-from longitudinal.config import StudyConfig, load_config
-from longitudinal.formula import candidate_covariates, check_columns, check_same_response, parse_candidates
+from longitudinal.config import ExecutionConfig, StudyConfig, load_config
+from longitudinal.curation import fingerprint
+from longitudinal.ingest import find_source_files
+from longitudinal.formula import check_candidates, check_same_response, parse_candidates
 from longitudinal.outputs import (
     build_manifest,
     discard_run,
@@ -28,7 +30,7 @@ from longitudinal.outputs import (
     write_model_comparison,
     write_quarantine,
 )
-from longitudinal.records import SOURCE_COLUMNS
+from longitudinal.records import Fit
 from longitudinal.report import ReportInputs
 from longitudinal.validation import validation_summary
 from tasks.fitting import fit
@@ -39,12 +41,18 @@ from tasks.validation import validate
 
 
 def _run_name() -> str:
-    parameters = flow_run.parameters
+    """``<study>: <newest data file> (+N more) @ <time>``: the study and the data the run saw."""
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
     try:
-        study = load_config(parameters["config_path"]).study
-    except Exception:  # the flow itself reports a bad config; the name is only cosmetic
-        study = "study"
-    return f"{study}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
+        config = load_config(flow_run.parameters["config_path"])
+    except Exception:  # the flow itself reports a bad config; the name is only a label
+        return f"study @ {stamp}"
+    try:
+        files = sorted(find_source_files(config), key=lambda p: p.stat().st_mtime)
+    except Exception:  # no data (yet): the run will say so
+        return f"{config.study}: no data @ {stamp}"
+    more = f" (+{len(files) - 1} more)" if len(files) > 1 else ""
+    return f"{config.study}: {files[-1].name}{more} @ {stamp}"
 
 
 @flow(name="longitudinal-study", flow_run_name=_run_name, log_prints=False)
@@ -67,25 +75,21 @@ def _run_stages(config: StudyConfig, config_path: Path, formulas: dict, staging:
     stages: dict[str, float] = {}
     clock = time.perf_counter()
 
-    ingested = ingest(config)
+    curated = ingest(config)
+    ingested = curated.ingested
     stages["ingest"] = _lap(clock)
     clock = time.perf_counter()
 
-    data = config.data
-    roles = {data.subject, data.time, data.outcome}
-    columns = [c for c in ingested.raw.columns if c not in SOURCE_COLUMNS]
-    check_columns(formulas, set(columns) | roles)
-    covariates = candidate_covariates(formulas, roles)
+    covariates = check_candidates(formulas, config.data.roles, list(ingested.raw.columns))
     validated = validate(ingested, config, covariates)
     stages["validate"] = _lap(clock)
     clock = time.perf_counter()
 
     names = list(formulas)
     engine = config.models.engine
-    fits = fit.map(
-        unmapped(validated.visits), names, [config.models.candidates[n] for n in names],
-        unmapped("ML"), unmapped(engine),
-    ).result()
+    data_hash = fingerprint(validated.visits)
+    fit_stage = fit_candidates.with_options(task_runner=task_runner(config.execution))
+    fits = fit_stage(validated.visits, names, [config.models.candidates[n] for n in names], engine, data_hash)
     stages["fit"] = _lap(clock)
     clock = time.perf_counter()
 
@@ -95,7 +99,7 @@ def _run_stages(config: StudyConfig, config_path: Path, formulas: dict, staging:
 
     chosen = selection.selected
     refit = fit.with_options(task_run_name=f"refit-{chosen}-REML")
-    selected = refit(validated.visits, chosen, config.models.candidates[chosen], "REML", engine)
+    selected = refit(validated.visits, chosen, config.models.candidates[chosen], "REML", engine, data_hash)
     stages["fit"] += _lap(clock)
     clock = time.perf_counter()
 
@@ -125,6 +129,27 @@ def _run_stages(config: StudyConfig, config_path: Path, formulas: dict, staging:
         counts=counts, selected=chosen,
     )
     return publish(staging, run_id, manifest, config.study, _summary_markdown(config, selection, counts, run_id))
+
+
+@flow(name="fit-candidates", flow_run_name="fit {names}", log_prints=False)
+def fit_candidates(visits: Any, names: list[str], formulas: list[str], engine: str, data_hash: str) -> list[Fit]:
+    """Fit every candidate by ML, one task each, on the task runner the study's ``execution`` names."""
+    return list(fit.map(unmapped(visits), names, formulas, unmapped("ML"), unmapped(engine), unmapped(data_hash)).result())
+
+
+def task_runner(execution: ExecutionConfig) -> Any:
+    """The Prefect task runner for ``execution.task_runner``: threads, processes, or an existing Dask cluster."""
+    if execution.task_runner == "processes":
+        from prefect.task_runners import ProcessPoolTaskRunner
+
+        return ProcessPoolTaskRunner()
+    if execution.task_runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        return DaskTaskRunner(address=execution.address) if execution.address else DaskTaskRunner()
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    return ThreadPoolTaskRunner()
 
 
 def _lap(start: float) -> float:

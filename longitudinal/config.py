@@ -10,7 +10,7 @@ import difflib
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -115,12 +115,53 @@ class OutputConfig(_Frozen):
     directory: str = "reports"
 
 
+class ScheduleConfig(_Frozen):
+    """When ``longitudinal serve`` runs the study on its own (a cron expression in a time zone)."""
+
+    cron: str
+    timezone: str = "UTC"
+
+    @field_validator("cron")
+    @classmethod
+    def _five_fields(cls, value: str) -> str:
+        if len(value.split()) != 5:
+            raise ValueError(f"{value!r} is not a cron expression of five fields, e.g. '0 6 * * *' (06:00 daily)")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r}; use an IANA name such as 'Europe/Oslo' or 'UTC'") from None
+        return value
+
+
+class ExecutionConfig(_Frozen):
+    """Where the candidate fits run: threads of the flow's process (default), processes, or a Dask cluster."""
+
+    task_runner: Literal["threads", "processes", "dask"] = "threads"
+    address: str | None = None
+    """With ``dask``: the scheduler of an existing cluster (``tcp://host:8786``); none starts a local one."""
+
+    @model_validator(mode="after")
+    def _address_for_dask(self) -> ExecutionConfig:
+        if self.address is not None and self.task_runner != "dask":
+            raise ValueError("address is the Dask scheduler's: set task_runner: dask, or remove address")
+        return self
+
+
 class StudyConfig(_Frozen):
     study: str
     data: DataConfig
     validation: ValidationConfig = ValidationConfig()
     models: ModelsConfig
     output: OutputConfig = OutputConfig()
+    schedule: ScheduleConfig | None = None
+    execution: ExecutionConfig = ExecutionConfig()
     base_dir: Path = Path(".")
     """Folder of the config file; relative paths resolve against it (set by :func:`load_config`)."""
 
@@ -216,10 +257,10 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
     model: type[BaseModel] = StudyConfig
     for part in loc:
         annotation = model.model_fields[str(part)].annotation if str(part) in model.model_fields else None
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            model = annotation
-        else:
+        nested = [a for a in (annotation, *get_args(annotation)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not nested:
             break
+        model = nested[0]
     return [name for name in model.model_fields if name != "base_dir"]
 
 

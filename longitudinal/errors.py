@@ -28,5 +28,9 @@ class DataError(LongitudinalError):
     """A table-level problem with the data: missing column, no rows, too few subjects, unreadable file."""
 
 
+class SourceUnavailable(DataError):
+    """A data file that exists could not be read just now (locked, being replaced, permissions): worth a retry."""
+
+
 class FitError(LongitudinalError):
     """No candidate could be fitted, or a fit that the run needs failed."""

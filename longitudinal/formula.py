@@ -17,9 +17,10 @@ from __future__ import annotations
 import ast
 import re
 from dataclasses import dataclass
-from typing import Collection, Mapping
+from typing import Collection, Mapping, Sequence
 
 from longitudinal.errors import ConfigError, FormulaError
+from longitudinal.records import SOURCE_COLUMNS
 
 #: Functions a formula may call inside terms, with the numpy function each stands for.
 FUNCTIONS = {"log": "log", "exp": "exp", "sqrt": "sqrt", "abs": "abs", "log10": "log10", "log2": "log2"}
@@ -105,15 +106,22 @@ def parse_candidates(candidates: Mapping[str, str]) -> dict[str, ModelFormula]:
     return {name: parse_formula(text, name=name) for name, text in candidates.items()}
 
 
-def check_columns(formulas: Mapping[str, ModelFormula], columns: Collection[str]) -> None:
-    """Refuse a candidate that reads a column the data lack, naming candidate, column and the columns there are."""
+def check_columns(
+    formulas: Mapping[str, ModelFormula], columns: Collection[str], *, reported_elsewhere: Collection[str] = (),
+) -> None:
+    """Refuse a candidate that reads a column the data lack, naming candidate, column and the columns there are.
+
+    Columns in ``reported_elsewhere`` are not checked (validation reports missing role columns itself).
+    """
     available = list(columns)
     for name, formula in formulas.items():
-        missing = sorted(formula.columns - set(available))
+        missing = sorted(formula.columns - set(available) - set(reported_elsewhere))
         if missing:
+            from longitudinal.ingest import did_you_mean
+
             raise ConfigError(
                 f"candidate {name!r} uses column {missing[0]!r}, which the data lack; "
-                f"columns are: {', '.join(map(str, available))}"
+                f"columns are: {', '.join(map(str, available))}{did_you_mean(missing[0], available)}"
             )
 
 
@@ -296,3 +304,13 @@ def candidate_covariates(formulas: Mapping[str, ModelFormula], roles: Collection
     for formula in formulas.values():
         used |= formula.columns
     return sorted(used - set(roles))
+
+
+def check_candidates(formulas: Mapping[str, ModelFormula], roles: Sequence[str], columns: Sequence[str]) -> list[str]:
+    """Check every candidate against the data's columns (in file order) and return the covariates they use.
+
+    Role columns (subject, time, outcome) count as present here even when the data lack them, so that a
+    missing role is reported by validation, with the file and a suggestion, rather than as a formula error.
+    """
+    check_columns(formulas, [c for c in columns if c not in SOURCE_COLUMNS], reported_elsewhere=roles)
+    return candidate_covariates(formulas, roles)

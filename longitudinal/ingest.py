@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from longitudinal.config import StudyConfig
-from longitudinal.errors import DataError
+from longitudinal.errors import DataError, SourceUnavailable
 from longitudinal.records import SOURCE_COLUMNS, Ingested, SourceFile
 
 MISSING_TOKENS: frozenset[str] = frozenset({"", "NA", "N/A", "n/a", "na", "NaN", "nan", "null", "NULL", ".", "-"})
@@ -175,7 +175,9 @@ def read_file(path: Path, config: StudyConfig) -> FilePart:
     try:
         content = path.read_bytes()
     except OSError as exc:
-        raise DataError(f"{shown}: cannot be read ({exc.strerror or exc}); check that the file exists and is readable") from None
+        raise SourceUnavailable(
+            f"{shown}: cannot be read ({exc.strerror or exc}); check that the file exists and is readable"
+        ) from None
     if path.suffix.lower() == ".parquet" or content.startswith(_PARQUET_MAGIC):
         frame = _parse_parquet(content, shown)
         decimal_comma = False

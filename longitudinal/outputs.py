@@ -24,6 +24,7 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
+from longitudinal.config import StudyConfig
 from longitudinal.records import Fit, Selection, SourceFile, Validated
 from longitudinal.selection import COLUMNS
 
@@ -103,6 +104,19 @@ def write_quarantine(validated: Validated, folder: Path) -> Path:
     path = folder / "quarantine.csv"
     validated.quarantine.to_csv(path, index=False)
     return path
+
+
+def write_validation(validated: Validated, config: StudyConfig) -> Path:
+    """``validation.json`` and ``quarantine.csv`` in ``<output>/<study>/validations/<run id>/``: the outcome of
+    the checks kept where a user finds it when there is no run folder (``longitudinal validate``, or a run
+    that validation stopped)."""
+    from longitudinal.validation import validation_summary
+
+    folder = config.output_dir / "validations" / new_run_id()
+    folder.mkdir(parents=True)
+    write_json(validation_summary(validated), folder / "validation.json")
+    write_quarantine(validated, folder)
+    return folder
 
 
 def write_data(validated: Validated, folder: Path) -> Path:

@@ -1,18 +1,56 @@
-"""Fit: one task per candidate and method. No retries: the statistics are deterministic."""
+"""Fit: one task per candidate and method. No retries: the statistics are deterministic.
+
+Fits are cached by (data fingerprint, formula, method, engine, engine code): a re-run on data that
+did not change reuses them. The cache key ignores the data frame itself (hashing it per task would cost
+more than it saves); the flow passes its fingerprint instead.
+"""
 
 from __future__ import annotations
 
+import hashlib
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
 import pandas as pd
 from prefect import task
-from prefect.cache_policies import NO_CACHE
+from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
 
+import longitudinal
 from longitudinal.fitting import fit_candidate
 from longitudinal.records import Fit, Method
 
+_ENGINE_FILES = ("formula.py", "design.py", "engine.py", "sparse_engine.py", "sm_engine.py", "fitting.py", "records.py")
 
-@task(name="fit", task_run_name="fit-{name}-{method}", cache_policy=NO_CACHE)
-def fit(visits: pd.DataFrame, name: str, formula: str, method: Method, engine: str) -> Fit:
+
+def _engine_version() -> str:
+    """The library version plus a hash of the code that computes a fit: new code, new cache entries."""
+    digest = hashlib.sha256(longitudinal.__version__.encode())
+    package = Path(longitudinal.__file__).parent
+    for name in _ENGINE_FILES:
+        path = package / name
+        if path.exists():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+ENGINE_VERSION = _engine_version()
+
+
+def fit_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    formula = hashlib.sha256(parameters["formula"].encode()).hexdigest()[:16]
+    return (
+        f"fit-{parameters['data_hash'][:32]}-{parameters['name']}-{formula}-{parameters['method']}-"
+        f"{parameters['engine']}-{ENGINE_VERSION}"
+    )
+
+
+@task(
+    name="fit", task_run_name="fit-{name}-{method}", cache_key_fn=fit_cache_key,
+    cache_expiration=timedelta(days=30), persist_result=True,
+)
+def fit(visits: pd.DataFrame, name: str, formula: str, method: Method, engine: str, data_hash: str) -> Fit:
     result = fit_candidate(visits, name, formula, method=method, engine=engine)
     logger = get_run_logger()
     if result.usable:

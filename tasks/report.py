@@ -15,10 +15,11 @@ from prefect.logging import get_run_logger
 from longitudinal.figures import build_figures, figure_to_png
 from longitudinal.outputs import publish_run, write_json
 from longitudinal.report import ReportInputs, render_report
-from tasks._artifacts import artifact_key
+from tasks.common import artifact_key, transient_failure
 
 
-@task(name="write-report", retries=2, retry_delay_seconds=[1, 5], cache_policy=NO_CACHE)
+@task(name="write-report", retries=2, retry_delay_seconds=[1, 5], retry_condition_fn=transient_failure,
+      cache_policy=NO_CACHE)
 def write_report(staging: Path, inputs: ReportInputs) -> Path:
     figures = build_figures(inputs.validated.visits, inputs.config, inputs.selection, inputs.selected)
     pngs = {}
@@ -31,7 +32,8 @@ def write_report(staging: Path, inputs: ReportInputs) -> Path:
     return path
 
 
-@task(name="publish", retries=2, retry_delay_seconds=[1, 5], cache_policy=NO_CACHE)
+@task(name="publish", retries=2, retry_delay_seconds=[1, 5], retry_condition_fn=transient_failure,
+      cache_policy=NO_CACHE)
 def publish(staging: Path, run_id: str, manifest: dict, study: str, summary_markdown: str) -> Path:
     write_json(manifest, staging / "manifest.json")
     run_dir = publish_run(staging, run_id)

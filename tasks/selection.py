@@ -12,7 +12,7 @@ from prefect.logging import get_run_logger
 
 from longitudinal.records import Fit, Selection
 from longitudinal.selection import select_model
-from tasks._artifacts import artifact_key
+from tasks.common import artifact_key
 
 
 @task(name="select", cache_policy=NO_CACHE)

@@ -11,8 +11,9 @@ from prefect.logging import get_run_logger
 
 from longitudinal.config import StudyConfig
 from longitudinal.records import Ingested, Validated
+from longitudinal.outputs import write_validation
 from longitudinal.validation import ensure_valid, validate_visits
-from tasks._artifacts import artifact_key
+from tasks.common import artifact_key
 
 
 @task(name="validate", cache_policy=NO_CACHE)
@@ -27,7 +28,10 @@ def validate(ingested: Ingested, config: StudyConfig, covariates: Collection[str
         "%d rows read = %d analysed + %d quarantined",
         validated.rows_read, validated.rows_analysed, validated.rows_quarantined,
     )
-    ensure_valid(validated, config)
+    if not validated.success:
+        folder = write_validation(validated, config)
+        get_run_logger().error("validation failed; the checks and the quarantine are in %s", folder)
+        ensure_valid(validated, config)
     return validated
 
 

@@ -105,7 +105,10 @@ def test_failed_validation_fails_the_flow_before_fits_and_keeps_latest(harness, 
                     "B,0,treatment,40,2,12\nB,1,treatment,40,2,13\n")
     config = copy_example_study(tmp_path)
     config.write_text(config.read_text().replace(str(EXAMPLE_DATA), str(data)))
-    with pytest.raises(DataError, match=r"subjects"):
+    with pytest.raises(DataError, match=r"only 2 subjects left after the row checks \(3 needed\)"):
         study_pipeline(config_path=str(config))
     study_dir = tmp_path / "reports" / "example-trial"
-    assert not study_dir.exists() or not list(study_dir.iterdir())
+    # No run folder, no staging folder, no latest: only the study's curated data and the failed checks.
+    assert sorted(p.name for p in study_dir.iterdir()) == ["curated", "validations"]
+    (checks,) = (study_dir / "validations").iterdir()
+    assert {"validation.json", "quarantine.csv"} <= {p.name for p in checks.iterdir()}

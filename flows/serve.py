@@ -1,0 +1,107 @@
+"""Serve one deployment per study: a cron schedule, a data-arrival trigger, one run at a time.
+
+Prefect has no file sensor. For a study whose ``data.source`` is a folder, a :class:`LandingWatcher`
+watches it and emits a ``longitudinal.data.arrived`` event for each settled batch of new files (new =
+content not yet ingested by the study); the deployment's ``DeploymentEventTrigger`` turns that event
+into a run. The watcher's periodic rescan is the backstop for missed notifications. A concurrency
+limit of one run per study, with later arrivals queued, keeps two runs of a study from overlapping.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from prefect import serve
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+from prefect.events import DeploymentEventTrigger, emit_event
+from prefect.schedules import Cron
+
+from flows.study_pipeline import study_pipeline
+from longitudinal.config import StudyConfig, load_config
+from longitudinal.curation import is_new_file
+from longitudinal.landing import LandingWatcher
+
+ARRIVAL_EVENT = "longitudinal.data.arrived"
+log = logging.getLogger("longitudinal.serve")
+
+
+def study_resource(study: str) -> str:
+    return f"longitudinal.study.{study}"
+
+
+def build_deployment(config_path: Path, config: StudyConfig) -> Any:
+    """The study's deployment: its schedule, its arrival trigger and its concurrency limit."""
+    schedules = []
+    if config.schedule is not None:
+        schedules.append(Cron(config.schedule.cron, timezone=config.schedule.timezone))
+    triggers = []
+    if config.source_path.is_dir():
+        triggers.append(DeploymentEventTrigger(
+            name=f"{config.study}: new data",
+            expect={ARRIVAL_EVENT},
+            match={"prefect.resource.id": study_resource(config.study)},
+            parameters={"config_path": str(config_path)},
+        ))
+    return study_pipeline.to_deployment(
+        name=config.study,
+        parameters={"config_path": str(config_path)},
+        schedules=schedules,
+        triggers=triggers,
+        concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
+        tags=["longitudinal", config.study],
+        description=f"longitudinal pipeline for study {config.study} ({config_path})",
+    )
+
+
+def announce_arrival(config: StudyConfig, files: list[Path]) -> None:
+    """Emit the event that starts the study's deployment (one event per settled batch)."""
+    event = emit_event(
+        event=ARRIVAL_EVENT,
+        resource={"prefect.resource.id": study_resource(config.study), "prefect.resource.name": config.study},
+        payload={"files": [str(f) for f in files]},
+    )
+    if event is None:
+        raise RuntimeError("the event was not sent: is PREFECT_API_URL set to a running Prefect server?")
+    log.info("%s: %d new file(s) landed: %s", config.study, len(files), ", ".join(f.name for f in files))
+
+
+def _log_to_console(*names: str) -> None:
+    """The watcher's messages (files landed, files not readable yet) beside Prefect's on stdout."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)-7s | %(name)s - %(message)s", "%H:%M:%S"))
+    for name in names:
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
+def serve_studies(config_paths: list[Path], *, settle_seconds: float = 2.0, rescan_seconds: float = 60.0) -> None:
+    """Register and serve every study's deployment until interrupted; watch each landing folder."""
+    configs = [(path.resolve(), load_config(path)) for path in config_paths]
+    studies = [config.study for _, config in configs]
+    if len(set(studies)) < len(studies):
+        from longitudinal.errors import ConfigError
+
+        raise ConfigError(f"two configs name the same study ({', '.join(studies)}); each study needs its own name")
+    deployments = [build_deployment(path, config) for path, config in configs]
+    _log_to_console("longitudinal.serve", "longitudinal.landing")
+    watchers = [
+        LandingWatcher(
+            config.source_path,
+            lambda files, config=config: announce_arrival(config, files),
+            is_new=lambda file, config=config: is_new_file(config, file),
+            settle_seconds=settle_seconds,
+            rescan_seconds=rescan_seconds,
+        ).start()
+        for _, config in configs
+        if config.source_path.is_dir()
+    ]
+    try:
+        serve(*deployments, pause_on_shutdown=False)
+    finally:
+        for watcher in watchers:
+            watcher.stop()
+
