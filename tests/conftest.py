@@ -25,6 +25,7 @@ def copy_example_study():
 
 
 def _copy_example_study(tmp_path: Path, **overrides: object) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     """The example study's config and data in tmp_path, writing its reports there too."""
     import yaml
 

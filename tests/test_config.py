@@ -172,3 +172,30 @@ def test_misspelt_key_suggests_the_close_one_and_names_the_missing_one() -> None
         parse_config(document)
     with pytest.raises(ConfigError, match=r"unknown key 'zzz' \(allowed here: study, data"):
         parse_config(_with(zzz=1))
+
+
+def test_schedule_and_execution_are_optional_with_defaults() -> None:
+    config = parse_config(MINIMAL)
+    assert config.schedule is None
+    assert config.execution.task_runner == "threads" and config.execution.address is None
+
+
+def test_schedule_takes_a_cron_expression_and_a_time_zone() -> None:
+    config = parse_config({**MINIMAL, "schedule": {"cron": "0 6 * * *", "timezone": "Europe/Oslo"}})
+    assert config.schedule is not None
+    assert (config.schedule.cron, config.schedule.timezone) == ("0 6 * * *", "Europe/Oslo")
+    with pytest.raises(ConfigError, match=r"schedule.cron: '0 6 \* \*' is not a cron expression of five fields"):
+        parse_config({**MINIMAL, "schedule": {"cron": "0 6 * *"}})
+    with pytest.raises(ConfigError, match=r"schedule.timezone: unknown time zone 'Mars/Base'"):
+        parse_config({**MINIMAL, "schedule": {"cron": "0 6 * * *", "timezone": "Mars/Base"}})
+    with pytest.raises(ConfigError, match=r"unknown key 'schedule.crn' \(did you mean 'cron'\?"):
+        parse_config({**MINIMAL, "schedule": {"crn": "0 6 * * *"}})
+
+
+def test_execution_names_a_task_runner() -> None:
+    config = parse_config({**MINIMAL, "execution": {"task_runner": "dask", "address": "tcp://10.0.0.5:8786"}})
+    assert config.execution.address == "tcp://10.0.0.5:8786"
+    with pytest.raises(ConfigError, match=r"execution.task_runner: Input should be 'threads', 'processes' or 'dask'"):
+        parse_config({**MINIMAL, "execution": {"task_runner": "spark"}})
+    with pytest.raises(ConfigError, match=r"address is the Dask scheduler's: set task_runner: dask"):
+        parse_config({**MINIMAL, "execution": {"address": "tcp://10.0.0.5:8786"}})

@@ -1,0 +1,60 @@
+"""The fit stage on other task runners gives the same answer as the default thread pool."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory: pytest.TempPathFactory):
+    from prefect.settings import PREFECT_HOME, PREFECT_TASKS_REFRESH_CACHE, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    # Refresh the fit cache: each runner must really fit, not reuse the other's cached fits.
+    home = str(tmp_path_factory.mktemp("prefect-home"))
+    with temporary_settings({PREFECT_HOME: home, PREFECT_TASKS_REFRESH_CACHE: True}):
+        with prefect_test_harness(server_startup_timeout=90):
+            yield
+
+
+def _run(config: Path) -> Path:
+    from flows.study_pipeline import study_pipeline
+
+    return Path(study_pipeline(config_path=str(config)))
+
+
+def _with_execution(path: Path, execution: dict | None, reports: Path) -> Path:
+    document = yaml.safe_load(path.read_text())
+    document["output"] = {"directory": str(reports)}
+    if execution:
+        document["execution"] = execution
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return path
+
+
+def test_dask_cluster_gives_the_same_selection_as_threads(harness, tmp_path: Path, copy_example_study) -> None:
+    from distributed import LocalCluster
+
+    threads = _run(_with_execution(copy_example_study(tmp_path / "threads"), None, tmp_path / "threads-reports"))
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        dask_config = _with_execution(
+            copy_example_study(tmp_path / "dask"), {"task_runner": "dask", "address": cluster.scheduler_address},
+            tmp_path / "dask-reports",
+        )
+        on_dask = _run(dask_config)
+        ran_on_cluster = [name for name in cluster.scheduler.task_prefixes if "fit" in name]
+    assert ran_on_cluster, "no fit ran on the Dask cluster"
+    left = pd.read_csv(threads / "model_comparison.csv").set_index("model")
+    right = pd.read_csv(on_dask / "model_comparison.csv").set_index("model")
+    assert left["selected"].idxmax() == right["selected"].idxmax()
+    pd.testing.assert_series_equal(left["loglik"], right["loglik"], rtol=0, atol=1e-9)
+    assert json.loads((on_dask / "selected_model.json").read_text())["fixed_effects"] == json.loads(
+        (threads / "selected_model.json").read_text()
+    )["fixed_effects"]
