@@ -18,24 +18,12 @@ from longitudinal.config import ExecutionConfig, StudyConfig, load_config
 from longitudinal.curation import fingerprint
 from longitudinal.ingest import find_source_files
 from longitudinal.formula import check_candidates, check_same_response, parse_candidates
-from longitudinal.outputs import (
-    build_manifest,
-    discard_run,
-    new_run_id,
-    package_versions,
-    selected_model_summary,
-    start_run,
-    write_data,
-    write_json,
-    write_model_comparison,
-    write_quarantine,
-)
+from longitudinal.outputs import build_manifest, discard_run, new_run_id, package_versions, start_run
 from longitudinal.records import Fit
 from longitudinal.report import ReportInputs
-from longitudinal.validation import validation_summary
 from tasks.fitting import fit
 from tasks.ingest import ingest
-from tasks.report import publish, write_report
+from tasks.report import publish, write_outputs
 from tasks.selection import select
 from tasks.validation import validate
 
@@ -103,11 +91,6 @@ def _run_stages(config: StudyConfig, config_path: Path, formulas: dict, staging:
     stages["fit"] += _lap(clock)
     clock = time.perf_counter()
 
-    write_model_comparison(selection, staging)
-    write_json(selected_model_summary(selected, selection.criterion), staging / "selected_model.json")
-    write_json(validation_summary(validated), staging / "validation.json")
-    write_quarantine(validated, staging)
-    write_data(validated, staging)
     timings: dict[str, Any] = {
         "stages": stages,
         "fits": {f.name: round(f.seconds, 4) for f in fits} | {f"{selected.name} (REML)": round(selected.seconds, 4)},
@@ -117,7 +100,7 @@ def _run_stages(config: StudyConfig, config_path: Path, formulas: dict, staging:
         config=config, files=ingested.files, validated=validated, selection=selection, fits=tuple(fits),
         selected=selected, timings=timings, versions=package_versions(),
     )
-    write_report(staging, inputs)
+    write_outputs(staging, inputs)
     stages["report"] = _lap(clock)
 
     counts = {"read": validated.rows_read, "analysed": validated.rows_analysed,
