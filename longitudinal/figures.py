@@ -34,6 +34,7 @@ FIGURE_KEYS: tuple[str, ...] = (
     "model_comparison",
     "coefficients",
     "random_effects",
+    "caterpillar",
     "residuals_vs_fitted",
     "qq",
     "residuals_over_time",
@@ -51,6 +52,9 @@ _DENSE_ROWS = 5_000  # above this many points a scatter becomes hexagonal bins
 _MAX_QQ_POINTS = 4_000
 _MAX_TIME_LEVELS = 25  # up to this many distinct times, means are per time; above, per bin
 _N_BINS = 20
+
+CATERPILLAR_LEVELS = 60
+"""Most levels a caterpillar panel shows one by one; above that, the lowest and highest halves."""
 
 
 
@@ -335,32 +339,41 @@ def plot_coefficients(fit: Fit) -> Figure:
 # ---------------------------------------------------------------------------------- random effects
 
 
-def plot_random_effects(fit: Fit, max_caterpillar_terms: int = 3) -> Figure:
-    """Predicted random effects (conditional modes) per term: histograms, plus caterpillar plots.
+def _ranef_keys(ranef: pd.DataFrame) -> list[tuple[str, str]]:
+    """The (group, term) pairs of a long ``ranef`` frame, in the order they first appear."""
+    return list(dict.fromkeys(zip(ranef["group"].astype(str), ranef["term"].astype(str), strict=True)))
 
-    Histograms show each term's distribution over levels, with the model's N(0, SD²) for reference
-    (predictions are shrunk, so they spread less than that). When there are at most
-    ``max_caterpillar_terms`` terms, a second row shows the sorted conditional modes with their
-    ±1.96 conditional SD (a band when levels are many).
+
+def _ranef_part(ranef: pd.DataFrame, group: str, term: str) -> pd.DataFrame:
+    return ranef[(ranef["group"].astype(str) == group) & (ranef["term"].astype(str) == term)]
+
+
+def _mode_label(outcome: str, term: str) -> str:
+    return (f"{_plain(outcome)} units" if term == "(Intercept)"
+            else f"{_plain(outcome)} per unit of {_plain(_shorten(term, 20))}")
+
+
+def plot_random_effects(fit: Fit) -> Figure:
+    """Predicted random effects (conditional modes) per term: the distribution over levels.
+
+    Each histogram carries the model's N(0, SD²) for reference (predictions are shrunk, so they spread
+    less than that). The levels one by one, with their conditional intervals, are in
+    :func:`plot_caterpillar`.
     """
     ranef = fit.ranef
     if ranef is None or ranef.empty:
         return _message_figure("Predicted random effects", f"No random effects were predicted for {fit.name!r}.")
     outcome = _outcome_of(fit.formula)
-    keys = list(dict.fromkeys(zip(ranef["group"].astype(str), ranef["term"].astype(str), strict=True)))
+    keys = _ranef_keys(ranef)
     sds = {(vc.group, vc.term): vc.sd for vc in fit.random_effects}
-    caterpillar = len(keys) <= max_caterpillar_terms
     ncols = min(len(keys), 4)
-    nrows_hist = math.ceil(len(keys) / ncols)
-    nrows = nrows_hist + (1 if caterpillar else 0)
+    nrows = math.ceil(len(keys) / ncols)
     with _style():
         fig = _new_figure(max(4.5, 3.4 * ncols), 0.8 + 2.7 * nrows)
         axes = fig.subplots(nrows, ncols, squeeze=False)
         for index, (group, term) in enumerate(keys):
-            part = ranef[(ranef["group"].astype(str) == group) & (ranef["term"].astype(str) == term)]
-            values = part["estimate"].to_numpy(float)
+            values = _ranef_part(ranef, group, term)["estimate"].to_numpy(float)
             values = values[np.isfinite(values)]
-            label = f"{_plain(group)}: {_plain(_shorten(term))}"
             ax = axes[index // ncols, index % ncols]
             bins = int(min(60, max(10, math.sqrt(max(len(values), 1)))))
             ax.hist(values, bins=bins, color=_MUTED, edgecolor="white", linewidth=0.4)
@@ -373,36 +386,93 @@ def plot_random_effects(fit: Fit, max_caterpillar_terms: int = 3) -> Figure:
                         label=f"N(0, {sd:.3g}²) from model")
                 ax.set_ylim(0, ax.get_ylim()[1] * 1.3)  # headroom so the legend sits above the bars
                 ax.legend(loc="upper right", frameon=False)
-            ax.set_title(label)
-            ax.set_xlabel(f"Conditional mode ({_plain(outcome)} units)" if term == "(Intercept)"
-                          else f"Conditional mode ({_plain(outcome)} per unit of {_plain(_shorten(term, 20))})")
+            ax.set_title(f"{_plain(group)}: {_plain(_shorten(term))}")
+            ax.set_xlabel(f"Conditional mode ({_mode_label(outcome, term)})")
             ax.set_ylabel(f"Levels of {_plain(group)}")
-            if caterpillar:
-                _draw_caterpillar(axes[nrows_hist, index], part, label)
-        used = set(range(len(keys))) | ({nrows_hist * ncols + i for i in range(len(keys))} if caterpillar else set())
         for flat, ax in enumerate(axes.ravel()):
-            if flat not in used:
+            if flat >= len(keys):
                 ax.set_axis_off()
         fig.suptitle(f"Predicted random effects of {_plain(_shorten(fit.name, 40))} by term")
     return fig
 
 
-def _draw_caterpillar(ax: Axes, part: pd.DataFrame, label: str) -> None:
-    """Sorted conditional modes with ±1.96 conditional SD: error bars when few levels, a band when many."""
-    ordered = part.sort_values("estimate")
-    est = ordered["estimate"].to_numpy(float)
-    half = 1.96 * pd.to_numeric(ordered["cond_sd"], errors="coerce").fillna(0.0).to_numpy(float)
-    rank = np.arange(1, len(est) + 1)
-    if len(est) <= 60:
-        ax.errorbar(rank, est, yerr=half, fmt="o", markersize=3, color=_HIGHLIGHT, ecolor=_MUTED, elinewidth=1)
-    else:
-        ax.fill_between(rank, est - half, est + half, color=_MUTED, alpha=0.5, linewidth=0, label="±1.96 cond. SD")
-        ax.plot(rank, est, color=_HIGHLIGHT, linewidth=1.2, label="conditional mode")
-        ax.legend(loc="upper left", frameon=False)
-    ax.axhline(0.0, color="#333333", linewidth=0.8, linestyle="--")
-    ax.set_title(f"{label}, sorted")
-    ax.set_xlabel("Rank of level")
-    ax.set_ylabel("Mode ± 1.96 cond. SD")
+def caterpillar_rows(part: pd.DataFrame, max_levels: int = CATERPILLAR_LEVELS) -> tuple[pd.DataFrame, int]:
+    """The levels of one term a caterpillar panel shows, sorted by conditional mode, and how many it hides.
+
+    Up to ``max_levels`` levels are all shown; beyond that, the ``max_levels // 2`` lowest and the
+    ``max_levels - max_levels // 2`` highest, where outlying levels are. Levels with a missing mode are
+    dropped; a missing conditional SD draws no interval.
+    """
+    ordered = part[np.isfinite(pd.to_numeric(part["estimate"], errors="coerce"))].sort_values(
+        ["estimate", "level"], kind="stable")
+    if len(ordered) <= max_levels:
+        return ordered, 0
+    low = max_levels // 2
+    shown = pd.concat([ordered.iloc[:low], ordered.iloc[len(ordered) - (max_levels - low):]])
+    return shown, len(ordered) - max_levels
+
+
+def plot_caterpillar(fit: Fit, max_levels: int = CATERPILLAR_LEVELS) -> Figure:
+    """Caterpillar plot: each level's conditional mode with its 95% conditional interval, per term.
+
+    The interval is mode ± 1.96 conditional SD (lme4's ``dotplot(ranef(fit, condVar = TRUE))``), levels
+    sorted by mode, one labelled row each. A term with more than ``max_levels`` levels shows its lowest
+    and highest ``max_levels / 2`` (see :func:`caterpillar_rows`); a marked row says how many are hidden,
+    and the panel title says which are shown. Intervals that exclude zero are drawn darker.
+    """
+    ranef = fit.ranef
+    if ranef is None or ranef.empty:
+        return _message_figure("Conditional modes of the random effects",
+                               f"No random effects were predicted for {fit.name!r}.")
+    outcome = _outcome_of(fit.formula)
+    keys = _ranef_keys(ranef)
+    panels = [(group, term, *caterpillar_rows(_ranef_part(ranef, group, term), max_levels)) for group, term in keys]
+    ncols = min(len(keys), 4)
+    nrows = math.ceil(len(keys) / ncols)
+    tallest = max(len(shown) + (1 if hidden else 0) for _, _, shown, hidden in panels)
+    row_height = 1.5 + 0.13 * max(tallest, 8)
+    with _style():
+        fig = _new_figure(max(5.0, 4.0 * ncols), 0.6 + row_height * nrows)
+        axes = fig.subplots(nrows, ncols, squeeze=False)
+        for index, (group, term, shown, hidden) in enumerate(panels):
+            _draw_caterpillar(axes[index // ncols, index % ncols], shown, hidden, group, term, outcome)
+        for flat, ax in enumerate(axes.ravel()):
+            if flat >= len(panels):
+                ax.set_axis_off()
+        fig.suptitle(f"Conditional modes of the random effects of {_plain(_shorten(fit.name, 40))} "
+                     "with 95% conditional intervals")
+    return fig
+
+
+def _draw_caterpillar(ax: Axes, shown: pd.DataFrame, hidden: int, group: str, term: str, outcome: str) -> None:
+    """One term: levels bottom (lowest mode) to top, a gap row marking the hidden middle levels."""
+    est = shown["estimate"].to_numpy(float)
+    half = 1.96 * pd.to_numeric(shown["cond_sd"], errors="coerce").fillna(0.0).to_numpy(float)
+    labels = [_plain(_shorten(level, 18)) for level in shown["level"].astype(str)]
+    y = np.arange(len(est), dtype=float)
+    if hidden:
+        low = len(est) // 2
+        y[low:] += 1  # leave one row for the marker of the hidden levels
+        ax.axhline(low, color=_MUTED, linewidth=0.8, linestyle=":")
+    clear = (est - half > 0) | (est + half < 0)
+    for mask, colour in ((~clear, _MUTED), (clear, _HIGHLIGHT)):
+        if mask.any():
+            ax.errorbar(est[mask], y[mask], xerr=half[mask], fmt="o", markersize=2.8, color=colour,
+                        ecolor=colour, elinewidth=1.0, capsize=0)
+    ax.axvline(0.0, color="#333333", linewidth=0.8, linestyle="--")
+    ticks, tick_labels = list(y), labels
+    if hidden:
+        ticks = [*y[:low], float(low), *y[low:]]
+        tick_labels = [*labels[:low], f"… {hidden:,} more …", *labels[low:]]
+    ax.set_yticks(ticks, tick_labels, fontsize=6.5 if len(ticks) > 30 else 7.5)
+    ax.set_ylim(-0.8, (max(ticks) if ticks else 0) + 0.8)
+    ax.grid(axis="y", visible=False)
+    n_levels = len(est) + hidden
+    which = (f"{len(est) // 2} lowest, {len(est) - len(est) // 2} highest of {n_levels:,} levels" if hidden
+             else f"{n_levels:,} levels")
+    ax.set_title(f"{_plain(group)}: {_plain(_shorten(term))}\n{which}")
+    ax.set_xlabel(f"Conditional mode ± 1.96 cond. SD\n({_mode_label(outcome, term)})")
+    ax.set_ylabel(f"Level of {_plain(group)}")
 
 
 # ------------------------------------------------------------------------------------ diagnostics
@@ -600,18 +670,20 @@ def build_figures(
     the selected formula's fixed-effect columns (e.g. a treatment arm), if any.
     """
     roles = config.data
-    group = choose_group_column(visits, selected.formula, exclude=(roles.subject, roles.time, roles.outcome))
+    roles_used = (*roles.subject_columns, roles.subject_key, roles.time, roles.outcome)
+    group = choose_group_column(visits, selected.formula, exclude=roles_used)
     return {
-        "trajectories": plot_trajectories(visits, roles.subject, roles.time, roles.outcome, group=group,
+        "trajectories": plot_trajectories(visits, roles.subject_key, roles.time, roles.outcome, group=group,
                                           max_subjects=max_subjects, seed=seed),
         "model_comparison": plot_model_comparison(selection),
         "coefficients": plot_coefficients(selected),
         "random_effects": plot_random_effects(selected),
+        "caterpillar": plot_caterpillar(selected),
         "residuals_vs_fitted": plot_residuals_vs_fitted(selected),
         "qq": plot_qq(selected),
         "residuals_over_time": plot_residuals_over_time(
             selected, visits[roles.time].to_numpy(float) if len(selected.residuals) else np.empty(0),
             time_label=roles.time),
-        "observed_vs_fitted": plot_observed_vs_fitted(visits, selected, roles.subject, roles.time, roles.outcome,
+        "observed_vs_fitted": plot_observed_vs_fitted(visits, selected, roles.subject_key, roles.time, roles.outcome,
                                                       n_subjects=n_panels, seed=seed),
     }

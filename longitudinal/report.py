@@ -19,7 +19,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from longitudinal.comparison import LikelihoodRatioTest, compare_nested, compute_aicc
 from longitudinal.config import StudyConfig
+from longitudinal.errors import FitError
+from longitudinal.figures import CATERPILLAR_LEVELS
 from longitudinal.records import Fit, Selection, SourceFile, Validated
 
 QUARANTINE_ROWS_SHOWN = 20
@@ -219,7 +222,7 @@ def _accounting_sentence(validated: Validated) -> str:
 def _summary(inputs: ReportInputs) -> str:
     cfg, selection, selected, validated = inputs.config, inputs.selection, inputs.selected, inputs.validated
     n_total, n_usable = _candidate_count(inputs.fits)
-    subjects = _n_subjects(validated.visits, cfg.data.subject)
+    subjects = _n_subjects(validated.visits, cfg.data.subject_key)
     criterion = selection.criterion.upper()
     parts = [
         f"Of {n_total} candidate model{'s' if n_total != 1 else ''} fitted by maximum likelihood, "
@@ -247,20 +250,20 @@ def _data_section(inputs: ReportInputs) -> str:
     cfg, validated = inputs.config, inputs.validated
     visits = validated.visits
     roles = cfg.data
-    per_subject = visits.groupby(roles.subject, observed=True).size() if roles.subject in visits and len(visits) \
-        else pd.Series(dtype=float)
+    key = roles.subject_key
+    per_subject = visits.groupby(key, observed=True).size() if key in visits and len(visits) else pd.Series(dtype=float)
     time = pd.to_numeric(visits[roles.time], errors="coerce") if roles.time in visits else pd.Series(dtype=float)
     visits_text = (f"{int(per_subject.min()):,} / {float(per_subject.median()):g} / {int(per_subject.max()):,}"
                    if len(per_subject) else "—")
     facts = _dl([
-        ("Subjects analysed", esc(f"{_n_subjects(visits, roles.subject):,}")),
+        ("Subjects analysed", esc(f"{_n_subjects(visits, roles.subject_key):,}")),
         ("Rows read", esc(f"{validated.rows_read:,}")),
         ("Rows analysed", esc(f"{validated.rows_analysed:,}")),
         ("Rows quarantined", esc(f"{validated.rows_quarantined:,}")),
         ("Visits per subject (min / median / max)", esc(visits_text)),
         (f"Time range ({roles.time})", esc(f"{time.min():.6g} to {time.max():.6g}")
          if time.notna().any() else "—"),
-        ("Columns", esc(f"subject {roles.subject}, time {roles.time}, outcome {roles.outcome}")
+        ("Columns", esc(f"subject {' × '.join(roles.subject_columns)}, time {roles.time}, outcome {roles.outcome}")
          + (esc(f", categorical {', '.join(roles.categorical)}") if roles.categorical else "")),
     ])
     files = _table(
@@ -335,25 +338,26 @@ def _comparison_section(inputs: ReportInputs, figures: Mapping[str, bytes]) -> s
     selection = inputs.selection
     table = selection.table
     n_obs = inputs.validated.rows_analysed
-    headers = ["Model", "Formula", "Converged", "Singular", "k", "logLik", "AIC", "BIC", "ΔAIC", "ΔBIC",
-               "AIC weight", "BIC weight", "Selected"]
+    aicc = {f.name: compute_aicc(f) for f in inputs.fits}
+    headers = ["Model", "Formula", "Fit", "k", "logLik", "AIC", "AICc", "BIC", "ΔAIC", "ΔBIC",
+               "AIC weight", "BIC weight"]
     rows, classes = [], []
     for _, row in table.iterrows():
         chosen = str(row.get("model")) == selection.selected
         rows.append([
-            (f"<strong>{esc(row.get('model'))}</strong>" if chosen else esc(row.get("model")), ""),
-            _code(row.get("formula", "")),
-            _txt(_yes_no(row.get("converged"))),
-            _txt(_yes_no(row.get("singular"))),
+            (f'<strong>{esc(row.get("model"))}</strong><br><span class="chosen">✔ selected</span>' if chosen
+             else esc(row.get("model")), ""),
+            (f"<code>{esc(row.get('formula', ''))}</code>", "formula"),
+            _fit_status(row.get("converged"), row.get("singular")),
             _num(format_number(_as_int(row.get("n_params")))),
             _num(format_fixed(row.get("loglik"))),
             _num(format_fixed(row.get("aic"))),
+            _num(format_fixed(aicc.get(str(row.get("model")), math.nan))),
             _num(format_fixed(row.get("bic"))),
             _num(format_fixed(row.get("delta_aic"))),
             _num(format_fixed(row.get("delta_bic"))),
             _num(format_weight(row.get("aic_weight"))),
             _num(format_weight(row.get("bic_weight"))),
-            ('<span class="chosen">✔ selected</span>' if chosen else "", ""),
         ])
         classes.append("selected" if chosen else ("failed" if not bool(row.get("converged")) else ""))
     explain = (
@@ -363,7 +367,9 @@ def _comparison_section(inputs: ReportInputs, figures: Mapping[str, bytes]) -> s
         f"(co)variance parameters + 1 residual variance, and n = {n_obs:,} rows analysed (not subjects). "
         "Δ is the difference from the best converged candidate; weights are exp(−Δ/2) normalised over "
         f"converged candidates. The selection criterion was <strong>{esc(selection.criterion.upper())}</strong>"
-        "; ties go to the candidate with fewer parameters.</p>"
+        "; ties go to the candidate with fewer parameters. AICc = AIC + 2k(k + 1)/(n − k − 1), the "
+        "small-sample correction (Hurvich &amp; Tsai 1989), is shown for reference and not used in the "
+        "selection; it departs from AIC only when n is not much larger than k.</p>"
     )
     failed = [f for f in inputs.fits if not f.usable]
     failed_html = ""
@@ -374,7 +380,103 @@ def _comparison_section(inputs: ReportInputs, figures: Mapping[str, bytes]) -> s
     chart = _figure(figures, "model_comparison",
                     "ΔAIC and ΔBIC of each candidate from the best one (ML fits); the selected model is "
                     "highlighted, failed candidates are marked.")
-    return explain + _table(headers, rows, row_classes=classes) + failed_html + chart
+    return "\n".join([
+        explain, _table(headers, rows, row_classes=classes), failed_html, chart,
+        "<h3>Likelihood-ratio tests between nested candidates</h3>", _lrt_block(inputs.fits),
+        "<h3>Fit diagnostics per candidate</h3>", _diagnostics_block([*inputs.fits, inputs.selected], inputs.selected),
+    ])
+
+
+def _fit_status(converged: object, singular: object) -> Cell:
+    """"converged", "singular" (converged on the boundary) or "failed", for the comparison table."""
+    if _is_missing(converged) or not bool(converged):
+        return ("failed", "")
+    if not _is_missing(singular) and bool(singular):
+        return ('<span class="warning-text">singular</span>', "")
+    return ("converged", "")
+
+
+def _lrt_block(fits: Sequence[Fit]) -> str:
+    """The likelihood-ratio table with its interpretation, or a note saying why there is none."""
+    try:
+        tests = compare_nested(fits)
+    except FitError as error:
+        return f'<p class="warning">No likelihood-ratio test: {esc(error)}</p>'
+    if not tests:
+        return ('<p class="note">No candidate is a special case of another (same response and rows, fixed '
+                "effects a subset, random effects contained), so no likelihood-ratio test applies; AIC and BIC "
+                "above compare non-nested candidates.</p>")
+    rows = [[
+        _txt(t.smaller), _txt(t.larger), _txt(_additions(t)), _num(f"{t.df:,}"),
+        _num(format_fixed(t.statistic)), _num(format_p(t.p_value)), (esc(t.test), "nowrap"),
+    ] for t in tests]
+    classes = ["failed" if math.isnan(t.p_value) else "" for t in tests]
+    intro = ("<p>Each row asks whether the larger candidate fits better than the smaller one it contains: "
+             "a small p-value (below 0.05, say) means the data support the parameters the larger model adds, "
+             "a large one that the smaller model is adequate. The tests complement the information criteria "
+             "above, which made the selection; BIC can still prefer the smaller model when p is small, since "
+             "it charges more for each parameter.</p>")
+    table = _table(["Smaller", "Larger", "Larger model adds", "Δdf", "LR = 2ΔlogLik", "p", "Reference distribution"],
+                   rows, row_classes=classes)
+    notes = ["LR = 2 (logLik<sub>larger</sub> − logLik<sub>smaller</sub>) from the ML fits, as a test of "
+             "different fixed effects requires; Δdf is the difference in k."]
+    if any(t.reference == "mixture" for t in tests):
+        notes.append("When the larger model adds one random-effect term, that term's variance is zero under the "
+                     "smaller model, on the boundary of its range, and a plain χ²(Δdf) p-value would be too large: "
+                     "p comes from the 50:50 mixture of χ²(Δdf − 1) and χ²(Δdf) (Self &amp; Liang 1987; "
+                     "Stram &amp; Lee 1994).")
+    if any(t.reference == "chi2-conservative" for t in tests):
+        notes.append("When the larger model adds several random-effect terms, the null distribution is a mixture "
+                     "with more components; the χ²(Δdf) p-value shown is an upper bound (conservative).")
+    if not any(t.reference != "chi2" for t in tests):
+        notes.append("No test puts a variance on its boundary, so every p-value is from χ²(Δdf).")
+    if any(t.fixed_differ for t in tests):
+        notes.append("Likelihood-ratio tests of fixed effects on ML fits are somewhat liberal when subjects are few.")
+    short = [t for t in tests if math.isnan(t.p_value)]
+    warning = "".join(
+        f'<p class="warning">{esc(t.smaller)} against {esc(t.larger)}: {esc(t.notes[-1])}.</p>' for t in short)
+    return intro + table + f'<p class="note">{" ".join(notes)}</p>' + warning
+
+
+def _additions(test: LikelihoodRatioTest) -> str:
+    """What the larger model of a test adds, in a few words."""
+    parts = []
+    if test.added_fixed:
+        parts.append(f"fixed {', '.join(test.added_fixed)}")
+    if test.boundary_terms:
+        parts.append(("variance of " if len(test.boundary_terms) == 1 else "variances of ")
+                     + " and ".join(test.boundary_terms))
+    if test.added_covariances:
+        parts.append(f"{test.added_covariances} random-effect covariance{'s' if test.added_covariances > 1 else ''}")
+    return "; ".join(parts) or "—"
+
+
+def _diagnostics_block(fits: Sequence[Fit], selected: Fit) -> str:
+    """One row per fit: engine, optimizer, evaluations, gradient and the convergence verdicts."""
+    headers = ["Candidate", "Method", "Engine", "Optimizer", "Evaluations", "max |gradient|", "Converged",
+               "Singular", "Message"]
+    rows, classes = [], []
+    for fit in fits:
+        label = f"{fit.name} (refit)" if fit is selected else fit.name
+        rows.append([
+            _txt(label), _txt(fit.method), _txt(fit.engine or "—"), _txt(fit.optimizer or "—"),
+            _num(format_number(fit.iterations) if fit.iterations else "—"),
+            _num(format_number(fit.gradient_max, 3)),
+            _txt(_yes_no(fit.converged)),
+            ('<span class="warning-text">yes</span>' if fit.singular else "no", ""),
+            _txt(fit.message or "—"),
+        ])
+        classes.append("failed" if not fit.converged else ("singular" if fit.singular else ""))
+    note = ('<p class="note">Evaluations: objective evaluations over all optimizer runs (the lme4-style engine '
+            "optimizes the profiled deviance with derivative-free BOBYQA; for statsmodels, iterations). "
+            "max |gradient| is lme4's convergence measure: the largest absolute gradient of the deviance with "
+            "respect to the covariance parameters at the optimum (scaled by the Hessian where that is smaller; "
+            "finite differences; parameters on the boundary left out); lme4 warns above 0.002. Singular: a "
+            "random-effect variance at or near zero, or a correlation near ±1, the boundary of the parameter "
+            "space; the fit is still valid and comparable, "
+            "but the data do not support that part of the random-effects structure. Each optimizer attempt is "
+            'listed under <a href="#reproducibility">Reproducibility</a>.</p>')
+    return _table(headers, rows, row_classes=classes) + note
 
 
 def _as_int(value: object) -> object:
@@ -432,6 +534,27 @@ def _selected_section(inputs: ReportInputs, figures: Mapping[str, bytes]) -> str
         parts.append("<h3>Random-effect correlations</h3>")
         parts.append(_table(["Group", "Term 1", "Term 2", "Correlation"], corr_rows))
     return "\n".join(parts)
+
+
+def _random_effects_section(fit: Fit, figures: Mapping[str, bytes]) -> str:
+    """Histograms of the predicted random effects, then the caterpillar plot with a caption saying what it shows."""
+    intro = ("<p>Predicted random effects (conditional modes, BLUPs) of the selected model, one panel per term. "
+             "They are shrunk towards zero, so their spread is smaller than the estimated SD; heavy tails or "
+             "several modes suggest a missing covariate or subgroup.</p>")
+    histograms = _figure(figures, "random_effects", "Distribution of the predicted random effects per term over "
+                         "all levels, with the model's normal distribution for reference.")
+    ranef = fit.ranef
+    counts = (ranef.groupby(["group", "term"], sort=False, observed=True).size()
+              if ranef is not None and not ranef.empty else pd.Series(dtype=int))
+    many = [f"{group}: {term} ({n:,} levels)" for (group, term), n in counts.items() if n > CATERPILLAR_LEVELS]
+    low = CATERPILLAR_LEVELS // 2
+    shown = (f"For {', '.join(many)}, only the {low} lowest and {CATERPILLAR_LEVELS - low} highest levels are "
+             "shown, where outlying levels are; the row “… N more …” marks the levels left out, which the "
+             "histograms include." if many else "Every level is shown.")
+    caterpillar = _figure(figures, "caterpillar", "Conditional modes of the random effects, sorted, with 95% "
+                          "conditional intervals (mode ± 1.96 conditional SD); intervals that exclude zero are "
+                          f"darker. {shown}")
+    return intro + histograms + caterpillar
 
 
 def _reproducibility_section(inputs: ReportInputs) -> str:
@@ -524,9 +647,12 @@ th, td { border-bottom: 1px solid var(--line); padding: 4px 10px; text-align: le
 th { background: var(--soft); border-bottom: 2px solid var(--line); white-space: nowrap; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 td.empty { color: var(--muted); font-style: italic; }
+td.formula { min-width: 15em; }
+td.nowrap { white-space: nowrap; }
 tbody tr:nth-child(even) { background: #fafbfc; }
 tr.selected { background: #e8f0fb !important; }
 tr.failed td { color: var(--bad); }
+tr.singular { background: var(--warn-bg) !important; }
 tr.attempt-row td { color: var(--muted); font-size: 0.95em; }
 tr.fit-row td { border-top: 1px solid #bcc4cc; }
 .pass { color: var(--good); font-weight: 600; }
@@ -574,12 +700,7 @@ def render_report(inputs: ReportInputs, figures: Mapping[str, bytes]) -> str:
             "subjects at each time with a ±1.96 SE band."),
         "comparison": lambda: _comparison_section(inputs, figures),
         "selected": lambda: _selected_section(inputs, figures),
-        "random-effects": lambda: (
-            "<p>Predicted random effects (conditional modes, BLUPs) of the selected model, one panel per term. "
-            "They are shrunk towards zero, so their spread is smaller than the estimated SD; heavy tails or "
-            "several modes suggest a missing covariate or subgroup.</p>"
-            + _figure(figures, "random_effects", "Distribution of the predicted random effects per term, and the "
-                      "sorted conditional modes with ±1.96 conditional SD.")),
+        "random-effects": lambda: _random_effects_section(fit, figures),
         "diagnostics": lambda: (
             "<p>Conditional residuals (observed − fitted, including each subject's predicted random effects) "
             f"of the REML fit of {esc(fit.name)}.</p>"

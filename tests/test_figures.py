@@ -16,9 +16,12 @@ from matplotlib.text import Text
 from longitudinal.config import StudyConfig, parse_config
 from longitudinal.figures import (
     FIGURE_KEYS,
+    CATERPILLAR_LEVELS,
     build_figures,
+    caterpillar_rows,
     choose_group_column,
     figure_to_png,
+    plot_caterpillar,
     plot_coefficients,
     plot_model_comparison,
     plot_observed_vs_fitted,
@@ -211,11 +214,85 @@ def test_coefficients_put_the_intercept_on_its_own_scale(fit: Fit) -> None:
     assert low < 0 < high
 
 
-def test_random_effects_show_histograms_and_caterpillars_per_term(fit: Fit) -> None:
+def test_random_effects_show_one_histogram_per_term(fit: Fit) -> None:
     fig = plot_random_effects(fit)
     assert_readable(fig)
-    titles = [ax.get_title() for ax in fig.axes]
-    assert titles == ["pid: (Intercept)", "pid: week", "pid: (Intercept), sorted", "pid: week, sorted"]
+    assert [ax.get_title() for ax in fig.axes] == ["pid: (Intercept)", "pid: week"]
+
+
+def many_levels_fit(n_levels: int) -> Fit:
+    """A fit whose random intercepts are 0, 1, ..., n−1 (level "s<i>"), conditional SD 0.25."""
+    visits = make_visits()
+    ranef = pd.DataFrame({
+        "group": "pid", "level": [f"s{i}" for i in range(n_levels)], "term": "(Intercept)",
+        "estimate": np.arange(n_levels, dtype=float)[::-1].copy(), "cond_sd": 0.25,
+    })
+    return replace(make_fit(visits), ranef=ranef)
+
+
+def interval_segments(ax: object) -> list[tuple[float, float, float]]:
+    """(low, high, y) of every horizontal error bar drawn on ``ax``."""
+    found = []
+    for container in ax.containers:  # type: ignore[attr-defined]
+        for collection in container.lines[2]:
+            found += [(seg[0][0], seg[1][0], seg[0][1]) for seg in collection.get_segments()]
+    return sorted(found, key=lambda s: s[2])
+
+
+def test_caterpillar_shows_every_level_sorted_with_its_95_percent_conditional_interval(fit: Fit) -> None:
+    fig = plot_caterpillar(fit)
+    assert_readable(fig)
+    intercepts = fig.axes[0]
+    assert intercepts.get_title() == "pid: (Intercept)\n6 levels"
+    expected = fit.ranef[fit.ranef["term"] == "(Intercept)"].sort_values("estimate")
+    assert [t.get_text() for t in intercepts.get_yticklabels()] == list(expected["level"])
+    segments = interval_segments(intercepts)
+    assert [(low + high) / 2 for low, high, _ in segments] == pytest.approx(list(expected["estimate"]))
+    assert [high - low for low, high, _ in segments] == pytest.approx([2 * 1.96 * 0.3] * 6)
+    assert "1.96 cond. SD" in intercepts.get_xlabel()
+
+
+def test_caterpillar_draws_intervals_that_exclude_zero_in_their_own_colour(fit: Fit) -> None:
+    ax = plot_caterpillar(fit).axes[0]
+    colour_of = {}
+    for container in ax.containers:
+        collection = container.lines[2][0]
+        colour = tuple(np.round(collection.get_colors()[0], 3))
+        colour_of.update({(seg[0][0], seg[1][0]): colour for seg in collection.get_segments()})
+    excludes = {(low, high): low > 0 or high < 0 for low, high in colour_of}
+    # intercepts −1, −0.82, −0.64, −0.45, −0.27, −0.09 with half-width 0.588: the three lowest exclude zero
+    assert sum(excludes.values()) == 3
+    assert len({colour_of[k] for k, out in excludes.items() if out}) == 1
+    assert {colour_of[k] for k, out in excludes.items() if out}.isdisjoint(
+        {colour_of[k] for k, out in excludes.items() if not out})
+
+
+def test_caterpillar_with_many_levels_shows_the_lowest_and_highest_and_says_how_many_are_hidden() -> None:
+    fig = plot_caterpillar(many_levels_fit(200))
+    ax = fig.axes[0]
+    assert ax.get_title() == "pid: (Intercept)\n30 lowest, 30 highest of 200 levels"
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert len(labels) == 61 and labels[30] == "… 140 more …"
+    assert labels[:30] == [f"s{i}" for i in range(199, 169, -1)]  # estimates 0..29, lowest first
+    assert labels[31:] == [f"s{i}" for i in range(29, -1, -1)]  # estimates 170..199
+    assert len(interval_segments(ax)) == 60
+    assert overlapping_texts(fig) == []
+
+
+def test_caterpillar_rows_keep_every_level_up_to_the_limit_and_drop_missing_modes() -> None:
+    part = many_levels_fit(CATERPILLAR_LEVELS).ranef  # estimates 0..59
+    shown, hidden = caterpillar_rows(part)
+    assert (len(shown), hidden) == (CATERPILLAR_LEVELS, 0)
+    without_top = part.assign(estimate=part["estimate"].where(part["level"] != "s0"))  # s0 had 59
+    shown, hidden = caterpillar_rows(without_top, max_levels=7)
+    assert hidden == 59 - 7
+    assert list(shown["estimate"]) == [0.0, 1.0, 2.0, 55.0, 56.0, 57.0, 58.0]
+
+
+def test_caterpillar_without_predictions_gives_a_titled_note() -> None:
+    empty = failed_fit("x", FORMULA, "REML", "test", "did not converge", n_obs=0, n_subjects=0, n_params=7)
+    fig = plot_caterpillar(empty)
+    assert "random effects" in fig.axes[0].get_title().lower()
 
 
 def test_random_effects_without_predictions_give_a_titled_note(fit: Fit) -> None:
@@ -296,3 +373,16 @@ def test_figure_to_png_renders_names_with_dollar_signs_literally() -> None:
     fig = plot_observed_vs_fitted(visits, make_fit(visits), "pid", "week", "score")
     png = figure_to_png(fig)  # an unescaped "$\frac$" would fail to parse as mathtext here
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_build_figures_follows_a_subject_made_of_several_columns(fit: Fit, visits: pd.DataFrame) -> None:
+    # data.subject: [site, pid]: validation adds the combined column "site:pid" ("A:p0") to the visits.
+    config = parse_config({
+        "study": "demo",
+        "data": {"source": "data.csv", "subject": ["site", "pid"], "time": "week", "outcome": "score"},
+        "models": {"candidates": {"ris": FORMULA}},
+    })
+    keyed = visits.assign(**{"site:pid": visits["site"] + ":" + visits["pid"]})
+    figures = build_figures(keyed, config, make_selection(), fit, n_panels=4)
+    titles = [ax.get_title() for ax in figures["observed_vs_fitted"].axes]
+    assert len(titles) == 4 and all(title.startswith("A:p") for title in titles)

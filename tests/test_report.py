@@ -215,3 +215,93 @@ def test_format_number(value: object, expected: str) -> None:
                                                  (1.0, "1.000"), (math.nan, "—")])
 def test_format_p(value: float, expected: str) -> None:
     assert format_p(value) == expected
+
+
+# ------------------------------------------------------------------ comparison: AICc, LR tests, diagnostics
+
+
+def comparison_section(page: str) -> str:
+    return page[page.index('<section id="comparison">'):page.index('<section id="selected">')]
+
+
+def test_model_comparison_table_shows_aicc_by_hand(page: str) -> None:
+    section = comparison_section(page)
+    assert "<th>AICc</th>" in section
+    # ri: AIC = 64 + 8 = 72, + 2·4·5/(16 − 4 − 1) = 75.64; ris: AIC = 60 + 12 = 72, + 2·6·7/9 = 81.33
+    assert ">75.64<" in section and ">81.33<" in section
+
+
+def test_likelihood_ratio_table_tests_ri_against_ris_with_the_boundary_mixture(page: str) -> None:
+    section = comparison_section(page)
+    table = section[section.index("Likelihood-ratio tests between nested candidates"):
+                    section.index("Fit diagnostics per candidate")]
+    # LR = 2(−30 + 32) = 4 on 2 df; p = ½ P(χ²₁ > 4) + ½ P(χ²₂ > 4) = ½ 0.0455 + ½ 0.1353 = 0.090
+    assert '<td>ri</td><td>ris</td><td>variance of week | pid; 1 random-effect covariance</td>' in table
+    assert '<td class="num">2</td><td class="num">4.00</td><td class="num">0.090</td>' in table
+    assert "50:50 mixture of χ²(1) and χ²(2)" in table
+    assert "Self &amp; Liang 1987; Stram &amp; Lee 1994" in table
+    assert "a small p-value (below 0.05, say) means the data support the parameters the larger model adds" in table
+    assert BAD_NAME not in table and "evil&lt;script&gt;" not in table  # the failed candidate takes no part
+
+
+def test_without_nested_candidates_the_report_says_no_test_applies() -> None:
+    fits = make_fits()
+    other = replace(fits[1], formula="score ~ 1 + (0 + week | pid)")
+    page = render_report(make_inputs(fits=(fits[0], other)), {})
+    assert "no likelihood-ratio test applies" in comparison_section(page)
+
+
+def test_a_comparison_the_tests_refuse_is_reported_not_raised() -> None:
+    fits = make_fits()
+    page = render_report(make_inputs(fits=(fits[0], replace(fits[1], n_obs=15))), {})
+    assert "No likelihood-ratio test: candidates were fitted on different rows (ri n=16, ris n=15)" in page
+
+
+def test_diagnostics_table_has_one_row_per_fit_and_the_refit(page: str) -> None:
+    section = comparison_section(page)
+    table = section[section.index("Fit diagnostics per candidate"):]
+    for header in ("Engine", "Optimizer", "Evaluations", "max |gradient|", "Converged", "Singular", "Message"):
+        assert f"<th>{header}</th>" in table
+    assert "<td>ris</td><td>ML</td><td>test</td><td>bobyqa</td><td class=\"num\">40</td>" in table
+    assert "<td>ris (refit)</td><td>REML</td>" in table
+    assert "log-likelihood is not finite (inf)" in table
+    assert "lme4 warns above 0.002" in table
+
+
+def test_diagnostics_table_flags_a_singular_candidate() -> None:
+    fits = make_fits()
+    page = render_report(make_inputs(fits=(fits[0], replace(fits[1], singular=True), fits[2])), {})
+    table = comparison_section(page)[comparison_section(page).index("Fit diagnostics per candidate"):]
+    assert '<tr class="singular"><td>ris</td>' in table
+    assert '<span class="warning-text">yes</span>' in table
+
+
+def ranef_of(n_levels: int) -> pd.DataFrame:
+    return pd.DataFrame({"group": "pid", "level": [f"s{i}" for i in range(n_levels)], "term": "(Intercept)",
+                         "estimate": np.linspace(-1, 1, n_levels), "cond_sd": 0.2})
+
+
+def test_caterpillar_caption_says_every_level_is_shown_when_levels_are_few() -> None:
+    page = render_report(make_inputs(selected=replace(make_selected(), ranef=ranef_of(12))), {"caterpillar": PNG})
+    section = page[page.index('<section id="random-effects">'):page.index('<section id="diagnostics">')]
+    assert 'id="fig-caterpillar"' in section
+    assert "95% conditional intervals (mode ± 1.96 conditional SD)" in section
+    assert "Every level is shown." in section
+
+
+def test_caterpillar_caption_says_which_levels_are_shown_when_levels_are_many() -> None:
+    page = render_report(make_inputs(selected=replace(make_selected(), ranef=ranef_of(500))), {"caterpillar": PNG})
+    assert ("For pid: (Intercept) (500 levels), only the 30 lowest and 30 highest levels are shown" in page)
+
+
+def test_a_subject_of_several_columns_is_counted_by_its_combined_key() -> None:
+    config = parse_config({
+        "study": "demo-study",
+        "data": {"source": "visits.csv", "subject": ["site", "pid"], "time": "week", "outcome": "score"},
+        "models": {"candidates": {"ri": "score ~ week + (1 | site:pid)"}},
+    })
+    validated = make_validated()
+    visits = validated.visits.assign(site="S", **{"site:pid": "S:" + validated.visits["pid"]})
+    page = render_report(make_inputs(config=config, validated=replace(validated, visits=visits)), {})
+    assert "<dt>Subjects analysed</dt><dd>4</dd>" in page
+    assert "subject site × pid" in page
