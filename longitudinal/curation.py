@@ -10,8 +10,10 @@ new content is a new arrival (rows it repeats are then exact duplicates, which v
 as such). When ``data.source`` is a file or a glob, a run analyses exactly the files it names now; the
 registry then only saves re-reading unchanged files.
 
-Every write is atomic (written aside, then renamed) and the registry is updated under an exclusive
-lock, so a killed run or two runs at once never leave a part without its registry entry or the reverse.
+Every write is atomic (written aside, flushed, then renamed), parts before the registry, all under an
+exclusive lock: a killed run or two runs at once never leave a registry entry without its part. A
+killed run can leave a part without an entry (harmless: the next run registers it when it reads that
+file again) and a ``.*.tmp`` file, which the next run removes.
 """
 
 from __future__ import annotations
@@ -87,6 +89,7 @@ def curate(config: StudyConfig) -> Curated:
     accumulate = config.source_path.is_dir()
     origin = str(config.source_path)
     with _locked(folder):
+        _remove_leftovers(folder)
         registry = _load(folder)
         known = {entry["sha256"]: entry for entry in registry["files"]}
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -124,6 +127,8 @@ def curate(config: StudyConfig) -> Curated:
         ingested = assemble(parts, config)  # raises before anything is registered
         for part in new_parts.values():
             _write_part(folder, part)
+        if new_parts:
+            _sync_directory(folder / "parts")  # the parts' names are on disk before the registry names them
         if entries or duplicates:
             registry["files"] = every
             registry["duplicates"] += [asdict(d) for d in duplicates]
@@ -156,11 +161,18 @@ def _write_part(folder: Path, part: FilePart) -> None:
         return
     aside = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     part.raw.to_parquet(aside, engine="pyarrow", index=False)
+    _sync_file(aside)
     os.replace(aside, target)
 
 
 def _read_part(folder: Path, entry: dict[str, Any]) -> FilePart:
-    raw = pd.read_parquet(folder / "parts" / f"{entry['sha256']}.parquet", engine="pyarrow")
+    path = folder / "parts" / f"{entry['sha256']}.parquet"
+    if not path.exists():
+        raise DataError(
+            f"{path}: the curated copy of {entry['path']} is missing although registry.json lists it; restore "
+            "the curated folder from a backup, or move it aside to ingest the landed files afresh"
+        )
+    raw = pd.read_parquet(path, engine="pyarrow")
     source = SourceFile(path=entry["path"], sha256=entry["sha256"], rows=int(entry["rows"]))
     return FilePart(raw=raw, source=source, decimal_comma=bool(entry["decimal_comma"]))
 
@@ -181,9 +193,29 @@ def _save(folder: Path, registry: dict[str, Any]) -> None:
     path = folder / "registry.json"
     aside = path.with_name(f".registry.json.{os.getpid()}.tmp")
     aside.write_text(json.dumps(registry, indent=2) + "\n", encoding="utf-8")
-    with aside.open("rb") as handle:
-        os.fsync(handle.fileno())
+    _sync_file(aside)
     os.replace(aside, path)
+    _sync_directory(folder)
+
+
+def _remove_leftovers(folder: Path) -> None:
+    """Remove the ``.*.tmp`` files of writes a killed run did not finish (only under the lock: then no
+    other process is writing them)."""
+    for aside in [*folder.glob(".*.tmp"), *(folder / "parts").glob(".*.tmp")]:
+        aside.unlink(missing_ok=True)
+
+
+def _sync_file(path: Path) -> None:
+    with path.open("rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _sync_directory(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 @contextmanager

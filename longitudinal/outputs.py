@@ -4,12 +4,20 @@
 ``<output>/<study>/latest`` is a symbolic link to the newest successful run. A run is assembled in a
 hidden staging folder next to its final place (same file system, so the final ``rename`` is atomic);
 a failed or killed run never moves ``latest`` and leaves no half-written run folder behind.
+
+Runs of one study are serialized: :func:`start_run` takes the study's run lock (an ``flock`` on
+``<output>/.<study>.run.lock``, next to the study's folder; waiting while another run holds it) and :func:`publish_run` or
+:func:`discard_run` releases it. The kernel releases the lock of a killed process, so holding it proves
+that no other run of the study is alive: :func:`start_run` then removes what killed runs left behind
+(``.staging-*`` folders, a ``.latest-*`` link made just before a publish) without touching a live run.
 """
 
 from __future__ import annotations
 
 import hashlib
+import fcntl
 import json
+import logging
 import math
 import os
 import shutil
@@ -29,6 +37,7 @@ from longitudinal.records import Fit, Selection, SourceFile, Validated
 from longitudinal.selection import COLUMNS
 
 STAGING_PREFIX = ".staging-"
+LATEST_PREFIX = ".latest-"
 PACKAGES = ("longitudinal", "prefect", "great-expectations", "statsmodels", "numpy", "scipy", "pandas",
             "pyarrow", "matplotlib", "pydantic", "nlopt")
 
@@ -40,28 +49,133 @@ def new_run_id(now: datetime | None = None) -> str:
 
 
 def start_run(study_dir: Path, run_id: str) -> Path:
-    """Create the staging folder of a run; the caller writes into it, then calls :func:`publish_run`."""
+    """Take the study's run lock, clear what killed runs left, and create this run's staging folder.
+
+    Waits while another run of the study holds the lock, so two runs started at once run one after the
+    other: the second ingests after the first has published, and neither writes into the other's
+    folders. The caller writes into the staging folder, then calls :func:`publish_run` (or
+    :func:`discard_run` on failure), which releases the lock.
+    """
     study_dir.mkdir(parents=True, exist_ok=True)
     staging = study_dir / f"{STAGING_PREFIX}{run_id}"
-    (staging / "figures").mkdir(parents=True)
+    lock = _acquire_run_lock(study_dir, run_id)
+    try:
+        remove_stale_runs(study_dir)
+        (staging / "figures").mkdir(parents=True)
+    except BaseException:
+        os.close(lock)
+        raise
+    _RUN_LOCKS[staging] = lock
     return staging
 
 
 def publish_run(staging: Path, run_id: str) -> Path:
-    """Move a finished run into place and point ``latest`` at it, each step atomic."""
+    """Move a finished run into place and point ``latest`` at it, each step atomic; release the run lock.
+
+    The files are flushed to disk first, so a machine restart cannot leave a published run with empty
+    files. A kill between the two steps leaves a complete run folder and ``latest`` on the previous run.
+    """
     study_dir = staging.parent
     final = study_dir / run_id
+    _sync_tree(staging)
     os.rename(staging, final)
     link = study_dir / "latest"
-    temporary = study_dir / f".latest-{run_id}"
+    temporary = study_dir / f"{LATEST_PREFIX}{run_id}"
     temporary.symlink_to(run_id, target_is_directory=True)
     os.replace(temporary, link)
+    _sync_directory(study_dir)
+    _release_run_lock(staging)
     return final
 
 
 def discard_run(staging: Path) -> None:
-    """Remove the staging folder of a run that failed."""
+    """Remove the staging folder of a run that failed and release the run lock."""
     shutil.rmtree(staging, ignore_errors=True)
+    _release_run_lock(staging)
+
+
+def remove_stale_runs(study_dir: Path) -> list[Path]:
+    """Remove the ``.staging-*`` folders and ``.latest-*`` links that killed runs left in ``study_dir``.
+
+    Call only while holding the study's run lock (as :func:`start_run` does): then no other run of the
+    study is alive and everything with these prefixes is a leftover. Returns what was removed.
+    """
+    removed = []
+    for path in sorted(study_dir.iterdir()):
+        if path.name.startswith(LATEST_PREFIX) and path.is_symlink():
+            path.unlink(missing_ok=True)
+        elif path.name.startswith(STAGING_PREFIX) and path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            continue
+        removed.append(path)
+    if removed:
+        _log.warning("removed what killed runs left in %s: %s", study_dir, ", ".join(p.name for p in removed))
+    return removed
+
+
+def run_lock_path(study_dir: Path) -> Path:
+    """The file whose ``flock`` a run of the study holds: next to the study's folder, so a listing of the
+    folder shows runs only."""
+    return study_dir.parent / f".{study_dir.name}.run.lock"
+
+
+_log = logging.getLogger(__name__)
+
+# The open run-lock descriptor of each staging folder this process is assembling: module state because
+# the flow passes only paths between its tasks. The lock lives exactly as long as the descriptor.
+_RUN_LOCKS: dict[Path, int] = {}
+
+
+def _acquire_run_lock(study_dir: Path, run_id: str) -> int:
+    """An exclusive ``flock`` on the study's run-lock file, waiting (and saying so) while another run holds it.
+
+    The file records the holder's process id and run id, for the message a waiting run logs.
+    """
+    path = run_lock_path(study_dir)
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = path.read_text(encoding="utf-8", errors="replace").strip() or "unknown"
+            _log.warning("another run of %s is in progress (process, run id: %s); run %s starts when it ends",
+                         study_dir.name, holder, run_id)
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, f"{os.getpid()}, {run_id}\n".encode(), 0)
+    except BaseException:
+        os.close(descriptor)
+        raise
+    return descriptor
+
+
+def _release_run_lock(staging: Path) -> None:
+    descriptor = _RUN_LOCKS.pop(staging, None)
+    if descriptor is not None:
+        os.close(descriptor)  # closing this process's only descriptor of the file releases the flock
+
+
+def _sync_tree(folder: Path) -> None:
+    """``fsync`` every file and folder under ``folder``."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            descriptor = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
+    for directory in [folder, *(p for p in folder.rglob("*") if p.is_dir())]:
+        _sync_directory(directory)
+
+
+def _sync_directory(folder: Path) -> None:
+    """``fsync`` a folder, so the renames and new names in it survive a machine restart."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 # ------------------------------------------------------------------------------------------------ files
