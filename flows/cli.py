@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import fcntl
 import logging
 import os
 import sys
@@ -97,6 +98,7 @@ def _run(args: argparse.Namespace) -> int:
     # starts that server, this handler runs after it, so the run folder stays the last line.
     closing: list[str] = []
     atexit.register(lambda: print(*closing, sep="\n", flush=True) if closing else None)
+    _start_embedded_server_once()
     run_dir = study_pipeline(config_path=str(args.config.resolve()), criterion=args.criterion)
     closing += [f"report: {Path(run_dir) / 'report.html'}", str(run_dir)]
     return 0
@@ -162,6 +164,26 @@ def _simulate(args: argparse.Namespace) -> int:
     write_table(simulate_trial(spec), args.out)
     print(args.out)
     return 0
+
+
+def _start_embedded_server_once() -> None:
+    """Start Prefect's embedded server under a lock on the Prefect home.
+
+    Two runs starting at once on a new home otherwise race on the database migrations and one fails.
+    The flow's client then reuses this server (a per-process singleton). Nothing to do with a server
+    named by PREFECT_API_URL.
+    """
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME
+
+    if PREFECT_API_URL.value():
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    home = Path(PREFECT_HOME.value())
+    home.mkdir(parents=True, exist_ok=True)
+    with (home / ".longitudinal-server.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        SubprocessASGIServer().start()
 
 
 def _quiet_prefect(*, debug: bool) -> None:
