@@ -10,7 +10,6 @@ limit of one run per study, with later arrivals queued, keeps two runs of a stud
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -69,13 +68,10 @@ def announce_arrival(config: StudyConfig, files: list[Path]) -> None:
 
 
 def _log_to_console(*names: str) -> None:
-    """The watcher's messages (files landed, files not readable yet) beside Prefect's on stdout."""
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)-7s | %(name)s - %(message)s", "%H:%M:%S"))
+    """The watcher's messages (files landed, files not readable yet) on the console, beside Prefect's:
+    they propagate to the root logger, whose console handler Prefect configured."""
     for name in names:
-        logger = logging.getLogger(name)
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
+        logging.getLogger(name).setLevel(logging.INFO)
 
 
 def serve_studies(config_paths: list[Path], *, settle_seconds: float = 2.0, rescan_seconds: float = 60.0) -> None:

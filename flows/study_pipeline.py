@@ -114,7 +114,7 @@ def _run_stages(config: StudyConfig, config_path: Path, formulas: dict, staging:
     return publish(staging, run_id, manifest, config.study, _summary_markdown(config, selection, counts, run_id))
 
 
-@flow(name="fit-candidates", flow_run_name="fit {names}", log_prints=False)
+@flow(name="fit-candidates", flow_run_name="fit {engine}: ML fits of the candidates", log_prints=False)
 def fit_candidates(visits: Any, names: list[str], formulas: list[str], engine: str, data_hash: str) -> list[Fit]:
     """Fit every candidate by ML, one task each, on the task runner the study's ``execution`` names."""
     return list(fit.map(unmapped(visits), names, formulas, unmapped("ML"), unmapped(engine), unmapped(data_hash)).result())
