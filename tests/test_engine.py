@@ -18,6 +18,7 @@ from longitudinal.engine import (
     FitFailure,
     compute_crossproducts,
     fit_lmm,
+    group_patterns,
     layout_theta,
     profiled_deviance,
 )
@@ -382,3 +383,58 @@ def test_a_factor_with_as_many_levels_as_rows_is_not_identifiable(clinic: pd.Dat
 def test_a_grouping_factor_with_one_level_is_refused(clinic: pd.DataFrame) -> None:
     with pytest.raises(FitFailure, match=r"grouping factor 'site' has 1 level"):
         fit_lmm(design_of(clinic.assign(site="A"), "y ~ t + (1 | patient) + (1 | site)"), reml=False)
+
+
+# ------------------------------------------------------------------------------- visit patterns
+
+
+def same_visits_frame(seed: int = 5) -> pd.DataFrame:
+    """Eight subjects: five seen at weeks 0-3, three at weeks 0, 2, 4 (two Z'Z patterns for (t | g))."""
+    rng = np.random.default_rng(seed)
+    times = [[0.0, 1, 2, 3]] * 5 + [[0.0, 2, 4]] * 3
+    g = np.concatenate([[f"s{i}"] * len(t) for i, t in enumerate(times)])
+    t = np.concatenate(times)
+    x = rng.normal(size=t.size)
+    y = 2.0 + 0.4 * t + 0.3 * x + rng.normal(size=len(times)).repeat([len(v) for v in times]) + rng.normal(size=t.size)
+    return pd.DataFrame({"y": y, "t": t, "x": x, "g": g})
+
+
+@pytest.mark.parametrize("formula", ["y ~ t + x + (1 | g)", "y ~ t + x + (t | g)", "y ~ t + x + (t || g)",
+                                     "y ~ t + x + (1 + t + I(t^2) | g)"])
+def test_subjects_sharing_visit_times_share_one_pattern_with_the_same_deviance(formula: str) -> None:
+    design = design_of(same_visits_frame(), formula)
+    products = compute_crossproducts(design)
+    patterns = group_patterns(products, max_share=1.0)
+    assert patterns is not None
+    assert patterns.n_patterns == 2
+    assert patterns.counts.sum() == design.n_groups
+    rng = np.random.default_rng(0)
+    layout = layout_theta(products.block_sizes)
+    for _ in range(3):
+        theta = np.where(layout.diagonal, rng.uniform(0.1, 2.0, layout.size), rng.normal(size=layout.size))
+        for reml in (False, True):
+            assert profiled_deviance(patterns, theta, reml) == pytest.approx(
+                dense_deviance(design, theta, reml), rel=1e-10
+            )
+
+
+def test_random_intercepts_group_by_rows_per_subject() -> None:
+    design = design_of(same_visits_frame(), "y ~ t + (1 | g)")
+    patterns = group_patterns(compute_crossproducts(design), max_share=1.0)
+    assert patterns is not None and sorted(patterns.counts.tolist()) == [3.0, 5.0]
+
+
+def test_patterns_are_not_used_when_nearly_every_subject_has_its_own(small: pd.DataFrame) -> None:
+    products = compute_crossproducts(design_of(small, "y ~ x + (x | g)"))  # continuous x: six patterns
+    assert group_patterns(products) is None
+    patterns = group_patterns(products, max_share=1.0)
+    assert patterns is not None and patterns.n_patterns == 6
+
+
+def test_fit_by_patterns_matches_the_per_subject_deviance_at_its_optimum() -> None:
+    design = design_of(same_visits_frame(), "y ~ t + x + (t | g)")
+    result = fit_lmm(design, reml=False)
+    # The estimates come from the per-subject solve at the optimum the pattern deviance found.
+    assert result.deviance == pytest.approx(dense_deviance(design, result.theta, False), rel=1e-10)
+    products = compute_crossproducts(design)
+    assert profiled_deviance(products, result.theta, False) == pytest.approx(result.deviance, rel=1e-12)

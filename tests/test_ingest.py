@@ -324,3 +324,12 @@ def test_did_you_mean() -> None:
     assert did_you_mean("score", ["id", "Score"]) == "; did you mean 'Score'?"
     assert did_you_mean("patient_id", ["patientid", "week"]) == "; did you mean 'patientid'?"
     assert did_you_mean("score", ["id", "week"]) == ""
+
+
+def test_arrow_and_object_text_columns_read_the_same() -> None:
+    cells = [" a ", "NULL", "3.00", "-", "x.0", None, " 12 ", "1e3", "inf", "", "007"]
+    arrow, objects = pd.Series(cells, dtype="str"), pd.Series(cells, dtype=object)
+    assert arrow.dtype.storage == "pyarrow"
+    pd.testing.assert_series_equal(to_text(arrow), to_text(objects))
+    pd.testing.assert_series_equal(parse_numbers(arrow), parse_numbers(objects))
+    np.testing.assert_array_equal(is_missing(arrow), is_missing(objects))

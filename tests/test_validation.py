@@ -410,3 +410,13 @@ def test_summary_counts_by_rule_not_by_reason_text(tmp_path: Path) -> None:
         "rule": "outcome_is_number", "column": "score", "description": "outcome ('score') is a number", "rows": 2,
     }
     assert summary["notes"] == []
+
+
+def test_preloading_great_expectations_leaves_validation_unchanged(tmp_path: Path) -> None:
+    from longitudinal.validation import preload_great_expectations
+
+    before = check(tmp_path, HEADER + GOOD)
+    preload_great_expectations().join(timeout=120)
+    after = check(tmp_path, HEADER + GOOD)
+    pd.testing.assert_frame_equal(before.visits, after.visits)
+    assert before.expectations == after.expectations
