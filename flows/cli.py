@@ -90,6 +90,9 @@ def _run(args: argparse.Namespace) -> int:
     from longitudinal.config import load_config
 
     load_config(args.config)  # a config error exits 2 before Prefect's start-up cost
+    from longitudinal.validation import preload_great_expectations
+
+    preload_great_expectations()  # its 2-5 s import overlaps Prefect's start-up
     _quiet_prefect(debug=args.debug)
     from flows.study_pipeline import study_pipeline
 

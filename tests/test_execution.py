@@ -39,10 +39,30 @@ def _with_execution(path: Path, execution: dict | None, reports: Path) -> Path:
     return path
 
 
-def test_dask_cluster_gives_the_same_selection_as_threads(harness, tmp_path: Path, copy_example_study) -> None:
+@pytest.fixture(scope="module")
+def threads(harness, tmp_path_factory: pytest.TempPathFactory, copy_example_study) -> Path:
+    tmp_path = tmp_path_factory.mktemp("threads")
+    return _run(_with_execution(copy_example_study(tmp_path / "study"), None, tmp_path / "reports"))
+
+
+def _assert_same_answer(left_run: Path, right_run: Path) -> None:
+    left = pd.read_csv(left_run / "model_comparison.csv").set_index("model")
+    right = pd.read_csv(right_run / "model_comparison.csv").set_index("model")
+    assert left["selected"].idxmax() == right["selected"].idxmax()
+    pd.testing.assert_series_equal(left["loglik"], right["loglik"], rtol=0, atol=1e-9)
+    assert json.loads((right_run / "selected_model.json").read_text())["fixed_effects"] == json.loads(
+        (left_run / "selected_model.json").read_text()
+    )["fixed_effects"]
+
+
+def test_process_pool_gives_the_same_answer_as_threads(threads: Path, tmp_path: Path, copy_example_study) -> None:
+    config = _with_execution(copy_example_study(tmp_path / "processes"), {"task_runner": "processes"}, tmp_path / "r")
+    _assert_same_answer(threads, _run(config))
+
+
+def test_dask_cluster_gives_the_same_selection_as_threads(threads: Path, tmp_path: Path, copy_example_study) -> None:
     from distributed import LocalCluster
 
-    threads = _run(_with_execution(copy_example_study(tmp_path / "threads"), None, tmp_path / "threads-reports"))
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         dask_config = _with_execution(
             copy_example_study(tmp_path / "dask"), {"task_runner": "dask", "address": cluster.scheduler_address},
@@ -51,10 +71,4 @@ def test_dask_cluster_gives_the_same_selection_as_threads(harness, tmp_path: Pat
         on_dask = _run(dask_config)
         ran_on_cluster = [name for name in cluster.scheduler.task_prefixes if "fit" in name]
     assert ran_on_cluster, "no fit ran on the Dask cluster"
-    left = pd.read_csv(threads / "model_comparison.csv").set_index("model")
-    right = pd.read_csv(on_dask / "model_comparison.csv").set_index("model")
-    assert left["selected"].idxmax() == right["selected"].idxmax()
-    pd.testing.assert_series_equal(left["loglik"], right["loglik"], rtol=0, atol=1e-9)
-    assert json.loads((on_dask / "selected_model.json").read_text())["fixed_effects"] == json.loads(
-        (threads / "selected_model.json").read_text()
-    )["fixed_effects"]
+    _assert_same_answer(threads, on_dask)
