@@ -31,6 +31,7 @@ from typing import Any, Iterator
 import pandas as pd
 
 from longitudinal.config import StudyConfig
+from longitudinal.durable import sync_path
 from longitudinal.errors import DataError, SourceUnavailable
 from longitudinal.ingest import FilePart, assemble, find_source_files, read_file
 from longitudinal.records import Ingested, SourceFile
@@ -128,7 +129,7 @@ def curate(config: StudyConfig) -> Curated:
         for part in new_parts.values():
             _write_part(folder, part)
         if new_parts:
-            _sync_directory(folder / "parts")  # the parts' names are on disk before the registry names them
+            sync_path(folder / "parts")  # the parts' names are on disk before the registry names them
         if entries or duplicates:
             registry["files"] = every
             registry["duplicates"] += [asdict(d) for d in duplicates]
@@ -161,7 +162,7 @@ def _write_part(folder: Path, part: FilePart) -> None:
         return
     aside = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     part.raw.to_parquet(aside, engine="pyarrow", index=False)
-    _sync_file(aside)
+    sync_path(aside)
     os.replace(aside, target)
 
 
@@ -193,9 +194,9 @@ def _save(folder: Path, registry: dict[str, Any]) -> None:
     path = folder / "registry.json"
     aside = path.with_name(f".registry.json.{os.getpid()}.tmp")
     aside.write_text(json.dumps(registry, indent=2) + "\n", encoding="utf-8")
-    _sync_file(aside)
+    sync_path(aside)
     os.replace(aside, path)
-    _sync_directory(folder)
+    sync_path(folder)
 
 
 def _remove_leftovers(folder: Path) -> None:
@@ -203,19 +204,6 @@ def _remove_leftovers(folder: Path) -> None:
     other process is writing them)."""
     for aside in [*folder.glob(".*.tmp"), *(folder / "parts").glob(".*.tmp")]:
         aside.unlink(missing_ok=True)
-
-
-def _sync_file(path: Path) -> None:
-    with path.open("rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def _sync_directory(folder: Path) -> None:
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 @contextmanager

@@ -465,7 +465,7 @@ def fit_lmm(design: Design, *, reml: bool) -> EngineResult:
         from longitudinal.sparse_engine import fit_multilevel  # nested or crossed: the blocked sparse path
 
         return fit_multilevel(design, reml=reml)
-    _check_identifiable(design)
+    check_identifiable(design)
     products = compute_crossproducts(design)
     layout = layout_theta(products.block_sizes)
     patterns = group_patterns(products)
@@ -548,20 +548,21 @@ def _optimize(deviance: Callable[[np.ndarray], float], start: np.ndarray, layout
     return _Run(theta, value, converged and status == "", gradient_max, evaluations, message)
 
 
-def _check_identifiable(design: Design) -> None:
-    """lme4's ``lmerControl`` checks that stop a fit: too few groups, rows or rows per random effect."""
-    n, G, p = design.n_obs, design.n_groups, design.X.shape[1]
-    if G < 2:
-        raise FitFailure(
-            f"grouping factor {design.group!r} has {G} level; random effects need at least 2 groups"
-        )
-    if n <= G:
-        raise FitFailure(
-            f"number of observations ({n}) is not larger than the number of levels of {design.group!r} ({G}): "
-            "the random effects and the residual variance are not identifiable; drop the random-effects term"
-        )
+def check_identifiable(design: Design) -> None:
+    """lme4's ``lmerControl`` checks that stop a fit, per grouping factor and per bar: too few groups,
+    rows or rows per random effect."""
+    n, p = design.n_obs, design.X.shape[1]
+    for group in design.groups:
+        G = design.levels_of(group)
+        if G < 2:
+            raise FitFailure(f"grouping factor {group!r} has {G} level; random effects need at least 2 groups")
+        if n <= G:
+            raise FitFailure(
+                f"number of observations ({n}) is not larger than the number of levels of {group!r} ({G}): "
+                "its random effects and the residual variance are not identifiable; drop that random-effects term"
+            )
     for block in design.blocks:
-        effects = len(block.terms) * G
+        effects = len(block.terms) * block.n_levels
         if n <= effects:
             bar = f"({' + '.join(block.terms)} | {block.group})"
             raise FitFailure(

@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from longitudinal.config import StudyConfig
+from longitudinal.durable import sync_path, sync_tree
 from longitudinal.records import Fit, Selection, SourceFile, Validated
 from longitudinal.selection import COLUMNS
 
@@ -77,13 +78,13 @@ def publish_run(staging: Path, run_id: str) -> Path:
     """
     study_dir = staging.parent
     final = study_dir / run_id
-    _sync_tree(staging)
+    sync_tree(staging)
     os.rename(staging, final)
     link = study_dir / "latest"
     temporary = study_dir / f"{LATEST_PREFIX}{run_id}"
     temporary.symlink_to(run_id, target_is_directory=True)
     os.replace(temporary, link)
-    _sync_directory(study_dir)
+    sync_path(study_dir)
     _release_run_lock(staging)
     return final
 
@@ -154,28 +155,6 @@ def _release_run_lock(staging: Path) -> None:
     descriptor = _RUN_LOCKS.pop(staging, None)
     if descriptor is not None:
         os.close(descriptor)  # closing this process's only descriptor of the file releases the flock
-
-
-def _sync_tree(folder: Path) -> None:
-    """``fsync`` every file and folder under ``folder``."""
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            descriptor = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(descriptor)
-            finally:
-                os.close(descriptor)
-    for directory in [folder, *(p for p in folder.rglob("*") if p.is_dir())]:
-        _sync_directory(directory)
-
-
-def _sync_directory(folder: Path) -> None:
-    """``fsync`` a folder, so the renames and new names in it survive a machine restart."""
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 # ------------------------------------------------------------------------------------------------ files

@@ -48,6 +48,7 @@ from longitudinal.engine import (
     _factor_groups,
     _forward_groups,
     block_covariances,
+    check_identifiable,
     compute_crossproducts,
     exact_fit_failure,
     layout_theta,
@@ -369,28 +370,8 @@ def fit_multilevel(design: Design, *, reml: bool) -> EngineResult:
 
 
 def _check_identifiable(design: Design) -> None:
-    """lme4's ``lmerControl`` checks per grouping factor and bar, and the size limit of the dense Schur part."""
-    n, p = design.n_obs, design.X.shape[1]
-    for group in design.groups:
-        G = design.levels_of(group)
-        if G < 2:
-            raise FitFailure(f"grouping factor {group!r} has {G} level; random effects need at least 2 groups")
-        if n <= G:
-            raise FitFailure(
-                f"number of observations ({n}) is not larger than the number of levels of {group!r} ({G}): "
-                "its random effects and the residual variance are not identifiable; drop that random-effects term"
-            )
-    for block in design.blocks:
-        effects = len(block.terms) * block.n_levels
-        if n <= effects:
-            bar = f"({' + '.join(block.terms)} | {block.group})"
-            raise FitFailure(
-                f"number of observations ({n}) is not larger than the number of random effects ({effects}) "
-                f"for {bar}: its variance and the residual variance are not identifiable; "
-                "use fewer random-effect terms"
-            )
-    if n <= p:
-        raise FitFailure(f"number of observations ({n}) is not larger than the number of fixed effects ({p})")
+    """lme4's ``lmerControl`` checks (as for one factor), and the size limit of the dense Schur part."""
+    check_identifiable(design)
     rest = sum(len(b.terms) * b.n_levels for b in design.blocks if b.group != design.group)
     if rest > REST_LIMIT:
         raise FitFailure(
