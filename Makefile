@@ -11,7 +11,7 @@ CONFIG ?= config/example.yaml
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: run test validate server bench example-data clean
+.PHONY: run test typecheck validate server bench example-data clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,8 +25,12 @@ run: $(STAMP)
 validate: $(STAMP)
 	$(BIN)/longitudinal validate --config $(CONFIG)
 
-test: $(STAMP)
+test: $(STAMP) typecheck
 	$(BIN)/python -m pytest
+
+# The library's type hints, checked (configuration in pyproject.toml).
+typecheck: $(STAMP)
+	$(BIN)/mypy
 
 # A local Prefect server and UI (SQLite under $$PREFECT_HOME, ~/.prefect by default; analytics off) for `longitudinal serve`:
 # open http://127.0.0.1:4200 and, in another shell, export PREFECT_API_URL=http://127.0.0.1:4200/api

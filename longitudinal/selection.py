@@ -56,7 +56,7 @@ def select_model(fits: Sequence[Fit], criterion: Literal["aic", "bic"]) -> Selec
     score = aic if criterion == "aic" else bic
     best = min(
         (i for i, f in enumerate(fits) if f.usable),
-        key=lambda i: (round(score[i] / _TIE) * _TIE, fits[i].n_params, i),
+        key=lambda i: (round(float(score[i]) / _TIE), fits[i].n_params, i),
     )
     table = pd.DataFrame({
         "model": [f.name for f in fits],
