@@ -23,17 +23,21 @@ invocation are kept from the previous results.csv (their ``measured_at`` tells t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import math
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -190,6 +194,44 @@ def prefect_env(home: Path, source: Path | None = None) -> dict[str, str]:
     if source is not None:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(source), os.environ.get("PYTHONPATH", "")) if p)
     return env
+
+
+@dataclass
+class PrefectServer:
+    process: subprocess.Popen[bytes]
+    api_url: str
+
+    def stop(self) -> None:
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+
+
+def start_prefect_server(env: dict[str, str], log: Path, timeout: float = 120.0) -> PrefectServer:
+    """``prefect server start`` on a free loopback port, in its own process group; waits for /api/health."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    prefect = Path(sys.executable).with_name("prefect")
+    process = subprocess.Popen(
+        [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
+        env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    api_url = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return PrefectServer(process, api_url)
+        if process.poll() is not None:
+            break
+        time.sleep(0.5)
+    PrefectServer(process, api_url).stop()
+    raise RuntimeError(f"the Prefect server did not start; see {log}")
 
 
 def export_snapshot(revision: str, folder: Path) -> Path:
@@ -763,6 +805,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-install", action="store_true", help="never apt-get install R/lme4 or GNU time")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (data, run folders, logs)")
+    parser.add_argument("--server", action="store_true", help="run against a Prefect server started once for the "
+                        "benchmark (as `longitudinal serve` runs), instead of Prefect's embedded server per run")
     parser.add_argument("--snapshot", metavar="REV", help="measure the committed tree at REV (e.g. HEAD) instead "
                         "of the working tree (git archive into the temporary folder)")
     args = parser.parse_args(argv)
@@ -781,6 +825,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="longitudinal-bench-"))
     print(f"benchmark folder: {workdir}", flush=True)
     example = None
+    server: PrefectServer | None = None
     try:
         source = None
         if args.snapshot:
@@ -799,6 +844,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("bundled example and fixed costs:", flush=True)
             example = measure_example(workdir, time_tool=time_tool, source=source)
         env = prefect_env(workdir / "prefect-home", source)
+        if args.server:
+            server = start_prefect_server(env, workdir / "server.log")
+            env["PREFECT_API_URL"] = server.api_url
+            notes.append("Runs against a Prefect server started once for the benchmark (PREFECT_API_URL), "
+                         "as scheduled and triggered runs are: no embedded server start-up per run.")
         if sizes:
             # Create the Prefect database once so that every size pays the warm start-up, as a scheduled
             # pipeline does; the cold start-up is in the example's numbers.
@@ -830,6 +880,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows = read_previous(csv_path)
             write_summary(rows, example, notes, args.out / "summary.md")
     finally:
+        if server is not None:
+            server.stop()
         if args.keep:
             print(f"kept {workdir}", flush=True)
         else:
