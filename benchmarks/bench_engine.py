@@ -7,12 +7,19 @@ share their visit times), and one whole fit (median of a few), with the deviance
 the optimizer used. Then the nested/crossed path (``longitudinal.sparse_engine``) on 200,000 rows:
 20,000 patients × 10 visits, each visit scored by one of 10 raters, ``(t | patient) + (1 | rater)``, and
 20,000 pupils in 500 schools, ``(year | school) + (1 | school:pupil)``.
-Not a test: run ``.venv/bin/python benchmarks/bench_engine.py``.
+
+With ``--scaling``: the fit stage's four fits (three candidates by ML, the REML refit of the random slope)
+at 200,000 and 2,000,000 rows, typed as the pipeline types them (identifiers as text, numbers as floats),
+each step timed once as the pipeline pays it (fresh memory), the ratio of the two sizes (the goal: at most
+12 for 10× the rows) and the size and time of pickling each ``Fit`` (what the fit cache persists).
+Not a test: run ``.venv/bin/python benchmarks/bench_engine.py [--scaling]``.
 """
 
 from __future__ import annotations
 
+import pickle
 import statistics
+import sys
 import time
 from typing import Callable
 
@@ -21,6 +28,7 @@ import pandas as pd
 
 from longitudinal.design import build_design
 from longitudinal.engine import compute_crossproducts, fit_lmm, group_patterns, layout_theta, profiled_deviance
+from longitudinal.fitting import fit_candidate
 from longitudinal.formula import parse_formula
 from longitudinal.simulate import SimulationSpec, simulate_trial
 from longitudinal.sparse_engine import compute_multiproducts, multilevel_deviance
@@ -111,6 +119,73 @@ def main_multilevel() -> None:
         )
 
 
+STAGE = (
+    ("ri", "score ~ week * arm + age + (1 | patient_id)", "ML"),
+    ("ris", "score ~ week * arm + age + (week | patient_id)", "ML"),
+    ("uncorr", "score ~ week * arm + age + (week || patient_id)", "ML"),
+    ("ris", "score ~ week * arm + age + (week | patient_id)", "REML"),
+)
+
+
+def typed_trial(n_subjects: int) -> pd.DataFrame:
+    """A balanced trial (10 visits each) with the pipeline's types: text identifiers, float numbers."""
+    spec = SimulationSpec(n_subjects=n_subjects, min_visits=10, max_visits=10, dropout_probability=0.0, seed=7)
+    visits = simulate_trial(spec)
+    text = pd.StringDtype("pyarrow", na_value=np.nan)
+    return visits.astype({"patient_id": str, "arm": str, "site": str}).astype(
+        {"patient_id": text, "arm": text, "site": text, "week": float, "age": float, "score": float}
+    )
+
+
+def time_once(call: Callable[[], object]) -> tuple[float, object]:
+    began = time.perf_counter()
+    value = call()
+    return time.perf_counter() - began, value
+
+
+def measure_stage(visits: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """Per fit of the stage: design, cross-products, visit patterns, engine fit, whole fit, pickle (s, MB)."""
+    fit_candidate(visits.head(1_000), "warm-up", STAGE[0][1])  # imports and first-call costs
+    rows: dict[str, dict[str, float]] = {}
+    for name, formula, method in STAGE:
+        parsed = parse_formula(formula)
+        row: dict[str, float] = {}
+        row["design"], design = time_once(lambda: build_design(visits, parsed))
+        row["cross-products"], products = time_once(lambda: compute_crossproducts(design))  # type: ignore[arg-type]
+        row["patterns"], _ = time_once(lambda: group_patterns(products))  # type: ignore[arg-type]
+        row["engine fit"], _ = time_once(lambda: fit_lmm(design, reml=method == "REML"))  # type: ignore[arg-type]
+        del design, products
+        fit = fit_candidate(visits, name, formula, method=method)  # type: ignore[arg-type]
+        row["Fit.seconds"] = fit.seconds
+        row["pickle"], blob = time_once(lambda: pickle.dumps(fit, protocol=pickle.HIGHEST_PROTOCOL))
+        row["pickle MB"] = len(blob) / 1e6  # type: ignore[arg-type]
+        rows[f"{name} {method}"] = row
+    return rows
+
+
+def main_scaling() -> None:
+    sizes = (20_000, 200_000)
+    results = {}
+    for n_subjects in sizes:
+        visits = typed_trial(n_subjects)
+        results[n_subjects] = measure_stage(visits)
+        del visits
+    small, large = (results[size] for size in sizes)
+    steps = list(next(iter(small.values())))
+    print("fit stage at 200,000 and 2,000,000 rows (seconds; ratio = 2M / 200k, goal ≤ 12)")
+    for fit in small:
+        print(f"  {fit}")
+        for step in steps:
+            ratio = large[fit][step] / small[fit][step] if small[fit][step] > 0 else float("nan")
+            print(f"    {step:15s} {small[fit][step]:9.3f} {large[fit][step]:9.3f}   × {ratio:5.1f}")
+    total_small = sum(row["Fit.seconds"] for row in small.values())
+    total_large = sum(row["Fit.seconds"] for row in large.values())
+    print(f"  sum of Fit.seconds: {total_small:.3f} s → {total_large:.3f} s (× {total_large / total_small:.1f})")
+
+
 if __name__ == "__main__":
-    main()
-    main_multilevel()
+    if "--scaling" in sys.argv[1:]:
+        main_scaling()
+    else:
+        main()
+        main_multilevel()

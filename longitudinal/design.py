@@ -104,19 +104,19 @@ def build_design(data: pd.DataFrame, formula: ModelFormula) -> Design:
     frame = _model_frame(data, formula)
     env = patsy.EvalEnvironment([{name: getattr(np, fn) for name, fn in FUNCTIONS.items()}])
     y = frame[formula.response].to_numpy(dtype=float)
-    X_frame = _dmatrix(patsy, to_patsy(formula.fixed), frame, env, formula.fixed)
-    names = [_lme4_name(c) for c in X_frame.columns]
-    X, kept = _drop_rank_deficient(X_frame.to_numpy(dtype=float))
+    X_all, columns = _dmatrix(patsy, to_patsy(formula.fixed), frame, env, formula.fixed)
+    names = [_lme4_name(c) for c in columns]
+    X, kept = _drop_rank_deficient(X_all)
     factors = {group: code_factor(data, group.split(":")) for group in formula.groups}
     blocks = []
     for block in formula.blocks:
         spec = " + ".join(("1" if block.intercept else "0",) + tuple(to_patsy(t) for t in block.terms if t != "1"))
-        Z_frame = _dmatrix(patsy, spec, frame, env, " + ".join(block.terms))
+        Z, z_columns = _dmatrix(patsy, spec, frame, env, " + ".join(block.terms))
         codes, levels = factors[block.group]
         blocks.append(BlockDesign(
             group=block.group,
-            terms=tuple(_lme4_name(c) for c in Z_frame.columns),
-            Z=np.ascontiguousarray(Z_frame.to_numpy(dtype=float)),
+            terms=tuple(_lme4_name(c) for c in z_columns),
+            Z=Z,
             codes=codes,
             levels=levels,
         ))
@@ -125,7 +125,7 @@ def build_design(data: pd.DataFrame, formula: ModelFormula) -> Design:
     codes, levels = factors[group]
     return Design(
         y=y,
-        X=np.ascontiguousarray(X),
+        X=X,
         fixed_names=tuple(names[i] for i in kept),
         dropped=tuple(name for i, name in enumerate(names) if i not in set(kept)),
         blocks=tuple(blocks),
@@ -189,22 +189,52 @@ def _sorted_codes(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     return codes.astype(np.int64, copy=False), np.asarray(levels, dtype=object)
 
 
-def _dmatrix(patsy: object, spec: str, frame: pd.DataFrame, env: object, shown: str) -> pd.DataFrame:
+def _dmatrix(patsy: object, spec: str, frame: pd.DataFrame, env: object, shown: str) -> tuple[np.ndarray, list[str]]:
+    """patsy's model matrix (C-contiguous floats) and its column names.
+
+    Taken as patsy's own array, not as a data frame: a frame copies the matrix, and reading it back
+    copies it again (two needless passes over millions of rows).
+    """
     try:
-        return patsy.dmatrix(spec, frame, eval_env=env, return_type="dataframe", NA_action="raise")  # type: ignore[attr-defined]
+        matrix = patsy.dmatrix(spec, frame, eval_env=env, return_type="matrix", NA_action="raise")  # type: ignore[attr-defined]
     except Exception as exc:  # patsy raises its own PatsyError and plain Python errors from evaluating terms
         raise FormulaError(f"cannot build the model matrix for {shown!r}: {' '.join(str(exc).split())}") from None
+    columns = list(matrix.design_info.column_names)
+    return np.ascontiguousarray(np.asarray(matrix, dtype=float)), columns
+
+
+#: Rows per block of the rank check's QR (a few MB per block: cache-sized pieces of a tall matrix).
+_QR_BLOCK_ROWS = 65_536
 
 
 def _drop_rank_deficient(X: np.ndarray, tol: float = 1e-7) -> tuple[np.ndarray, list[int]]:
-    """Keep the columns that are not linear combinations of the columns before them."""
-    if X.shape[1] == 0:
+    """Keep the columns that are not linear combinations of the columns before them.
+
+    The test reads |diag R| of X = QR, with R computed block by block (tall-skinny QR: the R factors of
+    row blocks, stacked, have the same R up to the signs of its rows), several times faster than one
+    LAPACK QR of millions of rows and as stable.
+    """
+    n, p = X.shape
+    if p == 0:
         return X, []
-    R = np.linalg.qr(X, mode="r")
+    R = _r_factor(X)
     diag = np.abs(np.diag(R))
     scale = max(float(diag.max()), 1e-300)
-    kept = [j for j in range(X.shape[1]) if diag[j] > tol * scale]
-    return X[:, kept], kept
+    kept = [j for j in range(p) if diag[j] > tol * scale]
+    return (X if len(kept) == p else np.ascontiguousarray(X[:, kept])), kept
+
+
+def _r_factor(X: np.ndarray) -> np.ndarray:
+    """R of X = QR (p × p when n ≥ p), from the R factors of blocks of rows."""
+    n = X.shape[0]
+    if n <= 2 * _QR_BLOCK_ROWS:
+        return _qr_r(X)
+    return _qr_r(np.vstack([_qr_r(X[start:start + _QR_BLOCK_ROWS]) for start in range(0, n, _QR_BLOCK_ROWS)]))
+
+
+def _qr_r(X: np.ndarray) -> np.ndarray:
+    R: np.ndarray = np.linalg.qr(X, mode="r")  # type: ignore[assignment]  # mode "r" returns R alone
+    return R
 
 
 _LEVEL = re.compile(r"^(?P<code>.*)\[(?:T\.)?(?P<level>.*)\]$")

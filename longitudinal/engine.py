@@ -226,21 +226,35 @@ class EngineResult:
 
 
 def compute_crossproducts(design: Design) -> CrossProducts:
-    """One pass over the rows: per-group Z'Z and Z'[X y] through a sparse group-indicator product."""
-    Z = design.Z
-    n, q = Z.shape
-    G = design.n_groups
-    W = np.column_stack([Z, design.X, design.y])  # [Z X y]
-    Xy = W[:, q:]
-    # Each row's products z_i·[z x y], summed per group by the G × n indicator matrix: one sparse matmul
-    # (faster than a bincount per column). Built column-compressed, one 1 per row, so nothing is sorted.
-    products = (Z[:, :, None] * W[:, None, :]).reshape(n, -1)
-    indicator = sparse.csc_matrix((np.ones(n), design.codes, np.arange(n + 1)), shape=(G, n))
-    sums = np.asarray(indicator @ products).reshape(G, q, W.shape[1])
+    """One pass over the rows: per-group Z'Z and Z'[X y], one sparse product per random-effect column.
+
+    For column z_i of Z, the G × n matrix with z_i's value of each row at (its group, that row) times
+    [Z X y] gives Σ_rows z_i [z x y] per group: each row is read once per column of Z, and nothing of size
+    n × q × (q + p + 1) is materialized (that temporary cost more than the sums at millions of rows).
+    Built column-compressed, one entry per row, so nothing is sorted; sums are in row order per group.
+    """
+    columns = [block.Z[:, j] for block in design.blocks for j in range(block.Z.shape[1])]
+    n, q, p, G = design.n_obs, len(columns), design.X.shape[1], design.n_groups
+    pointers = np.arange(n + 1)
+    ZtZ = np.empty((q, q, G))
+    ZtXy = np.empty((q, G, p + 1))
+    for i, z in enumerate(columns):
+        weighted = sparse.csc_matrix((z, design.codes, pointers), shape=(G, n))
+        for j in range(i + 1):
+            ZtZ[i, j] = weighted @ columns[j]
+            ZtZ[j, i] = ZtZ[i, j]
+        ZtXy[i, :, :p] = weighted @ design.X
+        ZtXy[i, :, p] = weighted @ design.y
+    XtX = design.X.T @ design.X
+    Xty = design.X.T @ design.y
+    XytXy = np.empty((p + 1, p + 1))
+    XytXy[:p, :p] = XtX
+    XytXy[:p, p] = XytXy[p, :p] = Xty
+    XytXy[p, p] = design.y @ design.y
     return CrossProducts(
-        ZtZ=np.ascontiguousarray(sums[:, :, :q].transpose(1, 2, 0)),
-        ZtXy=np.ascontiguousarray(sums[:, :, q:].transpose(1, 0, 2)),
-        XytXy=Xy.T @ Xy,
+        ZtZ=ZtZ,
+        ZtXy=ZtXy,
+        XytXy=XytXy,
         n_obs=n,
         block_sizes=tuple(len(block.terms) for block in design.blocks),
     )
@@ -262,14 +276,17 @@ def group_patterns(products: CrossProducts, *, max_share: float = PATTERN_SHARE)
     inverse[order] = np.cumsum(starts) - 1
     first = order[starts]
     counts = np.bincount(inverse, minlength=P)
-    indicator = sparse.csc_matrix((np.ones(G), inverse, np.arange(G + 1)), shape=(P, G))
-    WtW = np.empty((P, q, q, k * k))
+    # Σ_{g ∈ P} W_i[g, a] W_j[g, :] for each column a of W_i: the P × G pattern indicator weighted by that
+    # column, times W_j. No G × k² temporary of outer products (it cost more than the sums at 10⁵ groups).
+    pointers = np.arange(G + 1)
+    WtW = np.empty((P, q, q, k, k))
     for i in range(q):
         for j in range(i + 1):
-            outer = (products.ZtXy[i][:, :, None] * products.ZtXy[j][:, None, :]).reshape(G, k * k)
-            WtW[:, i, j] = np.asarray(indicator @ outer)
+            for a in range(k):
+                weighted = sparse.csc_matrix((products.ZtXy[i][:, a], inverse, pointers), shape=(P, G))
+                WtW[:, i, j, a] = weighted @ products.ZtXy[j]
             if i != j:  # Σ W_j' W_i is the transpose of Σ W_i' W_j
-                WtW[:, j, i] = WtW[:, i, j].reshape(P, k, k).transpose(0, 2, 1).reshape(P, k * k)
+                WtW[:, j, i] = WtW[:, i, j].transpose(0, 2, 1)
     return PatternProducts(
         ZtZ=np.ascontiguousarray(products.ZtZ[:, :, first].transpose(2, 0, 1)),
         counts=counts.astype(float),
@@ -707,7 +724,7 @@ def _assemble(
     q, G = u.shape
     T = _forward_groups(solution.chol_M, np.broadcast_to(lam.T[:, None, :], (q, G, q)))  # L_g⁻¹ Λ'
     cond_sd = np.sqrt(sigma2 * np.einsum("igj,igj->gj", T, T))
-    fitted = design.X @ beta + np.einsum("nq,nq->n", design.Z, modes[design.codes])
+    fitted = design.X @ beta + _random_part(design, modes)
     residuals = design.y - fitted
 
     # r² recomputed from the residuals (no cancellation): rounding noise in the profiled r² can look like
@@ -730,6 +747,20 @@ def _assemble(
             modes=modes, cond_sd=cond_sd,
         ),),
     )
+
+
+def _random_part(design: Design, modes: np.ndarray) -> np.ndarray:
+    """Z b per row, Σ_i z_i b_i[group], column by column: no n × q copy of Z or of the modes by row."""
+    columns = [block.Z[:, j] for block in design.blocks for j in range(block.Z.shape[1])]
+    by_term = np.ascontiguousarray(modes.T)
+    total = np.take(by_term[0], design.codes)
+    total *= columns[0]
+    term = np.empty_like(total)
+    for i in range(1, len(columns)):
+        np.take(by_term[i], design.codes, out=term)
+        term *= columns[i]
+        total += term
+    return total
 
 
 def block_covariances(layout: ThetaLayout, theta: np.ndarray, sigma2: float) -> tuple[list[np.ndarray], bool]:

@@ -143,15 +143,35 @@ def _correlations(design: Design, result: EngineResult) -> tuple[Correlation, ..
 
 def _ranef_frame(design: Design, result: EngineResult) -> pd.DataFrame:
     """Conditional modes in long form: one row per (group, level, term); factor by factor in formula order,
-    within a factor level by level in the design's order (``level`` of ``a:b`` is lme4's "a1:b1" label)."""
-    frames = []
-    for factor in result.ranef:
+    within a factor level by level in the design's order (``level`` of ``a:b`` is lme4's "a1:b1" label).
+
+    ``group``, ``level`` and ``term`` are categoricals with categories sorted as text (sorting by them
+    orders as text does): each label is stored once, not once per row, which keeps the record quick to
+    build and small to hold and to pickle (the fit cache) with hundreds of thousands of levels.
+    """
+    factors = result.ranef
+    group_at, term_at, level_at = [], [], []
+    terms_before = levels_before = 0
+    for index, factor in enumerate(factors):
         G, q = factor.modes.shape
-        frames.append(pd.DataFrame({
-            "group": np.repeat(np.array([factor.group], dtype=object), G * q),
-            "level": np.repeat(factor.levels.astype(object), q),
-            "term": np.tile(np.array(factor.terms, dtype=object), G),
-            "estimate": factor.modes.reshape(-1),
-            "cond_sd": factor.cond_sd.reshape(-1),
-        }))
-    return frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+        group_at.append(np.full(G * q, index))
+        term_at.append(np.tile(np.arange(terms_before, terms_before + q), G))
+        level_at.append(np.repeat(np.arange(levels_before, levels_before + G), q))
+        terms_before += q
+        levels_before += G
+    return pd.DataFrame({
+        "group": _categorical(np.concatenate(group_at), [factor.group for factor in factors]),
+        "level": _categorical(np.concatenate(level_at), np.concatenate([factor.levels for factor in factors])),
+        "term": _categorical(np.concatenate(term_at), [term for factor in factors for term in factor.terms]),
+        "estimate": np.concatenate([factor.modes.reshape(-1) for factor in factors]),
+        "cond_sd": np.concatenate([factor.cond_sd.reshape(-1) for factor in factors]),
+    })
+
+
+def _categorical(positions: np.ndarray, labels: np.ndarray | list[str]) -> pd.Categorical:
+    """``labels[positions]`` as a categorical whose categories are the distinct labels sorted as text."""
+    text = pd.Index(np.asarray(labels, dtype=object), dtype="str")
+    if text.is_monotonic_increasing and text.is_unique:  # a subject factor's levels: already sorted
+        return pd.Categorical.from_codes(positions, categories=text)
+    codes, categories = pd.factorize(text, sort=True)
+    return pd.Categorical.from_codes(codes[positions], categories=categories)

@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from longitudinal import design as design_module
 from longitudinal.design import build_design
 from longitudinal.errors import FormulaError
 from longitudinal.formula import parse_formula
@@ -62,6 +63,20 @@ def test_rank_deficient_columns_are_dropped_and_listed(visits: pd.DataFrame) -> 
     assert design.fixed_names == ("(Intercept)", "t")
     assert design.dropped == ("t2",)
     assert design.X.shape == (16, 2)
+
+
+def test_the_rank_check_by_blocks_of_rows_agrees_with_one_qr(
+    visits: pd.DataFrame, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(design_module, "_QR_BLOCK_ROWS", 3)  # 16 rows: six blocks, the last of one row
+    data = visits.assign(t2=visits["t"] * 2 - 1)  # = 2 t - intercept: a combination of earlier columns
+    design = build_design(data, parse_formula("y ~ t + arm + t2 + (1 | g)"))
+    assert design.fixed_names == ("(Intercept)", "armtreatment", "t")
+    assert design.dropped == ("t2",)
+    X = np.column_stack([design.X, data["t2"].to_numpy()])
+    np.testing.assert_allclose(
+        np.abs(np.diag(design_module._r_factor(X))), np.abs(np.diag(np.linalg.qr(X, mode="r"))), atol=1e-12,
+    )
 
 
 def test_missing_values_must_not_reach_the_design(visits: pd.DataFrame) -> None:

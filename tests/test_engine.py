@@ -216,6 +216,35 @@ def test_crossproducts_hold_nothing_of_size_n(small: pd.DataFrame) -> None:
     assert all(design.n_obs not in a.shape for a in arrays)
 
 
+def test_crossproducts_are_the_per_group_sums_of_products(small: pd.DataFrame) -> None:
+    # Rows shuffled so that groups are not contiguous; two bars (uncorrelated) side by side in Z.
+    shuffled = small.sample(frac=1.0, random_state=5).reset_index(drop=True)
+    design = design_of(shuffled, "y ~ x + w + (x || g)")
+    products = compute_crossproducts(design)
+    Z, Xy = design.Z, np.column_stack([design.X, design.y])
+    for g in range(design.n_groups):
+        rows = design.codes == g
+        np.testing.assert_allclose(products.ZtZ[:, :, g], Z[rows].T @ Z[rows], rtol=1e-13)
+        np.testing.assert_allclose(products.ZtXy[:, g, :], Z[rows].T @ Xy[rows], rtol=1e-13)
+    np.testing.assert_allclose(products.XytXy, Xy.T @ Xy, rtol=1e-13)
+
+
+def test_pattern_sums_are_the_sums_over_their_groups() -> None:
+    design = design_of(same_visits_frame(), "y ~ t + x + (t | g)")
+    products = compute_crossproducts(design)
+    patterns = group_patterns(products, max_share=1.0)
+    assert patterns is not None
+    q, G, k = products.ZtXy.shape
+    WtW = patterns.WtW.reshape(patterns.n_patterns, q, q, k, k)
+    for P in range(patterns.n_patterns):
+        members = [g for g in range(G) if np.array_equal(products.ZtZ[:, :, g], patterns.ZtZ[P])]
+        assert len(members) == patterns.counts[P]
+        for i in range(q):
+            for j in range(q):
+                expected = sum(np.outer(products.ZtXy[i, g], products.ZtXy[j, g]) for g in members)
+                np.testing.assert_allclose(WtW[P, i, j], expected, rtol=1e-13)
+
+
 def test_deviance_reads_only_the_crossproducts(small: pd.DataFrame) -> None:
     # Each row repeated 10 times within its group multiplies every cross-product by 10: the deviance of
     # the 10× data equals the deviance computed from the original cross-products scaled by 10, so a

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 import sys
 import types
 from pathlib import Path
@@ -218,6 +219,20 @@ def test_a_nested_fit_reports_every_factor(pastes: pd.DataFrame) -> None:
     assert list(fit.ranef.loc[fit.ranef["group"] == "batch:cask", "level"][:4]) == ["A:a", "A:b", "A:c", "B:a"]
     assert fit.ranef["cond_sd"].gt(0).all()
     assert fit.fitted.shape == (len(pastes),)
+
+
+def test_ranef_labels_are_categoricals_sorted_as_text(pastes: pd.DataFrame) -> None:
+    fit = fit_candidate(pastes, "nested", "strength ~ 1 + (1 | batch/cask)", method="REML")
+    ranef = fit.ranef
+    for column in ("group", "level", "term"):
+        assert isinstance(ranef[column].dtype, pd.CategoricalDtype)
+        categories = list(ranef[column].cat.categories)
+        assert categories == sorted(set(ranef[column].astype(str)))
+    # Both factors' levels share one set of categories; each row keeps its own factor's label.
+    assert list(ranef["level"].astype(str)[:3]) == ["A", "B", "C"]
+    assert ranef["level"].astype(str).str.contains(":").tolist() == [False] * 10 + [True] * 30
+    restored = pickle.loads(pickle.dumps(fit))
+    pd.testing.assert_frame_equal(restored.ranef, ranef)
 
 
 def test_statsmodels_cannot_fit_several_grouping_factors(pastes: pd.DataFrame) -> None:
