@@ -22,7 +22,7 @@ import pandas as pd
 from longitudinal.comparison import LikelihoodRatioTest, compare_nested, compute_aicc
 from longitudinal.config import StudyConfig
 from longitudinal.errors import FitError
-from longitudinal.figures import CATERPILLAR_LEVELS
+from longitudinal.figures import CATERPILLAR_LEVELS, QQ_POINTS
 from longitudinal.records import Fit, Selection, SourceFile, Validated
 
 QUARANTINE_ROWS_SHOWN = 20
@@ -219,10 +219,10 @@ def _accounting_sentence(validated: Validated) -> str:
             f"({read - analysed - quarantined:+,} rows unaccounted for): do not use these results.</p>")
 
 
-def _summary(inputs: ReportInputs) -> str:
-    cfg, selection, selected, validated = inputs.config, inputs.selection, inputs.selected, inputs.validated
+def _summary(inputs: ReportInputs, per_subject: np.ndarray) -> str:
+    selection, selected, validated = inputs.selection, inputs.selected, inputs.validated
     n_total, n_usable = _candidate_count(inputs.fits)
-    subjects = _n_subjects(validated.visits, cfg.data.subject_key)
+    subjects = len(per_subject)
     criterion = selection.criterion.upper()
     parts = [
         f"Of {n_total} candidate model{'s' if n_total != 1 else ''} fitted by maximum likelihood, "
@@ -242,21 +242,28 @@ def _summary(inputs: ReportInputs) -> str:
     return f'<section id="summary"><h2>Summary</h2><p>{" ".join(parts)}</p></section>'
 
 
-def _n_subjects(visits: pd.DataFrame, subject: str) -> int:
-    return int(visits[subject].nunique()) if subject in visits else 0
+def visits_per_subject(visits: pd.DataFrame, subject: str) -> np.ndarray:
+    """The number of rows of each subject (missing ids not counted), from one hash pass over the ids.
+
+    Computed once per report: the summary and the data section both need it, and at millions of rows
+    a grouping by a text column is the report's costliest table work.
+    """
+    if subject not in visits or not len(visits):
+        return np.zeros(0, dtype=np.int64)
+    codes, _ = pd.factorize(visits[subject], use_na_sentinel=True)
+    counts = np.bincount(codes[codes >= 0])
+    return counts[counts > 0]
 
 
-def _data_section(inputs: ReportInputs) -> str:
+def _data_section(inputs: ReportInputs, per_subject: np.ndarray) -> str:
     cfg, validated = inputs.config, inputs.validated
     visits = validated.visits
     roles = cfg.data
-    key = roles.subject_key
-    per_subject = visits.groupby(key, observed=True).size() if key in visits and len(visits) else pd.Series(dtype=float)
     time = pd.to_numeric(visits[roles.time], errors="coerce") if roles.time in visits else pd.Series(dtype=float)
-    visits_text = (f"{int(per_subject.min()):,} / {float(per_subject.median()):g} / {int(per_subject.max()):,}"
+    visits_text = (f"{int(per_subject.min()):,} / {float(np.median(per_subject)):g} / {int(per_subject.max()):,}"
                    if len(per_subject) else "—")
     facts = _dl([
-        ("Subjects analysed", esc(f"{_n_subjects(visits, roles.subject_key):,}")),
+        ("Subjects analysed", esc(f"{len(per_subject):,}")),
         ("Rows read", esc(f"{validated.rows_read:,}")),
         ("Rows analysed", esc(f"{validated.rows_analysed:,}")),
         ("Rows quarantined", esc(f"{validated.rows_quarantined:,}")),
@@ -691,8 +698,9 @@ def render_report(inputs: ReportInputs, figures: Mapping[str, bytes]) -> str:
     and images are ``data:`` URIs.
     """
     fit = inputs.selected
+    per_subject = visits_per_subject(inputs.validated.visits, inputs.config.data.subject_key)
     builders: dict[str, Callable[[], str]] = {
-        "data": lambda: _data_section(inputs),
+        "data": lambda: _data_section(inputs, per_subject),
         "validation": lambda: _validation_section(inputs),
         "trajectories": lambda: _figure(
             figures, "trajectories",
@@ -707,7 +715,9 @@ def render_report(inputs: ReportInputs, figures: Mapping[str, bytes]) -> str:
             + _figure(figures, "residuals_vs_fitted", "Residuals against fitted values, with the mean residual "
                       "per bin of fitted values: curvature suggests a missing term, a funnel unequal variance.")
             + _figure(figures, "qq", "Normal QQ plot of standardized residuals (residual / residual SD); points "
-                      "on the line mean normal residuals, bent tails mean heavy or light tails.")
+                      "on the line mean normal residuals, bent tails mean heavy or light tails."
+                      + (f" Of the {len(fit.residuals):,} residuals, {QQ_POINTS:,} evenly spaced order statistics "
+                         "are drawn, the smallest and largest included." if len(fit.residuals) > QQ_POINTS else ""))
             + _figure(figures, "residuals_over_time", "Residuals over time with the mean per time point: a "
                       "pattern suggests a misspecified time trend.")),
         "observed-fitted": lambda: _figure(
@@ -737,7 +747,7 @@ def render_report(inputs: ReportInputs, figures: Mapping[str, bytes]) -> str:
 </header>
 <nav class="toc" aria-label="Contents"><strong>Contents</strong>
 <ol><li><a href="#summary">Summary</a></li>{toc}</ol></nav>
-{_summary(inputs)}
+{_summary(inputs, per_subject)}
 {body}
 <footer>Generated by longitudinal. Estimates are from the REML refit of the selected model; the model
 comparison uses ML fits on identical rows.</footer>

@@ -386,3 +386,15 @@ def test_build_figures_follows_a_subject_made_of_several_columns(fit: Fit, visit
     figures = build_figures(keyed, config, make_selection(), fit, n_panels=4)
     titles = [ax.get_title() for ax in figures["observed_vs_fitted"].axes]
     assert len(titles) == 4 and all(title.startswith("A:p") for title in titles)
+
+
+def test_caterpillar_rows_pick_the_extremes_with_ties_resolved_by_level() -> None:
+    part = pd.DataFrame({
+        "level": ["e", "d", "c", "b", "a", "f", "g"],
+        "estimate": [0.0, 0.0, 0.0, 5.0, 9.0, 9.0, np.nan],
+        "cond_sd": 1.0,
+    })
+    shown, hidden = caterpillar_rows(part, max_levels=4)
+    assert hidden == 2
+    # the full order is (0, c) (0, d) (0, e) (5, b) (9, a) (9, f): ties at both cuts go by level
+    assert list(shown["level"]) == ["c", "d", "a", "f"]
