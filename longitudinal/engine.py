@@ -338,22 +338,23 @@ def profiled_deviance(source: Design | CrossProducts | PatternProducts, theta: n
     not positive.
     """
     if isinstance(source, PatternProducts):
-        layout = layout_theta(source.block_sizes)
-        theta = np.asarray(theta, dtype=float)
-        if theta.shape != (layout.size,):
-            raise ValueError(f"theta has shape {theta.shape}; this model has {layout.size} covariance parameters")
-        return _pattern_deviance(source, layout.lambda_matrix(theta), reml)
+        return _pattern_deviance(source, lambda_at(source.block_sizes, theta), reml)
     if isinstance(source, Design) and not source.single_factor:
         from longitudinal.sparse_engine import multilevel_deviance
 
         return multilevel_deviance(source, theta, reml)
     products = source if isinstance(source, CrossProducts) else compute_crossproducts(source)
-    layout = layout_theta(products.block_sizes)
+    solution = _solve(products, lambda_at(products.block_sizes, theta), reml)
+    return solution.deviance if solution is not None else math.inf
+
+
+def lambda_at(block_sizes: tuple[int, ...], theta: np.ndarray) -> np.ndarray:
+    """Λθ for a θ given from outside the optimizer, its length checked against the model's."""
+    layout = layout_theta(block_sizes)
     theta = np.asarray(theta, dtype=float)
     if theta.shape != (layout.size,):
         raise ValueError(f"theta has shape {theta.shape}; this model has {layout.size} covariance parameters")
-    solution = _solve(products, layout.lambda_matrix(theta), reml)
-    return solution.deviance if solution is not None else math.inf
+    return layout.lambda_matrix(theta)
 
 
 def _solve(products: CrossProducts, lam: np.ndarray, reml: bool) -> _Solution | None:

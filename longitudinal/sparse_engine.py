@@ -51,6 +51,7 @@ from longitudinal.engine import (
     check_identifiable,
     compute_crossproducts,
     exact_fit_failure,
+    lambda_at,
     layout_theta,
     minimize_deviance,
 )
@@ -334,11 +335,7 @@ def multilevel_deviance(source: Design | MultiProducts, theta: np.ndarray, reml:
     Returns ``inf`` where the penalized residual sum of squares is not positive.
     """
     products = source if isinstance(source, MultiProducts) else compute_multiproducts(source)
-    layout = layout_theta(products.block_sizes)
-    theta = np.asarray(theta, dtype=float)
-    if theta.shape != (layout.size,):
-        raise ValueError(f"theta has shape {theta.shape}; this model has {layout.size} covariance parameters")
-    solution = _solve(products, layout.lambda_matrix(theta), reml)
+    solution = _solve(products, lambda_at(products.block_sizes, theta), reml)
     return solution.deviance if solution is not None else math.inf
 
 
