@@ -27,7 +27,7 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 import pandas as pd
@@ -36,6 +36,9 @@ from longitudinal.config import StudyConfig
 from longitudinal.durable import sync_path, sync_tree
 from longitudinal.records import Fit, Selection, SourceFile, Validated
 from longitudinal.selection import COLUMNS
+
+if TYPE_CHECKING:
+    from longitudinal.report import ReportInputs
 
 STAGING_PREFIX = ".staging-"
 LATEST_PREFIX = ".latest-"
@@ -283,3 +286,24 @@ def _jsonable(value: Any) -> Any:
     if value is pd.NA or value is pd.NaT:
         return None
     return value
+
+
+def write_run_files(folder: Path, inputs: ReportInputs) -> Path:
+    """Every file of a run folder but the manifest: the comparison table, the selected model, the
+    validation outcome, the quarantine, the analysed data, the figures and the report (returned)."""
+    from longitudinal.figures import build_figures, figure_to_png
+    from longitudinal.report import render_report
+    from longitudinal.validation import validation_summary
+
+    write_model_comparison(inputs.selection, folder)
+    write_json(selected_model_summary(inputs.selected, inputs.selection.criterion), folder / "selected_model.json")
+    write_json(validation_summary(inputs.validated), folder / "validation.json")
+    write_quarantine(inputs.validated, folder)
+    write_data(inputs.validated, folder)
+    pngs = {}
+    for stem, figure in build_figures(inputs.validated.visits, inputs.config, inputs.selection, inputs.selected).items():
+        pngs[stem] = figure_to_png(figure)
+        (folder / "figures" / f"{stem}.png").write_bytes(pngs[stem])
+    report = folder / "report.html"
+    report.write_text(render_report(inputs, pngs), encoding="utf-8")
+    return report

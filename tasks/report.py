@@ -12,17 +12,8 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
-from longitudinal.figures import build_figures, figure_to_png
-from longitudinal.outputs import (
-    publish_run,
-    selected_model_summary,
-    write_data,
-    write_json,
-    write_model_comparison,
-    write_quarantine,
-)
-from longitudinal.report import ReportInputs, render_report
-from longitudinal.validation import validation_summary
+from longitudinal.outputs import publish_run, write_json, write_run_files
+from longitudinal.report import ReportInputs
 from tasks.common import artifact_key, transient_failure
 
 
@@ -30,20 +21,9 @@ from tasks.common import artifact_key, transient_failure
       cache_policy=NO_CACHE)
 def write_outputs(staging: Path, inputs: ReportInputs) -> Path:
     """Every file of the run folder but the manifest: tables, JSON, data, figures and the report."""
-    write_model_comparison(inputs.selection, staging)
-    write_json(selected_model_summary(inputs.selected, inputs.selection.criterion), staging / "selected_model.json")
-    write_json(validation_summary(inputs.validated), staging / "validation.json")
-    write_quarantine(inputs.validated, staging)
-    write_data(inputs.validated, staging)
-    figures = build_figures(inputs.validated.visits, inputs.config, inputs.selection, inputs.selected)
-    pngs = {}
-    for stem, figure in figures.items():
-        pngs[stem] = figure_to_png(figure)
-        (staging / "figures" / f"{stem}.png").write_bytes(pngs[stem])
-    path = staging / "report.html"
-    path.write_text(render_report(inputs, pngs), encoding="utf-8")
-    get_run_logger().info("report with %d figures written", len(pngs))
-    return path
+    report = write_run_files(staging, inputs)
+    get_run_logger().info("run files and report written to %s", staging)
+    return report
 
 
 @task(name="publish", retries=2, retry_delay_seconds=[1, 5], retry_condition_fn=transient_failure,
