@@ -18,7 +18,7 @@ from longitudinal.config import ExecutionConfig, StudyConfig, load_config
 from longitudinal.curation import fingerprint
 from longitudinal.ingest import find_source_files
 from longitudinal.formula import check_candidates, check_same_response, parse_candidates
-from longitudinal.outputs import build_manifest, discard_run, new_run_id, package_versions, start_run
+from longitudinal.outputs import build_manifest, discard_run, package_versions, run_id_of, start_run
 from longitudinal.records import Fit
 from longitudinal.report import ReportInputs
 from tasks.fitting import fit
@@ -49,8 +49,8 @@ def study_pipeline(config_path: str, criterion: str | None = None) -> str:
     config = load_config(config_path).with_criterion(criterion)
     formulas = parse_candidates(config.models.candidates)
     check_same_response(formulas, config.data.outcome)
-    run_id = new_run_id()
-    staging = start_run(config.output_dir, run_id)
+    staging = start_run(config.output_dir)
+    run_id = run_id_of(staging)
     try:
         run_dir = _run_stages(config, Path(config_path), formulas, staging, run_id)
     except BaseException:

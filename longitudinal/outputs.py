@@ -52,18 +52,23 @@ def new_run_id(now: datetime | None = None) -> str:
     return f"{now.strftime('%Y%m%dT%H%M%S_%fZ')}-{uuid.uuid4().hex[:6]}"
 
 
-def start_run(study_dir: Path, run_id: str) -> Path:
+def start_run(study_dir: Path, run_id: str | None = None) -> Path:
     """Take the study's run lock, clear what killed runs left, and create this run's staging folder.
 
     Waits while another run of the study holds the lock, so two runs started at once run one after the
     other: the second ingests after the first has published, and neither writes into the other's
-    folders. The caller writes into the staging folder, then calls :func:`publish_run` (or
-    :func:`discard_run` on failure), which releases the lock.
+    folders. Without ``run_id``, the id is made once the lock is held, so run ids sort in the order the
+    runs are published (:func:`run_id_of` reads it back). The caller writes into the staging folder,
+    then calls :func:`publish_run` (or :func:`discard_run` on failure), which releases the lock.
     """
     study_dir.mkdir(parents=True, exist_ok=True)
-    staging = study_dir / f"{STAGING_PREFIX}{run_id}"
-    lock = _acquire_run_lock(study_dir, run_id)
+    lock = _acquire_run_lock(study_dir, run_id or "(new)")
     try:
+        if run_id is None:
+            run_id = new_run_id()
+            os.ftruncate(lock, 0)
+            os.pwrite(lock, f"{os.getpid()}, {run_id}\n".encode(), 0)
+        staging = study_dir / f"{STAGING_PREFIX}{run_id}"
         remove_stale_runs(study_dir)
         (staging / "figures").mkdir(parents=True)
     except BaseException:
@@ -71,6 +76,11 @@ def start_run(study_dir: Path, run_id: str) -> Path:
         raise
     _RUN_LOCKS[staging] = lock
     return staging
+
+
+def run_id_of(staging: Path) -> str:
+    """The run id of a staging folder made by :func:`start_run`."""
+    return staging.name.removeprefix(STAGING_PREFIX)
 
 
 def publish_run(staging: Path, run_id: str) -> Path:

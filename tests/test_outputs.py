@@ -49,3 +49,15 @@ def test_a_discarded_run_leaves_nothing_and_keeps_latest(tmp_path: Path) -> None
 def test_json_has_no_nan(tmp_path: Path) -> None:
     path = write_json({"a": math.nan, "b": [1.5, math.inf], "c": Path("/x")}, tmp_path / "x.json")
     assert json.loads(path.read_text()) == {"a": None, "b": [1.5, None], "c": "/x"}
+
+
+def test_a_run_id_made_under_the_lock_sorts_after_the_runs_before_it(tmp_path: Path) -> None:
+    from longitudinal.outputs import run_id_of
+
+    study = tmp_path / "study"
+    first = run_id_of(start_run(study))
+    publish_run(study / f".staging-{first}", first)
+    second = run_id_of(start_run(study))
+    assert second > first
+    assert (study / f".staging-{second}" / "figures").is_dir()
+    discard_run(study / f".staging-{second}")
