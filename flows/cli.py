@@ -12,6 +12,7 @@ import atexit
 import fcntl
 import logging
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -184,9 +185,52 @@ def _start_embedded_server_once() -> None:
 
     home = Path(PREFECT_HOME.value())
     home.mkdir(parents=True, exist_ok=True)
+    _stop_server_with_this_process()
     with (home / ".longitudinal-server.lock").open("a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         SubprocessASGIServer().start()
+
+
+# Stops the embedded server if this process dies without running its exit handlers (SIGKILL, the
+# out-of-memory killer): otherwise the server would outlive it, orphaned, for ever. Started before
+# the server, it notes the parent's Prefect server children as they appear.
+_REAPER = """
+import os, signal, sys, time
+from pathlib import Path
+parent = int(sys.argv[1])
+def alive(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+def servers(pid):
+    found = set()
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        for child in task.read_text().split():
+            try:
+                if int(child) != os.getpid() and b"uvicorn" in Path(f"/proc/{child}/cmdline").read_bytes():
+                    found.add(int(child))
+            except OSError:
+                pass
+    return found
+seen = set()
+while alive(parent):
+    try:
+        seen |= servers(parent)
+    except OSError:
+        pass
+    time.sleep(0.3)
+for pid in seen:
+    if alive(pid):
+        os.kill(pid, signal.SIGTERM)
+"""
+
+
+def _stop_server_with_this_process() -> None:
+    subprocess.Popen(
+        [sys.executable, "-c", _REAPER, str(os.getpid())],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
 
 
 def _quiet_prefect(*, debug: bool) -> None:

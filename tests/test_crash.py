@@ -14,6 +14,7 @@ start-up per run, except the run killed during ingestion: it starts the embedded
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -280,3 +281,53 @@ def test_stale_cleanup_keeps_runs_latest_and_curated_data(tmp_path: Path) -> Non
     removed = remove_stale_runs(study_dir)
     assert [p.name for p in removed] == [".staging-r0"]
     assert sorted(p.name for p in study_dir.iterdir()) == ["curated", "latest", "r1"]
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        found += [int(child) for child in task.read_text().split()]
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.slow
+def test_the_embedded_server_does_not_outlive_a_killed_run(tmp_path: Path, copy_example_study) -> None:
+    """SIGKILL of the run process alone (not its group) still stops Prefect's embedded server."""
+    import time
+
+    config = copy_example_study(tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env |= {"PREFECT_HOME": str(tmp_path / "home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    run = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "run", "--config", str(config)], env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    server = None
+    try:
+        deadline = time.monotonic() + 120
+        while server is None and time.monotonic() < deadline and run.poll() is None:
+            for child in _children(run.pid):
+                if "uvicorn" in Path(f"/proc/{child}/cmdline").read_bytes().decode(errors="replace"):
+                    server = child
+            time.sleep(0.2)
+        assert server is not None, "the run's embedded Prefect server was not seen"
+        time.sleep(1.0)  # the reaper notes new server children every 0.3 s: a kill within that window can miss
+        run.send_signal(signal.SIGKILL)
+        run.wait()
+        deadline = time.monotonic() + 30
+        while _running(server) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not _running(server), "the embedded server outlived the killed run"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(run.pid, signal.SIGKILL)
+        if server is not None and _running(server):
+            os.kill(server, signal.SIGKILL)
