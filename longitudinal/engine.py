@@ -446,27 +446,32 @@ def _factor_groups(products: CrossProducts, lam: np.ndarray) -> tuple[np.ndarray
 
 
 def _forward_groups(chol: np.ndarray, B: np.ndarray) -> np.ndarray:
-    """Solve L_g X_g = B_g for all groups at once: chol (q, q, G), B (q, G, k) → (q, G, k)."""
-    q = chol.shape[0]
+    """Solve L_g X_g = B_g for all groups at once: chol (q, q, G), B (q, G) or (q, G, k) → like B."""
+    q, lift = chol.shape[0], _per_group(B)
     X = np.empty(B.shape)
     for i in range(q):
         acc = np.array(B[i])
         for j in range(i):
-            acc -= chol[i, j][:, None] * X[j]
-        X[i] = acc / chol[i, i][:, None]
+            acc -= chol[i, j][lift] * X[j]
+        X[i] = acc / chol[i, i][lift]
     return X
 
 
 def _backward_groups(chol: np.ndarray, B: np.ndarray) -> np.ndarray:
-    """Solve L_g' X_g = B_g for all groups at once: chol (q, q, G), B (q, G) → (q, G)."""
-    q = chol.shape[0]
-    X = np.empty_like(B)
+    """Solve L_g' X_g = B_g for all groups at once: chol (q, q, G), B (q, G) or (q, G, k) → like B."""
+    q, lift = chol.shape[0], _per_group(B)
+    X = np.empty(B.shape)
     for i in reversed(range(q)):
-        acc = B[i].copy()
+        acc = np.array(B[i])
         for j in range(i + 1, q):
-            acc -= chol[j, i] * X[j]
-        X[i] = acc / chol[i, i]
+            acc -= chol[j, i][lift] * X[j]
+        X[i] = acc / chol[i, i][lift]
     return X
+
+
+def _per_group(B: np.ndarray) -> tuple[slice | None, ...]:
+    """The index that lines a per-group vector (G,) up with one row B[i] of shape (G,) or (G, k)."""
+    return (slice(None),) + (None,) * (B.ndim - 2)
 
 
 # ------------------------------------------------------------------------------------------- fitting

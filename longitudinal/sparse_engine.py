@@ -377,18 +377,6 @@ def _check_identifiable(design: Design) -> None:
         )
 
 
-def _backward_pairs(chol: np.ndarray, B: np.ndarray) -> np.ndarray:
-    """Solve L_g' X = B for stacked right-hand sides: chol (q, q, P), B (q, P, k) → (q, P, k)."""
-    q = chol.shape[0]
-    X = np.empty_like(B)
-    for i in reversed(range(q)):
-        acc = B[i].copy()
-        for j in range(i + 1, q):
-            acc -= chol[j, i][:, None] * X[j]
-        X[i] = acc / chol[i, i][:, None]
-    return X
-
-
 def _assemble(
     design: Design, products: MultiProducts, theta: np.ndarray, solution: _Solution, *, reml: bool,
     converged: bool, message: str, gradient_max: float, attempts: tuple[OptimizerAttempt, ...],
@@ -462,7 +450,7 @@ def _primary_extra(products: MultiProducts, solution: _Solution) -> np.ndarray:
     """diag(P S⁻¹ P') per primary random effect, P = ⊕_g Λ₁ L_g'⁻¹ · RZR (the rest's share of its variance)."""
     values = []
     for block, F in zip(products.rest, solution.pair_values):
-        X = _backward_pairs(solution.chol_1[:, :, block.pair_primary], F)
+        X = _backward_groups(solution.chol_1[:, :, block.pair_primary], F)
         values.append(np.einsum("ai,ipj->paj", solution.lam_1, X).ravel())
     return _quadratic_diagonal(solution.schur, _rest_matrix(products, values))
 
