@@ -45,6 +45,7 @@ import pandas as pd
 from scipy import sparse
 
 from longitudinal.design import BlockDesign, Design
+from longitudinal.fitting import count_parameters
 from longitudinal.records import Correlation, Fit, FixedEffect, OptimizerAttempt, VarianceComponent, failed_fit
 
 ENGINE = "statsmodels"
@@ -107,7 +108,7 @@ def fit_statsmodels(design: Design, *, name: str, formula: str, method: Literal[
     when every optimizer fails, or when the best finite optimum has a zero residual variance.
     """
     began = time.perf_counter()
-    n_params = count_parameters_sm(design)
+    n_params = count_parameters(design)
 
     def fail(reason: str, attempts: tuple[OptimizerAttempt, ...] = ()) -> Fit:
         return failed_fit(
@@ -131,12 +132,6 @@ def fit_statsmodels(design: Design, *, name: str, formula: str, method: Literal[
         return fail(_failure_reason(attempts), attempts)
     return _to_record(design, layout, best, runs, name=name, formula=formula, method=method,
                       n_params=n_params, began=began)
-
-
-def count_parameters_sm(design: Design) -> int:
-    """lme4's count: fixed effects + q(q+1)/2 per bar (1 for a one-term bar) + 1 residual variance."""
-    q = [len(block.terms) for block in design.blocks]
-    return int(design.X.shape[1]) + sum(k * (k + 1) // 2 for k in q) + 1
 
 
 def map_blocks(design: Design) -> _Layout | str:
