@@ -45,7 +45,7 @@ import pandas as pd
 from scipy import sparse
 
 from longitudinal.design import BlockDesign, Design
-from longitudinal.fitting import count_parameters
+from longitudinal.fitting import count_parameters, wald_fixed_effects
 from longitudinal.records import Correlation, Fit, FixedEffect, OptimizerAttempt, VarianceComponent, failed_fit
 
 ENGINE = "statsmodels"
@@ -69,7 +69,6 @@ MAX_ITERATIONS = {"lbfgs": 1000, "bfgs": 1000, "cg": 1000, "powell": 1000, "nm":
 #: Restarts from the highest point so far, stopped when a round gains less than RESTART_GAIN.
 MAX_RESTARTS = 3
 RESTART_GAIN = 1e-6
-_Z_95 = 1.959963984540054
 _NOT_EXPRESSIBLE = "not expressible in statsmodels MixedLM; use engine lme4-style"
 
 
@@ -512,14 +511,4 @@ def _variance_components(
 
 
 def _fixed_effects(design: Design, beta: np.ndarray, vcov: np.ndarray) -> tuple[FixedEffect, ...]:
-    from scipy.stats import norm
-
-    effects = []
-    for term, estimate, variance in zip(design.fixed_names, beta, np.diag(vcov)):
-        se = math.sqrt(variance) if variance > 0 else math.nan
-        z = float(estimate) / se if se > 0 else math.nan
-        effects.append(FixedEffect(
-            term=term, estimate=float(estimate), std_error=se, ci_low=float(estimate) - _Z_95 * se,
-            ci_high=float(estimate) + _Z_95 * se, p_value=float(2.0 * norm.sf(abs(z))),
-        ))
-    return tuple(effects)
+    return wald_fixed_effects(design.fixed_names, beta, vcov)
