@@ -154,7 +154,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from longitudinal.simulate import SimulationSpec, simulate_trial, write_table
+    from longitudinal.simulate import SimulationSpec, simulate_trial, write_table, write_truth
 
     if args.out.suffix.lower() not in (".csv", ".parquet"):
         raise ConfigError(f"--out {str(args.out)!r}: the file name must end in .csv or .parquet")
@@ -166,6 +166,7 @@ def _simulate(args: argparse.Namespace) -> int:
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_table(simulate_trial(spec), args.out)
+    write_truth(spec, args.out)  # next to the data: what a fit should recover
     print(args.out)
     return 0
 

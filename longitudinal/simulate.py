@@ -16,8 +16,9 @@ per-subject work is array arithmetic, so two million rows take a few seconds.
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -268,3 +269,29 @@ def write_table(frame: pd.DataFrame, path: str | Path) -> Path:
     }
     frame.assign(**mixed).to_parquet(target, index=False, engine="pyarrow")
     return target
+
+
+def truth_path(data_path: str | Path) -> Path:
+    """Where :func:`write_truth` puts the true parameters of the data at ``data_path``: ``trial.csv`` →
+    ``trial.truth.json``, next to the data (not a .csv/.parquet file, so a study never ingests it)."""
+    return Path(data_path).with_suffix(".truth.json")
+
+
+def write_truth(spec: SimulationSpec, data_path: str | Path) -> Path:
+    """Write the parameters the data at ``data_path`` were drawn from, so recovery can be checked.
+
+    The JSON holds ``model`` (the lme4 formula whose parameters these are), ``parameters``
+    (:func:`true_parameters`: fixed effects named as lme4 names them, random-effect SDs, their
+    correlation, the residual SD) and ``spec`` (every setting of the simulation, the seed included).
+    """
+    target = truth_path(data_path)
+    document = {
+        "data": Path(data_path).name,
+        "model": "score ~ week * arm + age + (week | patient_id)"
+                 + ("  (plus site as a factor)" if any(spec.site_effects) else ""),
+        "parameters": true_parameters(spec),
+        "spec": asdict(spec),
+    }
+    target.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    return target
+

@@ -212,3 +212,22 @@ def test_parameters_recovered_by_moments() -> None:
         spec.random_correlation * spec.random_intercept_sd * spec.random_slope_sd - sigma2 * mean_week / sxx
     )
     assert np.mean(intercept_residual * slope_residual) == pytest.approx(expected_cov, abs=0.4)
+
+
+def test_simulate_command_writes_the_true_parameters_next_to_the_data(tmp_path: Path) -> None:
+    import json
+
+    from flows.cli import main
+    from longitudinal.simulate import truth_path
+
+    out = tmp_path / "trial.csv"
+    assert main(["simulate", "--out", str(out), "--subjects", "12", "--seed", "5"]) == 0
+    truth = json.loads(truth_path(out).read_text(encoding="utf-8"))
+    assert truth_path(out) == tmp_path / "trial.truth.json"
+    assert truth["data"] == "trial.csv"
+    assert truth["spec"]["seed"] == 5 and truth["spec"]["n_subjects"] == 12
+    expected = true_parameters(SimulationSpec(n_subjects=12, seed=5))
+    assert truth["parameters"]["fixed_effects"] == expected["fixed_effects"]
+    assert truth["parameters"]["random_effects"] == expected["random_effects"]
+    assert truth["parameters"]["residual_sd"] == expected["residual_sd"]
+    assert truth["model"].startswith("score ~ week * arm + age + (week | patient_id)")
