@@ -26,6 +26,8 @@ from longitudinal.figures import CATERPILLAR_LEVELS, QQ_POINTS
 from longitudinal.records import Fit, Selection, SourceFile, Validated
 
 QUARANTINE_ROWS_SHOWN = 20
+#: A share of quarantined rows above this is called out at the top of the report, not only counted.
+LARGE_QUARANTINE_SHARE = 0.20
 
 
 @dataclass(frozen=True, eq=False)
@@ -219,6 +221,22 @@ def _accounting_sentence(validated: Validated) -> str:
             f"({read - analysed - quarantined:+,} rows unaccounted for): do not use these results.</p>")
 
 
+def _large_quarantine_warning(validated: Validated) -> str:
+    """A sentence (escaped HTML) when more than :data:`LARGE_QUARANTINE_SHARE` of the rows read were
+    quarantined: the analysis then rests on a selected part of the data, which a reader must know first."""
+    if not validated.rows_read or validated.rows_quarantined <= LARGE_QUARANTINE_SHARE * validated.rows_read:
+        return ""
+    share = validated.rows_quarantined / validated.rows_read
+    reasons = validated.quarantine["reason"].astype(str) if "reason" in validated.quarantine else None
+    top = ""
+    if reasons is not None and len(reasons):
+        counts = reasons.value_counts()
+        top = f"; the most common reason ({counts.iloc[0]:,} rows): {esc(counts.index[0])}"
+    return (f"{share:.0%} of the rows read were quarantined ({validated.rows_quarantined:,} of "
+            f"{validated.rows_read:,}){top}. Results describe the remaining rows only: check the reasons in "
+            "section 1 before relying on them.")
+
+
 def _summary(inputs: ReportInputs, per_subject: np.ndarray) -> str:
     selection, selected, validated = inputs.selection, inputs.selected, inputs.validated
     n_total, n_usable = _candidate_count(inputs.fits)
@@ -234,6 +252,9 @@ def _summary(inputs: ReportInputs, per_subject: np.ndarray) -> str:
            "and are listed with their reasons in section 1." if validated.rows_quarantined
            else f"none of the {validated.rows_read:,} rows read was quarantined."),
     ]
+    large = _large_quarantine_warning(validated)
+    if large:
+        parts.append(f'<span class="warning-text">{large}</span>')
     if selected.singular:
         parts.append('<span class="warning-text">The selected fit is singular (a random-effect variance at '
                      "or near zero, or a correlation near ±1): see section 5.</span>")
@@ -284,8 +305,9 @@ def _data_section(inputs: ReportInputs, per_subject: np.ndarray) -> str:
     else:
         reasons = '<p class="note">No row was quarantined.</p>'
     shown = _quarantine_preview(quarantine)
+    large = _large_quarantine_warning(validated)
     return "\n".join([
-        _accounting_sentence(validated), facts,
+        _accounting_sentence(validated), *([f'<p class="warning">{large}</p>'] if large else []), facts,
         "<h3>Input files</h3>", files,
         "<h3>Quarantined rows by reason</h3>", reasons,
         shown,
@@ -586,9 +608,7 @@ def _reproducibility_section(inputs: ReportInputs) -> str:
     if not (stages or fit_times or others):
         parts.append('<p class="note">No timings were recorded.</p>')
     parts.append("<h3>Optimizer diagnostics</h3>")
-    parts.append('<p class="note">Each candidate is fitted from fresh starts with several optimizers; the best '
-                 "finite log-likelihood among converged attempts wins. ΔlogLik is how far each attempt stopped "
-                 "short of the winner.</p>")
+    parts.append(f'<p class="note">{esc(_optimizer_note([*inputs.fits, inputs.selected]))}</p>')
     parts.append(_optimizer_table([*inputs.fits, inputs.selected]))
     parts.append("<h3>Package versions</h3>")
     parts.append(_table(["Package", "Version"], [[_txt(k), _code(v)] for k, v in sorted(inputs.versions.items())]))
@@ -596,6 +616,19 @@ def _reproducibility_section(inputs: ReportInputs) -> str:
     config = json.dumps(inputs.config.model_dump(mode="json"), indent=2, ensure_ascii=False)
     parts.append(f"<pre>{esc(config)}</pre>")
     return "\n".join(parts)
+
+
+def _optimizer_note(fits: Sequence[Fit]) -> str:
+    """How the fits were optimized, saying "several" only when more than one attempt ran for some fit."""
+    attempts = [len(fit.attempts) for fit in fits]
+    optimizers = sorted({a.optimizer for fit in fits for a in fit.attempts} | {f.optimizer for f in fits if f.optimizer})
+    if not any(n > 1 for n in attempts):
+        used = ", ".join(optimizers) if optimizers else "the engine's optimizer"
+        return f"Each fit ran one optimizer attempt ({used}); the table shows what it reached."
+    several = sum(1 for n in attempts if n > 1)
+    return (f"{several} of {len(fits)} fits ran more than one optimizer attempt ({', '.join(optimizers)}); the "
+            "best finite log-likelihood among converged attempts wins, and ΔlogLik is how far each attempt "
+            "stopped short of it.")
 
 
 def _optimizer_table(fits: Sequence[Fit]) -> str:

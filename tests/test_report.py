@@ -305,3 +305,23 @@ def test_a_subject_of_several_columns_is_counted_by_its_combined_key() -> None:
     page = render_report(make_inputs(config=config, validated=replace(validated, visits=visits)), {})
     assert "<dt>Subjects analysed</dt><dd>4</dd>" in page
     assert "subject site × pid" in page
+
+
+def test_a_large_share_of_quarantined_rows_is_called_out_in_the_summary_and_the_data_section() -> None:
+    # 3 of 19 rows (16%) is counted but not called out; 6 of 22 rows (27%) stands out.
+    quiet = render_report(make_inputs(), {key: PNG for key in FIGURE_KEYS})
+    assert "of the rows read were quarantined (" not in quiet
+    loud = render_report(make_inputs(validated=make_validated(n_quarantined=6)), {key: PNG for key in FIGURE_KEYS})
+    summary = loud[loud.index('<section id="summary">'):loud.index('<section id="data">')]
+    data = loud[loud.index('<section id="data">'):loud.index('<section id="validation">')]
+    sentence = "27% of the rows read were quarantined (6 of 22); the most common reason (5 rows): time not a number."
+    assert sentence in summary and sentence in data
+    assert '<p class="warning">27% of the rows read' in data
+
+
+def test_the_optimizer_note_says_several_attempts_only_when_several_ran(page: str) -> None:
+    assert "1 of 4 fits ran more than one optimizer attempt (bobyqa, lbfgs)" in page
+    one_each = tuple(replace(f, attempts=f.attempts[:1]) for f in make_fits())
+    single = render_report(make_inputs(fits=one_each), {key: PNG for key in FIGURE_KEYS})
+    assert "Each fit ran one optimizer attempt (bobyqa)" in single
+    assert "several optimizers" not in single and "more than one optimizer attempt" not in single
