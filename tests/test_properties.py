@@ -73,7 +73,8 @@ def corruptions(draw: st.DrawFn, rows: list[list[str]]) -> tuple[list[list[str]]
             rows[i].append("x")
         elif kind == "header":
             rows[0][j] = draw(st.sampled_from(["Score", "", "week", "wk"]))
-    cut = draw(st.one_of(st.none(), st.integers(0, 400)))
+    # A file cut off in a quarter of the examples (cut early, it has no data rows and is refused whole).
+    cut = draw(st.integers(0, 400)) if draw(st.integers(0, 3)) == 0 else None
     return rows, cut
 
 
@@ -117,11 +118,14 @@ def assert_accounted(validated: Validated, config: StudyConfig) -> None:
 
 #: At most this share of the generated examples may end in one of our own errors before any row is
 #: accounted for: above it, the property below would mostly check refusals and say little about accounting.
+#: (Measured: 23 of the 60 derandomized examples end in an error: empty, header-only or unparseable files.)
 MAX_REFUSED_SHARE = 0.5
 EXAMPLES = 60
 
 
-# No shrinking: each example validates with great-expectations (~0.1 s), so shrinking a failure takes
+# Derandomized: hypothesis' search is not a run of independent draws (the share of examples that end in
+# a parse error ranged from 3% to over 50% between seeds), so a bound on that share must see the same
+# examples every run. No shrinking: each example validates with great-expectations (~0.1 s), so shrinking a failure takes
 # minutes; the studies are small enough to read unshrunk. To shrink one, rerun with the printed seed
 # (--hypothesis-seed=...) after removing ``phases``. No example database: nothing is written to the repo.
 def test_corrupted_studies_fail_cleanly_or_account_for_every_row() -> None:
@@ -131,7 +135,7 @@ def test_corrupted_studies_fail_cleanly_or_account_for_every_row() -> None:
     messages: list[str] = []
 
     @settings(
-        max_examples=EXAMPLES, deadline=None, database=None, phases=[Phase.explicit, Phase.generate],
+        max_examples=EXAMPLES, deadline=None, database=None, phases=[Phase.explicit, Phase.generate], derandomize=True,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     )
     @given(data=st.data(), single_subject=st.booleans(), constant=st.booleans())
