@@ -21,21 +21,21 @@ import longitudinal
 from longitudinal.fitting import fit_candidate
 from longitudinal.records import Fit, Method
 
-_ENGINE_FILES = ("formula.py", "design.py", "engine.py", "sparse_engine.py", "sm_engine.py", "fitting.py", "records.py")
+def engine_version(package: Path = Path(longitudinal.__file__).parent) -> str:
+    """The library version plus a hash of every module of the library: new code, new cache entries.
 
-
-def _engine_version() -> str:
-    """The library version plus a hash of the code that computes a fit: new code, new cache entries."""
+    The whole package, not a list of the files that compute a fit: a list goes stale silently when a
+    module is added or renamed (a new transform module would not invalidate cached fits). A change
+    elsewhere in the library only costs a re-fit.
+    """
     digest = hashlib.sha256(longitudinal.__version__.encode())
-    package = Path(longitudinal.__file__).parent
-    for name in _ENGINE_FILES:
-        path = package / name
-        if path.exists():
-            digest.update(path.read_bytes())
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode())
+        digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 
 
-ENGINE_VERSION = _engine_version()
+ENGINE_VERSION = engine_version()
 
 
 def fit_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
