@@ -88,9 +88,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from longitudinal.config import load_config
-
-    load_config(args.config)  # a config error exits 2 before Prefect's start-up cost
+    _check_before_prefect(args.config)  # a config, formula or column error exits 2 in about a second
     from longitudinal.validation import preload_great_expectations
 
     preload_great_expectations()  # its 2-5 s import overlaps Prefect's start-up
@@ -106,6 +104,33 @@ def _run(args: argparse.Namespace) -> int:
     run_dir = study_pipeline(config_path=str(args.config.resolve()), criterion=args.criterion)
     closing += [f"report: {Path(run_dir) / 'report.html'}", str(run_dir)]
     return 0
+
+
+def _check_before_prefect(path: Path) -> None:
+    """The config, the candidate formulas and (from the data files' header lines) the columns they use.
+
+    The same checks the flow makes, made before Prefect's start-up (10-15 s) so that a mistake in the
+    config costs a second. The column check reads only headers; it is left to the flow when the headers
+    cannot tell (a landing folder whose earlier files the study has already curated, which may hold
+    columns the current files lack) or cannot be read cheaply (the flow then reports the file).
+    """
+    from longitudinal.config import load_config
+    from longitudinal.curation import curated_dir
+    from longitudinal.errors import DataError
+    from longitudinal.formula import check_candidates, check_same_response, parse_candidates
+    from longitudinal.ingest import read_header
+
+    config = load_config(path)
+    formulas = parse_candidates(config.models.candidates)
+    check_same_response(formulas, config.data.outcome)
+    if config.source_path.is_dir() and (curated_dir(config) / "registry.json").exists():
+        return
+    try:
+        columns = read_header(config)
+    except DataError:
+        return
+    if columns:
+        check_candidates(formulas, config.data.roles, columns)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -144,12 +169,16 @@ def _validate(args: argparse.Namespace) -> int:
     covariates = check_candidates(formulas, config.data.roles, list(ingested.raw.columns))
     validated = validate_visits(ingested, config, covariates)
     folder = write_validation(validated, config)
+    for note in validated.notes:
+        print(note)
+    for warning in validated.warnings:
+        print(f"warning: {warning}")
     print(
         f"{validated.rows_read} rows read = {validated.rows_analysed} analysed + "
         f"{validated.rows_quarantined} quarantined"
     )
     print(folder)  # the checks and the quarantine, also when the table-level check below fails
-    ensure_valid(validated, config)
+    ensure_valid(validated, config, folder)
     return 0
 
 

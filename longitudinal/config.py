@@ -6,6 +6,7 @@ so a scheduled run started from another working directory behaves the same.
 
 from __future__ import annotations
 
+import datetime as dt
 import difflib
 import os
 import re
@@ -19,6 +20,10 @@ from longitudinal.errors import ConfigError
 
 _STUDY_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
+TimeUnit = Literal["days", "weeks", "months", "years"]
+#: Length of each ``data.time_unit`` in days (Julian months and years: 30.4375 and 365.25 days).
+TIME_UNIT_DAYS: dict[str, float] = {"days": 1.0, "weeks": 7.0, "months": 30.4375, "years": 365.25}
+
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -31,14 +36,46 @@ class DataConfig(_Frozen):
     first (``[dog, side]``: each side of each dog is followed over time; side labels repeat across dogs).
     ``constant`` lists columns that must not change within a subject (``[arm, age]``); a subject whose
     value changes has all its rows quarantined.
+
+    ``time_unit`` and ``time_origin`` are for a time column of dates, and only for one (ingestion refuses
+    them on numeric time, and refuses dates without ``time_unit``): the analysed time is (date - origin)
+    in ``time_unit``. ``time_unit`` is therefore None exactly when the time is analysed as given.
     """
 
     source: str
     subject: str | tuple[str, ...]
     time: str
     outcome: str
+    time_unit: TimeUnit | None = None
+    time_origin: str | None = None
+    """"subject" (each subject's first visit, the default for dates), "study" (the earliest date) or an ISO date."""
     categorical: tuple[str, ...] = ()
     constant: tuple[str, ...] = ()
+
+    @field_validator("time_unit", mode="before")
+    @classmethod
+    def _known_unit(cls, value: Any) -> Any:
+        if value is not None and value not in TIME_UNIT_DAYS:
+            raise ValueError(f"{value!r} is not a time unit; use one of {', '.join(TIME_UNIT_DAYS)}")
+        return value
+
+    @field_validator("time_origin", mode="before")
+    @classmethod
+    def _origin(cls, value: Any) -> Any:
+        if value is None or value in ("subject", "study"):
+            return value
+        if isinstance(value, (dt.date, dt.datetime)):  # YAML reads an unquoted 2024-01-15 as a date
+            return value.isoformat()
+        if isinstance(value, str):
+            try:
+                dt.datetime.fromisoformat(value.strip())
+                return value.strip()
+            except ValueError:
+                pass
+        raise ValueError(
+            f"{value!r} is not an origin; use 'subject' (each subject's first visit), 'study' (the earliest "
+            "date in the data) or an ISO date such as 2024-01-15"
+        )
 
     @field_validator("subject", mode="before")
     @classmethod

@@ -8,7 +8,8 @@ while ``raw`` keeps it, so that validation can quarantine the row and show what 
 Columns that the config names but no file has are not an error here: validation reports them. Ingestion
 refuses what cannot be a study table at all: no data row in any file, a file that is not CSV or Parquet,
 a header naming a column twice, a role column that one file lacks while the others have it, and a
-time column of dates not written as ISO 8601.
+time column of dates not written as ISO 8601. A time column of ISO dates needs ``data.time_unit``, and
+numeric time must not have it (both are config errors, found here because they depend on the data).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import difflib
 import glob
 import hashlib
 import io
+import itertools
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,9 +30,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from longitudinal.config import StudyConfig
-from longitudinal.errors import DataError, SourceUnavailable
-from longitudinal.records import SOURCE_COLUMNS, Ingested, SourceFile
+from longitudinal.config import TIME_UNIT_DAYS, StudyConfig
+from longitudinal.errors import ConfigError, DataError, SourceUnavailable
+from longitudinal.records import SOURCE_COLUMNS, Ingested, SourceFile, TimeFromDates
 
 MISSING_TOKENS: frozenset[str] = frozenset({"", "NA", "N/A", "n/a", "na", "NaN", "nan", "null", "NULL", ".", "-"})
 """Cell values (after stripping whitespace) that mean "missing" in a CSV file or a Parquet text column."""
@@ -42,7 +44,7 @@ _GLOB_CHARS = re.compile(r"[*?\[]")
 _INTEGRAL_TEXT = r"^([+-]?\d+)\.0*$"
 _DECIMAL_COMMA = r"^([+-]?\d*),(\d+(?:[eE][+-]?\d+)?)$"
 _NUMBER = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"
-_ISO_DATE = r"^\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?)?$"
+_ISO_DATE = r"^\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?( ?(Z|[+-]\d{2}(:?\d{2})?))?)?$"
 _OTHER_DATE = r"^(\d{1,2}[/.-]\d{1,2}[/.-]\d{2,4}|\d{4}/\d{1,2}/\d{1,2}|\d{1,2}[ -][A-Za-z]{3,9}[ -]\d{2,4})$"
 _MISSING_SET = pa.array(sorted(MISSING_TOKENS), type=pa.string())
 _STR = pd.StringDtype("pyarrow", na_value=np.nan)  # pandas' default ``str`` dtype
@@ -57,14 +59,6 @@ class FilePart:
     raw: pd.DataFrame
     source: SourceFile
     decimal_comma: bool
-
-
-@dataclass(frozen=True, eq=False)
-class IsoDates:
-    """A time column read from ISO 8601 dates: days since ``origin``, the earliest date in the column."""
-
-    days: pd.Series
-    origin: pd.Timestamp
 
 
 def read_sources(config: StudyConfig) -> Ingested:
@@ -89,8 +83,8 @@ def assemble(parts: Sequence[FilePart], config: StudyConfig) -> Ingested:
         raise DataError(f"no rows to analyse: {describe_no_rows([part.source for part in parts], has_header)}")
     _check_columns_agree(parts, config)
     raw = _union([part.raw for part in parts])
-    typed = coerce_types(parts, raw, config)
-    return Ingested(raw=raw, typed=typed, files=tuple(part.source for part in parts))
+    typed, dates = read_time(raw, coerce_types(parts, raw, config), config)
+    return Ingested(raw=raw, typed=typed, files=tuple(part.source for part in parts), dates=dates)
 
 
 def find_source_files(config: StudyConfig) -> list[Path]:
@@ -228,19 +222,16 @@ def _parse_csv(content: bytes, shown: str) -> tuple[pd.DataFrame, np.ndarray, bo
     if not text.strip():
         return pd.DataFrame(), np.empty(0, dtype=np.int64), False
     first_line = text.lstrip("\r\n")[:65536].splitlines()[0]  # not the whole file: splitlines copies every line
-    sep = ","
-    if ";" in first_line and "," not in first_line:
-        sep = ";"
-    elif "\t" in first_line and "," not in first_line and ";" not in first_line:
-        sep = "\t"
+    sep = _delimiter(first_line)
     try:
         frame = pd.read_csv(
             io.StringIO(text), sep=sep, dtype=str, keep_default_na=False, skip_blank_lines=False,
         )
     except (pd.errors.ParserError, ValueError) as exc:
+        hint = _decimal_comma_hint(text, str(exc)) if sep == "," else ""
         raise DataError(
             f"{shown}: cannot be parsed as CSV ({_one_line(str(exc))}); check the delimiter and the quoting "
-            "on that line"
+            f"on that line{hint}"
         ) from None
     except pd.errors.EmptyDataError:
         return pd.DataFrame(), np.empty(0, dtype=np.int64), False
@@ -256,6 +247,104 @@ def _parse_csv(content: bytes, shown: str) -> tuple[pd.DataFrame, np.ndarray, bo
     if blank.any():
         frame, lines = frame.loc[~blank], lines[~blank]
     return frame.reset_index(drop=True), lines, sep == ";"
+
+
+def decimal_comma_hint_for(value: str) -> str:
+    """The fix for a number written with a decimal comma ("10,3") in a file whose delimiter is not ';'."""
+    return (
+        f"values like {value!r} look like decimal commas in a comma-separated file; export with a decimal "
+        "point, or use ';' as the delimiter"
+    )
+
+
+def _decimal_comma_hint(text: str, error: str) -> str:
+    """"; values like '10,3' look like decimal commas ..." when the line pandas could not parse is too long
+    because its decimal commas split numbers in two, else "".
+
+    Evidence, not a guess from any "1,2" in the line: some merges of adjacent integer fields ("10" "3" ->
+    "10,3") must give the line exactly the header's fields, with a number in every column whose values
+    are all numbers on the well-formed lines before it.
+    """
+    found = re.search(r"fields in line (\d+), saw (\d+)", error)
+    if not found:
+        return ""
+    lines = text.splitlines()
+    number = int(found.group(1)) - 1
+    start = next((i for i, line in enumerate(lines) if line.strip()), len(lines))  # the header line
+    if not start < number < len(lines):
+        return ""
+    header = next(csv.reader([lines[start]]))
+    fields = next(csv.reader([lines[number]]))
+    extra = len(fields) - len(header)
+    if not 0 < extra <= 4:
+        return ""
+    well_formed = [row for row in csv.reader(lines[start + 1:number][:200]) if len(row) == len(header)]
+    numeric = [
+        all(re.fullmatch(_NUMBER, v.strip()) or v.strip() in MISSING_TOKENS for v in column)
+        for column in zip(*well_formed)
+    ] if well_formed else [False] * len(header)
+    joinable = [i for i in range(len(fields) - 1)
+                if re.fullmatch(r"[+-]?\d+", fields[i].strip()) and re.fullmatch(r"\d+", fields[i + 1].strip())]
+    decimals = [any("." in v for v in column) for column in zip(*well_formed)] if well_formed else [False] * len(header)
+    fitting: list[tuple[int, tuple[int, ...]]] = []
+    for chosen in itertools.combinations(joinable, extra):
+        if any(b - a < 2 for a, b in itertools.pairwise(chosen)):
+            continue
+        merged: list[str] = []
+        columns: list[int] = []
+        skip: set[int] = set()
+        for i, value in enumerate(fields):
+            if i in skip:
+                continue
+            if i in chosen:
+                columns.append(len(merged))
+                merged.append(f"{value.strip()}.{fields[i + 1].strip()}")
+                skip.add(i + 1)
+            else:
+                merged.append(value.strip())
+        if all(not wanted or re.fullmatch(_NUMBER, v) or v in MISSING_TOKENS for v, wanted in zip(merged, numeric)):
+            # Prefer merges into columns that hold decimals elsewhere, then the rightmost (ids come first).
+            fitting.append((sum(decimals[c] for c in columns), chosen))
+    if not fitting:
+        return ""
+    first = max(fitting)[1][0]
+    return "; " + decimal_comma_hint_for(f"{fields[first].strip()},{fields[first + 1].strip()}")
+
+
+def _delimiter(header_line: str) -> str:
+    """Comma, or semicolon or tab when the header line uses that and no comma."""
+    if ";" in header_line and "," not in header_line:
+        return ";"
+    if "\t" in header_line and "," not in header_line and ";" not in header_line:
+        return "\t"
+    return ","
+
+
+def read_header(config: StudyConfig) -> list[str]:
+    """The column names of the files ``data.source`` names, in order of first appearance, read cheaply.
+
+    CSV: the header line only (the first 64 KiB); Parquet: the schema. For checks worth making before
+    the whole data are read (the command line's, before Prefect starts). A file that cannot be read this
+    way is a :class:`DataError`; reading the data reports it properly.
+    """
+    import pyarrow.parquet as pq
+
+    columns: dict[str, None] = {}
+    for path in find_source_files(config):
+        shown = _display_path(path, config.base_dir)
+        try:
+            with path.open("rb") as handle:
+                head = handle.read(65536)
+            if path.suffix.lower() == ".parquet" or head.startswith(_PARQUET_MAGIC):
+                names = [n for n in pq.read_schema(path).names if not n.startswith("__index_level_")]
+            else:
+                text = _decode(head, shown) if len(head) < 65536 else head.decode("utf-8-sig", errors="ignore")
+                first = text.lstrip("\r\n").splitlines()[:1]
+                names = [n.strip() for n in next(csv.reader(first, delimiter=_delimiter(first[0])))] if first else []
+        except (OSError, pa.ArrowException, ValueError) as exc:
+            raise DataError(f"{shown}: cannot read its header ({exc})") from None
+        columns.update(dict.fromkeys(n for n in names if n))
+    return list(columns)
 
 
 def _decode(content: bytes, shown: str) -> str:
@@ -328,9 +417,8 @@ def coerce_types(parts: Sequence[FilePart], raw: pd.DataFrame, config: StudyConf
 
     Subject and ``data.categorical`` columns become text (whitespace stripped; integral numbers written
     without a decimal part, so a CSV "7" and a Parquet 7 or 7.0 are the same subject). Time and outcome
-    become float64, NaN where missing or not a number. A time column of ISO 8601 dates (2024-01-15,
-    optionally with a time of day) becomes days since the earliest date in the data (see
-    :func:`parse_iso_dates`); dates written otherwise (15/01/2024) are refused, as day and month are
+    become float64, NaN where missing or not a number; a time column of dates is left to :func:`read_time`
+    (NaN here). Dates written otherwise than ISO 8601 (15/01/2024) are refused, as day and month are
     ambiguous. Every other column is float64 when all its non-missing values (over all files) are
     numbers, else text. Missing tokens (:data:`MISSING_TOKENS`) are NaN everywhere; infinite values
     count as not a number.
@@ -344,9 +432,8 @@ def coerce_types(parts: Sequence[FilePart], raw: pd.DataFrame, config: StudyConf
             typed[column] = _stack(parts, column, _text_of)
             continue
         if column == config.data.time:
-            dates = parse_iso_dates(raw[column])
-            if dates is not None:
-                typed[column] = pd.Series(dates.days.to_numpy(dtype=np.float64))
+            if parse_iso_dates(raw[column]) is not None:
+                typed[column] = pd.Series(np.nan, index=raw.index, dtype=np.float64)
                 continue
             _refuse_other_dates(raw, column)
         numbers = _stack(parts, column, _numbers_of)
@@ -362,15 +449,60 @@ def coerce_types(parts: Sequence[FilePart], raw: pd.DataFrame, config: StudyConf
     return out.assign(source_file=raw["source_file"], source_line=raw["source_line"])
 
 
-def parse_iso_dates(values: pd.Series) -> IsoDates | None:
-    """A time column of dates as days since the earliest one, or None when it does not hold dates.
+def read_time(raw: pd.DataFrame, typed: pd.DataFrame, config: StudyConfig) -> tuple[pd.DataFrame, TimeFromDates | None]:
+    """``typed`` with a time column of dates turned into (date - origin) in ``data.time_unit``, and what was done.
 
-    The column holds dates when it is a datetime column (Parquet) or when more than half of its
-    non-missing values are ISO 8601 dates ("2024-01-15", "2024-01-15 08:30", "2024-01-15T08:30:00") and
-    they outnumber the plain numbers. Days are fractional when a time of day is given; time zones are
-    not read. Values that are not such dates (or impossible ones, 2024-02-30) are NaN in ``days``, so
-    validation quarantines their rows. Why the earliest date in the data: days since each subject's own
-    first visit would be an analysis choice (it moves every intercept), the study's first date is not.
+    The origin is ``data.time_origin``: "subject" (the default: each subject's earliest date, over the rows
+    whose subject and date can be read, whichever check later quarantines them; rows without a subject
+    get no time), "study" (the earliest date of the data) or a given ISO date. The result is float64:
+    weeks are days / 7 exactly, months days / 30.4375, years days / 365.25; a time of day keeps its
+    fraction of a day. Refuses (:class:`ConfigError`) dates without ``data.time_unit`` and
+    ``data.time_unit`` or ``data.time_origin`` on a time column that does not hold dates.
+    """
+    data = config.data
+    if data.time not in raw.columns:
+        return typed, None  # validation reports the missing column
+    stamps = parse_iso_dates(raw[data.time])
+    if stamps is None:
+        _refuse_date_keys(raw, config)
+        return typed, None
+    if data.time_unit is None:
+        first = int(np.flatnonzero(stamps.notna().to_numpy())[0])
+        raise ConfigError(
+            f"time {data.time!r} holds dates (e.g. {str(raw[data.time].iloc[first]).strip()!r}, "
+            f"{raw['source_file'].iloc[first]} line {raw['source_line'].iloc[first]}); add data.time_unit "
+            f"({' | '.join(TIME_UNIT_DAYS)}) to say in which unit to analyse the time since the origin"
+        )
+    origin = data.time_origin or "subject"
+    origin_date: pd.Timestamp | None = None
+    if origin == "subject":
+        subjects = [typed[c] for c in data.subject_columns if c in typed.columns]
+        if len(subjects) < len(data.subject_columns):
+            start = pd.Series(pd.NaT, index=stamps.index, dtype=stamps.dtype)
+        else:
+            start = stamps.groupby(subjects, dropna=True, sort=False).transform("min")
+            start = start.reindex(stamps.index)  # rows without a subject: no origin, so no time
+    else:
+        origin_date = stamps.min() if origin == "study" else _as_utc(pd.Timestamp(origin))
+        start = pd.Series(origin_date, index=stamps.index)
+    days = (stamps - start) / pd.Timedelta(days=1)
+    elapsed = days.to_numpy(dtype=np.float64) / TIME_UNIT_DAYS[data.time_unit]
+    dates = TimeFromDates(
+        column=data.time, unit=data.time_unit, origin=origin,
+        origin_date=None if origin_date is None else format_date(origin_date),
+        dates_read=int(stamps.notna().sum()),
+    )
+    return typed.assign(**{data.time: pd.Series(elapsed, index=typed.index)}), dates
+
+
+def parse_iso_dates(values: pd.Series) -> pd.Series | None:
+    """A time column's dates as instants (datetime64, naive UTC; NaT where a value is not one), or None.
+
+    The column holds dates when it is a date or timestamp column (Parquet; a time zone is converted to
+    UTC) or when more than half of its non-missing values are ISO 8601 dates ("2024-01-15",
+    "2024-01-15 08:30", "2024-01-15T08:30:00+02:00"; an offset converts to UTC) and they outnumber the
+    plain numbers. Values that are not such dates (or impossible ones, 2024-02-30) are NaT, so that
+    validation quarantines their rows.
     """
     if values.dtype.kind == "M":
         stamps = pd.Series(pd.to_datetime(values))
@@ -387,12 +519,36 @@ def parse_iso_dates(values: pd.Series) -> IsoDates | None:
         if n_dates <= n_numbers or n_dates * 2 <= present:
             return None
         text = pd.Series(np.asarray(trimmed.to_numpy(zero_copy_only=False), dtype=object), index=values.index)
-        stamps = pd.to_datetime(text.where(is_date), errors="coerce", format="ISO8601")
+        stamps = pd.to_datetime(text.where(is_date), errors="coerce", format="ISO8601", utc=True).dt.tz_convert(None)
     if stamps.notna().sum() == 0:
         return None
-    origin = pd.Timestamp(stamps.min())
-    days = (stamps - origin) / pd.Timedelta(days=1)
-    return IsoDates(days=pd.Series(days.to_numpy(dtype=np.float64), index=values.index), origin=origin)
+    return pd.Series(stamps.to_numpy(dtype="datetime64[ns]"), index=values.index)
+
+
+def format_date(stamp: pd.Timestamp) -> str:
+    """2024-01-15, or 2024-01-15 08:30:00 when there is a time of day."""
+    return stamp.strftime("%Y-%m-%d") if stamp == stamp.normalize() else stamp.isoformat(sep=" ")
+
+
+def _as_utc(stamp: pd.Timestamp) -> pd.Timestamp:
+    return stamp.tz_convert(None) if stamp.tz is not None else stamp
+
+
+def _refuse_date_keys(raw: pd.DataFrame, config: StudyConfig) -> None:
+    """``data.time_unit`` / ``data.time_origin`` on a time column that does not hold dates: a config error."""
+    data = config.data
+    keys = [f"data.{key} ({getattr(data, key)})" for key in ("time_unit", "time_origin") if getattr(data, key) is not None]
+    if not keys:
+        return
+    present = np.flatnonzero(~is_missing(raw[data.time]))
+    if not len(present):
+        return  # no time at all: validation quarantines every row as "time missing"
+    example = f" (e.g. {str(raw[data.time].iloc[int(present[0])]).strip()!r})"
+    raise ConfigError(
+        f"{' and '.join(keys)} {'is' if len(keys) == 1 else 'are'} set, but time {data.time!r} does not hold "
+        f"dates{example}; a numeric time is analysed as it is: remove {' and '.join(k.split()[0] for k in keys)}, "
+        "or give the time as ISO dates (2024-01-15)"
+    )
 
 
 def _refuse_other_dates(raw: pd.DataFrame, column: str) -> None:
@@ -409,7 +565,7 @@ def _refuse_other_dates(raw: pd.DataFrame, column: str) -> None:
     raise DataError(
         f"column {column!r} (data.time) holds dates written like {str(values.iloc[first]).strip()!r} "
         f"({raw['source_file'].iloc[first]} line {raw['source_line'].iloc[first]}), where day and month are "
-        "ambiguous; write them as ISO dates (2024-01-15), which are read as days since the earliest date, "
+        "ambiguous; write them as ISO dates (2024-01-15) and set data.time_unit, "
         "or give the time as a number (weeks since baseline, say)"
     )
 
@@ -542,6 +698,6 @@ def _one_line(text: str) -> str:
 
 
 __all__ = [
-    "MISSING_TOKENS", "SOURCE_COLUMNS", "FilePart", "IsoDates", "read_sources", "read_file", "assemble", "find_source_files", "coerce_types",
-    "is_missing", "to_text", "parse_numbers", "parse_iso_dates", "did_you_mean", "describe_no_rows",
+    "MISSING_TOKENS", "SOURCE_COLUMNS", "FilePart", "read_sources", "read_file", "assemble", "find_source_files", "coerce_types",
+    "read_time", "read_header", "is_missing", "to_text", "parse_numbers", "parse_iso_dates", "format_date", "did_you_mean", "describe_no_rows",
 ]

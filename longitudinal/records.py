@@ -46,10 +46,39 @@ class Ingested:
     raw: pd.DataFrame
     typed: pd.DataFrame
     files: tuple[SourceFile, ...]
+    dates: TimeFromDates | None = None
+    """How the time column was read when it holds dates (None for numeric time)."""
 
     @property
     def rows_read(self) -> int:
         return len(self.raw)
+
+
+@dataclass(frozen=True)
+class TimeFromDates:
+    """A time column of dates turned into numbers: (date - origin) in ``unit`` (``data.time_unit``).
+
+    ``origin`` is ``data.time_origin``: "subject" (each subject's earliest date), "study" (the earliest date
+    in the data) or an ISO date; ``origin_date`` is the date used for "study" and for a given date, None
+    for "subject". ``dates_read`` counts the values that are dates.
+    """
+
+    column: str
+    unit: str
+    origin: str
+    origin_date: str | None
+    dates_read: int
+
+    @property
+    def note(self) -> str:
+        """What was done, in one sentence (``validation.json`` notes)."""
+        if self.origin == "subject":
+            since = "each subject's first visit"
+        elif self.origin == "study":
+            since = f"{self.origin_date}, the earliest date in the data"
+        else:
+            since = f"{self.origin_date} (data.time_origin)"
+        return f"time {self.column!r} holds ISO dates: read as {self.unit} since {since}"
 
 
 # ------------------------------------------------------------------------------------------ validation
@@ -57,15 +86,23 @@ class Ingested:
 
 @dataclass(frozen=True)
 class ExpectationOutcome:
-    """One check and what it found. ``level`` is "table" (failing fails the run) or "row" (quarantines)."""
+    """One check and what it found.
+
+    ``level`` is "table" (failing fails the run), "row" (failing quarantines ``unexpected_count`` rows) or
+    "warning" (a finding worth a person's look, in ``details``, that never fails the run and quarantines
+    nothing: ``success`` is False when there is something to say, ``unexpected_count`` is always 0).
+    ``reason`` is, for a row rule, its quarantine reason without the values ("outcome is not a number
+    (column 'score')"); "" otherwise.
+    """
 
     name: str
-    level: Literal["table", "row"]
+    level: Literal["table", "row", "warning"]
     column: str | None
     success: bool
     unexpected_count: int
     description: str
     details: str = ""
+    reason: str = ""
 
 
 @dataclass(frozen=True, eq=False)
@@ -92,7 +129,18 @@ class Validated:
 
     @property
     def success(self) -> bool:
+        """Every table-level check passed (warnings and quarantined rows never fail a run)."""
         return all(e.success for e in self.expectations if e.level == "table")
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """How the data were read where that changes the numbers (a time column of dates, say)."""
+        return tuple(e.description for e in self.expectations if e.name == "time_read_as_dates")
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """The findings of the warning-level checks that found something, one sentence each."""
+        return tuple(e.details for e in self.expectations if e.level == "warning" and not e.success)
 
 
 # ------------------------------------------------------------------------------------------------- fit

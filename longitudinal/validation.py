@@ -19,7 +19,9 @@ A missing required column counts as missing in every row, so the accounting stay
 from __future__ import annotations
 
 import dataclasses
+import re
 import threading
+from pathlib import Path
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +31,9 @@ import pandas as pd
 
 from longitudinal.config import StudyConfig
 from longitudinal.errors import DataError
-from longitudinal.ingest import SOURCE_COLUMNS, describe_no_rows, did_you_mean, is_missing, parse_iso_dates, parse_numbers
+from longitudinal.ingest import (
+    SOURCE_COLUMNS, decimal_comma_hint_for, describe_no_rows, did_you_mean, is_missing, parse_numbers,
+)
 from longitudinal.records import ExpectationOutcome, Ingested, Validated
 
 MIN_SUBJECTS = 3
@@ -68,14 +72,15 @@ _CHECKS = {
 
 @dataclass(frozen=True)
 class _Rule:
-    """A row rule: where it fails (positions) and the reason text for each failing row."""
+    """A row rule: where it fails (positions), the reason text for each failing row, and that reason
+    without the values (``label``: what the run's error names when the rule emptied the data)."""
 
     name: str
     column: str | None
     description: str
     failing: np.ndarray
     reasons: pd.Series
-    details: str
+    label: str
 
 
 def validate_visits(ingested: Ingested, config: StudyConfig, covariates: Collection[str]) -> Validated:
@@ -103,7 +108,7 @@ def validate_visits(ingested: Ingested, config: StudyConfig, covariates: Collect
     typed = typed.assign(**{c: parse_numbers(typed[c], decimal_comma=True) for c in numeric_covariates})
     required = tuple(dict.fromkeys((*subjects, time, outcome, *covariates, *constant)))
     present = {c for c in required if c in typed.columns}
-    dates = parse_iso_dates(raw[time]) if time in present and n else None
+    dates = ingested.dates
     key = _subject_key(typed, subjects)
 
     # Stage 1: per-row checks that need nothing but the row itself (plus the table-level basics).
@@ -161,12 +166,12 @@ def validate_visits(ingested: Ingested, config: StudyConfig, covariates: Collect
                        flagged("time_present", time), f"time missing (column {time!r})", n),
         _value_rule("time_is_number", time, f"time ({time!r}) is {time_kind}",
                     flagged("time_is_number", time), f"time is not {time_kind}: " + "'{}'" + f" (column {time!r})",
-                    raw_text.get(time), n),
+                    raw_text.get(time), n, decimal_comma_hint=dates is None),
         _constant_rule("outcome_present", outcome, f"outcome ({outcome!r}) is not missing",
                        flagged("outcome_present", outcome), f"outcome missing (column {outcome!r})", n),
         _value_rule("outcome_is_number", outcome, f"outcome ({outcome!r}) is a number",
                     flagged("outcome_is_number", outcome), "outcome is not a number: '{}'" + f" (column {outcome!r})",
-                    raw_text.get(outcome), n),
+                    raw_text.get(outcome), n, decimal_comma_hint=True),
     ]
     if low_high is not None:
         rules.append(_value_rule(
@@ -248,7 +253,7 @@ def validate_visits(ingested: Ingested, config: StudyConfig, covariates: Collect
     rules.append(_Rule(
         "min_observations_per_subject", key_label,
         f"every subject keeps at least {minimum} rows after the other checks", too_few, few_reasons,
-        "",
+        f"subject has fewer than min_observations_per_subject = {minimum} rows",
     ))
     reason = _assign_reasons(rules, n)
 
@@ -270,23 +275,20 @@ def validate_visits(ingested: Ingested, config: StudyConfig, covariates: Collect
     if dates is not None:
         outcomes.append(ExpectationOutcome(
             name="time_read_as_dates", level="table", column=time, success=True, unexpected_count=0,
-            description=(
-                f"time {time!r} holds ISO dates: read as days since {_format_date(dates.origin)}, "
-                "the earliest date in the data"
-            ),
-            details=f"{int(dates.days.notna().sum())} dates read; a value that is not an ISO date is quarantined",
+            description=dates.note,
+            details=f"{dates.dates_read} dates read; a value that is not an ISO date is quarantined",
         ))
     for index, rule in enumerate(rules):
         count = int((reason == index).sum())
         failing = int(rule.failing.sum())
-        details = rule.details or _CHECKS.get(rule.name, "")
+        details = _CHECKS.get(rule.name, "")
         if rule.column is not None and rule.column not in present and rule.name.endswith("_present"):
             details = f"column {rule.column!r} is absent, so it counts as missing in every row"
         if failing != count:
             details += f"; {failing} rows fail this check, {failing - count} of them quarantined for an earlier reason"
         outcomes.append(ExpectationOutcome(
             name=rule.name, level="row", column=rule.column, success=count == 0, unexpected_count=count,
-            description=rule.description, details=details,
+            description=rule.description, details=details, reason=rule.label,
         ))
     enough = stage3.success("enough_subjects", key_label)
     outcomes.append(ExpectationOutcome(
@@ -295,6 +297,7 @@ def validate_visits(ingested: Ingested, config: StudyConfig, covariates: Collect
         unexpected_count=0, description=f"at least {MIN_SUBJECTS} subjects left after the row checks",
         details=f"{subjects_left} subjects left",
     ))
+    outcomes.append(_lookalike_ids(key[kept], key_label))
     reason_texts = _reason_texts(rules, reason, n)
     visits = typed.loc[kept]
     if len(subjects) > 1:
@@ -306,10 +309,12 @@ def validate_visits(ingested: Ingested, config: StudyConfig, covariates: Collect
     return Validated(visits=visits, quarantine=quarantine, expectations=tuple(outcomes), rows_read=n)
 
 
-def ensure_valid(validated: Validated, config: StudyConfig) -> None:
+def ensure_valid(validated: Validated, config: StudyConfig, folder: Path | None = None) -> None:
     """Raise :class:`DataError` with one line for the first failing table-level expectation.
 
-    No rows at all comes first: every column of an empty file is "missing", which would mislead.
+    No rows at all comes first: every column of an empty file is "missing", which would mislead. When
+    too few subjects are left, the line names the rule that quarantined the most rows and ``folder``,
+    where the checks and the quarantine were written.
     """
     failing = [e for e in validated.expectations if e.level == "table" and not e.success]
     failing.sort(key=lambda e: e.name != "table_has_rows")
@@ -326,11 +331,11 @@ def ensure_valid(validated: Validated, config: StudyConfig) -> None:
             key = config.data.subject_key
             visits = validated.visits
             left = _subject_key(visits, config.data.subject_columns).nunique() if set(config.data.subject_columns) <= set(visits) else 0
-            quarantined = validated.rows_quarantined
+            subjects = f"{_plural(left, 'subject')}{'' if len(config.data.subject_columns) == 1 else f' ({key})'}"
+            where = f"the checks and the quarantine are in {folder}" if folder is not None else f"see {QUARANTINE_FILE}"
             raise DataError(
-                f"only {_plural(left, 'subject')}{'' if len(config.data.subject_columns) == 1 else f' ({key})'} left after the row checks ({MIN_SUBJECTS} needed); "
-                f"{_plural(quarantined, 'row')} {'was' if quarantined == 1 else 'were'} quarantined, "
-                f"see {QUARANTINE_FILE}"
+                f"only {subjects} left after the row checks ({MIN_SUBJECTS} needed): "
+                f"{_why_quarantined(validated)}; {where}"
             )
         raise DataError(f"validation failed: {outcome.description} ({outcome.details})")
 
@@ -342,7 +347,9 @@ def validation_summary(validated: Validated) -> dict[str, Any]:
     the rule's name, with the column for the rules checked column by column ("covariate_present:age",
     "constant_within_subject:arm", "subject_present:side" when the subject has several columns).
     ``quarantine_rules`` lists the same counts with each rule's description, for a report table.
-    ``notes`` says how the data were read where that changes the numbers (dates turned into days).
+    ``notes`` says how the data were read where that changes the numbers (dates turned into weeks, say).
+    ``warnings`` repeats the findings of the warning-level checks (level "warning" among ``expectations``),
+    which never fail a run and quarantine nothing.
     """
     reasons: dict[str, int] = {}
     rules: list[dict[str, Any]] = []
@@ -355,7 +362,6 @@ def validation_summary(validated: Validated) -> dict[str, Any]:
         reasons[key] = reasons.get(key, 0) + int(outcome.unexpected_count)
         rules.append({"rule": key, "column": outcome.column, "description": outcome.description,
                       "rows": int(outcome.unexpected_count)})
-    notes = [e.description for e in validated.expectations if e.name == "time_read_as_dates"]
     return {
         "success": bool(validated.success),
         "rows_read": int(validated.rows_read),
@@ -363,7 +369,8 @@ def validation_summary(validated: Validated) -> dict[str, Any]:
         "rows_quarantined": int(validated.rows_quarantined),
         "quarantine_reasons": reasons,
         "quarantine_rules": rules,
-        "notes": notes,
+        "notes": list(validated.notes),
+        "warnings": list(validated.warnings),
         "expectations": [dataclasses.asdict(outcome) for outcome in validated.expectations],
     }
 
@@ -474,12 +481,8 @@ def _changing_rule(column: str, values: pd.Series, key: pd.Series, failing: np.n
         ).to_numpy(dtype=object)
     return _Rule(
         "constant_within_subject", column, f"{column!r} takes one value within each subject (data.constant)",
-        failing, reasons, "",
+        failing, reasons, f"column {column!r} changes within a subject; data.constant says it does not",
     )
-
-
-def _format_date(stamp: pd.Timestamp) -> str:
-    return stamp.strftime("%Y-%m-%d") if stamp == stamp.normalize() else stamp.isoformat(sep=" ")
 
 
 def _numeric_covariates(typed: pd.DataFrame, covariates: tuple[str, ...], config: StudyConfig) -> tuple[str, ...]:
@@ -506,20 +509,95 @@ def _numeric_covariates(typed: pd.DataFrame, covariates: tuple[str, ...], config
 def _constant_rule(name: str, column: str | None, description: str, failing: np.ndarray, reason: str, n: int) -> _Rule:
     reasons = pd.Series(np.nan, index=range(n), dtype=object)
     reasons[failing] = reason
-    return _Rule(name, column, description, failing, reasons, "")
+    return _Rule(name, column, description, failing, reasons, reason)
 
 
 def _value_rule(
     name: str, column: str | None, description: str, failing: np.ndarray, template: str,
-    raw_text: pd.Series | None, n: int,
+    raw_text: pd.Series | None, n: int, *, decimal_comma_hint: bool = False,
 ) -> _Rule:
-    """A rule whose reason shows the value as read: ``template`` has one ``{}`` for it."""
+    """A rule whose reason shows the value as read: ``template`` has one ``{}`` for it.
+
+    With ``decimal_comma_hint``, a value like "10,3" (a decimal comma where the file's delimiter is not
+    ';', so it was not read as 10.3) gets the fix appended to its reason.
+    """
     reasons = pd.Series(np.nan, index=range(n), dtype=object)
     if failing.any() and raw_text is not None:
         before, after = template.split("{}", 1)
         shown = raw_text[failing].astype(object).astype(str).str.strip()
-        reasons[failing] = (before + shown + after).to_numpy(dtype=object)
-    return _Rule(name, column, description, failing, reasons, "")
+        text = before + shown + after
+        if decimal_comma_hint:
+            comma = shown.str.fullmatch(_DECIMAL_COMMA_VALUE).fillna(False).to_numpy(dtype=bool)
+            if comma.any():
+                text[comma] = text[comma] + "; " + shown[comma].map(decimal_comma_hint_for)
+        reasons[failing] = text.to_numpy(dtype=object)
+    label = re.sub(r":? ?'?\{\}'?", "", template).replace("  ", " ")
+    return _Rule(name, column, description, failing, reasons, label)
+
+
+_DECIMAL_COMMA_VALUE = r"[+-]?\d*,\d+"
+_DECIMAL_COMMA_HINT = "look like decimal commas"
+
+
+def _why_quarantined(validated: Validated) -> str:
+    """"2,025 of 2,025 rows were quarantined, most by "<reason>" (2,025 rows)", plus the decimal-comma fix
+    when some reason carries it."""
+    read, quarantined = validated.rows_read, validated.rows_quarantined
+    if quarantined == 0:
+        return f"no row was quarantined ({read:,} {'row' if read == 1 else 'rows'} read)"
+    rows = [e for e in validated.expectations if e.level == "row" and e.unexpected_count > 0]
+    top = max(rows, key=lambda e: e.unexpected_count)  # the first of equals, in rule order
+    text = (
+        f"{quarantined:,} of {read:,} rows {'was' if quarantined == 1 else 'were'} quarantined, most by "
+        f"\"{top.reason or top.description}\" ({_plural(top.unexpected_count, 'row', thousands=True)})"
+    )
+    hinted = validated.quarantine["reason"].astype(str)
+    hinted = hinted[hinted.str.contains(_DECIMAL_COMMA_HINT, regex=False)]
+    if len(hinted):
+        text += "; " + hinted.iloc[0][hinted.iloc[0].index("values like "):]
+    return text
+
+
+def _lookalike_ids(ids: pd.Series, column: str) -> ExpectationOutcome:
+    """A warning for subject ids that differ only by leading zeros or letter case ('068' and '68', 'A1' and 'a1').
+
+    They are different subjects to the models, and usually the same person exported twice in two ways.
+    Surrounding spaces never get this far: ingestion strips them, so ' A1' and 'A1' are one subject.
+    Judged on the subjects analysed; quarantines nothing.
+    """
+    distinct = [str(i) for i in pd.unique(ids.dropna())]
+    zeros = re.compile(r"(^|\D)0+(?=\d)")
+    folded: dict[str, list[str]] = {}
+    for value in distinct:
+        folded.setdefault(zeros.sub(r"\1", value).lower(), []).append(value)
+    groups = sorted(sorted(group) for group in folded.values() if len(group) > 1)
+    description = "no two subject ids differ only by leading zeros or letter case"
+    if not groups:
+        return ExpectationOutcome(
+            name="subject_ids_distinct", level="warning", column=column, success=True, unexpected_count=0,
+            description=description, details=f"{len(distinct):,} subject ids analysed",
+        )
+    by_zeros = any(len({v.lower() for v in g}) > 1 for g in groups)
+    by_case = any(len({zeros.sub(r"\1", v) for v in g}) > 1 for g in groups)
+    kind = " or ".join(k for k, used in (("leading zeros", by_zeros), ("letter case", by_case)) if used)
+    noun = "pairs" if all(len(g) == 2 for g in groups) else "sets"
+    more = ""
+    if len(groups) > 1:
+        examples = "; ".join(_and(g) for g in groups[1:4])
+        more = f" ({len(groups):,} such {noun}, e.g. also {examples})"
+    details = (
+        f"subject ids {_and(groups[0])} differ only by {kind}{more}: they are analysed as different subjects; "
+        "make the ids consistent if they are the same subject"
+    )
+    return ExpectationOutcome(
+        name="subject_ids_distinct", level="warning", column=column, success=False, unexpected_count=0,
+        description=description, details=details,
+    )
+
+
+def _and(values: list[str]) -> str:
+    quoted = [repr(v) for v in values]
+    return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " and " + quoted[-1]
 
 
 def _duplicate_rules(
@@ -554,9 +632,9 @@ def _duplicate_rules(
         ).to_numpy(dtype=object)
     return (
         _Rule("no_exact_duplicates", None, "no exact duplicate row of a (subject, time) visit (the first copy is kept)",
-              exact, exact_reasons, ""),
+              exact, exact_reasons, "exact duplicate of an earlier row"),
         _Rule("no_conflicting_duplicates", None, "no (subject, time) visit recorded twice with different values",
-              conflicting, conflict_reasons, ""),
+              conflicting, conflict_reasons, "conflicting duplicate visit (same subject and time, different values)"),
     )
 
 
@@ -613,8 +691,9 @@ def _format_numbers(values: pd.Series) -> pd.Series:
     return text
 
 
-def _plural(count: int, noun: str) -> str:
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+def _plural(count: int, noun: str, *, thousands: bool = False) -> str:
+    shown = f"{count:,}" if thousands else str(count)
+    return f"{shown} {noun}" if count == 1 else f"{shown} {noun}s"
 
 
 def _format_float(value: float) -> str:

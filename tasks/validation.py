@@ -24,14 +24,19 @@ def validate(ingested: Ingested, config: StudyConfig, covariates: Collection[str
         key=artifact_key(config.study, "validation"),
         description=f"Validation of {config.study}",
     )
-    get_run_logger().info(
+    logger = get_run_logger()
+    for note in validated.notes:
+        logger.info("%s", note)
+    for warning in validated.warnings:
+        logger.warning("warning: %s", warning)
+    logger.info(
         "%d rows read = %d analysed + %d quarantined",
         validated.rows_read, validated.rows_analysed, validated.rows_quarantined,
     )
     if not validated.success:
         folder = write_validation(validated, config)
-        get_run_logger().error("validation failed; the checks and the quarantine are in %s", folder)
-        ensure_valid(validated, config)
+        logger.error("validation failed; the checks and the quarantine are in %s", folder)
+        ensure_valid(validated, config, folder)
     return validated
 
 
@@ -46,7 +51,7 @@ def validation_markdown(validated: Validated) -> str:
         "|---|---|---|---|",
     ]
     for outcome in validated.expectations:
-        result = "pass" if outcome.success else "**fail**"
+        result = "pass" if outcome.success else "**warning**" if outcome.level == "warning" else "**fail**"
         lines.append(f"| {outcome.description} | {outcome.level} | {result} | {outcome.unexpected_count} |")
     if validated.rows_quarantined:
         lines += ["", "| quarantine reason | rows |", "|---|---|"]

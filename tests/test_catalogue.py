@@ -179,22 +179,47 @@ def test_semicolons_and_decimal_commas_are_read(tmp_path: Path) -> None:
     assert quarantine_reasons(folder) == {8: "outcome 120,5 is outside outcome_range [0, 100] (column 'score')"}
 
 
+DATED = "id,date,score,arm\n" + "".join(
+    f"{s},2024-01-{14 + s + w:02d},{s + w},A\n" for s in (1, 2, 3) for w in (0, 7)
+) + "3,2024-02-30,4,A\n3,31/01/2024,4,A\n"
+DATED_STUDY = {"data.time": "date", "models.candidates": {"ri": "score ~ date + (1 | id)"}}
+
+
 @pytest.mark.slow
-def test_iso_dates_become_days_since_the_earliest_date(tmp_path: Path) -> None:
-    text = "id,date,score,arm\n" + "".join(
-        f"{s},2024-01-{15 + w:02d},{s + w},A\n" for s in (1, 2, 3) for w in (0, 7)
-    ) + "3,2024-02-30,4,A\n3,31/01/2024,4,A\n"
-    result = validate(write_study(
-        tmp_path, text, **{"data.time": "date", "models.candidates": {"ri": "score ~ date + (1 | id)"}},
-    ))
+def test_iso_dates_become_time_since_each_subjects_first_visit(tmp_path: Path) -> None:
+    result = validate(write_study(tmp_path, DATED, **DATED_STUDY, **{"data.time_unit": "weeks"}))
     folder = succeeded(result)
     assert accounting(result) == (8, 6, 2)
+    assert "time 'date' holds ISO dates: read as weeks since each subject's first visit" in result.stdout
     summary = json.loads((folder / "validation.json").read_text())
-    assert summary["notes"] == ["time 'date' holds ISO dates: read as days since 2024-01-15, the earliest date in the data"]
+    assert summary["notes"] == ["time 'date' holds ISO dates: read as weeks since each subject's first visit"]
     assert quarantine_reasons(folder) == {
         8: "time is not an ISO date (YYYY-MM-DD): '2024-02-30' (column 'date')",
         9: "time is not an ISO date (YYYY-MM-DD): '31/01/2024' (column 'date')",
     }
+
+
+@pytest.mark.slow
+def test_iso_dates_since_the_studys_first_date(tmp_path: Path) -> None:
+    result = validate(write_study(tmp_path, DATED, **DATED_STUDY, **{"data.time_unit": "days", "data.time_origin": "study"}))
+    summary = json.loads((succeeded(result) / "validation.json").read_text())
+    assert summary["notes"] == ["time 'date' holds ISO dates: read as days since 2024-01-15, the earliest date in the data"]
+
+
+def test_dates_without_a_time_unit(tmp_path: Path) -> None:
+    result = validate(write_study(tmp_path, DATED, **DATED_STUDY))
+    assert error_line(result, 2) == (
+        "time 'date' holds dates (e.g. '2024-01-15', visits.csv line 2); add data.time_unit "
+        "(days | weeks | months | years) to say in which unit to analyse the time since the origin"
+    )
+
+
+def test_numeric_time_with_a_time_unit(tmp_path: Path) -> None:
+    result = validate(write_study(tmp_path, HEADER + GOOD, **{"data.time_unit": "weeks"}))
+    assert error_line(result, 2) == (
+        "data.time_unit (weeks) is set, but time 'week' does not hold dates (e.g. '0'); a numeric time is "
+        "analysed as it is: remove data.time_unit, or give the time as ISO dates (2024-01-15)"
+    )
 
 
 def test_dates_in_another_format_are_refused(tmp_path: Path) -> None:
@@ -204,9 +229,61 @@ def test_dates_in_another_format_are_refused(tmp_path: Path) -> None:
     ))
     assert error_line(result, 1) == (
         "column 'date' (data.time) holds dates written like '15/01/2024' (visits.csv line 2), where day and month "
-        "are ambiguous; write them as ISO dates (2024-01-15), which are read as days since the earliest date, "
+        "are ambiguous; write them as ISO dates (2024-01-15) and set data.time_unit, "
         "or give the time as a number (weeks since baseline, say)"
     )
+
+
+def test_decimal_commas_that_split_a_line(tmp_path: Path) -> None:
+    text = "id,week,score,arm\n1,0,10.5,A\n1,1,11.5,A\n2,0,10,3,B\n"
+    assert error_line(validate(write_study(tmp_path, text)), 1) == (
+        "visits.csv: cannot be parsed as CSV (Error tokenizing data. C error: Expected 4 fields in line 4, saw 5); "
+        "check the delimiter and the quoting on that line; values like '10,3' look like decimal commas in a "
+        "comma-separated file; export with a decimal point, or use ';' as the delimiter"
+    )
+
+
+@pytest.mark.slow
+def test_decimal_commas_in_quoted_cells(tmp_path: Path) -> None:
+    folder = succeeded(validate(write_study(tmp_path, HEADER + GOOD + '5,0,"10,3",A\n')))
+    assert quarantine_reasons(folder) == {14: (
+        "outcome is not a number: '10,3' (column 'score'); values like '10,3' look like decimal commas in a "
+        "comma-separated file; export with a decimal point, or use ';' as the delimiter"
+    )}
+
+
+@pytest.mark.slow
+def test_every_row_quarantined_names_the_rule_and_the_validation_folder(tmp_path: Path) -> None:
+    text = "id,week,score,arm,age\n" + "".join(f"{s},{w},{s + w},A,\n" for s in (1, 2, 3) for w in (0, 1))
+    result = validate(write_study(tmp_path, text + "4,0,x,A,40\n", **{"models.candidates": {"ri": "score ~ week + age + (1 | id)"}}))
+    folder = Path(result.stdout.strip().splitlines()[-1])
+    assert error_line(result, 1) == (
+        "only 0 subjects left after the row checks (3 needed): 7 of 7 rows were quarantined, most by "
+        "\"missing covariate 'age' (used by the candidate models)\" (6 rows); the checks and the quarantine "
+        f"are in {folder}"
+    )
+    assert folder.parent == tmp_path / "reports" / "s" / "validations"
+    assert json.loads((folder / "validation.json").read_text())["quarantine_reasons"]["covariate_present:age"] == 6
+
+
+@pytest.mark.slow
+def test_subject_ids_differing_only_by_leading_zeros_or_case_are_a_warning(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.csv").write_text(HEADER + "068,0,1,A\n068,1,2,A\n A1 ,0,1,A\n2,0,1,A\n")
+    pd.DataFrame({"id": [68, 68, 2], "week": [2.0, 3.0, 1.0], "score": [3.0, 4.0, 2.0], "arm": "A"}).to_parquet(tmp_path / "in" / "b.parquet")
+    (tmp_path / "in" / "c.csv").write_text(HEADER + "a1,1,2,A\n")
+    result = validate(write_study(tmp_path, None, **{"data.source": "in"}))
+    folder = succeeded(result)
+    warning = (
+        "subject ids '068' and '68' differ only by leading zeros or letter case (2 such pairs, e.g. also 'A1' and "
+        "'a1'): they are analysed as different subjects; make the ids consistent if they are the same subject"
+    )
+    assert f"warning: {warning}" in result.stdout.splitlines()
+    summary = json.loads((folder / "validation.json").read_text())
+    assert summary["warnings"] == [warning]
+    check = next(e for e in summary["expectations"] if e["name"] == "subject_ids_distinct")
+    assert (check["level"], check["success"], check["unexpected_count"], check["details"]) == ("warning", False, 0, warning)
+    assert accounting(result) == (8, 8, 0)  # the numeric 2 and the text "2" are one subject, as always
 
 
 # ----------------------------------------------------------------------------------------- the config

@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from longitudinal.config import load_config, parse_config
 from longitudinal.errors import ConfigError
@@ -167,7 +168,7 @@ def test_misspelt_key_suggests_the_close_one_and_names_the_missing_one() -> None
     del document["data"]["outcome"]
     with pytest.raises(ConfigError, match=(
         r"^config: missing required key 'data.outcome'; unknown key 'data.outcom' \(did you mean 'outcome'\? "
-        r"allowed here: source, subject, time, outcome, categorical, constant\)$"
+        r"allowed here: source, subject, time, outcome, time_unit, time_origin, categorical, constant\)$"
     )):
         parse_config(document)
     with pytest.raises(ConfigError, match=r"unknown key 'zzz' \(allowed here: study, data"):
@@ -199,3 +200,18 @@ def test_execution_names_a_task_runner() -> None:
         parse_config({**MINIMAL, "execution": {"task_runner": "spark"}})
     with pytest.raises(ConfigError, match=r"address is the Dask scheduler's: set task_runner: dask"):
         parse_config({**MINIMAL, "execution": {"address": "tcp://10.0.0.5:8786"}})
+
+
+def test_time_unit_and_origin_for_dates() -> None:
+    data = parse_config(MINIMAL).data
+    assert (data.time_unit, data.time_origin) == (None, None)  # numeric time; for dates the origin is "subject"
+    for unit in ("days", "weeks", "months", "years"):
+        assert parse_config(_with(data__time_unit=unit)).data.time_unit == unit
+    assert parse_config(_with(data__time_origin="study")).data.time_origin == "study"
+    assert parse_config(_with(data__time_origin="2024-01-15T08:30")).data.time_origin == "2024-01-15T08:30"
+    unquoted = yaml.safe_load("time_origin: 2024-01-15")["time_origin"]  # YAML makes it a date
+    assert parse_config(_with(data__time_origin=unquoted)).data.time_origin == "2024-01-15"
+    with pytest.raises(ConfigError, match=r"data.time_unit: 'fortnights' is not a time unit; use one of days, weeks, months, years$"):
+        parse_config(_with(data__time_unit="fortnights"))
+    with pytest.raises(ConfigError, match=r"data.time_origin: 'baseline' is not an origin; use 'subject' .*or an ISO date"):
+        parse_config(_with(data__time_origin="baseline"))

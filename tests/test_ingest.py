@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import pandas as pd
 import pytest
 
 from longitudinal.config import StudyConfig, parse_config
-from longitudinal.errors import DataError
+from longitudinal.errors import ConfigError, DataError
 from longitudinal.ingest import did_you_mean, is_missing, parse_iso_dates, parse_numbers, read_sources, to_text
 
 
@@ -266,19 +267,106 @@ def test_to_text_and_is_missing() -> None:
 # ------------------------------------------------------------------------------------ dates, columns
 
 
-def test_iso_dates_in_the_time_column_become_days_since_the_earliest(tmp_path: Path) -> None:
-    write(tmp_path / "v.csv", "id,day,score\n1,2024-01-20,1\n1,2024-01-15,2\n2,2024-01-16 12:00,3\n2,2024-02-30,4\n2,,5\n")
-    typed = read_sources(make_config(tmp_path, "v.csv", time="day")).typed
-    assert typed["day"].tolist()[:3] == [5.0, 0.0, 1.5]
-    assert typed["day"].isna().tolist() == [False, False, False, True, True]  # impossible date, missing
+# Two subjects: 1 from 2024-01-15 (visits at +0, +14 and +21 days and 12 hours), 2 from 2024-01-22.
+DATES = ["2024-01-15", "2024-01-29", "2024-02-05 12:00", "2024-01-22", "2024-02-26"]
+SUBJECT_DAYS = [0.0, 14.0, 21.5, 0.0, 35.0]
+STUDY_DAYS = [0.0, 14.0, 21.5, 7.0, 42.0]
+
+
+def dated_csv(tmp_path: Path) -> Path:
+    return write(tmp_path / "v.csv", "id,day,score\n" + "".join(
+        f"{s},{d},1\n" for s, d in zip([1, 1, 1, 2, 2], DATES)
+    ))
+
+
+def dated_parquet(tmp_path: Path, tz: str | None) -> Path:
+    stamps = pd.to_datetime(DATES, format="ISO8601")
+    if tz is not None:  # the same instants, written in another zone
+        stamps = stamps.tz_localize("UTC").tz_convert(tz)
+    path = tmp_path / "v.parquet"
+    pd.DataFrame({"id": [1, 1, 1, 2, 2], "day": stamps, "score": 1.0}).to_parquet(path)
+    return path
+
+
+def read_time(tmp_path: Path, source: str, **data: Any) -> list[float]:
+    return read_sources(make_config(tmp_path, source, time="day", **data)).typed["day"].tolist()
+
+
+@pytest.mark.parametrize("unit, days", [("days", 1.0), ("weeks", 7.0), ("months", 30.4375), ("years", 365.25)])
+@pytest.mark.parametrize("origin, expected", [("subject", SUBJECT_DAYS), ("study", STUDY_DAYS),
+                                              ("2024-01-01", [d + 14.0 for d in STUDY_DAYS])])
+@pytest.mark.parametrize("form", ["csv", "parquet", "parquet-utc", "parquet-zoned"])
+def test_dates_become_time_since_the_origin_in_the_unit(
+    tmp_path: Path, unit: str, days: float, origin: str, expected: list[float], form: str,
+) -> None:
+    if form == "csv":
+        source = dated_csv(tmp_path).name
+    else:
+        source = dated_parquet(tmp_path, {"parquet": None, "parquet-utc": "UTC", "parquet-zoned": "America/New_York"}[form]).name
+    time = read_time(tmp_path, source, time_unit=unit, time_origin=origin)
+    assert time == [d / days for d in expected]  # exactly: weeks are days / 7
+
+
+def test_subject_origin_is_the_default_and_weeks_are_days_over_7_exactly(tmp_path: Path) -> None:
+    dated_csv(tmp_path)
+    days = read_time(tmp_path, "v.csv", time_unit="days")
+    weeks = read_time(tmp_path, "v.csv", time_unit="weeks")
+    assert days == SUBJECT_DAYS
+    assert weeks == [d / 7 for d in days]
+    ingested = read_sources(make_config(tmp_path, "v.csv", time="day", time_unit="weeks"))
+    assert ingested.dates is not None
+    assert ingested.dates.note == "time 'day' holds ISO dates: read as weeks since each subject's first visit"
+
+
+def test_subject_origin_is_the_earliest_readable_date_of_each_subject(tmp_path: Path) -> None:
+    write(tmp_path / "v.csv", "id,day,score\n1,2024-01-20,1\n1,2024-01-15,2\n2,2024-01-16 12:00,3\n2,2024-02-30,4\n"
+          "2,,5\n2,2024-01-16T18:00:00+02:00,6\n,2024-01-01,7\n")
+    time = read_time(tmp_path, "v.csv", time_unit="days")
+    assert time[:3] == [5.0, 0.0, 0.0] and time[5] == 4 / 24  # 18:00+02:00 is 16:00 UTC
+    assert np.isnan(time[3]) and np.isnan(time[4])  # an impossible date and a missing one: quarantined later
+    assert np.isnan(time[6])  # no subject, no origin (quarantined as "subject missing")
+
+
+def test_fixed_origin_and_study_origin_are_noted(tmp_path: Path) -> None:
+    dated_csv(tmp_path)
+    study = read_sources(make_config(tmp_path, "v.csv", time="day", time_unit="days", time_origin="study")).dates
+    fixed = read_sources(make_config(tmp_path, "v.csv", time="day", time_unit="years", time_origin="2024-01-01")).dates
+    assert study is not None and fixed is not None
+    assert study.note == "time 'day' holds ISO dates: read as days since 2024-01-15, the earliest date in the data"
+    assert fixed.note == "time 'day' holds ISO dates: read as years since 2024-01-01 (data.time_origin)"
+    assert (study.dates_read, fixed.origin_date) == (5, "2024-01-01")
+
+
+def test_dates_without_a_time_unit_are_a_config_error(tmp_path: Path) -> None:
+    dated_csv(tmp_path)
+    with pytest.raises(ConfigError, match=(
+        r"^time 'day' holds dates \(e.g. '2024-01-15', v.csv line 2\); add data.time_unit "
+        r"\(days \| weeks \| months \| years\) to say in which unit to analyse the time since the origin$"
+    )):
+        read_time(tmp_path, "v.csv")
+    dated_parquet(tmp_path, None)
+    with pytest.raises(ConfigError, match=r"^time 'day' holds dates \(e.g. '2024-01-15 00:00:00', v.parquet line 1\)"):
+        read_time(tmp_path, "v.parquet")
+
+
+@pytest.mark.parametrize("keys, named", [
+    ({"time_unit": "weeks"}, "data.time_unit (weeks) is set"),
+    ({"time_origin": "study"}, "data.time_origin (study) is set"),
+    ({"time_unit": "days", "time_origin": "2024-01-01"}, "data.time_unit (days) and data.time_origin (2024-01-01) are set"),
+])
+def test_numeric_time_with_date_keys_is_a_config_error(tmp_path: Path, keys: dict[str, str], named: str) -> None:
+    write(tmp_path / "v.csv", "id,week,score\n1,0,1\n1,1,1\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(named)}, but time 'week' does not hold dates \(e.g. '0'\); "
+                                          r"a numeric time is analysed as it is: remove data.time"):
+        read_sources(make_config(tmp_path, "v.csv", **keys))
 
 
 def test_parquet_datetimes_and_csv_dates_share_one_origin(tmp_path: Path) -> None:
     write(tmp_path / "in" / "a.csv", "id,day,score\n1,2024-01-15,1\n")
     pd.DataFrame({"id": [2], "day": [pd.Timestamp("2024-01-10")], "score": [1.0]}).to_parquet(tmp_path / "in" / "b.parquet")
-    assert read_sources(make_config(tmp_path, "in", time="day")).typed["day"].tolist() == [5.0, 0.0]
+    assert read_time(tmp_path, "in", time_unit="days", time_origin="study") == [5.0, 0.0]
     stamps = parse_iso_dates(pd.Series(pd.to_datetime(["2024-03-02", "2024-03-01"])))
-    assert stamps is not None and stamps.days.tolist() == [1.0, 0.0] and stamps.origin == pd.Timestamp("2024-03-01")
+    assert stamps is not None and stamps.tolist() == [pd.Timestamp("2024-03-02"), pd.Timestamp("2024-03-01")]
 
 
 def test_numbers_with_a_stray_date_stay_numbers(tmp_path: Path) -> None:

@@ -21,12 +21,12 @@ HEADER = "id,week,score,age,arm\n"
 GOOD = "".join(f"{s},{w},{10 + s + w},{30 + s},{'AB'[s % 2]}\n" for s in (1, 2, 3) for w in (0, 1))
 
 
-def make_config(base: Path, **validation: Any) -> StudyConfig:
+def make_config(base: Path, data: dict[str, Any] | None = None, **validation: Any) -> StudyConfig:
     return parse_config(
         {
             "study": "s",
             "data": {"source": "visits.csv", "subject": "id", "time": "week", "outcome": "score",
-                     "categorical": ["arm"]},
+                     "categorical": ["arm"], **(data or {})},
             "validation": validation,
             "models": {"candidates": {"ri": "score ~ week + (1 | id)"}},
         },
@@ -34,10 +34,12 @@ def make_config(base: Path, **validation: Any) -> StudyConfig:
     )
 
 
-def check(tmp_path: Path, text: str, covariates: Collection[str] = (), **validation: Any) -> Validated:
+def check(
+    tmp_path: Path, text: str, covariates: Collection[str] = (), data: dict[str, Any] | None = None, **validation: Any,
+) -> Validated:
     """Validate a CSV written from ``text``; every call also checks the row accounting."""
     (tmp_path / "visits.csv").write_text(text)
-    config = make_config(tmp_path, **validation)
+    config = make_config(tmp_path, data, **validation)
     validated = validate_visits(read_sources(config), config, covariates)
     assert_accounted(validated)
     return validated
@@ -240,17 +242,32 @@ def test_too_few_subjects_left_fails_the_run(tmp_path: Path) -> None:
     validated = check(tmp_path, text)
     assert not validated.success
     assert not outcome(validated, "enough_subjects").success
-    message = r"^only 2 subjects left after the row checks \(3 needed\); 2 rows were quarantined, see quarantine.csv$"
+    message = (
+        r"^only 2 subjects left after the row checks \(3 needed\): 2 of 5 rows were quarantined, most by "
+        r"\"outcome missing \(column 'score'\)\" \(1 row\); see quarantine.csv$"
+    )
     with pytest.raises(DataError, match=message):
+        ensure_valid(validated, make_config(tmp_path))
+    with pytest.raises(DataError, match=r"; the checks and the quarantine are in /some/folder$"):
+        ensure_valid(validated, make_config(tmp_path), Path("/some/folder"))
+
+
+def test_too_few_subjects_names_the_rule_that_took_most_rows(tmp_path: Path) -> None:
+    text = HEADER + "1,0,1,,A\n1,1,2,,A\n2,0,1,,A\n3,0,abc,30,A\n"
+    validated = check(tmp_path, text, covariates=["age"])
+    with pytest.raises(DataError, match=(
+        r"^only 0 subjects left after the row checks \(3 needed\): 4 of 4 rows were quarantined, most by "
+        r"\"missing covariate 'age' \(used by the candidate models\)\" \(3 rows\); see quarantine.csv$"
+    )):
         ensure_valid(validated, make_config(tmp_path))
 
 
 def test_no_row_left_reports_zero_subjects(tmp_path: Path) -> None:
     validated = check(tmp_path, HEADER + "1,0,x,30,A\n")
-    with pytest.raises(DataError, match=r"^only 0 subjects left .*; 1 row was quarantined"):
+    with pytest.raises(DataError, match=r"^only 0 subjects left .*: 1 of 1 rows was quarantined, most by"):
         ensure_valid(validated, make_config(tmp_path))
     one = check(tmp_path, HEADER + "1,0,1,30,A\n1,1,1,30,A\n")
-    with pytest.raises(DataError, match=r"^only 1 subject left after the row checks \(3 needed\); 0 rows were"):
+    with pytest.raises(DataError, match=r"^only 1 subject left after the row checks \(3 needed\): no row was quarantined \(2 rows read\)"):
         ensure_valid(one, make_config(tmp_path))
 
 
@@ -393,11 +410,53 @@ def test_a_repeated_header_line_is_quarantined_as_such(tmp_path: Path) -> None:
 
 def test_iso_dates_are_noted_in_the_summary(tmp_path: Path) -> None:
     text = "id,week,score,age,arm\n" + "".join(f"{s},2024-03-0{w + 1},1,30,A\n" for s in (1, 2, 3) for w in (0, 1))
-    validated = check(tmp_path, text + "3,week 3,1,30,A\n")
+    validated = check(tmp_path, text + "3,week 3,1,30,A\n", data={"time_unit": "days", "time_origin": "study"})
     summary = validation_summary(validated)
     assert summary["notes"] == ["time 'week' holds ISO dates: read as days since 2024-03-01, the earliest date in the data"]
     assert reasons(validated) == {8: "time is not an ISO date (YYYY-MM-DD): 'week 3' (column 'week')"}
     assert validated.visits["week"].tolist() == [0.0, 1.0] * 3
+    by_subject = validation_summary(check(tmp_path, text, data={"time_unit": "weeks"}))
+    assert by_subject["notes"] == ["time 'week' holds ISO dates: read as weeks since each subject's first visit"]
+
+
+# ------------------------------------------------------------------------------------ warnings, hints
+
+
+def test_subject_ids_differing_only_by_leading_zeros_or_case_are_a_warning(tmp_path: Path) -> None:
+    ids = ["068", "68", "007", "7", "A1", "a1", "B2"]
+    text = HEADER + "".join(f"{i},{w},1,30,A\n" for i in ids for w in (0, 1)) + " b2 ,0,1,30,A\n"
+    validated = check(tmp_path, text)
+    assert validated.success and validated.rows_quarantined == 0  # a warning fails and quarantines nothing
+    found = outcome(validated, "subject_ids_distinct")
+    assert (found.level, found.success, found.unexpected_count) == ("warning", False, 0)
+    assert validated.warnings == (
+        "subject ids '007' and '7' differ only by leading zeros or letter case (4 such pairs, e.g. also "
+        "'068' and '68'; 'A1' and 'a1'; 'B2' and 'b2'): they are analysed as different subjects; make the ids "
+        "consistent if they are the same subject",
+    )
+    assert validation_summary(validated)["warnings"] == list(validated.warnings)
+    assert validated.visits["id"].nunique() == 8  # still different subjects; ' b2 ' is read as 'b2'
+
+
+def test_consistent_subject_ids_pass_the_warning_check(tmp_path: Path) -> None:
+    validated = check(tmp_path, HEADER + GOOD + "40,0,1,30,A\n04,0,1,30,A\n100,0,1,30,A\n")
+    assert outcome(validated, "subject_ids_distinct").success  # '04', '40' and '100' are not alike
+    assert validated.warnings == ()
+
+
+def test_a_decimal_comma_in_a_comma_separated_file_is_explained(tmp_path: Path) -> None:
+    validated = check(tmp_path, HEADER + GOOD + '4,0,"10,3",30,A\n')
+    assert reasons(validated) == {8: (
+        "outcome is not a number: '10,3' (column 'score'); values like '10,3' look like decimal commas in a "
+        "comma-separated file; export with a decimal point, or use ';' as the delimiter"
+    )}
+    every = check(tmp_path, HEADER + "".join(f'{s},{w},"1{s},5",30,A\n' for s in (1, 2, 3) for w in (0, 1)))
+    with pytest.raises(DataError, match=(
+        r"most by \"outcome is not a number \(column 'score'\)\" \(6 rows\); values like '11,5' look like "
+        r"decimal commas in a comma-separated file; export with a decimal point, or use ';' as the delimiter; "
+        r"see quarantine.csv$"
+    )):
+        ensure_valid(every, make_config(tmp_path))
 
 
 def test_summary_counts_by_rule_not_by_reason_text(tmp_path: Path) -> None:
