@@ -44,6 +44,7 @@ Missing values are not handled here: the design has none (validation removed tho
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -55,6 +56,7 @@ from scipy import sparse
 from longitudinal.design import Design
 from longitudinal.errors import FitError
 from longitudinal.records import OptimizerAttempt
+from longitudinal.scaling import Standardization, scale_warning, standardize
 
 #: lme4's defaults (lmerControl / nloptwrap / checkConv / isSingular).
 XTOL_ABS = 1e-8
@@ -66,7 +68,7 @@ SINGULAR_TOL = 1e-4
 BOUNDARY_TOL = 1e-5
 DERIVATIVE_STEP = 1e-4
 CORRELATION_LIMIT = 0.999
-#: A residual RMS this small relative to the outcome's RMS means the model reproduces the data exactly
+#: A residual RMS this small relative to the outcome's SD means the model reproduces the data exactly
 #: (rounding noise, not variation: the likelihood would be unbounded).
 EXACT_FIT_RATIO = 1e-6
 #: What the optimizer sees where the deviance cannot be computed; finite so BOBYQA's model stays usable.
@@ -154,6 +156,11 @@ class ThetaLayout:
     @property
     def size(self) -> int:
         return len(self.rows)
+
+    @property
+    def bars(self) -> np.ndarray:
+        """The bar (0-based, formula order) of each θ."""
+        return np.repeat(np.arange(len(self.block_sizes)), [k * (k + 1) // 2 for k in self.block_sizes])
 
     @property
     def diagonal(self) -> np.ndarray:
@@ -480,14 +487,34 @@ def _per_group(B: np.ndarray) -> tuple[slice | None, ...]:
 def fit_lmm(design: Design, *, reml: bool) -> EngineResult:
     """Fit the design by ML (``reml=False``) or REML with lme4's formulation and convergence checks.
 
+    The fit runs on the standardized design (``longitudinal.scaling``: outcome, fixed-effect and
+    random-effect columns centred and scaled where the model is invariant to it) and every estimate is
+    carried back exactly, so the units of the data do not matter: θ, β, vcov(β), σ, the covariances, the
+    conditional modes and SDs, fitted values, residuals, the log-likelihood and lme4's REML criterion are
+    those of the design given. The convergence and singularity checks are made in the standardized θ,
+    where lme4's absolute tolerances mean what they are meant to.
+
     Raises ``FitFailure`` (a ``FitError``) when the model cannot be fitted to these data: too few groups
     or observations for the random effects (lme4's ``lmerControl`` checks), a penalized residual sum of
     squares that is zero or not finite at every θ tried, or an outcome reproduced exactly by the model.
     """
-    if not design.single_factor:
-        from longitudinal.sparse_engine import fit_multilevel  # nested or crossed: the blocked sparse path
+    standardized, standardization = standardize(design)
+    reml_offset = standardization.deviance_offset(design.n_obs, reml)
+    try:
+        if design.single_factor:
+            result = _fit_one_factor(standardized, reml=reml, ranef_map=standardization.ranef_map)
+        else:
+            from longitudinal.sparse_engine import fit_multilevel  # nested or crossed: the blocked sparse path
 
-        return fit_multilevel(design, reml=reml)
+            result = fit_multilevel(standardized, reml=reml, ranef_map=standardization.ranef_map)
+    except FitFailure as failure:
+        raise FitFailure(str(failure), _shift_attempts(failure.attempts, reml_offset)) from None
+    return restore_units(result, design, standardization)
+
+
+def _fit_one_factor(design: Design, *, reml: bool, ranef_map: np.ndarray) -> EngineResult:
+    """``fit_lmm`` for one grouping factor on a design as given (no standardization); the random effects
+    are reported for Z B⁻¹, B = ``ranef_map`` (see ``_assemble``)."""
     check_identifiable(design)
     products = compute_crossproducts(design)
     layout = layout_theta(products.block_sizes)
@@ -506,8 +533,62 @@ def fit_lmm(design: Design, *, reml: bool) -> EngineResult:
         raise FitFailure("the deviance is not finite at the optimum; check the data and the formula", attempts)
     return _assemble(
         design, products, layout, theta, solution, reml=reml, converged=best.converged, message=best.message,
-        gradient_max=best.gradient_max, attempts=attempts,
+        gradient_max=best.gradient_max, attempts=attempts, ranef_map=ranef_map,
     )
+
+
+def restore_units(result: EngineResult, design: Design, standardization: Standardization) -> EngineResult:
+    """The fit of the standardized design in the units of ``design`` (see ``longitudinal.scaling``).
+
+    θ is re-triangularized bar by bar; the deviance (and each optimizer attempt's log-likelihood) gains the
+    exact offset of the outcome's scale and, for REML, of X's parametrization. The random effects
+    in ``result`` are already for the original Z (``_assemble``'s ``ranef_map``), in the standardized
+    outcome's units. The singular-fit message names the terms in the data's units; lme4's scale warning
+    is added when its ``checkScaleX`` would give it.
+    """
+    s = standardization
+    layout = layout_theta(tuple(len(block.terms) for block in design.blocks))
+    lam = layout.lambda_matrix(result.theta)
+    restored_lam = np.zeros_like(lam)
+    at = 0
+    for k, size in enumerate(layout.block_sizes):
+        window = slice(at, at + size)
+        restored_lam[window, window] = s.relative_factor(k, lam[window, window])
+        at += size
+    theta = restored_lam[list(layout.rows), list(layout.cols)]
+    offset = s.deviance_offset(design.n_obs, result.reml)
+    covariances = tuple(s.covariance(k, cov) for k, cov in enumerate(result.covariances))
+    sigma = result.sigma * s.y_scale
+    messages = list(result.messages)
+    if result.singular:
+        scales = tuple(1.0 / np.abs(np.diagonal(B)) for B in s.ranef_maps)
+        messages.insert(0, singular_message(design, layout, result.theta, covariances, sigma, scales))
+    note = scale_warning(design.X)
+    if note is not None:
+        messages.insert(0, note)
+    return dataclasses.replace(
+        result,
+        theta=theta,
+        deviance=result.deviance + offset,
+        beta=s.beta(result.beta),
+        vcov=s.vcov(result.vcov),
+        sigma=sigma,
+        covariances=covariances,
+        modes=result.modes * s.y_scale,
+        cond_sd=result.cond_sd * s.y_scale,
+        fitted=s.y_shift + s.y_scale * result.fitted,
+        residuals=s.y_scale * result.residuals,
+        messages=tuple(messages),
+        attempts=_shift_attempts(result.attempts, offset),
+        ranef=tuple(
+            dataclasses.replace(f, modes=f.modes * s.y_scale, cond_sd=f.cond_sd * s.y_scale) for f in result.ranef
+        ),
+    )
+
+
+def _shift_attempts(attempts: tuple[OptimizerAttempt, ...], deviance_offset: float) -> tuple[OptimizerAttempt, ...]:
+    """Optimizer attempts with their log-likelihood moved by −offset / 2 (the units of the data)."""
+    return tuple(dataclasses.replace(a, loglik=a.loglik - 0.5 * deviance_offset) for a in attempts)
 
 
 def minimize_deviance(
@@ -529,7 +610,7 @@ def minimize_deviance(
             message=run.message,
         ))
         runs.append(run)
-        if run.converged or not math.isfinite(run.deviance):
+        if run.settled or not math.isfinite(run.deviance):
             break
         # Not convincing: restart once from the optimum with the variances lifted off the boundary, so
         # that BOBYQA builds a fresh quadratic model around it (lme4's advice for convergence warnings).
@@ -549,11 +630,17 @@ def minimize_deviance(
 
 @dataclass(frozen=True, eq=False)
 class _Run:
-    """One optimizer run, after lme4's boundary snap and convergence checks."""
+    """One optimizer run, after lme4's boundary snap and convergence checks.
+
+    ``converged`` is lme4's verdict (a singular optimum passes: the gradient test does not apply on the
+    boundary); ``settled`` says whether the gradient over the parameters off the boundary is below the
+    tolerance too, which decides whether a restart is worth trying.
+    """
 
     theta: np.ndarray
     deviance: float
     converged: bool
+    settled: bool
     gradient_max: float
     evaluations: int
     message: str
@@ -564,11 +651,12 @@ def _optimize(deviance: Callable[[np.ndarray], float], start: np.ndarray, layout
     lower = np.asarray(layout.lower)
     theta, value, evaluations, status = _run_bobyqa(deviance, start, lower)
     if not math.isfinite(value):
-        return _Run(theta, value, False, math.nan, evaluations, "the deviance is not finite at any θ tried")
+        return _Run(theta, value, False, False, math.nan, evaluations, "the deviance is not finite at any θ tried")
     theta, value = _snap_to_boundary(deviance, theta, value, lower)
-    converged, gradient_max, notes = _check_convergence(deviance, theta, value, layout)
-    message = "; ".join(filter(None, (status, *notes)))
-    return _Run(theta, value, converged and status == "", gradient_max, evaluations, message)
+    check = _check_convergence(deviance, theta, value, layout)
+    message = "; ".join(filter(None, (status, *check.notes)))
+    ok = status == ""
+    return _Run(theta, value, check.converged and ok, check.settled and ok, check.gradient_max, evaluations, message)
 
 
 def check_identifiable(design: Design) -> None:
@@ -653,19 +741,39 @@ def _snap_to_boundary(
     return theta, value
 
 
+@dataclass(frozen=True)
+class _Convergence:
+    """lme4's ``checkConv`` verdict at an optimum (see ``_check_convergence``)."""
+
+    converged: bool
+    settled: bool
+    gradient_max: float
+    notes: tuple[str, ...]
+
+
 def _check_convergence(
     deviance: Callable[[np.ndarray], float], theta: np.ndarray, value: float, layout: ThetaLayout,
-) -> tuple[bool, float, tuple[str, ...]]:
-    """lme4's ``checkConv`` on the parameters off the boundary: (converged, max scaled |grad|, notes)."""
+) -> _Convergence:
+    """lme4's ``checkConv``: a singular optimum passes, else the scaled gradient and the Hessian decide.
+
+    At a singular optimum (a bar's covariance on the boundary of the cone of covariance matrices: a zero
+    diagonal of its Cholesky factor, or a correlation of ±1) the gradient test does not apply, and lme4
+    1.1's ``checkConv`` returns after its singular-fit message without the gradient or Hessian checks. Every
+    θ of such a bar is left out of the gradient computed here: with a singular factor the bar's θ are not
+    locally identified (at a zero leading diagonal only the norm of the column below it matters), so its
+    gradient and Hessian say nothing. Over the other θ the max scaled gradient is still recorded, and
+    ``settled`` says whether it is below the tolerance (a restart is tried when it is not).
+    """
     gradient, hessian = _derivatives(deviance, theta, value)
-    free = ~(layout.diagonal & (theta - np.asarray(layout.lower) < SINGULAR_TOL))
+    singular = singular_bars(layout, theta)
+    free = ~(layout.diagonal & (theta - np.asarray(layout.lower) < SINGULAR_TOL)) & ~np.isin(layout.bars, singular)
     if not free.any():
-        return True, 0.0, ()
+        return _Convergence(True, True, 0.0, ())
     g = gradient[free]
     H = hessian[np.ix_(free, free)]
-    notes: list[str] = []
     if not np.all(np.isfinite(g)) or not np.all(np.isfinite(H)):
-        return False, math.nan, ("the gradient of the deviance at the optimum is not finite",)
+        return _Convergence(bool(singular), False, math.nan, ("the gradient of the deviance at the optimum is not finite",))
+    notes: list[str] = []
     try:
         scaled = np.linalg.solve(np.linalg.cholesky(H).T, g)
         gradient_max = float(np.max(np.minimum(np.abs(scaled), np.abs(g))))
@@ -673,16 +781,18 @@ def _check_convergence(
         # lme4 reports "unable to evaluate scaled gradient"; the plain gradient still says something.
         gradient_max = float(np.max(np.abs(g)))
         notes.append("unable to evaluate the scaled gradient (Hessian not positive definite)")
+    settled = gradient_max < GRADIENT_TOL
+    if singular:
+        return _Convergence(True, settled, gradient_max, ())
     eigenvalues = np.linalg.eigvalsh(H)
     negative = int(np.sum(eigenvalues < -HESSIAN_TOL))
     if negative:
         notes.append(f"degenerate Hessian with {negative} negative eigenvalue{'s' if negative > 1 else ''}")
     elif np.any(np.abs(eigenvalues) < HESSIAN_TOL):
         notes.append("Hessian is numerically singular: parameters are not uniquely determined")
-    converged = gradient_max < GRADIENT_TOL
-    if not converged:
+    if not settled:
         notes.insert(0, f"failed to converge with max|grad| = {gradient_max:.3g} (tol = {GRADIENT_TOL:g})")
-    return converged, gradient_max, tuple(notes)
+    return _Convergence(settled, settled, gradient_max, tuple(notes))
 
 
 def _derivatives(
@@ -714,8 +824,14 @@ def _derivatives(
 def _assemble(
     design: Design, products: CrossProducts, layout: ThetaLayout, theta: np.ndarray, solution: _Solution, *,
     reml: bool, converged: bool, message: str, gradient_max: float, attempts: tuple[OptimizerAttempt, ...],
+    ranef_map: np.ndarray,
 ) -> EngineResult:
-    """Estimates at the optimum θ: β, σ, vcov, covariance per bar, conditional modes, fitted values."""
+    """Estimates at the optimum θ: β, σ, vcov, covariance per bar, conditional modes, fitted values.
+
+    The conditional modes and SDs are reported for the random effects of Z B⁻¹ (B = ``ranef_map``: b = B u'
+    for the modes b' of ``design``'s Z), the original design's when ``design`` is its standardized copy:
+    their conditional covariance σ² (BΛ) M⁻¹ (BΛ)' needs B inside, not after. Fitted values use ``design``'s.
+    """
     n, p = products.n_obs, products.n_fixed
     sigma2 = solution.r2 / (n - p if reml else n)
     lam = solution.lam
@@ -726,12 +842,13 @@ def _assemble(
     R = solution.R
     v = R[:, :, p] - R[:, :, :p] @ beta  # cu_g − RZX_g β, (q, G)
     u = _backward_groups(solution.chol_M, v)
-    modes = (lam @ u).T  # b_g = Λ u_g, (G, q)
-    q, G = u.shape
-    T = _forward_groups(solution.chol_M, np.broadcast_to(lam.T[:, None, :], (q, G, q)))  # L_g⁻¹ Λ'
-    cond_sd = np.sqrt(sigma2 * np.einsum("igj,igj->gj", T, T))
-    fitted = design.X @ beta + _random_part(design, modes)
+    fitted = design.X @ beta + _random_part(design, (lam @ u).T)  # b_g = Λ u_g
     residuals = design.y - fitted
+    lam_out = ranef_map @ lam
+    modes = (lam_out @ u).T  # (G, q)
+    q, G = u.shape
+    T = _forward_groups(solution.chol_M, np.broadcast_to(lam_out.T[:, None, :], (q, G, q)))  # L_g⁻¹ (BΛ)'
+    cond_sd = np.sqrt(sigma2 * np.einsum("igj,igj->gj", T, T))
 
     # r² recomputed from the residuals (no cancellation): rounding noise in the profiled r² can look like
     # a tiny but positive residual variance when the model reproduces the outcome exactly.
@@ -740,14 +857,11 @@ def _assemble(
     exact_fit_failure(r2_direct, design.y, sigma, attempts)
 
     covariances, singular = block_covariances(layout, theta, sigma2)
-    messages = [m for m in message.split("; ") if m]
-    if singular:
-        messages.insert(0, "boundary (singular) fit: a variance is zero or a correlation is ±1")
     return EngineResult(
         reml=reml, theta=theta, deviance=solution.deviance, beta=beta, vcov=vcov, sigma=sigma,
         covariances=tuple(covariances), modes=modes, cond_sd=cond_sd, fitted=fitted, residuals=residuals,
-        converged=converged, singular=singular, messages=tuple(messages), gradient_max=gradient_max,
-        evaluations=sum(a.iterations for a in attempts), attempts=attempts,
+        converged=converged, singular=singular, messages=tuple(m for m in message.split("; ") if m),
+        gradient_max=gradient_max, evaluations=sum(a.iterations for a in attempts), attempts=attempts,
         ranef=(FactorRanef(
             group=design.group, levels=design.levels, terms=tuple(t for b in design.blocks for t in b.terms),
             modes=modes, cond_sd=cond_sd,
@@ -769,35 +883,82 @@ def _random_part(design: Design, modes: np.ndarray) -> np.ndarray:
     return total
 
 
+def singular_bars(layout: ThetaLayout, theta: np.ndarray) -> tuple[int, ...]:
+    """The bars whose covariance is on the boundary (lme4's ``isSingular``, tol 1e-4: a diagonal θ below
+    1e-4; here also a correlation beyond ±0.999, whose Cholesky factor is singular to within rounding)."""
+    lam = layout.lambda_matrix(theta)
+    out = []
+    at = 0
+    for k, size in enumerate(layout.block_sizes):
+        block = lam[at:at + size, at:at + size]
+        at += size
+        if np.any(np.diagonal(block) < SINGULAR_TOL):
+            out.append(k)
+            continue
+        if size > 1:
+            cov = block @ block.T
+            sd = np.sqrt(np.diagonal(cov))
+            corr = cov / np.outer(sd, sd)
+            if np.any(np.abs(corr[~np.eye(size, dtype=bool)]) > CORRELATION_LIMIT):
+                out.append(k)
+    return tuple(out)
+
+
 def block_covariances(layout: ThetaLayout, theta: np.ndarray, sigma2: float) -> tuple[list[np.ndarray], bool]:
-    """Each bar's random-effect covariance σ² Λ_k Λ_k', and whether the fit is singular (lme4's
-    ``isSingular``: a diagonal θ below 1e-4; here also a correlation beyond ±0.999)."""
+    """Each bar's random-effect covariance σ² Λ_k Λ_k', and whether the fit is singular (``singular_bars``)."""
     lam = layout.lambda_matrix(theta)
     covariances: list[np.ndarray] = []
-    singular = bool(np.any(theta[layout.diagonal] < SINGULAR_TOL))
-    offset = 0
+    at = 0
     for size in layout.block_sizes:
-        block = lam[offset:offset + size, offset:offset + size]
-        cov = sigma2 * block @ block.T
-        covariances.append(cov)
-        if size > 1:
-            sd = np.sqrt(np.diag(cov))
-            with np.errstate(invalid="ignore", divide="ignore"):
-                corr = cov / np.outer(sd, sd)
-            off = corr[~np.eye(size, dtype=bool)]
-            singular = singular or bool(np.any(np.abs(off[np.isfinite(off)]) > CORRELATION_LIMIT))
-        offset += size
-    return covariances, singular
+        block = lam[at:at + size, at:at + size]
+        covariances.append(sigma2 * block @ block.T)
+        at += size
+    return covariances, bool(singular_bars(layout, theta))
+
+
+def singular_message(
+    design: Design, layout: ThetaLayout, theta: np.ndarray, covariances: tuple[np.ndarray, ...], sigma: float,
+    term_scales: tuple[np.ndarray, ...],
+) -> str:
+    """lme4's singular-fit message naming what is on the boundary, in the units of ``design``.
+
+    ``theta`` says which bars are singular (judged where the fit was computed); ``covariances`` (the
+    design's units) say how: a term whose variance is zero (its SD below 1e-4 residual SDs once its column
+    is divided by ``term_scales``, the spread the standardization used), else a pair of terms whose
+    correlation is ±1 (beyond ±0.999), else the bar's covariance matrix as a whole.
+    """
+    parts = []
+    for k in singular_bars(layout, theta):
+        block, cov = design.blocks[k], covariances[k]
+        sd = np.sqrt(np.clip(np.diagonal(cov), 0.0, None))
+        zero = [i for i in range(len(block.terms)) if sd[i] * term_scales[k][i] < SINGULAR_TOL * sigma]
+        found = [f"the variance of {block.terms[i]!r} for {block.group} is zero" for i in zero]
+        rest = [i for i in range(len(block.terms)) if i not in zero]
+        for a, j in enumerate(rest):
+            for i in rest[a + 1:]:
+                corr = cov[i, j] / (sd[i] * sd[j])
+                if abs(corr) > CORRELATION_LIMIT:
+                    found.append(f"the correlation of {block.terms[j]!r} and {block.terms[i]!r} for {block.group} "
+                                 f"is {'-1' if corr < 0 else '1'}")
+        if not found:
+            found.append(f"the covariance matrix of {', '.join(map(repr, block.terms))} for {block.group} is singular")
+        parts.extend(found)
+    return "boundary (singular) fit: " + " and ".join(parts)
 
 
 def exact_fit_failure(r2_direct: float, y: np.ndarray, sigma: float, attempts: tuple[OptimizerAttempt, ...]) -> None:
-    """Raise ``FitFailure`` when the model reproduces the outcome exactly (zero residual variance)."""
+    """Raise ``FitFailure`` when the model reproduces the outcome exactly (zero residual variance).
+
+    The residuals are compared with the outcome's centred spread (its SD), not its root mean square: an
+    outcome far from zero (``Reaction + 1e6``) has a large RMS without having more variation to explain.
+    """
     n = y.shape[0]
-    y_rms = math.sqrt(float(y @ y) / n)
-    if not math.isfinite(sigma) or r2_direct <= (EXACT_FIT_RATIO * y_rms) ** 2 * n:
+    spread = float(np.std(y))
+    reference = max(spread, 1e-8 * math.sqrt(float(y @ y) / n))
+    if not math.isfinite(sigma) or r2_direct <= (EXACT_FIT_RATIO * reference) ** 2 * n:
         raise FitFailure(
             f"zero residual variance: the model reproduces the outcome exactly (residual SD "
-            f"{math.sqrt(r2_direct / n):.3g}, outcome RMS {y_rms:.3g}), so the likelihood is unbounded; "
-            "the data are degenerate for this model",
+            f"{math.sqrt(r2_direct / n) / reference:.3g} times the outcome's SD), so the likelihood is "
+            "unbounded; the data are degenerate for this model",
             attempts,
         )

@@ -213,14 +213,15 @@ def _primary_index(products: MultiProducts) -> np.ndarray:
     return np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in products.primary_blocks])
 
 
-def _rest_lambda(products: MultiProducts, lam: np.ndarray) -> sparse.csr_matrix:
-    """Λ_R: block-diagonal, each rest bar's Λ_b repeated once per level."""
+def _rest_lambda(products: MultiProducts, lam: np.ndarray, *, triangular: bool = True) -> sparse.csr_matrix:
+    """Λ_R: block-diagonal, each rest bar's Λ_b repeated once per level (its lower triangle only, unless
+    ``triangular`` is False: then whole blocks, for a mapped BΛ that is not triangular)."""
     offsets = _bar_offsets(products.block_sizes)
     rows, cols, vals = [], [], []
     for block in products.rest:
         start = offsets[block.index]
         lam_b = lam[start:start + block.size, start:start + block.size]
-        i, j = np.tril_indices(block.size)
+        i, j = np.tril_indices(block.size) if triangular else np.indices((block.size, block.size)).reshape(2, -1)
         base = block.offset + np.arange(block.n_levels)[:, None] * block.size
         rows.append((base + i).ravel())
         cols.append((base + j).ravel())
@@ -342,11 +343,13 @@ def multilevel_deviance(source: Design | MultiProducts, theta: np.ndarray, reml:
 # ------------------------------------------------------------------------------------------- fitting
 
 
-def fit_multilevel(design: Design, *, reml: bool) -> EngineResult:
-    """Fit a design with several grouping factors (nested or crossed) by ML or REML, as ``engine.fit_lmm``.
+def fit_multilevel(design: Design, *, reml: bool, ranef_map: np.ndarray | None = None) -> EngineResult:
+    """Fit a design with several grouping factors (nested or crossed) by ML or REML, on the design as given.
 
-    Same optimizer, convergence and singularity checks and failures as the one-factor engine; θ is in
-    the formula's bar order (lme4 orders bars by decreasing number of levels: the likelihood is the same).
+    ``engine.fit_lmm`` calls this on its standardized design (use that: it is exact in any units). Same
+    optimizer, convergence and singularity checks and failures as the one-factor engine; θ is in the
+    formula's bar order (lme4 orders bars by decreasing number of levels: the likelihood is the same). The
+    random effects are reported for Z B⁻¹, B = ``ranef_map`` (identity when None; see ``_assemble``).
     """
     _check_identifiable(design)
     products = compute_multiproducts(design)
@@ -360,9 +363,10 @@ def fit_multilevel(design: Design, *, reml: bool) -> EngineResult:
     solution = _solve(products, layout.lambda_matrix(best.theta), reml)
     if solution is None:
         raise FitFailure("the deviance is not finite at the optimum; check the data and the formula", attempts)
+    q = sum(products.block_sizes)
     return _assemble(
         design, products, best.theta, solution, reml=reml, converged=best.converged, message=best.message,
-        gradient_max=best.gradient_max, attempts=attempts,
+        gradient_max=best.gradient_max, attempts=attempts, ranef_map=np.eye(q) if ranef_map is None else ranef_map,
     )
 
 
@@ -380,8 +384,13 @@ def _check_identifiable(design: Design) -> None:
 def _assemble(
     design: Design, products: MultiProducts, theta: np.ndarray, solution: _Solution, *, reml: bool,
     converged: bool, message: str, gradient_max: float, attempts: tuple[OptimizerAttempt, ...],
+    ranef_map: np.ndarray,
 ) -> EngineResult:
-    """β, σ, vcov, covariance per bar, conditional modes (per factor) and fitted values at the optimum."""
+    """β, σ, vcov, covariance per bar, conditional modes (per factor) and fitted values at the optimum.
+
+    As in ``engine._assemble``, the modes and conditional SDs are those of Z B⁻¹ (B = ``ranef_map``): Λ is
+    replaced by BΛ where they are formed; fitted values use ``design``'s own Z.
+    """
     layout = layout_theta(products.block_sizes)
     n, p = products.n_obs, products.primary.n_fixed
     sigma2 = solution.r2 / (n - p if reml else n)
@@ -399,11 +408,17 @@ def _assemble(
     modes_1 = (lam_1 @ u_1).T  # (G₁, q₁)
     modes_R = np.asarray(solution.lam_R @ u_R)
 
-    # Conditional variances: diag σ² Λ M⁻¹ Λ'.
-    T = _forward_groups(solution.chol_1, np.broadcast_to(lam_1.T[:, None, :], (q1, G1, q1)))
+    # What is reported: b = BΛu, and the conditional variances diag σ² (BΛ) M⁻¹ (BΛ)'.
+    lam_out = ranef_map @ solution.lam
+    primary = _primary_index(products)
+    lam_1_out = lam_out[np.ix_(primary, primary)]
+    lam_R_out = _rest_lambda(products, lam_out, triangular=False)
+    reported_1 = (lam_1_out @ u_1).T
+    reported_R = np.asarray(lam_R_out @ u_R)
+    T = _forward_groups(solution.chol_1, np.broadcast_to(lam_1_out.T[:, None, :], (q1, G1, q1)))
     var_1 = np.einsum("igj,igj->gj", T, T)
-    var_1 += _primary_extra(products, solution).reshape(G1, q1)
-    var_R = _quadratic_diagonal(solution.schur, sparse.csr_matrix(solution.lam_R))
+    var_1 += _primary_extra(products, solution, lam_1_out).reshape(G1, q1)
+    var_R = _quadratic_diagonal(solution.schur, lam_R_out)
     cond_1 = np.sqrt(sigma2 * var_1)
     cond_R = np.sqrt(sigma2 * var_R)
 
@@ -421,13 +436,11 @@ def _assemble(
 
     covariances, singular = block_covariances(layout, theta, sigma2)
     messages = [m for m in message.split("; ") if m]
-    if singular:
-        messages.insert(0, "boundary (singular) fit: a variance is zero or a correlation is ±1")
     primary_terms = tuple(t for i in products.primary_blocks for t in design.blocks[i].terms)
     ranef = []
     for group in design.groups:
         if group == design.group:
-            ranef.append(FactorRanef(group, design.levels, primary_terms, modes_1, cond_1))
+            ranef.append(FactorRanef(group, design.levels, primary_terms, reported_1, cond_1))
             continue
         bars = [block for block in products.rest if block.group == group]
         span = [slice(b.offset, b.offset + b.size * b.n_levels) for b in bars]
@@ -435,23 +448,24 @@ def _assemble(
         ranef.append(FactorRanef(
             group=group, levels=first.levels,
             terms=tuple(t for b in bars for t in design.blocks[b.index].terms),
-            modes=np.hstack([modes_R[s].reshape(b.n_levels, b.size) for b, s in zip(bars, span)]),
+            modes=np.hstack([reported_R[s].reshape(b.n_levels, b.size) for b, s in zip(bars, span)]),
             cond_sd=np.hstack([cond_R[s].reshape(b.n_levels, b.size) for b, s in zip(bars, span)]),
         ))
     return EngineResult(
         reml=reml, theta=theta, deviance=solution.deviance, beta=beta, vcov=vcov, sigma=sigma,
-        covariances=tuple(covariances), modes=modes_1, cond_sd=cond_1, fitted=fitted, residuals=residuals,
+        covariances=tuple(covariances), modes=reported_1, cond_sd=cond_1, fitted=fitted, residuals=residuals,
         converged=converged, singular=singular, messages=tuple(messages), gradient_max=gradient_max,
         evaluations=sum(a.iterations for a in attempts), attempts=attempts, ranef=tuple(ranef),
     )
 
 
-def _primary_extra(products: MultiProducts, solution: _Solution) -> np.ndarray:
-    """diag(P S⁻¹ P') per primary random effect, P = ⊕_g Λ₁ L_g'⁻¹ · RZR (the rest's share of its variance)."""
+def _primary_extra(products: MultiProducts, solution: _Solution, lam_1: np.ndarray) -> np.ndarray:
+    """diag(P S⁻¹ P') per primary random effect, P = ⊕_g Λ₁ L_g'⁻¹ · RZR (the rest's share of its variance);
+    ``lam_1`` is Λ₁ or the mapped BΛ₁ that the modes are reported for."""
     values = []
     for block, F in zip(products.rest, solution.pair_values):
         X = _backward_groups(solution.chol_1[:, :, block.pair_primary], F)
-        values.append(np.einsum("ai,ipj->paj", solution.lam_1, X).ravel())
+        values.append(np.einsum("ai,ipj->paj", lam_1, X).ravel())
     return _quadratic_diagonal(solution.schur, _rest_matrix(products, values))
 
 
