@@ -71,7 +71,7 @@ def test_the_rank_check_by_blocks_of_rows_agrees_with_one_qr(
     monkeypatch.setattr(design_module, "_QR_BLOCK_ROWS", 3)  # 16 rows: six blocks, the last of one row
     data = visits.assign(t2=visits["t"] * 2 - 1)  # = 2 t - intercept: a combination of earlier columns
     design = build_design(data, parse_formula("y ~ t + arm + t2 + (1 | g)"))
-    assert design.fixed_names == ("(Intercept)", "armtreatment", "t")
+    assert design.fixed_names == ("(Intercept)", "t", "armtreatment")  # R's order: formula order within a degree
     assert design.dropped == ("t2",)
     X = np.column_stack([design.X, data["t2"].to_numpy()])
     np.testing.assert_allclose(
