@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -34,6 +35,25 @@ def test_config_error_exits_2_with_one_line(tmp_path: Path) -> None:
     result = _cli("run", "--config", str(config))
     assert result.returncode == 2
     assert "unknown key 'models.critrion'" in _one_line_error(result)
+
+
+@pytest.mark.parametrize("candidate, message", [
+    ("score ~ week + age + (1 | id)", "candidate 'ri' uses column 'age', which the data lack; columns are: id, week, score, arm"),
+    ("score ~ week + (1 | id", "candidate 'ri' ('score ~ week + (1 | id'): unbalanced parentheses"),
+])
+def test_run_refuses_a_bad_config_before_prefect_starts(tmp_path: Path, candidate: str, message: str) -> None:
+    (tmp_path / "v.csv").write_text("id,week,score,arm\n1,0,1,A\n")
+    config = tmp_path / "study.yaml"
+    config.write_text(
+        "study: s\ndata: {source: v.csv, subject: id, time: week, outcome: score}\n"
+        f"models: {{candidates: {{ri: '{candidate}'}}}}\n"
+    )
+    started = time.perf_counter()
+    result = _cli("run", "--config", str(config))
+    seconds = time.perf_counter() - started
+    assert result.returncode == 2
+    assert _one_line_error(result).startswith(f"longitudinal run: error: {message}")
+    assert seconds < 5  # Prefect's start-up alone takes 10-15 s: these checks come first
 
 
 def test_missing_config_file_exits_2(tmp_path: Path) -> None:
