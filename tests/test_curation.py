@@ -205,3 +205,29 @@ def test_registry_and_parts_are_written_aside_then_renamed(tmp_path: Path, monke
         (f".{sha}.parquet.{os.getpid()}.tmp", f"{sha}.parquet"),  # the part first,
         (f".registry.json.{os.getpid()}.tmp", "registry.json"),  # then the registry that names it
     ]
+
+
+def test_dates_read_the_same_from_the_curated_copies(tmp_path: Path) -> None:
+    """Parquet dates (date32), zoned timestamps and CSV dates survive the curated Parquet parts unchanged."""
+    import datetime as dt
+
+    (tmp_path / "landing").mkdir()
+    pd.DataFrame({"id": [1, 1], "day": [dt.date(2024, 1, 15), dt.date(2024, 1, 29)], "score": 1.0}).to_parquet(
+        tmp_path / "landing" / "a.parquet")
+    zoned = pd.to_datetime(["2024-01-20 23:00", "2024-02-03 23:00"]).tz_localize("Europe/Oslo")
+    pd.DataFrame({"id": [2, 2], "day": zoned, "score": 1.0}).to_parquet(tmp_path / "landing" / "b.parquet")
+    land(tmp_path, "c.csv", "id,day,score\n3,2024-01-22,1\n3,2024-02-05T12:00,1\n")
+    document = {
+        "study": "s",
+        "data": {"source": "landing", "subject": "id", "time": "day", "outcome": "score",
+                 "time_unit": "weeks", "time_origin": "study"},
+        "models": {"candidates": {"ri": "score ~ day + (1 | id)"}},
+        "output": {"directory": "reports"},
+    }
+    config = parse_config(document, base_dir=tmp_path)
+    first = curate(config).ingested  # from the files
+    again = curate(config).ingested  # from the curated parts
+    expected = [0.0, 2.0, (5 + 22 / 24) / 7, (19 + 22 / 24) / 7, 1.0, (21.5) / 7]  # Oslo 23:00 is 22:00 UTC
+    for ingested in (first, again):
+        assert ingested.typed["day"].tolist() == pytest.approx(expected, abs=1e-12)
+        assert ingested.dates is not None and ingested.dates.origin_date == "2024-01-15"
