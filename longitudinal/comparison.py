@@ -18,6 +18,7 @@ upper bound (conservative).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
@@ -73,7 +74,9 @@ class LikelihoodRatioTest:
     What the larger model adds: ``added_fixed`` (fixed-effect columns, or terms when compared by formula),
     ``boundary_terms`` (random-effect terms, ``"week | patient_id"``, whose variance is zero under the
     smaller model) and ``added_covariances`` (random-effect covariance parameters).
-    ``p_value`` is NaN when the larger fit stopped short of the smaller's likelihood (see ``notes``).
+    ``p_value`` is NaN when the larger fit stopped short of the smaller's likelihood (see ``notes``);
+    ``statistic`` and ``p_value`` are both NaN when one of the fits is missing (``tested`` is False, and
+    ``notes`` starts with "no test: " and the reason).
     """
 
     smaller: str
@@ -90,6 +93,11 @@ class LikelihoodRatioTest:
     @property
     def fixed_differ(self) -> bool:
         return bool(self.added_fixed)
+
+    @property
+    def tested(self) -> bool:
+        """False for a nested pair listed without a test because one of its fits is missing."""
+        return not math.isnan(self.statistic)
 
     @property
     def test(self) -> str:
@@ -169,8 +177,58 @@ def lrt_p_value(statistic: float, df: int, reference: Reference = "chi2") -> flo
 def compare_pair(smaller: Fit, larger: Fit) -> LikelihoodRatioTest:
     """The likelihood-ratio test of ``smaller`` against ``larger``, two usable ML fits on the same rows.
 
-    Raises :class:`FitError` when ``smaller`` is not nested in ``larger`` or adds no parameter.
+    A fit that did not pass lme4's convergence checks is still tested (its likelihood is a valid one, as
+    lme4 keeps such a fit) and the test's notes say so. Raises :class:`FitError` when ``smaller`` is not
+    nested in ``larger`` or adds no parameter.
     """
+    test = _pair(smaller, larger)
+    statistic = 2.0 * (larger.loglik - smaller.loglik)
+    notes = list(test.notes)
+    for fit in (smaller, larger):
+        if not fit.converged:
+            warning = fit.message.split("; ")[0] if fit.message else "no detail"
+            notes.append(f"{fit.name!r} did not pass lme4's convergence checks ({warning}): its log-likelihood "
+                         "may be short of its optimum")
+    p_value = lrt_p_value(max(statistic, 0.0), test.df, test.reference)
+    if statistic < -2.0 * LOGLIK_SLACK:
+        p_value = math.nan
+        notes.append(f"the larger model's log-likelihood is {-statistic / 2:.3g} below the smaller's, which "
+                     "cannot happen at its optimum: its fit stopped short, so no p-value is given")
+    return dataclasses.replace(test, statistic=statistic, p_value=p_value, notes=tuple(notes))
+
+
+def compare_nested(fits: Sequence[Fit]) -> tuple[LikelihoodRatioTest, ...]:
+    """A likelihood-ratio test for every structurally nested pair of candidates, in candidate order, smaller
+    first.
+
+    Nesting is read from the formulas (``Fit.formula``; fixed-effect columns are the fits' lme4 names when
+    both fits have them, else the formulas' terms), not from which fits succeeded: a pair where one side
+    has no usable fit is still listed, with NaN statistic and p-value and a note saying why no test was
+    computed (``LikelihoodRatioTest.tested`` is False). Pairs with the same number of parameters (the same
+    model under two names) are skipped. Raises :class:`FitError` for REML fits or usable fits on different
+    rows, which no likelihood-ratio test can compare.
+    """
+    reml = [f.name for f in fits if f.method != "ML"]
+    if reml:
+        raise FitError(f"candidates {', '.join(reml)} were fitted by REML; likelihood-ratio tests between "
+                       "candidates use ML fits (refit with method ML)")
+    usable = [f for f in fits if f.usable]
+    if len({f.n_obs for f in usable}) > 1:
+        detail = ", ".join(f"{f.name} n={f.n_obs}" for f in usable)
+        raise FitError(f"candidates were fitted on different rows ({detail}); likelihood-ratio tests need "
+                       "identical rows")
+    tests = []
+    for small in fits:
+        for big in fits:
+            if big.n_params <= small.n_params or not is_nested(*_structures(small, big)):
+                continue
+            tests.append(compare_pair(small, big) if small.usable and big.usable else _untested(small, big))
+    return tuple(tests)
+
+
+def _pair(smaller: Fit, larger: Fit) -> LikelihoodRatioTest:
+    """What a test of ``smaller`` against ``larger`` compares, from their structures alone: df, reference
+    distribution, what the larger adds and the notes on it; statistic and p-value NaN."""
     small, big = _structures(smaller, larger)
     if not is_nested(small, big) or larger.n_params <= smaller.n_params:
         raise FitError(
@@ -178,7 +236,6 @@ def compare_pair(smaller: Fit, larger: Fit) -> LikelihoodRatioTest:
             "a likelihood-ratio test compares a model with a larger one that contains it"
         )
     df = larger.n_params - smaller.n_params
-    statistic = 2.0 * (larger.loglik - smaller.loglik)
     boundary = added_random_terms(small, big)
     added_fixed = tuple(sorted(big.fixed - small.fixed))
     reference: Reference = "chi2" if not boundary else ("mixture" if len(boundary) == 1 else "chi2-conservative")
@@ -193,39 +250,22 @@ def compare_pair(smaller: Fit, larger: Fit) -> LikelihoodRatioTest:
     if added_fixed:
         notes.append("the fixed effects differ: the test uses the ML fits, as it must (REML likelihoods of "
                      "different fixed effects are not comparable)")
-    p_value = lrt_p_value(max(statistic, 0.0), df, reference)
-    if statistic < -2.0 * LOGLIK_SLACK:
-        p_value = math.nan
-        notes.append(f"the larger model's log-likelihood is {-statistic / 2:.3g} below the smaller's, which "
-                     "cannot happen at its optimum: its fit stopped short, so no p-value is given")
     return LikelihoodRatioTest(
-        smaller=smaller.name, larger=larger.name, df=df, statistic=statistic, p_value=p_value,
+        smaller=smaller.name, larger=larger.name, df=df, statistic=math.nan, p_value=math.nan,
         reference=reference, added_fixed=added_fixed, boundary_terms=boundary,
         added_covariances=big.n_covariances - small.n_covariances, notes=tuple(notes),
     )
 
 
-def compare_nested(fits: Sequence[Fit]) -> tuple[LikelihoodRatioTest, ...]:
-    """Likelihood-ratio tests for every nested pair among the usable ML fits, in candidate order, smaller first.
-
-    Formulas are read from the fits (``Fit.formula``); fixed-effect columns are the fits' lme4 names when
-    both fits have them, else the formulas' terms. Pairs with the same number of parameters (the same
-    model under two names) are skipped; failed fits take no part. Raises :class:`FitError` for REML fits
-    or fits on different rows, which no likelihood-ratio test can compare.
-    """
-    usable = [f for f in fits if f.usable]
-    reml = [f.name for f in usable if f.method != "ML"]
-    if reml:
-        raise FitError(f"candidates {', '.join(reml)} were fitted by REML; likelihood-ratio tests between "
-                       "candidates use ML fits (refit with method ML)")
-    if len({f.n_obs for f in usable}) > 1:
-        detail = ", ".join(f"{f.name} n={f.n_obs}" for f in usable)
-        raise FitError(f"candidates were fitted on different rows ({detail}); likelihood-ratio tests need "
-                       "identical rows")
-    return tuple(
-        compare_pair(small, big) for small in usable for big in usable
-        if big.n_params > small.n_params and is_nested(*_structures(small, big))
-    )
+def _untested(smaller: Fit, larger: Fit) -> LikelihoodRatioTest:
+    """The row of a nested pair one of whose fits is missing: no statistic, and the reason first in notes."""
+    test = _pair(smaller, larger)
+    missing = [f for f in (smaller, larger) if not f.usable]
+    reasons = []
+    for fit in missing:
+        reason = fit.message.removeprefix(f"candidate {fit.name!r}: ") or "no finite log-likelihood"
+        reasons.append(f"the fit of {fit.name!r} failed ({reason})")
+    return dataclasses.replace(test, notes=(f"no test: {'; '.join(reasons)}", *test.notes))
 
 
 def compute_aicc(fit: Fit) -> float:

@@ -13,6 +13,7 @@ column any candidate uses, so all candidates are fitted on the same rows.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -39,7 +40,9 @@ def fit_candidate(
 
     Numerical failures (zero residual variance, too few groups or rows for the random effects, a
     factorization that breaks down) come back as a failed ``Fit`` whose ``message`` says why; a bad
-    formula raises ``FormulaError`` and programming errors raise as usual.
+    formula raises ``FormulaError`` and programming errors raise as usual. Fixed-effect columns that are
+    linear combinations of the others are dropped, as lme4 does: the record lists them in ``dropped_terms``
+    and its message starts with lme4's note naming them; ``n_params`` counts the kept columns.
     """
     if method not in ("ML", "REML"):
         raise ConfigError(f"candidate {name!r}: method must be 'ML' or 'REML', got {method!r}")
@@ -51,23 +54,44 @@ def fit_candidate(
         from longitudinal.sm_engine import fit_statsmodels  # statsmodels is slow to import; only when asked
 
         fit: Fit = fit_statsmodels(design, name=name, formula=formula, method=method)
-        return fit
+        return _with_design_notes(fit, design)
     n_params = count_parameters(design)
     try:
         result = fit_lmm(design, reml=method == "REML")
     except FitFailure as failure:
-        return failed_fit(
+        return _with_design_notes(failed_fit(
             name, formula, method, "lme4-style", f"candidate {name!r}: {failure}", n_obs=design.n_obs,
             n_subjects=design.n_groups, n_params=n_params, attempts=failure.attempts,
             seconds=time.perf_counter() - began,
-        )
+        ), design)
     except np.linalg.LinAlgError as exc:
-        return failed_fit(
+        return _with_design_notes(failed_fit(
             name, formula, method, "lme4-style", f"candidate {name!r}: linear algebra failed ({exc})",
             n_obs=design.n_obs, n_subjects=design.n_groups, n_params=n_params,
             seconds=time.perf_counter() - began,
-        )
-    return _to_record(design, result, name=name, formula=formula, method=method, began=began)
+        ), design)
+    return _with_design_notes(
+        _to_record(design, result, name=name, formula=formula, method=method, began=began), design,
+    )
+
+
+def rank_deficiency_note(dropped: Sequence[str]) -> str | None:
+    """lme4's message for dropped collinear fixed-effect columns, naming them; None when none was dropped."""
+    if not dropped:
+        return None
+    k = len(dropped)
+    what = "1 column / coefficient" if k == 1 else f"{k} columns / coefficients"
+    return f"fixed-effect model matrix is rank deficient so dropping {what} ({', '.join(map(repr, dropped))})"
+
+
+def _with_design_notes(fit: Fit, design: Design) -> Fit:
+    """``fit`` with the design's dropped columns recorded and lme4's note on them first in the message
+    (a failed fit keeps its reason first)."""
+    note = rank_deficiency_note(design.dropped)
+    if note is None:
+        return fit
+    parts = [note, fit.message] if fit.usable else [fit.message, note]
+    return dataclasses.replace(fit, dropped_terms=design.dropped, message="; ".join(p for p in parts if p))
 
 
 def count_parameters(design: Design) -> int:

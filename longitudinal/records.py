@@ -197,8 +197,15 @@ class Fit:
 
     ``ranef`` is long: columns ``group, level, term, estimate, cond_sd`` (conditional modes of the random
     effects and their conditional standard deviations). ``fitted`` and ``residuals`` align with the rows
-    of the data the candidate was fitted on. A failed fit has ``converged=False``, ``loglik=nan`` and
-    ``message`` saying why.
+    of the data the candidate was fitted on.
+
+    ``converged`` means the optimum passed lme4's convergence checks (a singular fit passes: lme4 does not
+    test the gradient on the boundary, and says "boundary (singular) fit" instead, here with ``singular``).
+    ``message`` holds the fit's notes in lme4's order, separated by "; ": dropped collinear columns, the
+    scale warning, the singular-fit message naming the term, convergence warnings; for a failed fit, why it
+    failed. ``dropped_terms`` are the fixed-effect columns dropped as linear combinations of the others
+    (lme4's "fixed-effect model matrix is rank deficient"); ``n_params`` counts the kept ones, as lme4.
+    A failed fit has ``converged=False``, ``loglik=nan`` and ``message`` saying why.
     """
 
     name: str
@@ -225,11 +232,14 @@ class Fit:
     gradient_max: float = math.nan
     iterations: int = 0
     seconds: float = 0.0
+    dropped_terms: tuple[str, ...] = ()
 
     @property
     def usable(self) -> bool:
-        """Converged with a finite likelihood: may compete in the selection."""
-        return self.converged and math.isfinite(self.loglik)
+        """A completed fit with a finite likelihood: it competes in the selection and the likelihood-ratio
+        tests, as lme4 keeps a fit with a convergence warning (``converged`` False, warning in ``message``).
+        Only a fit that failed, or whose optimum is not a valid likelihood, is left out."""
+        return math.isfinite(self.loglik)
 
     @property
     def aic(self) -> float:
@@ -243,12 +253,13 @@ class Fit:
 def failed_fit(
     name: str, formula: str, method: Method, engine: str, reason: str, *, n_obs: int, n_subjects: int,
     n_params: int, attempts: tuple[OptimizerAttempt, ...] = (), seconds: float = 0.0,
+    dropped_terms: tuple[str, ...] = (),
 ) -> Fit:
     """The record of a candidate that could not be fitted, with the reason in ``message``."""
     return Fit(
         name=name, formula=formula, method=method, engine=engine, converged=False, singular=False,
         message=reason, n_obs=n_obs, n_subjects=n_subjects, n_params=n_params, loglik=math.nan,
-        attempts=attempts, seconds=seconds,
+        attempts=attempts, seconds=seconds, dropped_terms=dropped_terms,
     )
 
 

@@ -2,10 +2,12 @@
 
 AIC = −2 logLik + 2k and BIC = −2 logLik + k·ln(n), with lme4's conventions: the log-likelihood is
 the maximized *ML* log-likelihood, k = fixed effects + random-effect (co)variance parameters + 1
-(residual variance) and n = rows analysed. Only converged fits with a finite likelihood, fitted by ML
-on identical rows, compete; Δ is measured from the best competitor and the Akaike/Schwarz weights are
-exp(−Δ/2) normalized over the competitors. A tie (within 1e-6) goes to the candidate with fewer
-parameters.
+(residual variance) and n = rows analysed. Every usable fit (``Fit.usable``: a completed fit with a
+finite likelihood), fitted by ML on identical rows, competes — as lme4 keeps a fit with a convergence
+warning, so does the selection, and the table's ``converged`` column says which passed lme4's checks
+(``Fit.converged``); only a failed fit is left out. Δ is measured from the best competitor and the
+Akaike/Schwarz weights are exp(−Δ/2) normalized over the competitors. A tie — a score within 1e-6 of the
+lowest — goes to the candidate with fewer parameters, then to the one listed first.
 """
 
 from __future__ import annotations
@@ -54,14 +56,13 @@ def select_model(fits: Sequence[Fit], criterion: Literal["aic", "bic"]) -> Selec
     delta_aic, aic_weight = _deltas_and_weights(aic)
     delta_bic, bic_weight = _deltas_and_weights(bic)
     score = aic if criterion == "aic" else bic
-    best = min(
-        (i for i, f in enumerate(fits) if f.usable),
-        key=lambda i: (round(float(score[i]) / _TIE), fits[i].n_params, i),
-    )
+    lowest = float(np.nanmin(score))
+    tied = [i for i, f in enumerate(fits) if f.usable and float(score[i]) <= lowest + _TIE]
+    best = min(tied, key=lambda i: (fits[i].n_params, i))
     table = pd.DataFrame({
         "model": [f.name for f in fits],
         "formula": [f.formula for f in fits],
-        "converged": [f.usable for f in fits],
+        "converged": [f.converged and f.usable for f in fits],  # lme4's verdict; no optimum, no pass
         "singular": [f.singular for f in fits],
         "n_obs": [f.n_obs for f in fits],
         "n_subjects": [f.n_subjects for f in fits],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -188,11 +189,31 @@ def test_a_larger_fit_a_hair_below_the_smaller_gets_p_one() -> None:
     assert test.p_value == 1.0
 
 
-def test_failed_fits_and_equal_sized_candidates_take_no_part() -> None:
-    failed = failed_fit("broken", RIS, "ML", "test", "did not converge", n_obs=200, n_subjects=40, n_params=9)
+def test_equal_sized_candidates_take_no_part() -> None:
     same = make_fit("ri_again", "score ~ week * arm + age + (1 | patient_id)", 7, -1000.0)
-    tests = compare_nested((make_fit("ri", RI, 7, -1000.0), same, failed))
-    assert tests == ()
+    assert compare_nested((make_fit("ri", RI, 7, -1000.0), same)) == ()
+
+
+def test_nesting_comes_from_the_formulas_and_a_missing_fit_gets_a_row_saying_why() -> None:
+    failed = failed_fit("ris", RIS, "ML", "test", "candidate 'ris': zero residual variance", n_obs=200,
+                        n_subjects=40, n_params=9)
+    tests = {(t.smaller, t.larger): t for t in compare_nested((make_fit("ri", RI, 7, -1000.0), failed,
+                                                              make_fit("unc", RIS_UNCORRELATED, 8, -995.0)))}
+    assert set(tests) == {("ri", "ris"), ("ri", "unc"), ("unc", "ris")}
+    missing = tests[("ri", "ris")]
+    assert not missing.tested and math.isnan(missing.statistic) and math.isnan(missing.p_value)
+    assert missing.df == 2 and missing.reference == "mixture"
+    assert missing.notes[0] == "no test: the fit of 'ris' failed (zero residual variance)"
+    assert tests[("ri", "unc")].tested and tests[("ri", "unc")].statistic == pytest.approx(10.0)
+
+
+def test_a_fit_with_a_convergence_warning_is_tested_and_the_test_says_so() -> None:
+    warned = dataclasses.replace(make_fit("ris", RIS, 9, -990.0), converged=False,
+                                 message="failed to converge with max|grad| = 0.005 (tol = 0.002)")
+    (test,) = compare_nested((make_fit("ri", RI, 7, -1000.0), warned))
+    assert test.tested and test.statistic == pytest.approx(20.0)
+    assert any("'ris' did not pass lme4's convergence checks (failed to converge with max|grad| = 0.005"
+               in note for note in test.notes)
 
 
 def test_reml_fits_are_refused() -> None:

@@ -84,3 +84,32 @@ def test_refuses_reml_fits() -> None:
 def test_refuses_fits_on_different_rows() -> None:
     with pytest.raises(FitError, match=r"different rows \(a n=100, b n=90\)"):
         select_model([_fit("a", -1.0, 3, n=100), _fit("b", -1.0, 3, n=90)], "bic")
+
+
+def test_a_tie_is_a_score_within_1e_6_of_the_lowest_whatever_the_rounding() -> None:
+    # 1000.0000004999 and 1000.0000005001 round to different multiples of 1e-6, yet differ by 2e-10:
+    # a tie, so the candidate with fewer parameters wins although its AIC is a hair higher.
+    def with_aic(name: str, aic: float, k: int) -> Fit:
+        return _fit(name, (2 * k - aic) / 2, k)
+
+    fits = [with_aic("large", 1000.0000004999, 6), with_aic("small", 1000.0000005001, 4)]
+    assert fits[0].aic < fits[1].aic
+    assert select_model(fits, "aic").selected == "small"
+    # Beyond 1e-6 it is no tie.
+    fits = [with_aic("large", 1000.0, 6), with_aic("small", 1000.000002, 4)]
+    assert select_model(fits, "aic").selected == "large"
+
+
+def test_a_fit_with_a_convergence_warning_competes_and_the_table_keeps_the_verdict() -> None:
+    # lme4 keeps such a fit (with its warning); the selection does too, and says it did not converge.
+    warned = Fit(
+        name="ris", formula="y ~ t + (t | g)", method="ML", engine="test", converged=False, singular=False,
+        message="failed to converge with max|grad| = 0.003 (tol = 0.002)", n_obs=100, n_subjects=20,
+        n_params=6, loglik=-240.0,
+    )
+    assert warned.usable
+    selection = select_model([_fit("ri", -250.0, 4), warned], "aic")
+    assert selection.selected == "ris"
+    table = selection.table.set_index("model")
+    assert not table.loc["ris", "converged"] and table.loc["ri", "converged"]
+    assert table.loc["ris", "aic"] == pytest.approx(warned.aic)
