@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pandas as pd
@@ -112,3 +113,127 @@ def test_failed_validation_fails_the_flow_before_fits_and_keeps_latest(harness, 
     assert sorted(p.name for p in study_dir.iterdir()) == ["curated", "validations"]
     (checks,) = (study_dir / "validations").iterdir()
     assert {"validation.json", "quarantine.csv"} <= {p.name for p in checks.iterdir()}
+
+
+# ---------------------------------------------------------------- what the report shows is what the run wrote
+
+
+class _Tables(HTMLParser):
+    """Every <table> of a page as rows of cell texts (header row first)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: list[list[list[str]]] = []
+        self._row: list[str] | None = None
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self._row = []
+        elif tag in ("td", "th"):
+            self._cell = []
+        elif tag == "br" and self._cell is not None:
+            self._cell.append(" ")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("td", "th") and self._cell is not None and self._row is not None:
+            self._row.append(" ".join("".join(self._cell).split()))
+            self._cell = None
+        elif tag == "tr" and self._row is not None:
+            self.tables[-1].append(self._row)
+            self._row = None
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def _report_tables(run: Path) -> dict[str, list[list[str]]]:
+    parser = _Tables()
+    parser.feed((run / "report.html").read_text(encoding="utf-8"))
+    return {" | ".join(table[0]): table[1:] for table in parser.tables if table}
+
+
+def test_the_report_shows_the_runs_own_comparison_selection_and_counts(example_run: Path) -> None:
+    from longitudinal.report import format_fixed, format_number
+
+    tables = _report_tables(example_run)
+    comparison = next(rows for header, rows in tables.items() if header.startswith("Model | Formula | Fit | k | logLik"))
+    csv = pd.read_csv(example_run / "model_comparison.csv")
+    assert len(comparison) == len(csv)
+    for cells, (_, row) in zip(comparison, csv.iterrows()):
+        assert cells[0].split(" ")[0] == row["model"]
+        assert ("✔ selected" in cells[0]) == bool(row["selected"])
+        assert cells[1] == row["formula"]
+        assert cells[3] == str(row["n_params"])
+        assert cells[4:6] == [format_fixed(row["loglik"]), format_fixed(row["aic"])]
+        assert cells[7:10] == [format_fixed(row["bic"]), format_fixed(row["delta_aic"]), format_fixed(row["delta_bic"])]
+
+    selected = json.loads((example_run / "selected_model.json").read_text())
+    fixed = next(rows for header, rows in tables.items() if header.startswith("Term | Estimate | SE"))
+    assert [cells[0] for cells in fixed] == [fe["term"] for fe in selected["fixed_effects"]]
+    for cells, fe in zip(fixed, selected["fixed_effects"]):
+        assert cells[1:3] == [format_number(fe["estimate"]), format_number(fe["std_error"])]
+    random = next(rows for header, rows in tables.items() if header == "Group | Term | SD | Variance")
+    shown = {(cells[0], cells[1]): cells[2] for cells in random}
+    for vc in selected["random_effects"]:
+        assert shown[(vc["group"], vc["term"])] == format_number(vc["sd"])
+    assert shown[("Residual", "")] == format_number(selected["residual_sd"])
+
+    rows = json.loads((example_run / "manifest.json").read_text())["rows"]
+    page = (example_run / "report.html").read_text(encoding="utf-8")
+    assert (f"Rows read = rows analysed + rows quarantined: {rows['read']:,} = {rows['analysed']:,} + "
+            f"{rows['quarantined']:,}.") in page
+
+
+def test_selected_model_json_holds_the_random_part_and_the_lowest_criterion(example_run: Path) -> None:
+    selected = json.loads((example_run / "selected_model.json").read_text())
+    table = pd.read_csv(example_run / "model_comparison.csv")
+    competing = table[table["loglik"].notna()]
+    assert selected["model"] == competing.loc[competing["bic"].idxmin(), "model"]
+    assert (competing["bic"] >= competing.loc[competing["selected"], "bic"].item()).all()
+    # The example selects (week | patient_id): two SDs and their correlation, a REML criterion of −2 × logLik.
+    assert [(vc["group"], vc["term"]) for vc in selected["random_effects"]] == [
+        ("patient_id", "(Intercept)"), ("patient_id", "week")]
+    assert all(vc["sd"] > 0 for vc in selected["random_effects"])
+    ((correlation,),) = [[(c["term1"], c["term2"], c["corr"]) for c in selected["correlations"]]]
+    assert correlation[:2] == ("(Intercept)", "week") and -1 < correlation[2] < 1
+    assert selected["reml_criterion"] == pytest.approx(-2 * selected["loglik"], rel=1e-12)
+    assert selected["converged"] and not selected["singular"]
+
+
+def test_a_rerun_on_unchanged_data_reuses_every_fit(example_run: Path) -> None:
+    from flows.study_pipeline import study_pipeline
+    from prefect import get_client
+
+    config = next((example_run.parents[2]).glob("*.yaml"))
+    again = Path(study_pipeline(config_path=str(config)))
+    assert again != example_run
+    flow_run_id = json.loads((again / "manifest.json").read_text())["prefect_flow_run_id"]
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs()
+        children = {str(run.id) for run in client.read_flow_runs()
+                    if run.parent_task_run_id and any(str(t.id) == str(run.parent_task_run_id) and
+                                                      str(t.flow_run_id) == flow_run_id for t in runs)}
+        fits = [t for t in runs if t.name.startswith(("fit-", "refit-")) and str(t.flow_run_id) in children | {flow_run_id}]
+    assert len(fits) == 4, [t.name for t in fits]  # three ML fits and the REML refit
+    assert all(t.state is not None and t.state.name == "Cached" for t in fits), [(t.name, t.state) for t in fits]
+    pd.testing.assert_frame_equal(pd.read_csv(again / "model_comparison.csv"), pd.read_csv(example_run / "model_comparison.csv"))
+    assert json.loads((again / "selected_model.json").read_text()) == json.loads((example_run / "selected_model.json").read_text())
+
+
+def test_the_criterion_decides_the_selection_where_aic_and_bic_disagree(harness, tmp_path: Path, copy_example_study) -> None:
+    from flows.study_pipeline import study_pipeline
+    from longitudinal.simulate import SimulationSpec, simulate_trial, write_table
+
+    # 60 simulated patients with a small random slope (SD 0.15): the slope's correlated model is 3.5 AIC
+    # units better than the random intercept and 4.5 BIC units worse (measured with the engine).
+    data = write_table(simulate_trial(SimulationSpec(n_subjects=60, seed=1, random_slope_sd=0.15)), tmp_path / "t.csv")
+    config = copy_example_study(tmp_path)
+    config.write_text(config.read_text().replace(str(EXAMPLE_DATA), str(data)))
+    by_bic = json.loads((Path(study_pipeline(config_path=str(config))) / "selected_model.json").read_text())
+    by_aic = json.loads((Path(study_pipeline(config_path=str(config), criterion="aic")) / "selected_model.json").read_text())
+    assert (by_bic["criterion"], by_bic["model"]) == ("bic", "ri")
+    assert (by_aic["criterion"], by_aic["model"]) == ("aic", "ris")
