@@ -14,6 +14,9 @@ than ``validation.min_observations_per_subject`` rows.
 
 A missing required column counts as missing in every row, so the accounting stays whole:
 ``rows_read == rows_analysed + rows_quarantined`` always holds.
+
+Warning-level checks (level "warning") report what a person should look at without failing the run or
+quarantining anything: subject ids that differ only by leading zeros or letter case.
 """
 
 from __future__ import annotations
