@@ -30,7 +30,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FixedFormatter, FixedLocator
 from scipy.special import ndtri
 
-from longitudinal.config import StudyConfig
+from longitudinal.config import DataConfig, StudyConfig
 from longitudinal.records import Fit, Selection
 
 FIGURE_KEYS: tuple[str, ...] = (
@@ -90,6 +90,24 @@ def _style() -> Iterator[None]:
 def _plain(text: object) -> str:
     """``text`` as literal figure text: escape ``$`` so matplotlib does not read it as math."""
     return str(text).replace("$", r"\$")
+
+
+def time_axis_label(data: DataConfig) -> str:
+    """The time column as an axis or table shows it: with its unit and origin when it was read from dates
+    (``visit_date (weeks since each subject's first visit)``), else the column name alone."""
+    if data.time_unit is None:
+        return data.time
+    origin = data.time_origin or "subject"
+    since = {"subject": "each subject's first visit", "study": "the study's first date"}.get(origin, origin)
+    return f"{data.time} ({data.time_unit} since {since})"
+
+
+def with_time_unit(term: str, data: DataConfig) -> str:
+    """A fixed-effect term shown with the time unit it is per: ``visit_date`` → ``visit_date (per week)``,
+    ``visit_date:armB`` likewise; other terms unchanged (also when time is analysed as given)."""
+    if data.time_unit is None or data.time not in term.split(":"):
+        return term
+    return f"{term} (per {data.time_unit.removesuffix('s')})"
 
 
 def _shorten(text: object, limit: int = 28) -> str:
@@ -228,7 +246,7 @@ def _binned_means(x: np.ndarray, y: np.ndarray) -> pd.DataFrame:
 
 def plot_trajectories(
     visits: pd.DataFrame, subject: str, time: str, outcome: str, group: str | None = None,
-    max_subjects: int = 200, seed: int = 0,
+    max_subjects: int = 200, seed: int = 0, time_label: str | None = None,
 ) -> Figure:
     """Spaghetti plot of observed trajectories with the mean trend per time point.
 
@@ -281,7 +299,7 @@ def plot_trajectories(
         shown_text = f"{len(sample):,} of {n_subjects:,} subjects" if len(sample) < n_subjects \
             else f"all {n_subjects:,} subjects"
         ax.set_title(f"Observed trajectories of {_plain(outcome)} ({shown_text} drawn; means over all)")
-        ax.set_xlabel(_plain(time))
+        ax.set_xlabel(_plain(time_label or time))
         ax.set_ylabel(_plain(outcome))
         ax.legend(loc="best", frameon=False, title="band: ±1.96 SE" if len(levels) else None)
     return fig
@@ -348,7 +366,7 @@ def _deltas(table: pd.DataFrame, criterion: str, converged: np.ndarray) -> np.nd
 # ------------------------------------------------------------------------------------ coefficients
 
 
-def plot_coefficients(fit: Fit) -> Figure:
+def plot_coefficients(fit: Fit, data: DataConfig | None = None) -> Figure:
     """Forest plot of the fixed effects: estimate and Wald 95% interval, with a zero line.
 
     The intercept sits in its own panel with its own scale, since it is on the outcome's level while
@@ -380,7 +398,8 @@ def plot_coefficients(fit: Fit) -> Figure:
                 ax.axvline(0.0, color="#333333", linewidth=0.9, linestyle="--")
             pad = (hi - lo) * 0.06 or 1.0
             ax.set_xlim(lo - pad, hi + pad)
-            ax.set_yticks(pos, [_plain(_shorten(fe.term, 36)) for fe in effects])
+            shown = [with_time_unit(fe.term, data) if data is not None else fe.term for fe in effects]
+            ax.set_yticks(pos, [_plain(_shorten(term, 36)) for term in shown])
             ax.set_ylim(-0.7, len(effects) - 0.3)
             ax.grid(axis="y", visible=False)
             ax.set_ylabel("Term")
@@ -689,6 +708,7 @@ def plot_residuals_over_time(fit: Fit, time_values: np.ndarray | pd.Series, time
 
 def plot_observed_vs_fitted(
     visits: pd.DataFrame, fit: Fit, subject: str, time: str, outcome: str, n_subjects: int = 12, seed: int = 0,
+    time_label: str | None = None,
 ) -> Figure:
     """Small multiples for a seeded sample of subjects: observed points and the fitted trajectory.
 
@@ -730,7 +750,7 @@ def plot_observed_vs_fitted(
                 ax.set_axis_off()
             elif index + ncols >= len(sample):  # the lowest panel of its column: label its time axis
                 ax.xaxis.set_tick_params(labelbottom=True)
-                ax.set_xlabel(_plain(time))
+                ax.set_xlabel(_plain(time_label or time))
         handles, labels = axes[0, 0].get_legend_handles_labels()
         # below the panels: a figure legend beside the suptitle would collide with a long title
         fig.legend(handles, labels, loc="outside lower center", ncols=2, frameon=False)
@@ -758,18 +778,20 @@ def figure_builders(
     roles_used = (*roles.subject_columns, roles.subject_key, roles.time, roles.outcome)
     group = choose_group_column(visits, selected.formula, exclude=roles_used)
     time_values = visits[roles.time].to_numpy(float) if len(selected.residuals) else np.empty(0)
+    time_label = time_axis_label(roles)
     return {
         "trajectories": lambda: plot_trajectories(visits, roles.subject_key, roles.time, roles.outcome, group=group,
-                                                  max_subjects=max_subjects, seed=seed),
+                                                  max_subjects=max_subjects, seed=seed, time_label=time_label),
         "model_comparison": lambda: plot_model_comparison(selection),
-        "coefficients": lambda: plot_coefficients(selected),
+        "coefficients": lambda: plot_coefficients(selected, roles),
         "random_effects": lambda: plot_random_effects(selected),
         "caterpillar": lambda: plot_caterpillar(selected),
         "residuals_vs_fitted": lambda: plot_residuals_vs_fitted(selected),
         "qq": lambda: plot_qq(selected),
-        "residuals_over_time": lambda: plot_residuals_over_time(selected, time_values, time_label=roles.time),
+        "residuals_over_time": lambda: plot_residuals_over_time(selected, time_values, time_label=time_label),
         "observed_vs_fitted": lambda: plot_observed_vs_fitted(visits, selected, roles.subject_key, roles.time,
-                                                              roles.outcome, n_subjects=n_panels, seed=seed),
+                                                              roles.outcome, n_subjects=n_panels, seed=seed,
+                                                              time_label=time_label),
     }
 
 

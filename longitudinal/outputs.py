@@ -189,6 +189,7 @@ def selected_model_summary(fit: Fit, criterion: str) -> dict[str, Any]:
         "n_obs": fit.n_obs,
         "n_subjects": fit.n_subjects,
         "fixed_effects": [asdict(fe) for fe in fit.fixed_effects],
+        "dropped_terms": list(fit.dropped_terms),
         "random_effects": [asdict(vc) for vc in fit.random_effects],
         "correlations": [asdict(c) for c in fit.correlations],
         "residual_sd": fit.residual_sd,

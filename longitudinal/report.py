@@ -22,7 +22,7 @@ import pandas as pd
 from longitudinal.comparison import LikelihoodRatioTest, compare_nested, compute_aicc
 from longitudinal.config import StudyConfig
 from longitudinal.errors import FitError
-from longitudinal.figures import CATERPILLAR_LEVELS, QQ_POINTS
+from longitudinal.figures import CATERPILLAR_LEVELS, QQ_POINTS, time_axis_label, with_time_unit
 from longitudinal.records import Fit, Selection, SourceFile, Validated
 
 QUARANTINE_ROWS_SHOWN = 20
@@ -211,6 +211,11 @@ def _candidate_count(fits: Sequence[Fit]) -> tuple[int, int]:
     return len(fits), sum(1 for f in fits if f.usable)
 
 
+def _fit_notes(fit: Fit) -> tuple[str, ...]:
+    """The notes of a completed fit (lme4's messages: dropped columns, scales, singular, convergence)."""
+    return tuple(note for note in fit.message.split("; ") if note) if fit.usable else ()
+
+
 def _accounting_sentence(validated: Validated) -> str:
     read, analysed, quarantined = validated.rows_read, validated.rows_analysed, validated.rows_quarantined
     holds = read == analysed + quarantined
@@ -242,9 +247,15 @@ def _summary(inputs: ReportInputs, per_subject: np.ndarray) -> str:
     n_total, n_usable = _candidate_count(inputs.fits)
     subjects = len(per_subject)
     criterion = selection.criterion.upper()
+    warned = [f.name for f in inputs.fits if f.usable and not f.converged]
+    verdict = f"{n_usable} gave a valid likelihood" if n_usable != n_total else (
+        "all gave a valid likelihood" if n_total > 1 else "it gave a valid likelihood")
+    if warned:
+        verdict += (f" ({len(warned)} with a convergence warning, kept in the comparison as lme4 keeps it: "
+                    f"{esc(', '.join(warned))})")
     parts = [
         f"Of {n_total} candidate model{'s' if n_total != 1 else ''} fitted by maximum likelihood, "
-        f"{n_usable} converged; <strong>{esc(selection.selected)}</strong> "
+        f"{verdict}; <strong>{esc(selection.selected)}</strong> "
         f"(<code>{esc(selected.formula)}</code>) was selected as the one with the lowest {esc(criterion)}.",
         "Its estimates below come from a REML refit of that formula.",
         f"The analysis used {validated.rows_analysed:,} rows from {subjects:,} subjects; "
@@ -258,6 +269,13 @@ def _summary(inputs: ReportInputs, per_subject: np.ndarray) -> str:
     if selected.singular:
         parts.append('<span class="warning-text">The selected fit is singular (a random-effect variance at '
                      "or near zero, or a correlation near ±1): see section 5.</span>")
+    if selected.dropped_terms:
+        parts.append(f'<span class="warning-text">Collinear fixed-effect column{"s" if len(selected.dropped_terms) > 1 else ""} '
+                     f"dropped from the selected model: {esc(', '.join(selected.dropped_terms))} (see section 5).</span>")
+    if validated.warnings:
+        parts.append(f'<span class="warning-text">Validation found {len(validated.warnings)} thing'
+                     f'{"s" if len(validated.warnings) > 1 else ""} to check (section 2): '
+                     f"{esc(validated.warnings[0])}</span>")
     if not selected.converged:
         parts.append(f'<span class="warning-text">The REML refit did not converge: {esc(selected.message)}</span>')
     return f'<section id="summary"><h2>Summary</h2><p>{" ".join(parts)}</p></section>'
@@ -289,7 +307,7 @@ def _data_section(inputs: ReportInputs, per_subject: np.ndarray) -> str:
         ("Rows analysed", esc(f"{validated.rows_analysed:,}")),
         ("Rows quarantined", esc(f"{validated.rows_quarantined:,}")),
         ("Visits per subject (min / median / max)", esc(visits_text)),
-        (f"Time range ({roles.time})", esc(f"{time.min():.6g} to {time.max():.6g}")
+        (f"Time range ({time_axis_label(roles)})", esc(f"{time.min():.6g} to {time.max():.6g}")
          if time.notna().any() else "—"),
         ("Columns", esc(f"subject {' × '.join(roles.subject_columns)}, time {roles.time}, outcome {roles.outcome}")
          + (esc(f", categorical {', '.join(roles.categorical)}") if roles.categorical else "")),
@@ -306,8 +324,9 @@ def _data_section(inputs: ReportInputs, per_subject: np.ndarray) -> str:
         reasons = '<p class="note">No row was quarantined.</p>'
     shown = _quarantine_preview(quarantine)
     large = _large_quarantine_warning(validated)
+    notes = "".join(f'<p class="note">{esc(note[0].upper() + note[1:])}.</p>' for note in validated.notes)
     return "\n".join([
-        _accounting_sentence(validated), *([f'<p class="warning">{large}</p>'] if large else []), facts,
+        _accounting_sentence(validated), *([f'<p class="warning">{large}</p>'] if large else []), facts, notes,
         "<h3>Input files</h3>", files,
         "<h3>Quarantined rows by reason</h3>", reasons,
         shown,
@@ -346,7 +365,8 @@ def _validation_section(inputs: ReportInputs) -> str:
     validated = inputs.validated
     rows, classes = [], []
     for outcome in validated.expectations:
-        status = ('<span class="pass">pass</span>' if outcome.success else '<span class="fail">fail</span>', "")
+        status = ('<span class="pass">pass</span>' if outcome.success else (
+            '<span class="warning-text">warning</span>' if outcome.level == "warning" else '<span class="fail">fail</span>'), "")
         rows.append([
             _txt(outcome.name), _txt(outcome.level), _txt(outcome.column or "—"), status,
             _num(f"{outcome.unexpected_count:,}"), _txt(outcome.description), _txt(outcome.details),
@@ -357,7 +377,8 @@ def _validation_section(inputs: ReportInputs) -> str:
                else "A table-level check failed.")
     intro = (f"<p>{len(validated.expectations)} checks, {n_fail} with findings. {verdict} A failing "
              "<em>table</em>-level check stops the run; a failing <em>row</em>-level check quarantines the rows "
-             "it counts and the run goes on.</p>")
+             "it counts and the run goes on; a <em>warning</em> changes nothing but asks a person to look.</p>")
+    intro += "".join(f'<p class="warning">{esc(w)}</p>' for w in validated.warnings)
     table = _table(["Expectation", "Level", "Column", "Result", "Rows", "Description", "Details"], rows,
                    row_classes=classes)
     return intro + table
@@ -377,7 +398,7 @@ def _comparison_section(inputs: ReportInputs, figures: Mapping[str, bytes]) -> s
             (f'<strong>{esc(row.get("model"))}</strong><br><span class="chosen">✔ selected</span>' if chosen
              else esc(row.get("model")), ""),
             (f"<code>{esc(row.get('formula', ''))}</code>", "formula"),
-            _fit_status(row.get("converged"), row.get("singular")),
+            _fit_status(row.get("converged"), row.get("singular"), row.get("loglik")),
             _num(format_number(_as_int(row.get("n_params")))),
             _num(format_fixed(row.get("loglik"))),
             _num(format_fixed(row.get("aic"))),
@@ -388,14 +409,15 @@ def _comparison_section(inputs: ReportInputs, figures: Mapping[str, bytes]) -> s
             _num(format_weight(row.get("aic_weight"))),
             _num(format_weight(row.get("bic_weight"))),
         ])
-        classes.append("selected" if chosen else ("failed" if not bool(row.get("converged")) else ""))
+        classes.append("selected" if chosen else ("failed" if _is_missing(row.get("loglik")) else ""))
     explain = (
         f"<p>All candidates were fitted by maximum likelihood (ML) on the same {n_obs:,} rows; REML "
         "likelihoods are not comparable across different fixed effects. AIC = −2 logLik + 2k and "
         "BIC = −2 logLik + k·ln(n), counting as lme4 does: k = fixed effects + random-effect "
         f"(co)variance parameters + 1 residual variance, and n = {n_obs:,} rows analysed (not subjects). "
-        "Δ is the difference from the best converged candidate; weights are exp(−Δ/2) normalised over "
-        f"converged candidates. The selection criterion was <strong>{esc(selection.criterion.upper())}</strong>"
+        "Δ is the difference from the best candidate; weights are exp(−Δ/2) normalised over the "
+        "candidates with a valid likelihood (a fit with a convergence warning competes, as lme4 keeps it; "
+        f"only a failed fit is left out). The selection criterion was <strong>{esc(selection.criterion.upper())}</strong>"
         "; ties go to the candidate with fewer parameters. AICc = AIC + 2k(k + 1)/(n − k − 1), the "
         "small-sample correction (Hurvich &amp; Tsai 1989), is shown for reference and not used in the "
         "selection; it departs from AIC only when n is not much larger than k.</p>"
@@ -406,6 +428,10 @@ def _comparison_section(inputs: ReportInputs, figures: Mapping[str, bytes]) -> s
         items = "".join(f"<li><strong>{esc(f.name)}</strong> (<code>{esc(f.formula)}</code>): "
                         f"{esc(f.message or 'did not converge')}</li>" for f in failed)
         failed_html = f'<h3>Candidates that failed</h3><ul class="failed-list">{items}</ul>'
+    noted = [f for f in inputs.fits if _fit_notes(f)]
+    if noted:
+        items = "".join(f"<li><strong>{esc(f.name)}</strong>: {esc('; '.join(_fit_notes(f)))}</li>" for f in noted)
+        failed_html += f'<h3>Notes on the fits</h3><ul class="notes-list">{items}</ul>'
     chart = _figure(figures, "model_comparison",
                     "ΔAIC and ΔBIC of each candidate from the best one (ML fits); the selected model is "
                     "highlighted, failed candidates are marked.")
@@ -416,12 +442,15 @@ def _comparison_section(inputs: ReportInputs, figures: Mapping[str, bytes]) -> s
     ])
 
 
-def _fit_status(converged: object, singular: object) -> Cell:
-    """"converged", "singular" (converged on the boundary) or "failed", for the comparison table."""
-    if _is_missing(converged) or not bool(converged):
+def _fit_status(converged: object, singular: object, loglik: object) -> Cell:
+    """"failed" (no valid likelihood), "singular" (on the boundary), "convergence warning" (lme4's checks
+    not met: kept in the comparison, as lme4 keeps it) or "converged", for the comparison table."""
+    if _is_missing(loglik):
         return ("failed", "")
     if not _is_missing(singular) and bool(singular):
         return ('<span class="warning-text">singular</span>', "")
+    if _is_missing(converged) or not bool(converged):
+        return ('<span class="warning-text">convergence warning</span>', "")
     return ("converged", "")
 
 
@@ -437,7 +466,8 @@ def _lrt_block(fits: Sequence[Fit]) -> str:
                 "above compare non-nested candidates.</p>")
     rows = [[
         _txt(t.smaller), _txt(t.larger), _txt(_additions(t)), _num(f"{t.df:,}"),
-        _num(format_fixed(t.statistic)), _num(format_p(t.p_value)), (esc(t.test), "nowrap"),
+        _num(format_fixed(t.statistic)) if t.tested else _txt("—"),
+        _num(format_p(t.p_value)) if t.tested else _txt("no test"), (esc(t.test), "nowrap"),
     ] for t in tests]
     classes = ["failed" if math.isnan(t.p_value) else "" for t in tests]
     intro = ("<p>Each row asks whether the larger candidate fits better than the smaller one it contains: "
@@ -461,9 +491,13 @@ def _lrt_block(fits: Sequence[Fit]) -> str:
         notes.append("No test puts a variance on its boundary, so every p-value is from χ²(Δdf).")
     if any(t.fixed_differ for t in tests):
         notes.append("Likelihood-ratio tests of fixed effects on ML fits are somewhat liberal when subjects are few.")
-    short = [t for t in tests if math.isnan(t.p_value)]
+    short = [t for t in tests if t.tested and math.isnan(t.p_value)]
     warning = "".join(
         f'<p class="warning">{esc(t.smaller)} against {esc(t.larger)}: {esc(t.notes[-1])}.</p>' for t in short)
+    warning += "".join(
+        f'<p class="warning">{esc(t.smaller)} against {esc(t.larger)}: '
+        f"{esc(next((n for n in t.notes if n.startswith('no test')), 'no test'))}.</p>"
+        for t in tests if not t.tested)
     return intro + table + f'<p class="note">{" ".join(notes)}</p>' + warning
 
 
@@ -495,7 +529,7 @@ def _diagnostics_block(fits: Sequence[Fit], selected: Fit) -> str:
             ('<span class="warning-text">yes</span>' if fit.singular else "no", ""),
             _txt(fit.message or "—"),
         ])
-        classes.append("failed" if not fit.converged else ("singular" if fit.singular else ""))
+        classes.append("failed" if not fit.usable else ("singular" if fit.singular or not fit.converged else ""))
     note = ('<p class="note">Evaluations: objective evaluations over all optimizer runs (the lme4-style engine '
             "optimizes the profiled deviance with derivative-free BOBYQA; for statsmodels, iterations). "
             "max |gradient| is lme4's convergence measure: the largest absolute gradient of the deviance with "
@@ -521,18 +555,31 @@ def _selected_section(inputs: ReportInputs, figures: Mapping[str, bytes]) -> str
     fit = inputs.selected
     parts = []
     if not fit.converged:
-        parts.append(f'<p class="warning">The REML refit did not converge: {esc(fit.message)}</p>')
+        parts.append(f'<p class="warning">The REML refit did not pass lme4\'s convergence checks: {esc(fit.message)}</p>')
     if fit.singular:
-        parts.append('<p class="warning"><strong>Singular fit.</strong> A random-effect standard deviation is '
-                     "at or near zero relative to the residual SD, or a correlation is near ±1: the data do not "
-                     "support this random-effect structure. Consider a simpler one (e.g. drop the random slope "
-                     "or its correlation).</p>")
+        which = next((n for n in fit.message.split("; ") if n.startswith("boundary (singular) fit")), "")
+        parts.append('<p class="warning"><strong>Singular fit.</strong> '
+                     + (esc(which[0].upper() + which[1:]) + ". " if which else
+                        "A random-effect standard deviation is at or near zero, or a correlation is near ±1. ")
+                     + "The data do not support this part of the random-effect structure: consider a simpler "
+                     "one (drop that term, or its correlation with <code>||</code>).</p>")
+    if fit.dropped_terms:
+        parts.append(f'<p class="warning"><strong>Collinear fixed effects.</strong> The fixed-effect model matrix '
+                     f"is rank deficient, so {len(fit.dropped_terms)} column{'s were' if len(fit.dropped_terms) > 1 else ' was'} "
+                     f"dropped, as lme4 drops {'them' if len(fit.dropped_terms) > 1 else 'it'}: "
+                     f"<code>{esc(', '.join(fit.dropped_terms))}</code> (a linear combination of the columns "
+                     "before it). k counts the columns kept.</p>")
+    other_notes = [n for n in fit.message.split("; ") if n and not n.startswith("boundary (singular) fit")
+                   and "rank deficient" not in n] if fit.converged else []
+    if other_notes:
+        parts.append(f'<p class="note">Notes on this fit: {esc("; ".join(other_notes))}.</p>')
     parts.append(_dl([
         ("Model", f"<strong>{esc(fit.name)}</strong>"),
         ("Formula", f"<code>{esc(fit.formula)}</code>"),
         ("Method", esc(f"{fit.method} (engine {fit.engine})")),
         ("Observations", esc(f"{fit.n_obs:,}")),
         ("Groups (subjects)", esc(f"{fit.n_subjects:,}")),
+        ("Time", esc(time_axis_label(inputs.config.data))),
         ("REML criterion at convergence", esc(format_fixed(fit.reml_criterion))),
         ("Residual SD", esc(format_number(fit.residual_sd))),
     ]))
@@ -540,7 +587,7 @@ def _selected_section(inputs: ReportInputs, figures: Mapping[str, bytes]) -> str
     for fe in fit.fixed_effects:
         z = fe.estimate / fe.std_error if fe.std_error and math.isfinite(fe.std_error) else math.nan
         fixed_rows.append([
-            _code(fe.term), _num(format_number(fe.estimate)), _num(format_number(fe.std_error)),
+            _code(with_time_unit(fe.term, inputs.config.data)), _num(format_number(fe.estimate)), _num(format_number(fe.std_error)),
             _num(f"{format_number(fe.ci_low)} to {format_number(fe.ci_high)}"),
             _num(format_fixed(z, 2)), _num(format_p(fe.p_value)),
         ])

@@ -398,3 +398,30 @@ def test_caterpillar_rows_pick_the_extremes_with_ties_resolved_by_level() -> Non
     assert hidden == 2
     # the full order is (0, c) (0, d) (0, e) (5, b) (9, a) (9, f): ties at both cuts go by level
     assert list(shown["level"]) == ["c", "d", "a", "f"]
+
+
+def test_a_time_read_from_dates_carries_its_unit_and_origin_on_every_time_axis(fit: Fit, visits: pd.DataFrame) -> None:
+    from longitudinal.figures import time_axis_label, with_time_unit
+
+    config = parse_config({
+        "study": "demo",
+        "data": {"source": "data.csv", "subject": "pid", "time": "week", "outcome": "score", "time_unit": "weeks"},
+        "models": {"candidates": {"ris": FORMULA}},
+    })
+    label = "week (weeks since each subject's first visit)"
+    assert time_axis_label(config.data) == label
+    assert time_axis_label(make_config().data) == "week"  # numeric time: as given, no unit invented
+    assert with_time_unit("week:armtreatment", config.data) == "week:armtreatment (per week)"
+    assert with_time_unit("armtreatment", config.data) == "armtreatment"
+    figures = build_figures(visits, config, make_selection(), fit, n_panels=4)
+    for key in ("trajectories", "residuals_over_time", "observed_vs_fitted"):
+        assert label in [ax.get_xlabel() for ax in figures[key].axes], key
+    ticks = [t.get_text() for ax in figures["coefficients"].axes for t in ax.get_yticklabels()]
+    assert "week (per week)" in ticks
+    study = parse_config({
+        "study": "demo",
+        "data": {"source": "data.csv", "subject": "pid", "time": "week", "outcome": "score", "time_unit": "years",
+                 "time_origin": "2020-01-01"},
+        "models": {"candidates": {"ris": FORMULA}},
+    })
+    assert time_axis_label(study.data) == "week (years since 2020-01-01)"

@@ -241,7 +241,13 @@ def test_likelihood_ratio_table_tests_ri_against_ris_with_the_boundary_mixture(p
     assert "50:50 mixture of χ²(1) and χ²(2)" in table
     assert "Self &amp; Liang 1987; Stram &amp; Lee 1994" in table
     assert "a small p-value (below 0.05, say) means the data support the parameters the larger model adds" in table
-    assert BAD_NAME not in table and "evil&lt;script&gt;" not in table  # the failed candidate takes no part
+    # The failed candidate is nested by its formula (issue 9: nesting from formulas, not from which fits
+    # succeeded): its pairs are listed, escaped, with no statistic and the reason no test was computed.
+    assert BAD_NAME not in table
+    assert ('<td>ri</td><td>evil&lt;script&gt;alert(1)&lt;/script&gt;</td><td>variance of week | pid</td>'
+            '<td class="num">1</td><td>—</td><td>no test</td>') in table
+    assert ("ri against evil&lt;script&gt;alert(1)&lt;/script&gt;: no test: the fit of "
+            "&#x27;evil&lt;script&gt;alert(1)&lt;/script&gt;&#x27; failed (log-likelihood is not finite (inf)).") in table
 
 
 def test_without_nested_candidates_the_report_says_no_test_applies() -> None:
@@ -325,3 +331,45 @@ def test_the_optimizer_note_says_several_attempts_only_when_several_ran(page: st
     single = render_report(make_inputs(fits=one_each), {key: PNG for key in FIGURE_KEYS})
     assert "Each fit ran one optimizer attempt (bobyqa)" in single
     assert "several optimizers" not in single and "more than one optimizer attempt" not in single
+
+
+def test_dropped_collinear_columns_are_named_in_the_summary_the_selected_model_and_the_json(tmp_path) -> None:
+    import json
+
+    from longitudinal.outputs import selected_model_summary
+
+    note = "fixed-effect model matrix is rank deficient so dropping 1 column / coefficient: x2"
+    selected = replace(make_selected(), dropped_terms=("x2",), message=note)
+    page = render_report(make_inputs(selected=selected), {key: PNG for key in FIGURE_KEYS})
+    summary = page[page.index('<section id="summary">'):page.index('<section id="data">')]
+    assert "Collinear fixed-effect column dropped from the selected model: x2" in summary
+    assert "so 1 column was dropped, as lme4 drops it: <code>x2</code>" in page
+    assert selected_model_summary(selected, "bic")["dropped_terms"] == ["x2"]
+    assert selected_model_summary(make_selected(), "bic")["dropped_terms"] == []
+
+
+def test_a_fit_with_a_convergence_warning_competes_and_its_warning_is_shown() -> None:
+    fits = make_fits()
+    warned = replace(fits[1], converged=False, message="failed to converge with max|grad| = 0.0031 (tol = 0.002)")
+    kept = (fits[0], warned, fits[2])
+    page = render_report(make_inputs(fits=kept, selection=make_selection(kept)), {key: PNG for key in FIGURE_KEYS})
+    summary = page[page.index('<section id="summary">'):page.index('<section id="data">')]
+    assert "2 gave a valid likelihood (1 with a convergence warning, kept in the comparison as lme4 keeps it: ris)" in summary
+    section = comparison_section(page)
+    assert '<span class="warning-text">convergence warning</span>' in section
+    assert "<li><strong>ris</strong>: failed to converge with max|grad| = 0.0031 (tol = 0.002)</li>" in section
+
+
+def test_the_singular_message_names_the_term_and_validation_warnings_stand_out() -> None:
+    message = "boundary (singular) fit: the variance of 'week' for pid is zero"
+    selected = replace(make_selected(), singular=True, message=message)
+    warning = ExpectationOutcome("subject_ids_distinct", "warning", "pid", False, 0, "ids are distinct",
+                                 "subject ids '068' and '68' differ only by leading zeros")
+    validated = replace(make_validated(), expectations=(*make_validated().expectations, warning))
+    page = render_report(make_inputs(selected=selected, validated=validated), {key: PNG for key in FIGURE_KEYS})
+    assert "<strong>Singular fit.</strong> Boundary (singular) fit: the variance of &#x27;week&#x27; for pid is zero." in page
+    summary = page[page.index('<section id="summary">'):page.index('<section id="data">')]
+    assert "Validation found 1 thing to check (section 2): subject ids &#x27;068&#x27; and &#x27;68&#x27;" in summary
+    validation = page[page.index('<section id="validation">'):page.index('<section id="trajectories">')]
+    assert '<p class="warning">subject ids &#x27;068&#x27; and &#x27;68&#x27; differ only by leading zeros</p>' in validation
+    assert '<span class="warning-text">warning</span>' in validation
