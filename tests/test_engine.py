@@ -467,3 +467,83 @@ def test_fit_by_patterns_matches_the_per_subject_deviance_at_its_optimum() -> No
     assert result.deviance == pytest.approx(dense_deviance(design, result.theta, False), rel=1e-10)
     products = compute_crossproducts(design)
     assert profiled_deviance(products, result.theta, False) == pytest.approx(result.deviance, rel=1e-12)
+
+
+# ------------------------------------------------------------------------- convergence verdicts, scaling
+
+
+def _quadratic(optimum: np.ndarray, slope: np.ndarray):  # type: ignore[no-untyped-def]
+    """A deviance with Hessian 2I whose gradient at ``optimum`` is ``slope``."""
+    return lambda theta: float(np.sum((theta - optimum) ** 2) + slope @ (theta - optimum))
+
+
+def test_the_gradient_test_does_not_apply_to_a_singular_optimum() -> None:
+    from longitudinal.engine import GRADIENT_TOL, _check_convergence
+
+    layout = layout_theta((2,))  # θ = (l11, l21, l22) of one correlated bar
+    slope = np.array([0.0, 0.005, 0.0])  # scaled gradient 0.005 / √2 > 0.002 along l21
+    # Inside the cone: lme4 warns "failed to converge".
+    inside = np.array([1.0, 0.5, 0.8])
+    check = _check_convergence(_quadratic(inside, slope), inside, 0.0, layout)
+    assert not check.converged and check.gradient_max > GRADIENT_TOL
+    assert check.notes[0].startswith("failed to converge with max|grad| = 0.00354")
+    # The same gradient with Λ's last diagonal at 0 (correlation ±1): singular, and lme4's checkConv stops
+    # at its singular-fit message. The bar's θ are not locally identified there: none is tested.
+    boundary = np.array([1.0, 0.5, 0.0])
+    check = _check_convergence(_quadratic(boundary, slope), boundary, 0.0, layout)
+    assert check.converged and check.settled and check.notes == () and check.gradient_max == 0.0
+    # With a second, regular bar whose gradient is too large: still lme4's verdict (converged, singular),
+    # but not ``settled``, so the optimizer restarts once.
+    two = layout_theta((2, 1))
+    point = np.array([1.0, 0.5, 0.0, 0.7])
+    check = _check_convergence(_quadratic(point, np.array([0.0, 0.0, 0.0, 0.005])), point, 0.0, two)
+    assert check.converged and not check.settled and check.gradient_max > GRADIENT_TOL
+    # A correlation of 0.9995 with a diagonal above 1e-4 is on the boundary as well.
+    nearly = np.array([1.0, 30.0, 30.0 * math.sqrt(1 / 0.9995 ** 2 - 1)])
+    assert _check_convergence(_quadratic(nearly, slope), nearly, 0.0, layout).converged
+
+
+def test_the_singular_message_names_the_zero_variance_or_the_pair_at_plus_or_minus_one() -> None:
+    from longitudinal.engine import singular_message
+
+    frame = pd.DataFrame({"y": np.arange(8.0), "t": np.tile([0.0, 1.0], 4), "g": list("aabbccdd")})
+    design = design_of(frame, "y ~ t + (t | g)")
+    layout = layout_theta((2,))
+    ones = (np.ones(2),)
+    zero_slope = (np.array([[4.0, 0.0], [0.0, 0.0]]),)
+    assert singular_message(design, layout, np.array([2.0, 0.0, 0.0]), zero_slope, 1.0, ones) == (
+        "boundary (singular) fit: the variance of 't' for g is zero")
+    perfectly_negative = (np.array([[4.0, -2.0], [-2.0, 1.0]]),)
+    assert singular_message(design, layout, np.array([2.0, -1.0, 0.0]), perfectly_negative, 1.0, ones) == (
+        "boundary (singular) fit: the correlation of '(Intercept)' and 't' for g is -1")
+
+
+def test_an_outcome_far_from_zero_is_neither_an_exact_fit_nor_a_convergence_warning() -> None:
+    # Reaction + 1e6: the exact-fit check compares residuals with the outcome's SD, not its RMS, and the
+    # fit on the standardized outcome converges as the original does (before: max|grad| 0.0073, not converged).
+    frame = read_sleepstudy()
+    base = fit_lmm(design_of(frame, "Reaction ~ Days + (Days | Subject)"), reml=False)
+    moved = fit_lmm(design_of(frame.assign(Reaction=frame.Reaction + 1e6), "Reaction ~ Days + (Days | Subject)"),
+                    reml=False)
+    assert moved.converged and base.converged
+    assert moved.loglik == pytest.approx(base.loglik, abs=1e-7)
+    assert moved.beta == pytest.approx(base.beta + [1e6, 0.0], rel=1e-12)
+    assert moved.theta == pytest.approx(base.theta, rel=1e-5)
+
+
+def test_standardization_maps_are_exact_inverses_of_the_column_changes() -> None:
+    from longitudinal.scaling import standardize
+
+    frame = read_sleepstudy().assign(Days=lambda d: d.Days * 86400.0 + 1.7e9)
+    design = design_of(frame, "Reaction ~ Days + (Days | Subject)")
+    standardized, s = standardize(design)
+    np.testing.assert_allclose(design.X @ s.fixed_map, standardized.X, atol=1e-12)
+    np.testing.assert_allclose(design.blocks[0].Z @ s.ranef_maps[0], standardized.blocks[0].Z, atol=1e-12)
+    np.testing.assert_allclose(standardized.y * s.y_scale + s.y_shift, design.y, rtol=1e-14)
+    assert abs(standardized.X[:, 1].mean()) < 1e-12 and standardized.X[:, 1].std() == pytest.approx(1.0)
+    # Λ re-triangularized: lower triangular, diagonal ≥ 0, and the same Λ Λ' — also when singular.
+    for lam in (np.array([[1.2, 0.0], [-0.4, 0.7]]), np.array([[0.0, 0.0], [0.9, 0.0]])):
+        restored = s.relative_factor(0, lam)
+        B = s.ranef_maps[0]
+        assert restored[0, 1] == 0.0 and np.all(np.diagonal(restored) >= 0.0)
+        np.testing.assert_allclose(restored @ restored.T, B @ lam @ lam.T @ B.T, rtol=1e-12, atol=1e-30)

@@ -155,3 +155,15 @@ def test_the_record_aligns_with_the_rows_and_the_subjects(sleepstudy: pd.DataFra
     expected = beta["(Intercept)"] + first["(Intercept)"] + (beta["Days"] + first["Days"]) * day
     assert fit.fitted[0] == pytest.approx(expected)
     assert fit.n_obs == 180 and fit.n_subjects == 18
+
+
+def test_a_collinear_column_is_dropped_named_and_not_counted(sleepstudy: pd.DataFrame) -> None:
+    from longitudinal.fitting import fit_candidate
+
+    frame = sleepstudy.assign(Hours=sleepstudy.Days * 24.0 + 8.0)
+    fit = fit_candidate(frame, "ri", "Reaction ~ Days + Hours + (1 | Subject)", engine="statsmodels")
+    plain = fit_candidate(sleepstudy, "ri", "Reaction ~ Days + (1 | Subject)", engine="statsmodels")
+    assert fit.usable and fit.dropped_terms == ("Hours",)
+    assert fit.n_params == plain.n_params == 4  # R: attr(logLik(lmer(...)), "df"): 2 fixed + 1 θ + σ
+    assert fit.loglik == pytest.approx(plain.loglik, abs=1e-6)
+    assert fit.message.startswith("fixed-effect model matrix is rank deficient so dropping 1 column / coefficient ('Hours')")
