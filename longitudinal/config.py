@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from longitudinal.errors import ConfigError
 
-_STUDY_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+_STUDY_NAME = re.compile(r"[A-Za-z0-9_-]+")  # used with fullmatch: "$" would accept a trailing newline
 
 TimeUnit = Literal["days", "weeks", "months", "years"]
 #: Length of each ``data.time_unit`` in days (Julian months and years: 30.4375 and 365.25 days).
@@ -51,6 +51,10 @@ class DataConfig(_Frozen):
     """"subject" (each subject's first visit, the default for dates), "study" (the earliest date) or an ISO date."""
     categorical: tuple[str, ...] = ()
     constant: tuple[str, ...] = ()
+    follow_symlinks: bool = False
+    """Whether symbolic links in the landing folder (or among a glob's matches) are read. Off by default: a
+    link may point anywhere (another study's data, a system file), and is skipped with a warning naming it.
+    On, each target is read once and directory-link loops are not walked twice."""
 
     @field_validator("time_unit", mode="before")
     @classmethod
@@ -123,6 +127,8 @@ class DataConfig(_Frozen):
 class ValidationConfig(_Frozen):
     min_observations_per_subject: int = Field(default=1, ge=1)
     outcome_range: tuple[float, float] | None = None
+    max_file_bytes: int = Field(default=2_000_000_000, ge=1)
+    """A data file larger than this is refused before it is read (its size is checked first)."""
 
     @field_validator("outcome_range")
     @classmethod
@@ -143,7 +149,7 @@ class ModelsConfig(_Frozen):
         if not value:
             raise ValueError("the candidate list is empty; name at least one model formula")
         for name in value:
-            if not _STUDY_NAME.match(str(name)):
+            if not _STUDY_NAME.fullmatch(str(name)):
                 raise ValueError(f"candidate name {name!r} may use only letters, digits, - and _")
         return value
 
@@ -201,11 +207,13 @@ class StudyConfig(_Frozen):
     execution: ExecutionConfig = ExecutionConfig()
     base_dir: Path = Path(".")
     """Folder of the config file; relative paths resolve against it (set by :func:`load_config`)."""
+    config_file: Path | None = None
+    """The config file itself (set by :func:`load_config`), for messages that give a command to run."""
 
     @field_validator("study")
     @classmethod
     def _study_name(cls, value: str) -> str:
-        if not _STUDY_NAME.match(value):
+        if not _STUDY_NAME.fullmatch(value):
             raise ValueError(f"{value!r} may use only letters, digits, - and _ (it names a folder)")
         return value
 
@@ -232,12 +240,21 @@ class StudyConfig(_Frozen):
     def output_dir(self) -> Path:
         return _resolve(self.base_dir, self.output.directory) / self.study
 
+    @property
+    def repair_command(self) -> str:
+        """The command that rebuilds this study's curated registry (named in curation's error messages)."""
+        shown = str(self.config_file) if self.config_file is not None else "<the study's config>"
+        return f"longitudinal repair --config {shown}"
+
     def with_criterion(self, criterion: str | None) -> StudyConfig:
         """A copy whose selection criterion is ``criterion`` (the command line's ``--criterion``)."""
         if criterion is None:
             return self
         models = ModelsConfig(**{**self.models.model_dump(), "criterion": criterion})
         return self.model_copy(update={"models": models})
+
+
+_INTERNAL_KEYS = ("base_dir", "config_file")
 
 
 def _resolve(base: Path, value: str) -> Path:
@@ -256,16 +273,19 @@ def load_config(path: str | Path) -> StudyConfig:
         raise ConfigError(f"{path}: not valid YAML ({_one_line(str(exc))})") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a UTF-8 text file") from None
-    return parse_config(document, source=str(path), base_dir=path.resolve().parent)
+    return parse_config(document, source=str(path), base_dir=path.resolve().parent, config_file=path)
 
 
-def parse_config(document: Any, *, source: str = "config", base_dir: Path = Path(".")) -> StudyConfig:
+def parse_config(
+    document: Any, *, source: str = "config", base_dir: Path = Path("."), config_file: Path | None = None,
+) -> StudyConfig:
     if not isinstance(document, dict):
         raise ConfigError(f"{source}: expected a mapping with keys study, data, models, got {type(document).__name__}")
-    if "base_dir" in document:
-        raise ConfigError(f"{source}: unknown key 'base_dir'")
+    for internal in _INTERNAL_KEYS:
+        if internal in document:
+            raise ConfigError(f"{source}: unknown key {internal!r}")
     try:
-        return StudyConfig(**document, base_dir=base_dir)
+        return StudyConfig(**document, base_dir=base_dir, config_file=config_file)
     except ValidationError as exc:
         raise ConfigError(f"{source}: {describe_validation_error(exc)}") from None
 
@@ -298,7 +318,7 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
         if not nested:
             break
         model = nested[0]
-    return [name for name in model.model_fields if name != "base_dir"]
+    return [name for name in model.model_fields if name not in _INTERNAL_KEYS]
 
 
 def _one_line(text: str) -> str:

@@ -10,20 +10,29 @@ refuses what cannot be a study table at all: no data row in any file, a file tha
 a header naming a column twice, a role column that one file lacks while the others have it, and a
 time column of dates not written as ISO 8601. A time column of ISO dates needs ``data.time_unit``, and
 numeric time must not have it (both are config errors, found here because they depend on the data).
+
+Each file is checked before it is read (a regular file, not over ``validation.max_file_bytes``; a
+symbolic link is read only with ``data.follow_symlinks``), read once, and hashed and parsed from the same
+bytes. File names are kept as the OS gives them for reading and shown with U+FFFD where they are not UTF-8.
 """
 
 from __future__ import annotations
 
 import csv
 import difflib
-import glob
+import errno
+import fnmatch
 import hashlib
 import io
 import itertools
+import os
 import re
+import stat
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pandas as pd
@@ -32,7 +41,7 @@ import pyarrow.compute as pc
 
 from longitudinal.config import TIME_UNIT_DAYS, StudyConfig
 from longitudinal.errors import ConfigError, DataError, SourceUnavailable
-from longitudinal.records import SOURCE_COLUMNS, Ingested, SourceFile, TimeFromDates
+from longitudinal.records import SOURCE_COLUMNS, ExpectationOutcome, Ingested, SourceFile, TimeFromDates
 
 MISSING_TOKENS: frozenset[str] = frozenset({"", "NA", "N/A", "n/a", "na", "NaN", "nan", "null", "NULL", ".", "-"})
 """Cell values (after stripping whitespace) that mean "missing" in a CSV file or a Parquet text column."""
@@ -69,14 +78,18 @@ def read_sources(config: StudyConfig) -> Ingested:
     and ``source_line`` (CSV: physical line, header = line 1; Parquet: 1-based row number). Blank lines
     and lines holding only delimiters are not rows.
     """
-    return assemble([read_file(path, config) for path in find_source_files(config)], config)
+    listing = list_sources(config)
+    return assemble([read_file(path, config) for path in listing.files], config, findings=(listing.finding(),))
 
 
-def assemble(parts: Sequence[FilePart], config: StudyConfig) -> Ingested:
+def assemble(
+    parts: Sequence[FilePart], config: StudyConfig, *, findings: Sequence[ExpectationOutcome] = (),
+) -> Ingested:
     """The files read (in this order) as one table, raw and typed: what :func:`read_sources` returns.
 
     Refuses (:class:`DataError`) when no file holds a data row and when one file lacks a role column
-    the others have.
+    the others have. ``findings`` (what ingestion noticed, e.g. links skipped) travel with the data to
+    validation.
     """
     if not any(len(part.raw) for part in parts):
         has_header = any(c not in SOURCE_COLUMNS for part in parts for c in part.raw.columns)
@@ -84,38 +97,210 @@ def assemble(parts: Sequence[FilePart], config: StudyConfig) -> Ingested:
     _check_columns_agree(parts, config)
     raw = _union([part.raw for part in parts])
     typed, dates = read_time(raw, coerce_types(parts, raw, config), config)
-    return Ingested(raw=raw, typed=typed, files=tuple(part.source for part in parts), dates=dates)
+    return Ingested(raw=raw, typed=typed, files=tuple(part.source for part in parts), dates=dates,
+                    findings=tuple(findings))
 
 
 def find_source_files(config: StudyConfig) -> list[Path]:
     """The data files that ``data.source`` names: a file, a folder's CSV/Parquet files, or a glob's matches."""
+    return list(list_sources(config).files)
+
+
+@dataclass(frozen=True)
+class SourceListing:
+    """The files a run reads, and the entries it passed over, one sentence each (a warning finding)."""
+
+    files: tuple[Path, ...]
+    skipped: tuple[str, ...] = ()
+
+    def finding(self) -> ExpectationOutcome:
+        """The warning-level check saying which matches were not read and why."""
+        return ExpectationOutcome(
+            name="source_files_are_regular", level="warning", column=None, success=not self.skipped,
+            unexpected_count=0,
+            description="every match of data.source is a regular file (links only with data.follow_symlinks)",
+            details="; ".join(self.skipped),
+        )
+
+
+def list_sources(config: StudyConfig) -> SourceListing:
+    """The regular files ``data.source`` names, checked before anything is read.
+
+    ``data.source`` itself is used as given, link or not (the user named it). Inside a folder or among a
+    glob's matches, a symbolic link is skipped with a warning unless ``data.follow_symlinks``; followed,
+    each target is read once (a second link to it is skipped) and a glob never walks a directory twice,
+    so link loops end. A FIFO, device or socket is never opened. A file larger than
+    ``validation.max_file_bytes`` is refused here, by its size, before a byte is read.
+    """
     path = config.source_path
     given = config.data.source
-    if path.is_file():
-        return [path]
+    seen: dict[tuple[int, int], str] = {}
+    skipped: list[str] = []
     if path.is_dir():
-        files = sorted(
-            (p for p in path.iterdir() if p.is_file() and p.suffix.lower() in DATA_SUFFIXES and not p.name.startswith(".")),
-            key=lambda p: p.name,
-        )
+        names = sorted(os.listdir(path))  # str names: bytes that are not UTF-8 come as surrogate escapes
+        candidates = [path / n for n in names if not n.startswith(".") and Path(n).suffix.lower() in DATA_SUFFIXES]
+        files = [c for c in candidates if _admit(c, config, seen, skipped)]
         if not files:
+            found = f" ({len(skipped)} skipped: {'; '.join(skipped)})" if skipped else ""
             raise DataError(
-                f"data.source {given!r}: the folder {path} holds no .csv or .parquet files; "
+                f"data.source {given!r}: the folder {printable(str(path))} holds no .csv or .parquet files{found}; "
                 "put the data files there or point data.source at a file"
             )
-        return files
+        return SourceListing(tuple(files), tuple(skipped))
+    if os.path.lexists(path):
+        if not _admit(path, config, seen, skipped, named=True):
+            raise DataError(f"data.source {given!r}: {skipped[0]}")
+        return SourceListing((path,))
     if _GLOB_CHARS.search(str(path)):
-        matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+        matches = [m for m in _walk_glob(path, config.data.follow_symlinks) if _admit(m, config, seen, skipped)]
         if not matches:
+            found = f" ({len(skipped)} skipped: {'; '.join(skipped)})" if skipped else ""
             raise DataError(
-                f"data.source {given!r}: the pattern {path} matches no files; "
+                f"data.source {given!r}: the pattern {printable(str(path))} matches no files{found}; "
                 "check the pattern or point data.source at a file or a folder"
             )
-        return matches
+        return SourceListing(tuple(matches), tuple(skipped))
     raise DataError(
-        f"data.source {given!r}: {path} does not exist; set data.source to a .csv or .parquet file, "
+        f"data.source {given!r}: {printable(str(path))} does not exist; set data.source to a .csv or .parquet file, "
         "a folder of them, or a glob such as 'incoming/*.csv'"
     )
+
+
+def _admit(path: Path, config: StudyConfig, seen: dict[tuple[int, int], str], skipped: list[str],
+           *, named: bool = False) -> bool:
+    """Whether to read ``path``; if not, why goes to ``skipped``. Refuses a file over the size limit."""
+    shown = shown_path(path, config.base_dir)
+    follow = named or config.data.follow_symlinks
+    try:
+        link = path.is_symlink()
+        if link and not follow:
+            skipped.append(
+                f"{shown} is a symbolic link (to {printable(os.readlink(path))}), not read; copy the file into "
+                "place, or set data.follow_symlinks: true"
+            )
+            return False
+        status = os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            skipped.append(f"{shown} is a symbolic link that loops, not read")
+            return False
+        if exc.errno == errno.ENOENT:
+            skipped.append(f"{shown} is a broken symbolic link (its target does not exist), not read")
+            return False
+        raise SourceUnavailable(
+            f"{shown}: cannot be read ({exc.strerror or exc}); check that the file exists and is readable"
+        ) from None
+    if not stat.S_ISREG(status.st_mode):
+        skipped.append(f"{shown} is {_kind(status.st_mode)}, not a data file; not read")
+        return False
+    key = (status.st_dev, status.st_ino)
+    if key in seen:
+        skipped.append(f"{shown} is the same file as {seen[key]} (a link), read once")
+        return False
+    seen[key] = shown
+    _check_size(shown, status.st_size, config)
+    return True
+
+
+def _walk_glob(pattern: Path, follow: bool) -> list[Path]:
+    """The matches of a glob pattern (``**`` for any depth), walking the tree once.
+
+    ``glob.glob(recursive=True)`` follows directory links without remembering where it has been: a
+    link loop makes it run for ever, or read the same file many times. Here each directory is entered
+    at most once (by device and inode), links only when ``follow``; hidden names match only a pattern
+    that starts with a dot, as in glob.
+    """
+    parts = pattern.parts
+    first = next(i for i, part in enumerate(parts) if _GLOB_CHARS.search(part))
+    base, rest = Path(*parts[:first]), parts[first:]
+    if not base.is_dir():
+        return []
+    recursive = "**" in rest
+    visited = {_identity(base)}
+    matches: list[Path] = []
+    for root, dirs, files in os.walk(base, followlinks=follow):
+        depth = len(Path(root).relative_to(base).parts)
+        for name in [*files, *(d for d in dirs if Path(d).suffix.lower() in DATA_SUFFIXES)]:
+            relative = (*Path(root).relative_to(base).parts, name)
+            if _matches(rest, relative):
+                matches.append(Path(root) / name)
+        kept = []
+        for name in dirs:
+            if not recursive and depth + 1 >= len(rest):
+                break
+            identity = _identity(Path(root) / name) if follow else None
+            if identity is not None and identity in visited:
+                continue  # a loop, or a second way into a folder already walked
+            if identity is not None:
+                visited.add(identity)
+            kept.append(name)
+        dirs[:] = kept
+    return sorted(dict.fromkeys(matches))
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return (status.st_dev, status.st_ino)
+
+
+def _matches(pattern: Sequence[str], parts: Sequence[str]) -> bool:
+    if not pattern:
+        return not parts
+    head = pattern[0]
+    if head == "**":
+        if _matches(pattern[1:], parts):
+            return True
+        return bool(parts) and not parts[0].startswith(".") and _matches(pattern, parts[1:])
+    if not parts or (parts[0].startswith(".") and not head.startswith(".")):
+        return False
+    return fnmatch.fnmatchcase(parts[0], head) and _matches(pattern[1:], parts[1:])
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
+def _check_size(shown: str, size: int, config: StudyConfig) -> None:
+    limit = config.validation.max_file_bytes
+    if size > limit:
+        raise DataError(
+            f"{shown}: is {size:,} bytes, more than validation.max_file_bytes ({limit:,}); split the export "
+            "into smaller files, or raise validation.max_file_bytes in the study config"
+        )
+
+
+def printable(text: str) -> str:
+    """``text`` with bytes that are not UTF-8 (file names arrive with them as surrogate escapes) shown as U+FFFD.
+
+    What a message, a registry or a data file records; the path itself keeps its bytes for reading.
+    """
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def shown_path(path: Path, base_dir: Path) -> str:
+    """How a data file is named in messages and records: relative to the config's folder when inside it,
+    else absolute; the file's own name as given (a link is named, not its target); printable."""
+    absolute = Path(os.path.abspath(path))
+    absolute = absolute.parent.resolve() / absolute.name
+    try:
+        shown = str(absolute.relative_to(Path(base_dir).resolve()))
+    except ValueError:
+        shown = str(absolute)
+    return printable(shown)
 
 
 def _check_columns_agree(parts: Sequence[FilePart], config: StudyConfig) -> None:
@@ -164,16 +349,80 @@ def did_you_mean(name: str, columns: Sequence[str]) -> str:
 # ----------------------------------------------------------------------------------------- reading
 
 
-def read_file(path: Path, config: StudyConfig) -> FilePart:
-    """Read one CSV or Parquet file; a file that is neither, or cannot be parsed, is a :class:`DataError`."""
-    shown = _display_path(path, config.base_dir)
-    try:
-        content = path.read_bytes()
-    except OSError as exc:
-        raise SourceUnavailable(
-            f"{shown}: cannot be read ({exc.strerror or exc}); check that the file exists and is readable"
-        ) from None
-    if path.suffix.lower() == ".parquet" or content.startswith(_PARQUET_MAGIC):
+@dataclass(frozen=True, eq=False)
+class Snapshot:
+    """One file's bytes as read in one go, with their hash: what is parsed is exactly what is hashed."""
+
+    path: Path
+    shown: str
+    content: bytes
+    size: int
+    mtime_ns: int
+    sha256: str
+
+
+#: How often a file that changes while it is read is read again before the run gives up on it.
+STABLE_READ_ATTEMPTS = 3
+
+
+def read_snapshot(path: Path, config: StudyConfig) -> Snapshot:
+    """Read a data file once, checking its type and size first, and return its bytes and their sha256.
+
+    The file is opened without following a link (unless ``data.follow_symlinks`` or it is ``data.source``
+    itself) and without blocking, so a FIFO or device is refused, never read. Its size and modification
+    time are compared before and after the read: a file that changed meanwhile (still being written) is
+    read again, and after :data:`STABLE_READ_ATTEMPTS` attempts it is :class:`SourceUnavailable` (the
+    run fails without registering it, and a retry or the next run reads it complete).
+    """
+    shown = shown_path(path, config.base_dir)
+    follow = config.data.follow_symlinks or path == config.source_path
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | (0 if follow else os.O_NOFOLLOW)
+    sizes: list[int] = []
+    for _ in range(STABLE_READ_ATTEMPTS):
+        try:
+            descriptor = os.open(path, flags)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP and not follow:
+                raise DataError(
+                    f"{shown}: is a symbolic link, which is not followed; copy the file into place, or set "
+                    "data.follow_symlinks: true"
+                ) from None
+            raise SourceUnavailable(
+                f"{shown}: cannot be read ({exc.strerror or exc}); check that the file exists and is readable"
+            ) from None
+        with os.fdopen(descriptor, "rb") as handle:
+            before = os.fstat(descriptor)
+            if not stat.S_ISREG(before.st_mode):
+                raise DataError(f"{shown}: is {_kind(before.st_mode)}, not a data file; it is not read")
+            _check_size(shown, before.st_size, config)
+            content = _read_all(handle, config.validation.max_file_bytes)
+            after = os.fstat(descriptor)
+        _check_size(shown, len(content), config)
+        if len(content) == after.st_size and (before.st_size, before.st_mtime_ns) == (after.st_size, after.st_mtime_ns):
+            return Snapshot(
+                path=path, shown=shown, content=content, size=len(content), mtime_ns=after.st_mtime_ns,
+                sha256=hashlib.sha256(content).hexdigest(),
+            )
+        sizes += [before.st_size, after.st_size]
+        time.sleep(0.1)
+    raise SourceUnavailable(
+        f"{shown}: changed while being read ({sizes[0]:,} bytes, then {sizes[-1]:,}); it is still being "
+        "written: it is read again on the next run (land files complete: write them under a hidden name, "
+        "then rename)"
+    )
+
+
+def _read_all(handle: BinaryIO, limit: int) -> bytes:
+    """Read the rest of an open file, at most ``limit + 1`` bytes (so a file growing past the limit shows)."""
+    return handle.read(limit + 1)
+
+
+def read_file(file: Path | Snapshot, config: StudyConfig) -> FilePart:
+    """Parse one CSV or Parquet file (a path is read first, with :func:`read_snapshot`); a file that is
+    neither, or cannot be parsed, is a :class:`DataError`. The part's hash is that of the bytes parsed."""
+    snapshot = file if isinstance(file, Snapshot) else read_snapshot(file, config)
+    shown, content = snapshot.shown, snapshot.content
+    if snapshot.path.suffix.lower() == ".parquet" or content.startswith(_PARQUET_MAGIC):
         frame = _parse_parquet(content, shown)
         decimal_comma = False
         lines = np.arange(1, len(frame) + 1, dtype=np.int64)
@@ -186,17 +435,8 @@ def read_file(path: Path, config: StudyConfig) -> FilePart:
                 "came from; rename that column"
             )
     raw = frame.assign(source_file=shown, source_line=lines).reset_index(drop=True)
-    source = SourceFile(path=shown, sha256=hashlib.sha256(content).hexdigest(), rows=len(raw))
+    source = SourceFile(path=shown, sha256=snapshot.sha256, rows=len(raw))
     return FilePart(raw=raw, source=source, decimal_comma=decimal_comma)
-
-
-def _display_path(path: Path, base_dir: Path) -> str:
-    """The path relative to the config's folder when it lies inside it, else absolute."""
-    absolute = path.resolve()
-    try:
-        return str(absolute.relative_to(Path(base_dir).resolve()))
-    except ValueError:
-        return str(absolute)
 
 
 def _parse_parquet(content: bytes, shown: str) -> pd.DataFrame:
@@ -331,7 +571,7 @@ def read_header(config: StudyConfig) -> list[str]:
 
     columns: dict[str, None] = {}
     for path in find_source_files(config):
-        shown = _display_path(path, config.base_dir)
+        shown = shown_path(path, config.base_dir)
         try:
             with path.open("rb") as handle:
                 head = handle.read(65536)
@@ -698,6 +938,7 @@ def _one_line(text: str) -> str:
 
 
 __all__ = [
-    "MISSING_TOKENS", "SOURCE_COLUMNS", "FilePart", "read_sources", "read_file", "assemble", "find_source_files", "coerce_types",
+    "MISSING_TOKENS", "SOURCE_COLUMNS", "FilePart", "Snapshot", "SourceListing", "read_sources", "read_file",
+    "read_snapshot", "list_sources", "shown_path", "printable", "assemble", "find_source_files", "coerce_types",
     "read_time", "read_header", "is_missing", "to_text", "parse_numbers", "parse_iso_dates", "format_date", "did_you_mean", "describe_no_rows",
 ]

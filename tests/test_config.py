@@ -168,7 +168,8 @@ def test_misspelt_key_suggests_the_close_one_and_names_the_missing_one() -> None
     del document["data"]["outcome"]
     with pytest.raises(ConfigError, match=(
         r"^config: missing required key 'data.outcome'; unknown key 'data.outcom' \(did you mean 'outcome'\? "
-        r"allowed here: source, subject, time, outcome, time_unit, time_origin, categorical, constant\)$"
+        r"allowed here: source, subject, time, outcome, time_unit, time_origin, categorical, constant, "
+        r"follow_symlinks\)$"
     )):
         parse_config(document)
     with pytest.raises(ConfigError, match=r"unknown key 'zzz' \(allowed here: study, data"):
