@@ -48,6 +48,8 @@ class Ingested:
     files: tuple[SourceFile, ...]
     dates: TimeFromDates | None = None
     """How the time column was read when it holds dates (None for numeric time)."""
+    findings: tuple[ExpectationOutcome, ...] = ()
+    """Warning-level findings of ingestion itself (links and other entries skipped), for validation to list."""
 
     @property
     def rows_read(self) -> int:
