@@ -56,7 +56,7 @@ from scipy import sparse
 from longitudinal.design import Design
 from longitudinal.errors import FitError
 from longitudinal.records import OptimizerAttempt
-from longitudinal.scaling import Standardization, scale_warning, standardize
+from longitudinal.scaling import Standardization, standardize
 
 #: lme4's defaults (lmerControl / nloptwrap / checkConv / isSingular).
 XTOL_ABS = 1e-8
@@ -563,9 +563,8 @@ def restore_units(result: EngineResult, design: Design, standardization: Standar
     if result.singular:
         scales = tuple(1.0 / np.abs(np.diagonal(B)) for B in s.ranef_maps)
         messages.insert(0, singular_message(design, layout, result.theta, covariances, sigma, scales))
-    note = scale_warning(design.X)
-    if note is not None:
-        messages.insert(0, note)
+    if s.scale_note is not None:
+        messages.insert(0, s.scale_note)
     return dataclasses.replace(
         result,
         theta=theta,

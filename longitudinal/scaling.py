@@ -48,7 +48,8 @@ class Standardization:
 
     ``y_shift`` and ``y_scale``: y' = (y − y_shift) / y_scale. ``intercept``: the position of the intercept
     column in X (None without one). ``fixed_map`` is A (p × p) with X' = X A, so β = A β'. ``ranef_maps``
-    holds B_b (q_b × q_b) per bar in formula order, Z_b' = Z_b B_b, so b = B_b b'.
+    holds B_b (q_b × q_b) per bar in formula order, Z_b' = Z_b B_b, so b = B_b b'. ``scale_note`` is
+    ``SCALE_NOTE`` where lme4's ``checkScaleX`` would warn about X, else None.
     """
 
     y_shift: float
@@ -56,6 +57,7 @@ class Standardization:
     intercept: int | None
     fixed_map: np.ndarray
     ranef_maps: tuple[np.ndarray, ...]
+    scale_note: str | None = None
 
     @property
     def ranef_map(self) -> np.ndarray:
@@ -118,88 +120,101 @@ def standardize(design: Design) -> tuple[Design, Standardization]:
 
     The outcome is centred when X has an intercept (else only scaled) and scaled by its SD (else its root
     mean square); continuous fixed-effect columns likewise; random-effect columns as the bar allows (see
-    the module's docstring). A column with no spread (or not finite) is left as it is.
+    the module's docstring). A column with no spread (or not finite) is left as it is. A few contiguous
+    passes over each matrix (no column-by-column strided reads: they cost more than the fit's own sums).
     """
-    X = design.X
-    intercept = _intercept_column(X)
-    shift, scale = _column_shifts_and_scales(X, centre=intercept is not None, keep=intercept)
-    X_std = np.subtract(X, shift)
-    X_std /= scale
-    fixed_map = _column_map(shift, scale, intercept)
-
+    fixed = _standardize_columns(design.X, centre_with_intercept=True)
     y = design.y
-    y_shift = float(np.mean(y)) if intercept is not None else 0.0
+    y_shift = float(np.mean(y)) if fixed.intercept is not None else 0.0
     y_centred = y - y_shift
     y_scale = math.sqrt(float(y_centred @ y_centred) / max(y.shape[0], 1))
     if not (math.isfinite(y_scale) and y_scale > 0.0):
-        y_shift, y_scale, y_centred = 0.0, 1.0, y
-    y_std = y_centred / y_scale
+        y_shift, y_scale, y_centred = 0.0, 1.0, y.copy()
+    y_centred /= y_scale
 
     blocks: list[BlockDesign] = []
     maps: list[np.ndarray] = []
     for block in design.blocks:
-        Z = block.Z
-        bar_intercept = _intercept_column(Z)
-        centre = bar_intercept is not None and Z.shape[1] > 1
-        z_shift, z_scale = _column_shifts_and_scales(Z, centre=centre, keep=bar_intercept)
-        Z_std = np.subtract(Z, z_shift)
-        Z_std /= z_scale
-        blocks.append(dataclasses.replace(block, Z=Z_std))
-        maps.append(_column_map(z_shift, z_scale, bar_intercept))
-    standardized = dataclasses.replace(design, y=y_std, X=X_std, blocks=tuple(blocks))
+        bar = _standardize_columns(block.Z, centre_with_intercept=block.Z.shape[1] > 1)
+        blocks.append(dataclasses.replace(block, Z=bar.values))
+        maps.append(bar.map)
+    standardized = dataclasses.replace(design, y=y_centred, X=fixed.values, blocks=tuple(blocks))
     return standardized, Standardization(
-        y_shift=y_shift, y_scale=y_scale, intercept=intercept, fixed_map=fixed_map, ranef_maps=tuple(maps),
+        y_shift=y_shift, y_scale=y_scale, intercept=fixed.intercept, fixed_map=fixed.map,
+        ranef_maps=tuple(maps), scale_note=_scale_note(fixed),
     )
-
-
-def scale_warning(X: np.ndarray) -> str | None:
-    """lme4's ``checkScaleX`` on the fixed-effects matrix: ``SCALE_NOTE`` when a continuous column (values
-    not all in {0, 1}) has an SD (n − 1 denominator) above 1000 or below 1/1000, or two such SDs differ by
-    a factor above 1000; else None."""
-    sds = [float(np.std(X[:, j], ddof=1)) if X.shape[0] > 1 else 0.0
-           for j in range(X.shape[1]) if not _binary(X[:, j])]
-    if not sds:
-        return None
-    with np.errstate(divide="ignore"):
-        logs = np.log(np.asarray(sds))
-    limit = math.log(SCALE_TOL)
-    spread = float(np.max(logs) - np.min(logs)) if np.all(np.isfinite(logs)) else math.inf
-    if np.any(~np.isfinite(logs)) or np.any(np.abs(logs) > limit) or spread > limit:
-        return SCALE_NOTE
-    return None
 
 
 # ------------------------------------------------------------------------------------------ internals
 
 
-def _intercept_column(M: np.ndarray) -> int | None:
-    """The first column whose every value is 1, or None."""
-    for j in range(M.shape[1]):
-        column = M[:, j]
-        if column.shape[0] and column[0] == 1.0 and column.min() == 1.0 and column.max() == 1.0:
-            return j
-    return None
+@dataclass(frozen=True, eq=False)
+class _Columns:
+    """A matrix M standardized: ``values`` = M T with T = ``map``; per column of M its ``binary`` flag
+    (all values in {0, 1}) and its SD with lme4's n − 1 denominator (NaN where not computed)."""
+
+    values: np.ndarray
+    map: np.ndarray
+    intercept: int | None
+    binary: np.ndarray
+    sd: np.ndarray
 
 
-def _binary(column: np.ndarray) -> bool:
-    """All values in {0, 1} (lme4's ``all(z %in% c(0, 1))``)."""
-    return bool(np.all((column == 0.0) | (column == 1.0)))
+def _standardize_columns(M: np.ndarray, *, centre_with_intercept: bool) -> _Columns:
+    """Centre (when M has an intercept column and ``centre_with_intercept``) and scale the continuous columns
+    of M: by the mean and SD, else by the root mean square. The intercept, 0/1 columns and columns without
+    spread are left as they are.
+
+    Works on a column-major copy (each column contiguous: numpy's reductions down the columns of a tall
+    row-major matrix with few columns are several times slower) and returns it column-major (the engines'
+    sums read M by columns; copying back to row-major would cost as much again).
+    """
+    n, k = M.shape
+    columns = np.array(M.T, order="C")  # always a copy (for one column M.T is contiguous already): edited in place
+    low, high = columns.min(axis=1), columns.max(axis=1)
+    ones = (low == 1.0) & (high == 1.0)
+    intercept = int(np.argmax(ones)) if ones.any() else None
+    binary = np.zeros(k, dtype=bool)
+    for j in np.flatnonzero(np.isin(low, (0.0, 1.0)) & np.isin(high, (0.0, 1.0))):
+        binary[j] = bool(np.all((columns[j] == 0.0) | (columns[j] == 1.0)))
+    centre = intercept is not None and centre_with_intercept
+    if binary.all():  # nothing to standardize (a random intercept's Z, indicator columns): no copy
+        return _Columns(values=M, map=np.eye(k), intercept=intercept, binary=binary, sd=np.full(k, np.nan))
+    tried = np.where(binary | (not centre), 0.0, columns.mean(axis=1))  # the intercept is binary: never shifted
+    values = columns  # our own copy: worked on in place
+    values -= tried[:, None]
+    mean_square = np.einsum("ij,ij->i", values, values) / max(n, 1)
+    spread = np.sqrt(mean_square)
+    usable = ~binary & np.isfinite(spread) & (spread > 0.0)
+    shift = np.where(usable, tried, 0.0)
+    scale = np.where(usable, spread, 1.0)
+    if np.any(shift != tried):  # a constant column was centred to zero: leave it as it was
+        values = M.T - shift[:, None]
+    values /= scale[:, None]
+    # SD (n − 1) for lme4's scale check: from the centred sums where the columns were centred.
+    variance = mean_square * n / max(n - 1, 1) if centre else np.full(k, np.nan)
+    return _Columns(values=values.T, map=_column_map(shift, scale, intercept),
+                    intercept=intercept, binary=binary, sd=np.sqrt(variance))
 
 
-def _column_shifts_and_scales(M: np.ndarray, *, centre: bool, keep: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Per column: the shift (its mean when ``centre``, else 0) and scale (SD when centred, else root mean
-    square); 0 and 1 for the column ``keep`` (the intercept), for 0/1 columns and for columns without spread."""
-    k = M.shape[1]
-    shift, scale = np.zeros(k), np.ones(k)
-    for j in range(k):
-        column = M[:, j]
-        if j == keep or _binary(column):
-            continue
-        mean = float(np.mean(column)) if centre else 0.0
-        spread = math.sqrt(float(np.mean(np.square(column - mean))))
-        if math.isfinite(spread) and spread > 0.0:
-            shift[j], scale[j] = mean, spread
-    return shift, scale
+def _scale_note(X: _Columns) -> str | None:
+    """lme4's ``checkScaleX`` on the fixed-effects matrix: ``SCALE_NOTE`` when a continuous column (values
+    not all in {0, 1}) has an SD (n − 1 denominator) above 1000 or below 1/1000, or two such SDs differ by
+    a factor above 1000; else None."""
+    continuous = ~X.binary
+    if not continuous.any():
+        return None
+    sds = X.sd[continuous]
+    if np.any(np.isnan(sds)):  # not centred (no intercept): the SDs from the standardized columns
+        scale = 1.0 / np.abs(np.diagonal(X.map))[continuous]
+        centred = X.values[:, continuous] - X.values[:, continuous].mean(axis=0)
+        sds = scale * np.sqrt(np.einsum("ij,ij->j", centred, centred) / max(X.values.shape[0] - 1, 1))
+    with np.errstate(divide="ignore"):
+        logs = np.log(sds)
+    limit = math.log(SCALE_TOL)
+    if not np.all(np.isfinite(logs)):
+        return SCALE_NOTE
+    return SCALE_NOTE if np.any(np.abs(logs) > limit) or float(np.ptp(logs)) > limit else None
 
 
 def _column_map(shift: np.ndarray, scale: np.ndarray, intercept: int | None) -> np.ndarray:

@@ -547,3 +547,14 @@ def test_standardization_maps_are_exact_inverses_of_the_column_changes() -> None
         B = s.ranef_maps[0]
         assert restored[0, 1] == 0.0 and np.all(np.diagonal(restored) >= 0.0)
         np.testing.assert_allclose(restored @ restored.T, B @ lam @ lam.T @ B.T, rtol=1e-12, atol=1e-30)
+
+
+def test_fitting_leaves_the_design_as_it_was() -> None:
+    # The standardized copy is worked on in place; the design given (one-column bars included) is not.
+    frame = read_sleepstudy().assign(Days=lambda d: d.Days + 100.0)
+    design = design_of(frame, "Reaction ~ Days + (Days || Subject)")
+    before = [design.y.copy(), design.X.copy(), *(block.Z.copy() for block in design.blocks)]
+    fit_lmm(design, reml=False)
+    after = [design.y, design.X, *(block.Z for block in design.blocks)]
+    for old, new in zip(before, after):
+        np.testing.assert_array_equal(old, new)
