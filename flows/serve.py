@@ -5,6 +5,10 @@ watches it and emits a ``longitudinal.data.arrived`` event for each settled batc
 content not yet ingested by the study); the deployment's ``DeploymentEventTrigger`` turns that event
 into a run. The watcher's periodic rescan is the backstop for missed notifications. A concurrency
 limit of one run per study, with later arrivals queued, keeps two runs of a study from overlapping.
+
+At its start, ``serve`` starts a run of every study whose needs-run marker is set (a run that ingested data
+and then failed for a passing cause, such as the server going away, never published them): otherwise
+what that run registered would wait for the next arrival or the next scheduled run.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ from prefect.schedules import Cron
 from flows.study_pipeline import study_pipeline
 from longitudinal.config import StudyConfig, load_config
 from longitudinal.curation import is_new_file
+from longitudinal.durable import printable
 from longitudinal.landing import LandingWatcher
+from longitudinal.outputs import read_needs_run
 
 ARRIVAL_EVENT = "longitudinal.data.arrived"
 log = logging.getLogger("longitudinal.serve")
@@ -36,7 +42,7 @@ def build_deployment(config_path: Path, config: StudyConfig) -> Any:
     schedules = []
     if config.schedule is not None:
         schedules.append(Cron(config.schedule.cron, timezone=config.schedule.timezone))
-    triggers = []
+    triggers: list[Any] = []
     if config.source_path.is_dir():
         triggers.append(DeploymentEventTrigger(
             name=f"{config.study}: new data",
@@ -56,15 +62,47 @@ def build_deployment(config_path: Path, config: StudyConfig) -> Any:
 
 
 def announce_arrival(config: StudyConfig, files: list[Path]) -> None:
-    """Emit the event that starts the study's deployment (one event per settled batch)."""
+    """Emit the event that starts the study's deployment (one event per settled batch).
+
+    File names go into the event as text: a name that is not UTF-8 is shown with U+FFFD (the event
+    carries them for people; the run finds the files itself)."""
+    names = [printable(f) for f in files]
     event = emit_event(
         event=ARRIVAL_EVENT,
         resource={"prefect.resource.id": study_resource(config.study), "prefect.resource.name": config.study},
-        payload={"files": [str(f) for f in files]},
+        payload={"files": names},
     )
     if event is None:
-        raise RuntimeError("the event was not sent: is PREFECT_API_URL set to a running Prefect server?")
-    log.info("%s: %d new file(s) landed: %s", config.study, len(files), ", ".join(f.name for f in files))
+        raise RuntimeError(f"the arrival event for {', '.join(names)} was not sent (see the error above); "
+                           "is PREFECT_API_URL set to a running Prefect server?")
+    log.info("%s: %d new file(s) landed: %s", config.study, len(files), ", ".join(printable(f.name) for f in files))
+
+
+def start_runs_that_were_not_published(deployments: list[tuple[StudyConfig, Any]]) -> list[str]:
+    """Start a run of each study whose needs-run marker is set; returns those studies.
+
+    Each deployment is registered first (``serve`` registers it again, keeping its id), and the run is
+    created scheduled to start now: the runner picks it up once it serves, within the study's
+    concurrency limit. A failure here is logged, not raised: serving the schedule and the arrivals
+    matters more."""
+    from prefect.deployments import run_deployment
+
+    started = []
+    for config, deployment in deployments:
+        marker = read_needs_run(config.output_dir)
+        if marker is None:
+            continue
+        try:
+            deployment_id = deployment.apply()
+            run_deployment(deployment_id, timeout=0, tags=["needs-run"])
+        except Exception as exc:
+            log.error("%s: data received since %s were never published, and a run could not be started: %s",
+                      config.study, marker.get("since") or "an earlier run", printable(exc))
+            continue
+        log.warning("%s: the run started %s did not publish (%s); starting a run now", config.study,
+                    marker.get("since") or "earlier", printable(marker.get("last_failure") or "it stopped"))
+        started.append(config.study)
+    return started
 
 
 def _log_to_console(*names: str) -> None:
@@ -83,21 +121,23 @@ def serve_studies(config_paths: list[Path], *, settle_seconds: float = 2.0, resc
 
         raise ConfigError(f"two configs name the same study ({', '.join(studies)}); each study needs its own name")
     deployments = [build_deployment(path, config) for path, config in configs]
-    _log_to_console("longitudinal.serve", "longitudinal.landing")
-    watchers = [
-        LandingWatcher(
-            config.source_path,
-            lambda files, config=config: announce_arrival(config, files),
-            is_new=lambda file, config=config: is_new_file(config, file),
-            settle_seconds=settle_seconds,
-            rescan_seconds=rescan_seconds,
-        ).start()
-        for _, config in configs
-        if config.source_path.is_dir()
-    ]
+    _log_to_console("longitudinal.serve", "longitudinal.landing", "longitudinal.outputs")
+    start_runs_that_were_not_published([(config, d) for (_, config), d in zip(configs, deployments)])
+    watchers = [_watch(config, settle_seconds, rescan_seconds) for _, config in configs if config.source_path.is_dir()]
     try:
         serve(*deployments, pause_on_shutdown=False)
     finally:
         for watcher in watchers:
             watcher.stop()
 
+
+
+def _watch(config: StudyConfig, settle_seconds: float, rescan_seconds: float) -> LandingWatcher:
+    def on_batch(files: list[Path]) -> None:
+        announce_arrival(config, files)
+
+    def is_new(file: Path) -> bool:
+        return is_new_file(config, file)
+
+    return LandingWatcher(config.source_path, on_batch, is_new=is_new, settle_seconds=settle_seconds,
+                          rescan_seconds=rescan_seconds).start()

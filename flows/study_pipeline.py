@@ -18,7 +18,10 @@ from longitudinal.config import ExecutionConfig, StudyConfig, load_config
 from longitudinal.curation import fingerprint
 from longitudinal.ingest import find_source_files
 from longitudinal.formula import check_candidates, check_same_response, parse_candidates
-from longitudinal.outputs import build_manifest, discard_run, package_versions, run_id_of, start_run
+from longitudinal.durable import printable
+from longitudinal.outputs import (
+    build_manifest, discard_run, markdown_text, package_versions, run_id_of, start_run,
+)
 from longitudinal.records import Fit
 from longitudinal.report import ReportInputs
 from tasks.fitting import fit
@@ -29,7 +32,9 @@ from tasks.validation import validate
 
 
 def _run_name() -> str:
-    """``<study>: <newest data file> (+N more) @ <time>``: the study and the data the run saw."""
+    """``<study>: <newest data file> (+N more) @ <time>``: the study and the data the run saw.
+
+    A file name that is not UTF-8 is shown with U+FFFD: Prefect cannot store it as it is."""
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
     try:
         config = load_config(flow_run.parameters["config_path"])
@@ -40,7 +45,7 @@ def _run_name() -> str:
     except Exception:  # no data (yet): the run will say so
         return f"{config.study}: no data @ {stamp}"
     more = f" (+{len(files) - 1} more)" if len(files) > 1 else ""
-    return f"{config.study}: {files[-1].name}{more} @ {stamp}"
+    return f"{config.study}: {printable(files[-1].name)}{more} @ {stamp}"
 
 
 @flow(name="longitudinal-study", flow_run_name=_run_name, log_prints=False)
@@ -53,8 +58,8 @@ def study_pipeline(config_path: str, criterion: str | None = None) -> str:
     run_id = run_id_of(staging)
     try:
         run_dir = _run_stages(config, Path(config_path), formulas, staging, run_id)
-    except BaseException:
-        discard_run(staging)
+    except BaseException as error:
+        discard_run(staging, error)  # keeps the study's needs-run marker unless the input is at fault
         raise
     return str(run_dir)
 
@@ -145,9 +150,9 @@ def _lap(start: float) -> float:
 def _summary_markdown(config: StudyConfig, selection: Any, counts: dict[str, int], run_id: str) -> str:
     table = selection.table
     lines = [
-        f"# {config.study}: run {run_id}",
+        f"# {markdown_text(config.study)}: run {run_id}",
         "",
-        f"Selected **{selection.selected}** by {selection.criterion.upper()}.",
+        f"Selected **{markdown_text(selection.selected)}** by {selection.criterion.upper()}.",
         "",
         f"Rows read {counts['read']} = analysed {counts['analysed']} + quarantined {counts['quarantined']}.",
         "",
@@ -156,7 +161,7 @@ def _summary_markdown(config: StudyConfig, selection: Any, counts: dict[str, int
     ]
     for row in table.itertuples():
         lines.append(
-            f"| {row.model} | {row.converged} | {row.loglik:.3f} | {row.aic:.2f} | {row.bic:.2f} | "
+            f"| {markdown_text(row.model)} | {row.converged} | {row.loglik:.3f} | {row.aic:.2f} | {row.bic:.2f} | "
             f"{'yes' if row.selected else ''} |"
         )
     return "\n".join(lines)

@@ -5,16 +5,24 @@ modification time have stopped changing for ``settle_seconds``. Files that settl
 reported as one batch (one pipeline run for a burst of arrivals). A periodic rescan backs up the
 file-system notifications, which can be missed (network file systems, a watcher restarted while files
 landed). What counts as "new" is decided by the caller (e.g. a content hash not yet ingested).
+
+One bad entry never stops the watcher or delays the other files: a name that is not UTF-8 is handled as
+any other (logged with U+FFFD), a file that cannot be read or checked is left out and offered again at
+the next rescan, and when a batch cannot be delivered, its files are delivered one by one so that only
+the file at fault waits. A folder that cannot be listed is reported once and retried at each rescan.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+from longitudinal.durable import printable
 
 DATA_SUFFIXES = (".csv", ".parquet")
 
@@ -59,6 +67,7 @@ class LandingWatcher:
         self._thread: threading.Thread | None = None
         self._observer: object | None = None
         self._last_scan = -float("inf")
+        self._listing_error: str | None = None
 
     # ------------------------------------------------------------------------------------- lifecycle
 
@@ -73,9 +82,12 @@ class LandingWatcher:
                 if event.is_directory:
                     return
                 for raw in (event.src_path, getattr(event, "dest_path", "")):
-                    if raw:
-                        path = Path(raw if isinstance(raw, str) else raw.decode())
-                        watcher.notice(path)
+                    if not raw:
+                        continue
+                    try:
+                        watcher.notice(Path(os.fsdecode(raw)))  # bytes that are not UTF-8 stay escaped
+                    except Exception:  # an exception here would end watchdog's thread; the rescan covers it
+                        log.exception("cannot look at %s", printable(raw))
 
         self.folder.mkdir(parents=True, exist_ok=True)
         observer = Observer()
@@ -113,13 +125,26 @@ class LandingWatcher:
                 self._pending[path] = _Pending(signature, self.clock())
 
     def rescan(self) -> None:
-        """Look at every file of the folder (the backstop for missed notifications)."""
+        """Look at every file of the folder (the backstop for missed notifications).
+
+        An entry that cannot be examined is skipped; a folder that cannot be listed is logged once (until
+        it can be listed again) and tried again at the next rescan."""
         self._last_scan = self.clock()
-        if not self.folder.is_dir():
+        try:
+            entries = sorted(self.folder.iterdir()) if self.folder.is_dir() else []
+        except OSError as exc:
+            message = f"cannot list the landing folder {printable(self.folder)}: {printable(exc.strerror or exc)}"
+            if message != self._listing_error:
+                log.warning("%s; trying again every %.0f s", message, self.rescan_seconds)
+            self._listing_error = message
             return
-        for path in sorted(self.folder.iterdir()):
-            if path.is_file():
-                self.notice(path)
+        self._listing_error = None
+        for path in entries:
+            try:
+                if path.is_file():
+                    self.notice(path)
+            except OSError as exc:  # e.g. a name too long or a loop of links: not a data file
+                log.warning("skipping %s: %s", printable(path), printable(exc))
 
     def tick(self) -> list[Path]:
         """Report the batch that has settled, if any; returns what was reported."""
@@ -143,22 +168,44 @@ class LandingWatcher:
             self._reported.update({path: p.signature for path, p in settled.items()})
         batch = [path for path in sorted(settled) if self._safe_is_new(path)]
         if batch:
-            try:
-                self.on_batch(batch)
-            except BaseException:
-                with self._lock:  # not delivered: the next rescan offers these files again
-                    for path in batch:
-                        self._reported.pop(path, None)
-                raise
+            self._deliver(batch)
         return batch
+
+    def _deliver(self, batch: list[Path]) -> None:
+        """``on_batch(batch)``; if that fails, each file alone, so that one file at fault does not hold
+        back the others. What was not delivered is offered again at the next rescan; the first failure
+        is raised once the others are delivered."""
+        try:
+            self.on_batch(batch)
+            return
+        except BaseException as exc:
+            if len(batch) == 1 or not isinstance(exc, Exception):
+                self._offer_again(batch)
+                raise
+            first: BaseException = exc
+        failed = []
+        for path in batch:
+            try:
+                self.on_batch([path])
+            except Exception:
+                failed.append(path)
+        self._offer_again(failed)
+        if failed:
+            log.warning("could not report %s; trying again at the next rescan",
+                        ", ".join(printable(p.name) for p in failed))
+            raise first
+
+    def _offer_again(self, paths: list[Path]) -> None:
+        with self._lock:
+            for path in paths:
+                self._reported.pop(path, None)
 
     def _safe_is_new(self, path: Path) -> bool:
         try:
             return self.is_new(path)
-        except OSError as exc:  # vanished or unreadable between settling and hashing: the rescan retries
-            log.warning("cannot read %s yet: %s", path, exc)
-            with self._lock:
-                self._reported.pop(path, None)
+        except Exception as exc:  # vanished, unreadable or not checkable now: the rescan retries
+            log.warning("cannot read %s yet: %s", printable(path), printable(exc))
+            self._offer_again([path])
             return False
 
     def _loop(self) -> None:
@@ -166,7 +213,7 @@ class LandingWatcher:
             try:
                 self.tick()
             except Exception:  # the watcher must outlive one bad callback; the rescan retries
-                log.exception("landing watcher for %s failed to report a batch", self.folder)
+                log.exception("landing watcher for %s failed to report a batch", printable(self.folder))
 
 
 def _signature(path: Path) -> tuple[int, int] | None:

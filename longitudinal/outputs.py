@@ -10,20 +10,32 @@ Runs of one study are serialized: :func:`start_run` takes the study's run lock (
 :func:`discard_run` releases it. The kernel releases the lock of a killed process, so holding it proves
 that no other run of the study is alive: :func:`start_run` then removes what killed runs left behind
 (``.staging-*`` folders, a ``.latest-*`` link made just before a publish) without touching a live run.
+
+A study "needs a run" while data it has received may be missing from ``latest``: :func:`start_run` writes
+the marker ``<output>/.<study>.needs-run`` (next to the run lock) before the run ingests anything, and only
+:func:`publish_run` removes it. A run that fails for a passing cause (the Prefect server or the network
+gone, the disk full, a file briefly unreadable, a kill) leaves it, so the next run, or ``serve`` at its
+start, knows to run again; a run that fails because of the data or the config removes the marker it
+wrote (running again would fail the same way), but keeps one an earlier failed run left.
+
+A write the disk refuses raises :class:`~longitudinal.durable.OutputUnwritable` naming the folder; the
+failed run's staging folder is removed and ``latest`` keeps pointing at the previous run.
 """
 
 from __future__ import annotations
 
 import hashlib
 import fcntl
+import html
 import json
 import logging
 import math
 import os
 import shutil
 import subprocess
+import re
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -33,7 +45,8 @@ import numpy as np
 import pandas as pd
 
 from longitudinal.config import StudyConfig
-from longitudinal.durable import sync_path, sync_tree
+from longitudinal.durable import OutputUnwritable, printable, sync_path, sync_tree, writing
+from longitudinal.errors import LongitudinalError, SourceUnavailable
 from longitudinal.records import Fit, Selection, SourceFile, Validated
 from longitudinal.selection import COLUMNS
 
@@ -53,7 +66,8 @@ def new_run_id(now: datetime | None = None) -> str:
 
 
 def start_run(study_dir: Path, run_id: str | None = None) -> Path:
-    """Take the study's run lock, clear what killed runs left, and create this run's staging folder.
+    """Take the study's run lock, clear what killed runs left, mark the study as needing a run, and create
+    this run's staging folder.
 
     Waits while another run of the study holds the lock, so two runs started at once run one after the
     other: the second ingests after the first has published, and neither writes into the other's
@@ -61,20 +75,24 @@ def start_run(study_dir: Path, run_id: str | None = None) -> Path:
     runs are published (:func:`run_id_of` reads it back). The caller writes into the staging folder,
     then calls :func:`publish_run` (or :func:`discard_run` on failure), which releases the lock.
     """
-    study_dir.mkdir(parents=True, exist_ok=True)
-    lock = _acquire_run_lock(study_dir, run_id or "(new)")
+    with writing(study_dir, "start a run"):
+        study_dir.mkdir(parents=True, exist_ok=True)
+        lock = _acquire_run_lock(study_dir, run_id or "(new)")
     try:
-        if run_id is None:
-            run_id = new_run_id()
-            os.ftruncate(lock, 0)
-            os.pwrite(lock, f"{os.getpid()}, {run_id}\n".encode(), 0)
-        staging = study_dir / f"{STAGING_PREFIX}{run_id}"
-        remove_stale_runs(study_dir)
-        (staging / "figures").mkdir(parents=True)
+        with writing(study_dir, "start a run"):
+            if run_id is None:
+                run_id = new_run_id()
+                os.ftruncate(lock, 0)
+                os.pwrite(lock, f"{os.getpid()}, {run_id}\n".encode(), 0)
+            staging = study_dir / f"{STAGING_PREFIX}{run_id}"
+            remove_stale_runs(study_dir)
+            earlier = read_needs_run(study_dir)
+            _write_needs_run(study_dir, (earlier or {"since": _now(), "first_run": run_id}) | {"attempt": run_id})
+            (staging / "figures").mkdir(parents=True)
     except BaseException:
         os.close(lock)
         raise
-    _RUN_LOCKS[staging] = lock
+    _RUNS[staging] = _Run(lock=lock, marker_was_there=earlier is not None)
     return staging
 
 
@@ -84,37 +102,111 @@ def run_id_of(staging: Path) -> str:
 
 
 def publish_run(staging: Path, run_id: str) -> Path:
-    """Move a finished run into place and point ``latest`` at it, each step atomic; release the run lock.
+    """Move a finished run into place and point ``latest`` at it, each step atomic; clear the study's
+    needs-run marker and release the run lock.
 
     The files are flushed to disk first, so a machine restart cannot leave a published run with empty
     files. A kill between the two steps leaves a complete run folder and ``latest`` on the previous run.
+    When the disk refuses a step, the run is moved back to its staging folder (for :func:`discard_run`
+    to remove) and ``latest`` is left as it was.
     """
     study_dir = staging.parent
     final = study_dir / run_id
-    sync_tree(staging)
-    os.rename(staging, final)
     link = study_dir / "latest"
     temporary = study_dir / f"{LATEST_PREFIX}{run_id}"
-    temporary.symlink_to(run_id, target_is_directory=True)
-    os.replace(temporary, link)
-    sync_path(study_dir)
+    with writing(study_dir, "publish the run"):
+        sync_tree(staging)
+        os.rename(staging, final)
+        try:
+            temporary.symlink_to(run_id, target_is_directory=True)
+            os.replace(temporary, link)
+            sync_path(study_dir)
+        except OSError:
+            if link.resolve() != final.resolve():  # latest not moved: take the run back out of sight
+                temporary.unlink(missing_ok=True)
+                os.rename(final, staging)
+            raise
+    try:
+        needs_run_path(study_dir).unlink(missing_ok=True)
+    except OSError as exc:  # published all the same; the next run clears it
+        _log.warning("could not remove %s: %s", printable(needs_run_path(study_dir)), printable(exc))
     _release_run_lock(staging)
     return final
 
 
-def discard_run(staging: Path) -> None:
-    """Remove the staging folder of a run that failed and release the run lock."""
+def discard_run(staging: Path, error: BaseException | None = None) -> None:
+    """Remove the staging folder of a run that failed and release the run lock.
+
+    The study keeps its needs-run marker unless ``error`` is the data's or the config's fault (running
+    again on the same input would fail the same way) and this run wrote the marker: a marker an earlier
+    run left stays, since what that run registered is still unpublished.
+    """
     shutil.rmtree(staging, ignore_errors=True)
-    _release_run_lock(staging)
+    run = _RUNS.get(staging)
+    study_dir = staging.parent
+    try:
+        if error is not None and is_input_failure(error) and run is not None and not run.marker_was_there:
+            needs_run_path(study_dir).unlink(missing_ok=True)
+        elif run is not None:
+            marker = read_needs_run(study_dir) or {"since": _now(), "first_run": run_id_of(staging)}
+            reason = "stopped" if error is None else f"{type(error).__name__}: {printable(error)}"
+            _write_needs_run(study_dir, marker | {"attempt": run_id_of(staging), "last_failure": reason[:2000]})
+    except OSError as exc:  # the disk that failed the run may refuse this too: the marker is a hint
+        _log.warning("could not update %s: %s", printable(needs_run_path(study_dir)), printable(exc))
+    finally:
+        _release_run_lock(staging)
+
+
+def is_input_failure(error: BaseException) -> bool:
+    """Whether running again on the same data and config would fail the same way: the project's own
+    data and config errors, except a file that could not be read just now and a disk that refused a write.
+    Everything else (a server or network gone, an interruption, a bug) counts as passing."""
+    return isinstance(error, LongitudinalError) and not isinstance(error, (SourceUnavailable, OutputUnwritable))
+
+
+def needs_run_path(study_dir: Path) -> Path:
+    """The study's needs-run marker: next to the study's folder, like the run lock."""
+    return study_dir.parent / f".{study_dir.name}.needs-run"
+
+
+def read_needs_run(study_dir: Path) -> dict[str, Any] | None:
+    """The study's needs-run marker, or None when every run so far published what it ingested.
+
+    The marker is JSON: ``since`` (when the first unpublished run started), ``first_run`` (its run id),
+    ``attempt`` (the latest run that started) and, after a failure, ``last_failure`` (its error)."""
+    path = needs_run_path(study_dir)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    try:
+        marker = json.loads(text)
+    except ValueError:  # cut short by a full disk or a crash: still a marker
+        return {"since": None}
+    return marker if isinstance(marker, dict) else {"since": None}
+
+
+def _write_needs_run(study_dir: Path, marker: Mapping[str, Any]) -> None:
+    path = needs_run_path(study_dir)
+    aside = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    aside.write_text(json.dumps(_jsonable(marker)) + "\n", encoding="utf-8")
+    os.replace(aside, path)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def remove_stale_runs(study_dir: Path) -> list[Path]:
-    """Remove the ``.staging-*`` folders and ``.latest-*`` links that killed runs left in ``study_dir``.
+    """Remove the ``.staging-*`` folders and ``.latest-*`` links that killed runs left in ``study_dir``,
+    and a needs-run marker's temporary file next to it.
 
     Call only while holding the study's run lock (as :func:`start_run` does): then no other run of the
     study is alive and everything with these prefixes is a leftover. Returns what was removed.
     """
-    removed = []
+    removed = sorted(study_dir.parent.glob(f"{needs_run_path(study_dir).name}.*.tmp"))
+    for path in removed:
+        path.unlink(missing_ok=True)
     for path in sorted(study_dir.iterdir()):
         if path.name.startswith(LATEST_PREFIX) and path.is_symlink():
             path.unlink(missing_ok=True)
@@ -136,9 +228,17 @@ def run_lock_path(study_dir: Path) -> Path:
 
 _log = logging.getLogger(__name__)
 
-# The open run-lock descriptor of each staging folder this process is assembling: module state because
-# the flow passes only paths between its tasks. The lock lives exactly as long as the descriptor.
-_RUN_LOCKS: dict[Path, int] = {}
+@dataclass(frozen=True)
+class _Run:
+    lock: int
+    """The open run-lock descriptor: the lock lives exactly as long as it."""
+    marker_was_there: bool
+    """An earlier run had left the needs-run marker when this run started."""
+
+
+# Each staging folder this process is assembling: module state because the flow passes only paths
+# between its tasks.
+_RUNS: dict[Path, _Run] = {}
 
 
 def _acquire_run_lock(study_dir: Path, run_id: str) -> int:
@@ -165,9 +265,9 @@ def _acquire_run_lock(study_dir: Path, run_id: str) -> int:
 
 
 def _release_run_lock(staging: Path) -> None:
-    descriptor = _RUN_LOCKS.pop(staging, None)
-    if descriptor is not None:
-        os.close(descriptor)  # closing this process's only descriptor of the file releases the flock
+    run = _RUNS.pop(staging, None)
+    if run is not None:
+        os.close(run.lock)  # closing this process's only descriptor of the file releases the flock
 
 
 # ------------------------------------------------------------------------------------------------ files
@@ -202,34 +302,82 @@ def selected_model_summary(fit: Fit, criterion: str) -> dict[str, Any]:
 
 
 def write_json(document: Mapping[str, Any], path: Path) -> Path:
-    """Write JSON with NaN and infinities as null (strict JSON readers reject NaN)."""
-    path.write_text(json.dumps(_jsonable(document), indent=2) + "\n", encoding="utf-8")
+    """Write JSON with NaN and infinities as null (strict JSON readers reject NaN), and text as UTF-8
+    (a file name that is not UTF-8 is shown with U+FFFD, see :func:`~longitudinal.durable.printable`)."""
+    path.write_text(json.dumps(_jsonable(document), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return path
 
 
 def write_quarantine(validated: Validated, folder: Path) -> Path:
+    """``quarantine.csv``: the quarantined rows as read, each text cell made safe to open in a spreadsheet
+    (:func:`spreadsheet_safe`)."""
     path = folder / "quarantine.csv"
-    validated.quarantine.to_csv(path, index=False)
+    spreadsheet_safe(validated.quarantine).to_csv(path, index=False)
     return path
+
+
+# A text cell a spreadsheet would evaluate as a formula (OWASP, "CSV Injection"): =, +, -, @, tab, CR.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+# ... unless the whole cell is a plain number: "-5", "+1.5", "-2e3" are read as numbers, never run.
+_PLAIN_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+
+
+def spreadsheet_cell(value: Any) -> Any:
+    """A text cell that starts like a formula gets a leading ``'`` (OWASP's advice), so a spreadsheet shows
+    it as text instead of running it; a plain number such as ``-5`` is left as it is, and so is every
+    value that is not text. Undecodable bytes of a name become U+FFFD."""
+    if not isinstance(value, str):
+        return value
+    value = printable(value)
+    if value.startswith(_FORMULA_START) and not _PLAIN_NUMBER.fullmatch(value):
+        return "'" + value
+    return value
+
+
+def spreadsheet_safe(frame: pd.DataFrame) -> pd.DataFrame:
+    """A copy of ``frame`` whose text cells and column names are :func:`spreadsheet_cell`-safe."""
+    text = [c for c in frame.columns if not pd.api.types.is_numeric_dtype(frame[c])
+            and not pd.api.types.is_bool_dtype(frame[c]) and not pd.api.types.is_datetime64_any_dtype(frame[c])]
+    safe = frame.assign(**{str(c): frame[c].map(spreadsheet_cell, na_action="ignore") for c in text})
+    return safe.rename(columns=lambda c: spreadsheet_cell(c) if isinstance(c, str) else c)
+
+
+def markdown_text(value: Any) -> str:
+    """``value`` as plain text inside Markdown (a Prefect artifact): HTML escaped, the characters that make
+    links, emphasis, code or table cells (``[ ] ( ) * _ ` | \\``) backslash-escaped, line breaks as
+    spaces. Data values, file names and candidate names go through this; the UI's own sanitizer is then
+    a second line of defence, not the only one."""
+    text = " ".join(printable(value).splitlines()) if value is not None else ""
+    text = html.escape(text, quote=True)
+    return _MARKDOWN_SPECIAL.sub(r"\\\g<0>", text)
+
+
+_MARKDOWN_SPECIAL = re.compile(r"[\\`*_\[\]()|]")
 
 
 def write_validation(validated: Validated, config: StudyConfig) -> Path:
     """``validation.json`` and ``quarantine.csv`` in ``<output>/<study>/validations/<run id>/``: the outcome of
     the checks kept where a user finds it when there is no run folder (``longitudinal validate``, or a run
-    that validation stopped)."""
+    that validation stopped). A write the disk refuses leaves no half-written folder."""
     from longitudinal.validation import validation_summary
 
     folder = config.output_dir / "validations" / new_run_id()
-    folder.mkdir(parents=True)
-    write_json(validation_summary(validated), folder / "validation.json")
-    write_quarantine(validated, folder)
+    try:
+        with writing(folder.parent, "write the validation results"):
+            folder.mkdir(parents=True)
+            write_json(validation_summary(validated), folder / "validation.json")
+            write_quarantine(validated, folder)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
     return folder
 
 
 def write_data(validated: Validated, folder: Path) -> Path:
     """The analysed rows as Parquet (pyarrow), with their source file and line."""
     path = folder / "data.parquet"
-    validated.visits.reset_index(drop=True).to_parquet(path, engine="pyarrow", index=False)
+    with path.open("wb") as handle:  # through Python's file, so a refused write keeps its errno
+        validated.visits.reset_index(drop=True).to_parquet(handle, engine="pyarrow", index=False)
     return path
 
 
@@ -283,11 +431,11 @@ def git_commit() -> str | None:
 
 def _jsonable(value: Any) -> Any:
     if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {printable(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
+    if isinstance(value, (str, Path)):
+        return printable(value)
     if isinstance(value, (np.bool_,)):
         return bool(value)
     if isinstance(value, (np.integer,)):
@@ -301,7 +449,15 @@ def _jsonable(value: Any) -> Any:
 
 def write_run_files(folder: Path, inputs: ReportInputs) -> Path:
     """Every file of a run folder but the manifest: the comparison table, the selected model, the
-    validation outcome, the quarantine, the analysed data, the figures and the report (returned)."""
+    validation outcome, the quarantine, the analysed data, the figures and the report (returned).
+
+    A write the disk refuses raises :class:`~longitudinal.durable.OutputUnwritable` naming the study's
+    folder; the caller discards the staging folder."""
+    with writing(folder.parent, "write the run folder"):
+        return _write_run_files(folder, inputs)
+
+
+def _write_run_files(folder: Path, inputs: ReportInputs) -> Path:
     from longitudinal.figures import build_figures, figure_to_png
     from longitudinal.report import render_report
     from longitudinal.validation import validation_summary
@@ -316,5 +472,5 @@ def write_run_files(folder: Path, inputs: ReportInputs) -> Path:
         pngs[stem] = figure_to_png(figure)
         (folder / "figures" / f"{stem}.png").write_bytes(pngs[stem])
     report = folder / "report.html"
-    report.write_text(render_report(inputs, pngs), encoding="utf-8")
+    report.write_text(printable(render_report(inputs, pngs)), encoding="utf-8")
     return report

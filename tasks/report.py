@@ -1,6 +1,8 @@
 """Report: write the run's files and the HTML report into the staging folder, then publish the run.
 
-Writing is retried (an output folder can be briefly unavailable); every write is idempotent.
+Writing is retried (an output folder can be briefly unavailable); every write is idempotent. A write the
+disk refuses (full, read-only, not permitted) is not retried: it fails the run with one line naming the
+folder, and the flow removes the staging folder.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
-from longitudinal.outputs import publish_run, write_json, write_run_files
+from longitudinal.durable import printable
+from longitudinal.outputs import markdown_text, publish_run, write_json, write_run_files
 from longitudinal.report import ReportInputs
 from tasks.common import artifact_key, transient_failure
 
@@ -22,7 +25,7 @@ from tasks.common import artifact_key, transient_failure
 def write_outputs(staging: Path, inputs: ReportInputs) -> Path:
     """Every file of the run folder but the manifest: tables, JSON, data, figures and the report."""
     report = write_run_files(staging, inputs)
-    get_run_logger().info("run files and report written to %s", staging)
+    get_run_logger().info("run files and report written to %s", printable(staging))
     return report
 
 
@@ -33,11 +36,12 @@ def publish(staging: Path, run_id: str, manifest: dict, study: str, summary_mark
     run_dir = publish_run(staging, run_id)
     report = run_dir / "report.html"
     create_link_artifact(
-        link=report.resolve().as_uri(), link_text=f"{study} report ({run_id})",
+        link=report.resolve().as_uri(), link_text=f"{markdown_text(study)} report ({run_id})",
         key=artifact_key(study, "report"), description="The run's HTML report (a file on the machine that ran it)",
     )
     create_markdown_artifact(
-        markdown=summary_markdown, key=artifact_key(study, "summary"), description=f"Run summary for {study}",
+        markdown=summary_markdown, key=artifact_key(study, "summary"),
+        description=f"Run summary for {markdown_text(study)}",
     )
-    get_run_logger().info("run published at %s", run_dir)
+    get_run_logger().info("run published at %s", printable(run_dir))
     return run_dir

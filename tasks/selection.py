@@ -10,6 +10,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
+from longitudinal.outputs import markdown_text
 from longitudinal.records import Fit, Selection
 from longitudinal.selection import select_model
 from tasks.common import artifact_key
@@ -22,7 +23,8 @@ def select(fits: Sequence[Fit], criterion: Literal["aic", "bic"], study: str) ->
     create_table_artifact(
         table=table.to_dict(orient="records"),
         key=artifact_key(study, "model-comparison"),
-        description=f"Model comparison for {study} by {criterion.upper()}; selected: {selection.selected}",
+        description=(f"Model comparison for {markdown_text(study)} by {criterion.upper()}; "
+                     f"selected: {markdown_text(selection.selected)}"),  # the UI renders descriptions as Markdown
     )
     get_run_logger().info("selected %s by %s", selection.selected, criterion.upper())
     return selection

@@ -10,8 +10,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from longitudinal.config import StudyConfig
+from longitudinal.durable import printable
 from longitudinal.records import Ingested, Validated
-from longitudinal.outputs import write_validation
+from longitudinal.outputs import markdown_text, write_validation
 from longitudinal.validation import ensure_valid, validate_visits
 from tasks.common import artifact_key
 
@@ -26,21 +27,23 @@ def validate(ingested: Ingested, config: StudyConfig, covariates: Collection[str
     )
     logger = get_run_logger()
     for note in validated.notes:
-        logger.info("%s", note)
+        logger.info("%s", printable(note))
     for warning in validated.warnings:
-        logger.warning("warning: %s", warning)
+        logger.warning("warning: %s", printable(warning))
     logger.info(
         "%d rows read = %d analysed + %d quarantined",
         validated.rows_read, validated.rows_analysed, validated.rows_quarantined,
     )
     if not validated.success:
         folder = write_validation(validated, config)
-        logger.error("validation failed; the checks and the quarantine are in %s", folder)
+        logger.error("validation failed; the checks and the quarantine are in %s", printable(folder))
         ensure_valid(validated, config, folder)
     return validated
 
 
 def validation_markdown(validated: Validated) -> str:
+    """The validation artifact: the accounting line, every check, and the quarantine reasons by rule. Check
+    descriptions and reasons quote data values, so they are escaped (:func:`markdown_text`)."""
     lines = [
         "# Validation",
         "",
@@ -52,10 +55,10 @@ def validation_markdown(validated: Validated) -> str:
     ]
     for outcome in validated.expectations:
         result = "pass" if outcome.success else "**warning**" if outcome.level == "warning" else "**fail**"
-        lines.append(f"| {outcome.description} | {outcome.level} | {result} | {outcome.unexpected_count} |")
+        lines.append(f"| {markdown_text(outcome.description)} | {outcome.level} | {result} | {outcome.unexpected_count} |")
     if validated.rows_quarantined:
         lines += ["", "| quarantine reason | rows |", "|---|---|"]
         rule = validated.quarantine["reason"].str.replace(r"[:(].*$", "", regex=True).str.strip()
         for reason, count in rule.value_counts().items():
-            lines.append(f"| {reason} | {count} |")
+            lines.append(f"| {markdown_text(reason)} | {count} |")
     return "\n".join(lines)
