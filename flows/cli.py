@@ -1,26 +1,35 @@
-"""The ``longitudinal`` command line: run, validate, simulate.
+"""The ``longitudinal`` command line: run, validate, serve, repair, simulate.
 
 Exit codes: 0 success (the last line of standard output is the folder written), 1 when the pipeline
 fails on the data, 2 on a usage or config error. A failure prints one line on stderr; ``--debug``
-shows the traceback too. Prefect is imported only by ``run``, so ``validate`` and ``simulate`` start fast.
+shows the traceback too. Prefect is imported only by ``run`` and ``serve``, so ``validate``, ``repair`` and
+``simulate`` start fast.
 """
 
 from __future__ import annotations
 
 import argparse
 import atexit
+import dataclasses
 import fcntl
+import io
 import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from longitudinal.errors import ConfigError, LongitudinalError
 
+if TYPE_CHECKING:
+    from longitudinal.records import Ingested, Validated
+
 
 def main(argv: Sequence[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # a file name's undecodable bytes never crash a print
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="replace")
     parser = _parser()
     try:
         args = parser.parse_args(argv)
@@ -73,6 +82,12 @@ def _parser() -> argparse.ArgumentParser:
                        help="how often the landing folders are rescanned as a backstop (default 60)")
     serve.set_defaults(handler=_serve)
 
+    repair = commands.add_parser(
+        "repair", help="rebuild the study's curated registry from its parts (damaged files are set aside, never deleted)",
+    )
+    repair.add_argument("--config", required=True, type=Path, help="the study's YAML config")
+    repair.set_defaults(handler=_repair)
+
     simulate = commands.add_parser("simulate", help="write a synthetic two-arm longitudinal trial")
     simulate.add_argument("--out", required=True, type=Path, help="output file (.csv or .parquet)")
     simulate.add_argument("--subjects", type=int, default=300)
@@ -82,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument("--bad-rows", type=int, default=0, help="deliberately bad rows to inject")
     simulate.set_defaults(handler=_simulate)
 
-    for sub in (run, validate, serve, simulate):
+    for sub in (run, validate, serve, repair, simulate):
         sub.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
@@ -115,7 +130,7 @@ def _check_before_prefect(path: Path) -> None:
     columns the current files lack) or cannot be read cheaply (the flow then reports the file).
     """
     from longitudinal.config import load_config
-    from longitudinal.curation import curated_dir
+    from longitudinal.curation import check_registry, curated_dir
     from longitudinal.errors import DataError
     from longitudinal.formula import check_candidates, check_same_response, parse_candidates
     from longitudinal.ingest import read_header
@@ -123,6 +138,7 @@ def _check_before_prefect(path: Path) -> None:
     config = load_config(path)
     formulas = parse_candidates(config.models.candidates)
     check_same_response(formulas, config.data.outcome)
+    check_registry(config)  # a damaged curated registry exits 1, naming the repair command
     if config.source_path.is_dir() and (curated_dir(config) / "registry.json").exists():
         return
     try:
@@ -167,7 +183,7 @@ def _validate(args: argparse.Namespace) -> int:
     check_same_response(formulas, config.data.outcome)
     ingested = read_sources(config)
     covariates = check_candidates(formulas, config.data.roles, list(ingested.raw.columns))
-    validated = validate_visits(ingested, config, covariates)
+    validated = _with_ingest_findings(validate_visits(ingested, config, covariates), ingested)
     folder = write_validation(validated, config)
     for note in validated.notes:
         print(note)
@@ -179,6 +195,22 @@ def _validate(args: argparse.Namespace) -> int:
     )
     print(folder)  # the checks and the quarantine, also when the table-level check below fails
     ensure_valid(validated, config, folder)
+    return 0
+
+
+def _with_ingest_findings(validated: Validated, ingested: Ingested) -> Validated:
+    """``validated`` listing ingestion's own findings (links skipped, ...) among its checks, once."""
+    listed = {e.name for e in validated.expectations}
+    extra = tuple(f for f in ingested.findings if f.name not in listed)
+    return dataclasses.replace(validated, expectations=(*extra, *validated.expectations)) if extra else validated
+
+
+def _repair(args: argparse.Namespace) -> int:
+    from longitudinal.config import load_config
+    from longitudinal.curation import repair_curated
+
+    for line in repair_curated(load_config(args.config)).lines():
+        print(line)
     return 0
 
 

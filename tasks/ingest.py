@@ -17,6 +17,8 @@ from tasks.common import transient_failure
 def ingest(config: StudyConfig) -> Curated:
     curated = curate(config)
     logger = get_run_logger()
+    for skipped in curated.skipped:
+        logger.warning("warning: %s", skipped)
     for duplicate in curated.duplicates:
         logger.warning("%s has the same content as %s: recorded as a duplicate, not ingested again",
                        duplicate.path, duplicate.same_as)
