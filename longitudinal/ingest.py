@@ -406,7 +406,8 @@ def read_snapshot(path: Path, config: StudyConfig) -> Snapshot:
         sizes += [before.st_size, after.st_size]
         time.sleep(0.1)
     raise SourceUnavailable(
-        f"{shown}: changed while being read ({sizes[0]:,} bytes, then {sizes[-1]:,}); it is still being "
+        f"{shown}: changed while being read (from {sizes[0]:,} to {sizes[-1]:,} bytes over {STABLE_READ_ATTEMPTS} "
+        "reads); it is still being "
         "written: it is read again on the next run (land files complete: write them under a hidden name, "
         "then rename)"
     )
