@@ -22,7 +22,7 @@ from longitudinal.durable import printable
 from longitudinal.outputs import (
     build_manifest, discard_run, markdown_text, package_versions, run_id_of, start_run,
 )
-from longitudinal.records import Fit
+from longitudinal.records import Fit, SourceFile
 from longitudinal.report import ReportInputs
 from tasks.fitting import fit
 from tasks.ingest import ingest
@@ -122,7 +122,8 @@ def _run_stages(config: StudyConfig, config_path: Path, formulas: dict, staging:
         timings={"stages": {k: round(v, 4) for k, v in stages.items()}, "fits": timings["fits"]},
         counts=counts, selected=chosen,
     )
-    return publish(staging, run_id, manifest, config.study, _summary_markdown(config, selection, counts, run_id))
+    summary = _summary_markdown(config, selection, counts, run_id, ingested.files)
+    return publish(staging, run_id, manifest, config.study, summary)
 
 
 @flow(name="fit-candidates", flow_run_name="fit {engine}: ML fits of the candidates", log_prints=False)
@@ -147,7 +148,9 @@ def _lap(start: float) -> float:
     return time.perf_counter() - start
 
 
-def _summary_markdown(config: StudyConfig, selection: Any, counts: dict[str, int], run_id: str) -> str:
+def _summary_markdown(config: StudyConfig, selection: Any, counts: dict[str, int], run_id: str,
+                      files: tuple[SourceFile, ...]) -> str:
+    """The run-summary artifact. Candidate and file names are escaped: the UI renders it as Markdown."""
     table = selection.table
     lines = [
         f"# {markdown_text(config.study)}: run {run_id}",
@@ -164,4 +167,6 @@ def _summary_markdown(config: StudyConfig, selection: Any, counts: dict[str, int
             f"| {markdown_text(row.model)} | {row.converged} | {row.loglik:.3f} | {row.aic:.2f} | {row.bic:.2f} | "
             f"{'yes' if row.selected else ''} |"
         )
+    lines += ["", "| input file | rows | sha256 |", "|---|---|---|"]
+    lines += [f"| {markdown_text(f.path)} | {f.rows} | {f.sha256[:12]} |" for f in files]
     return "\n".join(lines)
