@@ -165,12 +165,12 @@ def _standardize_columns(M: np.ndarray, *, centre_with_intercept: bool) -> _Colu
     of M: by the mean and SD, else by the root mean square. The intercept, 0/1 columns and columns without
     spread are left as they are.
 
-    Works on a column-major copy (each column contiguous: numpy's reductions down the columns of a tall
-    row-major matrix with few columns are several times slower) and returns it column-major (the engines'
-    sums read M by columns; copying back to row-major would cost as much again).
+    The statistics are taken on a column-major copy (numpy's reductions down the columns of a tall row-major
+    matrix with few columns are several times slower); the result is row-major, as M (the engines' sparse
+    products copy a column-major operand on every call).
     """
     n, k = M.shape
-    columns = np.array(M.T, order="C")  # always a copy (for one column M.T is contiguous already): edited in place
+    columns = np.array(M.T, order="C")  # a copy (for one column M.T is contiguous already), edited in place
     low, high = columns.min(axis=1), columns.max(axis=1)
     ones = (low == 1.0) & (high == 1.0)
     intercept = int(np.argmax(ones)) if ones.any() else None
@@ -181,20 +181,20 @@ def _standardize_columns(M: np.ndarray, *, centre_with_intercept: bool) -> _Colu
     if binary.all():  # nothing to standardize (a random intercept's Z, indicator columns): no copy
         return _Columns(values=M, map=np.eye(k), intercept=intercept, binary=binary, sd=np.full(k, np.nan))
     tried = np.where(binary | (not centre), 0.0, columns.mean(axis=1))  # the intercept is binary: never shifted
-    values = columns  # our own copy: worked on in place
-    values -= tried[:, None]
-    mean_square = np.einsum("ij,ij->i", values, values) / max(n, 1)
+    work = columns
+    work -= tried[:, None]
+    mean_square = np.einsum("ij,ij->i", work, work) / max(n, 1)
     spread = np.sqrt(mean_square)
     usable = ~binary & np.isfinite(spread) & (spread > 0.0)
     shift = np.where(usable, tried, 0.0)
     scale = np.where(usable, spread, 1.0)
-    if np.any(shift != tried):  # a constant column was centred to zero: leave it as it was
-        values = M.T - shift[:, None]
-    values /= scale[:, None]
+    work += (tried - shift)[:, None]  # a constant column centred to zero back to its value (c − c + c = c)
+    work /= scale[:, None]
+    values = np.ascontiguousarray(work.T)
     # SD (n − 1) for lme4's scale check: from the centred sums where the columns were centred.
     variance = mean_square * n / max(n - 1, 1) if centre else np.full(k, np.nan)
-    return _Columns(values=values.T, map=_column_map(shift, scale, intercept),
-                    intercept=intercept, binary=binary, sd=np.sqrt(variance))
+    return _Columns(values=values, map=_column_map(shift, scale, intercept), intercept=intercept, binary=binary,
+                    sd=np.sqrt(variance))
 
 
 def _scale_note(X: _Columns) -> str | None:
