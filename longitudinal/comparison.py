@@ -27,7 +27,7 @@ from typing import Literal
 from scipy.stats import chi2
 
 from longitudinal.errors import FitError
-from longitudinal.formula import ModelFormula, parse_formula, to_patsy
+from longitudinal.formula import ModelFormula, deparse, expand_terms, parse_formula
 from longitudinal.records import Fit
 
 #: A model term as the set of the factors it multiplies (the empty set is the intercept).
@@ -295,11 +295,11 @@ def _structures(small: Fit, big: Fit) -> tuple[ModelStructure, ModelStructure]:
 
 
 def _expand_terms(expression: str) -> list[TermKey]:
-    """R's terms of a right-hand side, each as its set of factors (the intercept is the empty set)."""
-    import patsy  # imported here to keep `import longitudinal.comparison` light
-
-    description = patsy.ModelDesc.from_formula(to_patsy(expression))
-    return [frozenset(factor.code for factor in term.factors) for term in description.rhs_termlist]
+    """R's terms of a right-hand side, each as its set of variables written as R deparses them (the
+    intercept is the empty set), by the project's own formula grammar."""
+    terms = expand_terms(expression)
+    keys = [frozenset(deparse(variable) for variable in term.variables) for term in terms.terms]
+    return ([frozenset()] if terms.intercept else []) + keys
 
 
 def _block_term_keys(term: str) -> Collection[TermKey]:
@@ -311,4 +311,4 @@ def _block_term_keys(term: str) -> Collection[TermKey]:
 def _term_label(key: TermKey) -> str:
     if not key:
         return "(Intercept)"
-    return ":".join(sorted(code.replace(" ** ", "^") for code in key))
+    return ":".join(sorted(key))

@@ -264,23 +264,6 @@ def check_same_response(formulas: Mapping[str, ModelFormula], outcome: str) -> N
             )
 
 
-def to_patsy(expression: str) -> str:
-    """R formula text to patsy's dialect: ``^`` inside ``I()`` is a power (in patsy it is Python's xor).
-
-    Only for the statsmodels-era callers that still hand a right-hand side to patsy's parser; the design
-    matrices do not use patsy.
-    """
-    out: list[str] = []
-    depth = 0
-    for ch in expression:
-        if ch == "(":
-            depth += 1
-        elif ch == ")":
-            depth -= 1
-        out.append("**" if ch == "^" and depth > 0 else ch)
-    return "".join(out)
-
-
 def _nested_groups(text: str, where: str) -> list[str]:
     """``a/b/c`` → ``["a", "a:b", "a:b:c"]`` (lme4's expansion of nesting); ``a:b`` → ``["a:b"]``."""
     levels = [part.strip() for part in text.split("/")]

@@ -19,7 +19,6 @@ from longitudinal.formula import (
     parse_candidates,
     parse_expression,
     parse_formula,
-    to_patsy,
 )
 
 
@@ -84,10 +83,6 @@ def test_a_grouping_column_the_data_lack_is_refused_by_name() -> None:
 def test_columns_read_by_a_formula() -> None:
     formula = parse_formula("score ~ week * arm + I(week^2) + log(age) + (week | patient_id)")
     assert formula.columns == {"score", "week", "arm", "age", "patient_id"}
-
-
-def test_power_inside_I_becomes_python_power() -> None:
-    assert to_patsy("I(week^2) + week:arm") == "I(week**2) + week:arm"
 
 
 @pytest.mark.parametrize(
