@@ -172,3 +172,62 @@ def test_a_transient_fault_in_ingest_succeeds_on_retry(prefect_client: Any, pref
 
     assert wait_for(recorded_attempts, seconds=30, what="the ingest task run on the server",
                     logs=(prefect_server.log,)) == 2
+
+
+def test_serve_starts_a_run_for_a_study_whose_last_run_did_not_publish(
+        prefect_server: PrefectServer, prefect_client: Any, tmp_path: Path) -> None:
+    """A run registered a landed file, then failed for a passing cause (the server went away): at its
+    start, serve sees the study's needs-run marker and starts the run that publishes the file."""
+    import yaml
+
+    from longitudinal.config import load_config
+    from longitudinal.curation import curate
+    from longitudinal.outputs import discard_run, read_needs_run, start_run
+    from prefect_server import BIN, quiet_prefect_env, start_group, stop_group, write_study_config
+
+    config_path = write_study_config(tmp_path)
+    document = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    document["study"] = "unpublished-trial"
+    del document["schedule"]
+    config_path.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
+    config = load_config(config_path)
+    rows = write_trial(tmp_path / "incoming" / "site-c.csv", subjects=30, seed=3, prefix="C-")
+    staging = start_run(config.output_dir)
+    curate(config)  # registered, so the watcher will not announce it again ...
+    discard_run(staging, ConnectionError("All connection attempts failed"))  # ... and never published
+    assert read_needs_run(config.output_dir) is not None
+
+    log = tmp_path / "serve.log"
+    (tmp_path / "home").mkdir()
+    process = start_group(
+        [str(BIN / "longitudinal"), "serve", "--config", str(config_path), "--settle-seconds", "1"],
+        env=quiet_prefect_env(tmp_path / "home", prefect_server.api_url), log=log, cwd=tmp_path,
+    )
+    try:
+        def finished() -> Any:
+            if process.poll() is not None:
+                pytest.fail(f"longitudinal serve exited with {process.returncode}")
+            runs = _deployment_runs(prefect_client, "longitudinal-study/unpublished-trial")
+            return runs if runs and all(r.state is not None and r.state.is_final() for r in runs) else None
+
+        runs = wait_for(finished, seconds=180, what="the run serve starts for the unpublished study",
+                        logs=(log, prefect_server.log))
+    finally:
+        stop_group(process)
+    assert [(r.state.is_completed(), "needs-run" in r.tags) for r in runs] == [(True, True)]
+    assert "did not publish" in log.read_text(encoding="utf-8", errors="replace")
+    manifest = _manifest(config.output_dir / "latest")
+    assert (_input_names(manifest), manifest["rows"]["read"]) == (["site-c.csv"], rows)
+    assert read_needs_run(config.output_dir) is None
+
+
+def _deployment_runs(client: Any, name: str) -> list[Any]:
+    """Every flow run of the deployment ``name`` (none while it is not registered yet)."""
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        deployment = client.read_deployment_by_name(name)
+    except ObjectNotFound:
+        return []
+    return client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])))
