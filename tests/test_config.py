@@ -87,6 +87,30 @@ def test_study_name_names_a_folder() -> None:
         parse_config(_with(study="my study"))
 
 
+@pytest.mark.parametrize("name", ["name\n", "name\r\n", "a/b", "", ".."])
+def test_study_name_must_match_in_full(name: str) -> None:
+    with pytest.raises(ConfigError, match=r"^config: study: .* may use only letters, digits, - and _ \(it names a folder\)$"):
+        parse_config(_with(study=name))
+
+
+def test_a_candidate_name_with_a_trailing_newline_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"candidate name 'ri\\n' may use only letters"):
+        parse_config(_with(models__candidates={"ri\n": "score ~ week + (1 | id)"}))
+
+
+def test_links_and_file_size_have_safe_defaults() -> None:
+    config = parse_config(_with())
+    assert config.data.follow_symlinks is False
+    assert config.validation.max_file_bytes == 2_000_000_000
+    with pytest.raises(ConfigError, match=r"validation.max_file_bytes: Input should be greater than or equal to 1"):
+        parse_config(_with(validation={"max_file_bytes": 0}))
+
+
+def test_internal_fields_are_not_config_keys() -> None:
+    with pytest.raises(ConfigError, match=r"unknown key 'config_file'"):
+        parse_config({**_with(), "config_file": "x.yaml"})
+
+
 def test_outcome_range_must_be_ordered() -> None:
     with pytest.raises(ConfigError, match=r"low \(10.0\) is above high \(0.0\)"):
         parse_config(_with(validation={"outcome_range": [10, 0]}))
