@@ -30,7 +30,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from longitudinal.outputs import discard_run, publish_run, remove_stale_runs, start_run
+from longitudinal.outputs import discard_run, publish_run, read_needs_run, remove_stale_runs, start_run
 from longitudinal.simulate import SimulationSpec, simulate_trial, write_table
 
 pytest.register_assert_rewrite("prefect_server")
@@ -240,8 +240,10 @@ def test_a_killed_run_leaves_everything_intact_and_the_next_run_completes(
     assert entries[:len(before["registry"]["files"])] == before["registry"]["files"]
     assert added in ([], [f"landing/{new.name}"])  # unchanged, or the new file complete
     assert added == ([] if point == "ingest" else [f"landing/{new.name}"])
+    assert read_needs_run(study.study_dir) is not None  # what the killed run registered awaits a run
 
     published = run(study, prefect_server)
+    assert read_needs_run(study.study_dir) is None
 
     assert (study.study_dir / "latest").resolve() == published.resolve() != before["latest"]
     manifest = assert_complete_run(published)

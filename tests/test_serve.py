@@ -28,6 +28,7 @@ from prefect_server import (  # noqa: E402
     triggered_runs,
     wait_for,
     wait_for_new_final_run,
+    write_study_config,
     write_trial,
 )
 
@@ -183,7 +184,7 @@ def test_serve_starts_a_run_for_a_study_whose_last_run_did_not_publish(
     from longitudinal.config import load_config
     from longitudinal.curation import curate
     from longitudinal.outputs import discard_run, read_needs_run, start_run
-    from prefect_server import BIN, quiet_prefect_env, start_group, stop_group, write_study_config
+    from prefect_server import BIN, quiet_prefect_env, start_group, stop_group
 
     config_path = write_study_config(tmp_path)
     document = yaml.safe_load(config_path.read_text(encoding="utf-8"))
@@ -231,3 +232,16 @@ def _deployment_runs(client: Any, name: str) -> list[Any]:
     except ObjectNotFound:
         return []
     return client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])))
+
+
+def test_an_arrival_with_a_name_that_is_not_utf8_is_announced(prefect_client: Any, tmp_path: Path) -> None:
+    """The event carries the name with U+FFFD; before, pydantic could not serialize it, emit_event sent
+    nothing and the watcher offered the batch (and the good file in it) again for ever."""
+    import os
+
+    from flows.serve import announce_arrival
+    from longitudinal.config import load_config
+
+    config = load_config(write_study_config(tmp_path))
+    odd = tmp_path / "incoming" / os.fsdecode(b"site-\xe6.csv")
+    announce_arrival(config, [odd, tmp_path / "incoming" / "good.csv"])  # raises when nothing was sent
