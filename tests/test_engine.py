@@ -558,3 +558,20 @@ def test_fitting_leaves_the_design_as_it_was() -> None:
     after = [design.y, design.X, *(block.Z for block in design.blocks)]
     for old, new in zip(before, after):
         np.testing.assert_array_equal(old, new)
+
+
+def test_a_theta_stopped_just_short_of_a_better_boundary_moves_onto_it() -> None:
+    from longitudinal.engine import _snap_to_boundary
+
+    # Flat toward the bound, as an intercept variance far from time zero: BOBYQA stopped at 0.004 where
+    # the deviance at 0 is 3e-8 lower (the case of BodyWeight with time in epoch seconds and (t || Rat)).
+    def deviance(theta: np.ndarray) -> float:
+        return 100.0 + 3e-8 * float(theta[0] > 0) + (theta[1] - 1.0) ** 2
+
+    lower = np.array([0.0, 0.0])
+    theta, value = _snap_to_boundary(deviance, np.array([0.004, 1.0]), deviance(np.array([0.004, 1.0])), lower)
+    assert theta.tolist() == [0.0, 1.0] and value == 100.0
+    # Never to a worse point, and never from far away (0.5 is an interior optimum, not a stalled boundary).
+    rising = lambda t: 100.0 - float(t[0] > 0) * 1e-8  # noqa: E731
+    assert _snap_to_boundary(rising, np.array([0.004, 1.0]), rising(np.array([0.004, 1.0])), lower)[0].tolist() == [0.004, 1.0]
+    assert _snap_to_boundary(deviance, np.array([0.5, 1.0]), deviance(np.array([0.5, 1.0])), lower)[0].tolist() == [0.5, 1.0]
