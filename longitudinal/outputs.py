@@ -338,8 +338,16 @@ def spreadsheet_safe(frame: pd.DataFrame) -> pd.DataFrame:
     """A copy of ``frame`` whose text cells and column names are :func:`spreadsheet_cell`-safe."""
     text = [c for c in frame.columns if not pd.api.types.is_numeric_dtype(frame[c])
             and not pd.api.types.is_bool_dtype(frame[c]) and not pd.api.types.is_datetime64_any_dtype(frame[c])]
-    safe = frame.assign(**{str(c): frame[c].map(spreadsheet_cell, na_action="ignore") for c in text})
+    safe = frame.assign(**{str(c): _spreadsheet_column(frame[c]) for c in text})
     return safe.rename(columns=lambda c: spreadsheet_cell(c) if isinstance(c, str) else c)
+
+
+def _spreadsheet_column(column: pd.Series) -> pd.Series:
+    if column.dtype == object or not pd.api.types.is_string_dtype(column):
+        return column.map(spreadsheet_cell, na_action="ignore")  # mixed values, maybe undecodable names
+    # A text column (pyarrow strings hold UTF-8 only): vectorized, a quarantine can have millions of rows.
+    formula = column.str.match(r"[=+\-@\t\r]", na=False) & ~column.str.fullmatch(_PLAIN_NUMBER.pattern, na=False)
+    return column.mask(formula, "'" + column)
 
 
 def markdown_text(value: Any) -> str:
