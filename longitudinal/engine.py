@@ -563,6 +563,7 @@ def restore_units(result: EngineResult, design: Design, standardization: Standar
     if result.singular:
         scales = tuple(1.0 / np.abs(np.diagonal(B)) for B in s.ranef_maps)
         messages.insert(0, singular_message(design, layout, result.theta, covariances, sigma, scales))
+    messages.extend(s.origin_notes)
     if s.scale_note is not None:
         messages.insert(0, s.scale_note)
     return dataclasses.replace(

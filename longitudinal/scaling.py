@@ -49,7 +49,9 @@ class Standardization:
     ``y_shift`` and ``y_scale``: y' = (y − y_shift) / y_scale. ``intercept``: the position of the intercept
     column in X (None without one). ``fixed_map`` is A (p × p) with X' = X A, so β = A β'. ``ranef_maps``
     holds B_b (q_b × q_b) per bar in formula order, Z_b' = Z_b B_b, so b = B_b b'. ``scale_note`` is
-    ``SCALE_NOTE`` where lme4's ``checkScaleX`` would warn about X, else None.
+    ``SCALE_NOTE`` where lme4's ``checkScaleX`` would warn about X, else None. ``origin_notes`` name the
+    random slopes without an intercept in their bar (``(x || g)``, ``(0 + x | g)``) whose variable lies far
+    from zero: such a model depends on where x = 0 (see :func:`_origin_notes`).
     """
 
     y_shift: float
@@ -58,6 +60,7 @@ class Standardization:
     fixed_map: np.ndarray
     ranef_maps: tuple[np.ndarray, ...]
     scale_note: str | None = None
+    origin_notes: tuple[str, ...] = ()
 
     @property
     def ranef_map(self) -> np.ndarray:
@@ -141,8 +144,38 @@ def standardize(design: Design) -> tuple[Design, Standardization]:
     standardized = dataclasses.replace(design, y=y_centred, X=fixed.values, blocks=tuple(blocks))
     return standardized, Standardization(
         y_shift=y_shift, y_scale=y_scale, intercept=fixed.intercept, fixed_map=fixed.map,
-        ranef_maps=tuple(maps), scale_note=_scale_note(fixed),
+        ranef_maps=tuple(maps), scale_note=_scale_note(fixed), origin_notes=_origin_notes(design),
     )
+
+
+#: A slope variable whose mean is more than this many SDs from zero is "far from zero" (epoch times, years AD).
+ORIGIN_TOL = 10.0
+
+
+def _origin_notes(design: Design) -> tuple[str, ...]:
+    """A note per random slope in a bar without an intercept whose variable lies far from zero.
+
+    ``(x || g)`` is ``(1 | g) + (0 + x | g)``: unlike a correlated ``(x | g)``, it is not invariant to a
+    shift of x, because its intercept variance is the variance at x = 0. With x in epoch seconds or calendar
+    years, x = 0 is far outside the data, and the model (and its fit, and the selection) differs from the
+    same model with x counted from the study's start. The fit is right for the model as written; the note
+    says why it may not be the model meant.
+    """
+    notes = []
+    for block in design.blocks:
+        if "(Intercept)" in block.terms:
+            continue
+        for j, term in enumerate(block.terms):
+            column = block.Z[:, j]
+            mean, sd = float(np.mean(column)), float(np.std(column))
+            if sd > 0.0 and abs(mean) > ORIGIN_TOL * sd:
+                notes.append(
+                    f"the random slope of {term!r} for {block.group} has no intercept in its bar, so the model "
+                    f"depends on where {term} = 0, and {term} lies far from zero here (mean {mean:.6g}, SD "
+                    f"{sd:.3g}): count {term} from the study's start, or use a correlated ({term} | "
+                    f"{block.group}) term, which does not depend on the origin"
+                )
+    return tuple(notes)
 
 
 # ------------------------------------------------------------------------------------------ internals

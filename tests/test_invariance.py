@@ -311,3 +311,15 @@ def test_a_singular_slope_model_with_a_gradient_at_the_boundary_stays_in_the_sel
     assert table.loc["ris", "converged"] and table.loc["ris", "singular"]
     assert table.loc["ris", "aic"] == pytest.approx(ris.aic)
     assert table["aic_weight"].sum() == pytest.approx(1.0) and table.loc["ris", "aic_weight"] > 0
+
+
+def test_an_uncorrelated_slope_on_a_far_origin_says_the_model_depends_on_it(fit_sleep: Callable[..., Fit]) -> None:
+    # (Days || Subject) with Days in epoch seconds is another model (its intercept variance is at 1970):
+    # the fit is right for it, and the note says why it may not be the model meant.
+    far = fit_sleep(UNCORRELATED, days=(86400.0, 1.7e9))
+    assert ("the random slope of 'Days' for Subject has no intercept in its bar, so the model depends on where "
+            "Days = 0, and Days lies far from zero here") in far.message
+    assert "use a correlated (Days | Subject) term, which does not depend on the origin" in far.message
+    for fit in (fit_sleep(UNCORRELATED), fit_sleep(UNCORRELATED, days=(86400.0, 0.0)),
+                fit_sleep("Reaction ~ Days + (Days | Subject)", days=(86400.0, 1.7e9))):
+        assert "depends on where" not in fit.message  # near the origin, or a correlated slope: no note
