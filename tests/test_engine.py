@@ -575,3 +575,112 @@ def test_a_theta_stopped_just_short_of_a_better_boundary_moves_onto_it() -> None
     rising = lambda t: 100.0 - float(t[0] > 0) * 1e-8  # noqa: E731
     assert _snap_to_boundary(rising, np.array([0.004, 1.0]), rising(np.array([0.004, 1.0])), lower)[0].tolist() == [0.004, 1.0]
     assert _snap_to_boundary(deviance, np.array([0.5, 1.0]), deviance(np.array([0.5, 1.0])), lower)[0].tolist() == [0.5, 1.0]
+
+
+# ---------------------------------------------- BOBYQA's stop, the restart and the Hessian notes, driven
+
+
+def _kinked(corner: tuple[float, float], weights: tuple[float, float]):  # type: ignore[no-untyped-def]
+    """A deviance with its minimum on a kink, which BOBYQA's quadratic model cannot represent: BOBYQA stops
+    where its model says it is done, and the central-difference gradient there is ±1 (times the weight)."""
+    return lambda theta: float(weights[0] * abs(theta[0] - corner[0]) + weights[1] * abs(theta[1] - corner[1]))
+
+
+def _recording_starts(monkeypatch: pytest.MonkeyPatch) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Every BOBYQA run's (start, stop), recorded around the engine's own ``_run_bobyqa``."""
+    import longitudinal.engine as engine
+
+    runs: list[tuple[np.ndarray, np.ndarray]] = []
+    real = engine._run_bobyqa
+
+    def recorded(deviance, start, lower):  # type: ignore[no-untyped-def]
+        theta, value, evaluations, status = real(deviance, start, lower)
+        runs.append((start.copy(), theta.copy()))
+        return theta, value, evaluations, status
+
+    monkeypatch.setattr(engine, "_run_bobyqa", recorded)
+    return runs
+
+
+def test_an_optimum_failing_the_gradient_test_is_restarted_near_it_and_the_better_run_kept(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from longitudinal.engine import DERIVATIVE_STEP, minimize_deviance
+
+    runs = _recording_starts(monkeypatch)
+    layout = layout_theta((1, 1))
+    best, attempts = minimize_deviance(_kinked((1.5, 1.234), (1.0, 5.0)), layout)
+    assert [a.optimizer for a in attempts] == ["bobyqa", "bobyqa (restart)"]
+    first, restart = attempts
+    # BOBYQA's first stop is off the kink by more than the derivative step: lme4 would warn, and so does
+    # the attempt (the piecewise-linear deviance has no curvature either, noted after the gradient).
+    assert not first.converged
+    assert first.message.startswith("failed to converge with max|grad| = 1 (tol = 0.002); ")
+    assert restart.converged and restart.message == ""
+    # The restart starts from the first stop with the variances lifted by 10% (at least to 0.05).
+    (start, stop), (restart_start, _) = runs
+    np.testing.assert_array_equal(start, layout.start())
+    np.testing.assert_allclose(restart_start, np.maximum(stop * 1.1, 0.05), rtol=1e-15)
+    # The restart's optimum is lower, and it is the one kept.
+    assert restart.loglik > first.loglik
+    assert best.converged and best.deviance == pytest.approx(-2 * restart.loglik, abs=1e-15)
+    assert best.theta == pytest.approx([1.5, 1.234], abs=DERIVATIVE_STEP)  # within a derivative step of the kink
+
+
+def test_when_the_restart_does_worse_the_lowest_deviance_is_kept_with_its_warning() -> None:
+    from longitudinal.engine import minimize_deviance
+
+    best, attempts = minimize_deviance(_kinked((2.345, 1.234), (1.0, 10.0)), layout_theta((1, 1)))
+    assert [a.optimizer for a in attempts] == ["bobyqa", "bobyqa (restart)"]
+    assert not any(a.converged for a in attempts)
+    assert attempts[0].loglik > attempts[1].loglik  # the restart went further astray
+    assert best.deviance == pytest.approx(-2 * attempts[0].loglik, abs=1e-15)
+    assert not best.converged and best.message.startswith("failed to converge with max|grad| = 1 (tol = 0.002)")
+
+
+def test_a_settled_optimum_is_not_restarted(monkeypatch: pytest.MonkeyPatch) -> None:
+    from longitudinal.engine import minimize_deviance
+
+    runs = _recording_starts(monkeypatch)
+    best, attempts = minimize_deviance(lambda t: float((t[0] - 2.0) ** 2 + 3.0 * (t[1] - 0.5) ** 2), layout_theta((1, 1)))
+    assert [a.optimizer for a in attempts] == ["bobyqa"] and len(runs) == 1
+    assert best.converged and best.settled and best.message == ""
+    assert best.theta == pytest.approx([2.0, 0.5], abs=1e-6)
+
+
+@pytest.mark.parametrize("deviance, point, converged, notes", [
+    pytest.param(lambda t: (t[0] - 1) ** 2 - (t[1] - 1) ** 2, [1.0, 1.0], True,
+                 ("unable to evaluate the scaled gradient (Hessian not positive definite)",
+                  "degenerate Hessian with 1 negative eigenvalue"), id="saddle"),
+    pytest.param(lambda t: -(t[0] - 1) ** 2 - (t[1] - 1) ** 2 + (t[2] - 1) ** 2, [1.0, 1.0, 1.0], True,
+                 ("unable to evaluate the scaled gradient (Hessian not positive definite)",
+                  "degenerate Hessian with 2 negative eigenvalues"), id="two-negative"),
+    pytest.param(lambda t: (t[0] - 1) ** 2 - (t[1] - 1) ** 2 + 0.01 * (t[0] - 1), [1.0, 1.0], False,
+                 ("failed to converge with max|grad| = 0.01 (tol = 0.002)",
+                  "unable to evaluate the scaled gradient (Hessian not positive definite)",
+                  "degenerate Hessian with 1 negative eigenvalue"), id="saddle-with-a-slope"),
+    pytest.param(lambda t: (t[0] - 2) ** 2, [2.0, 0.7], True,
+                 ("unable to evaluate the scaled gradient (Hessian not positive definite)",
+                  "Hessian is numerically singular: parameters are not uniquely determined"), id="zero-eigenvalue"),
+    pytest.param(lambda t: (t[0] - 2) ** 2 + 1e-7 * (t[1] - 0.7) ** 2, [2.0, 0.7], True,
+                 ("Hessian is numerically singular: parameters are not uniquely determined",), id="near-zero-eigenvalue"),
+])
+def test_the_hessian_notes_say_what_is_wrong_with_the_curvature(deviance, point, converged, notes) -> None:  # type: ignore[no-untyped-def]
+    from longitudinal.engine import _check_convergence
+
+    theta = np.array(point)
+    check = _check_convergence(lambda t: float(deviance(t)), theta, float(deviance(theta)), layout_theta((1,) * len(point)))
+    # A Hessian that is not positive definite is a warning only: the gradient decides the verdict.
+    assert (check.converged, check.settled) == (converged, converged)
+    assert check.notes == notes
+
+
+def test_an_unidentified_parameter_at_bobyqas_stop_is_noted_on_the_attempt() -> None:
+    from longitudinal.engine import minimize_deviance
+
+    # θ₂ does not enter the deviance: BOBYQA stops with a settled gradient and a zero Hessian eigenvalue.
+    best, attempts = minimize_deviance(lambda t: float((t[0] - 2.0) ** 2), layout_theta((1, 1)))
+    (attempt,) = attempts
+    assert attempt.converged and best.converged
+    assert attempt.message == best.message == (
+        "unable to evaluate the scaled gradient (Hessian not positive definite); "
+        "Hessian is numerically singular: parameters are not uniquely determined")
