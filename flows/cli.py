@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import dataclasses
 import fcntl
 import io
 import logging
@@ -183,7 +182,7 @@ def _validate(args: argparse.Namespace) -> int:
     check_same_response(formulas, config.data.outcome)
     ingested = read_sources(config)
     covariates = check_candidates(formulas, config.data.roles, list(ingested.raw.columns))
-    validated = _with_ingest_findings(validate_visits(ingested, config, covariates), ingested)
+    validated = validate_visits(ingested, config, covariates)
     folder = write_validation(validated, config)
     for note in validated.notes:
         print(note)
@@ -196,13 +195,6 @@ def _validate(args: argparse.Namespace) -> int:
     print(folder)  # the checks and the quarantine, also when the table-level check below fails
     ensure_valid(validated, config, folder)
     return 0
-
-
-def _with_ingest_findings(validated: Validated, ingested: Ingested) -> Validated:
-    """``validated`` listing ingestion's own findings (links skipped, ...) among its checks, once."""
-    listed = {e.name for e in validated.expectations}
-    extra = tuple(f for f in ingested.findings if f.name not in listed)
-    return dataclasses.replace(validated, expectations=(*extra, *validated.expectations)) if extra else validated
 
 
 def _repair(args: argparse.Namespace) -> int:

@@ -260,8 +260,9 @@ def validate_visits(ingested: Ingested, config: StudyConfig, covariates: Collect
     ))
     reason = _assign_reasons(rules, n)
 
-    # Table-level outcomes, then the row-level ones with the rows each rule quarantined.
-    outcomes: list[ExpectationOutcome] = []
+    # Ingestion's own findings (links and other entries skipped), the table-level outcomes, then the
+    # row-level ones with the rows each rule quarantined.
+    outcomes: list[ExpectationOutcome] = list(ingested.findings)
     available = ", ".join(data_columns) if data_columns else "(none)"
     for column in required:
         ok = bool(found1.success("column_exists", column))

@@ -293,7 +293,7 @@ def test_misspelt_key_suggests_the_right_one(tmp_path: Path) -> None:
     result = validate(write_study(tmp_path, HEADER + GOOD, **{"validation.min_observation_per_subject": 2}))
     assert error_line(result, 2) == str(tmp_path / "study.yaml") + (
         ": unknown key 'validation.min_observation_per_subject' (did you mean "
-        "'min_observations_per_subject'? allowed here: min_observations_per_subject, outcome_range)"
+        "'min_observations_per_subject'? allowed here: min_observations_per_subject, outcome_range, max_file_bytes)"
     )
 
 

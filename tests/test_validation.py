@@ -283,7 +283,9 @@ def test_summary_is_json_ready_and_counts_reasons_by_rule(tmp_path: Path) -> Non
     counts = {k: v for k, v in summary["quarantine_reasons"].items() if v}
     assert counts == {"outcome_is_number": 1, "no_exact_duplicates": 1, "covariate_present:age": 1}
     names = [e["name"] for e in summary["expectations"]]
-    assert names[:4] == ["column_exists"] * 4 and "enough_subjects" in names
+    # Ingestion's finding on the source files (a warning, passed here: no link skipped) comes first.
+    assert names[:5] == ["source_files_are_regular"] + ["column_exists"] * 4 and "enough_subjects" in names
+    assert summary["expectations"][0]["level"] == "warning" and summary["expectations"][0]["success"] is True
     assert {"name", "level", "column", "success", "unexpected_count", "description", "details"} <= set(summary["expectations"][0])
 
 
