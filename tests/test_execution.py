@@ -72,3 +72,24 @@ def test_dask_cluster_gives_the_same_selection_as_threads(threads: Path, tmp_pat
         ran_on_cluster = [name for name in cluster.scheduler.task_prefixes if "fit" in name]
     assert ran_on_cluster, "no fit ran on the Dask cluster"
     _assert_same_answer(threads, on_dask)
+
+
+def test_dask_without_an_address_starts_a_local_cluster_for_the_run(threads: Path, tmp_path: Path,
+                                                                      copy_example_study,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import distributed
+
+    started: list[distributed.LocalCluster] = []
+
+    class RecordedCluster(distributed.LocalCluster):  # type: ignore[misc]
+        def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+            super().__init__(*args, **kwargs)
+            started.append(self)
+
+    monkeypatch.setattr(distributed, "LocalCluster", RecordedCluster)  # the class prefect-dask starts
+    config = _with_execution(copy_example_study(tmp_path / "dask-local"), {"task_runner": "dask"}, tmp_path / "r")
+    on_dask = _run(config)
+    (cluster,) = started
+    assert [name for name in cluster.scheduler.task_prefixes if "fit" in name], "no fit ran on the local cluster"
+    assert cluster.status.name == "closed"  # started for the run, and stopped with it
+    _assert_same_answer(threads, on_dask)

@@ -1,8 +1,8 @@
-"""The Prefect UI of the test server shows the served study's run and its model-comparison artifact.
+"""The Prefect UI of the test server shows the served study's run and its four artifacts.
 
 Headless Chromium (Debian's ``chromium``; .ci/run installs it) renders the new UI's flow-run page on its
 Artifacts tab (``/v2/runs/flow-run/<id>?tab=Artifacts``; the classic UI's page shows artifacts only on
-a click). The rendered DOM must hold the run's name and the artifact's key; a screenshot is saved in
+a click). The rendered DOM must hold the run's name and every artifact's key; a screenshot is saved in
 the test's tmp folder and copied to tests/output/ui-flow-run.png for a person to look at.
 """
 
@@ -59,12 +59,14 @@ def _render(url: str, user_data: Path) -> str:
     return _run_chromium(_chromium(user_data, "--dump-dom", url))
 
 
-def test_the_ui_shows_the_run_and_its_model_comparison(first_run: CompletedRun, prefect_server: PrefectServer,
+def test_the_ui_shows_the_run_with_its_validation_comparison_summary_and_report(first_run: CompletedRun, prefect_server: PrefectServer,
                                                        tmp_path: Path) -> None:
     flow_run = first_run.flow_run
     url = f"{prefect_server.ui_url}/v2/runs/flow-run/{flow_run.id}?tab=Artifacts"
-    artifact_key = f"{STUDY}-model-comparison"
-    wanted = (flow_run.name, artifact_key)
+    # README, "Prefect": the UI shows the validation summary, the model-comparison table, a run summary and a
+    # link to the report; each under its key (tasks/common.py: artifact_key).
+    artifact_keys = [f"{STUDY}-{what}" for what in ("validation", "model-comparison", "summary", "report")]
+    wanted = (flow_run.name, *artifact_keys)
     page = ""
     for attempt in range(ATTEMPTS):  # the dump can come back before the UI's API calls have answered
         page = _render(url, tmp_path / f"chromium-{attempt}")
