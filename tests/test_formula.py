@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from longitudinal.errors import ConfigError, FormulaError
@@ -177,8 +175,9 @@ def test_attribute_access_on_a_column_is_a_formula_error() -> None:
     check_columns(parse_candidates({"dotted": "y ~ body.weight + (1 | g)"}), ["y", "body.weight", "g"])
 
 
-def test_long_and_deep_formulas_are_refused_quickly_without_recursion_errors() -> None:
-    began = time.perf_counter()
+def test_long_and_deep_formulas_are_refused_without_recursion_errors() -> None:
+    # How long parsing takes as formulas grow is measured in benchmarks/bench_formula.py (not asserted
+    # here: wall-clock bounds fail on a loaded machine).
     with pytest.raises(FormulaError, match=r"candidate 'c' .*the formula is 20,001 characters long; the limit is 10,000"):
         parse_formula("y ~ " + "t + " * 4_998 + "(1|g)", name="c")
     with pytest.raises(FormulaError, match=r"the limit is 10,000"):
@@ -189,7 +188,6 @@ def test_long_and_deep_formulas_are_refused_quickly_without_recursion_errors() -
         parse_formula("y ~ I(" + "-" * 1_000 + "t) + (1 | g)", name="c")
     with pytest.raises(FormulaError, match=r"nested more than 100 levels deep"):
         parse_formula("y ~ I(t" + "^2" * 1_000 + ") + (1 | g)", name="c")
-    assert time.perf_counter() - began < 1.0
 
 
 def test_long_chains_within_the_limit_parse_without_recursion() -> None:
