@@ -49,7 +49,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from longitudinal.config import StudyConfig
-from longitudinal.durable import sync_path
+from longitudinal.durable import sync_path, writing
 from longitudinal.errors import DataError
 from longitudinal.ingest import FilePart, SourceListing, assemble, list_sources, read_file, read_snapshot
 from longitudinal.records import Ingested, SourceFile
@@ -128,7 +128,8 @@ def curate(config: StudyConfig) -> Curated:
     refuses is not ingested, so it cannot block later runs; fixed and saved again, it arrives anew.
     """
     folder = curated_dir(config)
-    (folder / "parts").mkdir(parents=True, exist_ok=True)
+    with writing(folder, "add the files to the study's curated data"):
+        (folder / "parts").mkdir(parents=True, exist_ok=True)
     accumulate = config.source_path.is_dir()
     origin = str(config.source_path)
     with _locked(folder):
@@ -170,14 +171,15 @@ def curate(config: StudyConfig) -> Curated:
         if not parts:
             raise DataError(f"data.source {config.data.source!r}: no data files have been received yet")
         ingested = assemble(parts, config, findings=(listing.finding(),))  # raises before anything is registered
-        for entry in entries:
-            _write_part(folder, new_parts[entry["sha256"]], entry)
-        if new_parts:
-            sync_path(folder / "parts")  # the parts' names are on disk before the registry names them
-        if entries or duplicates:
-            registry["files"] = every
-            registry["duplicates"] += [asdict(d) for d in duplicates]
-            _save(folder, registry)
+        with writing(folder, "add the files to the study's curated data"):
+            for entry in entries:
+                _write_part(folder, new_parts[entry["sha256"]], entry)
+            if new_parts:
+                sync_path(folder / "parts")  # the parts' names are on disk before the registry names them
+            if entries or duplicates:
+                registry["files"] = every
+                registry["duplicates"] += [asdict(d) for d in duplicates]
+                _save(folder, registry)
     return Curated(
         ingested=ingested, new_files=tuple(p.source.path for p in new_parts.values()), duplicates=tuple(duplicates),
         skipped=listing.skipped,

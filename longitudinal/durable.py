@@ -15,13 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from longitudinal.errors import LongitudinalError
-
-
-class OutputUnwritable(LongitudinalError):
-    """A folder the pipeline writes to refused the write: the disk is full or over quota, the file system
-    is read-only, or the user may not write there. Not the data's fault: the same run succeeds once the
-    folder takes writes again."""
+from longitudinal.errors import OutputUnwritable
 
 
 def sync_path(path: Path) -> None:

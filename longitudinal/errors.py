@@ -32,5 +32,11 @@ class SourceUnavailable(DataError):
     """A data file that exists could not be read just now (locked, being replaced, permissions): worth a retry."""
 
 
+class OutputUnwritable(LongitudinalError):
+    """A folder the pipeline writes to refused the write: the disk is full or over quota, the file system
+    is read-only, or the user may not write there. Not the data's fault: the same run succeeds once the
+    folder takes writes again."""
+
+
 class FitError(LongitudinalError):
     """No candidate could be fitted, or a fit that the run needs failed."""

@@ -45,8 +45,8 @@ import numpy as np
 import pandas as pd
 
 from longitudinal.config import StudyConfig
-from longitudinal.durable import OutputUnwritable, printable, sync_path, sync_tree, writing
-from longitudinal.errors import LongitudinalError, SourceUnavailable
+from longitudinal.durable import printable, sync_path, sync_tree, writing
+from longitudinal.errors import LongitudinalError, OutputUnwritable, SourceUnavailable
 from longitudinal.records import Fit, Selection, SourceFile, Validated
 from longitudinal.selection import COLUMNS
 

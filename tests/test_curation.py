@@ -178,6 +178,29 @@ def test_a_failure_while_writing_a_part_leaves_no_part_and_no_entry(tmp_path: Pa
     assert_every_entry_has_its_part(config)
 
 
+def test_a_full_disk_while_curating_names_the_folder_and_registers_nothing(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from longitudinal.errors import OutputUnwritable
+
+    config = study(tmp_path)
+    land(tmp_path, "a.csv", visits(1, 2))
+
+    def full(source: Path, target: Path) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(curation.os, "replace", full)
+    folder = config.output_dir / "curated"
+    with pytest.raises(OutputUnwritable, match=rf"cannot add the files to the study's curated data in .*{folder.name}: "
+                                               r"the disk is full"):
+        curate(config)
+    assert not (folder / "registry.json").exists()
+    monkeypatch.undo()
+    assert curate(config).new_files == ("landing/a.csv",)  # the next run, with room again, registers it
+    assert_every_entry_has_its_part(config)
+
+
 def test_a_registry_entry_whose_part_is_missing_is_a_clear_error(tmp_path: Path) -> None:
     config = study(tmp_path)
     land(tmp_path, "a.csv", visits(1, 2))

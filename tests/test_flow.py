@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -212,12 +213,19 @@ def test_a_rerun_on_unchanged_data_reuses_every_fit(example_run: Path) -> None:
     again = Path(study_pipeline(config_path=str(config)))
     assert again != example_run
     flow_run_id = json.loads((again / "manifest.json").read_text())["prefect_flow_run_id"]
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs()
-        children = {str(run.id) for run in client.read_flow_runs()
-                    if run.parent_task_run_id and any(str(t.id) == str(run.parent_task_run_id) and
-                                                      str(t.flow_run_id) == flow_run_id for t in runs)}
+    # Task-run states reach the server through the client's background event stream: poll briefly.
+    deadline = time.monotonic() + 60
+    while True:
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs()
+            children = {str(run.id) for run in client.read_flow_runs()
+                        if run.parent_task_run_id and any(str(t.id) == str(run.parent_task_run_id) and
+                                                          str(t.flow_run_id) == flow_run_id for t in runs)}
         fits = [t for t in runs if t.name.startswith(("fit-", "refit-")) and str(t.flow_run_id) in children | {flow_run_id}]
+        settled = len(fits) == 4 and all(t.state is not None and t.state.is_final() for t in fits)
+        if settled or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert len(fits) == 4, [t.name for t in fits]  # three ML fits and the REML refit
     assert all(t.state is not None and t.state.name == "Cached" for t in fits), [(t.name, t.state) for t in fits]
     pd.testing.assert_frame_equal(pd.read_csv(again / "model_comparison.csv"), pd.read_csv(example_run / "model_comparison.csv"))

@@ -12,7 +12,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from longitudinal.durable import OutputUnwritable
+from longitudinal.errors import OutputUnwritable
 from longitudinal.errors import DataError, SourceUnavailable
 from longitudinal.outputs import discard_run, new_run_id, publish_run, start_run, write_json
 
