@@ -100,3 +100,22 @@ def test_debug_keeps_the_exit_code_of_a_config_error(tmp_path: Path) -> None:
     debug = _longitudinal("run", "--config", str(config), "--debug", cwd=tmp_path)
     assert "Traceback (most recent call last):" in debug.stderr
     assert debug.returncode == 2
+
+
+# ------------------------------------------------------------------------- Outputs: manifest.json
+
+
+def test_the_manifest_records_the_git_commit_of_the_code_that_ran(tmp_path: Path) -> None:
+    from longitudinal.outputs import build_manifest
+
+    config = tmp_path / "study.yaml"
+    config.write_text("study: s\n")
+    def head() -> str:
+        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    before = head()  # others may commit meanwhile: the commit is HEAD before or after the manifest is built
+    manifest = build_manifest(config_path=config, config={}, files=(), run_id="r", flow_run_id=None,
+                              timings={}, counts={"read": 0, "analysed": 0, "quarantined": 0}, selected="ri")
+    assert manifest["git_commit"] in {before, head()}
+    assert len(manifest["git_commit"]) == 40

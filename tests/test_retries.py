@@ -188,3 +188,42 @@ def test_a_statistics_failure_is_not_retried_and_fails_the_flow(
     task_run = _task_run(state, task)
     assert task_run.state.is_failed() and task_run.run_count == 1
     _nothing_published(config)
+
+
+# ------------------------------------------------------------------ README, "Prefect": what a run logs
+
+
+def test_a_run_logs_each_stage_and_each_fit_with_its_time(harness: None, tmp_path: Path,
+                                                          copy_example_study: Any) -> None:
+    import re
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+
+    state = _run(_study(tmp_path, copy_example_study, seed=17))
+    run_dir = _published(state)
+    chosen = (run_dir / "selected_model.json").read_text()
+    flow_run_id = state.state_details.flow_run_id
+    stages = {"ingest", "validate", "fit-ri-ML", "fit-ris-ML", "fit-ris_uncorrelated-ML", "select", "write-outputs",
+              "publish"}
+
+    def logged_by_task() -> dict[str, list[str]] | None:  # logs reach the server in batches, a little later
+        with get_client(sync_client=True) as client:
+            names = {run.id: run.name for run in client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))}
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+        by_task: dict[str, list[str]] = {}
+        for log in logs:
+            if log.task_run_id in names and not log.message.startswith("Finished in state"):  # Prefect's own line
+                name = names[log.task_run_id]
+                by_task.setdefault(name if name.startswith(("fit-", "refit-")) else name.rsplit("-", 1)[0], []).append(log.message)
+        refits = [name for name in by_task if name.startswith("refit-")]
+        return by_task if stages <= set(by_task) and refits else None
+
+    by_task = wait_for(logged_by_task, seconds=30, every=0.5, what="a log line from every stage and fit")
+    (refit,) = [name for name in by_task if name.startswith("refit-")]
+    assert refit.removeprefix("refit-").removesuffix("-REML") in chosen
+    for name in ["fit-ri-ML", "fit-ris-ML", "fit-ris_uncorrelated-ML", refit]:
+        candidate, method = name.split("-")[1], name.split("-")[-1]
+        line = re.compile(rf"{re.escape(candidate)} \({method}\): logLik -?\d+\.\d{{4}}, \d+ parameters, .+ in \d+\.\d\d s")
+        assert any(line.fullmatch(message) for message in by_task[name]), by_task[name]
