@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import fcntl
 import io
 import logging
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
+from flows.embedded_server import start_embedded_server_once
 from longitudinal.errors import ConfigError, LongitudinalError
 
 if TYPE_CHECKING:
@@ -114,7 +113,7 @@ def _run(args: argparse.Namespace) -> int:
     # starts that server, this handler runs after it, so the run folder stays the last line.
     closing: list[str] = []
     atexit.register(lambda: print(*closing, sep="\n", flush=True) if closing else None)
-    _start_embedded_server_once()
+    start_embedded_server_once()
     run_dir = study_pipeline(config_path=str(args.config.resolve()), criterion=args.criterion)
     closing += [f"report: {Path(run_dir) / 'report.html'}", str(run_dir)]
     return 0
@@ -222,69 +221,6 @@ def _simulate(args: argparse.Namespace) -> int:
     write_truth(spec, args.out)  # next to the data: what a fit should recover
     print(args.out)
     return 0
-
-
-def _start_embedded_server_once() -> None:
-    """Start Prefect's embedded server under a lock on the Prefect home.
-
-    Two runs starting at once on a new home otherwise race on the database migrations and one fails.
-    The flow's client then reuses this server (a per-process singleton). Nothing to do with a server
-    named by PREFECT_API_URL.
-    """
-    from prefect.settings import PREFECT_API_URL, PREFECT_HOME
-
-    if PREFECT_API_URL.value():
-        return
-    from prefect.server.api.server import SubprocessASGIServer
-
-    home = Path(PREFECT_HOME.value())
-    home.mkdir(parents=True, exist_ok=True)
-    _stop_server_with_this_process()
-    with (home / ".longitudinal-server.lock").open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        SubprocessASGIServer().start()
-
-
-# Stops the embedded server if this process dies without running its exit handlers (SIGKILL, the
-# out-of-memory killer): otherwise the server would outlive it, orphaned, for ever. Started before
-# the server, it notes the parent's Prefect server children as they appear.
-_REAPER = """
-import os, signal, sys, time
-from pathlib import Path
-parent = int(sys.argv[1])
-def alive(pid):
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
-def servers(pid):
-    found = set()
-    for task in Path(f"/proc/{pid}/task").glob("*/children"):
-        for child in task.read_text().split():
-            try:
-                if int(child) != os.getpid() and b"uvicorn" in Path(f"/proc/{child}/cmdline").read_bytes():
-                    found.add(int(child))
-            except OSError:
-                pass
-    return found
-seen = set()
-while alive(parent):
-    try:
-        seen |= servers(parent)
-    except OSError:
-        pass
-    time.sleep(0.3)
-for pid in seen:
-    if alive(pid):
-        os.kill(pid, signal.SIGTERM)
-"""
-
-
-def _stop_server_with_this_process() -> None:
-    subprocess.Popen(
-        [sys.executable, "-c", _REAPER, str(os.getpid())],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
 
 
 def _quiet_prefect(*, debug: bool) -> None:

@@ -8,19 +8,18 @@ Every process started here runs in its own process group and is stopped with its
 (SIGTERM, then SIGKILL after a grace period) when the session ends, so no server, uvicorn worker,
 serve process or flow-run subprocess outlives the tests. Server and serve output go to log files in
 the session's tmp folder; a test that times out shows their tails.
+
+Starting the server and the process groups is ``flows/local_server.py``, shared with the benchmark's
+``--server`` mode; this module adds what only pytest needs (fixtures, ``wait_for`` failing the test, the
+served study) and re-exports the shared names the test modules import from here.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,101 +28,29 @@ from typing import Any, TypeVar
 import pytest
 import yaml
 
+from flows.local_server import (  # noqa: F401  (re-exported: the test modules import them from here)
+    BIN,
+    SERVER_STARTUP_SECONDS,
+    PrefectServer,
+    ServerDidNotStart,
+    find_free_port,
+    log_tail,
+    quiet_prefect_env,
+    start_group,
+    start_prefect_server,
+    stop_group,
+)
+
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 EXAMPLE_CONFIG = ROOT / "config" / "example.yaml"
 
 STUDY = "served-trial"
 DEPLOYMENT = f"longitudinal-study/{STUDY}"
 CRON = "0 6 * * *"
 TIMEZONE = "Europe/Oslo"
-SERVER_STARTUP_SECONDS = 90.0
 RUN_SECONDS = 120.0
 
 T = TypeVar("T")
-
-
-# ------------------------------------------------------------------------------------------ processes
-
-
-def find_free_port() -> int:
-    """A loopback port nothing listens on now (the OS picks it; released before the server binds it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def quiet_prefect_env(home: Path, api_url: str | None = None) -> dict[str, str]:
-    """The environment of a Prefect process of the tests: its own home, no telemetry, no user profile."""
-    env = {
-        key: value for key, value in os.environ.items()
-        if not key.startswith("PREFECT_") or key in ("PREFECT_SERVER_ANALYTICS_ENABLED",)
-    }
-    env.update(
-        PREFECT_HOME=str(home),
-        PREFECT_PROFILES_PATH=str(home / "profiles.toml"),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        DO_NOT_TRACK="1",
-        PREFECT_LOGGING_COLORS="false",
-        PYTHONUNBUFFERED="1",
-    )
-    if api_url is not None:
-        env["PREFECT_API_URL"] = api_url
-    return env
-
-
-def start_group(command: list[str], *, env: dict[str, str], log: Path, cwd: Path) -> subprocess.Popen[bytes]:
-    """Start ``command`` as the leader of a new process group, its output appended to ``log``."""
-    with log.open("ab") as sink:
-        return subprocess.Popen(
-            command, env=env, cwd=cwd, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-
-
-def stop_group(process: subprocess.Popen[bytes], *, grace_seconds: float = 20.0) -> None:
-    """Stop ``process`` and every process of its group: SIGTERM, then SIGKILL after ``grace_seconds``.
-
-    The group is signalled even when the leader has already exited, since its children (uvicorn,
-    a flow-run subprocess) may still be alive.
-    """
-    group = process.pid
-    _signal_group(group, signal.SIGTERM)
-    try:
-        process.wait(timeout=grace_seconds)
-    except subprocess.TimeoutExpired:
-        pass
-    deadline = time.monotonic() + grace_seconds
-    while _group_alive(group) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    if _group_alive(group):
-        _signal_group(group, signal.SIGKILL)
-        process.wait(timeout=10)
-
-
-def _signal_group(group: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(group, sig)
-    except ProcessLookupError:
-        pass
-
-
-def _group_alive(group: int) -> bool:
-    try:
-        os.killpg(group, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def log_tail(path: Path, lines: int = 40) -> str:
-    """The last ``lines`` of a log file, for failure messages."""
-    if not path.exists():
-        return f"({path} does not exist)"
-    text = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    return f"--- last {min(lines, len(text))} lines of {path} ---\n" + "\n".join(text[-lines:])
 
 
 def wait_for(probe: Callable[[], T | None], *, seconds: float, every: float = 1.0, what: str,
@@ -142,48 +69,21 @@ def wait_for(probe: Callable[[], T | None], *, seconds: float, every: float = 1.
 # ------------------------------------------------------------------------------------------ the server
 
 
-@dataclass(frozen=True)
-class PrefectServer:
-    """A running ``prefect server start``: where its API and UI are, and its home and log."""
-
-    api_url: str
-    ui_url: str
-    home: Path
-    log: Path
-
-
-def _healthy(api_url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
-            return response.status == 200
-    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-        return False
-
-
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
     """``prefect server start`` (SQLite, UI, scheduler, triggers) on a free loopback port, its own home."""
     folder = tmp_path_factory.mktemp("prefect-server")
     home = folder / "home"
     home.mkdir()
-    port = find_free_port()
-    api_url = f"http://127.0.0.1:{port}/api"
-    env = quiet_prefect_env(home)
-    env["PREFECT_SERVER_UI_API_URL"] = api_url  # or the UI calls port 4200
-    log = folder / "server.log"
-    process = start_group(
-        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--analytics-off"],
-        env=env, log=log, cwd=folder,
-    )
     try:
-        wait_for(
-            lambda: _healthy(api_url) or (process.poll() is not None and pytest.fail(
-                f"prefect server exited with {process.returncode}\n{log_tail(log)}")),
-            seconds=SERVER_STARTUP_SECONDS, every=0.5, what="the Prefect server's /api/health", logs=(log,),
-        )
-        yield PrefectServer(api_url=api_url, ui_url=f"http://127.0.0.1:{port}", home=home, log=log)
+        server = start_prefect_server(quiet_prefect_env(home), log=folder / "server.log", cwd=folder, ui=True,
+                                      seconds=SERVER_STARTUP_SECONDS)
+    except ServerDidNotStart as exc:
+        pytest.fail(str(exc))
+    try:
+        yield server
     finally:
-        stop_group(process)
+        server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -338,3 +338,40 @@ def test_the_embedded_server_does_not_outlive_a_killed_run(tmp_path: Path, copy_
             os.killpg(run.pid, signal.SIGKILL)
         if server is not None and _running(server):
             os.kill(server, signal.SIGKILL)
+
+
+REAPED_PARENT = '''\
+import subprocess, sys, time
+from flows.embedded_server import stop_servers_with_this_process
+
+reaper = stop_servers_with_this_process()
+server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", "uvicorn"])
+other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", "not-a-server"])
+print(reaper.pid, server.pid, other.pid, flush=True)
+time.sleep(300)
+'''
+
+
+def test_the_reaper_stops_only_the_server_children_of_a_killed_process() -> None:
+    """The reaper alone, without Prefect: SIGKILL of a process leaves no uvicorn child of it running, spares
+    its other children, and the reaper itself exits."""
+    parent = subprocess.Popen([sys.executable, "-c", REAPED_PARENT], stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                              start_new_session=True)
+    reaper = server = other = None
+    try:
+        reaper, server, other = (int(pid) for pid in parent.stdout.readline().split())  # type: ignore[union-attr]
+        time.sleep(1.0)  # the reaper notes new server children every 0.3 s
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while (_running(server) or _running(reaper)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _running(server), "the server child outlived its killed parent"
+        assert not _running(reaper), "the reaper outlived the process it watched"
+        assert _running(other), "the reaper stopped a child that is not a Prefect server"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(parent.pid, signal.SIGKILL)
+        for pid in (reaper, server, other):
+            if pid is not None and _running(pid):
+                os.kill(pid, signal.SIGKILL)
