@@ -794,12 +794,14 @@ def _check_convergence(
     eigenvalues = np.linalg.eigvalsh(H)
     negative = int(np.sum(eigenvalues < -HESSIAN_TOL))
     if negative:
-        notes.append(f"degenerate Hessian with {negative} negative eigenvalue{'s' if negative > 1 else ''}")
+        # lme4's checkHess (code -3): "Model failed to converge: degenerate Hessian with %d negative eigenvalues".
+        notes.append(f"failed to converge: degenerate Hessian with {negative} negative "
+                     f"eigenvalue{'s' if negative > 1 else ''}")
     elif np.any(np.abs(eigenvalues) < HESSIAN_TOL):
         notes.append("Hessian is numerically singular: parameters are not uniquely determined")
     if not settled:
         notes.insert(0, f"failed to converge with max|grad| = {gradient_max:.3g} (tol = {GRADIENT_TOL:g})")
-    return _Convergence(settled, settled, gradient_max, tuple(notes))
+    return _Convergence(settled and not negative, settled, gradient_max, tuple(notes))
 
 
 def _derivatives(
