@@ -36,3 +36,15 @@ def _copy_example_study(tmp_path: Path, **overrides: object) -> Path:
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(document, sort_keys=False))
     return path
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory: pytest.TempPathFactory):
+    """Prefect's test harness (a temporary server) with its own PREFECT_HOME, once per test module."""
+    from prefect.settings import PREFECT_HOME, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    with temporary_settings({PREFECT_HOME: str(home)}):
+        with prefect_test_harness(server_startup_timeout=90):
+            yield

@@ -17,17 +17,6 @@ EXAMPLE_DATA = Path(__file__).resolve().parents[1] / "config" / "example-data" /
 
 
 @pytest.fixture(scope="module")
-def harness(tmp_path_factory: pytest.TempPathFactory):
-    from prefect.settings import PREFECT_HOME, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    home = tmp_path_factory.mktemp("prefect-home")
-    with temporary_settings({PREFECT_HOME: str(home)}):
-        with prefect_test_harness(server_startup_timeout=90):
-            yield
-
-
-@pytest.fixture(scope="module")
 def example_run(harness, tmp_path_factory: pytest.TempPathFactory, copy_example_study) -> Path:
     from flows.study_pipeline import study_pipeline
 

@@ -21,17 +21,6 @@ SHOWN = "tri\ufffdl.csv"
 
 
 @pytest.fixture(scope="module")
-def harness(tmp_path_factory: pytest.TempPathFactory):
-    from prefect.settings import PREFECT_HOME, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    home = tmp_path_factory.mktemp("prefect-home")
-    with temporary_settings({PREFECT_HOME: str(home)}):
-        with prefect_test_harness(server_startup_timeout=90):
-            yield
-
-
-@pytest.fixture(scope="module")
 def study(tmp_path_factory: pytest.TempPathFactory, copy_example_study: Any) -> Path:
     """The example study reading a landing folder that holds the example data under a non-UTF-8 name."""
     folder = tmp_path_factory.mktemp("odd-names")

@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 
 from longitudinal.records import Fit
+from reference_data import read_reference_csv
 
 REFERENCE_DIR = Path(__file__).parent / "reference"
 REFERENCE: dict[str, Any] = json.loads((REFERENCE_DIR / "lme4_reference.json").read_text())
@@ -32,10 +33,7 @@ FitFn = Callable[[str, str, str, str], Fit]
 def read_visits(dataset: str) -> pd.DataFrame:
     """The data set as the fitting stage receives it: R's factor columns as text, the rest float."""
     spec = DATASETS[dataset]
-    factors = list(spec["factors"])
-    frame = pd.read_csv(REFERENCE_DIR / spec["file"], dtype={column: str for column in factors})
-    numeric = {column: frame[column].astype(float) for column in frame.columns if column not in factors}
-    return frame.assign(**numeric)
+    return read_reference_csv(REFERENCE_DIR / spec["file"], spec["factors"])
 
 
 @pytest.fixture(scope="session")

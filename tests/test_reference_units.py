@@ -24,6 +24,7 @@ import pandas as pd
 import pytest
 
 from longitudinal.records import Fit
+from reference_data import read_reference_csv
 
 REFERENCE_DIR = Path(__file__).parent / "reference"
 REFERENCE: dict[str, Any] = json.loads((REFERENCE_DIR / "lme4_reference_units.json").read_text())
@@ -39,10 +40,7 @@ FitFn = Callable[[str, str, str], Fit]
 def read_visits(dataset: str) -> pd.DataFrame:
     """The data set as the fitting stage receives it: R's factor columns as text, the rest float."""
     spec = DATASETS[dataset]
-    factors = list(spec["factors"])
-    frame = pd.read_csv(REFERENCE_DIR / spec["file"], dtype={column: str for column in factors})
-    numeric = {column: frame[column].astype(float) for column in frame.columns if column not in factors}
-    return frame.assign(**numeric)
+    return read_reference_csv(REFERENCE_DIR / spec["file"], spec["factors"])
 
 
 @pytest.fixture(scope="session")

@@ -20,17 +20,6 @@ pytestmark = pytest.mark.slow
 EXAMPLE_DATA = Path(__file__).resolve().parents[1] / "config" / "example-data" / "trial.csv"
 
 
-@pytest.fixture(scope="module")
-def harness(tmp_path_factory: pytest.TempPathFactory):
-    from prefect.settings import PREFECT_HOME, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    home = tmp_path_factory.mktemp("prefect-home")
-    with temporary_settings({PREFECT_HOME: str(home)}):
-        with prefect_test_harness(server_startup_timeout=90):
-            yield
-
-
 def _study(tmp_path: Path, copy_example_study: Callable[..., Path], seed: int) -> Path:
     """The example study's config on 40 simulated patients of its own (``seed``), reports in ``tmp_path``."""
     from longitudinal.simulate import SimulationSpec, simulate_trial, write_table
