@@ -37,7 +37,7 @@ from longitudinal.errors import DataError
 from longitudinal.ingest import (
     SOURCE_COLUMNS, decimal_comma_hint_for, describe_no_rows, did_you_mean, is_missing, parse_numbers,
 )
-from longitudinal.records import ExpectationOutcome, Ingested, Validated
+from longitudinal.records import ExpectationOutcome, Ingested, TimeFromDates, Validated
 
 MIN_SUBJECTS = 3
 QUARANTINE_FILE = "quarantine.csv"
@@ -97,196 +97,421 @@ def validate_visits(ingested: Ingested, config: StudyConfig, covariates: Collect
     ("dog:side", values "D1:L") next to the original columns. ``visits`` keeps the index labels of
     ``ingested.typed`` and is sorted by subject (numerically when every id is a number) then time;
     ``quarantine`` keeps read order and the same index labels.
+
+    The rules are listed in the order that decides each row's reason (module docstring). Three
+    great-expectations validations find the failing rows: each row on its own, then groups of rows
+    (duplicate visits, ``data.constant``) among what the first rules left, then subjects among the rest.
     """
+    v = _prepare(ingested, config, covariates)
+    rows = _check_rows(v)
+    rules = [
+        _repeated_header_line(v, rows),
+        *_subject_missing(v, rows),
+        _time_missing(v, rows),
+        _time_not_a_number(v, rows),
+        _outcome_missing(v, rows),
+        _outcome_not_a_number(v, rows),
+        *_outcome_out_of_range(v, rows),
+    ]
+    eligible = ~_any_failure(rules, v.n)
+    groups = _check_groups(v, eligible)
+    rules += [
+        *_duplicate_visits(v, groups, eligible),
+        *_covariate_missing_or_not_a_number(v, rows),
+        *_constant_changes_within_subject(v, groups),
+    ]
+    counts = _count_subject_rows(v, survivor=~_any_failure(rules, v.n))
+    rules.append(_too_few_rows(v, counts))
+
+    reason = _assign_reasons(rules, v.n)
+    outcomes = (
+        *ingested.findings,  # links and other entries ingestion skipped, first
+        *_table_outcomes(v, rows, ingested),
+        *_row_outcomes(v, rules, reason),
+        _enough_subjects(v, counts),
+        _lookalike_ids(v.key[counts.kept], config.data.subject_key),
+    )
+    visits, quarantine = _split_rows(v, _reason_texts(rules, reason, v.n), counts.kept)
+    return Validated(visits=visits, quarantine=quarantine, expectations=outcomes, rows_read=v.n)
+
+
+# ------------------------------------------------------------------------------- the rows under check
+
+
+@dataclass(frozen=True, eq=False)
+class _Visits:
+    """The rows under validation, by position 0..n-1, and what the rules read from the config.
+
+    ``typed`` has the numeric covariates parsed (:func:`_numeric_covariates`); ``labels`` are the index
+    labels of ``Ingested.typed``, given back to the rows at the end. ``key`` is each row's subject as text.
+    """
+
+    config: StudyConfig
+    raw: pd.DataFrame
+    typed: pd.DataFrame
+    labels: pd.Index
+    dates: TimeFromDates | None
+    covariates: tuple[str, ...]
+    numeric_covariates: tuple[str, ...]
+    constant: tuple[str, ...]
+    required: tuple[str, ...]
+    present: frozenset[str]
+    data_columns: list[str]
+    key: pd.Series
+
+    @property
+    def n(self) -> int:
+        return len(self.typed)
+
+    @property
+    def subjects(self) -> tuple[str, ...]:
+        return self.config.data.subject_columns
+
+    @property
+    def time(self) -> str:
+        return self.config.data.time
+
+    @property
+    def outcome(self) -> str:
+        return self.config.data.outcome
+
+    @property
+    def checked_constant(self) -> list[str]:
+        """The ``data.constant`` columns the data have (an absent one is a missing required column)."""
+        return [c for c in self.constant if c in self.present]
+
+    def as_read(self, column: str) -> pd.Series | None:
+        """``column`` as read (None when the data lack it), for reasons that show the value."""
+        return self.raw[column] if column in self.present else None
+
+
+def _prepare(ingested: Ingested, config: StudyConfig, covariates: Collection[str]) -> _Visits:
     data = config.data
-    subjects, time, outcome = data.subject_columns, data.time, data.outcome
     covariates = tuple(dict.fromkeys(c for c in covariates if c not in data.roles))
     constant = tuple(dict.fromkeys(data.constant))
-    raw = ingested.raw.reset_index(drop=True)
     typed = ingested.typed.reset_index(drop=True)
-    labels = ingested.typed.index
-    n = len(typed)
-    data_columns = [c for c in typed.columns if c not in SOURCE_COLUMNS]
     numeric_covariates = _numeric_covariates(typed, covariates, config)
-    typed = typed.assign(**{c: parse_numbers(typed[c], decimal_comma=True) for c in numeric_covariates})
-    required = tuple(dict.fromkeys((*subjects, time, outcome, *covariates, *constant)))
-    present = {c for c in required if c in typed.columns}
-    dates = ingested.dates
-    key = _subject_key(typed, subjects)
+    required = tuple(dict.fromkeys((*data.subject_columns, data.time, data.outcome, *covariates, *constant)))
+    return _Visits(
+        config=config,
+        raw=ingested.raw.reset_index(drop=True),
+        typed=typed.assign(**{c: parse_numbers(typed[c], decimal_comma=True) for c in numeric_covariates}),
+        labels=ingested.typed.index,
+        dates=ingested.dates,
+        covariates=covariates,
+        numeric_covariates=numeric_covariates,
+        constant=constant,
+        required=required,
+        present=frozenset(c for c in required if c in typed.columns),
+        data_columns=[c for c in typed.columns if c not in SOURCE_COLUMNS],
+        key=_subject_key(typed, data.subject_columns),
+    )
 
-    # Stage 1: per-row checks that need nothing but the row itself (plus the table-level basics).
-    stage1 = _Stage()
-    for column in required:
-        stage1.expect("column_exists", column, "ExpectColumnToExist", column=column)
-    stage1.expect("table_has_rows", None, "ExpectTableRowCountToBeBetween", min_value=1)
-    frame1 = typed[[c for c in required if c in present]].copy()
+
+# ------------------------------------------------------------------ the three great-expectations passes
+
+
+def _check_rows(v: _Visits) -> _Stage:
+    """The table-level basics (required columns, at least one row) and every check of a row on its own."""
+    stage = _Stage()
+    for column in v.required:
+        stage.expect("column_exists", column, "ExpectColumnToExist", column=column)
+    stage.expect("table_has_rows", None, "ExpectTableRowCountToBeBetween", min_value=1)
+    present = [c for c in v.required if c in v.present]
+    frame = v.typed[present].copy()
     for column in present:
-        if column not in subjects:
+        if column not in v.subjects:
             # "Was a value read?" as 1.0 / NaN: the same null check as on the raw text, without handing
             # great-expectations millions of strings to fingerprint (it hashes every batch frame).
-            frame1[_read(column)] = np.where(is_missing(raw[column]), np.nan, 1.0)
-    frame1[_HEADER_LINE] = _repeated_header(raw, [c for c in (*subjects, time, outcome) if c in present])
-    stage1.expect("not_a_header_line", None, "ExpectColumnValuesToBeBetween", column=_HEADER_LINE, max_value=0)
-    for column in subjects:
-        if column in present:
-            stage1.expect("subject_present", column, "ExpectColumnValuesToNotBeNull", column=column)
-    for column in (time, outcome):
-        if column in present:
-            stage1.expect(f"{_role_of(column, config)}_present", column, "ExpectColumnValuesToNotBeNull", column=_read(column))
-            stage1.expect(f"{_role_of(column, config)}_is_number", column, "ExpectColumnValuesToNotBeNull", column=column)
-    low_high = config.validation.outcome_range
-    if low_high is not None and outcome in present:
-        stage1.expect(
-            "outcome_in_range", outcome, "ExpectColumnValuesToBeBetween", column=outcome,
+            frame[_read(column)] = np.where(is_missing(v.raw[column]), np.nan, 1.0)
+    frame[_HEADER_LINE] = _repeated_header(v.raw, [c for c in (*v.subjects, v.time, v.outcome) if c in v.present])
+    stage.expect("not_a_header_line", None, "ExpectColumnValuesToBeBetween", column=_HEADER_LINE, max_value=0)
+    for column in v.subjects:
+        if column in v.present:
+            stage.expect("subject_present", column, "ExpectColumnValuesToNotBeNull", column=column)
+    for column in (v.time, v.outcome):
+        if column in v.present:
+            role = _role_of(column, v.config)
+            stage.expect(f"{role}_present", column, "ExpectColumnValuesToNotBeNull", column=_read(column))
+            stage.expect(f"{role}_is_number", column, "ExpectColumnValuesToNotBeNull", column=column)
+    low_high = v.config.validation.outcome_range
+    if low_high is not None and v.outcome in v.present:
+        stage.expect(
+            "outcome_in_range", v.outcome, "ExpectColumnValuesToBeBetween", column=v.outcome,
             min_value=low_high[0], max_value=low_high[1],
         )
-    for column in covariates:
-        if column in present:
-            stage1.expect("covariate_present", column, "ExpectColumnValuesToNotBeNull", column=_read(column))
-            if column in numeric_covariates:
-                stage1.expect("covariate_is_number", column, "ExpectColumnValuesToNotBeNull", column=column)
-    found1 = stage1.run(frame1)
+    for column in v.covariates:
+        if column in v.present:
+            stage.expect("covariate_present", column, "ExpectColumnValuesToNotBeNull", column=_read(column))
+            if column in v.numeric_covariates:
+                stage.expect("covariate_is_number", column, "ExpectColumnValuesToNotBeNull", column=column)
+    return stage.run(frame)
 
-    def flagged(name: str, column: str | None) -> np.ndarray:
-        if column is not None and column not in present:
-            return np.ones(n, dtype=bool)
-        return found1.failing(name, column, n)
 
-    raw_text = {c: raw[c] for c in present}
-    range_text = "" if low_high is None else f"[{_format_float(low_high[0])}, {_format_float(low_high[1])}]"
-    time_kind = "an ISO date (YYYY-MM-DD)" if dates is not None else "a number"
-    rules: list[_Rule] = [
-        _constant_rule("not_a_header_line", None, "no row repeats the header line", flagged("not_a_header_line", None),
-                       "a repeated header line (its cells are the column names)", n),
-    ]
-    rules += [
-        _constant_rule("subject_present", column, f"subject ({column!r}) is not missing",
-                       flagged("subject_present", column), f"subject missing (column {column!r})", n)
-        for column in subjects
-    ]
-    rules += [
-        _constant_rule("time_present", time, f"time ({time!r}) is not missing",
-                       flagged("time_present", time), f"time missing (column {time!r})", n),
-        _value_rule("time_is_number", time, f"time ({time!r}) is {time_kind}",
-                    flagged("time_is_number", time), f"time is not {time_kind}: " + "'{}'" + f" (column {time!r})",
-                    raw_text.get(time), n, decimal_comma_hint=dates is None),
-        _constant_rule("outcome_present", outcome, f"outcome ({outcome!r}) is not missing",
-                       flagged("outcome_present", outcome), f"outcome missing (column {outcome!r})", n),
-        _value_rule("outcome_is_number", outcome, f"outcome ({outcome!r}) is a number",
-                    flagged("outcome_is_number", outcome), "outcome is not a number: '{}'" + f" (column {outcome!r})",
-                    raw_text.get(outcome), n, decimal_comma_hint=True),
-    ]
-    if low_high is not None:
-        rules.append(_value_rule(
-            "outcome_in_range", outcome, f"outcome ({outcome!r}) within outcome_range {range_text}",
-            flagged("outcome_in_range", outcome) if outcome in present else np.zeros(n, dtype=bool),
-            "outcome {} is outside outcome_range " + range_text + f" (column {outcome!r})", raw_text.get(outcome), n,
-        ))
-    taken = _any_failure(rules, n)
-
-    # Stage 2: the same (subject, time) twice among rows that passed stage 1; columns declared constant
-    # that change within a subject (judged on every row whose subject is known).
-    eligible = ~taken
-    checked_constant = [c for c in constant if c in present]
-    stage2 = _Stage()
-    frame2 = pd.DataFrame(index=range(n))
+def _check_groups(v: _Visits, eligible: np.ndarray) -> _Stage:
+    """The checks of groups of rows: the same (subject, time) twice among the ``eligible`` rows (those the
+    checks of a row on its own left), and ``data.constant`` columns changing within a subject (judged on
+    every row whose subject is known)."""
+    stage = _Stage()
+    frame = pd.DataFrame(index=range(v.n))
     if eligible.any():
-        frame2 = frame2.assign(**{c: typed[c] for c in (*subjects, time)}, **{_ELIGIBLE_FOR_DUPLICATES: eligible})
-        stage2.expect(
-            "unique_subject_time", None, "ExpectCompoundColumnsToBeUnique", column_list=[*subjects, time],
+        frame = frame.assign(**{c: v.typed[c] for c in (*v.subjects, v.time)}, **{_ELIGIBLE_FOR_DUPLICATES: eligible})
+        stage.expect(
+            "unique_subject_time", None, "ExpectCompoundColumnsToBeUnique", column_list=[*v.subjects, v.time],
             only_where=_ELIGIBLE_FOR_DUPLICATES,
         )
-    distinct = {c: _distinct_within(typed[c], key) for c in checked_constant}
-    for column in checked_constant:
-        frame2[_distinct(column)] = distinct[column]
-        stage2.expect("constant_within_subject", column, "ExpectColumnValuesToBeBetween", column=_distinct(column), max_value=1)
-    found2 = stage2.run(frame2)
-    in_duplicate_group = found2.failing("unique_subject_time", None, n) & eligible
-    exact, conflicting = _duplicate_rules(typed, data_columns, subjects, time, key, in_duplicate_group)
-    rules += [exact, conflicting]
-    for column in covariates:
-        rules.append(_constant_rule(
-            "covariate_present", column, f"covariate {column!r} is not missing",
-            flagged("covariate_present", column), f"missing covariate {column!r} (used by the candidate models)", n,
-        ))
-        if column in numeric_covariates:
-            rules.append(_value_rule(
-                "covariate_is_number", column, f"covariate {column!r} is a number",
-                flagged("covariate_is_number", column),
-                f"covariate {column!r} is not a number: " + "'{}' (used by the candidate models)",
-                raw_text.get(column), n,
-            ))
-    for column in checked_constant:
-        rules.append(_changing_rule(column, typed[column], key, found2.failing("constant_within_subject", column, n)))
-    taken = _any_failure(rules, n)
+    for column in v.checked_constant:
+        frame[_distinct(column)] = _distinct_within(v.typed[column], v.key)
+        stage.expect("constant_within_subject", column, "ExpectColumnValuesToBeBetween", column=_distinct(column), max_value=1)
+    return stage.run(frame)
 
-    # Stage 3: rows per subject among the survivors, and the subjects left.
-    minimum = config.validation.min_observations_per_subject
-    survivor = ~taken
-    subject_rows = np.zeros(n, dtype=np.int64)
+
+@dataclass(frozen=True, eq=False)
+class _SubjectRows:
+    """Rows per subject among the ``survivor`` rows (no earlier rule quarantined them), and the verdicts."""
+
+    survivor: np.ndarray
+    rows: np.ndarray
+    """For each survivor, its subject's number of surviving rows (0 for the other rows)."""
+    too_few: np.ndarray
+    enough_subjects: bool | None
+    """great-expectations' verdict on the subjects kept; None when it had no row to judge."""
+
+    @property
+    def kept(self) -> np.ndarray:
+        return self.survivor & ~self.too_few
+
+
+def _count_subject_rows(v: _Visits, survivor: np.ndarray) -> _SubjectRows:
+    """Rows per subject counted in pandas; great-expectations then finds the subjects below the minimum
+    and judges whether enough subjects are left."""
+    minimum = v.config.validation.min_observations_per_subject
+    key_label = v.config.data.subject_key
+    subject_rows = np.zeros(v.n, dtype=np.int64)
     if survivor.any():
-        counts = key[survivor].value_counts()
-        subject_rows[survivor] = key[survivor].map(counts).to_numpy(dtype=np.int64)
+        counts = v.key[survivor].value_counts()
+        subject_rows[survivor] = v.key[survivor].map(counts).to_numpy(dtype=np.int64)
     too_few = survivor & (subject_rows < minimum)
     kept = survivor & ~too_few
-    stage3 = _Stage()
-    key_label = data.subject_key
+    stage = _Stage()
     if survivor.any():
-        frame3 = pd.DataFrame({_KEY: key, _SUBJECT_ROWS: subject_rows, _SURVIVOR: survivor, _KEPT: kept})
-        stage3.expect(
+        frame = pd.DataFrame({_KEY: v.key, _SUBJECT_ROWS: subject_rows, _SURVIVOR: survivor, _KEPT: kept})
+        stage.expect(
             "min_observations_per_subject", key_label, "ExpectColumnValuesToBeBetween", column=_SUBJECT_ROWS,
             min_value=minimum, only_where=_SURVIVOR,
         )
         if kept.any():
-            stage3.expect(
+            stage.expect(
                 "enough_subjects", key_label, "ExpectColumnUniqueValueCountToBeBetween", column=_KEY,
                 min_value=MIN_SUBJECTS, only_where=_KEPT,
             )
-        # great-expectations finds the rows; the pandas counts above are what it checks against.
-        too_few = stage3.run(frame3).failing("min_observations_per_subject", key_label, n) & survivor
-        kept = survivor & ~too_few
-    subjects_left = int(key[kept].nunique()) if kept.any() else 0
-    few_reasons = pd.Series(np.nan, index=range(n), dtype=object)
+        too_few = stage.run(frame).failing("min_observations_per_subject", key_label, v.n) & survivor
+    return _SubjectRows(survivor=survivor, rows=subject_rows, too_few=too_few,
+                        enough_subjects=stage.success("enough_subjects", key_label))
+
+
+def _flagged(v: _Visits, stage: _Stage, name: str, column: str | None) -> np.ndarray:
+    """The rows failing ``name`` on ``column``; every row when the data lack the column (missing everywhere)."""
+    if column is not None and column not in v.present:
+        return np.ones(v.n, dtype=bool)
+    return stage.failing(name, column, v.n)
+
+
+# -------------------------------------------------------------------------- the row rules, in order
+
+
+def _repeated_header_line(v: _Visits, rows: _Stage) -> _Rule:
+    return _constant_rule("not_a_header_line", None, "no row repeats the header line",
+                          _flagged(v, rows, "not_a_header_line", None),
+                          "a repeated header line (its cells are the column names)", v.n)
+
+
+def _subject_missing(v: _Visits, rows: _Stage) -> list[_Rule]:
+    """One rule per subject column."""
+    return [
+        _constant_rule("subject_present", column, f"subject ({column!r}) is not missing",
+                       _flagged(v, rows, "subject_present", column), f"subject missing (column {column!r})", v.n)
+        for column in v.subjects
+    ]
+
+
+def _time_missing(v: _Visits, rows: _Stage) -> _Rule:
+    time = v.time
+    return _constant_rule("time_present", time, f"time ({time!r}) is not missing",
+                          _flagged(v, rows, "time_present", time), f"time missing (column {time!r})", v.n)
+
+
+def _time_not_a_number(v: _Visits, rows: _Stage) -> _Rule:
+    """Not a number, or not an ISO date when the column holds dates."""
+    time = v.time
+    kind = "an ISO date (YYYY-MM-DD)" if v.dates is not None else "a number"
+    return _value_rule("time_is_number", time, f"time ({time!r}) is {kind}", _flagged(v, rows, "time_is_number", time),
+                       f"time is not {kind}: " + "'{}'" + f" (column {time!r})", v.as_read(time), v.n,
+                       decimal_comma_hint=v.dates is None)
+
+
+def _outcome_missing(v: _Visits, rows: _Stage) -> _Rule:
+    outcome = v.outcome
+    return _constant_rule("outcome_present", outcome, f"outcome ({outcome!r}) is not missing",
+                          _flagged(v, rows, "outcome_present", outcome), f"outcome missing (column {outcome!r})", v.n)
+
+
+def _outcome_not_a_number(v: _Visits, rows: _Stage) -> _Rule:
+    outcome = v.outcome
+    return _value_rule("outcome_is_number", outcome, f"outcome ({outcome!r}) is a number",
+                       _flagged(v, rows, "outcome_is_number", outcome),
+                       "outcome is not a number: '{}'" + f" (column {outcome!r})", v.as_read(outcome), v.n,
+                       decimal_comma_hint=True)
+
+
+def _outcome_out_of_range(v: _Visits, rows: _Stage) -> list[_Rule]:
+    """Outside ``validation.outcome_range``; no rule without one."""
+    low_high = v.config.validation.outcome_range
+    if low_high is None:
+        return []
+    outcome = v.outcome
+    range_text = f"[{_format_float(low_high[0])}, {_format_float(low_high[1])}]"
+    failing = rows.failing("outcome_in_range", outcome, v.n) if outcome in v.present else np.zeros(v.n, dtype=bool)
+    return [_value_rule(
+        "outcome_in_range", outcome, f"outcome ({outcome!r}) within outcome_range {range_text}", failing,
+        "outcome {} is outside outcome_range " + range_text + f" (column {outcome!r})", v.as_read(outcome), v.n,
+    )]
+
+
+def _duplicate_visits(v: _Visits, groups: _Stage, eligible: np.ndarray) -> list[_Rule]:
+    """The same (subject, time) twice among the ``eligible`` rows, two rules: exact copies (all but the
+    first go) and conflicting visits (every copy goes)."""
+    typed, subjects, time, key, n = v.typed, v.subjects, v.time, v.key, v.n
+    in_group = groups.failing("unique_subject_time", None, n) & eligible
+    exact = np.zeros(n, dtype=bool)
+    conflicting = np.zeros(n, dtype=bool)
+    exact_reasons = pd.Series(np.nan, index=range(n), dtype=object)
+    conflict_reasons = pd.Series(np.nan, index=range(n), dtype=object)
+    if in_group.any():
+        rows = typed.loc[in_group]
+        keys = [rows[column] for column in (*subjects, time)]
+        distinct = (~rows.duplicated(subset=v.data_columns, keep="first")).groupby(keys).transform("sum")
+        size = rows.groupby(keys)[time].transform("size")
+        is_conflict = (distinct > 1).to_numpy()
+        is_extra_copy = (~is_conflict) & rows.duplicated(subset=[*subjects, time], keep="first").to_numpy()
+        positions = np.flatnonzero(in_group)
+        exact[positions[is_extra_copy]] = True
+        conflicting[positions[is_conflict]] = True
+        first_file = rows.groupby(keys)["source_file"].transform("first")
+        first_line = rows.groupby(keys)["source_line"].transform("first")
+        exact_reasons[exact] = (
+            "exact duplicate of " + first_file[is_extra_copy].astype(str) + " line " + first_line[is_extra_copy].astype(str)
+        ).to_numpy(dtype=object)
+        conflict_reasons[conflicting] = (
+            "conflicting duplicate visit: subject " + key[in_group][is_conflict].astype(str)
+            + " at time " + _format_numbers(rows.loc[is_conflict, time]) + " appears "
+            + size[is_conflict].astype(str) + " times with different values"
+        ).to_numpy(dtype=object)
+    return [
+        _Rule("no_exact_duplicates", None, "no exact duplicate row of a (subject, time) visit (the first copy is kept)",
+              exact, exact_reasons, "exact duplicate of an earlier row"),
+        _Rule("no_conflicting_duplicates", None, "no (subject, time) visit recorded twice with different values",
+              conflicting, conflict_reasons, "conflicting duplicate visit (same subject and time, different values)"),
+    ]
+
+
+def _covariate_missing_or_not_a_number(v: _Visits, rows: _Stage) -> list[_Rule]:
+    """Per covariate a candidate uses: missing, then (for one analysed as a number) not a number."""
+    rules = []
+    for column in v.covariates:
+        rules.append(_constant_rule(
+            "covariate_present", column, f"covariate {column!r} is not missing",
+            _flagged(v, rows, "covariate_present", column),
+            f"missing covariate {column!r} (used by the candidate models)", v.n,
+        ))
+        if column in v.numeric_covariates:
+            rules.append(_value_rule(
+                "covariate_is_number", column, f"covariate {column!r} is a number",
+                _flagged(v, rows, "covariate_is_number", column),
+                f"covariate {column!r} is not a number: " + "'{}' (used by the candidate models)",
+                v.as_read(column), v.n,
+            ))
+    return rules
+
+
+def _constant_changes_within_subject(v: _Visits, groups: _Stage) -> list[_Rule]:
+    """One rule per ``data.constant`` column the data have."""
+    return [_changing_rule(column, v.typed[column], v.key, groups.failing("constant_within_subject", column, v.n))
+            for column in v.checked_constant]
+
+
+def _changing_rule(column: str, values: pd.Series, key: pd.Series, failing: np.ndarray) -> _Rule:
+    """Every row of a subject whose ``data.constant`` column takes more than one value: which copy is right is unknown."""
+    n = len(values)
+    reasons = pd.Series(np.nan, index=range(n), dtype=object)
+    if failing.any():
+        shown = _format_numbers(values) if values.dtype.kind == "f" else values.astype(object)
+        rows = pd.DataFrame({"key": key[failing], "value": shown[failing].where(values[failing].notna())})
+        listed = rows.dropna().groupby("key")["value"].agg(lambda v: ", ".join(repr(str(x)) for x in sorted(set(v))))
+        reasons[failing] = (
+            f"column {column!r} changes within subject " + rows["key"].astype(str) + " ("
+            + rows["key"].map(listed).astype(str) + "); data.constant says it does not"
+        ).to_numpy(dtype=object)
+    return _Rule(
+        "constant_within_subject", column, f"{column!r} takes one value within each subject (data.constant)",
+        failing, reasons, f"column {column!r} changes within a subject; data.constant says it does not",
+    )
+
+
+def _too_few_rows(v: _Visits, counts: _SubjectRows) -> _Rule:
+    """Subjects left with fewer than ``validation.min_observations_per_subject`` rows: all their rows go."""
+    minimum = v.config.validation.min_observations_per_subject
+    too_few = counts.too_few
+    reasons = pd.Series(np.nan, index=range(v.n), dtype=object)
     if too_few.any():
-        left = pd.Series(subject_rows[too_few], index=typed.index[too_few])
-        few_reasons[too_few] = (
-            "subject " + key[too_few].astype(str) + " has " + left.astype(str)
+        left = pd.Series(counts.rows[too_few], index=v.typed.index[too_few])
+        reasons[too_few] = (
+            "subject " + v.key[too_few].astype(str) + " has " + left.astype(str)
             + np.where(left == 1, " row", " rows") + f", fewer than min_observations_per_subject = {minimum}"
         ).to_numpy(dtype=object)
-    rules.append(_Rule(
-        "min_observations_per_subject", key_label,
-        f"every subject keeps at least {minimum} rows after the other checks", too_few, few_reasons,
+    return _Rule(
+        "min_observations_per_subject", v.config.data.subject_key,
+        f"every subject keeps at least {minimum} rows after the other checks", too_few, reasons,
         f"subject has fewer than min_observations_per_subject = {minimum} rows",
-    ))
-    reason = _assign_reasons(rules, n)
+    )
 
-    # Ingestion's own findings (links and other entries skipped), the table-level outcomes, then the
-    # row-level ones with the rows each rule quarantined.
-    outcomes: list[ExpectationOutcome] = list(ingested.findings)
-    available = ", ".join(data_columns) if data_columns else "(none)"
-    for column in required:
-        ok = bool(found1.success("column_exists", column))
+
+# ------------------------------------------------------------------------------------- the outcomes
+
+
+def _table_outcomes(v: _Visits, rows: _Stage, ingested: Ingested) -> list[ExpectationOutcome]:
+    """Required columns present, at least one row, and how a time column of dates was read."""
+    outcomes = []
+    available = ", ".join(v.data_columns) if v.data_columns else "(none)"
+    for column in v.required:
+        ok = bool(rows.success("column_exists", column))
         outcomes.append(ExpectationOutcome(
             name="column_exists", level="table", column=column, success=ok, unexpected_count=0,
-            description=f"required column {column!r} ({_label_of(column, config)}) is present",
-            details="" if ok else f"columns are: {available}{did_you_mean(column, data_columns)}",
+            description=f"required column {column!r} ({_label_of(column, v.config)}) is present",
+            details="" if ok else f"columns are: {available}{did_you_mean(column, v.data_columns)}",
         ))
     outcomes.append(ExpectationOutcome(
-        name="table_has_rows", level="table", column=None, success=bool(found1.success("table_has_rows", None)),
+        name="table_has_rows", level="table", column=None, success=bool(rows.success("table_has_rows", None)),
         unexpected_count=0, description="the data have at least one row",
-        details=f"{n} rows read" if n or not ingested.files else _why_no_rows(ingested, data_columns),
+        details=f"{v.n} rows read" if v.n or not ingested.files else _why_no_rows(ingested, v.data_columns),
     ))
-    if dates is not None:
+    if v.dates is not None:
         outcomes.append(ExpectationOutcome(
-            name="time_read_as_dates", level="table", column=time, success=True, unexpected_count=0,
-            description=dates.note,
-            details=f"{dates.dates_read} dates read; a value that is not an ISO date is quarantined",
+            name="time_read_as_dates", level="table", column=v.time, success=True, unexpected_count=0,
+            description=v.dates.note,
+            details=f"{v.dates.dates_read} dates read; a value that is not an ISO date is quarantined",
         ))
+    return outcomes
+
+
+def _row_outcomes(v: _Visits, rules: list[_Rule], reason: np.ndarray) -> list[ExpectationOutcome]:
+    """One outcome per rule, counting the rows it quarantined (a row counts for the first rule it breaks)."""
+    outcomes = []
     for index, rule in enumerate(rules):
         count = int((reason == index).sum())
         failing = int(rule.failing.sum())
         details = _CHECKS.get(rule.name, "")
-        if rule.column is not None and rule.column not in present and rule.name.endswith("_present"):
+        if rule.column is not None and rule.column not in v.present and rule.name.endswith("_present"):
             details = f"column {rule.column!r} is absent, so it counts as missing in every row"
         if failing != count:
             details += f"; {failing} rows fail this check, {failing - count} of them quarantined for an earlier reason"
@@ -294,23 +519,28 @@ def validate_visits(ingested: Ingested, config: StudyConfig, covariates: Collect
             name=rule.name, level="row", column=rule.column, success=count == 0, unexpected_count=count,
             description=rule.description, details=details, reason=rule.label,
         ))
-    enough = stage3.success("enough_subjects", key_label)
-    outcomes.append(ExpectationOutcome(
-        name="enough_subjects", level="table", column=key_label,
-        success=bool(enough) if enough is not None else subjects_left >= MIN_SUBJECTS,
+    return outcomes
+
+
+def _enough_subjects(v: _Visits, counts: _SubjectRows) -> ExpectationOutcome:
+    subjects_left = int(v.key[counts.kept].nunique()) if counts.kept.any() else 0
+    return ExpectationOutcome(
+        name="enough_subjects", level="table", column=v.config.data.subject_key,
+        success=bool(counts.enough_subjects) if counts.enough_subjects is not None else subjects_left >= MIN_SUBJECTS,
         unexpected_count=0, description=f"at least {MIN_SUBJECTS} subjects left after the row checks",
         details=f"{subjects_left} subjects left",
-    ))
-    outcomes.append(_lookalike_ids(key[kept], key_label))
-    reason_texts = _reason_texts(rules, reason, n)
-    visits = typed.loc[kept]
-    if len(subjects) > 1:
-        visits = _with_subject_key(visits, key[kept], config)
-    visits = _sort_visits(visits.set_axis(labels[kept]), subjects, time)
+    )
+
+
+def _split_rows(v: _Visits, reason_texts: pd.Series, kept: np.ndarray) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The visits (typed, sorted, with the combined subject column) and the quarantine (as read, with reasons)."""
+    visits = v.typed.loc[kept]
+    if len(v.subjects) > 1:
+        visits = _with_subject_key(visits, v.key[kept], v.config)
+    visits = _sort_visits(visits.set_axis(v.labels[kept]), v.subjects, v.time)
     quarantined = ~kept
-    quarantine = raw.loc[quarantined].assign(reason=reason_texts[quarantined].to_numpy(dtype=object))
-    quarantine = quarantine.set_axis(labels[quarantined])
-    return Validated(visits=visits, quarantine=quarantine, expectations=tuple(outcomes), rows_read=n)
+    quarantine = v.raw.loc[quarantined].assign(reason=reason_texts[quarantined].to_numpy(dtype=object))
+    return visits, quarantine.set_axis(v.labels[quarantined])
 
 
 def ensure_valid(validated: Validated, config: StudyConfig, folder: Path | None = None) -> None:
@@ -379,7 +609,7 @@ def validation_summary(validated: Validated) -> dict[str, Any]:
     }
 
 
-# ------------------------------------------------------------------------------------------- rules
+# ----------------------------------------------------------------------------------------- helpers
 
 
 def _read(column: str) -> str:
@@ -469,24 +699,6 @@ def _distinct_within(values: pd.Series, key: pd.Series) -> np.ndarray:
     """For each row, how many distinct non-missing values of ``values`` its subject has (NaN without a subject)."""
     counts = values.groupby(key.to_numpy(), dropna=True).nunique(dropna=True)
     return key.map(counts).to_numpy(dtype=np.float64)
-
-
-def _changing_rule(column: str, values: pd.Series, key: pd.Series, failing: np.ndarray) -> _Rule:
-    """Every row of a subject whose ``data.constant`` column takes more than one value: which copy is right is unknown."""
-    n = len(values)
-    reasons = pd.Series(np.nan, index=range(n), dtype=object)
-    if failing.any():
-        shown = _format_numbers(values) if values.dtype.kind == "f" else values.astype(object)
-        rows = pd.DataFrame({"key": key[failing], "value": shown[failing].where(values[failing].notna())})
-        listed = rows.dropna().groupby("key")["value"].agg(lambda v: ", ".join(repr(str(x)) for x in sorted(set(v))))
-        reasons[failing] = (
-            f"column {column!r} changes within subject " + rows["key"].astype(str) + " ("
-            + rows["key"].map(listed).astype(str) + "); data.constant says it does not"
-        ).to_numpy(dtype=object)
-    return _Rule(
-        "constant_within_subject", column, f"{column!r} takes one value within each subject (data.constant)",
-        failing, reasons, f"column {column!r} changes within a subject; data.constant says it does not",
-    )
 
 
 def _numeric_covariates(typed: pd.DataFrame, covariates: tuple[str, ...], config: StudyConfig) -> tuple[str, ...]:
@@ -602,44 +814,6 @@ def _lookalike_ids(ids: pd.Series, column: str) -> ExpectationOutcome:
 def _and(values: list[str]) -> str:
     quoted = [repr(v) for v in values]
     return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " and " + quoted[-1]
-
-
-def _duplicate_rules(
-    typed: pd.DataFrame, data_columns: list[str], subjects: tuple[str, ...], time: str, key: pd.Series,
-    in_group: np.ndarray,
-) -> tuple[_Rule, _Rule]:
-    """Split the (subject, time) duplicates into exact copies (all but the first) and conflicting visits."""
-    n = len(typed)
-    exact = np.zeros(n, dtype=bool)
-    conflicting = np.zeros(n, dtype=bool)
-    exact_reasons = pd.Series(np.nan, index=range(n), dtype=object)
-    conflict_reasons = pd.Series(np.nan, index=range(n), dtype=object)
-    if in_group.any():
-        rows = typed.loc[in_group]
-        keys = [rows[column] for column in (*subjects, time)]
-        distinct = (~rows.duplicated(subset=data_columns, keep="first")).groupby(keys).transform("sum")
-        size = rows.groupby(keys)[time].transform("size")
-        is_conflict = (distinct > 1).to_numpy()
-        is_extra_copy = (~is_conflict) & rows.duplicated(subset=[*subjects, time], keep="first").to_numpy()
-        positions = np.flatnonzero(in_group)
-        exact[positions[is_extra_copy]] = True
-        conflicting[positions[is_conflict]] = True
-        first_file = rows.groupby(keys)["source_file"].transform("first")
-        first_line = rows.groupby(keys)["source_line"].transform("first")
-        exact_reasons[exact] = (
-            "exact duplicate of " + first_file[is_extra_copy].astype(str) + " line " + first_line[is_extra_copy].astype(str)
-        ).to_numpy(dtype=object)
-        conflict_reasons[conflicting] = (
-            "conflicting duplicate visit: subject " + key[in_group][is_conflict].astype(str)
-            + " at time " + _format_numbers(rows.loc[is_conflict, time]) + " appears "
-            + size[is_conflict].astype(str) + " times with different values"
-        ).to_numpy(dtype=object)
-    return (
-        _Rule("no_exact_duplicates", None, "no exact duplicate row of a (subject, time) visit (the first copy is kept)",
-              exact, exact_reasons, "exact duplicate of an earlier row"),
-        _Rule("no_conflicting_duplicates", None, "no (subject, time) visit recorded twice with different values",
-              conflicting, conflict_reasons, "conflicting duplicate visit (same subject and time, different values)"),
-    )
 
 
 def _any_failure(rules: list[_Rule], n: int) -> np.ndarray:
