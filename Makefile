@@ -41,8 +41,8 @@ server: $(STAMP)
 # Speed and memory at 2,000 to 2,000,000 rows against lme4 (see benchmarks/README.md); not a test.
 # Each run with Prefect's embedded server, then 200k and 2M against a running server (as `serve` runs).
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_pipeline.py
-	$(BIN)/python benchmarks/bench_pipeline.py --server --sizes 200k,2M --no-example --out benchmarks/results/server
+	$(BIN)/python -m benchmarks.pipeline
+	$(BIN)/python -m benchmarks.pipeline --server --sizes 200k,2M --no-example --out benchmarks/results/server
 
 # Regenerate the bundled example study (fixed seed: the file changes only if the simulator does).
 example-data: $(STAMP)
