@@ -22,7 +22,7 @@ from longitudinal.durable import printable
 from longitudinal.outputs import (
     build_manifest, discard_run, markdown_text, package_versions, run_id_of, start_run,
 )
-from longitudinal.records import Fit, SourceFile
+from longitudinal.records import Fit, Selection, SourceFile
 from longitudinal.report import ReportInputs
 from tasks.fitting import fit
 from tasks.ingest import ingest
@@ -148,7 +148,7 @@ def _lap(start: float) -> float:
     return time.perf_counter() - start
 
 
-def _summary_markdown(config: StudyConfig, selection: Any, counts: dict[str, int], run_id: str,
+def _summary_markdown(config: StudyConfig, selection: Selection, counts: dict[str, int], run_id: str,
                       files: tuple[SourceFile, ...]) -> str:
     """The run-summary artifact. Candidate and file names are escaped: the UI renders it as Markdown."""
     table = selection.table

@@ -14,6 +14,10 @@ boundary of its space (zero), and the statistic follows the 50:50 mixture of χ�
 (Self & Liang 1987; Stram & Lee 1994), χ²(0) being a point mass at zero. Adding two or more random-effect
 terms gives a mixture with more components; there the plain χ²(df) p-value is reported as what it is, an
 upper bound (conservative).
+
+The select stage computes the tests and AICc (:func:`longitudinal.selection.select_model`) into the
+:class:`~longitudinal.records.Selection` record, which the report reads; the test record,
+:class:`~longitudinal.records.LikelihoodRatioTest`, lives with the other stage contracts.
 """
 
 from __future__ import annotations
@@ -22,18 +26,15 @@ import dataclasses
 import math
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 from scipy.stats import chi2
 
 from longitudinal.errors import FitError
 from longitudinal.formula import ModelFormula, deparse, expand_terms, parse_formula
-from longitudinal.records import Fit
+from longitudinal.records import Fit, LikelihoodRatioTest, Reference
 
 #: A model term as the set of the factors it multiplies (the empty set is the intercept).
 TermKey = frozenset[str]
-
-Reference = Literal["chi2", "mixture", "chi2-conservative"]
 
 #: A larger model whose ML log-likelihood falls below the smaller's by more than this stopped short of
 #: its optimum (lme4-style fits agree with lme4 to about 1e-5 log-likelihood units).
@@ -62,51 +63,6 @@ class ModelStructure:
     def n_covariances(self) -> int:
         """Random-effect covariance parameters: q(q − 1)/2 per block of q terms."""
         return sum(len(terms) * (len(terms) - 1) // 2 for _, terms in self.random)
-
-
-@dataclass(frozen=True)
-class LikelihoodRatioTest:
-    """One test of a smaller candidate against a larger one that contains it (both ML fits).
-
-    ``statistic`` = 2(ℓ_larger − ℓ_smaller); ``df`` = difference in parameter counts. ``reference`` is
-    ``"chi2"`` (χ²(df)), ``"mixture"`` (50:50 χ²(df − 1) and χ²(df), one variance tested on its boundary)
-    or ``"chi2-conservative"`` (several variances on the boundary: χ²(df), an upper bound on p).
-    What the larger model adds: ``added_fixed`` (fixed-effect columns, or terms when compared by formula),
-    ``boundary_terms`` (random-effect terms, ``"week | patient_id"``, whose variance is zero under the
-    smaller model) and ``added_covariances`` (random-effect covariance parameters).
-    ``p_value`` is NaN when the larger fit stopped short of the smaller's likelihood (see ``notes``);
-    ``statistic`` and ``p_value`` are both NaN when one of the fits is missing (``tested`` is False, and
-    ``notes`` starts with "no test: " and the reason).
-    """
-
-    smaller: str
-    larger: str
-    df: int
-    statistic: float
-    p_value: float
-    reference: Reference
-    added_fixed: tuple[str, ...]
-    boundary_terms: tuple[str, ...]
-    added_covariances: int
-    notes: tuple[str, ...] = ()
-
-    @property
-    def fixed_differ(self) -> bool:
-        return bool(self.added_fixed)
-
-    @property
-    def tested(self) -> bool:
-        """False for a nested pair listed without a test because one of its fits is missing."""
-        return not math.isnan(self.statistic)
-
-    @property
-    def test(self) -> str:
-        """The reference distribution as text: ``"χ²(1)"``, ``"50:50 mixture of χ²(1) and χ²(2)"``, ..."""
-        if self.reference == "mixture":
-            return f"50:50 mixture of χ²({self.df - 1}) and χ²({self.df})"
-        if self.reference == "chi2-conservative":
-            return f"χ²({self.df}), conservative"
-        return f"χ²({self.df})"
 
 
 # ------------------------------------------------------------------------------------------ structure

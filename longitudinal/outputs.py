@@ -47,8 +47,7 @@ import pandas as pd
 from longitudinal.config import StudyConfig
 from longitudinal.durable import printable, sync_path, sync_tree, writing
 from longitudinal.errors import LongitudinalError, OutputUnwritable, SourceUnavailable
-from longitudinal.records import Fit, Selection, SourceFile, Validated
-from longitudinal.selection import COLUMNS
+from longitudinal.records import MODEL_COMPARISON_COLUMNS, Fit, Selection, SourceFile, Validated
 
 if TYPE_CHECKING:
     from longitudinal.report import ReportInputs
@@ -275,7 +274,7 @@ def _release_run_lock(staging: Path) -> None:
 
 def write_model_comparison(selection: Selection, folder: Path) -> Path:
     path = folder / "model_comparison.csv"
-    selection.table.loc[:, list(COLUMNS)].to_csv(path, index=False)
+    selection.table.loc[:, list(MODEL_COMPARISON_COLUMNS)].to_csv(path, index=False)
     return path
 
 

@@ -8,6 +8,7 @@ Records are frozen; the ones holding arrays or frames compare by identity (``eq=
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -159,6 +160,11 @@ class FixedEffect:
     ci_high: float
     p_value: float
 
+    @property
+    def z(self) -> float:
+        """The Wald statistic estimate / SE (NaN without a finite, non-zero SE)."""
+        return self.estimate / self.std_error if self.std_error and math.isfinite(self.std_error) else math.nan
+
 
 @dataclass(frozen=True)
 class VarianceComponent:
@@ -268,13 +274,79 @@ def failed_fit(
 # ------------------------------------------------------------------------------------------- selection
 
 
+#: The columns of ``model_comparison.csv``, in order: :attr:`Selection.table` has exactly these.
+MODEL_COMPARISON_COLUMNS = (
+    "model", "formula", "converged", "singular", "n_obs", "n_subjects", "n_params", "loglik",
+    "aic", "bic", "delta_aic", "delta_bic", "aic_weight", "bic_weight", "selected",
+)
+
+#: The reference distribution of a likelihood-ratio test (see :class:`LikelihoodRatioTest`).
+Reference = Literal["chi2", "mixture", "chi2-conservative"]
+
+
+@dataclass(frozen=True)
+class LikelihoodRatioTest:
+    """One test of a smaller candidate against a larger one that contains it (both ML fits).
+
+    ``statistic`` = 2(ℓ_larger − ℓ_smaller); ``df`` = difference in parameter counts. ``reference`` is
+    ``"chi2"`` (χ²(df)), ``"mixture"`` (50:50 χ²(df − 1) and χ²(df), one variance tested on its boundary)
+    or ``"chi2-conservative"`` (several variances on the boundary: χ²(df), an upper bound on p).
+    What the larger model adds: ``added_fixed`` (fixed-effect columns, or terms when compared by formula),
+    ``boundary_terms`` (random-effect terms, ``"week | patient_id"``, whose variance is zero under the
+    smaller model) and ``added_covariances`` (random-effect covariance parameters).
+    ``p_value`` is NaN when the larger fit stopped short of the smaller's likelihood (see ``notes``);
+    ``statistic`` and ``p_value`` are both NaN when one of the fits is missing (``tested`` is False, and
+    ``notes`` starts with "no test: " and the reason).
+    """
+
+    smaller: str
+    larger: str
+    df: int
+    statistic: float
+    p_value: float
+    reference: Reference
+    added_fixed: tuple[str, ...]
+    boundary_terms: tuple[str, ...]
+    added_covariances: int
+    notes: tuple[str, ...] = ()
+
+    @property
+    def fixed_differ(self) -> bool:
+        return bool(self.added_fixed)
+
+    @property
+    def tested(self) -> bool:
+        """False for a nested pair listed without a test because one of its fits is missing."""
+        return not math.isnan(self.statistic)
+
+    @property
+    def test(self) -> str:
+        """The reference distribution as text: ``"χ²(1)"``, ``"50:50 mixture of χ²(1) and χ²(2)"``, ..."""
+        if self.reference == "mixture":
+            return f"50:50 mixture of χ²({self.df - 1}) and χ²({self.df})"
+        if self.reference == "chi2-conservative":
+            return f"χ²({self.df}), conservative"
+        return f"χ²({self.df})"
+
+
 @dataclass(frozen=True, eq=False)
 class Selection:
-    """The model comparison. ``table`` has exactly the columns of ``model_comparison.csv``."""
+    """The model comparison, with every statistic the report shows about it.
+
+    ``table`` has exactly the columns of ``model_comparison.csv`` (:data:`MODEL_COMPARISON_COLUMNS`).
+    ``aicc`` maps each candidate to its AICc (NaN where undefined), shown for reference and not used to
+    select. ``tests`` holds the likelihood-ratio test of every nested pair of candidates, smaller first;
+    ``tests_refused`` says why there are none when the candidates cannot be compared by likelihood
+    (REML fits, different rows), "" otherwise. A selection assembled without them (the defaults) shows
+    no AICc and no test.
+    """
 
     criterion: Literal["aic", "bic"]
     table: pd.DataFrame
     selected: str
+    aicc: Mapping[str, float] = field(default_factory=dict)
+    tests: tuple[LikelihoodRatioTest, ...] = ()
+    tests_refused: str = ""
 
 
 # --------------------------------------------------------------------------------------------- outputs

@@ -1,7 +1,8 @@
 """The HTML report: one self-contained page (inline CSS, figures as base64 PNG, no external resource).
 
 :func:`render_report` builds the page from the run's records and the PNG bytes of its figures and
-returns it as a string; writing it is the caller's job. Every user-provided string (study, file,
+returns it as a string; writing it is the caller's job. It formats and computes no statistic: AICc and
+the likelihood-ratio tests come with the :class:`~longitudinal.records.Selection` from the select stage. Every user-provided string (study, file,
 column, candidate, formula, level and message text) is HTML-escaped. A figure missing from the
 mapping is replaced by a note, never an error.
 """
@@ -19,11 +20,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from longitudinal.comparison import LikelihoodRatioTest, compare_nested, compute_aicc
 from longitudinal.config import StudyConfig
-from longitudinal.errors import FitError
 from longitudinal.figures import CATERPILLAR_LEVELS, QQ_POINTS, time_axis_label, with_time_unit
-from longitudinal.records import Fit, Selection, SourceFile, Validated
+from longitudinal.records import Fit, LikelihoodRatioTest, Selection, SourceFile, Validated
 
 QUARANTINE_ROWS_SHOWN = 20
 #: A share of quarantined rows above this is called out at the top of the report, not only counted.
@@ -34,8 +33,9 @@ LARGE_QUARANTINE_SHARE = 0.20
 class ReportInputs:
     """Everything the report shows, as records: the run, its data accounting, its fits and its timings.
 
-    ``fits`` are the ML fits of every candidate (failed ones included); ``selected`` is the REML refit of
-    the chosen candidate. ``timings`` follows the manifest: ``{"stages": {stage: s}, "fits": {name: s}}``
+    ``fits`` are the ML fits of every candidate (failed ones included); ``selection`` their comparison,
+    with the AICc and likelihood-ratio tests shown beside it; ``selected`` is the REML refit of the
+    chosen candidate. ``timings`` follows the manifest: ``{"stages": {stage: s}, "fits": {name: s}}``
     (other keys are shown as they are); ``versions`` maps package names to version strings.
     """
 
@@ -49,7 +49,7 @@ class ReportInputs:
     fits: tuple[Fit, ...]
     selected: Fit
     timings: Mapping[str, Any] = field(default_factory=dict)
-    versions: Mapping[str, str] = field(default_factory=dict)
+    versions: Mapping[str, str | None] = field(default_factory=dict)
 
 
 SECTIONS: tuple[tuple[str, str], ...] = (
@@ -388,7 +388,7 @@ def _comparison_section(inputs: ReportInputs, figures: Mapping[str, bytes]) -> s
     selection = inputs.selection
     table = selection.table
     n_obs = inputs.validated.rows_analysed
-    aicc = {f.name: compute_aicc(f) for f in inputs.fits}
+    aicc = selection.aicc
     headers = ["Model", "Formula", "Fit", "k", "logLik", "AIC", "AICc", "BIC", "ΔAIC", "ΔBIC",
                "AIC weight", "BIC weight"]
     rows, classes = [], []
@@ -437,7 +437,7 @@ def _comparison_section(inputs: ReportInputs, figures: Mapping[str, bytes]) -> s
                     "highlighted, failed candidates are marked.")
     return "\n".join([
         explain, _table(headers, rows, row_classes=classes), failed_html, chart,
-        "<h3>Likelihood-ratio tests between nested candidates</h3>", _lrt_block(inputs.fits),
+        "<h3>Likelihood-ratio tests between nested candidates</h3>", _lrt_block(selection),
         "<h3>Fit diagnostics per candidate</h3>", _diagnostics_block([*inputs.fits, inputs.selected], inputs.selected),
     ])
 
@@ -454,12 +454,11 @@ def _fit_status(converged: object, singular: object, loglik: object) -> Cell:
     return ("converged", "")
 
 
-def _lrt_block(fits: Sequence[Fit]) -> str:
+def _lrt_block(selection: Selection) -> str:
     """The likelihood-ratio table with its interpretation, or a note saying why there is none."""
-    try:
-        tests = compare_nested(fits)
-    except FitError as error:
-        return f'<p class="warning">No likelihood-ratio test: {esc(error)}</p>'
+    if selection.tests_refused:
+        return f'<p class="warning">No likelihood-ratio test: {esc(selection.tests_refused)}</p>'
+    tests = selection.tests
     if not tests:
         return ('<p class="note">No candidate is a special case of another (same response and rows, fixed '
                 "effects a subset, random effects contained), so no likelihood-ratio test applies; AIC and BIC "
@@ -585,11 +584,10 @@ def _selected_section(inputs: ReportInputs, figures: Mapping[str, bytes]) -> str
     ]))
     fixed_rows = []
     for fe in fit.fixed_effects:
-        z = fe.estimate / fe.std_error if fe.std_error and math.isfinite(fe.std_error) else math.nan
         fixed_rows.append([
             _code(with_time_unit(fe.term, inputs.config.data)), _num(format_number(fe.estimate)), _num(format_number(fe.std_error)),
             _num(f"{format_number(fe.ci_low)} to {format_number(fe.ci_high)}"),
-            _num(format_fixed(z, 2)), _num(format_p(fe.p_value)),
+            _num(format_fixed(fe.z, 2)), _num(format_p(fe.p_value)),
         ])
     parts.append("<h3>Fixed effects</h3>")
     parts.append(_table(["Term", "Estimate", "SE", "95% CI", "z", "p"], fixed_rows))

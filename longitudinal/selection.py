@@ -8,6 +8,10 @@ warning, so does the selection, and the table's ``converged`` column says which 
 (``Fit.converged``); only a failed fit is left out. Δ is measured from the best competitor and the
 Akaike/Schwarz weights are exp(−Δ/2) normalized over the competitors. A tie — a score within 1e-6 of the
 lowest — goes to the candidate with fewer parameters, then to the one listed first.
+
+The selection also carries what the report shows beside the table, computed here rather than while
+rendering: each candidate's AICc and the likelihood-ratio tests between nested candidates
+(:mod:`longitudinal.comparison`).
 """
 
 from __future__ import annotations
@@ -18,21 +22,22 @@ from typing import Literal, Sequence
 import numpy as np
 import pandas as pd
 
+from longitudinal.comparison import compare_nested, compute_aicc
 from longitudinal.errors import FitError
-from longitudinal.records import Fit, Selection
+from longitudinal.records import MODEL_COMPARISON_COLUMNS, Fit, Selection
 
-COLUMNS = (
-    "model", "formula", "converged", "singular", "n_obs", "n_subjects", "n_params", "loglik",
-    "aic", "bic", "delta_aic", "delta_bic", "aic_weight", "bic_weight", "selected",
-)
+#: The columns of ``model_comparison.csv`` (defined with the :class:`Selection` record).
+COLUMNS = MODEL_COMPARISON_COLUMNS
 _TIE = 1e-6
 
 
 def select_model(fits: Sequence[Fit], criterion: Literal["aic", "bic"]) -> Selection:
-    """Compare ML fits of the candidates and pick the lowest ``criterion``.
+    """Compare ML fits of the candidates and pick the lowest ``criterion``; add each candidate's AICc and
+    the likelihood-ratio tests between nested candidates (:func:`~longitudinal.comparison.compare_nested`).
 
     Raises :class:`FitError` when no candidate is usable (the message gives each candidate's reason),
-    and refuses comparisons that are statistically meaningless: REML fits, or fits on different rows.
+    and refuses comparisons that are statistically meaningless: REML fits, or fits on different rows
+    (the same comparisons the likelihood-ratio tests refuse, so the tests are never refused here).
     """
     if criterion not in ("aic", "bic"):
         raise ValueError(f"criterion must be 'aic' or 'bic', got {criterion!r}")
@@ -76,7 +81,10 @@ def select_model(fits: Sequence[Fit], criterion: Literal["aic", "bic"]) -> Selec
         "bic_weight": bic_weight,
         "selected": [i == best for i in range(len(fits))],
     }, columns=list(COLUMNS))
-    return Selection(criterion=criterion, table=table, selected=fits[best].name)
+    return Selection(
+        criterion=criterion, table=table, selected=fits[best].name,
+        aicc={f.name: compute_aicc(f) for f in fits}, tests=compare_nested(fits),
+    )
 
 
 def _deltas_and_weights(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

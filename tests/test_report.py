@@ -10,7 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from longitudinal.comparison import compare_nested, compute_aicc
 from longitudinal.config import parse_config
+from longitudinal.errors import FitError
 from longitudinal.figures import FIGURE_KEYS
 from longitudinal.records import (
     ExpectationOutcome,
@@ -67,6 +69,8 @@ def make_fits() -> tuple[Fit, ...]:
 
 
 def make_selection(fits: tuple[Fit, ...]) -> Selection:
+    """The selection of ``fits`` with its table built by hand, and the AICc and likelihood-ratio tests the
+    select stage adds (a refusal recorded, as the report shows it, for fits no test can compare)."""
     rows = []
     for fit in fits:
         rows.append({"model": fit.name, "formula": fit.formula, "converged": fit.converged, "singular": fit.singular,
@@ -78,7 +82,12 @@ def make_selection(fits: tuple[Fit, ...]) -> Selection:
         weight = np.exp(-table[f"delta_{criterion}"] / 2)
         table[f"{criterion}_weight"] = weight / weight.sum()
     table["selected"] = table["model"] == "ris"
-    return Selection(criterion="bic", table=table, selected="ris")
+    try:
+        tests, refused = compare_nested(fits), ""
+    except FitError as error:
+        tests, refused = (), str(error)
+    return Selection(criterion="bic", table=table, selected="ris", aicc={f.name: compute_aicc(f) for f in fits},
+                     tests=tests, tests_refused=refused)
 
 
 def make_selected() -> Fit:
@@ -93,7 +102,10 @@ def make_selected() -> Fit:
 
 
 def make_inputs(**changes: object) -> ReportInputs:
+    """The demo inputs with ``changes``; new ``fits`` come with their selection unless one is given."""
     fits = make_fits()
+    if "fits" in changes and "selection" not in changes:
+        changes["selection"] = make_selection(changes["fits"])  # type: ignore[arg-type]
     config = parse_config({
         "study": "demo-study",
         "data": {"source": "visits.csv", "subject": "pid", "time": "week", "outcome": "score"},
