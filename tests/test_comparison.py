@@ -256,3 +256,18 @@ def test_aicc_is_undefined_when_rows_do_not_exceed_parameters_plus_one() -> None
 def test_aicc_of_a_failed_fit_is_nan() -> None:
     failed = failed_fit("broken", RI, "ML", "test", "no", n_obs=200, n_subjects=40, n_params=7)
     assert math.isnan(compute_aicc(failed))
+
+
+# ------------------------------------------------------------------------- computed in the select stage
+
+
+def test_the_selection_carries_the_tests_and_aicc_for_the_report() -> None:
+    from longitudinal.selection import select_model
+
+    fits = (*example_fits(), failed_fit("broken", RIS, "ML", "test", "no", n_obs=200, n_subjects=40, n_params=9))
+    selection = select_model(fits, "bic")
+    assert selection.tests == compare_nested(fits) and selection.tests_refused == ""
+    assert [(t.smaller, t.larger, t.tested) for t in selection.tests][-1] == ("ris_uncorrelated", "broken", False)
+    # ri: AIC = 2000 + 14 = 2014, + 2·7·8/(200 − 7 − 1) = 0.5833...
+    assert selection.aicc["ri"] == pytest.approx(2014.0 + 112.0 / 192.0, rel=1e-12)
+    assert set(selection.aicc) == {f.name for f in fits} and math.isnan(selection.aicc["broken"])

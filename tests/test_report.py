@@ -385,3 +385,11 @@ def test_the_singular_message_names_the_term_and_validation_warnings_stand_out()
     validation = page[page.index('<section id="validation">'):page.index('<section id="trajectories">')]
     assert '<p class="warning">subject ids &#x27;068&#x27; and &#x27;68&#x27; differ only by leading zeros</p>' in validation
     assert '<span class="warning-text">warning</span>' in validation
+
+
+def test_the_report_shows_the_tests_and_aicc_of_the_selection_and_computes_none() -> None:
+    # Nested fits, but a selection that carries no test and no AICc: the report shows what the record holds.
+    selection = replace(make_selection(make_fits()), aicc={}, tests=())
+    section = comparison_section(render_report(make_inputs(selection=selection), {}))
+    assert "no likelihood-ratio test applies" in section
+    assert ">75.64<" not in section and ">81.33<" not in section
