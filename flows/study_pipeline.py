@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, unmapped
+from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 
 from longitudinal.config import ExecutionConfig, StudyConfig, load_config
@@ -70,13 +71,11 @@ def _run_stages(config: StudyConfig, config_path: Path, formulas: dict, staging:
 
     curated = ingest(config)
     ingested = curated.ingested
-    stages["ingest"] = _lap(clock)
-    clock = time.perf_counter()
+    clock = _stage_done(stages, "ingest", clock)
 
     covariates = check_candidates(formulas, config.data.roles, list(ingested.raw.columns))
     validated = validate(ingested, config, covariates)
-    stages["validate"] = _lap(clock)
-    clock = time.perf_counter()
+    clock = _stage_done(stages, "validate", clock)
 
     names = list(formulas)
     engine = config.models.engine
@@ -89,18 +88,15 @@ def _run_stages(config: StudyConfig, config_path: Path, formulas: dict, staging:
     else:
         fit_stage = fit_candidates.with_options(task_runner=task_runner(config.execution))
         fits = fit_stage(validated.visits, names, formulas_text, engine, data_hash)
-    stages["fit"] = _lap(clock)
-    clock = time.perf_counter()
+    clock = _stage_done(stages, "fit", clock)
 
     selection = select(fits, config.models.criterion, config.study)
-    stages["select"] = _lap(clock)
-    clock = time.perf_counter()
+    clock = _stage_done(stages, "select", clock)
 
     chosen = selection.selected
     refit = fit.with_options(task_run_name=f"refit-{chosen}-REML")
     selected = refit(validated.visits, chosen, config.models.candidates[chosen], "REML", engine, data_hash)
-    stages["fit"] += _lap(clock)
-    clock = time.perf_counter()
+    clock = _stage_done(stages, "fit", clock)
 
     timings: dict[str, Any] = {
         "stages": stages,
@@ -112,7 +108,7 @@ def _run_stages(config: StudyConfig, config_path: Path, formulas: dict, staging:
         selected=selected, timings=timings, versions=package_versions(),
     )
     write_outputs(staging, inputs)
-    stages["report"] = _lap(clock)
+    _stage_done(stages, "report", clock)
 
     counts = {"read": validated.rows_read, "analysed": validated.rows_analysed,
               "quarantined": validated.rows_quarantined}
@@ -142,6 +138,13 @@ def task_runner(execution: ExecutionConfig) -> Any:
     from prefect_dask import DaskTaskRunner
 
     return DaskTaskRunner(address=execution.address) if execution.address else DaskTaskRunner()
+
+
+def _stage_done(stages: dict[str, float], name: str, clock: float) -> float:
+    """Add the time since ``clock`` to stage ``name`` (the REML refit adds to "fit"), log it, restart the clock."""
+    stages[name] = stages.get(name, 0.0) + _lap(clock)
+    get_run_logger().info("stage %s: %.2f s", name, stages[name])
+    return time.perf_counter()
 
 
 def _lap(start: float) -> float:

@@ -210,6 +210,16 @@ def test_a_run_logs_each_stage_and_each_fit_with_its_time(harness: None, tmp_pat
         return by_task if stages <= set(by_task) and refits else None
 
     by_task = wait_for(logged_by_task, seconds=30, every=0.5, what="a log line from every stage and fit")
+    # The flow logs each stage's time as it ends (the REML refit adds to "fit", so "fit" is logged twice).
+    def stage_lines() -> list[str] | None:
+        with get_client(sync_client=True) as client:
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+        found = [log.message for log in logs if log.task_run_id is None and log.message.startswith("stage ")]
+        return found if len(found) >= 6 else None
+
+    timed = wait_for(stage_lines, seconds=30, every=0.5, what="the flow's stage times")
+    assert [re.fullmatch(r"stage (\w+): \d+\.\d\d s", line).group(1) for line in timed] == [  # type: ignore[union-attr]
+        "ingest", "validate", "fit", "select", "fit", "report"]
     (refit,) = [name for name in by_task if name.startswith("refit-")]
     assert refit.removeprefix("refit-").removesuffix("-REML") in chosen
     for name in ["fit-ri-ML", "fit-ris-ML", "fit-ris_uncorrelated-ML", refit]:
