@@ -14,6 +14,7 @@ import io
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -36,8 +37,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args))
     except LongitudinalError as exc:
-        if args.debug:
-            raise
+        if args.debug:  # the traceback too, and still the README's exit code (2 config, 1 data)
+            traceback.print_exc()
         print(f"longitudinal {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:

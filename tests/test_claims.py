@@ -93,8 +93,6 @@ def test_a_bug_is_one_line_pointing_at_debug_and_debug_raises_it(tmp_path: Path,
         flows.cli.main(["validate", "--config", str(config), "--debug"])
 
 
-@pytest.mark.xfail(strict=True, reason="bug: with --debug the error propagates out of main() and Python exits 1, "
-                                       "not the README's 2 for a config error (fix in flows/cli.py main)")
 def test_debug_keeps_the_exit_code_of_a_config_error(tmp_path: Path) -> None:
     config = _study(tmp_path, DATA.encode(), candidate="score ~ week + age + (1 | id)")
     debug = _longitudinal("run", "--config", str(config), "--debug", cwd=tmp_path)
