@@ -4,7 +4,7 @@ Prints, for a random intercept ``(1 | patient_id)`` and a random intercept and s
 ``(week | patient_id)``: building the design, the one-pass cross-products, one deviance evaluation at
 lme4's start θ (median of repeats) per subject and per visit pattern (what the optimizer uses when subjects
 share their visit times), and one whole fit (median of a few), with the deviance evaluations
-the optimizer used. Then the nested/crossed path (``longitudinal.sparse_engine``) on 200,000 rows:
+the optimizer used. Then the nested/crossed path (``longitudinal.fit.lmm.multifactor``) on 200,000 rows:
 20,000 patients × 10 visits, each visit scored by one of 10 raters, ``(t | patient) + (1 | rater)``, and
 20,000 pupils in 500 schools, ``(year | school) + (1 | school:pupil)``.
 
@@ -26,12 +26,14 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from longitudinal.design import build_design
-from longitudinal.engine import compute_crossproducts, fit_lmm, group_patterns, layout_theta, profiled_deviance
-from longitudinal.fitting import fit_candidate
-from longitudinal.formula import parse_formula
+from longitudinal.fit.candidate import fit_candidate
+from longitudinal.fit.lmm import fit_lmm, profiled_deviance
+from longitudinal.fit.lmm.crossproducts import compute_crossproducts, group_patterns
+from longitudinal.fit.lmm.multifactor import compute_multiproducts, multilevel_deviance
+from longitudinal.fit.theta import layout_theta
+from longitudinal.model.design import build_design
+from longitudinal.model.formula import parse_formula
 from longitudinal.simulate import SimulationSpec, simulate_trial
-from longitudinal.sparse_engine import compute_multiproducts, multilevel_deviance
 
 CANDIDATES = {
     "(1|g)": "score ~ week * arm + age + (1 | patient_id)",

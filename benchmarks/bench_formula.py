@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from longitudinal.formula import parse_formula
+from longitudinal.model.formula import parse_formula
 
 
 def _formula(characters: int) -> str:

@@ -103,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     _check_before_prefect(args.config)  # a config, formula or column error exits 2 in about a second
-    from longitudinal.validation import preload_great_expectations
+    from longitudinal.data.validation import preload_great_expectations
 
     preload_great_expectations()  # its 2-5 s import overlaps Prefect's start-up
     _quiet_prefect(debug=args.debug)
@@ -129,10 +129,10 @@ def _check_before_prefect(path: Path) -> None:
     columns the current files lack) or cannot be read cheaply (the flow then reports the file).
     """
     from longitudinal.config import load_config
-    from longitudinal.curation import check_registry, curated_dir
+    from longitudinal.data.curation import check_registry, curated_dir
     from longitudinal.errors import DataError
-    from longitudinal.formula import check_candidates, check_same_response, parse_candidates
-    from longitudinal.ingest import read_header
+    from longitudinal.model.formula import check_candidates, check_same_response, parse_candidates
+    from longitudinal.data.ingest import read_header
 
     config = load_config(path)
     formulas = parse_candidates(config.models.candidates)
@@ -172,10 +172,10 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _validate(args: argparse.Namespace) -> int:
     from longitudinal.config import load_config
-    from longitudinal.formula import check_candidates, check_same_response, parse_candidates
-    from longitudinal.ingest import read_sources
-    from longitudinal.outputs import write_validation
-    from longitudinal.validation import ensure_valid, validate_visits
+    from longitudinal.model.formula import check_candidates, check_same_response, parse_candidates
+    from longitudinal.data.ingest import read_sources
+    from longitudinal.reporting.run_folder import write_validation
+    from longitudinal.data.validation import ensure_valid, validate_visits
 
     config = load_config(args.config)
     formulas = parse_candidates(config.models.candidates)
@@ -199,7 +199,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _repair(args: argparse.Namespace) -> int:
     from longitudinal.config import load_config
-    from longitudinal.curation import repair_curated
+    from longitudinal.data.curation import repair_curated
 
     for line in repair_curated(load_config(args.config)).lines():
         print(line)

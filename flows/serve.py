@@ -24,10 +24,10 @@ from prefect.schedules import Cron
 
 from flows.study_pipeline import study_pipeline
 from longitudinal.config import StudyConfig, load_config
-from longitudinal.curation import is_new_file
-from longitudinal.durable import printable
-from longitudinal.landing import LandingWatcher
-from longitudinal.outputs import read_needs_run
+from longitudinal.data.curation import is_new_file
+from longitudinal.data.durable import printable
+from longitudinal.data.landing import LandingWatcher
+from longitudinal.reporting.run_folder import read_needs_run
 
 ARRIVAL_EVENT = "longitudinal.data.arrived"
 log = logging.getLogger("longitudinal.serve")
@@ -121,7 +121,7 @@ def serve_studies(config_paths: list[Path], *, settle_seconds: float = 2.0, resc
 
         raise ConfigError(f"two configs name the same study ({', '.join(studies)}); each study needs its own name")
     deployments = [build_deployment(path, config) for path, config in configs]
-    _log_to_console("longitudinal.serve", "longitudinal.landing", "longitudinal.outputs")
+    _log_to_console("longitudinal.serve", "longitudinal.data.landing", "longitudinal.reporting.run_folder")
     start_runs_that_were_not_published([(config, d) for (_, config), d in zip(configs, deployments)])
     watchers = [_watch(config, settle_seconds, rescan_seconds) for _, config in configs if config.source_path.is_dir()]
     try:

@@ -16,15 +16,19 @@ from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 
 from longitudinal.config import ExecutionConfig, StudyConfig, load_config
-from longitudinal.curation import fingerprint
-from longitudinal.ingest import find_source_files
-from longitudinal.formula import check_candidates, check_same_response, parse_candidates
-from longitudinal.durable import printable
-from longitudinal.outputs import (
-    build_manifest, discard_run, markdown_text, package_versions, run_id_of, start_run,
+from longitudinal.data.curation import fingerprint
+from longitudinal.data.durable import printable
+from longitudinal.data.ingest import find_source_files
+from longitudinal.model.formula import check_candidates, check_same_response, parse_candidates
+from longitudinal.records import Fit, ReportInputs, Selection, SourceFile
+from longitudinal.reporting.run_folder import (
+    build_manifest,
+    discard_run,
+    markdown_text,
+    package_versions,
+    run_id_of,
+    start_run,
 )
-from longitudinal.records import Fit, Selection, SourceFile
-from longitudinal.report import ReportInputs
 from tasks.fitting import fit
 from tasks.ingest import ingest
 from tasks.report import publish, write_outputs

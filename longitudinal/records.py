@@ -11,10 +11,13 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
+
+if TYPE_CHECKING:
+    from longitudinal.config import StudyConfig
 
 Method = Literal["ML", "REML"]
 
@@ -361,3 +364,103 @@ class RunResult:
     rows_read: int
     rows_analysed: int
     rows_quarantined: int
+
+
+# ---------------------------------------------------------------------------------------------- engine
+
+
+@dataclass(frozen=True, eq=False)
+class FactorRanef:
+    """The conditional modes of one grouping factor's random effects: ``modes`` and ``cond_sd`` are
+    (levels × terms), rows in the order of ``levels``, columns the terms of all bars on that factor."""
+
+    group: str
+    levels: np.ndarray
+    terms: tuple[str, ...]
+    modes: np.ndarray
+    cond_sd: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class EngineResult:
+    """What ``fit_lmm`` estimated, in the order of the design's columns and bars.
+
+    ``deviance`` is the ML deviance (−2 log-likelihood) or the REML criterion. ``covariances[k]`` is the
+    covariance matrix of bar k's random effects (σ² Λ_k Λ_k'). ``modes`` (G × q) are the conditional modes
+    of the random effects, ``cond_sd`` their conditional standard deviations; columns follow
+    ``Design.Z`` (with several grouping factors: those of the primary factor ``Design.group`` only, columns
+    the terms of its bars). ``ranef`` holds the modes of every grouping factor, in formula order of first
+    appearance. ``evaluations`` counts deviance evaluations of all optimizer runs.
+    """
+
+    reml: bool
+    theta: np.ndarray
+    deviance: float
+    beta: np.ndarray
+    vcov: np.ndarray
+    sigma: float
+    covariances: tuple[np.ndarray, ...]
+    modes: np.ndarray
+    cond_sd: np.ndarray
+    fitted: np.ndarray
+    residuals: np.ndarray
+    converged: bool
+    singular: bool
+    messages: tuple[str, ...]
+    gradient_max: float
+    evaluations: int
+    attempts: tuple[OptimizerAttempt, ...]
+    ranef: tuple[FactorRanef, ...] = ()
+
+    @property
+    def loglik(self) -> float:
+        """The maximized log-likelihood (ML) or REML log-likelihood (REML): −deviance / 2."""
+        return -0.5 * self.deviance
+
+
+# --------------------------------------------------------------------------------------------- curation
+
+
+@dataclass(frozen=True)
+class Duplicate:
+    path: str
+    sha256: str
+    same_as: str
+    seen_at: str
+
+
+@dataclass(frozen=True)
+class Curated:
+    """What a run analyses (all data so far), what this run added, and what it passed over."""
+
+    ingested: Ingested
+    new_files: tuple[str, ...]
+    duplicates: tuple[Duplicate, ...]
+    skipped: tuple[str, ...] = ()
+    """Entries of the landing folder or the glob not read (links, FIFOs, ...), one sentence each."""
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+@dataclass(frozen=True, eq=False)
+class ReportInputs:
+    """Everything the report shows, as records: the run, its data accounting, its fits and its timings.
+
+    ``fits`` are the ML fits of every candidate (failed ones included); ``selection`` their comparison,
+    with the AICc and likelihood-ratio tests shown beside it; ``selected`` is the REML refit of the
+    chosen candidate. ``timings`` follows the manifest: ``{"stages": {stage: s}, "fits": {name: s}}``
+    (other keys are shown as they are); ``versions`` maps package names to version strings.
+    """
+
+    study: str
+    run_id: str
+    created: str
+    config: StudyConfig
+    files: tuple[SourceFile, ...]
+    validated: Validated
+    selection: Selection
+    fits: tuple[Fit, ...]
+    selected: Fit
+    timings: Mapping[str, Any] = field(default_factory=dict)
+    versions: Mapping[str, str | None] = field(default_factory=dict)

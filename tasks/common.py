@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from longitudinal.durable import refused_write
+from longitudinal.data.durable import refused_write
 from longitudinal.errors import SourceUnavailable
 
 

@@ -18,7 +18,7 @@ from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
 
 import longitudinal
-from longitudinal.fitting import fit_candidate
+from longitudinal.fit.candidate import fit_candidate
 from longitudinal.records import Fit, Method
 
 def engine_version(package: Path = Path(longitudinal.__file__).parent) -> str:

@@ -8,7 +8,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from longitudinal.config import StudyConfig
-from longitudinal.curation import Curated, curate
+from longitudinal.data.curation import curate
+from longitudinal.records import Curated
 from tasks.common import transient_failure
 
 

@@ -14,9 +14,9 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
-from longitudinal.durable import printable
-from longitudinal.outputs import markdown_text, publish_run, write_json, write_run_files
-from longitudinal.report import ReportInputs
+from longitudinal.data.durable import printable
+from longitudinal.records import ReportInputs
+from longitudinal.reporting.run_folder import markdown_text, publish_run, write_json, write_run_files
 from tasks.common import artifact_key, transient_failure
 
 

@@ -10,9 +10,9 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
-from longitudinal.outputs import markdown_text
+from longitudinal.inference.criteria import select_model
 from longitudinal.records import Fit, Selection
-from longitudinal.selection import select_model
+from longitudinal.reporting.run_folder import markdown_text
 from tasks.common import artifact_key
 
 

@@ -10,10 +10,10 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from longitudinal.config import StudyConfig
-from longitudinal.durable import printable
+from longitudinal.data.durable import printable
+from longitudinal.data.validation import ensure_valid, validate_visits
 from longitudinal.records import Ingested, Validated
-from longitudinal.outputs import markdown_text, write_validation
-from longitudinal.validation import ensure_valid, validate_visits
+from longitudinal.reporting.run_folder import markdown_text, write_validation
 from tasks.common import artifact_key
 
 

@@ -104,7 +104,7 @@ def test_debug_keeps_the_exit_code_of_a_config_error(tmp_path: Path) -> None:
 
 
 def test_the_manifest_records_the_git_commit_of_the_code_that_ran(tmp_path: Path) -> None:
-    from longitudinal.outputs import build_manifest
+    from longitudinal.reporting.run_folder import build_manifest
 
     config = tmp_path / "study.yaml"
     config.write_text("study: s\n")

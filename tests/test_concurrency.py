@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from longitudinal.outputs import discard_run, publish_run, run_lock_path, start_run
+from longitudinal.reporting.run_folder import discard_run, publish_run, run_lock_path, start_run
 from longitudinal.simulate import SimulationSpec, simulate_trial, write_table
 
 pytest.register_assert_rewrite("prefect_server")
@@ -109,7 +109,7 @@ def test_a_second_run_waits_until_the_first_publishes_and_keeps_its_run(tmp_path
     study_dir = tmp_path / "study"
     first = subprocess.Popen(
         [sys.executable, "-c", (
-            "import sys; from pathlib import Path; from longitudinal.outputs import publish_run, start_run; "
+            "import sys; from pathlib import Path; from longitudinal.reporting.run_folder import publish_run, start_run; "
             f"s = start_run(Path({str(study_dir)!r}), 'r1'); print(s, flush=True); sys.stdin.readline(); "
             "(s / 'report.html').write_text('one'); publish_run(s, 'r1')"
         )],

@@ -30,7 +30,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from longitudinal.outputs import discard_run, publish_run, read_needs_run, remove_stale_runs, start_run
+from longitudinal.reporting.run_folder import discard_run, publish_run, read_needs_run, remove_stale_runs, start_run
 from longitudinal.simulate import SimulationSpec, simulate_trial, write_table
 
 pytest.register_assert_rewrite("prefect_server")
@@ -51,10 +51,10 @@ import signal
 import sys
 
 POINTS = {
-    "ingest": ("longitudinal.curation", "_save"),          # parts written, registry not yet
-    "fit": ("longitudinal.fitting", "fit_candidate"),      # in a worker thread of the fit subflow
-    "report": ("longitudinal.report", "render_report"),    # data files and figures written, report not
-    "publish": ("longitudinal.outputs", "publish_run"),    # manifest written, not yet renamed
+    "ingest": ("longitudinal.data.curation", "_save"),              # parts written, registry not yet
+    "fit": ("longitudinal.fit.candidate", "fit_candidate"),         # in a worker thread of the fit subflow
+    "report": ("longitudinal.reporting.html", "render_report"),     # data files and figures written, report not
+    "publish": ("longitudinal.reporting.run_folder", "publish_run"),  # manifest written, not yet renamed
 }
 
 point, *argv = sys.argv[1:]
@@ -262,7 +262,7 @@ def test_a_killed_runs_staging_is_removed_by_the_next_run(tmp_path: Path) -> Non
     publish_run(start_run(study_dir, "r1"), "r1")
     holder = subprocess.Popen(
         [sys.executable, "-c", (
-            "import sys, time; from pathlib import Path; from longitudinal.outputs import start_run; "
+            "import sys, time; from pathlib import Path; from longitudinal.reporting.run_folder import start_run; "
             f"s = start_run(Path({str(study_dir)!r}), 'r2'); (s / 'report.html').write_text('half'); "
             "print(s, flush=True); time.sleep(600)"
         )],

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from longitudinal.selection import COLUMNS
+from longitudinal.inference.criteria import COLUMNS
 
 pytestmark = pytest.mark.slow
 EXAMPLE_DATA = Path(__file__).resolve().parents[1] / "config" / "example-data" / "trial.csv"
@@ -147,7 +147,7 @@ def _report_tables(run: Path) -> dict[str, list[list[str]]]:
 
 
 def test_the_report_shows_the_runs_own_comparison_selection_and_counts(example_run: Path) -> None:
-    from longitudinal.report import format_fixed, format_number
+    from longitudinal.reporting.html import format_fixed, format_number
 
     tables = _report_tables(example_run)
     comparison = next(rows for header, rows in tables.items() if header.startswith("Model | Formula | Fit | k | logLik"))

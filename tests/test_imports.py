@@ -6,10 +6,10 @@ import subprocess
 import sys
 
 LIBRARY_MODULES = [
-    "longitudinal", "longitudinal.config", "longitudinal.formula", "longitudinal.design",
-    "longitudinal.records", "longitudinal.selection", "longitudinal.outputs", "longitudinal.ingest",
-    "longitudinal.validation", "longitudinal.fitting", "longitudinal.engine", "longitudinal.simulate",
-    "longitudinal.figures", "longitudinal.report",
+    "longitudinal", "longitudinal.config", "longitudinal.model.formula", "longitudinal.model.design",
+    "longitudinal.records", "longitudinal.inference.criteria", "longitudinal.reporting.run_folder",
+    "longitudinal.data.ingest", "longitudinal.data.validation", "longitudinal.fit.candidate", "longitudinal.fit.lmm",
+    "longitudinal.simulate", "longitudinal.reporting.figures", "longitudinal.reporting.html",
 ]
 
 
@@ -25,5 +25,5 @@ def test_library_never_imports_prefect() -> None:
 
 
 def test_great_expectations_is_imported_lazily() -> None:
-    modules = _imported_after("import longitudinal.validation, longitudinal.ingest")
+    modules = _imported_after("import longitudinal.data.validation, longitudinal.data.ingest")
     assert "great_expectations" not in modules

@@ -2,7 +2,7 @@
 shifted give the same likelihood (plus −n log c for the outcome's scale) and estimates that transform back
 exactly, with the same convergence verdicts and the same selection, where lme4 breaks down.
 
-The fits are computed on standardized columns (``longitudinal.scaling``), so a change of units changes only
+The fits are computed on standardized columns (``longitudinal.fit.scaling``), so a change of units changes only
 rounding: the log-likelihoods agree to 1e-9 relative. Estimates agree to what the optimizer determines
 (BOBYQA stops within 1e-8 deviance units, so a flat direction — a variance of a factor with four levels — is
 known to about 1e-4 relative); that the back-transformation itself is exact is checked at the θ returned,
@@ -19,15 +19,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from longitudinal.design import build_design
-from longitudinal.engine import fit_lmm, profiled_deviance
-from longitudinal.fitting import fit_candidate
-from longitudinal.formula import parse_formula
+from longitudinal.fit.candidate import fit_candidate
+from longitudinal.fit.lmm import fit_lmm, profiled_deviance
+from longitudinal.inference.criteria import select_model
+from longitudinal.model.design import build_design
+from longitudinal.model.formula import parse_formula
 from longitudinal.records import Fit
-from longitudinal.selection import select_model
 from longitudinal.simulate import SimulationSpec, simulate_trial
 
-DATA = Path(__file__).parent / "data" / "sleepstudy.csv"
+DATA = Path(__file__).parent / "fixtures" / "sleepstudy.csv"
 RI = "Reaction ~ Days + (1 | Subject)"
 RIS = "Reaction ~ Days + (Days | Subject)"
 UNCORRELATED = "Reaction ~ Days + (Days || Subject)"
@@ -291,17 +291,19 @@ def test_a_singular_slope_model_with_a_gradient_at_the_boundary_stays_in_the_sel
     # +1), and the central-difference gradient along the bar's other θ is above lme4's 0.002 there — lme4
     # does not test the gradient of a singular fit (checkConv returns after "boundary (singular) fit"), so
     # the fit converged, is singular, and competes by AIC and BIC.
-    from longitudinal import engine
-    from longitudinal.scaling import standardize
+    from longitudinal.fit import optimize
+    from longitudinal.fit.lmm import fit_lmm, profiled_deviance
+    from longitudinal.fit.lmm.crossproducts import compute_crossproducts
+    from longitudinal.fit.scaling import standardize
 
     frame = simulate_trial(SimulationSpec(n_subjects=40, seed=39, random_slope_sd=0.0, random_correlation=0.0))
     formula = "score ~ week * arm + age + (week | patient_id)"
     design, _ = standardize(build_design(frame, parse_formula(formula)))
-    products = engine.compute_crossproducts(design)
-    theta = engine.fit_lmm(design, reml=False).theta  # already standardized: the θ the checks see
-    gradient, _ = engine._derivatives(lambda t: engine.profiled_deviance(products, t, False), theta,
-                                      engine.profiled_deviance(products, theta, False))
-    assert theta[2] < 1e-4 and np.max(np.abs(gradient[:2])) > engine.GRADIENT_TOL, "the premise of this test"
+    products = compute_crossproducts(design)
+    theta = fit_lmm(design, reml=False).theta  # already standardized: the θ the checks see
+    gradient, _ = optimize._derivatives(lambda t: profiled_deviance(products, t, False), theta,
+                                        profiled_deviance(products, theta, False))
+    assert theta[2] < 1e-4 and np.max(np.abs(gradient[:2])) > optimize.GRADIENT_TOL, "the premise of this test"
 
     fits = [fit_candidate(frame, "ri", "score ~ week * arm + age + (1 | patient_id)"), fit_candidate(frame, "ris", formula)]
     ris = fits[1]

@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
-import longitudinal.ingest as ingest
+import longitudinal.data.ingest as ingest
 from longitudinal.config import StudyConfig, parse_config
-from longitudinal.curation import curate
+from longitudinal.data.curation import curate
+from longitudinal.data.ingest import read_sources
 from longitudinal.errors import DataError
-from longitudinal.ingest import read_sources
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = "id,week,score\n"

@@ -65,7 +65,7 @@ def test_a_run_that_fails_for_a_passing_cause_is_picked_up_by_the_next_run(
         harness: None, study: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import tasks.report
     from flows.study_pipeline import study_pipeline
-    from longitudinal.outputs import read_needs_run
+    from longitudinal.reporting.run_folder import read_needs_run
 
     study_dir = study.parent / "reports" / "example-trial"
     latest = (study_dir / "latest").resolve()

@@ -18,10 +18,10 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from longitudinal.config import StudyConfig, parse_config
+from longitudinal.data.ingest import read_sources
+from longitudinal.data.validation import ensure_valid, validate_visits
 from longitudinal.errors import DataError, LongitudinalError
-from longitudinal.ingest import read_sources
 from longitudinal.records import Validated
-from longitudinal.validation import ensure_valid, validate_visits
 
 COLUMNS = ["dog", "side", "week", "score", "arm", "age"]
 ODD_CELLS = ["", "NA", "n/a", "abc", "1,5", "-", "1e999", "inf", "2024-01-15", "  7 ", "é", '"', "week", "3.0", "0"]

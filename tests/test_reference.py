@@ -1,6 +1,6 @@
 """Our fits against lme4's numbers (tests/reference/lme4_reference.json, made by make_reference.R).
 
-Each (data set, candidate) is fitted by ML and by REML with ``longitudinal.fitting.fit_candidate`` on the
+Each (data set, candidate) is fitted by ML and by REML with ``longitudinal.fit.candidate.fit_candidate`` on the
 same CSV that R read. The columns R turned into factors are text here; every other column is float. Each
 tolerance sits next to the R call that produced the number it is compared with. Fits are cached for the
 session, so the selection tests reuse the ML fits.
@@ -39,7 +39,7 @@ def read_visits(dataset: str) -> pd.DataFrame:
 @pytest.fixture(scope="session")
 def fit_reference() -> FitFn:
     """Fit (dataset, candidate, method, engine) once per session."""
-    from longitudinal.fitting import fit_candidate
+    from longitudinal.fit.candidate import fit_candidate
 
     visits: dict[str, pd.DataFrame] = {}
     fits: dict[tuple[str, str, str, str], Fit] = {}
@@ -211,7 +211,7 @@ def test_reference_data_match_the_json() -> None:
 
 
 def one_factor(dataset: str, candidate: str) -> bool:
-    from longitudinal.formula import parse_formula
+    from longitudinal.model.formula import parse_formula
 
     return len(parse_formula(DATASETS[dataset]["candidates"][candidate]).groups) == 1
 

@@ -46,7 +46,7 @@ def read_visits(dataset: str) -> pd.DataFrame:
 @pytest.fixture(scope="session")
 def fit_units() -> FitFn:
     """Fit (dataset, formula, method) once per session with the default (lme4-style) engine."""
-    from longitudinal.fitting import fit_candidate
+    from longitudinal.fit.candidate import fit_candidate
 
     visits: dict[str, pd.DataFrame] = {}
     fits: dict[tuple[str, str, str], Fit] = {}
@@ -205,7 +205,7 @@ def test_awkward_units_give_the_right_answer(fit_units: FitFn, dataset: str, tra
 @pytest.mark.parametrize(("dataset", "transform"), UNIT_TRANSFORMS, ids=[f"{d}-{t}" for d, t in UNIT_TRANSFORMS])
 @pytest.mark.parametrize("criterion", ["aic", "bic"])
 def test_awkward_units_choose_the_right_model(fit_units: FitFn, dataset: str, transform: str, criterion: str) -> None:
-    from longitudinal.selection import select_model
+    from longitudinal.inference.criteria import select_model
 
     tr = UNITS[dataset]["transforms"][transform]
     fits = [fit_units(dataset, case["formula"], "ML") for case in tr["fits"].values()]
@@ -266,7 +266,7 @@ def test_igf_fits_match_lme4(fit_units: FitFn, candidate: str) -> None:
 
 
 def test_singular_fit_stays_selectable(fit_units: FitFn) -> None:
-    from longitudinal.selection import select_model
+    from longitudinal.inference.criteria import select_model
 
     fits = {c: fit_units(SINGULAR["dataset"], SINGULAR["candidates"][c], "ML") for c in SINGULAR_CANDIDATES}
     singular = fits[SINGULAR["singular_candidate"]]

@@ -18,9 +18,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import longitudinal.ingest as ingest
+import longitudinal.data.ingest as ingest
 from longitudinal.config import StudyConfig, load_config, parse_config
-from longitudinal.curation import PART_METADATA_KEY, curate, repair_curated
+from longitudinal.data.curation import PART_METADATA_KEY, curate, repair_curated
 from longitudinal.errors import DataError, SourceUnavailable
 
 ROOT = Path(__file__).resolve().parents[1]

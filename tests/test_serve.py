@@ -137,11 +137,11 @@ def test_a_transient_fault_in_ingest_succeeds_on_retry(prefect_client: Any, pref
     """
     from prefect import flow
 
-    import longitudinal.curation
+    import longitudinal.data.curation
     from longitudinal.config import load_config
     from tasks.ingest import ingest
 
-    real_read_file = longitudinal.curation.read_file
+    real_read_file = longitudinal.data.curation.read_file
     calls: list[Path] = []
 
     def locked_once(path: Path, config: Any) -> Any:
@@ -150,7 +150,7 @@ def test_a_transient_fault_in_ingest_succeeds_on_retry(prefect_client: Any, pref
             raise OSError(f"{path}: file is locked")
         return real_read_file(path, config)
 
-    monkeypatch.setattr(longitudinal.curation, "read_file", locked_once)
+    monkeypatch.setattr(longitudinal.data.curation, "read_file", locked_once)
     config = load_config(copy_example_study(tmp_path))
 
     @flow(name="ingest-with-a-transient-fault")
@@ -182,8 +182,8 @@ def test_serve_starts_a_run_for_a_study_whose_last_run_did_not_publish(
     import yaml
 
     from longitudinal.config import load_config
-    from longitudinal.curation import curate
-    from longitudinal.outputs import discard_run, read_needs_run, start_run
+    from longitudinal.data.curation import curate
+    from longitudinal.reporting.run_folder import discard_run, read_needs_run, start_run
     from prefect_server import BIN, quiet_prefect_env, start_group, stop_group
 
     config_path = write_study_config(tmp_path)

@@ -12,13 +12,7 @@ import pandas as pd
 import pytest
 
 from longitudinal.errors import ConfigError
-from longitudinal.simulate import (
-    BAD_ROW_KINDS,
-    SimulationSpec,
-    simulate_trial,
-    true_parameters,
-    write_table,
-)
+from longitudinal.simulate import BAD_ROW_KINDS, SimulationSpec, simulate_trial, true_parameters, write_table
 
 SMALL = SimulationSpec(n_subjects=40, min_visits=3, max_visits=7, dropout_probability=0.3, seed=7)
 COLUMNS = ["patient_id", "week", "arm", "age", "site", "score"]

@@ -18,7 +18,7 @@ EXAMPLE_CONFIG = ROOT / "config" / "example.yaml"
 # Module names as strings (the library is not imported here): the entry points whose import cost is measured.
 HEAVY_MODULES: tuple[str, ...] = (
     "numpy", "pandas", "pyarrow", "scipy", "nlopt", "prefect", "great_expectations",
-    "statsmodels.api", "matplotlib", "matplotlib.pyplot", "longitudinal.engine", "flows.study_pipeline",
+    "statsmodels.api", "matplotlib", "matplotlib.pyplot", "longitudinal.fit.lmm", "flows.study_pipeline",
 )
 
 
@@ -89,5 +89,5 @@ def measure_example(workdir: Path, *, time_tool: str | None, source: Path | None
     print("  import times ...", flush=True)
     out["imports"] = measure_imports(env)
     out["loaded_by_flow"] = modules_loaded_at_import("flows.study_pipeline", env)
-    out["loaded_by_engine"] = modules_loaded_at_import("longitudinal.engine", env)
+    out["loaded_by_engine"] = modules_loaded_at_import("longitudinal.fit.lmm", env)
     return out

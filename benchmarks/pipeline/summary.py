@@ -91,7 +91,7 @@ def _example_lines(example: dict[str, Any]) -> list[str]:
         lines.append(f"| {row['module']} | {_fmt(row['importtime_seconds'], 2)} | {_fmt(row['wall_seconds'], 2)}"
                      f"{'' if row['ok'] else ' (import failed)'} |")
     lines += ["", f"Heavy modules loaded by `import flows.study_pipeline`: {', '.join(example['loaded_by_flow']) or 'none'}.",
-              f"By `import longitudinal.engine`: {', '.join(example['loaded_by_engine']) or 'none'}."]
+              f"By `import longitudinal.fit.lmm`: {', '.join(example['loaded_by_engine']) or 'none'}."]
     return lines
 
 

@@ -1,0 +1,118 @@
+"""The lme4-style engine for linear mixed models: ``fit_lmm`` and ``profiled_deviance`` for any design.
+
+Dispatch lives here, above the two engines: a design with one grouping factor goes to
+``fit.lmm.onefactor`` (per-group cross-products, batched small factorizations), one with several (nested
+or crossed) to ``fit.lmm.multifactor`` (the blocked sparse path). Either engine runs on the standardized
+design (``fit.scaling``) and ``restore_units`` carries every estimate back to the units of the data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from longitudinal.fit.failure import FitFailure
+from longitudinal.fit.lmm.crossproducts import CrossProducts, PatternProducts
+from longitudinal.fit.lmm.multifactor import fit_multilevel, multilevel_deviance
+from longitudinal.fit.lmm.onefactor import fit_one_factor, one_factor_deviance
+from longitudinal.fit.scaling import Standardization, standardize
+from longitudinal.fit.theta import layout_theta, singular_message
+from longitudinal.model.design import Design
+from longitudinal.records import EngineResult, OptimizerAttempt
+
+
+def profiled_deviance(
+    source: Design | CrossProducts | PatternProducts, theta: np.ndarray, reml: bool,
+) -> float:
+    """The ML deviance (profiled over β and σ²) or the REML criterion at ``theta``.
+
+    From a ``Design`` the cross-products are computed first (one pass over the rows); from a
+    ``CrossProducts`` the cost does not depend on the number of rows, from ``PatternProducts`` not on the
+    number of groups either. A design with several grouping factors goes to
+    ``fit.lmm.multifactor.multilevel_deviance``. Returns ``inf`` where the penalized residual sum of squares
+    is not positive.
+    """
+    if isinstance(source, Design) and not source.single_factor:
+        return multilevel_deviance(source, theta, reml)
+    return one_factor_deviance(source, theta, reml)
+
+
+def fit_lmm(design: Design, *, reml: bool) -> EngineResult:
+    """Fit the design by ML (``reml=False``) or REML with lme4's formulation and convergence checks.
+
+    The fit runs on the standardized design (``longitudinal.fit.scaling``: outcome, fixed-effect and
+    random-effect columns centred and scaled where the model is invariant to it) and every estimate is
+    carried back exactly, so the units of the data do not matter: θ, β, vcov(β), σ, the covariances, the
+    conditional modes and SDs, fitted values, residuals, the log-likelihood and lme4's REML criterion are
+    those of the design given. The convergence and singularity checks are made in the standardized θ,
+    where lme4's absolute tolerances mean what they are meant to.
+
+    Raises ``FitFailure`` (a ``FitError``) when the model cannot be fitted to these data: too few groups
+    or observations for the random effects (lme4's ``lmerControl`` checks), a penalized residual sum of
+    squares that is zero or not finite at every θ tried, or an outcome reproduced exactly by the model.
+    """
+    standardized, standardization = standardize(design)
+    reml_offset = standardization.deviance_offset(design.n_obs, reml)
+    try:
+        if design.single_factor:
+            result = fit_one_factor(standardized, reml=reml, ranef_map=standardization.ranef_map)
+        else:  # nested or crossed: the blocked sparse path
+            result = fit_multilevel(standardized, reml=reml, ranef_map=standardization.ranef_map)
+    except FitFailure as failure:
+        raise FitFailure(str(failure), _shift_attempts(failure.attempts, reml_offset)) from None
+    return restore_units(result, design, standardization)
+
+
+def restore_units(result: EngineResult, design: Design, standardization: Standardization) -> EngineResult:
+    """The fit of the standardized design in the units of ``design`` (see ``longitudinal.fit.scaling``).
+
+    θ is re-triangularized bar by bar; the deviance (and each optimizer attempt's log-likelihood) gains the
+    exact offset of the outcome's scale and, for REML, of X's parametrization. The random effects
+    in ``result`` are already for the original Z (``_assemble``'s ``ranef_map``), in the standardized
+    outcome's units. The singular-fit message names the terms in the data's units; lme4's scale warning
+    is added when its ``checkScaleX`` would give it.
+    """
+    s = standardization
+    layout = layout_theta(tuple(len(block.terms) for block in design.blocks))
+    lam = layout.lambda_matrix(result.theta)
+    restored_lam = np.zeros_like(lam)
+    at = 0
+    for k, size in enumerate(layout.block_sizes):
+        window = slice(at, at + size)
+        restored_lam[window, window] = s.relative_factor(k, lam[window, window])
+        at += size
+    theta = restored_lam[list(layout.rows), list(layout.cols)]
+    offset = s.deviance_offset(design.n_obs, result.reml)
+    covariances = tuple(s.covariance(k, cov) for k, cov in enumerate(result.covariances))
+    sigma = result.sigma * s.y_scale
+    messages = list(result.messages)
+    if result.singular:
+        scales = tuple(1.0 / np.abs(np.diagonal(B)) for B in s.ranef_maps)
+        messages.insert(0, singular_message(design, layout, result.theta, covariances, sigma, scales))
+    messages.extend(s.origin_notes)
+    if s.scale_note is not None:
+        messages.insert(0, s.scale_note)
+    return dataclasses.replace(
+        result,
+        theta=theta,
+        deviance=result.deviance + offset,
+        beta=s.beta(result.beta),
+        vcov=s.vcov(result.vcov),
+        sigma=sigma,
+        covariances=covariances,
+        modes=result.modes * s.y_scale,
+        cond_sd=result.cond_sd * s.y_scale,
+        fitted=s.y_shift + s.y_scale * result.fitted,
+        residuals=s.y_scale * result.residuals,
+        messages=tuple(messages),
+        attempts=_shift_attempts(result.attempts, offset),
+        ranef=tuple(
+            dataclasses.replace(f, modes=f.modes * s.y_scale, cond_sd=f.cond_sd * s.y_scale) for f in result.ranef
+        ),
+    )
+
+
+def _shift_attempts(attempts: tuple[OptimizerAttempt, ...], deviance_offset: float) -> tuple[OptimizerAttempt, ...]:
+    """Optimizer attempts with their log-likelihood moved by −offset / 2 (the units of the data)."""
+    return tuple(dataclasses.replace(a, loglik=a.loglik - 0.5 * deviance_offset) for a in attempts)

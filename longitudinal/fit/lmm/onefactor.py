@@ -1,0 +1,231 @@
+"""lme4's profiled-deviance formulation of a linear mixed model, for one grouping factor.
+
+(Designs with several grouping factors, nested or crossed, are sent by ``longitudinal.fit.lmm.fit_lmm`` and
+``profiled_deviance`` to ``fit.lmm.multifactor``, which shares this module's per-group factorization, the
+kernels of ``fit.linalg``, for the finest factor. θ's layout is ``fit.theta``'s, the optimizer and lme4's
+convergence checks are ``fit.optimize``'s, the cross-products ``fit.lmm.crossproducts``'.)
+
+Bates, Mächler, Bolker & Walker (2015), "Fitting Linear Mixed-Effects Models Using lme4", J. Stat. Softw.
+67(1), sections 3-5. The random effects are b = Λθ u with u ~ N(0, σ² I); Λθ is block-diagonal over the
+random-effects bars of the formula, one lower-triangular block per bar, so ``(x || g)`` (one bar per term)
+gives a diagonal Λ. θ is in lme4's order: bar by bar, the lower triangle column by column; diagonal elements
+are bounded below by 0, the others are free; the optimizer starts from θ = 1 on the diagonal, 0 elsewhere.
+
+With one grouping factor Z'Z is block-diagonal over the G groups, so everything the deviance needs is in
+per-group cross-products computed once (``compute_crossproducts``): Z_g'Z_g (q × q), Z_g'[X_g y_g] and the
+dense [X y]'[X y]. For a given θ, per group::
+
+    M_g = Λ' Z_g'Z_g Λ + I = L_g L_g'          R_g = L_g⁻¹ Λ' Z_g'[X_g y_g] = [RZX_g  cu_g]
+    S   = [X y]'[X y] − Σ_g R_g' R_g          (so A = S_XX = RX'RX, b = S_Xy)
+    β = A⁻¹ b     r² = S_yy − b'β (penalized RSS)     log|M| = Σ_g 2 Σ log diag L_g
+
+    ML   deviance = log|M| + n (1 + log(2π r² / n))
+    REML criterion = log|M| + log|A| + (n − p)(1 + log(2π r² / (n − p)))
+
+Each evaluation costs O(G q³ + G q p² + p³) and never touches the n rows: the 1×1 and 2×2 Cholesky factors
+are written out as array arithmetic over the groups (batched ``np.linalg.cholesky`` only for q ≥ 3).
+Groups with identical Z_g'Z_g (subjects seen at the same visit times) share M_g and L_g, and Σ_g R_g'R_g
+needs only the sums of W_g[i]'W_g[j] over such a *pattern* (``group_patterns``): when the patterns are few,
+the optimizer's evaluations cost O(P q² p²) for P patterns, whatever the number of subjects. This is exact
+(only the order of floating-point sums changes); the estimates at the optimum come from the per-group solve.
+
+Estimation (``fit_one_factor``): θ by bounded BOBYQA as lme4's default ``nloptwrap`` (``nlopt.LN_BOBYQA``,
+xtol_abs = ftol_abs = 1e-8, at most 100 000 evaluations, nlopt's default initial step), then β,
+σ² = r²/n (ML) or r²/(n − p) (REML), vcov(β) = σ² A⁻¹, the conditional modes b_g = Λ L_g⁻ᵀ(cu_g − RZX_g β)
+and their conditional covariance σ² Λ M_g⁻¹ Λ' (given β, as lme4's ``ranef(condVar = TRUE)``).
+Convergence is judged as lme4's ``checkConv``: a central-difference gradient and Hessian of the deviance
+at the optimum (step 1e-4), the scaled gradient max(min(|H⁻¹ᐟ² g|, |g|)) < 0.002 — here over the
+parameters off the boundary, where lme4 skips the check for singular fits; a Hessian that is not positive
+definite is a warning only. An optimum failing the check gets one restart from near it; the lowest
+deviance is kept. A fit is singular (lme4's ``isSingular``, tol 1e-4) when a diagonal θ is below 1e-4,
+and here also when a random-effect correlation exceeds 0.999 in absolute value. A model that reproduces
+the outcome exactly (zero residual variance: unbounded likelihood) is a failure, not a fit.
+
+Missing values are not handled here: the design has none (validation removed those rows).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from longitudinal.fit.failure import FitFailure
+from longitudinal.fit.linalg import LOG_2PI, backward_groups, factor_groups, forward_groups
+from longitudinal.fit.lmm.checks import check_identifiable, exact_fit_failure
+from longitudinal.fit.lmm.crossproducts import CrossProducts, PatternProducts, compute_crossproducts, group_patterns
+from longitudinal.fit.optimize import minimize_deviance
+from longitudinal.fit.theta import ThetaLayout, block_covariances, lambda_at, layout_theta
+from longitudinal.model.design import Design
+from longitudinal.records import EngineResult, FactorRanef, OptimizerAttempt
+
+
+# ------------------------------------------------------------------------------------------- deviance
+
+
+@dataclass(frozen=True, eq=False)
+class _Solution:
+    """The penalized least-squares solution at one θ (what the deviance and the estimates need)."""
+
+    deviance: float
+    r2: float
+    chol_S: np.ndarray  # Cholesky factor of [A b; b' c] ((p + 1) × (p + 1))
+    chol_M: np.ndarray  # (q, q, G): L_g, lower triangle
+    R: np.ndarray  # (q, G, p + 1): L_g⁻¹ Λ' Z_g'[X_g y_g]
+    lam: np.ndarray
+
+
+def one_factor_deviance(
+    source: Design | CrossProducts | PatternProducts, theta: np.ndarray, reml: bool,
+) -> float:
+    """The ML deviance or REML criterion at ``theta`` for one grouping factor (see ``fit.lmm.profiled_deviance``);
+    ``inf`` where the penalized residual sum of squares is not positive."""
+    if isinstance(source, PatternProducts):
+        return _pattern_deviance(source, lambda_at(source.block_sizes, theta), reml)
+    products = source if isinstance(source, CrossProducts) else compute_crossproducts(source)
+    solution = _solve(products, lambda_at(products.block_sizes, theta), reml)
+    return solution.deviance if solution is not None else math.inf
+
+
+def _solve(products: CrossProducts, lam: np.ndarray, reml: bool) -> _Solution | None:
+    """Penalized least squares at Λ; None where r² ≤ 0 or a factorization fails.
+
+    The Cholesky factor of the augmented S = [A b; b' c] holds everything: its leading p × p block is
+    RX (A = RX RX'), its last row (w', r) with RX w = b and r² = c − w'w, the penalized RSS.
+    """
+    chol_M, R, logdet_M = factor_groups(products.ZtZ, products.ZtXy, lam)
+    q, G, k = R.shape
+    flat = R.reshape(q * G, k)
+    profiled = _profile(products.XytXy - flat.T @ flat, logdet_M, products.n_obs, reml)
+    if profiled is None:
+        return None
+    deviance, r2, chol_S = profiled
+    return _Solution(deviance=deviance, r2=r2, chol_S=chol_S, chol_M=chol_M, R=R, lam=lam)
+
+
+def _pattern_deviance(patterns: PatternProducts, lam: np.ndarray, reml: bool) -> float:
+    """The deviance at Λ from the pattern sums (``_solve``'s value, evaluated per pattern); inf where undefined."""
+    M = lam.T @ patterns.ZtZ @ lam + np.eye(lam.shape[0])  # (P, q, q)
+    try:
+        L = np.linalg.cholesky(M)
+    except np.linalg.LinAlgError:
+        return math.inf
+    logdet_M = 2.0 * float(patterns.counts @ np.log(np.diagonal(L, axis1=1, axis2=2)).sum(axis=1))
+    T = np.linalg.solve(L, np.broadcast_to(lam.T, M.shape))  # L_P⁻¹ Λ'
+    C = np.swapaxes(T, 1, 2) @ T  # Λ M_P⁻¹ Λ'
+    k = patterns.XytXy.shape[0]
+    S = patterns.XytXy - (C.reshape(-1) @ patterns.WtW).reshape(k, k)
+    profiled = _profile(S, logdet_M, patterns.n_obs, reml)
+    return profiled[0] if profiled is not None else math.inf
+
+
+def _profile(S: np.ndarray, logdet_M: float, n: int, reml: bool) -> tuple[float, float, np.ndarray] | None:
+    """Deviance, r² and the Cholesky factor of S = [A b; b' c]; None where r² ≤ 0 or S is not factorable."""
+    p = S.shape[0] - 1
+    try:
+        chol_S = np.linalg.cholesky(S)
+    except np.linalg.LinAlgError:
+        return None
+    r2 = float(chol_S[p, p]) ** 2
+    if not (r2 > 0.0 and math.isfinite(r2) and math.isfinite(logdet_M)):
+        return None
+    if reml:
+        logdet_A = 2.0 * float(np.log(np.diagonal(chol_S)[:p]).sum())
+        dof = n - p
+        deviance = logdet_M + logdet_A + dof * (1.0 + LOG_2PI + math.log(r2 / dof))
+    else:
+        deviance = logdet_M + n * (1.0 + LOG_2PI + math.log(r2 / n))
+    return deviance, r2, chol_S
+
+
+# ------------------------------------------------------------------------------------------- fitting
+
+
+def fit_one_factor(design: Design, *, reml: bool, ranef_map: np.ndarray) -> EngineResult:
+    """``fit_lmm`` for one grouping factor on a design as given (no standardization); the random effects
+    are reported for Z B⁻¹, B = ``ranef_map`` (see ``_assemble``)."""
+    check_identifiable(design)
+    products = compute_crossproducts(design)
+    layout = layout_theta(products.block_sizes)
+    patterns = group_patterns(products)
+
+    def deviance(theta: np.ndarray) -> float:
+        if patterns is not None:  # subjects sharing their visit pattern share their factorization
+            return _pattern_deviance(patterns, layout.lambda_matrix(theta), reml)
+        solution = _solve(products, layout.lambda_matrix(theta), reml)
+        return solution.deviance if solution is not None else math.inf
+
+    best, attempts = minimize_deviance(deviance, layout)
+    theta = best.theta
+    solution = _solve(products, layout.lambda_matrix(theta), reml)
+    if solution is None:
+        raise FitFailure("the deviance is not finite at the optimum; check the data and the formula", attempts)
+    return _assemble(
+        design, products, layout, theta, solution, reml=reml, converged=best.converged, message=best.message,
+        gradient_max=best.gradient_max, attempts=attempts, ranef_map=ranef_map,
+    )
+
+
+def _assemble(
+    design: Design, products: CrossProducts, layout: ThetaLayout, theta: np.ndarray, solution: _Solution, *,
+    reml: bool, converged: bool, message: str, gradient_max: float, attempts: tuple[OptimizerAttempt, ...],
+    ranef_map: np.ndarray,
+) -> EngineResult:
+    """Estimates at the optimum θ: β, σ, vcov, covariance per bar, conditional modes, fitted values.
+
+    The conditional modes and SDs are reported for the random effects of Z B⁻¹ (B = ``ranef_map``: b = B u'
+    for the modes b' of ``design``'s Z), the original design's when ``design`` is its standardized copy:
+    their conditional covariance σ² (BΛ) M⁻¹ (BΛ)' needs B inside, not after. Fitted values use ``design``'s.
+    """
+    n, p = products.n_obs, products.n_fixed
+    sigma2 = solution.r2 / (n - p if reml else n)
+    lam = solution.lam
+    RX = solution.chol_S[:p, :p]
+    RX_inv = np.linalg.solve(RX, np.eye(p))  # small p × p; triangular, but LAPACK's general solve is exact enough
+    beta = RX_inv.T @ solution.chol_S[p, :p]
+    vcov = sigma2 * (RX_inv.T @ RX_inv)
+    R = solution.R
+    v = R[:, :, p] - R[:, :, :p] @ beta  # cu_g − RZX_g β, (q, G)
+    u = backward_groups(solution.chol_M, v)
+    fitted = design.X @ beta + _random_part(design, (lam @ u).T)  # b_g = Λ u_g
+    residuals = design.y - fitted
+    lam_out = ranef_map @ lam
+    modes = (lam_out @ u).T  # (G, q)
+    q, G = u.shape
+    T = forward_groups(solution.chol_M, np.broadcast_to(lam_out.T[:, None, :], (q, G, q)))  # L_g⁻¹ (BΛ)'
+    cond_sd = np.sqrt(sigma2 * np.einsum("igj,igj->gj", T, T))
+
+    # r² recomputed from the residuals (no cancellation): rounding noise in the profiled r² can look like
+    # a tiny but positive residual variance when the model reproduces the outcome exactly.
+    r2_direct = float(residuals @ residuals + np.sum(u * u))
+    sigma = math.sqrt(sigma2)
+    exact_fit_failure(r2_direct, design.y, sigma, attempts)
+
+    covariances, singular = block_covariances(layout, theta, sigma2)
+    return EngineResult(
+        reml=reml, theta=theta, deviance=solution.deviance, beta=beta, vcov=vcov, sigma=sigma,
+        covariances=tuple(covariances), modes=modes, cond_sd=cond_sd, fitted=fitted, residuals=residuals,
+        converged=converged, singular=singular, messages=tuple(m for m in message.split("; ") if m),
+        gradient_max=gradient_max, evaluations=sum(a.iterations for a in attempts), attempts=attempts,
+        ranef=(FactorRanef(
+            group=design.group, levels=design.levels, terms=tuple(t for b in design.blocks for t in b.terms),
+            modes=modes, cond_sd=cond_sd,
+        ),),
+    )
+
+
+def _random_part(design: Design, modes: np.ndarray) -> np.ndarray:
+    """Z b per row, Σ_i z_i b_i[group], column by column: no n × q copy of Z or of the modes by row."""
+    columns = [block.Z[:, j] for block in design.blocks for j in range(block.Z.shape[1])]
+    by_term = np.ascontiguousarray(modes.T)
+    total = np.take(by_term[0], design.codes)
+    total *= columns[0]
+    term = np.empty_like(total)
+    for i in range(1, len(columns)):
+        np.take(by_term[i], design.codes, out=term)
+        term *= columns[i]
+        total += term
+    return total
+
+

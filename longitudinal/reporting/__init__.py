@@ -1,0 +1,3 @@
+"""Rendering and writing records: figures, the HTML report, the run folder. Computes no statistics; may import
+every earlier package.
+"""

@@ -1,0 +1,809 @@
+"""The HTML report: one self-contained page (inline CSS, figures as base64 PNG, no external resource).
+
+:func:`render_report` builds the page from the run's records and the PNG bytes of its figures and
+returns it as a string; writing it is the caller's job. It formats and computes no statistic: AICc and
+the likelihood-ratio tests come with the :class:`~longitudinal.records.Selection` from the select stage. Every user-provided string (study, file,
+column, candidate, formula, level and message text) is HTML-escaped. A figure missing from the
+mapping is replaced by a note, never an error.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from longitudinal.records import Fit, LikelihoodRatioTest, ReportInputs, Selection, Validated
+from longitudinal.reporting.figures import CATERPILLAR_LEVELS, QQ_POINTS, time_axis_label, with_time_unit
+
+QUARANTINE_ROWS_SHOWN = 20
+#: A share of quarantined rows above this is called out at the top of the report, not only counted.
+LARGE_QUARANTINE_SHARE = 0.20
+
+
+SECTIONS: tuple[tuple[str, str], ...] = (
+    ("data", "1. Data summary"),
+    ("validation", "2. Validation summary"),
+    ("trajectories", "3. Observed trajectories"),
+    ("comparison", "4. Model comparison"),
+    ("selected", "5. Selected model (REML estimates)"),
+    ("random-effects", "6. Random effects"),
+    ("diagnostics", "7. Residual diagnostics"),
+    ("observed-fitted", "8. Observed against fitted"),
+    ("reproducibility", "9. Reproducibility"),
+)
+
+# --------------------------------------------------------------------------------------- formatting
+
+
+def esc(value: object) -> str:
+    """``value`` as HTML text, with ``&``, ``<``, ``>`` and both quotes escaped."""
+    return html.escape(str(value), quote=True)
+
+
+def _is_missing(value: object) -> bool:
+    if value is None:
+        return True
+    try:
+        return bool(pd.isna(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def format_number(value: object, digits: int = 4) -> str:
+    """A number to ``digits`` significant digits, in plain notation unless very large or small.
+
+    Missing values are "—"; integers are printed whole with thousands separators.
+    """
+    if _is_missing(value):
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (int, np.integer)):
+        return f"{value:,}"
+    try:
+        x = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return str(value)
+    if math.isnan(x):
+        return "—"
+    if math.isinf(x):
+        return "∞" if x > 0 else "−∞"
+    if x == 0:
+        return "0"
+    magnitude = math.floor(math.log10(abs(x)))
+    if -3 <= magnitude < 6:
+        decimals = max(0, digits - 1 - magnitude)
+        return f"{x:,.{decimals}f}"
+    return f"{x:.{digits - 1}e}"
+
+
+def format_fixed(value: object, decimals: int = 2) -> str:
+    """A number with fixed decimals (log-likelihoods, information criteria and their differences)."""
+    if _is_missing(value):
+        return "—"
+    x = float(value)  # type: ignore[arg-type]
+    if math.isinf(x):
+        return "∞" if x > 0 else "−∞"
+    return f"{x:,.{decimals}f}"
+
+
+def format_p(value: object) -> str:
+    """A p-value: "<0.001" below 0.001, else three decimals."""
+    if _is_missing(value):
+        return "—"
+    p = float(value)  # type: ignore[arg-type]
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def format_weight(value: object) -> str:
+    """An Akaike/Schwarz weight: "<0.001" below 0.001, else three decimals."""
+    if _is_missing(value):
+        return "—"
+    w = float(value)  # type: ignore[arg-type]
+    return "<0.001" if 0 < w < 0.001 else f"{w:.3f}"
+
+
+def format_seconds(value: object) -> str:
+    if _is_missing(value):
+        return "—"
+    s = float(value)  # type: ignore[arg-type]
+    return f"{s * 1000:.0f} ms" if s < 1 else f"{s:,.2f} s"
+
+
+def _yes_no(value: object) -> str:
+    if _is_missing(value):
+        return "—"
+    return "yes" if bool(value) else "no"
+
+
+# ------------------------------------------------------------------------------------------ HTML bits
+
+
+Cell = tuple[str, str]  # (html content, css class)
+
+
+def _table(headers: Sequence[str], rows: Iterable[Sequence[Cell]], *, row_classes: Sequence[str] = (),
+           caption: str = "") -> str:
+    """An HTML table; headers are plain text, cells are already-escaped HTML with a css class."""
+    head = "".join(f"<th>{esc(h)}</th>" for h in headers)
+    body = []
+    for index, row in enumerate(rows):
+        css = row_classes[index] if index < len(row_classes) and row_classes[index] else ""
+        attr = f' class="{css}"' if css else ""
+        cells = "".join(f'<td class="{c}">{content}</td>' if c else f"<td>{content}</td>" for content, c in row)
+        body.append(f"<tr{attr}>{cells}</tr>")
+    cap = f"<caption>{esc(caption)}</caption>" if caption else ""
+    if not body:
+        body.append(f'<tr><td colspan="{len(headers)}" class="empty">none</td></tr>')
+    rows_html = "".join(body)
+    return (f'<div class="table-wrap"><table>{cap}<thead><tr>{head}</tr></thead>'
+            f"<tbody>{rows_html}</tbody></table></div>")
+
+
+def _num(text: str) -> Cell:
+    return (esc(text), "num")
+
+
+def _txt(value: object) -> Cell:
+    return (esc(value), "")
+
+
+def _code(value: object) -> Cell:
+    return (f"<code>{esc(value)}</code>", "")
+
+
+def _figure(figures: Mapping[str, bytes], key: str, caption: str) -> str:
+    """An embedded PNG with its caption, or a note saying the figure was not produced."""
+    png = figures.get(key)
+    if not png:
+        return f'<p class="note">Figure <code>{esc(key)}</code> was not produced for this run.</p>'
+    data = base64.b64encode(png).decode("ascii")
+    return (f'<figure id="fig-{esc(key)}"><img src="data:image/png;base64,{data}" alt="{esc(caption)}">'
+            f"<figcaption>{esc(caption)}</figcaption></figure>")
+
+
+def _section(anchor: str, title: str, body: str) -> str:
+    return f'<section id="{anchor}"><h2>{esc(title)}</h2>\n{body}\n</section>'
+
+
+def _dl(items: Sequence[tuple[str, str]]) -> str:
+    """A key/value list; values are already-escaped HTML."""
+    rows = "".join(f"<dt>{esc(k)}</dt><dd>{v}</dd>" for k, v in items)
+    return f'<dl class="facts">{rows}</dl>'
+
+
+# ------------------------------------------------------------------------------------------ sections
+
+
+def _candidate_count(fits: Sequence[Fit]) -> tuple[int, int]:
+    return len(fits), sum(1 for f in fits if f.usable)
+
+
+def _fit_notes(fit: Fit) -> tuple[str, ...]:
+    """The notes of a completed fit (lme4's messages: dropped columns, scales, singular, convergence)."""
+    return tuple(note for note in fit.message.split("; ") if note) if fit.usable else ()
+
+
+def _accounting_sentence(validated: Validated) -> str:
+    read, analysed, quarantined = validated.rows_read, validated.rows_analysed, validated.rows_quarantined
+    holds = read == analysed + quarantined
+    sentence = (f"Rows read = rows analysed + rows quarantined: {read:,} = {analysed:,} + {quarantined:,}.")
+    if holds:
+        return f'<p class="accounting">{esc(sentence)}</p>'
+    return (f'<p class="accounting warning">{esc(sentence)} This does not add up '
+            f"({read - analysed - quarantined:+,} rows unaccounted for): do not use these results.</p>")
+
+
+def _large_quarantine_warning(validated: Validated) -> str:
+    """A sentence (escaped HTML) when more than :data:`LARGE_QUARANTINE_SHARE` of the rows read were
+    quarantined: the analysis then rests on a selected part of the data, which a reader must know first."""
+    if not validated.rows_read or validated.rows_quarantined <= LARGE_QUARANTINE_SHARE * validated.rows_read:
+        return ""
+    share = validated.rows_quarantined / validated.rows_read
+    reasons = validated.quarantine["reason"].astype(str) if "reason" in validated.quarantine else None
+    top = ""
+    if reasons is not None and len(reasons):
+        counts = reasons.value_counts()
+        top = f"; the most common reason ({counts.iloc[0]:,} rows): {esc(counts.index[0])}"
+    return (f"{share:.0%} of the rows read were quarantined ({validated.rows_quarantined:,} of "
+            f"{validated.rows_read:,}){top}. Results describe the remaining rows only: check the reasons in "
+            "section 1 before relying on them.")
+
+
+def _summary(inputs: ReportInputs, per_subject: np.ndarray) -> str:
+    selection, selected, validated = inputs.selection, inputs.selected, inputs.validated
+    n_total, n_usable = _candidate_count(inputs.fits)
+    subjects = len(per_subject)
+    criterion = selection.criterion.upper()
+    warned = [f.name for f in inputs.fits if f.usable and not f.converged]
+    verdict = f"{n_usable} gave a valid likelihood" if n_usable != n_total else (
+        "all gave a valid likelihood" if n_total > 1 else "it gave a valid likelihood")
+    if warned:
+        verdict += (f" ({len(warned)} with a convergence warning, kept in the comparison as lme4 keeps it: "
+                    f"{esc(', '.join(warned))})")
+    parts = [
+        f"Of {n_total} candidate model{'s' if n_total != 1 else ''} fitted by maximum likelihood, "
+        f"{verdict}; <strong>{esc(selection.selected)}</strong> "
+        f"(<code>{esc(selected.formula)}</code>) was selected as the one with the lowest {esc(criterion)}.",
+        "Its estimates below come from a REML refit of that formula.",
+        f"The analysis used {validated.rows_analysed:,} rows from {subjects:,} subjects; "
+        + (f"{validated.rows_quarantined:,} of the {validated.rows_read:,} rows read were quarantined "
+           "and are listed with their reasons in section 1." if validated.rows_quarantined
+           else f"none of the {validated.rows_read:,} rows read was quarantined."),
+    ]
+    large = _large_quarantine_warning(validated)
+    if large:
+        parts.append(f'<span class="warning-text">{large}</span>')
+    if selected.singular:
+        parts.append('<span class="warning-text">The selected fit is singular (a random-effect variance at '
+                     "or near zero, or a correlation near ±1): see section 5.</span>")
+    if selected.dropped_terms:
+        parts.append(f'<span class="warning-text">Collinear fixed-effect column{"s" if len(selected.dropped_terms) > 1 else ""} '
+                     f"dropped from the selected model: {esc(', '.join(selected.dropped_terms))} (see section 5).</span>")
+    if validated.warnings:
+        parts.append(f'<span class="warning-text">Validation found {len(validated.warnings)} thing'
+                     f'{"s" if len(validated.warnings) > 1 else ""} to check (section 2): '
+                     f"{esc(validated.warnings[0])}</span>")
+    if not selected.converged:
+        parts.append(f'<span class="warning-text">The REML refit did not converge: {esc(selected.message)}</span>')
+    return f'<section id="summary"><h2>Summary</h2><p>{" ".join(parts)}</p></section>'
+
+
+def visits_per_subject(visits: pd.DataFrame, subject: str) -> np.ndarray:
+    """The number of rows of each subject (missing ids not counted), from one hash pass over the ids.
+
+    Computed once per report: the summary and the data section both need it, and at millions of rows
+    a grouping by a text column is the report's costliest table work.
+    """
+    if subject not in visits or not len(visits):
+        return np.zeros(0, dtype=np.int64)
+    codes, _ = pd.factorize(visits[subject], use_na_sentinel=True)
+    counts = np.bincount(codes[codes >= 0])
+    return counts[counts > 0]
+
+
+def _data_section(inputs: ReportInputs, per_subject: np.ndarray) -> str:
+    cfg, validated = inputs.config, inputs.validated
+    visits = validated.visits
+    roles = cfg.data
+    time = pd.to_numeric(visits[roles.time], errors="coerce") if roles.time in visits else pd.Series(dtype=float)
+    visits_text = (f"{int(per_subject.min()):,} / {float(np.median(per_subject)):g} / {int(per_subject.max()):,}"
+                   if len(per_subject) else "—")
+    facts = _dl([
+        ("Subjects analysed", esc(f"{len(per_subject):,}")),
+        ("Rows read", esc(f"{validated.rows_read:,}")),
+        ("Rows analysed", esc(f"{validated.rows_analysed:,}")),
+        ("Rows quarantined", esc(f"{validated.rows_quarantined:,}")),
+        ("Visits per subject (min / median / max)", esc(visits_text)),
+        (f"Time range ({time_axis_label(roles)})", esc(f"{time.min():.6g} to {time.max():.6g}")
+         if time.notna().any() else "—"),
+        ("Columns", esc(f"subject {' × '.join(roles.subject_columns)}, time {roles.time}, outcome {roles.outcome}")
+         + (esc(f", categorical {', '.join(roles.categorical)}") if roles.categorical else "")),
+    ])
+    files = _table(
+        ["File", "sha256 (first 12)", "Rows"],
+        [[_code(f.path), _code(f.sha256[:12]), _num(f"{f.rows:,}")] for f in inputs.files],
+    )
+    quarantine = validated.quarantine
+    if len(quarantine) and "reason" in quarantine:
+        counts = quarantine["reason"].astype(str).value_counts()
+        reasons = _table(["Reason", "Rows"], [[_txt(r), _num(f"{n:,}")] for r, n in counts.items()])
+    else:
+        reasons = '<p class="note">No row was quarantined.</p>'
+    shown = _quarantine_preview(quarantine)
+    large = _large_quarantine_warning(validated)
+    notes = "".join(f'<p class="note">{esc(note[0].upper() + note[1:])}.</p>' for note in validated.notes)
+    return "\n".join([
+        _accounting_sentence(validated), *([f'<p class="warning">{large}</p>'] if large else []), facts, notes,
+        "<h3>Input files</h3>", files,
+        "<h3>Quarantined rows by reason</h3>", reasons,
+        shown,
+    ])
+
+
+def _quarantine_preview(quarantine: pd.DataFrame) -> str:
+    """The first rows of the quarantine table as read, source file, line and reason first."""
+    if quarantine.empty:
+        return ""
+    first = [c for c in ("source_file", "source_line", "reason") if c in quarantine]
+    columns = first + [c for c in quarantine.columns if c not in first]
+    head = quarantine.head(QUARANTINE_ROWS_SHOWN)
+    rows = []
+    for _, record in head[columns].iterrows():
+        cells: list[Cell] = []
+        for column in columns:
+            value = record[column]
+            if _is_missing(value):
+                cells.append(('<span class="na">NA</span>', ""))
+            elif isinstance(value, str) and not value.strip():
+                cells.append(('<span class="na">(empty)</span>', ""))
+            elif column == "source_line":
+                cells.append(_num(str(value)))
+            else:
+                cells.append(_txt(value))
+        rows.append(cells)
+    more = len(quarantine) - len(head)
+    note = (f'<p class="note">Showing the first {len(head):,} of {len(quarantine):,} quarantined rows; '
+            "all are in <code>quarantine.csv</code>.</p>") if more > 0 else \
+        '<p class="note">All quarantined rows, as read; they are also in <code>quarantine.csv</code>.</p>'
+    return "<h3>Quarantined rows</h3>" + note + _table([str(c) for c in columns], rows)
+
+
+def _validation_section(inputs: ReportInputs) -> str:
+    validated = inputs.validated
+    rows, classes = [], []
+    for outcome in validated.expectations:
+        status = ('<span class="pass">pass</span>' if outcome.success else (
+            '<span class="warning-text">warning</span>' if outcome.level == "warning" else '<span class="fail">fail</span>'), "")
+        rows.append([
+            _txt(outcome.name), _txt(outcome.level), _txt(outcome.column or "—"), status,
+            _num(f"{outcome.unexpected_count:,}"), _txt(outcome.description), _txt(outcome.details),
+        ])
+        classes.append("" if outcome.success else "failed")
+    n_fail = sum(1 for e in validated.expectations if not e.success)
+    verdict = ("All table-level checks passed, so the run went on." if validated.success
+               else "A table-level check failed.")
+    intro = (f"<p>{len(validated.expectations)} checks, {n_fail} with findings. {verdict} A failing "
+             "<em>table</em>-level check stops the run; a failing <em>row</em>-level check quarantines the rows "
+             "it counts and the run goes on; a <em>warning</em> changes nothing but asks a person to look.</p>")
+    intro += "".join(f'<p class="warning">{esc(w)}</p>' for w in validated.warnings)
+    table = _table(["Expectation", "Level", "Column", "Result", "Rows", "Description", "Details"], rows,
+                   row_classes=classes)
+    return intro + table
+
+
+def _comparison_section(inputs: ReportInputs, figures: Mapping[str, bytes]) -> str:
+    selection = inputs.selection
+    table = selection.table
+    n_obs = inputs.validated.rows_analysed
+    aicc = selection.aicc
+    headers = ["Model", "Formula", "Fit", "k", "logLik", "AIC", "AICc", "BIC", "ΔAIC", "ΔBIC",
+               "AIC weight", "BIC weight"]
+    rows, classes = [], []
+    for _, row in table.iterrows():
+        chosen = str(row.get("model")) == selection.selected
+        rows.append([
+            (f'<strong>{esc(row.get("model"))}</strong><br><span class="chosen">✔ selected</span>' if chosen
+             else esc(row.get("model")), ""),
+            (f"<code>{esc(row.get('formula', ''))}</code>", "formula"),
+            _fit_status(row.get("converged"), row.get("singular"), row.get("loglik")),
+            _num(format_number(_as_int(row.get("n_params")))),
+            _num(format_fixed(row.get("loglik"))),
+            _num(format_fixed(row.get("aic"))),
+            _num(format_fixed(aicc.get(str(row.get("model")), math.nan))),
+            _num(format_fixed(row.get("bic"))),
+            _num(format_fixed(row.get("delta_aic"))),
+            _num(format_fixed(row.get("delta_bic"))),
+            _num(format_weight(row.get("aic_weight"))),
+            _num(format_weight(row.get("bic_weight"))),
+        ])
+        classes.append("selected" if chosen else ("failed" if _is_missing(row.get("loglik")) else ""))
+    explain = (
+        f"<p>All candidates were fitted by maximum likelihood (ML) on the same {n_obs:,} rows; REML "
+        "likelihoods are not comparable across different fixed effects. AIC = −2 logLik + 2k and "
+        "BIC = −2 logLik + k·ln(n), counting as lme4 does: k = fixed effects + random-effect "
+        f"(co)variance parameters + 1 residual variance, and n = {n_obs:,} rows analysed (not subjects). "
+        "Δ is the difference from the best candidate; weights are exp(−Δ/2) normalised over the "
+        "candidates with a valid likelihood (a fit with a convergence warning competes, as lme4 keeps it; "
+        f"only a failed fit is left out). The selection criterion was <strong>{esc(selection.criterion.upper())}</strong>"
+        "; ties go to the candidate with fewer parameters. AICc = AIC + 2k(k + 1)/(n − k − 1), the "
+        "small-sample correction (Hurvich &amp; Tsai 1989), is shown for reference and not used in the "
+        "selection; it departs from AIC only when n is not much larger than k.</p>"
+    )
+    failed = [f for f in inputs.fits if not f.usable]
+    failed_html = ""
+    if failed:
+        items = "".join(f"<li><strong>{esc(f.name)}</strong> (<code>{esc(f.formula)}</code>): "
+                        f"{esc(f.message or 'did not converge')}</li>" for f in failed)
+        failed_html = f'<h3>Candidates that failed</h3><ul class="failed-list">{items}</ul>'
+    noted = [f for f in inputs.fits if _fit_notes(f)]
+    if noted:
+        items = "".join(f"<li><strong>{esc(f.name)}</strong>: {esc('; '.join(_fit_notes(f)))}</li>" for f in noted)
+        failed_html += f'<h3>Notes on the fits</h3><ul class="notes-list">{items}</ul>'
+    chart = _figure(figures, "model_comparison",
+                    "ΔAIC and ΔBIC of each candidate from the best one (ML fits); the selected model is "
+                    "highlighted, failed candidates are marked.")
+    return "\n".join([
+        explain, _table(headers, rows, row_classes=classes), failed_html, chart,
+        "<h3>Likelihood-ratio tests between nested candidates</h3>", _lrt_block(selection),
+        "<h3>Fit diagnostics per candidate</h3>", _diagnostics_block([*inputs.fits, inputs.selected], inputs.selected),
+    ])
+
+
+def _fit_status(converged: object, singular: object, loglik: object) -> Cell:
+    """"failed" (no valid likelihood), "singular" (on the boundary), "convergence warning" (lme4's checks
+    not met: kept in the comparison, as lme4 keeps it) or "converged", for the comparison table."""
+    if _is_missing(loglik):
+        return ("failed", "")
+    if not _is_missing(singular) and bool(singular):
+        return ('<span class="warning-text">singular</span>', "")
+    if _is_missing(converged) or not bool(converged):
+        return ('<span class="warning-text">convergence warning</span>', "")
+    return ("converged", "")
+
+
+def _lrt_block(selection: Selection) -> str:
+    """The likelihood-ratio table with its interpretation, or a note saying why there is none."""
+    if selection.tests_refused:
+        return f'<p class="warning">No likelihood-ratio test: {esc(selection.tests_refused)}</p>'
+    tests = selection.tests
+    if not tests:
+        return ('<p class="note">No candidate is a special case of another (same response and rows, fixed '
+                "effects a subset, random effects contained), so no likelihood-ratio test applies; AIC and BIC "
+                "above compare non-nested candidates.</p>")
+    rows = [[
+        _txt(t.smaller), _txt(t.larger), _txt(_additions(t)), _num(f"{t.df:,}"),
+        _num(format_fixed(t.statistic)) if t.tested else _txt("—"),
+        _num(format_p(t.p_value)) if t.tested else _txt("no test"), (esc(t.test), "nowrap"),
+    ] for t in tests]
+    classes = ["failed" if math.isnan(t.p_value) else "" for t in tests]
+    intro = ("<p>Each row asks whether the larger candidate fits better than the smaller one it contains: "
+             "a small p-value (below 0.05, say) means the data support the parameters the larger model adds, "
+             "a large one that the smaller model is adequate. The tests complement the information criteria "
+             "above, which made the selection; BIC can still prefer the smaller model when p is small, since "
+             "it charges more for each parameter.</p>")
+    table = _table(["Smaller", "Larger", "Larger model adds", "Δdf", "LR = 2ΔlogLik", "p", "Reference distribution"],
+                   rows, row_classes=classes)
+    notes = ["LR = 2 (logLik<sub>larger</sub> − logLik<sub>smaller</sub>) from the ML fits, as a test of "
+             "different fixed effects requires; Δdf is the difference in k."]
+    if any(t.reference == "mixture" for t in tests):
+        notes.append("When the larger model adds one random-effect term, that term's variance is zero under the "
+                     "smaller model, on the boundary of its range, and a plain χ²(Δdf) p-value would be too large: "
+                     "p comes from the 50:50 mixture of χ²(Δdf − 1) and χ²(Δdf) (Self &amp; Liang 1987; "
+                     "Stram &amp; Lee 1994).")
+    if any(t.reference == "chi2-conservative" for t in tests):
+        notes.append("When the larger model adds several random-effect terms, the null distribution is a mixture "
+                     "with more components; the χ²(Δdf) p-value shown is an upper bound (conservative).")
+    if not any(t.reference != "chi2" for t in tests):
+        notes.append("No test puts a variance on its boundary, so every p-value is from χ²(Δdf).")
+    if any(t.fixed_differ for t in tests):
+        notes.append("Likelihood-ratio tests of fixed effects on ML fits are somewhat liberal when subjects are few.")
+    short = [t for t in tests if t.tested and math.isnan(t.p_value)]
+    warning = "".join(
+        f'<p class="warning">{esc(t.smaller)} against {esc(t.larger)}: {esc(t.notes[-1])}.</p>' for t in short)
+    warning += "".join(
+        f'<p class="warning">{esc(t.smaller)} against {esc(t.larger)}: '
+        f"{esc(next((n for n in t.notes if n.startswith('no test')), 'no test'))}.</p>"
+        for t in tests if not t.tested)
+    return intro + table + f'<p class="note">{" ".join(notes)}</p>' + warning
+
+
+def _additions(test: LikelihoodRatioTest) -> str:
+    """What the larger model of a test adds, in a few words."""
+    parts = []
+    if test.added_fixed:
+        parts.append(f"fixed {', '.join(test.added_fixed)}")
+    if test.boundary_terms:
+        parts.append(("variance of " if len(test.boundary_terms) == 1 else "variances of ")
+                     + " and ".join(test.boundary_terms))
+    if test.added_covariances:
+        parts.append(f"{test.added_covariances} random-effect covariance{'s' if test.added_covariances > 1 else ''}")
+    return "; ".join(parts) or "—"
+
+
+def _diagnostics_block(fits: Sequence[Fit], selected: Fit) -> str:
+    """One row per fit: engine, optimizer, evaluations, gradient and the convergence verdicts."""
+    headers = ["Candidate", "Method", "Engine", "Optimizer", "Evaluations", "max |gradient|", "Converged",
+               "Singular", "Message"]
+    rows, classes = [], []
+    for fit in fits:
+        label = f"{fit.name} (refit)" if fit is selected else fit.name
+        rows.append([
+            _txt(label), _txt(fit.method), _txt(fit.engine or "—"), _txt(fit.optimizer or "—"),
+            _num(format_number(fit.iterations) if fit.iterations else "—"),
+            _num(format_number(fit.gradient_max, 3)),
+            _txt(_yes_no(fit.converged)),
+            ('<span class="warning-text">yes</span>' if fit.singular else "no", ""),
+            _txt(fit.message or "—"),
+        ])
+        classes.append("failed" if not fit.usable else ("singular" if fit.singular or not fit.converged else ""))
+    note = ('<p class="note">Evaluations: objective evaluations over all optimizer runs (the lme4-style engine '
+            "optimizes the profiled deviance with derivative-free BOBYQA; for statsmodels, iterations). "
+            "max |gradient| is lme4's convergence measure: the largest absolute gradient of the deviance with "
+            "respect to the covariance parameters at the optimum (scaled by the Hessian where that is smaller; "
+            "finite differences; parameters on the boundary left out); lme4 warns above 0.002. Singular: a "
+            "random-effect variance at or near zero, or a correlation near ±1, the boundary of the parameter "
+            "space; the fit is still valid and comparable, "
+            "but the data do not support that part of the random-effects structure. Each optimizer attempt is "
+            'listed under <a href="#reproducibility">Reproducibility</a>.</p>')
+    return _table(headers, rows, row_classes=classes) + note
+
+
+def _as_int(value: object) -> object:
+    if _is_missing(value):
+        return value
+    try:
+        return int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return value
+
+
+def _selected_section(inputs: ReportInputs, figures: Mapping[str, bytes]) -> str:
+    fit = inputs.selected
+    parts = []
+    if not fit.converged:
+        parts.append(f'<p class="warning">The REML refit did not pass lme4\'s convergence checks: {esc(fit.message)}</p>')
+    if fit.singular:
+        which = next((n for n in fit.message.split("; ") if n.startswith("boundary (singular) fit")), "")
+        parts.append('<p class="warning"><strong>Singular fit.</strong> '
+                     + (esc(which[0].upper() + which[1:]) + ". " if which else
+                        "A random-effect standard deviation is at or near zero, or a correlation is near ±1. ")
+                     + "The data do not support this part of the random-effect structure: consider a simpler "
+                     "one (drop that term, or its correlation with <code>||</code>).</p>")
+    if fit.dropped_terms:
+        parts.append(f'<p class="warning"><strong>Collinear fixed effects.</strong> The fixed-effect model matrix '
+                     f"is rank deficient, so {len(fit.dropped_terms)} column{'s were' if len(fit.dropped_terms) > 1 else ' was'} "
+                     f"dropped, as lme4 drops {'them' if len(fit.dropped_terms) > 1 else 'it'}: "
+                     f"<code>{esc(', '.join(fit.dropped_terms))}</code> (a linear combination of the columns "
+                     "before it). k counts the columns kept.</p>")
+    other_notes = [n for n in fit.message.split("; ") if n and not n.startswith("boundary (singular) fit")
+                   and "rank deficient" not in n] if fit.converged else []
+    if other_notes:
+        parts.append(f'<p class="note">Notes on this fit: {esc("; ".join(other_notes))}.</p>')
+    parts.append(_dl([
+        ("Model", f"<strong>{esc(fit.name)}</strong>"),
+        ("Formula", f"<code>{esc(fit.formula)}</code>"),
+        ("Method", esc(f"{fit.method} (engine {fit.engine})")),
+        ("Observations", esc(f"{fit.n_obs:,}")),
+        ("Groups (subjects)", esc(f"{fit.n_subjects:,}")),
+        ("Time", esc(time_axis_label(inputs.config.data))),
+        ("REML criterion at convergence", esc(format_fixed(fit.reml_criterion))),
+        ("Residual SD", esc(format_number(fit.residual_sd))),
+    ]))
+    fixed_rows = []
+    for fe in fit.fixed_effects:
+        fixed_rows.append([
+            _code(with_time_unit(fe.term, inputs.config.data)), _num(format_number(fe.estimate)), _num(format_number(fe.std_error)),
+            _num(f"{format_number(fe.ci_low)} to {format_number(fe.ci_high)}"),
+            _num(format_fixed(fe.z, 2)), _num(format_p(fe.p_value)),
+        ])
+    parts.append("<h3>Fixed effects</h3>")
+    parts.append(_table(["Term", "Estimate", "SE", "95% CI", "z", "p"], fixed_rows))
+    parts.append('<p class="note">Wald inference: z = estimate / SE, 95% CI = estimate ± 1.96 SE and two-sided '
+                 "p-values from the normal distribution. Without a degrees-of-freedom correction "
+                 "(Satterthwaite, Kenward–Roger) these are somewhat liberal when subjects are few.</p>")
+    parts.append(_figure(figures, "coefficients", "Fixed-effect estimates with Wald 95% confidence intervals; "
+                         "the dashed line marks zero."))
+    random_rows = [[_txt(vc.group), _code(vc.term), _num(format_number(vc.sd)), _num(format_number(vc.sd ** 2))]
+                   for vc in fit.random_effects]
+    random_rows.append([_txt("Residual"), _txt(""), _num(format_number(fit.residual_sd)),
+                        _num(format_number(fit.residual_sd ** 2))])
+    parts.append("<h3>Random effects</h3>")
+    parts.append(_table(["Group", "Term", "SD", "Variance"], random_rows))
+    if fit.correlations:
+        corr_rows = [[_txt(c.group), _code(c.term1), _code(c.term2), _num(format_fixed(c.corr, 3))]
+                     for c in fit.correlations]
+        parts.append("<h3>Random-effect correlations</h3>")
+        parts.append(_table(["Group", "Term 1", "Term 2", "Correlation"], corr_rows))
+    return "\n".join(parts)
+
+
+def _random_effects_section(fit: Fit, figures: Mapping[str, bytes]) -> str:
+    """Histograms of the predicted random effects, then the caterpillar plot with a caption saying what it shows."""
+    intro = ("<p>Predicted random effects (conditional modes, BLUPs) of the selected model, one panel per term. "
+             "They are shrunk towards zero, so their spread is smaller than the estimated SD; heavy tails or "
+             "several modes suggest a missing covariate or subgroup.</p>")
+    histograms = _figure(figures, "random_effects", "Distribution of the predicted random effects per term over "
+                         "all levels, with the model's normal distribution for reference.")
+    ranef = fit.ranef
+    counts = (ranef.groupby(["group", "term"], sort=False, observed=True).size()
+              if ranef is not None and not ranef.empty else pd.Series(dtype=int))
+    many = [f"{group}: {term} ({n:,} levels)" for (group, term), n in counts.items() if n > CATERPILLAR_LEVELS]
+    low = CATERPILLAR_LEVELS // 2
+    shown = (f"For {', '.join(many)}, only the {low} lowest and {CATERPILLAR_LEVELS - low} highest levels are "
+             "shown, where outlying levels are; the row “… N more …” marks the levels left out, which the "
+             "histograms include." if many else "Every level is shown.")
+    caterpillar = _figure(figures, "caterpillar", "Conditional modes of the random effects, sorted, with 95% "
+                          "conditional intervals (mode ± 1.96 conditional SD); intervals that exclude zero are "
+                          f"darker. {shown}")
+    return intro + histograms + caterpillar
+
+
+def _reproducibility_section(inputs: ReportInputs) -> str:
+    parts = [_dl([
+        ("Study", esc(inputs.study)),
+        ("Run id", f"<code>{esc(inputs.run_id)}</code>"),
+        ("Created", esc(inputs.created)),
+    ])]
+    stages = inputs.timings.get("stages") if isinstance(inputs.timings.get("stages"), Mapping) else None
+    fit_times = inputs.timings.get("fits") if isinstance(inputs.timings.get("fits"), Mapping) else None
+    others = {k: v for k, v in inputs.timings.items() if k not in ("stages", "fits")}
+    parts.append("<h3>Timings</h3>")
+    if stages:
+        parts.append(_table(["Stage", "Time"], [[_txt(k), _num(format_seconds(v))] for k, v in stages.items()],
+                            caption="Per stage"))
+    if fit_times:
+        parts.append(_table(["Candidate", "Time"], [[_txt(k), _num(format_seconds(v))] for k, v in fit_times.items()],
+                            caption="Per candidate fit"))
+    if others:
+        parts.append(_table(["Timing", "Value"], [[_txt(k), _num(format_seconds(v) if isinstance(v, (int, float))
+                                                               else str(v))] for k, v in others.items()]))
+    if not (stages or fit_times or others):
+        parts.append('<p class="note">No timings were recorded.</p>')
+    parts.append("<h3>Optimizer diagnostics</h3>")
+    parts.append(f'<p class="note">{esc(_optimizer_note([*inputs.fits, inputs.selected]))}</p>')
+    parts.append(_optimizer_table([*inputs.fits, inputs.selected]))
+    parts.append("<h3>Package versions</h3>")
+    parts.append(_table(["Package", "Version"], [[_txt(k), _code(v)] for k, v in sorted(inputs.versions.items())]))
+    parts.append("<h3>Study config</h3>")
+    config = json.dumps(inputs.config.model_dump(mode="json"), indent=2, ensure_ascii=False)
+    parts.append(f"<pre>{esc(config)}</pre>")
+    return "\n".join(parts)
+
+
+def _optimizer_note(fits: Sequence[Fit]) -> str:
+    """How the fits were optimized, saying "several" only when more than one attempt ran for some fit."""
+    attempts = [len(fit.attempts) for fit in fits]
+    optimizers = sorted({a.optimizer for fit in fits for a in fit.attempts} | {f.optimizer for f in fits if f.optimizer})
+    if not any(n > 1 for n in attempts):
+        used = ", ".join(optimizers) if optimizers else "the engine's optimizer"
+        return f"Each fit ran one optimizer attempt ({used}); the table shows what it reached."
+    several = sum(1 for n in attempts if n > 1)
+    return (f"{several} of {len(fits)} fits ran more than one optimizer attempt ({', '.join(optimizers)}); the "
+            "best finite log-likelihood among converged attempts wins, and ΔlogLik is how far each attempt "
+            "stopped short of it.")
+
+
+def _optimizer_table(fits: Sequence[Fit]) -> str:
+    """One row per candidate fit (ML and the REML refit) and per optimizer attempt."""
+    headers = ["Candidate", "Method", "Optimizer", "Iterations", "Converged", "logLik", "ΔlogLik",
+               "max |gradient|", "Time", "Message"]
+    rows, classes = [], []
+    for fit in fits:
+        rows.append([
+            (f"<strong>{esc(fit.name)}</strong>", ""), _txt(fit.method), _txt(fit.optimizer or "—"),
+            _num(format_number(fit.iterations)), _txt(_yes_no(fit.converged)), _num(format_fixed(fit.loglik, 3)),
+            _num(""), _num(format_number(fit.gradient_max, 3)), _num(format_seconds(fit.seconds)),
+            _txt(fit.message),
+        ])
+        classes.append("fit-row" + ("" if fit.converged else " failed"))
+        finite = [a.loglik for a in fit.attempts if math.isfinite(a.loglik)]
+        best = max(finite) if finite else math.nan
+        for attempt in fit.attempts:
+            gap = best - attempt.loglik if math.isfinite(attempt.loglik) and math.isfinite(best) else math.nan
+            rows.append([
+                _txt(""), _txt(""), ("↳ " + esc(attempt.optimizer), "attempt"),
+                _num(format_number(attempt.iterations)),
+                _txt(_yes_no(attempt.converged)), _num(format_fixed(attempt.loglik, 3)),
+                _num(format_fixed(gap, 3)), _num(""), _num(format_seconds(attempt.seconds)), _txt(attempt.message),
+            ])
+            classes.append("attempt-row")
+    return _table(headers, rows, row_classes=classes)
+
+
+# ------------------------------------------------------------------------------------------ the page
+
+
+_CSS = """
+:root { --ink:#1d232a; --muted:#5b6670; --line:#d7dce1; --soft:#f4f6f8; --accent:#1f5fa8; --bad:#b03a2e;
+        --good:#2e7d32; --warn-bg:#fff4e5; --warn-line:#e0a040; }
+* { box-sizing: border-box; }
+body { margin: 0; color: var(--ink); background: #fff; line-height: 1.5;
+       font: 15px/1.5 -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, "DejaVu Sans", sans-serif; }
+main { max-width: 1100px; margin: 0 auto; padding: 28px 32px 64px; }
+header { border-bottom: 3px solid var(--accent); padding-bottom: 12px; margin-bottom: 18px; }
+h1 { font-size: 1.7em; margin: 0 0 4px; }
+.meta { color: var(--muted); font-size: 0.92em; }
+h2 { font-size: 1.3em; margin: 2.0em 0 0.6em; padding-bottom: 4px; border-bottom: 1px solid var(--line); }
+h3 { font-size: 1.05em; margin: 1.4em 0 0.5em; }
+nav.toc { background: var(--soft); border: 1px solid var(--line); border-radius: 6px; padding: 10px 18px; }
+nav.toc ol { margin: 4px 0; padding-left: 0; list-style: none; columns: 2; }
+nav.toc a { color: var(--accent); text-decoration: none; }
+nav.toc a:hover { text-decoration: underline; }
+code, pre { font-family: "SFMono-Regular", Menlo, Consolas, "DejaVu Sans Mono", monospace; font-size: 0.88em; }
+code { background: var(--soft); padding: 0 3px; border-radius: 3px; word-break: break-word; }
+pre { background: var(--soft); border: 1px solid var(--line); padding: 10px; overflow-x: auto; }
+.table-wrap { overflow-x: auto; margin: 0.6em 0 1em; }
+table { border-collapse: collapse; font-size: 0.88em; min-width: 40%; }
+caption { text-align: left; font-weight: 600; padding: 4px 0; color: var(--muted); }
+th, td { border-bottom: 1px solid var(--line); padding: 4px 10px; text-align: left; vertical-align: top; }
+th { background: var(--soft); border-bottom: 2px solid var(--line); white-space: nowrap; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+td.empty { color: var(--muted); font-style: italic; }
+td.formula { min-width: 15em; }
+td.nowrap { white-space: nowrap; }
+tbody tr:nth-child(even) { background: #fafbfc; }
+tr.selected { background: #e8f0fb !important; }
+tr.failed td { color: var(--bad); }
+tr.singular { background: var(--warn-bg) !important; }
+tr.attempt-row td { color: var(--muted); font-size: 0.95em; }
+tr.fit-row td { border-top: 1px solid #bcc4cc; }
+.pass { color: var(--good); font-weight: 600; }
+.fail { color: var(--bad); font-weight: 600; }
+.chosen { color: var(--accent); font-weight: 700; white-space: nowrap; }
+.na { color: var(--muted); font-style: italic; }
+.note { color: var(--muted); font-size: 0.9em; }
+.accounting { font-weight: 600; }
+.warning { background: var(--warn-bg); border-left: 4px solid var(--warn-line); padding: 8px 12px; }
+.warning-text { color: var(--bad); }
+dl.facts { display: grid; grid-template-columns: max-content 1fr; gap: 2px 18px; margin: 0.6em 0; }
+dl.facts dt { color: var(--muted); }
+dl.facts dd { margin: 0; }
+figure { margin: 1em 0 1.6em; text-align: center; }
+figure img { max-width: 100%; height: auto; border: 1px solid var(--line); }
+figcaption { color: var(--muted); font-size: 0.9em; margin-top: 4px; }
+footer { margin-top: 3em; color: var(--muted); font-size: 0.85em; border-top: 1px solid var(--line);
+         padding-top: 8px; }
+@media print {
+  body { font-size: 11pt; }
+  main { max-width: none; padding: 0; }
+  nav.toc { display: none; }
+  h2 { break-after: avoid; page-break-after: avoid; }
+  figure, table, dl.facts { break-inside: avoid; page-break-inside: avoid; }
+  .table-wrap { overflow: visible; }
+  a { color: inherit; text-decoration: none; }
+}
+"""
+
+
+def render_report(inputs: ReportInputs, figures: Mapping[str, bytes]) -> str:
+    """The whole report as one self-contained HTML string.
+
+    ``figures`` maps the stems of :data:`longitudinal.reporting.figures.FIGURE_KEYS` to PNG bytes; a missing
+    key gives a note in place of that figure. Nothing is loaded from the network: styles are inline
+    and images are ``data:`` URIs.
+    """
+    fit = inputs.selected
+    per_subject = visits_per_subject(inputs.validated.visits, inputs.config.data.subject_key)
+    builders: dict[str, Callable[[], str]] = {
+        "data": lambda: _data_section(inputs, per_subject),
+        "validation": lambda: _validation_section(inputs),
+        "trajectories": lambda: _figure(
+            figures, "trajectories",
+            "Observed outcome over time: thin lines are a sample of subjects, bold lines the mean over all "
+            "subjects at each time with a ±1.96 SE band."),
+        "comparison": lambda: _comparison_section(inputs, figures),
+        "selected": lambda: _selected_section(inputs, figures),
+        "random-effects": lambda: _random_effects_section(fit, figures),
+        "diagnostics": lambda: (
+            "<p>Conditional residuals (observed − fitted, including each subject's predicted random effects) "
+            f"of the REML fit of {esc(fit.name)}.</p>"
+            + _figure(figures, "residuals_vs_fitted", "Residuals against fitted values, with the mean residual "
+                      "per bin of fitted values: curvature suggests a missing term, a funnel unequal variance.")
+            + _figure(figures, "qq", "Normal QQ plot of standardized residuals (residual / residual SD); points "
+                      "on the line mean normal residuals, bent tails mean heavy or light tails."
+                      + (f" Of the {len(fit.residuals):,} residuals, {QQ_POINTS:,} evenly spaced order statistics "
+                         "are drawn, the smallest and largest included." if len(fit.residuals) > QQ_POINTS else ""))
+            + _figure(figures, "residuals_over_time", "Residuals over time with the mean per time point: a "
+                      "pattern suggests a misspecified time trend.")),
+        "observed-fitted": lambda: _figure(
+            figures, "observed_vs_fitted",
+            "Observed values (points) and fitted trajectories (lines, fixed effects plus the subject's "
+            "predicted random effects) for a random sample of subjects."),
+        "reproducibility": lambda: _reproducibility_section(inputs),
+    }
+    toc = "".join(f'<li><a href="#{anchor}">{esc(title)}</a></li>' for anchor, title in SECTIONS)
+    body = "\n".join(_section(anchor, title, builders[anchor]()) for anchor, title in SECTIONS)
+    title = f"{inputs.study}: longitudinal mixed-model report"
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="generator" content="longitudinal">
+<title>{esc(title)}</title>
+<style>{_CSS}</style>
+</head>
+<body>
+<main>
+<header>
+<h1>{esc(inputs.study)}</h1>
+<div class="meta">Longitudinal mixed-model report · run <code>{esc(inputs.run_id)}</code> · created
+{esc(inputs.created)} · selection by {esc(inputs.selection.criterion.upper())}</div>
+</header>
+<nav class="toc" aria-label="Contents"><strong>Contents</strong>
+<ol><li><a href="#summary">Summary</a></li>{toc}</ol></nav>
+{_summary(inputs, per_subject)}
+{body}
+<footer>Generated by longitudinal. Estimates are from the REML refit of the selected model; the model
+comparison uses ML fits on identical rows.</footer>
+</main>
+</body>
+</html>
+"""
