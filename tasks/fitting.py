@@ -21,15 +21,25 @@ import longitudinal
 from longitudinal.fit.candidate import fit_candidate
 from longitudinal.records import Fit, Method
 
-def engine_version(package: Path = Path(longitudinal.__file__).parent) -> str:
-    """The library version plus a hash of every module of the library: new code, new cache entries.
+#: What computes a fit: the formula language and design matrices, the engines, and the records and
+#: exceptions they return. Folders are hashed whole, so a module added or renamed in them counts.
+FIT_CODE = ("model", "fit", "records.py", "errors.py")
 
-    The whole package, not a list of the files that compute a fit: a list goes stale silently when a
-    module is added or renamed (a new transform module would not invalidate cached fits). A change
-    elsewhere in the library only costs a re-fit.
+
+def engine_version(package: Path = Path(longitudinal.__file__).parent) -> str:
+    """The library version plus a hash of every module that computes a fit: new code, new cache entries.
+
+    Whole folders (``model/``, ``fit/``) plus ``records.py`` and ``errors.py``, not a list of file names: a
+    list goes stale silently when a module is added or renamed (a new transform module would not invalidate
+    cached fits). Code that only reads fits (``inference/``, ``reporting/``) or comes before the design
+    (``data/``) does not re-fit anything when it changes.
     """
     digest = hashlib.sha256(longitudinal.__version__.encode())
-    for path in sorted(package.rglob("*.py")):
+    paths = set()
+    for name in FIT_CODE:
+        path = package / name
+        paths.update(path.rglob("*.py") if path.is_dir() else [path] if path.is_file() else [])
+    for path in sorted(paths):
         digest.update(path.relative_to(package).as_posix().encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
