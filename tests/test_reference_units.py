@@ -98,6 +98,16 @@ def test_formula_function_matches_lme4(fit_units: FitFn, case: str, method: str)
     assert fit.usable, f"{case} {method} did not fit: {fit.message}"
     # R: attr(logLik(fit), "df") -- fixed effects + theta + 1
     assert fit.n_params == ref["df"]
+    assert_criterion(fit, ref, method)
+    # R: fixef(fit), sqrt(diag(vcov(fit))) by lme4's coefficient names ("poly(age, 2)1", "ns(age, 3)2",
+    # "factor(Time)8", "sin(2 * pi * t)", "I((t - 5)/7)")
+    assert_fixed_effects(fit, ref["fixed_effects"])
+    # R: sigma(fit);  1e-4 relative
+    assert fit.residual_sd == pytest.approx(ref["residual_sd"], rel=1e-4)
+
+
+def assert_criterion(fit: Fit, ref: dict[str, Any], method: str) -> None:
+    """The fit's criterion equals lme4's: ML logLik to 1e-4, REML criterion (−2 × REML logLik) to 2e-4."""
     if method == "ML":
         # R: as.numeric(logLik(lmer(formula, data, REML = FALSE)));  |Δ| < 1e-4
         assert fit.loglik == pytest.approx(ref["logLik"], abs=1e-4)
@@ -105,11 +115,6 @@ def test_formula_function_matches_lme4(fit_units: FitFn, case: str, method: str)
         # R: REMLcrit(lmer(formula, data, REML = TRUE));  |Δ| < 2e-4 (1e-4 in log-likelihood)
         assert fit.reml_criterion is not None
         assert fit.reml_criterion == pytest.approx(ref["REML_criterion"], abs=2e-4)
-    # R: fixef(fit), sqrt(diag(vcov(fit))) by lme4's coefficient names ("poly(age, 2)1", "ns(age, 3)2",
-    # "factor(Time)8", "sin(2 * pi * t)", "I((t - 5)/7)")
-    assert_fixed_effects(fit, ref["fixed_effects"])
-    # R: sigma(fit);  1e-4 relative
-    assert fit.residual_sd == pytest.approx(ref["residual_sd"], rel=1e-4)
 
 
 # ------------------------------------------------------------------------------ 2. collinear covariate
@@ -131,13 +136,7 @@ def test_collinear_column_dropped_as_lme4(fit_units: FitFn, case: str, method: s
     assert list(fit.dropped_terms) == ref["dropped_columns"]
     # R: attr(logLik(fit), "df") -- counts the kept columns only
     assert fit.n_params == ref["df"]
-    if method == "ML":
-        # R: as.numeric(logLik(fit));  |Δ| < 1e-4
-        assert fit.loglik == pytest.approx(ref["logLik"], abs=1e-4)
-    else:
-        # R: REMLcrit(fit);  |Δ| < 2e-4
-        assert fit.reml_criterion is not None
-        assert fit.reml_criterion == pytest.approx(ref["REML_criterion"], abs=2e-4)
+    assert_criterion(fit, ref, method)
     # R: fixef(fit) -- the kept columns, under their own names
     assert_fixed_effects(fit, ref["fixed_effects"])
 

@@ -141,9 +141,9 @@ def list_sources(config: StudyConfig) -> SourceListing:
         candidates = [path / n for n in names if not n.startswith(".") and Path(n).suffix.lower() in DATA_SUFFIXES]
         files = [c for c in candidates if _admit(c, config, seen, skipped)]
         if not files:
-            found = f" ({len(skipped)} skipped: {'; '.join(skipped)})" if skipped else ""
             raise DataError(
-                f"data.source {given!r}: the folder {printable(str(path))} holds no .csv or .parquet files{found}; "
+                f"data.source {given!r}: the folder {printable(str(path))} holds no .csv or .parquet files"
+                f"{_skipped_note(skipped)}; "
                 "put the data files there or point data.source at a file"
             )
         return SourceListing(tuple(files), tuple(skipped))
@@ -154,9 +154,8 @@ def list_sources(config: StudyConfig) -> SourceListing:
     if _GLOB_CHARS.search(str(path)):
         matches = [m for m in _walk_glob(path, config.data.follow_symlinks) if _admit(m, config, seen, skipped)]
         if not matches:
-            found = f" ({len(skipped)} skipped: {'; '.join(skipped)})" if skipped else ""
             raise DataError(
-                f"data.source {given!r}: the pattern {printable(str(path))} matches no files{found}; "
+                f"data.source {given!r}: the pattern {printable(str(path))} matches no files{_skipped_note(skipped)}; "
                 "check the pattern or point data.source at a file or a folder"
             )
         return SourceListing(tuple(matches), tuple(skipped))
@@ -200,6 +199,11 @@ def _admit(path: Path, config: StudyConfig, seen: dict[tuple[int, int], str], sk
     seen[key] = shown
     _check_size(shown, status.st_size, config)
     return True
+
+
+def _skipped_note(skipped: list[str]) -> str:
+    """`` (2 skipped: a; b)`` for an error saying no file was found, or "" when nothing was skipped."""
+    return f" ({len(skipped)} skipped: {'; '.join(skipped)})" if skipped else ""
 
 
 def _walk_glob(pattern: Path, follow: bool) -> list[Path]:
