@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import fcntl
 import json
+import re
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -37,7 +39,8 @@ CONTRACT = {"report.html", "figures", "model_comparison.csv", "selected_model.js
 
 
 @pytest.mark.slow
-def test_two_runs_started_at_once_run_one_after_the_other(tmp_path: Path, prefect_server: PrefectServer) -> None:
+def test_two_runs_started_at_once_run_one_after_the_other(tmp_path: Path, prefect_server: PrefectServer,
+                                                          prefect_client: Any) -> None:
     config = tmp_path / "study.yaml"
     config.write_text(yaml.safe_dump({
         "study": "race-trial",
@@ -82,6 +85,12 @@ def test_two_runs_started_at_once_run_one_after_the_other(tmp_path: Path, prefec
     registry = json.loads((study_dir / "curated" / "registry.json").read_text())
     assert [e["path"] for e in registry["files"]] == ["landing/arrival.csv"]
     assert sorted(p.name for p in study_dir.iterdir()) == sorted(["curated", "latest", *(f.name for f in folders)])
+    # With PREFECT_API_URL set, `longitudinal run` records its run on that server (README, "Prefect"), named
+    # after its study and the data it saw: "<study>: <newest file> @ <UTC time>".
+    for manifest in manifests:
+        flow_run = prefect_client.read_flow_run(manifest["prefect_flow_run_id"])
+        assert flow_run.state is not None and flow_run.state.is_completed(), flow_run.state
+        assert re.fullmatch(r"race-trial: arrival\.csv @ \d{4}-\d\d-\d\d \d\d:\d\d:\d\d", flow_run.name), flow_run.name
 
 
 def _complete_run(folder: Path) -> dict:

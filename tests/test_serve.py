@@ -8,6 +8,7 @@ then a copy of it under another name, then an export with new subjects.
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,10 @@ def test_new_subjects_are_analysed_with_the_first_file_and_the_copy_is_a_duplica
 
     flow_run = wait_for_new_final_run(served_study, prefect_client, known)
     assert flow_run.state.is_completed(), f"{flow_run.name!r} ended {flow_run.state.type.value}"
+    # Named after the newest file and how many others the folder holds (README, "Prefect").
+    others = len(list(served_study.landing.glob("*.csv"))) - 1
+    assert re.fullmatch(rf"{re.escape(STUDY)}: site-b\.csv \(\+{others} more\) @ \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d",
+                        flow_run.name), flow_run.name
     folder = run_folder(served_study, flow_run.id)
     manifest = _manifest(folder)
     assert manifest["rows"]["read"] == first_run.rows + rows
