@@ -97,7 +97,8 @@ def group_by_pattern(y: np.ndarray, X: np.ndarray, subject: np.ndarray, coords: 
     repeated = (codes[1:] == codes[:-1]) & (sorted_coords[1:] == sorted_coords[:-1])
     if repeated.any():
         at = order[1:][repeated][0]
-        raise DataError(f"subject {subject[at]!r} has more than one row at visit {coords[at]!r}; "
+        label, visit = np.asarray(subject)[at:at + 1].tolist()[0], coords[at:at + 1].tolist()[0]
+        raise DataError(f"subject {label!r} has more than one row at visit {visit!r}; "
                         "a subject is observed at most once per visit")
     starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
     sizes = np.diff(np.r_[starts, n])

@@ -159,7 +159,7 @@ def partial_autocorrelations(rho: np.ndarray) -> np.ndarray:
 
 def _heterogeneous(log_sd: np.ndarray, correlation: np.ndarray) -> np.ndarray:
     sd = np.exp(log_sd)
-    return sd[:, None] * correlation * sd[None, :]
+    return correlation * np.outer(sd, sd)  # sd_i sd_j == sd_j sd_i in floating point: exactly symmetric
 
 
 def _filled(m: int, value: Callable[[int, int], object], dtype: type) -> np.ndarray:
@@ -214,7 +214,8 @@ def unstructured(theta: np.ndarray, m: int) -> np.ndarray:
         for j in range(i):
             lower[i, j] = sd[i] * theta[k]
             k += 1
-    return lower @ lower.T
+    product = lower @ lower.T
+    return 0.5 * (product + product.T)  # exactly symmetric (the matmul's rounding need not be)
 
 
 def compound_symmetry(theta: np.ndarray, m: int) -> np.ndarray:
