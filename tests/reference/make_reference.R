@@ -28,11 +28,7 @@ suppressPackageStartupMessages({
 set.seed(20240601)  # nothing below is random (data come from files); fixed in case that changes
 invisible(Sys.setlocale("LC_COLLATE", "C"))
 
-ref_dir <- file.path("tests", "reference")
-data_dir <- file.path(ref_dir, "data")
-if (!dir.exists(data_dir)) {
-  stop("run from the repository root: ", data_dir, " not found")
-}
+source(file.path("tests", "reference", "common.R"))  # ref_dir, data_dir, as_plain()
 
 # ------------------------------------------------------------------------------ data sets and candidates
 
@@ -191,15 +187,6 @@ datasets <- list(
 )
 
 # ------------------------------------------------------------------------------ export public data sets
-
-as_plain <- function(frame, columns) {
-  frame <- as.data.frame(frame)[, columns]
-  for (column in columns) {
-    if (is.factor(frame[[column]])) frame[[column]] <- as.character(frame[[column]])
-  }
-  rownames(frame) <- NULL
-  frame
-}
 
 public <- list(
   sleepstudy = as_plain(lme4::sleepstudy, c("Subject", "Days", "Reaction")),

@@ -45,22 +45,9 @@ suppressPackageStartupMessages({
 invisible(Sys.setlocale("LC_COLLATE", "C"))
 started <- Sys.time()
 
-ref_dir <- file.path("tests", "reference")
-data_dir <- file.path(ref_dir, "data")
-if (!dir.exists(data_dir)) {
-  stop("run from the repository root: ", data_dir, " not found")
-}
+source(file.path("tests", "reference", "common.R"))  # ref_dir, data_dir, as_plain()
 
 # ------------------------------------------------------------------------------ data
-
-as_plain <- function(frame, columns) {
-  frame <- as.data.frame(frame)[, columns]
-  for (column in columns) {
-    if (is.factor(frame[[column]])) frame[[column]] <- as.character(frame[[column]])
-  }
-  rownames(frame) <- NULL
-  frame
-}
 
 # True covariance of the simulated trial: standard deviations rising over the visits, correlations that
 # decay with the lag but more slowly between later visits (neither Toeplitz nor compound symmetric).

@@ -38,22 +38,9 @@ suppressPackageStartupMessages({
 
 invisible(Sys.setlocale("LC_COLLATE", "C"))
 
-ref_dir <- file.path("tests", "reference")
-data_dir <- file.path(ref_dir, "data")
-if (!dir.exists(data_dir)) {
-  stop("run from the repository root: ", data_dir, " not found")
-}
+source(file.path("tests", "reference", "common.R"))  # ref_dir, data_dir, as_plain()
 
 # ------------------------------------------------------------------------------ data
-
-as_plain <- function(frame, columns) {
-  frame <- as.data.frame(frame)[, columns]
-  for (column in columns) {
-    if (is.factor(frame[[column]])) frame[[column]] <- as.character(frame[[column]])
-  }
-  rownames(frame) <- NULL
-  frame
-}
 
 simulate_seasonal <- function() {
   # 60 subjects seen about every 3 months for up to 10 years (visit times jittered, 20% of later visits

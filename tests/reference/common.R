@@ -1,0 +1,18 @@
+# Shared by the reference scripts (make_reference.R, make_reference_units.R, make_reference_covariance.R):
+# where the reference data live, and how a data frame is exported (factors as plain text, no row names).
+# Source it from the repository root: source(file.path("tests", "reference", "common.R"))
+
+ref_dir <- file.path("tests", "reference")
+data_dir <- file.path(ref_dir, "data")
+if (!dir.exists(data_dir)) {
+  stop("run from the repository root: ", data_dir, " not found")
+}
+
+as_plain <- function(frame, columns) {
+  frame <- as.data.frame(frame)[, columns]
+  for (column in columns) {
+    if (is.factor(frame[[column]])) frame[[column]] <- as.character(frame[[column]])
+  }
+  rownames(frame) <- NULL
+  frame
+}
