@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -26,8 +25,8 @@ from longitudinal.model.design import build_design
 from longitudinal.model.formula import parse_formula
 from longitudinal.records import Fit
 from longitudinal.simulate import SimulationSpec, simulate_trial
+from reference_data import read_sleepstudy
 
-DATA = Path(__file__).parent / "fixtures" / "sleepstudy.csv"
 RI = "Reaction ~ Days + (1 | Subject)"
 RIS = "Reaction ~ Days + (Days | Subject)"
 UNCORRELATED = "Reaction ~ Days + (Days || Subject)"
@@ -40,7 +39,7 @@ EPOCH_MILLISECONDS = (86400e3, 1.7e12)
 
 @pytest.fixture(scope="module")
 def sleep() -> pd.DataFrame:
-    return pd.read_csv(DATA, dtype={"Subject": str})
+    return read_sleepstudy()
 
 
 @pytest.fixture(scope="module")

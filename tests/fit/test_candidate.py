@@ -15,17 +15,10 @@ from longitudinal.errors import ConfigError, FormulaError
 from longitudinal.fit.candidate import fit_candidate
 from longitudinal.records import Fit
 from longitudinal.simulate import SimulationSpec, simulate_trial, true_parameters
+from reference_data import read_sleepstudy
 
 TESTS = Path(__file__).resolve().parents[1]
 RIS = "Reaction ~ Days + (Days | Subject)"
-
-
-def read_sleepstudy() -> pd.DataFrame:
-    """lme4's sleepstudy (18 subjects × 10 days), written by R's write.csv(sleepstudy, row.names = FALSE)."""
-    for path in (TESTS / "fixtures" / "sleepstudy.csv", TESTS / "reference" / "data" / "sleepstudy.csv"):
-        if path.exists():
-            return pd.read_csv(path, dtype={"Subject": str})
-    raise FileNotFoundError("tests/fixtures/sleepstudy.csv is missing; see tests/fit/test_candidate.py")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -19,20 +18,12 @@ from longitudinal.fit.theta import layout_theta
 from longitudinal.model.design import Design, build_design
 from longitudinal.model.formula import parse_formula
 from longitudinal.simulate import SimulationSpec, simulate_trial
+from reference_data import read_sleepstudy
 
-TESTS = Path(__file__).resolve().parents[1]
 
 
 def design_of(frame: pd.DataFrame, formula: str) -> Design:
     return build_design(frame, parse_formula(formula))
-
-
-def read_sleepstudy() -> pd.DataFrame:
-    """lme4's sleepstudy (18 subjects × 10 days), written by R's write.csv(sleepstudy, row.names = FALSE)."""
-    for path in (TESTS / "fixtures" / "sleepstudy.csv", TESTS / "reference" / "data" / "sleepstudy.csv"):
-        if path.exists():
-            return pd.read_csv(path, dtype={"Subject": str})
-    raise FileNotFoundError("tests/fixtures/sleepstudy.csv is missing; see tests/fit/test_lmm.py")
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -14,8 +13,8 @@ from longitudinal.fit.statsmodels_backend import fit_statsmodels
 from longitudinal.model.design import Design, build_design
 from longitudinal.model.formula import parse_formula
 from longitudinal.records import Fit
+from reference_data import read_sleepstudy
 
-SLEEPSTUDY = Path(__file__).resolve().parents[1] / "fixtures" / "sleepstudy.csv"
 
 
 def _design(data: pd.DataFrame, formula: str) -> Design:
@@ -49,9 +48,7 @@ def hard_fit() -> Fit:
 
 @pytest.fixture(scope="module")
 def sleepstudy() -> pd.DataFrame:
-    if not SLEEPSTUDY.exists():
-        pytest.skip(f"{SLEEPSTUDY} is missing (written from R's lme4::sleepstudy)")
-    return pd.read_csv(SLEEPSTUDY, dtype={"Subject": str})
+    return read_sleepstudy()
 
 
 def test_fresh_starts_reach_the_optimum_where_the_default_chain_stops_short(hard_fit: Fit) -> None:
