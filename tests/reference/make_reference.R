@@ -28,7 +28,7 @@ suppressPackageStartupMessages({
 set.seed(20240601)  # nothing below is random (data come from files); fixed in case that changes
 invisible(Sys.setlocale("LC_COLLATE", "C"))
 
-source(file.path("tests", "reference", "common.R"))  # ref_dir, data_dir, as_plain()
+source(file.path("tests", "reference", "common.R"))  # ref_dir, data_dir, as_plain(), capture()
 
 # ------------------------------------------------------------------------------ data sets and candidates
 
@@ -292,18 +292,10 @@ with_factors <- function(record, i, fit, spec) {
 }
 
 fit_record <- function(formula, frame, spec, reml) {
-  captured <- character()
-  fit <- withCallingHandlers(
-    lmer(as.formula(formula), data = frame, REML = reml),
-    warning = function(w) {
-      captured <<- c(captured, conditionMessage(w))
-      invokeRestart("muffleWarning")
-    },
-    message = function(m) {
-      captured <<- c(captured, trimws(conditionMessage(m)))
-      invokeRestart("muffleMessage")
-    }
-  )
+  run <- capture(lmer(as.formula(formula), data = frame, REML = reml))
+  fit <- run$value
+  if (!is(fit, "merMod")) stop(formula, ": ", fit$error)  # every reference fit must succeed
+  captured <- run$messages
   ll <- logLik(fit)
   beta <- fixef(fit)
   se <- sqrt(diag(as.matrix(vcov(fit))))

@@ -45,7 +45,7 @@ suppressPackageStartupMessages({
 invisible(Sys.setlocale("LC_COLLATE", "C"))
 started <- Sys.time()
 
-source(file.path("tests", "reference", "common.R"))  # ref_dir, data_dir, as_plain()
+source(file.path("tests", "reference", "common.R"))  # ref_dir, data_dir, as_plain(), capture()
 
 # ------------------------------------------------------------------------------ data
 
@@ -246,27 +246,6 @@ alternative_start <- function(structure, m, frame, time) {
 }
 
 # ------------------------------------------------------------------------------ fitting
-
-# Evaluate `expr` with every warning and message captured; an error becomes list(error = text).
-capture <- function(expr) {
-  captured <- character()
-  t0 <- proc.time()[["elapsed"]]
-  value <- tryCatch(
-    withCallingHandlers(
-      expr,
-      warning = function(w) {
-        captured <<- c(captured, conditionMessage(w))
-        invokeRestart("muffleWarning")
-      },
-      message = function(m) {
-        captured <<- c(captured, trimws(conditionMessage(m)))
-        invokeRestart("muffleMessage")
-      }
-    ),
-    error = function(e) list(error = conditionMessage(e))
-  )
-  list(value = value, messages = captured, seconds = proc.time()[["elapsed"]] - t0)
-}
 
 default_gls <- glsControl()
 tight_gls <- glsControl(opt = "nlminb", maxIter = 500, msMaxIter = 2000, tolerance = 1e-10, returnObject = TRUE)

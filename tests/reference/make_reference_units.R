@@ -38,7 +38,7 @@ suppressPackageStartupMessages({
 
 invisible(Sys.setlocale("LC_COLLATE", "C"))
 
-source(file.path("tests", "reference", "common.R"))  # ref_dir, data_dir, as_plain()
+source(file.path("tests", "reference", "common.R"))  # ref_dir, data_dir, as_plain(), capture()
 
 # ------------------------------------------------------------------------------ data
 
@@ -151,22 +151,8 @@ frames <- lapply(setNames(names(datasets), names(datasets)), read_dataset)
 
 # lmer() with every warning and message captured; an error becomes list(error = text).
 run_lmer <- function(formula, frame, reml, control = lmerControl()) {
-  captured <- character()
-  fit <- tryCatch(
-    withCallingHandlers(
-      lmer(as.formula(formula), data = frame, REML = reml, control = control),
-      warning = function(w) {
-        captured <<- c(captured, conditionMessage(w))
-        invokeRestart("muffleWarning")
-      },
-      message = function(m) {
-        captured <<- c(captured, trimws(conditionMessage(m)))
-        invokeRestart("muffleMessage")
-      }
-    ),
-    error = function(e) list(error = conditionMessage(e))
-  )
-  list(fit = fit, messages = captured)
+  run <- capture(lmer(as.formula(formula), data = frame, REML = reml, control = control))
+  list(fit = run$value, messages = run$messages)
 }
 
 fit_record <- function(formula, frame, reml, control = lmerControl()) {
