@@ -48,6 +48,8 @@ bench: $(STAMP)
 example-data: $(STAMP)
 	$(BIN)/longitudinal simulate --out config/example-data/trial.csv --subjects 300 --min-visits 4 \
 		--max-visits 8 --seed 20240601 --bad-rows 8
+	$(BIN)/longitudinal simulate --design mmrm --out config/example-data/mmrm-trial.csv --subjects 240 \
+		--seed 20261130
 
 clean:
 	rm -rf $(VENV) reports/*/ .pytest_cache

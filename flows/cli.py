@@ -89,6 +89,12 @@ def _parser() -> argparse.ArgumentParser:
 
     simulate = commands.add_parser("simulate", help="write a synthetic two-arm longitudinal trial")
     simulate.add_argument("--out", required=True, type=Path, help="output file (.csv or .parquet)")
+    simulate.add_argument(
+        "--design", choices=("slopes", "mmrm"), default="slopes",
+        help="slopes: random intercepts and slopes over weekly visits (the default); mmrm: six scheduled "
+             "visits with a serially correlated covariance, for repeated-measures models (--subjects, "
+             "--seed only)",
+    )
     simulate.add_argument("--subjects", type=int, default=300)
     simulate.add_argument("--min-visits", type=int, default=4)
     simulate.add_argument("--max-visits", type=int, default=8)
@@ -213,6 +219,13 @@ def _simulate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out {str(args.out)!r}: the file name must end in .csv or .parquet")
     if args.subjects < 1 or args.min_visits < 1 or args.max_visits < args.min_visits:
         raise ConfigError("--subjects and --min-visits must be at least 1 and --max-visits at least --min-visits")
+    if args.design == "mmrm":
+        from longitudinal.simulate import MmrmSpec, simulate_mmrm_trial
+
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        write_table(simulate_mmrm_trial(MmrmSpec(n_subjects=args.subjects, seed=args.seed)), args.out)
+        print(args.out)
+        return 0
     spec = SimulationSpec(
         n_subjects=args.subjects, min_visits=args.min_visits, max_visits=args.max_visits,
         seed=args.seed, n_bad_rows=args.bad_rows,

@@ -295,3 +295,69 @@ def write_truth(spec: SimulationSpec, data_path: str | Path) -> Path:
     target.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
     return target
 
+
+
+# ----------------------------------------------------------------------------------- an MMRM trial
+
+
+@dataclass(frozen=True)
+class MmrmSpec:
+    """A two-arm trial with scheduled visits, analysed as a mixed model for repeated measures (MMRM).
+
+    Subjects are seen at ``weeks`` (unequally spaced, as trial schedules are); the score's mean per visit
+    is ``control_means`` in the control arm, plus ``treatment_effects`` in the treatment arm. The
+    covariance of a subject's scores has standard deviations ``sds`` per visit and correlations
+    ``shared + (1 − shared) · rho^lag`` (lag in visit positions): a subject-level part plus AR(1) decay,
+    i.e. exactly ``(1 | id) + ar1h(visit | id)``, which no simpler structure reproduces and which ``us``
+    contains. After the first visit each subject leaves before a visit with ``dropout_probability``
+    (completely at random) and misses a single visit with ``missed_probability``.
+    """
+
+    n_subjects: int = 240
+    weeks: tuple[int, ...] = (0, 2, 4, 8, 12, 16)
+    control_means: tuple[float, ...] = (50.0, 48.5, 47.6, 46.9, 46.4, 46.0)
+    treatment_effects: tuple[float, ...] = (0.0, -0.6, -1.4, -2.2, -2.9, -3.4)
+    sds: tuple[float, ...] = (4.0, 4.3, 4.7, 5.2, 5.6, 6.0)
+    shared: float = 0.35
+    rho: float = 0.6
+    dropout_probability: float = 0.06
+    missed_probability: float = 0.04
+    decimals: int = 2
+    seed: int = 20261130
+
+    def __post_init__(self) -> None:
+        m = len(self.weeks)
+        if not (len(self.control_means) == len(self.treatment_effects) == len(self.sds) == m >= 2):
+            raise ConfigError("simulation: weeks, control_means, treatment_effects and sds need one value per "
+                              "visit (at least two visits)")
+        if not (0.0 <= self.shared < 1.0 and -1.0 < self.rho < 1.0 and min(self.sds) > 0):
+            raise ConfigError("simulation: shared must be in [0, 1), rho in (-1, 1) and every sd positive")
+
+    @property
+    def covariance(self) -> np.ndarray:
+        """The true covariance of one subject's scores over the visits."""
+        m = len(self.weeks)
+        lag = np.abs(np.subtract.outer(np.arange(m), np.arange(m)))
+        correlation = self.shared + (1.0 - self.shared) * self.rho ** lag
+        sds = np.asarray(self.sds)
+        return correlation * np.outer(sds, sds)
+
+
+def simulate_mmrm_trial(spec: MmrmSpec) -> pd.DataFrame:
+    """Draw one MMRM trial: columns ``patient_id, week, arm, score``, one row per attended visit, sorted."""
+    rng = np.random.default_rng(spec.seed)
+    n, m = spec.n_subjects, len(spec.weeks)
+    treated = rng.permutation(np.arange(n) % 2 == 1)
+    means = np.asarray(spec.control_means) + np.outer(treated, spec.treatment_effects)
+    scores = means + rng.standard_normal((n, m)) @ np.linalg.cholesky(spec.covariance).T
+    stays = np.cumprod(rng.random((n, m)) >= np.r_[0.0, np.full(m - 1, spec.dropout_probability)], axis=1) > 0
+    missed = (rng.random((n, m)) < spec.missed_probability) & (np.arange(m) > 0)
+    seen = stays & ~missed
+    subject, visit = np.nonzero(seen)
+    width = max(4, len(str(n)))
+    return pd.DataFrame({
+        "patient_id": np.array([f"M{i + 1:0{width}d}" for i in range(n)], dtype=object)[subject],
+        "week": np.asarray(spec.weeks)[visit],
+        "arm": np.where(treated, "treatment", "control")[subject],
+        "score": np.round(scores[subject, visit], spec.decimals),
+    })

@@ -225,3 +225,42 @@ def test_simulate_command_writes_the_true_parameters_next_to_the_data(tmp_path: 
     assert truth["parameters"]["random_effects"] == expected["random_effects"]
     assert truth["parameters"]["residual_sd"] == expected["residual_sd"]
     assert truth["model"].startswith("score ~ week * arm + age + (week | patient_id)")
+
+
+# ----------------------------------------------------------------------------------- the MMRM trial
+
+
+def test_mmrm_trial_has_the_scheduled_visits_and_its_covariance() -> None:
+    from longitudinal.simulate import MmrmSpec, simulate_mmrm_trial
+
+    spec = MmrmSpec(n_subjects=20_000, dropout_probability=0.0, missed_probability=0.0, seed=3)
+    trial = simulate_mmrm_trial(spec)
+    assert list(trial.columns) == ["patient_id", "week", "arm", "score"]
+    assert sorted(trial["week"].unique()) == list(spec.weeks)
+    wide = trial.pivot(index="patient_id", columns="week", values="score")
+    arm = trial.groupby("patient_id")["arm"].first().reindex(wide.index)
+    centred = wide - wide.groupby(arm.to_numpy()).transform("mean")
+    # the sample covariance of complete subjects recovers the truth (SE of a covariance ≈ 0.01 × its size here)
+    np.testing.assert_allclose(np.cov(centred.to_numpy().T), spec.covariance, rtol=0.05, atol=0.3)
+    effect = wide[arm == "treatment"].mean() - wide[arm == "control"].mean()
+    np.testing.assert_allclose(effect.to_numpy(), spec.treatment_effects, atol=0.25)
+
+
+def test_mmrm_trial_drops_out_and_misses_visits_but_keeps_every_baseline() -> None:
+    from longitudinal.simulate import MmrmSpec, simulate_mmrm_trial
+
+    trial = simulate_mmrm_trial(MmrmSpec(n_subjects=2_000, seed=4))
+    per_visit = trial.groupby("week").size()
+    assert per_visit.loc[0] == 2_000
+    assert per_visit.is_monotonic_decreasing and per_visit.iloc[-1] < 0.8 * 2_000
+    assert not trial.duplicated(["patient_id", "week"]).any()
+
+
+def test_simulate_command_writes_an_mmrm_trial(tmp_path: Path) -> None:
+    from flows.cli import main
+
+    out = tmp_path / "mmrm.csv"
+    assert main(["simulate", "--design", "mmrm", "--out", str(out), "--subjects", "30", "--seed", "9"]) == 0
+    trial = pd.read_csv(out)
+    assert trial["patient_id"].nunique() == 30
+    assert set(trial["week"]) <= {0, 2, 4, 8, 12, 16}
