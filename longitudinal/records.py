@@ -198,6 +198,51 @@ class OptimizerAttempt:
     message: str = ""
 
 
+#: Structures whose correlation decays with the distance between visits (serial correlation).
+SERIAL_STRUCTURES = ("us", "ar1", "ar1h", "toep", "toeph", "ad", "adh", "sp_exp")
+
+
+@dataclass(frozen=True, eq=False)
+class ResidualCovariance:
+    """The fitted structured covariance of a subject's residuals (a candidate with a covariance-structure term).
+
+    ``structure`` is mmrm's name ("us", "ar1", ...), ``term`` the term as written in the formula
+    ("us(visit | id)"), ``description`` the structure in words ("AR(1), heterogeneous variances").
+    ``matrix`` is the covariance of the residual structure over ``labels`` (σ²R, without the random-effects
+    part Z G Zᵀ): the visits of column ``visit`` in order or, for a ``spatial`` structure (sp_exp), the
+    distinct times. ``n_params`` is the structure's parameter count (its variances included);
+    ``parameters`` are named estimates on their natural scale (("sigma", 3.1), ("rho", 0.6),
+    ("sd[visit 2]", 4.4), ("range", 2.5)). ``heterogeneous``: a variance per visit.
+    """
+
+    structure: str
+    term: str
+    description: str
+    visit: str
+    labels: tuple[str, ...]
+    matrix: np.ndarray
+    n_params: int
+    parameters: tuple[tuple[str, float], ...]
+    heterogeneous: bool
+    spatial: bool
+
+    @property
+    def sd(self) -> np.ndarray:
+        """The standard deviation at each of ``labels``: √diag(matrix)."""
+        return np.sqrt(np.diag(np.asarray(self.matrix, dtype=float)))
+
+    @property
+    def correlation(self) -> np.ndarray:
+        """``matrix`` scaled to a correlation matrix (unit diagonal)."""
+        sd = self.sd
+        return np.asarray(self.matrix, dtype=float) / np.outer(sd, sd)
+
+    @property
+    def serial(self) -> bool:
+        """Whether the structure models serial correlation (see :data:`SERIAL_STRUCTURES`)."""
+        return self.structure in SERIAL_STRUCTURES
+
+
 @dataclass(frozen=True, eq=False)
 class Fit:
     """One candidate fitted by one method (ML for comparison, REML for the reported estimates).
@@ -217,6 +262,13 @@ class Fit:
     failed. ``dropped_terms`` are the fixed-effect columns dropped as linear combinations of the others
     (lme4's "fixed-effect model matrix is rank deficient"); ``n_params`` counts the kept ones, as lme4.
     A failed fit has ``converged=False``, ``loglik=nan`` and ``message`` saying why.
+
+    A candidate with a covariance-structure term carries it in ``covariance``; then ``n_params`` counts
+    fixed effects + random-effect (co)variance parameters + the structure's parameters (nlme's and mmrm's
+    logLik df: σ² is among the structure's parameters, not added again), and ``residual_sd`` is σ of a
+    homogeneous structure (NaN when the variances are per visit). ``normalized_residuals`` are nlme's
+    normalized residuals (the residuals whitened by the fitted residual covariance, rows as ``residuals``);
+    empty for lme4-style fits, whose residuals / ``residual_sd`` serve instead.
     """
 
     name: str
@@ -244,6 +296,8 @@ class Fit:
     iterations: int = 0
     seconds: float = 0.0
     dropped_terms: tuple[str, ...] = ()
+    covariance: ResidualCovariance | None = None
+    normalized_residuals: np.ndarray = field(default_factory=lambda: np.empty(0))
 
     @property
     def usable(self) -> bool:
