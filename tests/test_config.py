@@ -7,6 +7,7 @@ import yaml
 
 from longitudinal.config import load_config, parse_config
 from longitudinal.errors import ConfigError
+from longitudinal.model.formula import check_candidates, parse_candidates
 
 MINIMAL = {
     "study": "trial-1",
@@ -240,3 +241,19 @@ def test_time_unit_and_origin_for_dates() -> None:
         parse_config(_with(data__time_unit="fortnights"))
     with pytest.raises(ConfigError, match=r"data.time_origin: 'baseline' is not an origin; use 'subject' .*or an ISO date"):
         parse_config(_with(data__time_origin="baseline"))
+
+
+def test_a_covariance_structure_must_be_over_the_configured_time_and_subject() -> None:
+    # check_candidates reads the time and the subject from the roles as DataConfig orders them.
+    columns = ["dog", "side", "week", "visit", "score"]
+    config = parse_config(_with(data__subject=["dog", "side"]))
+    good = parse_candidates({"mmrm": "score ~ week + us(week | dog:side)"})
+    assert check_candidates(good, config.data.roles, columns) == []
+    off_time = parse_candidates({"mmrm": "score ~ visit + us(visit | dog:side)"})
+    with pytest.raises(ConfigError, match=r"candidate 'mmrm' uses us\(visit \| dog:side\), but the study's time "
+                                          r"column is 'week': write us\(week \| dog:side\)"):
+        check_candidates(off_time, config.data.roles, columns)
+    off_subject = parse_candidates({"ar": "score ~ week + (1 | dog) + ar1(week | dog)"})
+    with pytest.raises(ConfigError, match=r"candidate 'ar' uses ar1\(week \| dog\), but the study's subject is "
+                                          r"'dog:side': write ar1\(week \| dog:side\)"):
+        check_candidates(off_subject, config.data.roles, columns)

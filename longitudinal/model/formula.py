@@ -17,6 +17,17 @@ constant). Inside a function call the operators are arithmetic (``I(x^2)``, ``I(
 top level they are R's formula operators. Parsing is linear in the formula's length; formulas longer than
 ``MAX_LENGTH`` characters or nested deeper than ``MAX_DEPTH`` are refused. Terms and variables are named
 as R deparses them (``poly(age, 2)``, ``I(2 * pi * t)``), which is how lme4 names coefficients.
+
+A candidate may also name one residual covariance structure, written as the R package mmrm writes it:
+``y ~ visit * arm + us(visit | id)`` (an MMRM: no random effects, an unstructured covariance of each
+subject's visits) or, next to random effects, ``y ~ t * arm + (1 | id) + ar1(t | id)`` (nlme's
+``lme(random = ~ 1 | id, correlation = corAR1())``). The structures are ``COVARIANCE_STRUCTURES``; inside
+the call come the visit (or time) column and the subject column. Next to random effects the bars must be
+grouped by the structure's subject, and only the structures without compound symmetry in them
+(``STRUCTURES_WITH_RANDOM_EFFECTS``) are allowed: compound symmetry is a random intercept, and ``us``
+contains any random-effects covariance, so those with bars are not identified. A candidate needs random
+effects, a covariance structure, or both. That the structure's columns are the study's time and subject
+columns is checked against the config by ``check_covariance_terms``.
 """
 
 from __future__ import annotations
@@ -39,6 +50,19 @@ FUNCTIONS = {
 TERM_FUNCTIONS = ("I", "factor", "poly", "ns", "bs")
 #: Names that are constants, never columns.
 CONSTANTS = {"pi": math.pi}
+#: Residual covariance structures, named as mmrm names them: unstructured, compound symmetry, AR(1), Toeplitz,
+#: ante-dependence (each also heterogeneous: a variance per visit) and the continuous-time exponential.
+COVARIANCE_STRUCTURES = ("us", "cs", "csh", "ar1", "ar1h", "toep", "toeph", "ad", "adh", "sp_exp")
+#: The structures that are identified next to random effects: none contains compound symmetry.
+STRUCTURES_WITH_RANDOM_EFFECTS = ("ar1", "ar1h", "ad", "adh", "sp_exp")
+#: Why each other structure is not identified next to random effects.
+_NOT_IDENTIFIED = {
+    "us": "the unstructured covariance already contains any random-effects covariance of a subject's visits",
+    "cs": "compound symmetry already is a random intercept",
+    "csh": "compound symmetry with a variance per visit already holds a random intercept (its common correlation)",
+    "toep": "a Toeplitz covariance contains compound symmetry, which already is a random intercept",
+    "toeph": "a Toeplitz covariance contains compound symmetry, which already is a random intercept",
+}
 MAX_LENGTH = 10_000
 MAX_DEPTH = 100
 _NAME = re.compile(r"^[A-Za-z_.][A-Za-z0-9_.]*$")
@@ -70,12 +94,36 @@ class RandomBlock:
 
 
 @dataclass(frozen=True)
+class CovarianceTerm:
+    """A residual covariance structure over each subject's visits: ``us(visit | id)``.
+
+    ``structure`` is one of ``COVARIANCE_STRUCTURES``; ``visit`` the column whose distinct values, sorted,
+    are the visits (``sp_exp`` reads them as times); ``subject`` the subject column, or columns joined by
+    ``:`` as lme4 writes an interaction (``dog:side``) for a subject identified by several.
+    """
+
+    structure: str
+    visit: str
+    subject: str
+
+    @property
+    def text(self) -> str:
+        """The term as the report and errors show it: ``"us(visit | id)"``."""
+        return f"{self.structure}({self.visit} | {self.subject})"
+
+    @property
+    def columns(self) -> frozenset[str]:
+        return frozenset((self.visit, *self.subject.split(":")))
+
+
+@dataclass(frozen=True)
 class ModelFormula:
     """A parsed candidate formula.
 
     ``fixed`` is the right-hand side of the fixed effects in R's formula language (e.g. ``"week * arm"``,
-    ``"1"`` when there are none); ``blocks`` the random-effect bars after ``||`` expansion; ``columns``
-    every data column the formula reads (response, covariates and grouping factors).
+    ``"1"`` when there are none); ``blocks`` the random-effect bars after ``||`` expansion (none in an
+    MMRM); ``covariance`` the residual covariance structure, None for independent residuals; ``columns``
+    every data column the formula reads (response, covariates, grouping factors and the structure's columns).
     """
 
     text: str
@@ -83,6 +131,7 @@ class ModelFormula:
     fixed: str
     blocks: tuple[RandomBlock, ...]
     columns: frozenset[str]
+    covariance: CovarianceTerm | None = None
 
     @property
     def groups(self) -> tuple[str, ...]:
@@ -110,8 +159,8 @@ def parse_formula(text: str, *, name: str = "formula") -> ModelFormula:
     response = left[0].text
     _check_name(response, where)
     fixed_terms: list[str] = []
-    fixed_parts: list[Expr] = []
-    blocks: list[RandomBlock] = []
+    bars: list[tuple[str, list[RandomBlock]]] = []
+    covariance: CovarianceTerm | None = None
     columns = {response}
     for sign, term in _summands(right, where):
         shown = _source(text, term)
@@ -120,21 +169,36 @@ def parse_formula(text: str, *, name: str = "formula") -> ModelFormula:
             if sign == "-":
                 raise FormulaError(f"{where}: a random-effects term cannot be subtracted: {shown!r}")
             found, used = _parse_bar(text, term, bar, where)
-            blocks.extend(found)
+            bars.append((shown, found))
             columns |= used
             continue
+        if _is_covariance_call(term):
+            if sign == "-":
+                raise FormulaError(f"{where}: a covariance structure cannot be subtracted: '- {shown}'; "
+                                   f"write '+ {shown}', or leave it out for independent residuals")
+            structure = _parse_covariance(text, term, where)
+            if covariance is not None:
+                raise FormulaError(f"{where}: two covariance structures, {covariance.text!r} and "
+                                   f"{structure.text!r}; a candidate has at most one (make each its own "
+                                   "candidate to compare them)")
+            covariance = structure
+            columns |= structure.columns
+            continue
         expr = _Parser(term, text, where).parse()
-        fixed_parts.append(expr)
         fixed_terms.append(shown if sign == "+" else f"- {shown}")
         columns |= expression_columns(expr)
-    if not blocks:
+    if not bars and covariance is None:
         raise FormulaError(
-            f"{where}: no random-effects term; a mixed model needs one such as '(1 | subject)'"
+            f"{where}: no random-effects term; a mixed model needs one such as '(1 | subject)' or a covariance "
+            "structure such as 'us(visit | subject)'"
         )
+    if covariance is not None and bars:
+        _check_random_effects_next_to(covariance, bars, where)
     fixed = " + ".join(fixed_terms).replace("+ -", "-") if fixed_terms else "1"
     expand_terms(fixed, where=where)  # refuses what R's terms() would, naming the candidate
-    return ModelFormula(text=text, response=response, fixed=fixed, blocks=tuple(blocks),
-                        columns=frozenset(columns))
+    return ModelFormula(text=text, response=response, fixed=fixed,
+                        blocks=tuple(block for _, found in bars for block in found),
+                        columns=frozenset(columns), covariance=covariance)
 
 
 def _where(text: str, name: str) -> str:
@@ -222,6 +286,82 @@ def _parse_bar(text: str, term: Sequence[_Token], bar: tuple[int, str], where: s
     return [RandomBlock(terms=ordered, group=group) for group in groups], columns
 
 
+def _is_covariance_call(term: Sequence[_Token]) -> bool:
+    """Whether ``term`` is one call ``name(...)`` that is meant as a covariance structure: ``name`` is a
+    structure, or the call holds a ``|`` at its top level (``ar2(t | id)``, a misspelt structure)."""
+    if len(term) < 3 or term[0].kind != "name" or term[1].kind != "(" or term[-1].kind != ")":
+        return False
+    depth, bar = 0, False
+    for i in range(1, len(term)):
+        token = term[i]
+        depth += token.kind == "("
+        depth -= token.kind == ")"
+        if depth == 0 and i < len(term) - 1:
+            return False  # the call ends before the term does: 'f(x) * z'
+        bar = bar or (depth == 1 and token.kind == "op" and token.text in ("|", "||"))
+    return bar or term[0].text in COVARIANCE_STRUCTURES
+
+
+def _parse_covariance(text: str, term: Sequence[_Token], where: str) -> CovarianceTerm:
+    """``name(<visit column> | <subject column>)``, the subject possibly columns joined by ``:``."""
+    name, shown = term[0].text, _source(text, term)
+    if name not in COVARIANCE_STRUCTURES:
+        raise FormulaError(f"{where}: {shown!r} is not a covariance structure; the structures are "
+                           f"{', '.join(COVARIANCE_STRUCTURES)}, written as in 'ar1(visit | subject)'")
+    usage = f"write it as {name}(<visit column> | <subject column>), as in '{name}(visit | subject)'"
+    inner = term[2:-1]
+    bars = [i for i, token in enumerate(inner) if token.kind == "op" and token.text in ("|", "||")]
+    if len(bars) != 1 or inner[bars[0]].text != "|":
+        problem = ("no '|' between the visits and the subject" if not bars else
+                   "'||' has no meaning here, a structure has one '|'" if len(bars) == 1 else "more than one '|'")
+        raise FormulaError(f"{where}: in {shown!r}, {problem}; {usage}")
+    lhs, rhs = inner[:bars[0]], inner[bars[0] + 1:]
+    if len(lhs) != 1 or lhs[0].kind != "name":
+        got = _source(text, lhs)
+        hint = ""
+        if len(lhs) > 2 and lhs[0].kind == "name" and lhs[1].kind == "(" and lhs[-1].kind == ")":
+            hint = (f" (the structure reads the column's distinct values, sorted, as the visits: no "
+                    f"{lhs[0].text}() is needed)")
+        raise FormulaError(f"{where}: in {shown!r}, the left of '|' must be one column, the visits or times, "
+                           f"got {got!r}{hint}; {usage}")
+    subject_parts = [token.text for token in rhs[::2]]
+    if not rhs or len(rhs) % 2 == 0 or any(token.kind != "name" for token in rhs[::2]) \
+            or any(token.kind != "op" or token.text != ":" for token in rhs[1::2]):
+        got = _source(text, rhs)
+        hint = " (nesting has no meaning here: the structure is within one subject)" if "/" in got else ""
+        raise FormulaError(f"{where}: in {shown!r}, the right of '|' must be the subject column (or its columns "
+                           f"joined by ':'), got {got!r}{hint}; {usage}")
+    visit = lhs[0].text
+    for column in (visit, *subject_parts):
+        _check_name(column, where)
+        if column in CONSTANTS:
+            raise FormulaError(f"{where}: in {shown!r}, {column!r} is a constant, not a column; {usage}")
+    if len(set(subject_parts)) < len(subject_parts) or visit in subject_parts:
+        raise FormulaError(f"{where}: in {shown!r}, a column appears twice; the visits and the subject are "
+                           f"different columns; {usage}")
+    return CovarianceTerm(structure=name, visit=visit, subject=":".join(subject_parts))
+
+
+def _check_random_effects_next_to(covariance: CovarianceTerm, bars: Sequence[tuple[str, Sequence[RandomBlock]]],
+                                  where: str) -> None:
+    """Random effects next to a structure: grouped by its subject, and only where the two are identified."""
+    for shown, blocks in bars:
+        other = next((block.group for block in blocks if block.group != covariance.subject), None)
+        if other is not None:
+            raise FormulaError(
+                f"{where}: random effects next to a covariance structure must be grouped by its subject, "
+                f"{covariance.subject!r}; {shown!r} is grouped by {other!r} (the structure {covariance.text} "
+                "is the residual covariance within a subject)"
+            )
+    if covariance.structure not in STRUCTURES_WITH_RANDOM_EFFECTS:
+        random = " + ".join(shown for shown, _ in bars)
+        raise FormulaError(
+            f"{where}: {covariance.text} with {random} is not identified: {_NOT_IDENTIFIED[covariance.structure]}; "
+            "drop the random effects (an MMRM), or next to them use one of "
+            f"{', '.join(STRUCTURES_WITH_RANDOM_EFFECTS)}"
+        )
+
+
 def parse_candidates(candidates: Mapping[str, str]) -> dict[str, ModelFormula]:
     """Parse every candidate of a study config, in order."""
     return {name: parse_formula(text, name=name) for name, text in candidates.items()}
@@ -296,12 +436,34 @@ def candidate_covariates(formulas: Mapping[str, ModelFormula], roles: Collection
     return sorted(used - set(roles))
 
 
-def check_candidates(formulas: Mapping[str, ModelFormula], roles: Sequence[str], columns: Sequence[str]) -> list[str]:
-    """Check every candidate against the data's columns (in file order) and return the covariates they use.
+def check_covariance_terms(formulas: Mapping[str, ModelFormula], *, subject: str, time: str) -> None:
+    """Refuse a covariance structure over other columns than the study's time and subject.
 
-    Role columns (subject, time, outcome) count as present here even when the data lack them, so that a
-    missing role is reported by validation, with the file and a suggestion, rather than as a formula error.
+    The visits a structure relates are the study's visits within its subjects, so the term must read
+    ``data.time`` and the subject (``data.subject``; several subject columns joined by ``:``, as
+    ``DataConfig.subject_key`` joins them). The error names the candidate, the term and the term to write.
     """
+    for name, formula in formulas.items():
+        term = formula.covariance
+        if term is None or (term.visit, term.subject) == (time, subject):
+            continue
+        wanted = CovarianceTerm(term.structure, time, subject).text
+        role, column = ("time column", time) if term.visit != time else ("subject", subject)
+        raise ConfigError(f"candidate {name!r} uses {term.text}, but the study's {role} is {column!r}: "
+                          f"write {wanted}")
+
+
+def check_candidates(formulas: Mapping[str, ModelFormula], roles: Sequence[str], columns: Sequence[str]) -> list[str]:
+    """Check every candidate against the study's roles and the data's columns (in file order) and return the
+    covariates they use.
+
+    ``roles`` are ordered as ``DataConfig.roles`` orders them: the subject column(s), the time, the outcome;
+    a covariance structure must be over the time and the subject (``check_covariance_terms``). Role columns
+    count as present here even when the data lack them, so that a missing role is reported by validation,
+    with the file and a suggestion, rather than as a formula error.
+    """
+    *subject, time, _outcome = roles
+    check_covariance_terms(formulas, subject=":".join(subject), time=time)
     check_columns(formulas, [c for c in columns if c not in SOURCE_COLUMNS], reported_elsewhere=roles)
     return candidate_covariates(formulas, roles)
 
@@ -426,7 +588,8 @@ class _Parser:
             if power <= floor and not (token.text == "^" and power == floor):
                 break
             if token.text in ("|", "||"):
-                self.fail(token, "a '|' belongs inside a random-effects term such as '(1 | subject)', found")
+                self.fail(token, "a '|' belongs inside a random-effects term such as '(1 | subject)' or a "
+                          "covariance structure such as 'us(visit | subject)', found")
             self.position += 1
             left = Binary(token.text, left, self.expression(power))
         self.depth -= 1

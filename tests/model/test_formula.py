@@ -4,13 +4,17 @@ import pytest
 
 from longitudinal.errors import ConfigError, FormulaError
 from longitudinal.model.formula import (
+    COVARIANCE_STRUCTURES,
     Binary,
+    CovarianceTerm,
     Name,
     Number,
     RandomBlock,
     Unary,
     candidate_covariates,
+    check_candidates,
     check_columns,
+    check_covariance_terms,
     check_same_response,
     deparse,
     expand_terms,
@@ -91,7 +95,8 @@ def test_columns_read_by_a_formula() -> None:
         ("y ~ t + (1 | school/)", r"must be a column name.*got 'school/'"),
         ("y ~ t + (1 | g:g)", r"column 'g' appears twice in the grouping factor 'g:g'"),
         ("y ~ t + (1 | a/b:a)", r"column 'a' appears twice in the grouping factor 'a/b:a'"),
-        ("y ~ t", r"no random-effects term; a mixed model needs one such as '\(1 \| subject\)'"),
+        ("y ~ t", r"candidate 'c' .*: no random-effects term; a mixed model needs one such as '\(1 \| subject\)' "
+         r"or a covariance structure such as 'us\(visit \| subject\)'"),
         ("y ~ t + (1 | g", r"unbalanced parentheses"),
         ("y ~ t ~ (1 | g)", r"one '~'"),
         ("y + z ~ t + (1 | g)", r"the left of '~' must be the outcome column"),
@@ -255,3 +260,138 @@ def test_columns_of_term_functions_exclude_functions_and_constants() -> None:
     formula = parse_formula("y ~ poly(age, 2) + ns(bmi, 3) + factor(visit) + sin(2*pi*time) + (poly(t, 2) | g)")
     assert formula.columns == {"y", "age", "bmi", "visit", "time", "t", "g"}
     assert formula.blocks == (RandomBlock(terms=("1", "poly(t, 2)"), group="g"),)
+
+
+# ------------------------------------------------------------------------- covariance structures (MMRM)
+
+
+@pytest.mark.parametrize(
+    ("text", "fixed", "blocks", "term"),
+    [
+        ("y ~ visit * arm + us(visit | id)", "visit * arm", (), CovarianceTerm("us", "visit", "id")),
+        ("y ~ factor(visit) * arm + toeph(visit|id)", "factor(visit) * arm", (), CovarianceTerm("toeph", "visit", "id")),
+        ("y ~ us(visit | id)", "1", (), CovarianceTerm("us", "visit", "id")),
+        ("y ~ t * arm + (1 | id) + ar1(t | id)", "t * arm", (RandomBlock(("1",), "id"),),
+         CovarianceTerm("ar1", "t", "id")),
+        ("y ~ t + sp_exp(t | id) + (t | id)", "t", (RandomBlock(("1", "t"), "id"),),
+         CovarianceTerm("sp_exp", "t", "id")),
+        ("y ~ t + (t || id) + adh(t | id)", "t", (RandomBlock(("1",), "id"), RandomBlock(("t",), "id")),
+         CovarianceTerm("adh", "t", "id")),
+        ("y ~ t + (1 | dog:side) + ar1h(t | dog:side)", "t", (RandomBlock(("1",), "dog:side"),),
+         CovarianceTerm("ar1h", "t", "dog:side")),
+    ],
+)
+def test_a_covariance_structure_is_read_alone_or_next_to_bars(
+    text: str, fixed: str, blocks: tuple[RandomBlock, ...], term: CovarianceTerm,
+) -> None:
+    formula = parse_formula(text)
+    assert (formula.fixed, formula.blocks, formula.covariance) == (fixed, blocks, term)
+    assert term.columns <= formula.columns
+
+
+def test_every_structure_parses_and_shows_as_mmrm_writes_it() -> None:
+    for name in COVARIANCE_STRUCTURES:
+        term = parse_formula(f"y ~ t + {name}( t|id )").covariance
+        assert term == CovarianceTerm(name, "t", "id") and term.text == f"{name}(t | id)"
+    assert parse_formula("y ~ t + (1 | id)").covariance is None
+
+
+def test_the_structure_s_columns_are_read_by_the_formula() -> None:
+    assert parse_formula("y ~ arm + us(visit | id)").columns == {"y", "arm", "visit", "id"}
+    assert parse_formula("y ~ 1 + ar1(t | dog:side)").columns == {"y", "t", "dog", "side"}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("y ~ t + us(t | id) + ar1(t | id)", r"candidate 'c' .*: two covariance structures, 'us\(t \| id\)' and "
+         r"'ar1\(t \| id\)'; a candidate has at most one"),
+        ("y ~ t + (1 | id) - ar1(t | id)", r"candidate 'c' .*: a covariance structure cannot be subtracted: "
+         r"'- ar1\(t \| id\)'"),
+        ("y ~ t + us(visit)", r"candidate 'c' .*: in 'us\(visit\)', no '\|' between the visits and the subject; "
+         r"write it as us\(<visit column> \| <subject column>\)"),
+        ("y ~ t + us(visit + arm | id)", r"candidate 'c' .*: in 'us\(visit \+ arm \| id\)', the left of '\|' must "
+         r"be one column, the visits or times, got 'visit \+ arm'"),
+        ("y ~ t + us(factor(visit) | id)", r"candidate 'c' .*: in 'us\(factor\(visit\) \| id\)', the left of '\|' "
+         r"must be one column.*no factor\(\) is needed"),
+        ("y ~ t + us(visit | id/site)", r"candidate 'c' .*: in 'us\(visit \| id/site\)', the right of '\|' must "
+         r"be the subject column .*got 'id/site' \(nesting has no meaning here"),
+        ("y ~ t + us(visit | )", r"in 'us\(visit \| \)', the right of '\|' must be the subject column"),
+        ("y ~ t + cs(t || id)", r"in 'cs\(t \|\| id\)', '\|\|' has no meaning here"),
+        ("y ~ t + cs(t | id | x)", r"in 'cs\(t \| id \| x\)', more than one '\|'"),
+        ("y ~ t + cs(t | t)", r"in 'cs\(t \| t\)', a column appears twice"),
+        ("y ~ t + cs(t | pi)", r"in 'cs\(t \| pi\)', 'pi' is a constant, not a column"),
+        ("y ~ t + cs(t | id.__class__)", r"'id.__class__' is not a column name a formula can use"),
+        ("y ~ t + ar2(t | id)", r"candidate 'c' .*: 'ar2\(t \| id\)' is not a covariance structure; the structures "
+         r"are us, cs, csh, ar1, ar1h, toep, toeph, ad, adh, sp_exp"),
+        ("y ~ t + (1 | site) + ar1(t | id)", r"candidate 'c' .*: random effects next to a covariance structure must "
+         r"be grouped by its subject, 'id'; '\(1 \| site\)' is grouped by 'site'"),
+        ("y ~ t + (1 | id/visit) + ar1(t | id)", r"must be grouped by its subject, 'id'; '\(1 \| id/visit\)' is "
+         r"grouped by 'id:visit'"),
+        ("y ~ t + (1 | id) + cs(t | id)", r"candidate 'c' .*: cs\(t \| id\) with \(1 \| id\) is not identified: "
+         r"compound symmetry already is a random intercept; drop the random effects \(an MMRM\), or next to "
+         r"them use one of ar1, ar1h, ad, adh, sp_exp"),
+        ("y ~ t + (t | id) + us(t | id)", r"candidate 'c' .*: us\(t \| id\) with \(t \| id\) is not identified: "
+         r"the unstructured covariance already contains any random-effects covariance"),
+        ("y ~ t + (0 + t | id) + csh(t | id)", r"csh\(t \| id\) with \(0 \+ t \| id\) is not identified"),
+        ("y ~ t + (1 | id) + (0 + t | id) + toep(t | id)",
+         r"toep\(t \| id\) with \(1 \| id\) \+ \(0 \+ t \| id\) is not identified: a Toeplitz covariance "
+         r"contains compound symmetry"),
+        ("y ~ t + toeph(t | id) + (1 | id)", r"toeph\(t \| id\) with \(1 \| id\) is not identified"),
+    ],
+)
+def test_a_covariance_structure_that_cannot_be_fitted_is_refused(text: str, message: str) -> None:
+    with pytest.raises(FormulaError, match=message):
+        parse_formula(text, name="c")
+
+
+@pytest.mark.parametrize("name", ["ar1", "ar1h", "ad", "adh", "sp_exp"])
+def test_structures_without_compound_symmetry_go_next_to_random_effects(name: str) -> None:
+    formula = parse_formula(f"y ~ t + (t | id) + {name}(t | id)")
+    assert formula.covariance is not None and formula.covariance.structure == name
+
+
+def test_only_calls_meant_as_structures_are_read_as_structures() -> None:
+    # A column named like a structure is a column; a call of a known function stays a fixed-effect term.
+    assert parse_formula("y ~ us + log(ar1) + (1 | id)").fixed == "us + log(ar1)"
+    with pytest.raises(FormulaError, match=r"'log\(t \| id\)' is not a covariance structure"):
+        parse_formula("y ~ log(t | id) + (1 | id)", name="c")
+    with pytest.raises(FormulaError, match=r"a '\|' belongs inside a random-effects term such as '\(1 \| subject\)' "
+                                           r"or a covariance structure such as 'us\(visit \| subject\)'"):
+        parse_formula("y ~ us(t | id):arm", name="c")
+
+
+def test_a_long_formula_with_a_structure_parses_without_recursion() -> None:
+    many = " + ".join(f"x{i}" for i in range(1_200))
+    formula = parse_formula(f"y ~ {many} + us(visit | id)")
+    assert len(formula.fixed_terms.terms) == 1_200 and formula.covariance == CovarianceTerm("us", "visit", "id")
+
+
+# ------------------------------------------------------------------ covariance structures against the config
+
+
+def test_a_structure_over_another_time_column_is_a_config_error() -> None:
+    formulas = parse_candidates({"ri": "y ~ week + (1 | id)", "mmrm": "y ~ visit * arm + us(visit | id)"})
+    with pytest.raises(ConfigError, match=r"candidate 'mmrm' uses us\(visit \| id\), but the study's time column is "
+                                          r"'week': write us\(week \| id\)"):
+        check_covariance_terms(formulas, subject="id", time="week")
+    check_covariance_terms(formulas, subject="id", time="visit")
+
+
+def test_a_structure_over_another_subject_is_a_config_error() -> None:
+    formulas = parse_candidates({"ar": "y ~ t + (1 | site) + ar1(t | site)"})
+    with pytest.raises(ConfigError, match=r"candidate 'ar' uses ar1\(t \| site\), but the study's subject is 'id': "
+                                          r"write ar1\(t \| id\)"):
+        check_covariance_terms(formulas, subject="id", time="t")
+    check_covariance_terms(parse_candidates({"ar": "y ~ t + ar1(t | dog:side)"}), subject="dog:side", time="t")
+
+
+def test_check_candidates_checks_structures_against_the_roles() -> None:
+    # roles as DataConfig.roles orders them: subject column(s), time, outcome.
+    formulas = parse_candidates({"mmrm": "y ~ arm + us(visit | dog:side)"})
+    assert check_candidates(formulas, ("dog", "side", "visit", "y"), ["dog", "side", "visit", "y", "arm"]) == ["arm"]
+    with pytest.raises(ConfigError, match=r"candidate 'mmrm' uses us\(visit \| dog:side\), but the study's time "
+                                          r"column is 'week': write us\(week \| dog:side\)"):
+        check_candidates(formulas, ("dog", "side", "week", "y"), ["dog", "side", "week", "visit", "y", "arm"])
+    with pytest.raises(ConfigError, match=r"but the study's subject is 'dog': write us\(visit \| dog\)"):
+        check_candidates(formulas, ("dog", "visit", "y"), ["dog", "side", "visit", "y", "arm"])
