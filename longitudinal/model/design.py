@@ -13,7 +13,8 @@ Data-dependent parameters (factor levels, poly's coefficients, spline knots) are
 recorded in ``Design.transforms``; ``build_design(new, formula, transforms=design.transforms)`` evaluates new
 data with them, as R's ``predict`` does.
 
-Each random-effects bar has its own grouping factor (``BlockDesign.codes``/``levels``). An interaction factor
+Each random-effects bar has its own grouping factor (``BlockDesign.codes``/``levels``). A formula with a
+covariance structure and no bars (an MMRM) has no blocks; its subject is the design's grouping factor. An interaction factor
 ``a:b`` has one level per combination present in the data, labelled ``"<a level>:<b level>"`` and ordered
 with ``a`` varying slowest, as lme4 builds it (``droplevels(a:b)``).
 """
@@ -83,7 +84,8 @@ class Design:
     ``group``, ``codes`` and ``levels`` describe the primary grouping factor: the only one when every bar
     shares one factor (the longitudinal subject); with several factors (nested or crossed), the one with
     the most levels (the finest: ``school:pupil`` in ``(1 | school/pupil)``, ``patient`` in
-    ``(t | patient) + (1 | rater)``; the first in formula order on a tie). ``codes`` maps each row to its
+    ``(t | patient) + (1 | rater)``; the first in formula order on a tie); in an MMRM (a covariance
+    structure and no bars, ``blocks`` empty) the structure's subject. ``codes`` maps each row to its
     level (0..G-1, ``levels`` sorted as R sorts factor levels for these labels). Every bar also carries
     its own factor's codes and levels. Rows are in the order of the data frame given.
 
@@ -127,8 +129,8 @@ class Design:
 
     @property
     def Z(self) -> np.ndarray:
-        """All blocks side by side (n × q), the per-group columns of the random effects."""
-        return np.hstack([block.Z for block in self.blocks])
+        """All blocks side by side (n × q), the per-group columns of the random effects (n × 0 in an MMRM)."""
+        return np.hstack([block.Z for block in self.blocks]) if self.blocks else np.empty((self.n_obs, 0))
 
 
 def build_design(
@@ -153,14 +155,15 @@ def build_design(
     else:
         kept = [j for j, name in enumerate(names) if name not in set(dropped)]
         X = X_all if len(kept) == len(names) else np.ascontiguousarray(X_all[:, kept])
-    factors = {group: code_factor(data, group.split(":")) for group in formula.groups}
+    factors = {group: code_factor(data, group.split(":")) for group in _grouping_factors(formula)}
     blocks = []
     for block in formula.blocks:
         Z, z_names = evaluator.model_matrix(expand_terms(block.spec, where=f"formula {formula.text!r}"))
         codes, levels = factors[block.group]
         blocks.append(BlockDesign(group=block.group, terms=tuple(z_names), Z=Z, codes=codes, levels=levels))
     # The primary factor: the one with the most levels, first in formula order on a tie.
-    group = max(formula.groups, key=lambda name: (factors[name][1].shape[0], -formula.groups.index(name)))
+    order = list(factors)
+    group = max(order, key=lambda name: (factors[name][1].shape[0], -order.index(name)))
     codes, levels = factors[group]
     kept_set = set(kept)
     return Design(
@@ -174,6 +177,18 @@ def build_design(
         levels=levels,
         transforms=MappingProxyType(dict(evaluator.fitted)),
     )
+
+
+def _grouping_factors(formula: ModelFormula) -> tuple[str, ...]:
+    """The bars' grouping factors in formula order; without bars (an MMRM), the covariance structure's subject.
+
+    A structure next to bars shares their factor (``parse_formula`` refuses any other), so it adds none.
+    """
+    if formula.groups:
+        return formula.groups
+    if formula.covariance is None:
+        raise FormulaError(f"formula {formula.text!r} has neither random effects nor a covariance structure")
+    return (formula.covariance.subject,)
 
 
 def code_factor(data: pd.DataFrame, columns: list[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -131,6 +131,35 @@ def test_one_factor_designs_keep_their_single_group(dogs: pd.DataFrame) -> None:
     assert all(block.codes is design.codes for block in design.blocks)
 
 
+def test_an_mmrm_has_no_blocks_and_groups_by_the_structure_s_subject(visits: pd.DataFrame) -> None:
+    design = build_design(visits, parse_formula("y ~ factor(t) * arm + us(t | g)"))
+    assert design.blocks == () and design.groups == () and design.Z.shape == (16, 0)
+    assert design.group == "g" and list(design.levels) == ["s1", "s2", "s3", "s4"]
+    assert list(design.levels[design.codes]) == list(visits["g"])
+    assert design.fixed_names[:4] == ("(Intercept)", "factor(t)1", "factor(t)2", "factor(t)3")
+    assert design.X.shape == (16, 8)
+
+
+def test_an_mmrm_on_a_subject_of_two_columns_groups_by_their_combination(dogs: pd.DataFrame) -> None:
+    design = build_design(dogs, parse_formula("y ~ t + ar1(t | dog:side)"))
+    assert design.group == "dog:side" and design.n_groups == 6
+    assert list(design.levels[design.codes]) == [f"{d}:{s}" for d, s in zip(dogs["dog"], dogs["side"])]
+
+
+def test_a_structure_next_to_bars_leaves_the_design_as_without_it(visits: pd.DataFrame) -> None:
+    with_structure = build_design(visits, parse_formula("y ~ t + (t | g) + ar1(t | g)"))
+    without = build_design(visits, parse_formula("y ~ t + (t | g)"))
+    assert with_structure.group == without.group == "g"
+    np.testing.assert_array_equal(with_structure.Z, without.Z)
+    np.testing.assert_array_equal(with_structure.codes, without.codes)
+    assert with_structure.fixed_names == without.fixed_names
+
+
+def test_a_structure_column_the_data_lack_is_refused(visits: pd.DataFrame) -> None:
+    with pytest.raises(FormulaError, match=r"formula 'y ~ t \+ us\(visit \| g\)' uses column 'visit', which the data lack"):
+        build_design(visits, parse_formula("y ~ t + us(visit | g)"))
+
+
 # ----------------------------------------------------------------------- term functions, checked against R
 #
 # R 4.2, splines:
