@@ -270,3 +270,150 @@ def test_the_selection_carries_the_tests_and_aicc_for_the_report() -> None:
     # ri: AIC = 2000 + 14 = 2014, + 2·7·8/(200 − 7 − 1) = 0.5833...
     assert selection.aicc["ri"] == pytest.approx(2014.0 + 112.0 / 192.0, rel=1e-12)
     assert set(selection.aicc) == {f.name for f in fits} and math.isnan(selection.aicc["broken"])
+
+
+# --------------------------------------------------------------------- covariance structures (MMRM)
+
+
+@pytest.mark.parametrize(
+    ("smaller", "larger"),
+    [
+        # the order of mmrm's structures, and what follows from it
+        ("cs", "csh"), ("cs", "toep"), ("ar1", "ar1h"), ("ar1", "toep"), ("ar1", "ad"), ("csh", "toeph"),
+        ("ar1h", "toeph"), ("toep", "toeph"), ("ad", "adh"), ("ar1h", "adh"), ("toeph", "us"), ("adh", "us"),
+        ("cs", "us"), ("ar1", "us"), ("ar1", "adh"), ("cs", "toeph"), ("ad", "us"),
+    ],
+)
+def test_a_structure_nests_in_those_it_is_a_special_case_of(smaller: str, larger: str) -> None:
+    small, big = structure(f"y ~ v * arm + {smaller}(v | id)"), structure(f"y ~ v * arm + {larger}(v | id)")
+    assert is_nested(small, big) and not is_nested(big, small)
+
+
+@pytest.mark.parametrize(
+    ("one", "other"),
+    [("cs", "ar1"), ("cs", "ad"), ("csh", "ar1h"), ("toep", "ad"), ("toeph", "adh"), ("csh", "toep"),
+     ("sp_exp", "ar1"), ("sp_exp", "toeph"), ("sp_exp", "cs")],
+)
+def test_structures_that_are_not_special_cases_of_each_other_are_not_nested(one: str, other: str) -> None:
+    a, b = structure(f"y ~ v + {one}(v | id)"), structure(f"y ~ v + {other}(v | id)")
+    assert not is_nested(a, b) and not is_nested(b, a)
+
+
+def test_structures_compare_only_on_the_same_visit_and_subject_columns() -> None:
+    assert is_nested(structure("y ~ 1 + ar1(v | id)"), structure("y ~ 1 + us(v | id)"))
+    assert not is_nested(structure("y ~ 1 + ar1(week | id)"), structure("y ~ 1 + us(v | id)"))
+    assert not is_nested(structure("y ~ 1 + ar1(v | site)"), structure("y ~ 1 + us(v | id)"))
+
+
+def test_independent_residuals_nest_in_a_structure_next_to_the_same_random_effects() -> None:
+    ri = structure("y ~ t + (1 | id)")
+    for name in ("ar1", "ar1h", "ad", "adh", "sp_exp"):
+        assert is_nested(ri, structure(f"y ~ t + (1 | id) + {name}(t | id)"))
+        assert is_nested(structure("y ~ t + (t | id)"), structure(f"y ~ t + (t | id) + {name}(t | id)"))
+        assert not is_nested(structure(f"y ~ t + (1 | id) + {name}(t | id)"), ri)
+    # Random effects still nest as without a structure; the structure must be kept.
+    assert is_nested(structure("y ~ t + (1 | id) + ar1(t | id)"), structure("y ~ t + (t | id) + ar1(t | id)"))
+    assert is_nested(structure("y ~ t + (1 | id)"), structure("y ~ t + (t | id) + ar1h(t | id)"))
+    assert not is_nested(structure("y ~ t + (1 | id) + ar1(t | id)"), structure("y ~ t + (t | id)"))
+    assert not is_nested(structure("y ~ t + (t | id)"), structure("y ~ t + (1 | id) + ar1(t | id)"))
+
+
+def test_a_random_intercept_is_compound_symmetry_and_nests_in_the_structures_that_contain_it() -> None:
+    ri = structure("y ~ t + (1 | id)")
+    for name in ("cs", "csh", "toep", "toeph", "us"):
+        assert is_nested(ri, structure(f"y ~ t + {name}(t | id)"))
+    for name in ("ar1", "ar1h", "ad", "adh", "sp_exp"):
+        assert not is_nested(ri, structure(f"y ~ t + {name}(t | id)"))
+    assert not is_nested(ri, structure("y ~ t + us(t | site)"))
+    assert not is_nested(structure("y ~ t + (1 | id) + (1 | site)"), structure("y ~ t + us(t | id)"))
+    # with AR(1) residuals it is Toeplitz
+    ri_ar1 = structure("y ~ t + (1 | id) + ar1(t | id)")
+    assert is_nested(ri_ar1, structure("y ~ t + toep(t | id)")) and is_nested(ri_ar1, structure("y ~ t + toeph(t | id)"))
+    assert not is_nested(ri_ar1, structure("y ~ t + csh(t | id)"))
+    assert not is_nested(structure("y ~ t + (1 | id) + ar1h(t | id)"), structure("y ~ t + toeph(t | id)"))
+
+
+def test_us_contains_every_covariance_of_a_subject_s_visits() -> None:
+    us = structure("y ~ t + us(t | id)")
+    for smaller in ("(t | id)", "(t || id)", "(poly(t, 2) | id)", "(t | id) + sp_exp(t | id)",
+                    "(1 | id) + adh(t | id)", "sp_exp(t | id)"):
+        assert is_nested(structure(f"y ~ t + {smaller}"), us), smaller
+    # random effects that read another column, or are grouped by another factor, are not functions of the visit
+    assert not is_nested(structure("y ~ t + (arm | id)"), us)
+    assert not is_nested(structure("y ~ t + (t | id) + (1 | site)"), us)
+    assert not is_nested(structure("y ~ t + (week | id)"), us)
+    # only us: a random slope is not Toeplitz
+    assert not is_nested(structure("y ~ t + (t | id)"), structure("y ~ t + toeph(t | id)"))
+
+
+def test_an_mmrm_nests_in_a_model_with_random_effects_only_through_its_structure() -> None:
+    for name in ("us", "cs", "toeph", "ar1"):
+        mmrm = structure(f"y ~ t + {name}(t | id)")
+        assert not is_nested(mmrm, structure("y ~ t + (1 | id)"))
+        assert not is_nested(mmrm, structure("y ~ t + (t | id)"))
+    # Random effects added next to a larger structure: the intercept variance is tested on its boundary.
+    fits = (make_fit("ar1", "y ~ t + ar1(t | id)", 4, -500.0),
+            make_fit("ri_ar1h", "y ~ t + (1 | id) + ar1h(t | id)", 9, -495.0))
+    (test,) = compare_nested(fits)
+    assert (test.reference, test.boundary_terms, test.df) == ("mixture", ("(Intercept) | id",), 5)
+
+
+def test_a_structure_added_to_random_effects_is_tested_by_chi2_and_said_so() -> None:
+    fits = (make_fit("ri", "y ~ t + (1 | id)", 4, -500.0), make_fit("ri_ar1", "y ~ t + (1 | id) + ar1(t | id)", 5, -497.0))
+    (test,) = compare_nested(fits)
+    assert (test.smaller, test.larger, test.df, test.reference) == ("ri", "ri_ar1", 1, "chi2")
+    assert test.p_value == pytest.approx(chi2.sf(6.0, 1), rel=1e-12)
+    assert test.boundary_terms == () and test.added_covariances == 0
+    assert test.notes == ("'ri_ar1' adds the residual covariance ar1(t | id); independent residuals are its special "
+                          "case with zero correlations, an interior point of its parameters (χ²)",)
+
+
+def test_a_structure_and_a_random_term_added_together_keep_the_boundary_mixture() -> None:
+    fits = (make_fit("ri", "y ~ t + (1 | id)", 4, -500.0),
+            make_fit("big", "y ~ t + (t || id) + ar1h(t | id)", 10, -490.0))
+    (test,) = compare_nested(fits)
+    assert test.reference == "mixture" and test.boundary_terms == ("t | id",) and test.df == 6
+    assert any("equal variances" in note for note in test.notes)
+
+
+def test_sp_exp_against_independence_is_a_boundary_and_reported_as_conservative() -> None:
+    fits = (make_fit("ris", "y ~ t + (t | id)", 6, -500.0),
+            make_fit("ris_exp", "y ~ t + (t | id) + sp_exp(t | id)", 7, -498.0))
+    (test,) = compare_nested(fits)
+    assert test.reference == "chi2-conservative" and test.p_value == pytest.approx(chi2.sf(4.0, 1), rel=1e-12)
+    assert test.notes[0].startswith("the range of sp_exp(t | id) is zero under the smaller model")
+    assert "reported as conservative" in test.notes[0]
+
+
+def test_structure_against_structure_is_a_chi2_test_naming_both() -> None:
+    fits = (make_fit("ar1", "y ~ factor(v) * arm + ar1(v | id)", 10, -800.0),
+            make_fit("toep", "y ~ factor(v) * arm + toep(v | id)", 12, -795.0),
+            make_fit("us", "y ~ factor(v) * arm + us(v | id)", 18, -790.0),
+            make_fit("ad", "y ~ factor(v) * arm + ad(v | id)", 12, -796.0),
+            make_fit("sp", "y ~ factor(v) * arm + sp_exp(v | id)", 10, -799.0))
+    tests = {(t.smaller, t.larger): t for t in compare_nested(fits)}
+    assert set(tests) == {("ar1", "toep"), ("ar1", "us"), ("ar1", "ad"), ("toep", "us"), ("ad", "us"), ("sp", "us")}
+    ar1_toep = tests["ar1", "toep"]
+    assert (ar1_toep.df, ar1_toep.statistic, ar1_toep.reference) == (2, 10.0, "chi2")
+    assert ar1_toep.notes == ("the residual covariance ar1(v | id) of 'ar1' is a special case of toep(v | id) in "
+                              "'toep', at an interior point of its parameters (χ²)",)
+
+
+def test_random_effects_absorbed_by_an_unstructured_covariance_are_a_chi2_test() -> None:
+    fits = (make_fit("ri", "y ~ t + (1 | id)", 4, -500.0), make_fit("ris", "y ~ t + (t | id)", 6, -495.0),
+            make_fit("cs", "y ~ t + cs(t | id)", 4, -500.0), make_fit("us", "y ~ t + us(t | id)", 12, -490.0))
+    tests = {(t.smaller, t.larger): t for t in compare_nested(fits)}
+    # ri and cs are the same model (same k): no test between them
+    assert set(tests) == {("ri", "ris"), ("ri", "us"), ("ris", "us"), ("cs", "us")}
+    ris_us = tests["ris", "us"]
+    assert (ris_us.df, ris_us.reference, ris_us.boundary_terms, ris_us.added_covariances) == (6, "chi2", (), 0)
+    assert ris_us.notes == ("'us' has no random effects, but us(t | id) contains the covariance that 'ris''s random "
+                            "effects and residuals give a subject's visits, at an interior point of its parameters (χ²)",)
+    assert tests["ri", "ris"].reference == "mixture"
+
+
+def test_a_missing_structured_fit_still_gets_its_row() -> None:
+    failed = failed_fit("us", "y ~ t + us(t | id)", "ML", "test", "candidate 'us': did not converge", n_obs=200,
+                        n_subjects=40, n_params=12)
+    (test,) = compare_nested((make_fit("ar1", "y ~ t + ar1(t | id)", 4, -500.0), failed))
+    assert not test.tested and test.notes[0] == "no test: the fit of 'us' failed (did not converge)"
