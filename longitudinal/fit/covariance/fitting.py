@@ -1,11 +1,15 @@
-"""Fit one structured-covariance model (MMRM) by ML or REML: quasi-Newton over θ from an OLS start.
+"""Fit one structured-covariance model (MMRM, or random effects + a serial structure) by ML or REML.
 
 BFGS (scipy) on −ℓ with the analytic gradient of ``likelihood.evaluate`` (σ² profiled for the homogeneous
-structures), started from the structure's θ closest to the covariance of the OLS residuals (pairwise over
-the subjects observed at both visits). Converged means: the optimizer stopped normally or for lost
-precision, and the largest gradient entry of ℓ over the optimized parameters is below ``GRADIENT_TOL``
-(θ is on log-SD and unbounded-correlation scales, so that is a statement about ℓ, not about units).
-A run that stops short gets one L-BFGS-B restart from where it stopped.
+structures), on standardized columns (``units``: the answer is the same in any units), started from the
+structure's θ closest to the covariance of the OLS residuals (pairwise over the subjects observed at both
+visits) and, with random effects, Λ = I relative to σ (lme4's start; for the heterogeneous structures half
+the residual variance each to Σ and G). Converged means: the largest gradient entry of ℓ over the optimized
+parameters is below ``GRADIENT_TOL`` (θ is on log-SD, unbounded-correlation and Cholesky scales, so that is
+a statement about ℓ, not about units). A run that stops short gets one L-BFGS-B restart from where it
+stopped. A fit whose G is singular (a diagonal entry of Λ below ``SINGULAR_TOL`` relative to the residual
+SD: a random-effect variance at 0) is ``singular``; there, as lme4 does, the gradient test leaves out Λ, whose
+optimum lies on the boundary of the covariance matrices.
 """
 
 from __future__ import annotations
@@ -17,31 +21,52 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import minimize
 
-from longitudinal.fit.covariance.likelihood import Evaluation, PatternGroups, evaluate
+from longitudinal.errors import ConfigError
+from longitudinal.fit.covariance.grouping import PatternGroups, VisitPattern
+from longitudinal.fit.covariance.likelihood import Evaluation, evaluate, factor_entries, factor_size, lower_factor
+from longitudinal.fit.covariance.prediction import predict
 from longitudinal.fit.covariance.structures import CovarianceStructure
+from longitudinal.fit.covariance.units import standardize
 from longitudinal.fit.failure import FitFailure
 from longitudinal.records import OptimizerAttempt
 
 #: Largest |dℓ/dθ_k| accepted at an optimum.
 GRADIENT_TOL = 1e-3
 MAX_ITERATIONS = 2_000
+#: lme4's ``isSingular`` tolerance: a diagonal entry of Λ (relative to the residual SD) below it.
+SINGULAR_TOL = 1e-4
+#: The structures that may sit next to random effects: the serial ones. The others already contain what a
+#: random intercept adds (cs, toep: a constant correlation; us, csh, toeph: any), so G would not be identified.
+WITH_RANDOM_EFFECTS = ("ar1", "ar1h", "ad", "adh", "sp_exp")
 
 
 @dataclass(frozen=True, eq=False)
 class CovarianceFit:
-    """One MMRM fit. ``theta`` in the structure's layout (``structures``; log σ̂ filled in when σ² was
-    profiled, ``profiled_scale``); ``vcov`` = (Σ X_iᵀ Σ_i⁻¹ X_i)⁻¹ at θ̂; ``covariance`` is Σ̂ over the m
-    visits (for sp_exp: two visits one time unit apart, as mmrm prints it). ``loglik`` is the maximized
-    ML or REML log-likelihood (``likelihood``'s constants); ``n_params`` = fixed effects + covariance
-    parameters. ``gradient_max`` is max |dℓ/dθ| at θ̂ over the parameters optimized."""
+    """One fit, in the data's units. ``theta`` is the structure's θ in its layout (``structures``; log σ̂
+    filled in when σ² was profiled, ``profiled_scale``) and ``random_factor`` Λ (q × q lower triangular,
+    diagonal ≥ 0; relative to σ for the homogeneous structures), so G = ``random_covariance`` = σ²ΛΛᵀ (or
+    ΛΛᵀ); ``vcov`` = (Σ X_iᵀ V_i⁻¹ X_i)⁻¹ at θ̂; ``covariance`` is the residual structure's Σ̂ over the m
+    visits (for sp_exp: two visits one time unit apart, as mmrm prints it), without Z G Zᵀ. ``loglik`` is
+    the maximized ML or REML log-likelihood (``likelihood``'s constants); ``n_params`` = fixed effects +
+    structure parameters + q(q + 1)/2 (nlme's logLik df). ``gradient_max`` is max |dℓ/dθ| at θ̂ over the
+    parameters optimized (the standardized problem's).
+
+    Per row, in the input's order: ``fitted`` = X β̂ + Z b̂, ``residuals`` = y − fitted, and
+    ``normalized_residuals`` (``prediction``: nlme's type "normalized"). Per subject, in the order of
+    ``subjects``: ``modes`` b̂_i (n_subjects, q) and ``cond_sd`` their conditional SDs. ``sigma`` is σ̂ for
+    the homogeneous structures (Σ = σ² R), NaN for the others.
+    """
 
     structure: str
     n_visits: int
     reml: bool
     theta: np.ndarray
+    random_factor: np.ndarray
+    random_covariance: np.ndarray
     beta: np.ndarray
     vcov: np.ndarray
     covariance: np.ndarray
+    sigma: float
     loglik: float
     n_params: int
     n_obs: int
@@ -49,6 +74,7 @@ class CovarianceFit:
     n_patterns: int
     profiled_scale: bool
     converged: bool
+    singular: bool
     gradient_max: float
     optimizer: str
     iterations: int
@@ -56,22 +82,46 @@ class CovarianceFit:
     message: str
     attempts: tuple[OptimizerAttempt, ...]
     seconds: float
+    fitted: np.ndarray
+    residuals: np.ndarray
+    normalized_residuals: np.ndarray
+    subjects: np.ndarray
+    modes: np.ndarray
+    cond_sd: np.ndarray
+
+    @property
+    def full_theta(self) -> np.ndarray:
+        """θ̂ in ``likelihood``'s layout (structure θ, then Λ's entries): ``log_likelihood`` at it is ``loglik``."""
+        return np.concatenate([self.theta, factor_entries(self.random_factor)])
+
+    def residual_covariance(self, coords: np.ndarray | None = None) -> np.ndarray:
+        """The fitted residual structure's covariance (σ² R or Σ(θ̂), no random-effects part) over the visit
+        indices ``coords`` (default all m visits), or for sp_exp over the times ``coords`` (required)."""
+        return CovarianceStructure(self.structure, self.n_visits).covariance(self.theta, coords)
 
 
 def fit_covariance(groups: PatternGroups, structure: CovarianceStructure, *, reml: bool) -> CovarianceFit:
-    """Maximize the ML (``reml=False``) or REML log-likelihood of ``groups`` under ``structure``.
+    """Maximize the ML (``reml=False``) or REML log-likelihood of ``groups`` under ``structure`` (and the
+    random effects of ``groups.n_random`` columns of Z, if any).
 
-    Raises ``FitFailure`` when ℓ cannot be evaluated at the start (X not of full column rank, or a
+    Raises ``ConfigError`` for random effects next to a structure that contains them already (us, cs, csh,
+    toep, toeph), ``FitFailure`` when ℓ cannot be evaluated at the start (X not of full column rank, or a
     covariance that is numerically singular there).
     """
     began = time.perf_counter()
+    q = groups.n_random
+    if q and structure.name not in WITH_RANDOM_EFFECTS:
+        raise ConfigError(
+            f"covariance structure {structure.name!r} cannot be combined with random effects: it already allows "
+            f"what they add, so their variance is not identified; next to random effects use one of "
+            f"{', '.join(WITH_RANDOM_EFFECTS)}")
+    scaled, units = standardize(groups)
     profile = structure.homogeneous
-    start = structure.start(residual_covariance(groups, structure))
-    x0 = start[1:] if profile else start
+    x0 = start(scaled, structure)[1 if profile else 0:]
 
     def objective(params: np.ndarray) -> tuple[float, np.ndarray]:
         try:
-            at = evaluate(structure, groups, params, reml=reml, profile=profile)
+            at = evaluate(structure, scaled, params, reml=reml, profile=profile)
         except np.linalg.LinAlgError:
             return math.inf, np.zeros_like(params)
         if not math.isfinite(at.loglik):
@@ -84,6 +134,7 @@ def fit_covariance(groups: PatternGroups, structure: CovarianceStructure, *, rem
     attempts: list[OptimizerAttempt] = []
     x, iterations, evaluations, message = x0, 0, 0, ""
     best: Evaluation | None = None
+    singular = False
     for method in ("BFGS", "L-BFGS-B"):
         t0 = time.perf_counter()
         options = {"gtol": 1e-6, "maxiter": MAX_ITERATIONS} if method == "BFGS" else \
@@ -92,26 +143,49 @@ def fit_covariance(groups: PatternGroups, structure: CovarianceStructure, *, rem
         x = result.x
         iterations += int(result.nit)
         evaluations += int(result.nfev)
-        best = evaluate(structure, groups, x, reml=reml, profile=profile)
-        gradient_max = float(np.max(np.abs(best.gradient))) if best.gradient.size else 0.0
+        best = evaluate(structure, scaled, x, reml=reml, profile=profile)
+        singular = is_singular(structure, best.theta, q)
+        tested = best.gradient[:best.gradient.size - factor_size(q)] if singular else best.gradient
+        gradient_max = float(np.max(np.abs(tested))) if tested.size else 0.0
         settled = gradient_max < GRADIENT_TOL
-        message = f"{method}: {result.message}; max|grad| {gradient_max:.2e}"
+        message = f"{method}: {result.message}; max|grad| {gradient_max:.2e}" + \
+            ("; singular fit: a random-effect variance is 0 (the gradient test leaves out G)" if singular else "")
         attempts.append(OptimizerAttempt(
-            optimizer=method, loglik=best.loglik, converged=settled, iterations=int(result.nit),
-            seconds=time.perf_counter() - t0, message=str(result.message),
+            optimizer=method, loglik=units.loglik(best.loglik, groups.n_obs, reml=reml), converged=settled,
+            iterations=int(result.nit), seconds=time.perf_counter() - t0, message=str(result.message),
         ))
         if settled:
             break
     assert best is not None
+    own = structure.rescale(best.theta[:structure.n_params], units.y_scale)
+    factor = units.factor(lower_factor(best.theta[structure.n_params:], q), relative=structure.homogeneous)
+    sigma = float(np.exp(own[0])) if structure.homogeneous else math.nan
+    at = predict(structure, scaled, best.theta, best.beta)
+    cond = units.random_covariances(at.cond_covariance)
     return CovarianceFit(
-        structure=structure.name, n_visits=structure.n_visits, reml=reml, theta=best.theta, beta=best.beta,
-        vcov=best.vcov, covariance=fitted_covariance(structure, best.theta), loglik=best.loglik,
-        n_params=groups.n_fixed + structure.n_params, n_obs=groups.n_obs, n_subjects=groups.n_subjects,
-        n_patterns=len(groups.patterns), profiled_scale=profile, converged=attempts[-1].converged,
-        gradient_max=gradient_max, optimizer=attempts[-1].optimizer, iterations=iterations,
-        evaluations=evaluations, message=message, attempts=tuple(attempts),
-        seconds=time.perf_counter() - began,
+        structure=structure.name, n_visits=structure.n_visits, reml=reml, theta=own, random_factor=factor,
+        random_covariance=(sigma ** 2 if structure.homogeneous else 1.0) * (factor @ factor.T),
+        beta=units.beta(best.beta), vcov=units.vcov(best.vcov), covariance=fitted_covariance(structure, own),
+        sigma=sigma, loglik=units.loglik(best.loglik, groups.n_obs, reml=reml),
+        n_params=groups.n_fixed + structure.n_params + factor_size(q), n_obs=groups.n_obs,
+        n_subjects=groups.n_subjects, n_patterns=groups.n_visit_patterns, profiled_scale=profile,
+        converged=attempts[-1].converged, singular=singular, gradient_max=gradient_max,
+        optimizer=attempts[-1].optimizer, iterations=iterations, evaluations=evaluations, message=message,
+        attempts=tuple(attempts), seconds=time.perf_counter() - began,
+        fitted=units.y_shift + units.y_scale * at.fitted, residuals=units.y_scale * at.residuals,
+        normalized_residuals=at.normalized, subjects=groups.subjects, modes=units.modes(at.modes),
+        cond_sd=np.sqrt(np.maximum(np.diagonal(cond, axis1=1, axis2=2), 0.0)),
     )
+
+
+def is_singular(structure: CovarianceStructure, theta: np.ndarray, q: int) -> bool:
+    """Whether Λ (the entries after the structure's θ) has a diagonal entry below ``SINGULAR_TOL`` relative
+    to the residual SD (σ's Λ is relative already; else relative to the geometric mean of the visit SDs)."""
+    if q == 0:
+        return False
+    diagonal = np.abs(np.diag(lower_factor(theta[structure.n_params:], q)))
+    reference = 1.0 if structure.homogeneous else float(np.exp(np.mean(theta[:structure.log_sd_count])))
+    return bool(np.min(diagonal) < SINGULAR_TOL * reference)
 
 
 def fitted_covariance(structure: CovarianceStructure, theta: np.ndarray) -> np.ndarray:
@@ -119,26 +193,52 @@ def fitted_covariance(structure: CovarianceStructure, theta: np.ndarray) -> np.n
     return structure.covariance(theta, np.array([0.0, 1.0]) if structure.spatial else None)
 
 
-def residual_covariance(groups: PatternGroups, structure: CovarianceStructure) -> np.ndarray:
+def start(groups: PatternGroups, structure: CovarianceStructure) -> np.ndarray:
+    """The optimizer's start (full θ: structure, then Λ): the structure closest to the covariance of the
+    OLS residuals; with random effects Λ = I relative to σ (lme4's start) for the homogeneous structures,
+    and for the others half that covariance to Σ and Λ = I times the remaining SD."""
+    empirical = empirical_covariance(groups, structure)
+    q = groups.n_random
+    if q == 0:
+        return structure.start(empirical)
+    if structure.homogeneous:
+        return np.concatenate([structure.start(empirical), factor_entries(np.eye(q))])
+    own = structure.start(0.5 * empirical)
+    sd = float(np.exp(np.mean(own[:structure.log_sd_count])))
+    return np.concatenate([own, factor_entries(sd * np.eye(q))])
+
+
+def empirical_covariance(groups: PatternGroups, structure: CovarianceStructure) -> np.ndarray:
     """The covariance of the OLS residuals: m × m, each entry averaged over the subjects observed at both
     visits (pairs never observed together get 0; the structure's ``start`` makes it positive definite).
     For sp_exp, 2 × 2 at one time unit, with the correlation exp(−1/d̄), d̄ the mean gap between visits."""
     p = groups.n_fixed
-    XtX = sum(np.einsum("sgp,sgq->pq", pt.X, pt.X) for pt in groups.patterns)
-    Xty = sum(np.einsum("sgp,sg->p", pt.X, pt.y) for pt in groups.patterns)
-    beta = np.linalg.lstsq(np.asarray(XtX).reshape(p, p), np.asarray(Xty).reshape(p), rcond=None)[0]
-    residuals = [pt.y - np.tensordot(pt.X, beta, axes=(2, 0)) for pt in groups.patterns]
+    blocks = groups.blocks()
+    XtX, Xty = np.zeros((p, p)), np.zeros(p)
+    for block in blocks:
+        X, y = block.X.reshape(-1, p), block.y.reshape(-1)
+        XtX += X.T @ X
+        Xty += X.T @ y
+    beta = np.linalg.lstsq(XtX, Xty, rcond=None)[0]
+    residuals = [block.y - block.X @ beta for block in blocks]
     if structure.spatial:
         variance = sum(float(np.sum(r * r)) for r in residuals) / groups.n_obs
-        gaps = [np.diff(pt.coords.astype(float)) for pt in groups.patterns if pt.coords.size > 1]
-        gap = float(np.mean(np.concatenate(gaps))) if gaps else 1.0
+        gaps = [np.diff(block.coords.astype(float), axis=-1).ravel() for block in blocks]
+        joined = np.concatenate(gaps) if gaps else np.empty(0)
+        gap = float(np.mean(joined)) if joined.size else 1.0
         rho = math.exp(-1.0 / max(gap, 1e-8))
         return variance * np.array([[1.0, rho], [rho, 1.0]])
     m = structure.n_visits
     total = np.zeros((m, m))
     count = np.zeros((m, m))
-    for pt, r in zip(groups.patterns, residuals):
-        index = np.ix_(pt.coords, pt.coords)
-        total[index] += r @ r.T
-        count[index] += r.shape[1]
+    for block, r in zip(blocks, residuals):
+        if isinstance(block, VisitPattern):
+            index = np.ix_(block.coords, block.coords)
+            total[index] += r.T @ r
+            count[index] += r.shape[0]
+        else:
+            a, b = block.coords[:, :, None], block.coords[:, None, :]
+            a, b = np.broadcast_arrays(a, b)
+            np.add.at(total, (a, b), r[:, :, None] * r[:, None, :])
+            np.add.at(count, (a, b), 1.0)
     return np.where(count > 0, total / np.maximum(count, 1), 0.0)

@@ -81,8 +81,18 @@ class CovarianceStructure:
     def spatial(self) -> bool:
         return self.name in SPATIAL_STRUCTURES
 
+    @property
+    def log_sd_count(self) -> int:
+        """How many leading entries of θ are log standard deviations (1 for the homogeneous structures, m
+        for the heterogeneous ones and us): adding log c to each multiplies Σ by c²."""
+        return 1 if self.homogeneous else self.n_visits
+
     def covariance(self, theta: np.ndarray, coords: np.ndarray | None = None) -> np.ndarray:
-        """Σ(θ) over ``coords`` (default: all m visits; required for ``sp_exp``)."""
+        """Σ(θ) over ``coords`` (default: all m visits; required for ``sp_exp``).
+
+        ``coords`` of shape (s,) gives one s × s matrix; of shape (g, s), g subjects' coordinates stacked,
+        it gives their g matrices at once, shape (g, s, s).
+        """
         theta = np.asarray(theta)
         if theta.shape != (self.n_params,):
             raise ValueError(f"structure {self.name!r} over {self.n_visits} visits takes {self.n_params} "
@@ -95,17 +105,27 @@ class CovarianceStructure:
         if coords is None:
             return full
         index = np.asarray(coords, dtype=int)
-        return full[np.ix_(index, index)]
+        return full[index[..., :, None], index[..., None, :]]
 
-    def jacobian(self, theta: np.ndarray, coords: np.ndarray | None = None) -> np.ndarray:
-        """dΣ/dθ_k for every k, shape (k, s, s), by the complex step (exact to rounding, no truncation)."""
+    def jacobian(self, theta: np.ndarray, coords: np.ndarray | None = None, *, start: int = 0) -> np.ndarray:
+        """dΣ/dθ_k for k = ``start``, ..., shape (k, s, s) (or (k, g, s, s) for stacked ``coords``), by the
+        complex step (exact to rounding, no truncation)."""
         theta = np.asarray(theta, dtype=float)
+        if not self.spatial and coords is not None:  # differentiate the m × m matrix once, then pick
+            index = np.asarray(coords, dtype=int)
+            return self.jacobian(theta, start=start)[:, index[..., :, None], index[..., None, :]]
         rows = []
-        for k in range(theta.size):
+        for k in range(start, theta.size):
             shifted = theta.astype(complex)
             shifted[k] += 1j * _COMPLEX_STEP
             rows.append(self.covariance(shifted, coords).imag / _COMPLEX_STEP)
         return np.stack(rows)
+
+    def rescale(self, theta: np.ndarray, factor: float) -> np.ndarray:
+        """θ of the covariance factor² Σ(θ): the log standard deviations shifted by log ``factor``."""
+        out = np.array(theta, dtype=float)
+        out[:self.log_sd_count] += np.log(factor)
+        return out
 
     def start(self, empirical: np.ndarray) -> np.ndarray:
         """θ whose Σ is close to ``empirical`` (an m × m covariance, e.g. of OLS residuals; for ``sp_exp``
@@ -262,10 +282,11 @@ def antedependence_heterogeneous(theta: np.ndarray, m: int) -> np.ndarray:
 
 def spatial_exponential(theta: np.ndarray, times: np.ndarray) -> np.ndarray:
     """sp_exp, 2 parameters: Σ_ij = σ² exp(−|t_i − t_j| / φ) over the visit times t; θ = (log σ, log φ).
+    ``times`` (s,) or stacked (g, s).
 
     mmrm writes the correlation as ρ^d with ρ = exp(−1/φ) ∈ (0, 1); nlme's ``corExp`` uses the range φ.
     """
-    distance = np.abs(times[:, None] - times[None, :])
+    distance = np.abs(times[..., :, None] - times[..., None, :])
     return np.exp(2.0 * theta[0]) * np.exp(-distance * np.exp(-theta[1]))
 
 
@@ -274,6 +295,60 @@ _BUILDERS: dict[str, Callable[[np.ndarray, int], np.ndarray]] = {
     "ar1": autoregressive, "ar1h": autoregressive_heterogeneous, "toep": toeplitz,
     "toeph": toeplitz_heterogeneous, "ad": antedependence, "adh": antedependence_heterogeneous,
 }
+
+
+# ---------------------------------------------------------------------------------- reading θ aloud
+
+_DESCRIPTIONS = {
+    "us": "unstructured", "cs": "compound symmetry", "csh": "compound symmetry, heterogeneous variances",
+    "ar1": "AR(1)", "ar1h": "AR(1), heterogeneous variances", "toep": "Toeplitz",
+    "toeph": "Toeplitz, heterogeneous variances", "ad": "ante-dependence",
+    "adh": "ante-dependence, heterogeneous variances", "sp_exp": "spatial exponential (continuous time)",
+}
+
+
+def describe(name: str) -> str:
+    """The structure in words, as a comparison table reads it ("AR(1), heterogeneous variances")."""
+    parameter_count(name, 2)  # the unknown-name error
+    return _DESCRIPTIONS[name]
+
+
+def named_parameters(structure: CovarianceStructure, theta: np.ndarray) -> tuple[tuple[str, float], ...]:
+    """The structure's parameters on their natural scale, named as a statistician reads them, visits by
+    position 1..m: ("sigma", σ) for the homogeneous structures, ("sd[j]", σ_j) for the heterogeneous ones
+    and us; then the correlations: ("rho", ρ) for cs/csh/ar1/ar1h, ("rho[lag k]", ρ_k) for toep/toeph,
+    ("rho[j,j+1]", ρ) between adjacent visits for ad/adh, ("corr[i,j]", ρ_ij) below the diagonal for us
+    (row by row), ("range", φ) for sp_exp (corr = exp(−d/φ)). Their count is ``structure.n_params``.
+    """
+    theta = np.asarray(theta, dtype=float)
+    if theta.shape != (structure.n_params,):
+        raise ValueError(f"structure {structure.name!r} over {structure.n_visits} visits takes "
+                         f"{structure.n_params} parameters, got shape {theta.shape}")
+    name, m, k = structure.name, structure.n_visits, structure.log_sd_count
+    sds = np.exp(theta[:k])
+    scale = [("sigma", float(sds[0]))] if k == 1 else [(f"sd[{j + 1}]", float(sd)) for j, sd in enumerate(sds)]
+    rest = theta[k:]
+    correlations: list[tuple[str, float]]
+    if name == "sp_exp":
+        correlations = [("range", float(np.exp(rest[0])))]
+    elif name == "us":
+        corr = _correlation_of(structure.covariance(theta))
+        correlations = [(f"corr[{i + 1},{j + 1}]", float(corr[i, j])) for i in range(m) for j in range(i)]
+    elif name in ("cs", "csh"):
+        correlations = [("rho", float(compound_symmetry_correlation(rest, m)[1, 0]))]
+    elif name in ("ar1", "ar1h"):
+        correlations = [("rho", float(correlation_from(rest[0])))]
+    elif name in ("toep", "toeph"):
+        lags = autocorrelations(correlation_from(rest))
+        correlations = [(f"rho[lag {j + 1}]", float(r)) for j, r in enumerate(lags)]
+    else:  # ad, adh
+        correlations = [(f"rho[{j + 1},{j + 2}]", float(r)) for j, r in enumerate(correlation_from(rest))]
+    return tuple(scale + correlations)
+
+
+def _correlation_of(covariance: np.ndarray) -> np.ndarray:
+    sd = np.sqrt(np.diag(covariance))
+    return covariance / np.outer(sd, sd)
 
 
 # ------------------------------------------------------------------------------------------- starts
