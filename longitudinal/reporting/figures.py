@@ -19,6 +19,7 @@ import math
 import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Literal
 
 import matplotlib
 import numpy as np
@@ -27,11 +28,12 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.ticker import FixedFormatter, FixedLocator
 from scipy.special import ndtri
 
 from longitudinal.config import DataConfig, StudyConfig
-from longitudinal.records import Fit, Selection
+from longitudinal.records import Fit, ResidualCovariance, Selection
 
 FIGURE_KEYS: tuple[str, ...] = (
     "trajectories",
@@ -61,6 +63,23 @@ QQ_POINTS = 4_000
 
 CATERPILLAR_LEVELS = 60
 """Most levels a caterpillar panel shows one by one; above that, the lowest and highest halves."""
+
+STRUCTURE_FIGURE_KEYS: tuple[str, ...] = ("residual_covariance", "residual_correlation")
+"""Stems of the figures a study with covariance-structure candidates adds: the selected model's residual
+covariance (shown after ``coefficients``) and the residual correlation diagnostic (after
+``residuals_over_time``)."""
+
+ANNOTATED_VISITS = 12
+"""Most visits whose correlations the heatmap writes in its cells (and the report shows as tables)."""
+
+DISCRETE_TIMES = 30
+"""Up to this many distinct times, residual correlation is shown by lag in visits; above, by a semivariogram."""
+
+CorrelationKind = Literal["lag", "variogram"]
+"""How the residual correlation diagnostic shows serial correlation: by lag in visits, or by a semivariogram."""
+
+MAX_PAIRS = 2_000_000
+"""Most within-subject pairs of residuals the correlation diagnostic uses; above, a seeded sample of subjects."""
 
 
 
@@ -572,6 +591,140 @@ def _set_labelled_yticks(ax: Axes, ticks: Sequence[float], labels: Sequence[str]
     ax.yaxis.set_major_formatter(FixedFormatter(list(labels)))
 
 
+# ----------------------------------------------------------------------------- residual covariance
+
+
+def plot_residual_covariance(fit: Fit, time_label: str | None = None) -> Figure:
+    """The selected model's residual covariance structure, as a statistician reads it.
+
+    Over visits: a heatmap of the correlation matrix (diverging colours fixed to [−1, 1], the values written
+    in the cells up to :data:`ANNOTATED_VISITS` visits) and, for a structure with a variance per visit, the
+    residual SD at each visit beside it. For ``sp_exp``, whose labels are times: the correlation against the
+    time between two visits, exp(−d / range), with the study's own distances marked.
+    """
+    covariance = fit.covariance
+    if covariance is None or not len(covariance.labels):
+        return _message_figure("Residual covariance", f"{fit.name!r} has no residual covariance structure.")
+    if covariance.spatial:
+        return _plot_spatial_correlation(fit, covariance, time_label)
+    outcome = _outcome_of(fit.formula)
+    m = len(covariance.labels)
+    side = min(max(0.42 * m + 2.4, 4.6), 9.0)
+    with _style():
+        fig = _new_figure(side + (3.8 if covariance.heterogeneous else 1.2), side)
+        if covariance.heterogeneous:
+            heat, spread = fig.subplots(1, 2, gridspec_kw={"width_ratios": [side, 3.0]})
+        else:
+            heat, spread = fig.add_subplot(), None
+        _draw_correlation_heatmap(fig, heat, covariance)
+        if spread is not None:
+            _draw_sd_per_visit(spread, covariance, outcome)
+        fig.suptitle(f"Residual covariance of {_plain(_shorten(fit.name, 40))}: {_plain(covariance.description)} "
+                     f"({_plain(covariance.term)})")
+    return fig
+
+
+def _visit_ticks(labels: Sequence[str], most: int = 30) -> tuple[list[int], list[str]]:
+    """Positions and text of the visit ticks: every visit up to ``most``, else at most ``most`` evenly spaced."""
+    step = max(1, math.ceil(len(labels) / most))
+    positions = list(range(0, len(labels), step))
+    return positions, [_plain(_shorten(labels[i], 12)) for i in positions]
+
+
+def _set_visit_xticks(ax: Axes, positions: Sequence[int], texts: Sequence[str]) -> None:
+    """Visit labels under an axis: upright when short and few, else vertical (never slanted: slanted labels
+    crowd each other's boxes)."""
+    upright = len(positions) <= 8 and max((len(t) for t in texts), default=0) <= 4
+    ax.set_xticks(list(positions), list(texts), rotation=0 if upright else 90)
+
+
+def _draw_correlation_heatmap(fig: Figure, ax: Axes, covariance: ResidualCovariance) -> None:
+    correlation = covariance.correlation
+    m = correlation.shape[0]
+    # aspect "auto": the figure's size keeps the cells near square, and a fixed aspect would fight the layout
+    image = ax.imshow(correlation, cmap="RdBu_r", vmin=-1.0, vmax=1.0, interpolation="nearest", aspect="auto")
+    if m <= ANNOTATED_VISITS:
+        size = 8.0 if m <= 8 else 6.5
+        for i in range(m):
+            for j in range(m):
+                value = correlation[i, j]
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=size,
+                        color="white" if abs(value) > 0.6 else "#1d232a")
+    positions, texts = _visit_ticks(covariance.labels)
+    _set_visit_xticks(ax, positions, texts)
+    ax.set_yticks(positions, texts)
+    ax.grid(False)
+    ax.tick_params(length=0)
+    ax.set_xlabel(f"Visit ({_plain(covariance.visit)})")
+    ax.set_ylabel(f"Visit ({_plain(covariance.visit)})")
+    ax.set_title("Correlation of a subject's residuals between visits")
+    fig.colorbar(image, ax=ax, label="Correlation", shrink=0.85)
+
+
+def _draw_sd_per_visit(ax: Axes, covariance: ResidualCovariance, outcome: str) -> None:
+    sd = covariance.sd
+    x = np.arange(len(sd))
+    ax.plot(x, sd, color=_HIGHLIGHT, marker="o", markersize=4, linewidth=1.4)
+    positions, texts = _visit_ticks(covariance.labels, most=8)  # a narrow panel
+    _set_visit_xticks(ax, positions, texts)
+    ax.set_ylim(0, float(np.nanmax(sd)) * 1.15 if np.isfinite(sd).any() else 1.0)
+    ax.set_xlabel(f"Visit ({_plain(covariance.visit)})")
+    ax.set_ylabel(f"Residual SD ({_plain(outcome)} units)")
+    ax.set_title("Residual SD per visit")
+
+
+def structure_range(covariance: ResidualCovariance) -> float:
+    """The range φ of an exponential spatial structure (corr = exp(−d/φ)): its parameter named "range", or,
+    without one, recovered from the correlation matrix at the largest time distance. NaN if neither."""
+    for name, value in covariance.parameters:
+        if name.lower() == "range":
+            return float(value)
+    times = pd.to_numeric(pd.Series(covariance.labels), errors="coerce").to_numpy(float)
+    correlation = covariance.correlation
+    if times.size < 2 or not np.isfinite(times).all():
+        return math.nan
+    i, j = np.triu_indices(times.size, k=1)
+    distance, corr = np.abs(times[i] - times[j]), correlation[i, j]
+    usable = (distance > 0) & (corr > 0) & (corr < 1)
+    if not usable.any():
+        return math.nan
+    far = np.argmax(np.where(usable, distance, -np.inf))
+    return float(-distance[far] / math.log(corr[far]))
+
+
+def _plot_spatial_correlation(fit: Fit, covariance: ResidualCovariance, time_label: str | None) -> Figure:
+    times = pd.to_numeric(pd.Series(covariance.labels), errors="coerce").to_numpy(float)
+    correlation = covariance.correlation
+    phi = structure_range(covariance)
+    i, j = np.triu_indices(times.size, k=1)
+    distance = np.abs(times[i] - times[j])
+    observed = np.isfinite(distance)
+    far = float(distance[observed].max()) if observed.any() else math.nan
+    if not math.isfinite(far) or far <= 0:
+        far = 3.0 * phi if math.isfinite(phi) and phi > 0 else 1.0
+    label = _plain(time_label or covariance.visit)
+    with _style():
+        fig = _new_figure(7.5, 4.4)
+        ax = fig.add_subplot()
+        if math.isfinite(phi) and phi > 0:
+            grid = np.linspace(0.0, far, 200)
+            ax.plot(grid, np.exp(-grid / phi), color=_HIGHLIGHT, linewidth=1.8, label=f"exp(−d / {phi:.3g})")
+            if phi <= far:
+                ax.axvline(phi, color=_MUTED, linewidth=0.9, linestyle=":",
+                           label=f"range {phi:.3g}: correlation e⁻¹ ≈ 0.37")
+        if observed.any():
+            ax.scatter(distance[observed], correlation[i, j][observed], s=12, color=_SMOOTH, zorder=3,
+                       label="between the study's times", linewidths=0)
+        ax.set_ylim(0.0, 1.05)
+        ax.set_xlim(0.0, far * 1.02)
+        ax.legend(loc="upper right", frameon=False)
+        ax.set_title(f"Residual correlation of {_plain(_shorten(fit.name, 40))}: {_plain(covariance.description)} "
+                     f"({_plain(covariance.term)})")
+        ax.set_xlabel(f"Time between two visits of a subject, d ({label})")
+        ax.set_ylabel("Correlation of the residuals")
+    return fig
+
+
 # ------------------------------------------------------------------------------------ diagnostics
 
 
@@ -632,14 +785,20 @@ def plot_qq(fit: Fit) -> Figure:
     The line is R's ``qqline``: it judges the shape (tails, skew) rather than the scale, since
     conditional residuals are shrunk and spread a little less than σ̂.
 
+    A fit with a residual covariance structure plots its normalized residuals instead (nlme's
+    ``qqnorm(fit, ~ resid(., type = "n"))``): whitened by the fitted covariance, they are the ones that
+    should be independent N(0, 1).
+
     Plotting positions (i − 0.5)/n; with many rows, at most a few thousand evenly spaced order
     statistics are drawn (always including both extremes). NaN residuals are dropped.
     """
     _, residuals = _aligned(fit)
+    whitened = fit.normalized_residuals.size > 0
+    residuals = normalized_residuals(fit) if whitened else residuals
     residuals = residuals[np.isfinite(residuals)]
     if residuals.size < 2:
         return _message_figure("Normal QQ plot of residuals", f"{fit.name!r} has too few residuals to draw.")
-    scale = fit.residual_sd if math.isfinite(fit.residual_sd) and fit.residual_sd > 0 \
+    scale = 1.0 if whitened else fit.residual_sd if math.isfinite(fit.residual_sd) and fit.residual_sd > 0 \
         else float(np.std(residuals, ddof=1))
     ordered = np.sort(residuals / scale)
     n = ordered.size
@@ -656,9 +815,11 @@ def plot_qq(fit: Fit) -> Figure:
         ax.plot([-edge, edge], [intercept - slope * edge, intercept + slope * edge], color=_SMOOTH,
                 linewidth=1.2, label="normal line through the quartiles")
         ax.legend(loc="upper left", frameon=False)
-        ax.set_title(f"Normal QQ plot of standardized residuals ({_plain(_shorten(fit.name, 40))})")
+        which = "normalized" if whitened else "standardized"
+        ax.set_title(f"Normal QQ plot of {which} residuals ({_plain(_shorten(fit.name, 40))})")
         ax.set_xlabel("Theoretical N(0, 1) quantile")
-        ax.set_ylabel("Standardized residual (residual / σ̂)")
+        ax.set_ylabel("Normalized residual (whitened by the fitted covariance)" if whitened
+                      else "Standardized residual (residual / σ̂)")
     return fig
 
 
@@ -712,8 +873,9 @@ def plot_observed_vs_fitted(
 ) -> Figure:
     """Small multiples for a seeded sample of subjects: observed points and the fitted trajectory.
 
-    Fitted values are conditional (fixed effects plus the subject's predicted random effects) and
-    must align positionally with ``visits``. Panels share both axes so subjects compare at a glance.
+    Fitted values are conditional (fixed effects plus the subject's predicted random effects; the fixed
+    effects alone for a model without random effects) and must align positionally with ``visits``. Panels
+    share both axes so subjects compare at a glance.
     """
     fitted, _ = _aligned(fit)
     if fitted.size == 0:
@@ -734,6 +896,8 @@ def plot_observed_vs_fitted(
         "fitted": fitted[rows],
     })
     sample = names[chosen].astype(str)
+    fitted_label = ("fitted (fixed effects + the subject's random effects)" if fit.random_effects or fit.covariance is None
+                    else "fitted (fixed effects; the model has no random effects)")
     ncols = min(4, max(len(sample), 1))
     nrows = max(math.ceil(len(sample) / ncols), 1)
     with _style():
@@ -741,8 +905,7 @@ def plot_observed_vs_fitted(
         axes = fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False)
         for ax, sid, code in zip(axes.ravel(), sample, chosen, strict=False):
             part = data[data["code"] == code].sort_values("time", kind="stable")
-            ax.plot(part["time"], part["fitted"], color=_SMOOTH, linewidth=1.5,
-                    label="fitted (fixed effects + the subject's random effects)")
+            ax.plot(part["time"], part["fitted"], color=_SMOOTH, linewidth=1.5, label=fitted_label)
             ax.plot(part["time"], part["observed"], "o", color=_HIGHLIGHT, markersize=4, label="observed")
             ax.set_title(_plain(_shorten(sid, 22)), fontsize=8.5)
         for index, ax in enumerate(axes.ravel()):
@@ -760,46 +923,279 @@ def plot_observed_vs_fitted(
     return fig
 
 
+# ------------------------------------------------------------------------- residual correlation
+
+
+def normalized_residuals(fit: Fit) -> np.ndarray:
+    """nlme's normalized residuals of ``fit``, rows as its residuals (empty when it has none).
+
+    ``fit.normalized_residuals`` when the engine gave them (a structured candidate: the residuals whitened
+    by the fitted residual covariance); else residuals / σ̂, nlme's normalized residuals of a fit without a
+    correlation structure (the conditional residuals of an lme4-style fit, scaled). Without a finite σ̂,
+    the residuals' own SD scales them.
+    """
+    if fit.normalized_residuals.size:
+        return np.asarray(fit.normalized_residuals, dtype=float)
+    residuals = np.asarray(fit.residuals, dtype=float)
+    if math.isfinite(fit.residual_sd) and fit.residual_sd > 0:
+        return residuals / fit.residual_sd
+    finite = residuals[np.isfinite(residuals)]
+    return residuals / float(np.std(finite, ddof=1)) if finite.size > 1 else residuals
+
+
+def _within_subject_pairs(codes: np.ndarray, order: np.ndarray, max_pairs: int, seed: int
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """Every pair (i, j) of rows of one subject, i before j in ``order``, as two index arrays; rows with a
+    negative code take no part. Above ``max_pairs`` pairs, the pairs of a seeded sample of subjects (as many
+    as fit).
+
+    Built in O(pairs): the rows sorted by subject then ``order``, each row repeated once per later row of
+    its subject.
+    """
+    rows = np.flatnonzero(codes >= 0)
+    sizes = np.bincount(codes[rows]) if rows.size else np.zeros(0, dtype=np.int64)
+    pairs_of = sizes * (sizes - 1) // 2
+    if pairs_of.sum() > max_pairs:
+        shuffled = np.random.default_rng(seed).permutation(np.flatnonzero(sizes > 1))
+        within = np.cumsum(pairs_of[shuffled]) <= max_pairs
+        kept = shuffled[: max(int(within.sum()), 1)]
+        chosen = np.zeros(sizes.size, dtype=bool)
+        chosen[kept] = True
+        rows = rows[chosen[codes[rows]]]
+    rows = rows[np.lexsort((order[rows], codes[rows]))]
+    group = codes[rows]
+    starts = np.flatnonzero(np.diff(group, prepend=-1) != 0)
+    block = np.repeat(starts, np.diff(np.append(starts, rows.size)))
+    later = sizes[group] - (np.arange(rows.size) - block) - 1
+    first = np.repeat(np.arange(rows.size), later)
+    step = np.arange(first.size) - np.repeat(np.cumsum(later) - later, later) + 1
+    return rows[first], rows[first + step]
+
+
+def visit_positions(times: np.ndarray) -> np.ndarray:
+    """Each row's visit as its position among the sorted distinct times (0, 1, ...; −1 where missing):
+    the visit order of a visit structure, in which lag k means k visits apart."""
+    positions = np.full(times.shape, -1, dtype=np.int64)
+    finite = np.isfinite(times)
+    levels = np.unique(times[finite])
+    positions[finite] = np.searchsorted(levels, times[finite])
+    return positions
+
+
+def lag_correlation(residuals: np.ndarray, subjects: np.ndarray | pd.Series, positions: np.ndarray, *,
+                    max_pairs: int = MAX_PAIRS, seed: int = 0) -> pd.DataFrame:
+    """The within-subject correlation of residuals by lag in visit positions (nlme's ``ACF`` over visits).
+
+    For lag k, over every pair (a, b) of a subject's rows k visit positions apart:
+    r_k = Σ e_a e_b / √(Σ e_a² Σ e_b²), uncentered since normalized residuals have mean zero and unit
+    variance (then r_k estimates their correlation at lag k; ≈ 0 at every lag when the model captures the
+    serial correlation). Rows with a missing residual, subject or position are left out; a subject's missed
+    visit leaves a gap, so its neighbours pair at lag 2. Columns ``lag``, ``correlation``, ``pairs``, lags
+    with at least one pair, ascending. Above ``max_pairs`` pairs, a seeded sample of subjects gives them.
+    """
+    e = np.asarray(residuals, dtype=float)
+    codes, _ = pd.factorize(pd.Series(subjects), use_na_sentinel=True)
+    codes = np.where(np.isfinite(e) & (positions >= 0), codes, -1)
+    first, second = _within_subject_pairs(codes, positions, max_pairs, seed)
+    lag = positions[second] - positions[first]
+    keep = lag > 0  # the same visit twice is a duplicate, not a pair of visits
+    lag, a, b = lag[keep], e[first[keep]], e[second[keep]]
+    if lag.size == 0:
+        return pd.DataFrame({"lag": np.zeros(0, int), "correlation": np.zeros(0), "pairs": np.zeros(0, int)})
+    products = np.bincount(lag, weights=a * b)
+    squares_a, squares_b = np.bincount(lag, weights=a * a), np.bincount(lag, weights=b * b)
+    pairs = np.bincount(lag)
+    present = np.flatnonzero(pairs > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        correlation = products[present] / np.sqrt(squares_a[present] * squares_b[present])
+    return pd.DataFrame({"lag": present, "correlation": correlation, "pairs": pairs[present]})
+
+
+def semivariogram(residuals: np.ndarray, subjects: np.ndarray | pd.Series, times: np.ndarray, *,
+                  max_pairs: int = MAX_PAIRS, seed: int = 0) -> pd.DataFrame:
+    """The empirical semivariogram of residuals within subjects (nlme's ``Variogram``, collapsed by quantiles).
+
+    Over every pair of a subject's rows at different times: the distance d = |t_a − t_b| and
+    γ = ½ (e_a − e_b)²; γ averaged per distinct distance when they are few (≤ 25), else per bin of 20
+    quantile bins of d. For normalized residuals γ ≈ 1 at every distance when there is no serial
+    correlation left; a curve rising towards 1 from below means neighbouring times are correlated.
+    Columns ``distance`` (mean d of the bin), ``semivariance``, ``pairs``. Rows with a missing residual,
+    subject or time are left out; above ``max_pairs`` pairs, a seeded sample of subjects gives them.
+    """
+    e = np.asarray(residuals, dtype=float)
+    t = np.asarray(times, dtype=float)
+    codes, _ = pd.factorize(pd.Series(subjects), use_na_sentinel=True)
+    codes = np.where(np.isfinite(e) & np.isfinite(t), codes, -1)
+    first, second = _within_subject_pairs(codes, t, max_pairs, seed)
+    distance = np.abs(t[second] - t[first])
+    keep = distance > 0
+    half_squares = 0.5 * (e[first[keep]] - e[second[keep]]) ** 2
+    means = _binned_means(distance[keep], half_squares)
+    return pd.DataFrame({"distance": means["x"].to_numpy(float), "semivariance": means["mean"].to_numpy(float),
+                         "pairs": means["n"].to_numpy(int)})
+
+
+def residual_correlation_kind(times: np.ndarray, covariance: ResidualCovariance | None) -> CorrelationKind:
+    """"lag" (correlation by lag in visits) for a visit structure or a time column of at most
+    :data:`DISCRETE_TIMES` distinct values; "variogram" (semivariogram by distance) for continuous times."""
+    if covariance is not None and not covariance.spatial:
+        return "lag"
+    t = np.asarray(times, dtype=float)
+    return "lag" if np.unique(t[np.isfinite(t)]).size <= DISCRETE_TIMES else "variogram"
+
+
+def serial_diagnostic_fits(selected: Fit, fits: Sequence[Fit], criterion: str) -> list[tuple[str, Fit]]:
+    """The fits the residual correlation diagnostic compares, each with its role: the selected model (its
+    REML refit, or its ML fit when the refit has no residuals), then the best usable candidate without
+    serial correlation by ``criterion`` ("aic" or "bic"; fewer parameters on a tie) when that is another
+    candidate. "Without serial correlation": no covariance structure, or one outside
+    :data:`~longitudinal.records.SERIAL_STRUCTURES` (cs, csh)."""
+    chosen = selected if selected.residuals.size else next(
+        (f for f in fits if f.name == selected.name and f.residuals.size), None)
+    out = [("selected", chosen)] if chosen is not None else []
+    plain = [f for f in fits if f.usable and f.residuals.size and (f.covariance is None or not f.covariance.serial)]
+    if plain:
+        best = min(plain, key=lambda f: (f.aic if criterion == "aic" else f.bic, f.n_params))
+        if best.name != selected.name:
+            out.append(("best without serial correlation", best))
+    return out
+
+
+def plot_residual_correlation(
+    fits: Sequence[tuple[str, Fit]], visits: pd.DataFrame, subject: str, time: str, *, kind: CorrelationKind = "lag",
+    time_label: str | None = None, max_pairs: int = MAX_PAIRS, seed: int = 0,
+) -> Figure:
+    """Serial correlation left in the normalized residuals (:func:`normalized_residuals`), one line per fit.
+
+    ``fits`` are (role, fit) pairs (see :func:`serial_diagnostic_fits`), residuals aligned with the rows of
+    ``visits``. ``kind`` "lag": the correlation by lag in visits (:func:`lag_correlation`) with a zero line
+    and a ±2/√pairs band, the spread of a correlation that is zero; "variogram": the semivariogram by time
+    distance (:func:`semivariogram`) with its no-serial-correlation level γ = 1.
+    """
+    title = ("Within-subject correlation of normalized residuals by lag" if kind == "lag"
+             else "Semivariogram of normalized residuals within subjects")
+    times = visits[time].to_numpy(float)
+    curves = []
+    for role, fit in fits:
+        e = normalized_residuals(fit)
+        if e.size == 0:
+            continue
+        if e.size != len(visits):
+            raise ValueError(f"fit {fit.name!r} has {e.size} residuals but the visits have {len(visits)} rows; "
+                             "pass the rows the candidate was fitted on, in the same order")
+        if kind == "lag":
+            table = lag_correlation(e, visits[subject], visit_positions(times), max_pairs=max_pairs, seed=seed)
+        else:
+            table = semivariogram(e, visits[subject], times, max_pairs=max_pairs, seed=seed)
+        if len(table):
+            curves.append((f"{_plain(_shorten(fit.name, 32))} ({role}, {fit.method})", table))
+    if not curves:
+        return _message_figure(title, "No within-subject pairs of residuals to compare.")
+    with _style():
+        fig = _new_figure(7.5, 4.6)
+        ax = fig.add_subplot()
+        if kind == "lag":
+            _draw_lag_correlation(ax, curves)
+        else:
+            _draw_semivariogram(ax, curves, _plain(time_label or time))
+        ax.set_title(title)
+    return fig
+
+
+def _draw_lag_correlation(ax: Axes, curves: Sequence[tuple[str, pd.DataFrame]]) -> None:
+    reference = curves[0][1]
+    lags = reference["lag"].to_numpy(float)
+    band = 2.0 / np.sqrt(reference["pairs"].to_numpy(float))
+    bars = ax.bar(lags, 2 * band, bottom=-band, width=0.5, color="#d7dce1", alpha=0.8, linewidth=0,
+                  label="±2/√pairs: zero correlation")
+    ax.axhline(0.0, color="#333333", linewidth=0.9, linestyle="--")
+    width = 0.08
+    lines: list[Line2D] = []
+    for index, (label, table) in enumerate(curves):
+        shift = (index - (len(curves) - 1) / 2) * width
+        lines += ax.plot(table["lag"].to_numpy(float) + shift, table["correlation"], marker="o", markersize=4.5,
+                         linewidth=1.4, color=PALETTE[index % len(PALETTE)], label=label)
+    values = np.concatenate([t["correlation"].to_numpy(float) for _, t in curves] + [band])
+    top = float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 1.0
+    limit = min(1.05, max(0.25, 1.25 * top))
+    ax.set_ylim(-limit, limit * 1.35)  # headroom above for the legend
+    if lags.size <= 12:
+        ax.set_xticks(lags, [f"{int(k)}\n{int(n):,}" for k, n in zip(lags, reference["pairs"], strict=True)])
+        ax.set_xlabel("Lag: visits apart (under each lag, its number of pairs)")
+    else:
+        ax.set_xlabel("Lag: visits apart")
+    ax.set_xlim(lags.min() - 0.5, lags.max() + 0.5)
+    ax.set_ylabel("Correlation of normalized residuals")
+    ax.legend(handles=[*lines, bars], loc="upper right", frameon=False)
+
+
+def _draw_semivariogram(ax: Axes, curves: Sequence[tuple[str, pd.DataFrame]], time_label: str) -> None:
+    ax.axhline(1.0, color="#333333", linewidth=0.9, linestyle="--", label="γ = 1: no serial correlation")
+    top = 1.0
+    for index, (label, table) in enumerate(curves):
+        ax.plot(table["distance"], table["semivariance"], marker="o", markersize=4, linewidth=1.4,
+                color=PALETTE[index % len(PALETTE)], label=label)
+        top = max(top, float(np.nanmax(table["semivariance"])))
+    ax.set_ylim(0.0, top * 1.35)
+    ax.set_xlim(left=0.0)
+    ax.set_xlabel(f"Time between two visits of a subject ({time_label})")
+    ax.set_ylabel("Semivariance γ of normalized residuals")
+    ax.legend(loc="upper right", frameon=False)
+
+
 # ----------------------------------------------------------------------------------------- all
 
 
 def figure_builders(
     visits: pd.DataFrame, config: StudyConfig, selection: Selection, selected: Fit, *,
-    max_subjects: int = 200, n_panels: int = 12, seed: int = 0,
+    fits: Sequence[Fit] = (), max_subjects: int = 200, n_panels: int = 12, seed: int = 0,
 ) -> dict[str, Callable[[], Figure]]:
-    """Every report figure as a builder to call, keyed by its file stem (see :data:`FIGURE_KEYS`), in
-    report order (:func:`build_figures` calls them).
+    """Every report figure as a builder to call, keyed by its file stem, in report order
+    (:func:`build_figures` calls them): those of :data:`FIGURE_KEYS`, and those of
+    :data:`STRUCTURE_FIGURE_KEYS` when candidates have a covariance structure: the residual covariance
+    when the selected model has one, the residual correlation diagnostic when any of ``fits`` (the ML fits
+    of every candidate) or the selected model has one.
 
     ``selected`` is the REML refit of the chosen candidate; its ``fitted`` and ``residuals`` align with
-    the rows of ``visits``. Trajectories are coloured by the first text column with 2–6 levels among
-    the selected formula's fixed-effect columns (e.g. a treatment arm), if any.
+    the rows of ``visits``, as those of ``fits`` do. Trajectories are coloured by the first text column with
+    2–6 levels among the selected formula's fixed-effect columns (e.g. a treatment arm), if any.
     """
     roles = config.data
     roles_used = (*roles.subject_columns, roles.subject_key, roles.time, roles.outcome)
     group = choose_group_column(visits, selected.formula, exclude=roles_used)
     time_values = visits[roles.time].to_numpy(float) if len(selected.residuals) else np.empty(0)
     time_label = time_axis_label(roles)
-    return {
+    builders: dict[str, Callable[[], Figure]] = {
         "trajectories": lambda: plot_trajectories(visits, roles.subject_key, roles.time, roles.outcome, group=group,
                                                   max_subjects=max_subjects, seed=seed, time_label=time_label),
         "model_comparison": lambda: plot_model_comparison(selection),
         "coefficients": lambda: plot_coefficients(selected, roles),
+    }
+    if selected.covariance is not None:
+        builders["residual_covariance"] = lambda: plot_residual_covariance(selected, time_label=time_label)
+    builders |= {
         "random_effects": lambda: plot_random_effects(selected),
         "caterpillar": lambda: plot_caterpillar(selected),
         "residuals_vs_fitted": lambda: plot_residuals_vs_fitted(selected),
         "qq": lambda: plot_qq(selected),
         "residuals_over_time": lambda: plot_residuals_over_time(selected, time_values, time_label=time_label),
-        "observed_vs_fitted": lambda: plot_observed_vs_fitted(visits, selected, roles.subject_key, roles.time,
-                                                              roles.outcome, n_subjects=n_panels, seed=seed,
-                                                              time_label=time_label),
     }
+    if selected.covariance is not None or any(f.covariance is not None for f in fits):
+        compared = serial_diagnostic_fits(selected, fits, selection.criterion)
+        kind = residual_correlation_kind(visits[roles.time].to_numpy(float), selected.covariance)
+        builders["residual_correlation"] = lambda: plot_residual_correlation(
+            compared, visits, roles.subject_key, roles.time, kind=kind, time_label=time_label, seed=seed)
+    builders["observed_vs_fitted"] = lambda: plot_observed_vs_fitted(
+        visits, selected, roles.subject_key, roles.time, roles.outcome, n_subjects=n_panels, seed=seed,
+        time_label=time_label)
+    return builders
 
 
 def build_figures(
     visits: pd.DataFrame, config: StudyConfig, selection: Selection, selected: Fit, *,
-    max_subjects: int = 200, n_panels: int = 12, seed: int = 0,
+    fits: Sequence[Fit] = (), max_subjects: int = 200, n_panels: int = 12, seed: int = 0,
 ) -> dict[str, Figure]:
     """Every report figure, built, keyed by its file stem in report order (see :func:`figure_builders`)."""
-    builders = figure_builders(visits, config, selection, selected, max_subjects=max_subjects, n_panels=n_panels,
-                               seed=seed)
+    builders = figure_builders(visits, config, selection, selected, fits=fits, max_subjects=max_subjects,
+                               n_panels=n_panels, seed=seed)
     return {stem: build() for stem, build in builders.items()}

@@ -13,13 +13,22 @@ import base64
 import html
 import json
 import math
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
-from longitudinal.records import Fit, LikelihoodRatioTest, ReportInputs, Selection, Validated
-from longitudinal.reporting.figures import CATERPILLAR_LEVELS, QQ_POINTS, time_axis_label, with_time_unit
+from longitudinal.records import Fit, LikelihoodRatioTest, ReportInputs, ResidualCovariance, Selection, Validated
+from longitudinal.reporting.figures import (
+    ANNOTATED_VISITS,
+    CATERPILLAR_LEVELS,
+    QQ_POINTS,
+    residual_correlation_kind,
+    serial_diagnostic_fits,
+    time_axis_label,
+    with_time_unit,
+)
 
 QUARANTINE_ROWS_SHOWN = 20
 #: A share of quarantined rows above this is called out at the top of the report, not only counted.
@@ -231,7 +240,9 @@ def _summary(inputs: ReportInputs, per_subject: np.ndarray) -> str:
         f"Of {n_total} candidate model{'s' if n_total != 1 else ''} fitted by maximum likelihood, "
         f"{verdict}; <strong>{esc(selection.selected)}</strong> "
         f"(<code>{esc(selected.formula)}</code>) was selected as the one with the lowest {esc(criterion)}.",
-        "Its estimates below come from a REML refit of that formula.",
+        "Its estimates below come from a REML refit of that formula."
+        + (f" Its residual covariance within subjects is {esc(selected.covariance.description)} "
+           f"(<code>{esc(selected.covariance.term)}</code>)." if selected.covariance is not None else ""),
         f"The analysis used {validated.rows_analysed:,} rows from {subjects:,} subjects; "
         + (f"{validated.rows_quarantined:,} of the {validated.rows_read:,} rows read were quarantined "
            "and are listed with their reasons in section 1." if validated.rows_quarantined
@@ -363,15 +374,20 @@ def _comparison_section(inputs: ReportInputs, figures: Mapping[str, bytes]) -> s
     table = selection.table
     n_obs = inputs.validated.rows_analysed
     aicc = selection.aicc
-    headers = ["Model", "Formula", "Fit", "k", "logLik", "AIC", "AICc", "BIC", "ΔAIC", "ΔBIC",
-               "AIC weight", "BIC weight"]
+    structured = any(_has_structure(f.formula, f.covariance) for f in inputs.fits)
+    by_name = {f.name: f for f in inputs.fits}
+    headers = ["Model", "Formula", *(["Covariance"] if structured else []), "Fit", "k", "logLik", "AIC", "AICc",
+               "BIC", "ΔAIC", "ΔBIC", "AIC weight", "BIC weight"]
     rows, classes = [], []
     for _, row in table.iterrows():
         chosen = str(row.get("model")) == selection.selected
+        fit = by_name.get(str(row.get("model")))
+        covariance = _txt(describe_covariance(str(row.get("formula", "")), fit.covariance if fit else None))
         rows.append([
             (f'<strong>{esc(row.get("model"))}</strong><br><span class="chosen">✔ selected</span>' if chosen
              else esc(row.get("model")), ""),
             (f"<code>{esc(row.get('formula', ''))}</code>", "formula"),
+            *([covariance] if structured else []),
             _fit_status(row.get("converged"), row.get("singular"), row.get("loglik")),
             _num(format_number(_as_int(row.get("n_params")))),
             _num(format_fixed(row.get("loglik"))),
@@ -396,6 +412,14 @@ def _comparison_section(inputs: ReportInputs, figures: Mapping[str, bytes]) -> s
         "small-sample correction (Hurvich &amp; Tsai 1989), is shown for reference and not used in the "
         "selection; it departs from AIC only when n is not much larger than k.</p>"
     )
+    if structured:
+        explain += (
+            "<p>For a candidate with a residual covariance structure (<code>us(visit | id)</code>, "
+            "<code>ar1(t | id)</code>, ...), k = fixed effects + random-effect (co)variance parameters + the "
+            "structure's parameters, its variances included, as nlme's and mmrm's logLik df count; so its AIC "
+            "and BIC compare with those of the other candidates on the same rows. The Covariance column says "
+            "what correlates a subject's measurements in each candidate: random effects, a structured residual "
+            "covariance, or both.</p>")
     failed = [f for f in inputs.fits if not f.usable]
     failed_html = ""
     if failed:
@@ -554,7 +578,11 @@ def _selected_section(inputs: ReportInputs, figures: Mapping[str, bytes]) -> str
         ("Groups (subjects)", esc(f"{fit.n_subjects:,}")),
         ("Time", esc(time_axis_label(inputs.config.data))),
         ("REML criterion at convergence", esc(format_fixed(fit.reml_criterion))),
-        ("Residual SD", esc(format_number(fit.residual_sd))),
+        *([("Residual covariance", f"{esc(fit.covariance.description)} (<code>{esc(fit.covariance.term)}</code>)")]
+          if fit.covariance is not None else []),
+        ("Residual SD", esc("per visit (see the residual covariance below)"
+                            if fit.covariance is not None and fit.covariance.heterogeneous
+                            else format_number(fit.residual_sd))),
     ]))
     fixed_rows = []
     for fe in fit.fixed_effects:
@@ -572,20 +600,123 @@ def _selected_section(inputs: ReportInputs, figures: Mapping[str, bytes]) -> str
                          "the dashed line marks zero."))
     random_rows = [[_txt(vc.group), _code(vc.term), _num(format_number(vc.sd)), _num(format_number(vc.sd ** 2))]
                    for vc in fit.random_effects]
-    random_rows.append([_txt("Residual"), _txt(""), _num(format_number(fit.residual_sd)),
-                        _num(format_number(fit.residual_sd ** 2))])
+    if fit.covariance is None:
+        random_rows.append([_txt("Residual"), _txt(""), _num(format_number(fit.residual_sd)),
+                            _num(format_number(fit.residual_sd ** 2))])
     parts.append("<h3>Random effects</h3>")
-    parts.append(_table(["Group", "Term", "SD", "Variance"], random_rows))
+    if random_rows:
+        parts.append(_table(["Group", "Term", "SD", "Variance"], random_rows))
+    else:
+        parts.append('<p class="note">None: a subject\'s measurements are correlated through the residual '
+                     "covariance alone (below).</p>")
     if fit.correlations:
         corr_rows = [[_txt(c.group), _code(c.term1), _code(c.term2), _num(format_fixed(c.corr, 3))]
                      for c in fit.correlations]
         parts.append("<h3>Random-effect correlations</h3>")
         parts.append(_table(["Group", "Term 1", "Term 2", "Correlation"], corr_rows))
+    if fit.covariance is not None:
+        parts.append(_covariance_block(fit, fit.covariance, figures))
     return "\n".join(parts)
 
 
+_STRUCTURE_TERM = re.compile(r"\b[A-Za-z_][A-Za-z0-9_.]*\([^()]*\|[^()]*\)")
+"""A covariance-structure term as written in a formula, ``us(visit | id)``: a call whose argument has a bar."""
+
+
+def _random_effect_terms(formula: str) -> list[str]:
+    """The random-effect terms of ``formula`` as written (``(1 | id)``, ``(week || site/pid)``): the
+    parenthesized groups with a bar that are not calls, covariance-structure terms left out."""
+    right = _STRUCTURE_TERM.sub(" ", formula.split("~", 1)[-1])
+    terms, depth, start = [], 0, 0
+    for index, char in enumerate(right):
+        if char == "(":
+            start, depth = (index, 1) if depth == 0 else (start, depth + 1)
+        elif char == ")" and depth:
+            depth -= 1
+            before = right[:start].rstrip()
+            called = bool(before) and (before[-1].isalnum() or before[-1] in "_.")
+            if depth == 0 and "|" in right[start:index] and not called:
+                terms.append(" ".join(right[start:index + 1].split()))
+    return terms
+
+
+def _has_structure(formula: str, covariance: ResidualCovariance | None) -> bool:
+    return covariance is not None or bool(_STRUCTURE_TERM.search(formula.split("~", 1)[-1]))
+
+
+def describe_covariance(formula: str, covariance: ResidualCovariance | None) -> str:
+    """What correlates a subject's measurements in a candidate, in a few words: "random effects (1 | id);
+    residuals: AR(1) (ar1(t | id), 2 parameters)", "residuals: unstructured (us(visit | id), 21 parameters)",
+    "random effects (week | pid); independent residuals". From the fitted ``covariance`` when there is one,
+    else from the formula (a failed fit records none: its structure term is named as written)."""
+    bars = _random_effect_terms(formula)
+    parts = [f"random effects {' + '.join(bars)}"] if bars else []
+    written = _STRUCTURE_TERM.findall(formula.split("~", 1)[-1])
+    if covariance is not None:
+        parts.append(f"residuals: {covariance.description} ({covariance.term}, "
+                     f"{covariance.n_params} parameter{'s' if covariance.n_params != 1 else ''})")
+    elif written:
+        parts.append(f"residuals: {' '.join(written[0].split())}")
+    else:
+        parts.append("independent residuals")
+    return "; ".join(parts)
+
+
+def _covariance_block(fit: Fit, covariance: ResidualCovariance, figures: Mapping[str, bytes]) -> str:
+    """The selected model's residual covariance: what it is, its figure, its matrices (up to
+    :data:`ANNOTATED_VISITS` visits), its parameters and, with a variance per visit, the SD at each visit."""
+    m = len(covariance.labels)
+    over = "times" if covariance.spatial else "visits"
+    whole = ("With the random effects above, the covariance of a subject's measurements is Z G Zᵀ plus this "
+             "matrix; shown here is the residual part, as nlme reports it." if fit.random_effects else
+             "Without random effects this is the whole covariance of a subject's repeated measurements (the R "
+             "matrix of SAS PROC MIXED, mmrm's covariance).")
+    parts = [
+        f"<h3>Residual covariance: {esc(covariance.description)} (<code>{esc(covariance.term)}</code>)</h3>",
+        f"<p>The covariance of a subject's residuals at the {m:,} {over} of <code>{esc(covariance.visit)}</code>, "
+        f"estimated by {esc(fit.method)} with {covariance.n_params:,} parameter"
+        f"{'s' if covariance.n_params != 1 else ''}. {esc(whole)}</p>",
+    ]
+    if covariance.spatial:
+        caption = ("Correlation of two residuals of a subject against the time between them, exp(−d / range) "
+                   "(nlme's corExp): the dots are the pairs of the study's distinct times.")
+    else:
+        caption = ("Correlation of a subject's residuals between visits (red positive, blue negative, white 0)"
+                   + (", with the residual SD at each visit beside it" if covariance.heterogeneous else "") + ".")
+    parts.append(_figure(figures, "residual_covariance", caption))
+    if m <= ANNOTATED_VISITS:
+        parts.append(_matrix_table(covariance.labels, covariance.matrix, format_number,
+                                   f"Covariance matrix ({over} of {covariance.visit})"))
+        parts.append(_matrix_table(covariance.labels, covariance.correlation, lambda v: format_fixed(v, 3),
+                                   f"Correlation matrix ({over} of {covariance.visit})"))
+    else:
+        parts.append(f'<p class="note">Over {m:,} {over} the matrices are too large to read as tables; the figure '
+                     "shows the correlations, and <code>selected_model.json</code> holds both matrices "
+                     "(<code>covariance.matrix</code>, <code>covariance.correlation</code>).</p>")
+    parts.append(_table(["Parameter", "Estimate"],
+                        [[_code(name), _num(format_number(value))] for name, value in covariance.parameters],
+                        caption="Covariance parameters"))
+    if covariance.heterogeneous:
+        parts.append(_table(["Visit", "SD", "Variance"],
+                            [[_txt(label), _num(format_number(sd)), _num(format_number(sd ** 2))]
+                             for label, sd in zip(covariance.labels, covariance.sd, strict=True)],
+                            caption="Residual SD and variance per visit"))
+    return "\n".join(parts)
+
+
+def _matrix_table(labels: Sequence[str], matrix: np.ndarray, fmt: Callable[[float], str], caption: str) -> str:
+    """A square matrix with the visits as row and column headers."""
+    rows = [[(f"<strong>{esc(label)}</strong>", ""), *(_num(fmt(float(v))) for v in values)]
+            for label, values in zip(labels, np.asarray(matrix, dtype=float), strict=True)]
+    return _table(["Visit", *labels], rows, caption=caption)
+
+
 def _random_effects_section(fit: Fit, figures: Mapping[str, bytes]) -> str:
-    """Histograms of the predicted random effects, then the caterpillar plot with a caption saying what it shows."""
+    """Histograms of the predicted random effects, then the caterpillar plot with a caption saying what it shows;
+    for a model of residual covariance alone, a sentence saying so."""
+    if fit.covariance is not None and not fit.random_effects:
+        return (f"<p>The selected model has no random effects: a subject's measurements are correlated through "
+                f"its residual covariance, {esc(fit.covariance.description)} (section 5).</p>")
     intro = ("<p>Predicted random effects (conditional modes, BLUPs) of the selected model, one panel per term. "
              "They are shrunk towards zero, so their spread is smaller than the estimated SD; heavy tails or "
              "several modes suggest a missing covariate or subgroup.</p>")
@@ -603,6 +734,65 @@ def _random_effects_section(fit: Fit, figures: Mapping[str, bytes]) -> str:
                           "conditional intervals (mode ± 1.96 conditional SD); intervals that exclude zero are "
                           f"darker. {shown}")
     return intro + histograms + caterpillar
+
+
+def _diagnostics_section(inputs: ReportInputs, figures: Mapping[str, bytes]) -> str:
+    """The residual plots of the selected model and, when candidates have a covariance structure, the residual
+    correlation diagnostic (section 7)."""
+    fit = inputs.selected
+    if fit.covariance is not None and not fit.random_effects:
+        which = "Residuals (observed − fitted fixed effects: the model has no random effects)"
+    else:
+        which = "Conditional residuals (observed − fitted, including each subject's predicted random effects)"
+    whitened = fit.normalized_residuals.size > 0
+    qq = ("Normal QQ plot of normalized residuals (the residuals whitened by the fitted residual covariance, "
+          "nlme's type = \"normalized\"); " if whitened else
+          "Normal QQ plot of standardized residuals (residual / residual SD); ")
+    parts = [
+        f"<p>{which} of the REML fit of {esc(fit.name)}.</p>",
+        _figure(figures, "residuals_vs_fitted", "Residuals against fitted values, with the mean residual "
+                "per bin of fitted values: curvature suggests a missing term, a funnel unequal variance."),
+        _figure(figures, "qq", qq + "points on the line mean normal residuals, bent tails mean heavy or light tails."
+                + (f" Of the {len(fit.residuals):,} residuals, {QQ_POINTS:,} evenly spaced order statistics "
+                   "are drawn, the smallest and largest included." if len(fit.residuals) > QQ_POINTS else "")),
+        _figure(figures, "residuals_over_time", "Residuals over time with the mean per time point: a "
+                "pattern suggests a misspecified time trend."),
+    ]
+    if fit.covariance is not None or any(f.covariance is not None for f in inputs.fits):
+        parts.append(_residual_correlation_block(inputs, figures))
+    return "\n".join(parts)
+
+
+def _residual_correlation_block(inputs: ReportInputs, figures: Mapping[str, bytes]) -> str:
+    """The serial-correlation diagnostic: which fits it compares, and how to read it."""
+    roles = inputs.config.data
+    visits = inputs.validated.visits
+    times = visits[roles.time].to_numpy(float) if roles.time in visits else np.empty(0)
+    kind = residual_correlation_kind(times, inputs.selected.covariance)
+    compared = serial_diagnostic_fits(inputs.selected, inputs.fits, inputs.selection.criterion)
+    criterion = inputs.selection.criterion.upper()
+    described = [f"{esc(fit.name)} ({'the selected model' if role == 'selected' else f'the best candidate without serial correlation by {esc(criterion)}'}, "
+                 f"{esc(fit.method)} fit)" for role, fit in compared]
+    shown = " and ".join(described) if described else "no fit with residuals"
+    if kind == "lag":
+        what = ("<p>Serial correlation left in the residuals: the correlation of two normalized residuals of a "
+                "subject by how many visits apart they are (lag 1: consecutive visits; a missed visit makes its "
+                f"neighbours lag 2), for {shown}.</p>")
+        caption = ("Within-subject correlation of normalized residuals by lag, with the number of pairs under each "
+                   "lag. Normalized residuals of a model that captures the serial correlation are uncorrelated at "
+                   "every lag: points near 0, inside the shaded band ±2/√pairs where a zero correlation falls about "
+                   "95% of the time. Points above the band at short lags mean correlation the model leaves out. "
+                   "The conditional residuals of a random-effects model without a structure are deviations from "
+                   "each subject's own fitted line, so a correlation slightly below 0 is expected for them.")
+    else:
+        what = ("<p>Serial correlation left in the residuals: the empirical semivariogram of the normalized "
+                f"residuals within subjects (nlme's Variogram), for {shown}.</p>")
+        caption = ("Semivariogram of normalized residuals: for every pair of a subject's visits, half the squared "
+                   "difference of their normalized residuals, averaged per bin of the time between them. Normalized "
+                   "residuals of a model that captures the serial correlation are uncorrelated at every distance: "
+                   "points near the dashed line γ = 1. Points below 1 at short distances, rising towards 1, mean "
+                   "that visits close in time are more alike than the model allows.")
+    return "<h3>Residual correlation within subjects</h3>" + what + _figure(figures, "residual_correlation", caption)
 
 
 def _reproducibility_section(inputs: ReportInputs) -> str:
@@ -761,21 +951,14 @@ def render_report(inputs: ReportInputs, figures: Mapping[str, bytes]) -> str:
         "comparison": lambda: _comparison_section(inputs, figures),
         "selected": lambda: _selected_section(inputs, figures),
         "random-effects": lambda: _random_effects_section(fit, figures),
-        "diagnostics": lambda: (
-            "<p>Conditional residuals (observed − fitted, including each subject's predicted random effects) "
-            f"of the REML fit of {esc(fit.name)}.</p>"
-            + _figure(figures, "residuals_vs_fitted", "Residuals against fitted values, with the mean residual "
-                      "per bin of fitted values: curvature suggests a missing term, a funnel unequal variance.")
-            + _figure(figures, "qq", "Normal QQ plot of standardized residuals (residual / residual SD); points "
-                      "on the line mean normal residuals, bent tails mean heavy or light tails."
-                      + (f" Of the {len(fit.residuals):,} residuals, {QQ_POINTS:,} evenly spaced order statistics "
-                         "are drawn, the smallest and largest included." if len(fit.residuals) > QQ_POINTS else ""))
-            + _figure(figures, "residuals_over_time", "Residuals over time with the mean per time point: a "
-                      "pattern suggests a misspecified time trend.")),
+        "diagnostics": lambda: _diagnostics_section(inputs, figures),
         "observed-fitted": lambda: _figure(
             figures, "observed_vs_fitted",
-            "Observed values (points) and fitted trajectories (lines, fixed effects plus the subject's "
-            "predicted random effects) for a random sample of subjects."),
+            "Observed values (points) and fitted trajectories (lines, "
+            + ("fixed effects alone: the model has no random effects"
+               if fit.covariance is not None and not fit.random_effects
+               else "fixed effects plus the subject's predicted random effects")
+            + ") for a random sample of subjects."),
         "reproducibility": lambda: _reproducibility_section(inputs),
     }
     toc = "".join(f'<li><a href="#{anchor}">{esc(title)}</a></li>' for anchor, title in SECTIONS)

@@ -48,7 +48,15 @@ from longitudinal.config import StudyConfig
 from longitudinal.data.durable import printable, sync_path, sync_tree, writing
 from longitudinal.data.validation import validation_summary
 from longitudinal.errors import LongitudinalError, OutputUnwritable, SourceUnavailable
-from longitudinal.records import MODEL_COMPARISON_COLUMNS, Fit, ReportInputs, Selection, SourceFile, Validated
+from longitudinal.records import (
+    MODEL_COMPARISON_COLUMNS,
+    Fit,
+    ReportInputs,
+    ResidualCovariance,
+    Selection,
+    SourceFile,
+    Validated,
+)
 from longitudinal.reporting.figures import build_figures, figure_to_png
 from longitudinal.reporting.html import render_report
 
@@ -297,6 +305,25 @@ def selected_model_summary(fit: Fit, criterion: str) -> dict[str, Any]:
         "singular": fit.singular,
         "converged": fit.converged,
         "engine": fit.engine,
+        "covariance": covariance_summary(fit.covariance) if fit.covariance is not None else None,
+    }
+
+
+def covariance_summary(covariance: ResidualCovariance) -> dict[str, Any]:
+    """The ``covariance`` entry of ``selected_model.json``: the selected model's residual covariance structure,
+    its matrices over ``labels`` (rows and columns in that order) and its named parameters."""
+    return {
+        "structure": covariance.structure,
+        "term": covariance.term,
+        "description": covariance.description,
+        "visit": covariance.visit,
+        "labels": list(covariance.labels),
+        "matrix": np.asarray(covariance.matrix, dtype=float).tolist(),
+        "correlation": covariance.correlation.tolist(),
+        "parameters": {name: float(value) for name, value in covariance.parameters},
+        "n_params": covariance.n_params,
+        "heterogeneous": covariance.heterogeneous,
+        "spatial": covariance.spatial,
     }
 
 
@@ -469,7 +496,8 @@ def _write_run_files(folder: Path, inputs: ReportInputs) -> Path:
     write_quarantine(inputs.validated, folder)
     write_data(inputs.validated, folder)
     pngs = {}
-    for stem, figure in build_figures(inputs.validated.visits, inputs.config, inputs.selection, inputs.selected).items():
+    figures = build_figures(inputs.validated.visits, inputs.config, inputs.selection, inputs.selected, fits=inputs.fits)
+    for stem, figure in figures.items():
         pngs[stem] = figure_to_png(figure)
         (folder / "figures" / f"{stem}.png").write_bytes(pngs[stem])
     report = folder / "report.html"

@@ -14,7 +14,15 @@ from matplotlib.figure import Figure
 from matplotlib.text import Text
 
 from longitudinal.config import StudyConfig, parse_config
-from longitudinal.records import Correlation, Fit, FixedEffect, Selection, VarianceComponent, failed_fit
+from longitudinal.records import (
+    Correlation,
+    Fit,
+    FixedEffect,
+    ResidualCovariance,
+    Selection,
+    VarianceComponent,
+    failed_fit,
+)
 from longitudinal.reporting.figures import (
     CATERPILLAR_LEVELS,
     FIGURE_KEYS,
@@ -425,3 +433,198 @@ def test_a_time_read_from_dates_carries_its_unit_and_origin_on_every_time_axis(f
         "models": {"candidates": {"ris": FORMULA}},
     })
     assert time_axis_label(study.data) == "week (years since 2020-01-01)"
+
+
+# ------------------------------------------------------------------- residual covariance structures (MMRM)
+
+
+def ar1_residuals(n_subjects: int, n_visits: int, rho: float, seed: int) -> np.ndarray:
+    """Unit-variance AR(1) residuals over equally spaced visits, one row per subject."""
+    rng = np.random.default_rng(seed)
+    e = np.empty((n_subjects, n_visits))
+    e[:, 0] = rng.normal(size=n_subjects)
+    for j in range(1, n_visits):
+        e[:, j] = rho * e[:, j - 1] + math.sqrt(1 - rho ** 2) * rng.normal(size=n_subjects)
+    return e
+
+
+def test_lag_correlation_recovers_the_ar1_correlation_and_zero_for_independent_residuals() -> None:
+    from longitudinal.reporting.figures import lag_correlation, visit_positions
+
+    n, m = 2_000, 6
+    subjects = np.repeat(np.arange(n), m)
+    weeks = np.tile(np.arange(m, dtype=float) * 2, n)  # visits every two weeks: lags count visits, not weeks
+    shuffled = np.random.default_rng(0).permutation(n * m)  # row order must not matter
+    ar1 = ar1_residuals(n, m, 0.6, seed=1).ravel()
+    table = lag_correlation(ar1[shuffled], subjects[shuffled], visit_positions(weeks[shuffled]))
+    assert list(table["lag"]) == [1, 2, 3, 4, 5]
+    assert list(table["pairs"]) == [n * (m - k) for k in range(1, m)]
+    # ρ^k with SE about (1 − ρ²)/√pairs ≈ 0.006 at lag 1
+    np.testing.assert_allclose(table["correlation"][:3], [0.6, 0.36, 0.216], atol=0.03)
+    iid = lag_correlation(np.random.default_rng(2).normal(size=n * m), subjects, visit_positions(weeks))
+    assert (np.abs(iid["correlation"]) < 3 / np.sqrt(iid["pairs"])).all()
+
+
+def test_lag_correlation_counts_a_missed_visit_as_a_gap() -> None:
+    from longitudinal.reporting.figures import lag_correlation, visit_positions
+
+    # s1 misses week 2: its weeks 1 and 3 pair at lag 2; s2 has weeks 0-3; a missing residual takes no part
+    subjects = np.array(["s1", "s1", "s1", "s2", "s2", "s2", "s2", "s2"])
+    weeks = np.array([0.0, 1, 3, 0, 1, 2, 3, 3])
+    residuals = np.array([1.0, -1, 1, 1, 1, -1, -1, np.nan])
+    table = lag_correlation(residuals, subjects, visit_positions(weeks))
+    assert list(table["pairs"]) == [1 + 3, 1 + 2, 1 + 1]
+    # lag 1: s1 (0,1) → −1; s2 (0,1) 1, (1,2) −1, (2,3) 1 → Σ 0 over 4 pairs
+    assert table["correlation"].tolist()[0] == pytest.approx(0.0)
+
+
+def test_the_semivariogram_of_independent_residuals_is_one_and_follows_an_exponential_correlation() -> None:
+    from longitudinal.reporting.figures import semivariogram
+
+    rng = np.random.default_rng(4)
+    n, m, phi = 2_000, 10, 2.0
+    times = np.sort(rng.uniform(0, 10, (n, m)), axis=1)
+    subjects = np.repeat(np.arange(n), m)
+    iid = semivariogram(rng.normal(size=n * m), subjects, times.ravel())
+    assert len(iid) == 20 and iid["pairs"].sum() == n * m * (m - 1) // 2
+    np.testing.assert_allclose(iid["semivariance"], 1.0, atol=0.05)
+    # an Ornstein-Uhlenbeck process: corr = exp(−d/φ), so γ(d) = 1 − exp(−d/φ) for unit variance
+    e = np.empty((n, m))
+    e[:, 0] = rng.normal(size=n)
+    for j in range(1, m):
+        decay = np.exp(-(times[:, j] - times[:, j - 1]) / phi)
+        e[:, j] = decay * e[:, j - 1] + np.sqrt(1 - decay ** 2) * rng.normal(size=n)
+    serial = semivariogram(e.ravel(), subjects, times.ravel())
+    np.testing.assert_allclose(serial["semivariance"], 1 - np.exp(-serial["distance"] / phi), atol=0.06)
+
+
+def test_pairs_beyond_the_budget_come_from_a_sample_of_subjects() -> None:
+    from longitudinal.reporting.figures import lag_correlation, visit_positions
+
+    subjects, weeks = np.repeat(np.arange(100), 5), np.tile(np.arange(5.0), 100)
+    table = lag_correlation(np.random.default_rng(0).normal(size=500), subjects, visit_positions(weeks),
+                            max_pairs=95)
+    assert table["pairs"].sum() == 90  # 9 subjects of 10 pairs each
+
+
+def test_the_residual_correlation_kind_follows_the_structure_and_the_number_of_times() -> None:
+    from test_html import ar1_covariance
+
+    from longitudinal.reporting.figures import residual_correlation_kind
+
+    many = np.linspace(0, 10, 40)
+    assert residual_correlation_kind(many, ar1_covariance()) == "lag"  # a visit structure: visits
+    assert residual_correlation_kind(many, None) == "variogram"
+    assert residual_correlation_kind(many, ar1_covariance(structure="sp_exp", spatial=True)) == "variogram"
+    assert residual_correlation_kind(np.arange(8.0), None) == "lag"
+
+
+def test_the_diagnostic_compares_the_selected_fit_with_the_best_fit_without_serial_correlation() -> None:
+    from test_html import make_mmrm_inputs
+
+    from longitudinal.reporting.figures import serial_diagnostic_fits
+
+    inputs = make_mmrm_inputs()
+    compared = serial_diagnostic_fits(inputs.selected, inputs.fits, "bic")
+    assert [(role, fit.name, fit.method) for role, fit in compared] == [
+        ("selected", "ar1", "REML"), ("best without serial correlation", "ri", "ML")]
+    # compound symmetry is not serial: a cs candidate competes with ri, and the better one by the criterion is shown
+    cs = replace(inputs.fits[1], name="cs", loglik=-320.0, covariance=replace(inputs.fits[1].covariance,
+                                                                              structure="cs"))
+    compared = serial_diagnostic_fits(inputs.selected, (*inputs.fits, cs), "aic")
+    assert [fit.name for _, fit in compared] == ["ar1", "cs"]
+    # the selected model without serial correlation is its own comparison
+    ri = replace(inputs.fits[0], method="REML")
+    assert [fit.name for _, fit in serial_diagnostic_fits(ri, inputs.fits, "bic")] == ["ri"]
+
+
+def test_the_residual_covariance_heatmap_writes_each_correlation_on_a_fixed_scale() -> None:
+    from test_html import make_mmrm_inputs
+
+    from longitudinal.reporting.figures import plot_residual_covariance
+
+    fig = plot_residual_covariance(make_mmrm_inputs().selected)
+    assert_readable(fig)
+    heat = fig.axes[0]
+    assert heat.images[0].get_clim() == (-1.0, 1.0)
+    assert [t.get_text() for t in heat.texts] == [f"{0.6 ** abs(i - j):.2f}" for i in range(4) for j in range(4)]
+    assert [t.get_text() for t in heat.get_xticklabels()] == ["0", "1", "2", "3"]
+    assert heat.get_xlabel() == "Visit (week)"
+    assert "AR(1) (ar1(week | pid))" in fig.get_suptitle()
+    assert overlapping_texts(fig) == []
+
+
+def test_a_heterogeneous_structure_adds_the_sd_per_visit_and_many_visits_drop_the_numbers() -> None:
+    from test_html import ar1_covariance, ar1h_covariance, make_mmrm_inputs
+
+    from longitudinal.reporting.figures import plot_residual_covariance
+
+    fit = make_mmrm_inputs().selected
+    fig = plot_residual_covariance(replace(fit, covariance=ar1h_covariance()))
+    sd_panel = next(ax for ax in fig.axes if ax.get_title() == "Residual SD per visit")
+    np.testing.assert_allclose(sd_panel.lines[0].get_ydata(), [1.0, 2.0, 3.0, 4.0])
+    assert sd_panel.get_ylabel() == "Residual SD (score units)"
+    assert overlapping_texts(fig) == []
+    many = plot_residual_covariance(replace(fit, covariance=ar1_covariance(visits=20)))
+    assert len(many.axes[0].texts) == 0 and overlapping_texts(many) == []
+
+
+def test_an_exponential_structure_is_drawn_against_the_time_between_visits() -> None:
+    from test_html import make_mmrm_inputs
+
+    from longitudinal.reporting.figures import plot_residual_covariance, structure_range
+
+    times = np.array([0.0, 0.5, 2.0, 7.0])
+    matrix = 4.0 * np.exp(-np.abs(np.subtract.outer(times, times)) / 2.5)
+    covariance = ResidualCovariance(
+        structure="sp_exp", term="sp_exp(week | pid)", description="spatial exponential", visit="week",
+        labels=tuple(f"{t:g}" for t in times), matrix=matrix, n_params=2,
+        parameters=(("sigma", 2.0), ("range", 2.5)), heterogeneous=False, spatial=True)
+    assert structure_range(covariance) == 2.5
+    assert structure_range(replace(covariance, parameters=(("sigma", 2.0),))) == pytest.approx(2.5)
+    fig = plot_residual_covariance(replace(make_mmrm_inputs().selected, covariance=covariance), time_label="week")
+    assert_readable(fig)
+    ax = fig.axes[0]
+    curve = ax.lines[0]
+    np.testing.assert_allclose(curve.get_ydata(), np.exp(-curve.get_xdata() / 2.5))
+    assert ax.get_xlabel() == "Time between two visits of a subject, d (week)"
+    assert len(ax.collections[0].get_offsets()) == 6  # the six pairs of the four times
+    assert overlapping_texts(fig) == []
+
+
+def test_the_residual_correlation_figure_draws_one_line_per_compared_fit_with_its_band() -> None:
+    from test_html import make_mmrm_inputs
+
+    from longitudinal.reporting.figures import plot_residual_correlation, serial_diagnostic_fits
+
+    inputs = make_mmrm_inputs()
+    compared = serial_diagnostic_fits(inputs.selected, inputs.fits, "bic")
+    fig = plot_residual_correlation(compared, inputs.validated.visits, "pid", "week")
+    assert_readable(fig)
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["ar1 (selected, REML)", "ri (best without serial correlation, ML)",
+                      "±2/√pairs: zero correlation"]
+    selected_line, plain_line = ax.lines[1:]  # after the zero line
+    assert plain_line.get_ydata()[0] > 0.4  # ri leaves the AR(1) correlation (ρ = 0.6) in its residuals
+    assert abs(selected_line.get_ydata()[0]) < 0.25  # the whitened residuals of ar1 have none
+    assert overlapping_texts(fig) == []
+    variogram = plot_residual_correlation(compared, inputs.validated.visits, "pid", "week", kind="variogram")
+    assert variogram.axes[0].get_ylabel() == "Semivariance γ of normalized residuals"
+    assert overlapping_texts(variogram) == []
+
+
+def test_build_figures_adds_the_structure_figures_in_report_order() -> None:
+    from test_html import make_mmrm_inputs
+
+    inputs = make_mmrm_inputs()
+    figures = build_figures(inputs.validated.visits, inputs.config, inputs.selection, inputs.selected,
+                            fits=inputs.fits)
+    assert tuple(figures) == (*FIGURE_KEYS[:3], "residual_covariance", *FIGURE_KEYS[3:8], "residual_correlation",
+                              FIGURE_KEYS[8])
+    for key, figure in figures.items():
+        if key not in ("random_effects", "caterpillar"):  # notes: the model has no random effects
+            assert_readable(figure)
+        assert overlapping_texts(figure) == [], key
+    qq = figures["qq"].axes[0]
+    assert qq.get_ylabel() == "Normalized residual (whitened by the fitted covariance)"

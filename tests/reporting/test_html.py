@@ -19,6 +19,7 @@ from longitudinal.records import (
     FixedEffect,
     OptimizerAttempt,
     ReportInputs,
+    ResidualCovariance,
     Selection,
     SourceFile,
     Validated,
@@ -69,9 +70,8 @@ def make_fits() -> tuple[Fit, ...]:
     )
 
 
-def make_selection(fits: tuple[Fit, ...]) -> Selection:
-    """The selection of ``fits`` with its table built by hand, and the AICc and likelihood-ratio tests the
-    select stage adds (a refusal recorded, as the report shows it, for fits no test can compare)."""
+def comparison_table(fits: tuple[Fit, ...], selected: str) -> pd.DataFrame:
+    """The comparison table of ``fits`` (the columns of ``model_comparison.csv``), built by hand."""
     rows = []
     for fit in fits:
         rows.append({"model": fit.name, "formula": fit.formula, "converged": fit.converged, "singular": fit.singular,
@@ -82,7 +82,14 @@ def make_selection(fits: tuple[Fit, ...]) -> Selection:
         table[f"delta_{criterion}"] = table[criterion] - table[criterion].min()
         weight = np.exp(-table[f"delta_{criterion}"] / 2)
         table[f"{criterion}_weight"] = weight / weight.sum()
-    table["selected"] = table["model"] == "ris"
+    table["selected"] = table["model"] == selected
+    return table
+
+
+def make_selection(fits: tuple[Fit, ...]) -> Selection:
+    """The selection of ``fits`` with its table built by hand, and the AICc and likelihood-ratio tests the
+    select stage adds (a refusal recorded, as the report shows it, for fits no test can compare)."""
+    table = comparison_table(fits, "ris")
     try:
         tests, refused = compare_nested(fits), ""
     except FitError as error:
@@ -394,3 +401,179 @@ def test_the_report_shows_the_tests_and_aicc_of_the_selection_and_computes_none(
     section = comparison_section(render_report(make_inputs(selection=selection), {}))
     assert "no likelihood-ratio test applies" in section
     assert ">75.64<" not in section and ">81.33<" not in section
+
+
+# ------------------------------------------------------------------- residual covariance structures (MMRM)
+
+
+def ar1_covariance(sigma: float = 2.0, rho: float = 0.6, visits: int = 4, **changes: object) -> ResidualCovariance:
+    """The AR(1) residual covariance σ²ρ^|i−j| over weeks 0, 1, ..., as the engine would record it."""
+    lag = np.abs(np.subtract.outer(np.arange(visits), np.arange(visits)))
+    covariance = ResidualCovariance(
+        structure="ar1", term="ar1(week | pid)", description="AR(1)", visit="week",
+        labels=tuple(str(v) for v in range(visits)), matrix=sigma ** 2 * rho ** lag, n_params=2,
+        parameters=(("sigma", sigma), ("rho", rho)), heterogeneous=False, spatial=False,
+    )
+    return replace(covariance, **changes)  # type: ignore[arg-type]
+
+
+def ar1h_covariance() -> ResidualCovariance:
+    sd = np.array([1.0, 2.0, 3.0, 4.0])
+    lag = np.abs(np.subtract.outer(np.arange(4), np.arange(4)))
+    return ResidualCovariance(
+        structure="ar1h", term="ar1h(week | pid)", description="AR(1), heterogeneous variances", visit="week",
+        labels=("0", "1", "2", "3"), matrix=np.outer(sd, sd) * 0.5 ** lag, n_params=5,
+        parameters=(("sd[week 0]", 1.0), ("sd[week 1]", 2.0), ("sd[week 2]", 3.0), ("sd[week 3]", 4.0),
+                    ("rho", 0.5)),
+        heterogeneous=True, spatial=False,
+    )
+
+
+MMRM_FORMULA = "score ~ factor(week) * arm + ar1(week | pid)"
+
+
+def make_mmrm_visits(n_subjects: int = 40, rho: float = 0.6, seed: int = 5) -> tuple[pd.DataFrame, np.ndarray]:
+    """A two-arm trial, weeks 0-3, a fifth of the subjects dropping out after week 1; and each row's AR(1)
+    residual (ρ, unit variance), the serial correlation the lme4-style candidate leaves in its residuals."""
+    rng = np.random.default_rng(seed)
+    noise = np.empty((n_subjects, 4))
+    noise[:, 0] = rng.normal(size=n_subjects)
+    for week in range(1, 4):
+        noise[:, week] = rho * noise[:, week - 1] + math.sqrt(1 - rho ** 2) * rng.normal(size=n_subjects)
+    kept = np.ones((n_subjects, 4), dtype=bool)
+    kept[: n_subjects // 5, 2:] = False
+    pid = np.repeat([f"s{i:02d}" for i in range(n_subjects)], 4)[kept.ravel()]
+    week = np.tile(np.arange(4.0), n_subjects)[kept.ravel()]
+    arm = np.repeat(["A" if i % 2 else "B" for i in range(n_subjects)], 4)[kept.ravel()]
+    residual = noise.ravel()[kept.ravel()]
+    visits = pd.DataFrame({"pid": pid, "week": week, "arm": arm, "score": 10.0 + week + 2.0 * residual,
+                           "source_file": "trial.csv", "source_line": np.arange(2, 2 + len(pid))})
+    return visits, residual
+
+
+def make_mmrm_inputs(covariance: ResidualCovariance | None = None, n_subjects: int = 40) -> ReportInputs:
+    """A study whose candidates are a random intercept, an AR(1) MMRM (selected) and an unstructured one that
+    failed; the selected refit carries ``covariance`` (AR(1), σ = 2, ρ = 0.6 by default)."""
+    covariance = covariance or ar1_covariance()
+    visits, residual = make_mmrm_visits(n_subjects)
+    n, subjects = len(visits), visits["pid"].nunique()
+    fitted = 10.0 + visits["week"].to_numpy(float)
+    whitened = np.random.default_rng(6).normal(size=n)  # what whitening AR(1) residuals gives: no correlation left
+    common = {"engine": "test", "converged": True, "singular": False, "message": "", "n_obs": n,
+              "n_subjects": subjects, "fitted": fitted}
+    fixed = (FixedEffect("(Intercept)", 10.0, 0.3, 9.4, 10.6, 1e-12),)
+    fits = (
+        Fit(name="ri", formula="score ~ factor(week) * arm + (1 | pid)", method="ML", n_params=10,
+            loglik=-330.0, random_effects=(VarianceComponent("pid", "(Intercept)", 1.4),), residual_sd=1.5,
+            residuals=2.0 * residual, fixed_effects=fixed, **common),
+        Fit(name="ar1", formula=MMRM_FORMULA, method="ML", n_params=10, loglik=-300.0, residual_sd=2.0,
+            covariance=covariance, residuals=2.0 * residual, normalized_residuals=whitened, fixed_effects=fixed,
+            **common),
+        failed_fit("us", "score ~ factor(week) * arm + us(week | pid)", "ML", "test", "did not converge",
+                   n_obs=n, n_subjects=subjects, n_params=18),
+    )
+    selected = replace(fits[1], method="REML", loglik=-298.0, reml_criterion=596.0)
+    selection = Selection(criterion="bic", table=comparison_table(fits, "ar1"), selected="ar1",
+                          aicc={f.name: compute_aicc(f) for f in fits})
+    validated = Validated(visits=visits, quarantine=make_validated().quarantine.iloc[:0],
+                          expectations=make_validated().expectations[:1], rows_read=n)
+    config = parse_config({
+        "study": "mmrm-trial",
+        "data": {"source": "trial.csv", "subject": "pid", "time": "week", "outcome": "score"},
+        "models": {"criterion": "bic", "candidates": {f.name: f.formula for f in fits}},
+    })
+    return replace(make_inputs(), study="mmrm-trial", config=config, validated=validated, selection=selection,
+                   fits=fits, selected=selected, timings={})
+
+
+@pytest.fixture(scope="module")
+def mmrm_page() -> str:
+    from longitudinal.reporting.figures import STRUCTURE_FIGURE_KEYS
+
+    return render_report(make_mmrm_inputs(), {key: PNG for key in (*FIGURE_KEYS, *STRUCTURE_FIGURE_KEYS)})
+
+
+def section_of(page: str, anchor: str, following: str) -> str:
+    return page[page.index(f'<section id="{anchor}">'):page.index(f'<section id="{following}">')]
+
+
+def test_the_selected_model_shows_its_residual_covariance_with_both_matrices(mmrm_page: str) -> None:
+    section = section_of(mmrm_page, "selected", "random-effects")
+    assert "<h3>Residual covariance: AR(1) (<code>ar1(week | pid)</code>)</h3>" in section
+    assert 'id="fig-residual_covariance"' in section
+    covariance = section[section.index("<caption>Covariance matrix"):section.index("<caption>Correlation matrix")]
+    # σ²ρ^|i−j| with σ = 2, ρ = 0.6: 4, 2.4, 1.44, 0.864 along the first row; visits as headers
+    assert "<th>Visit</th><th>0</th><th>1</th><th>2</th><th>3</th>" in covariance
+    assert ('<td><strong>0</strong></td><td class="num">4.000</td><td class="num">2.400</td>'
+            '<td class="num">1.440</td><td class="num">0.8640</td>') in covariance
+    correlation = section[section.index("<caption>Correlation matrix"):section.index("<caption>Covariance parameters")]
+    assert ('<td><strong>3</strong></td><td class="num">0.216</td><td class="num">0.360</td>'
+            '<td class="num">0.600</td><td class="num">1.000</td>') in correlation
+    parameters = section[section.index("<caption>Covariance parameters"):]
+    assert '<td><code>sigma</code></td><td class="num">2.000</td>' in parameters
+    assert '<td><code>rho</code></td><td class="num">0.6000</td>' in parameters
+    assert "Without random effects this is the whole covariance" in section
+    assert "per visit" not in section  # a homogeneous structure: one σ
+
+
+def test_the_summary_and_random_effects_sections_speak_of_a_model_without_random_effects(mmrm_page: str) -> None:
+    summary = section_of(mmrm_page, "summary", "data")
+    assert "Its residual covariance within subjects is AR(1) (<code>ar1(week | pid)</code>)." in summary
+    assert "The selected model has no random effects" in section_of(mmrm_page, "random-effects", "diagnostics")
+    assert "fixed effects alone: the model has no random effects" in section_of(mmrm_page, "observed-fitted",
+                                                                                "reproducibility")
+
+
+def test_a_heterogeneous_structure_lists_the_sd_and_variance_per_visit() -> None:
+    page = render_report(make_mmrm_inputs(ar1h_covariance()), {})
+    section = section_of(page, "selected", "random-effects")
+    assert "<h3>Residual covariance: AR(1), heterogeneous variances (<code>ar1h(week | pid)</code>)</h3>" in section
+    table = section[section.index("<caption>Residual SD and variance per visit"):]
+    assert '<td>3</td><td class="num">4.000</td><td class="num">16.00</td>' in table
+    assert "<dt>Residual SD</dt><dd>per visit (see the residual covariance below)</dd>" in section
+
+
+def test_a_structure_over_many_visits_shows_the_figure_and_no_matrix_tables() -> None:
+    page = render_report(make_mmrm_inputs(ar1_covariance(visits=13)), {})
+    section = section_of(page, "selected", "random-effects")
+    assert "Over 13 visits the matrices are too large to read as tables" in section
+    assert "<caption>Covariance matrix" not in section
+    assert "<caption>Covariance parameters" in section
+
+
+def test_the_comparison_describes_each_candidates_covariance(mmrm_page: str) -> None:
+    section = comparison_section(mmrm_page)
+    assert "<th>Covariance</th>" in section
+    assert "<td>random effects (1 | pid); independent residuals</td>" in section
+    assert "<td>residuals: AR(1) (ar1(week | pid), 2 parameters)</td>" in section
+    assert "<td>residuals: us(week | pid)</td>" in section  # a failed fit: the term as written
+    assert ("k = fixed effects + random-effect (co)variance parameters + the structure's parameters, its variances "
+            "included, as nlme's and mmrm's logLik df count") in section
+
+
+def test_the_lme4_only_report_has_no_covariance_column_or_section(page: str) -> None:
+    assert "<th>Covariance</th>" not in page
+    assert "Residual covariance" not in page and "fig-residual_correlation" not in page
+
+
+def test_describe_covariance_reads_random_effects_and_structures_from_the_formula() -> None:
+    from longitudinal.reporting.html import describe_covariance
+
+    assert describe_covariance("y ~ t * arm + (1 | id) + ar1(t | id)", None) == "random effects (1 | id); residuals: ar1(t | id)"
+    assert describe_covariance("y ~ poly(t, 2) + (t || site/id)", None) == "random effects (t || site/id); independent residuals"
+    assert describe_covariance("y ~ factor(visit) + (1 | a) + (1 | b)", None) == "random effects (1 | a) + (1 | b); independent residuals"
+    assert (describe_covariance("y ~ factor(visit) + us(visit | id)", ar1_covariance(term="us(visit | id)",
+                                                                                       description="unstructured", n_params=10))
+            == "residuals: unstructured (us(visit | id), 10 parameters)")
+
+
+def test_the_residual_correlation_diagnostic_compares_the_selected_with_the_best_without_serial_correlation(
+        mmrm_page: str) -> None:
+    section = section_of(mmrm_page, "diagnostics", "observed-fitted")
+    assert "<h3>Residual correlation within subjects</h3>" in section
+    assert 'id="fig-residual_correlation"' in section
+    assert ("for ar1 (the selected model, REML fit) and ri (the best candidate without serial correlation by BIC, "
+            "ML fit)") in section
+    assert "uncorrelated at every lag: points near 0" in section
+    assert "Residuals (observed − fitted fixed effects: the model has no random effects)" in section
+    assert "Normal QQ plot of normalized residuals" in section

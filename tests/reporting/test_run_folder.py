@@ -335,3 +335,35 @@ def test_json_outputs_are_utf8_with_replacement_characters(tmp_path: Path) -> No
     path = write_json({"inputs": [{"path": "landing/tri\udce6l.csv"}], Path("k\udcff"): 1}, tmp_path / "m.json")
     assert json.loads(path.read_text(encoding="utf-8")) == {"inputs": [{"path": "landing/tri\ufffdl.csv"}],
                                                            "k\ufffd": 1}
+
+
+# ------------------------------------------------------------------- residual covariance structures (MMRM)
+
+
+def test_a_structured_selected_model_writes_its_covariance_figures_and_json_entry(tmp_path: Path) -> None:
+    from test_html import make_inputs, make_mmrm_inputs
+
+    from longitudinal.reporting.run_folder import write_run_files
+
+    run = tmp_path / "study" / "run"
+    (run / "figures").mkdir(parents=True)
+    report = write_run_files(run, make_mmrm_inputs())
+    for stem in ("residual_covariance", "residual_correlation"):
+        assert (run / "figures" / f"{stem}.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n"), stem
+    page = report.read_text(encoding="utf-8")
+    assert page.count('id="fig-residual_covariance"><img src="data:image/png;base64,') == 1
+    assert page.count('id="fig-residual_correlation"><img src="data:image/png;base64,') == 1
+    covariance = json.loads((run / "selected_model.json").read_text())["covariance"]
+    assert {k: covariance[k] for k in ("structure", "term", "description", "visit", "labels", "n_params")} == {
+        "structure": "ar1", "term": "ar1(week | pid)", "description": "AR(1)", "visit": "week",
+        "labels": ["0", "1", "2", "3"], "n_params": 2}
+    assert covariance["parameters"] == {"sigma": 2.0, "rho": 0.6}
+    assert covariance["matrix"][0] == pytest.approx([4.0, 2.4, 1.44, 0.864])
+    assert covariance["correlation"][3] == pytest.approx([0.216, 0.36, 0.6, 1.0])
+
+    plain = tmp_path / "study" / "plain"
+    (plain / "figures").mkdir(parents=True)
+    write_run_files(plain, make_inputs())
+    assert json.loads((plain / "selected_model.json").read_text())["covariance"] is None
+    assert not (plain / "figures" / "residual_covariance.png").exists()
+    assert not (plain / "figures" / "residual_correlation.png").exists()
