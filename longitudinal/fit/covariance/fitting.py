@@ -19,7 +19,8 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import minimize
+from scipy.linalg import solve_triangular
+from scipy.optimize import OptimizeResult, minimize
 
 from longitudinal.errors import ConfigError
 from longitudinal.fit.covariance.grouping import PatternGroups, VisitPattern
@@ -30,8 +31,11 @@ from longitudinal.fit.covariance.units import standardize
 from longitudinal.fit.failure import FitFailure
 from longitudinal.records import OptimizerAttempt
 
-#: Largest |dℓ/dθ_k| accepted at an optimum.
+#: Largest |dℓ/dθ_k| accepted at an optimum (or largest entry of lme4's scaled gradient, see ``Check``).
 GRADIENT_TOL = 1e-3
+#: The optimizer stops once the gradient passes and an iteration gains less than this, relative, in ℓ.
+STALL_TOL = 1e-10
+DERIVATIVE_STEP = 1e-4
 MAX_ITERATIONS = 2_000
 #: lme4's ``isSingular`` tolerance: a diagonal entry of Λ (relative to the residual SD) below it.
 SINGULAR_TOL = 1e-4
@@ -116,47 +120,27 @@ def fit_covariance(groups: PatternGroups, structure: CovarianceStructure, *, rem
             f"what they add, so their variance is not identified; next to random effects use one of "
             f"{', '.join(WITH_RANDOM_EFFECTS)}")
     scaled, units = standardize(groups)
-    profile = structure.homogeneous
-    x0 = start(scaled, structure)[1 if profile else 0:]
-
-    def objective(params: np.ndarray) -> tuple[float, np.ndarray]:
-        try:
-            at = evaluate(structure, scaled, params, reml=reml, profile=profile)
-        except np.linalg.LinAlgError:
-            return math.inf, np.zeros_like(params)
-        if not math.isfinite(at.loglik):
-            return math.inf, np.zeros_like(params)
-        return -at.loglik, -at.gradient
-
-    if not math.isfinite(objective(x0)[0]):
+    objective = Objective(structure, scaled, reml=reml)
+    x = start(scaled, structure)[1 if objective.profile else 0:]
+    if not math.isfinite(objective(x)[0]):
         raise FitFailure(f"structure {structure.name!r}: the likelihood cannot be evaluated at the start "
                          "(are the fixed-effect columns linearly independent?)")
     attempts: list[OptimizerAttempt] = []
-    x, iterations, evaluations, message = x0, 0, 0, ""
-    best: Evaluation | None = None
-    singular = False
     for method in ("BFGS", "L-BFGS-B"):
         t0 = time.perf_counter()
-        options = {"gtol": 1e-6, "maxiter": MAX_ITERATIONS} if method == "BFGS" else \
+        options = {"gtol": 1e-5, "maxiter": MAX_ITERATIONS} if method == "BFGS" else \
             {"gtol": 1e-8, "ftol": 1e-15, "maxiter": MAX_ITERATIONS, "maxcor": 30}
-        result = minimize(objective, x, jac=True, method=method, options=options)
+        result = minimize(objective, x, jac=True, method=method, options=options, callback=objective.stalled)
         x = result.x
-        iterations += int(result.nit)
-        evaluations += int(result.nfev)
-        best = evaluate(structure, scaled, x, reml=reml, profile=profile)
-        singular = is_singular(structure, best.theta, q)
-        tested = best.gradient[:best.gradient.size - factor_size(q)] if singular else best.gradient
-        gradient_max = float(np.max(np.abs(tested))) if tested.size else 0.0
-        settled = gradient_max < GRADIENT_TOL
-        message = f"{method}: {result.message}; max|grad| {gradient_max:.2e}" + \
-            ("; singular fit: a random-effect variance is 0 (the gradient test leaves out G)" if singular else "")
+        check = objective.check(x)
         attempts.append(OptimizerAttempt(
-            optimizer=method, loglik=units.loglik(best.loglik, groups.n_obs, reml=reml), converged=settled,
-            iterations=int(result.nit), seconds=time.perf_counter() - t0, message=str(result.message),
+            optimizer=method, loglik=units.loglik(check.at.loglik, groups.n_obs, reml=reml),
+            converged=check.converged, iterations=int(result.nit), seconds=time.perf_counter() - t0,
+            message=f"{result.message}; {check.verdict}",
         ))
-        if settled:
+        if check.converged:
             break
-    assert best is not None
+    best = check.at
     own = structure.rescale(best.theta[:structure.n_params], units.y_scale)
     factor = units.factor(lower_factor(best.theta[structure.n_params:], q), relative=structure.homogeneous)
     sigma = float(np.exp(own[0])) if structure.homogeneous else math.nan
@@ -168,14 +152,105 @@ def fit_covariance(groups: PatternGroups, structure: CovarianceStructure, *, rem
         beta=units.beta(best.beta), vcov=units.vcov(best.vcov), covariance=fitted_covariance(structure, own),
         sigma=sigma, loglik=units.loglik(best.loglik, groups.n_obs, reml=reml),
         n_params=groups.n_fixed + structure.n_params + factor_size(q), n_obs=groups.n_obs,
-        n_subjects=groups.n_subjects, n_patterns=groups.n_visit_patterns, profiled_scale=profile,
-        converged=attempts[-1].converged, singular=singular, gradient_max=gradient_max,
-        optimizer=attempts[-1].optimizer, iterations=iterations, evaluations=evaluations, message=message,
+        n_subjects=groups.n_subjects, n_patterns=groups.n_visit_patterns, profiled_scale=objective.profile,
+        converged=check.converged, singular=check.singular, gradient_max=check.gradient_max,
+        optimizer=attempts[-1].optimizer, iterations=sum(a.iterations for a in attempts),
+        evaluations=objective.evaluations, message=f"{attempts[-1].optimizer}: {attempts[-1].message}",
         attempts=tuple(attempts), seconds=time.perf_counter() - began,
         fitted=units.y_shift + units.y_scale * at.fitted, residuals=units.y_scale * at.residuals,
         normalized_residuals=at.normalized, subjects=groups.subjects, modes=units.modes(at.modes),
         cond_sd=np.sqrt(np.maximum(np.diagonal(cond, axis1=1, axis2=2), 0.0)),
     )
+
+
+@dataclass(frozen=True, eq=False)
+class Check:
+    """The convergence test at the optimizer's end point ``at``: ``gradient_max`` = max |dℓ/dθ| over the
+    parameters tested (all but Λ's at a ``singular`` fit), ``scaled_gradient`` = max |L⁻¹ g| with
+    −H = LLᵀ over them (computed only when the plain test fails; inf where −H is not positive definite)."""
+
+    at: Evaluation
+    singular: bool
+    gradient_max: float
+    scaled_gradient: float
+
+    @property
+    def converged(self) -> bool:
+        return self.gradient_max < GRADIENT_TOL or self.scaled_gradient < GRADIENT_TOL
+
+    @property
+    def verdict(self) -> str:
+        text = f"max|grad| {self.gradient_max:.2e}"
+        if self.gradient_max >= GRADIENT_TOL:
+            text += f", scaled {self.scaled_gradient:.2e}"
+        if self.singular:
+            text += "; singular fit: a random-effect variance is 0 (the gradient test leaves out G)"
+        return text
+
+
+class Objective:
+    """−ℓ and −dℓ/dθ of the standardized problem for scipy (σ² profiled for the homogeneous structures),
+    with the convergence test and the stop rule of the module docstring."""
+
+    def __init__(self, structure: CovarianceStructure, groups: PatternGroups, *, reml: bool) -> None:
+        self.structure, self.groups, self.reml = structure, groups, reml
+        self.profile = structure.homogeneous
+        self.evaluations = 0
+        self._last: tuple[np.ndarray, float, np.ndarray] | None = None
+        self._previous_iterate = math.inf
+
+    def evaluate(self, params: np.ndarray) -> Evaluation:
+        return evaluate(self.structure, self.groups, params, reml=self.reml, profile=self.profile)
+
+    def __call__(self, params: np.ndarray) -> tuple[float, np.ndarray]:
+        self.evaluations += 1
+        try:
+            at = self.evaluate(params)
+        except np.linalg.LinAlgError:
+            return math.inf, np.zeros_like(params)
+        if not math.isfinite(at.loglik):
+            return math.inf, np.zeros_like(params)
+        self._last = (np.array(params), -at.loglik, -at.gradient)
+        return -at.loglik, -at.gradient
+
+    def stalled(self, intermediate_result: OptimizeResult) -> None:
+        """scipy's callback after each iteration: stop (``StopIteration``) once the gradient passes the test
+        and the iteration gained less than ``STALL_TOL`` relative in ℓ. With many rows, ℓ's rounding (about
+        1e-13 relative) hides what a smaller gradient would still gain, and the line search would spend
+        dozens of evaluations finding that out."""
+        x, value = intermediate_result.x, float(intermediate_result.fun)
+        gained, self._previous_iterate = self._previous_iterate - value, value
+        if self._last is None or not np.array_equal(self._last[0], x):
+            return
+        if np.max(np.abs(self._last[2]), initial=0.0) < GRADIENT_TOL and gained < STALL_TOL * max(1.0, abs(value)):
+            raise StopIteration
+
+    def check(self, x: np.ndarray) -> Check:
+        at = self.evaluate(x)
+        q = self.groups.n_random
+        singular = is_singular(self.structure, at.theta, q)
+        tested = at.gradient.size - (factor_size(q) if singular else 0)
+        gradient_max = float(np.max(np.abs(at.gradient[:tested]), initial=0.0))
+        scaled = math.inf if gradient_max >= GRADIENT_TOL else 0.0
+        if gradient_max >= GRADIENT_TOL:
+            scaled = self.scaled_gradient(x, at.gradient, tested)
+        return Check(at=at, singular=singular, gradient_max=gradient_max, scaled_gradient=scaled)
+
+    def scaled_gradient(self, x: np.ndarray, gradient: np.ndarray, tested: int) -> float:
+        """lme4's scaled gradient max |L⁻¹ g| over the first ``tested`` parameters, −H = LLᵀ by central
+        differences (step 1e-4) of the analytic gradient; ½|L⁻¹ g|² is what a Newton step would still gain
+        in ℓ. inf where −H is not positive definite (not a maximum) or ℓ cannot be evaluated nearby."""
+        H = np.empty((tested, tested))
+        try:
+            for k in range(tested):
+                step = np.zeros_like(x)
+                step[k] = DERIVATIVE_STEP
+                H[:, k] = (self.evaluate(x + step).gradient[:tested]
+                           - self.evaluate(x - step).gradient[:tested]) / (2.0 * DERIVATIVE_STEP)
+            L = np.linalg.cholesky(-0.5 * (H + H.T))
+        except np.linalg.LinAlgError:
+            return math.inf
+        return float(np.max(np.abs(solve_triangular(L, gradient[:tested], lower=True)), initial=0.0))
 
 
 def is_singular(structure: CovarianceStructure, theta: np.ndarray, q: int) -> bool:

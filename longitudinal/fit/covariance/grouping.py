@@ -138,8 +138,10 @@ def group_by_pattern(
             and np.all(np.isfinite(Z))):
         raise DataError("y, X, Z and the visit coordinates must have no missing or infinite values; "
                         "drop those rows first")
-    codes, labels = pd.factorize(pd.Series(subject), sort=False)
-    order = np.lexsort((coords, codes))
+    labelled = subject if isinstance(subject, (np.ndarray, pd.Series, pd.Index)) else np.asarray(subject, dtype=object)
+    codes, labels = pd.factorize(labelled, sort=False)
+    in_order = n < 2 or bool(np.all((codes[1:] > codes[:-1]) | ((codes[1:] == codes[:-1]) & (coords[1:] > coords[:-1]))))
+    order = np.arange(n) if in_order else np.lexsort((coords, codes))  # rows by subject, then visit, as given
     sorted_codes, sorted_coords = codes[order], coords[order]
     repeated = (sorted_codes[1:] == sorted_codes[:-1]) & (sorted_coords[1:] == sorted_coords[:-1])
     if repeated.any():

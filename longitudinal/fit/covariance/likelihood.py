@@ -30,6 +30,7 @@ L⁻¹; the others come in ``SubjectBatch``es whose factorizations are batched (
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 from scipy.linalg import cho_solve
@@ -101,9 +102,19 @@ class CovarianceModel:
             base, scale = own, 1.0
         return cls(structure, own, base, scale, factor, factor @ factor.T)
 
+    @cached_property
+    def visit_matrix(self) -> np.ndarray | None:
+        """The residual structure's part of V / scale over all m visits (None for sp_exp): built once."""
+        return None if self.structure.spatial else self.structure.covariance(self.base)
+
     def residual(self, block: VisitPattern | SubjectBatch) -> np.ndarray:
         """The residual structure's part of V / scale at the block's coordinates: (s, s) or (g, s, s)."""
-        return self.structure.covariance(self.base, block.coords)
+        full = self.visit_matrix
+        if full is None:
+            return self.structure.covariance(self.base, block.coords)
+        index = block.coords.astype(int)
+        out: np.ndarray = full[index[..., :, None], index[..., None, :]]
+        return out
 
     def marginal(self, block: VisitPattern | SubjectBatch) -> np.ndarray:
         """V / scale = residual part + Z G Zᵀ for the block: (s, s) for a pattern, (g, s, s) for a batch."""
@@ -136,9 +147,11 @@ def _factor(block: VisitPattern | SubjectBatch, V: np.ndarray) -> _Factored:
     if isinstance(block, VisitPattern):
         W = L_inv.T @ L_inv
         cp = block.crossproducts
+        p = cp.Xy.shape[2]
+        w = W.reshape(-1)
         return _Factored(
             logdet=2.0 * block.n_subjects * float(np.log(np.diag(L)).sum()),
-            A=np.tensordot(W, cp.XX, axes=2), b=np.tensordot(W, cp.Xy, axes=2), W=W,
+            A=(w @ cp.XX.reshape(w.size, -1)).reshape(p, p), b=w @ cp.Xy.reshape(w.size, p), W=W,
         )
     y = np.einsum("gst,gt->gs", L_inv, block.y)
     X = L_inv @ block.X
@@ -175,7 +188,8 @@ def _gradient_matrix(
         assert f.W is not None
         inner = residual / scale
         if A_inv is not None:
-            inner = inner + np.tensordot(block.crossproducts.XX, A_inv, axes=([2, 3], [0, 1]))
+            s = inner.shape[0]
+            inner = inner + (block.crossproducts.XX.reshape(s * s, -1) @ A_inv.reshape(-1)).reshape(s, s)
         out: np.ndarray = f.W @ inner @ f.W - block.n_subjects * f.W
         return out
     assert f.L_inv is not None and f.X is not None
@@ -257,10 +271,10 @@ def _gradient(
             J = full_jacobian[:, index[..., :, None], index[..., None, :]]
         else:
             J = structure.jacobian(model.base, block.coords, start=start)
-        grad += 0.5 * np.tensordot(J, M, axes=M.ndim)
+        grad += 0.5 * (J.reshape(J.shape[0], -1) @ M.reshape(-1))
         if block.Z.shape[-1]:
-            subjects = tuple(range(M.ndim - 1))
-            ZMZ += np.tensordot(block.Z, M @ block.Z, axes=(subjects, subjects))
+            q = block.Z.shape[-1]
+            ZMZ += block.Z.reshape(-1, q).T @ (M @ block.Z).reshape(-1, q)
     return np.concatenate([grad, factor_entries(ZMZ @ model.factor)])
 
 

@@ -117,16 +117,26 @@ def column_map(M: np.ndarray, *, centre: bool) -> tuple[np.ndarray, int | None]:
     """T with M T standardized, and the intercept's column (all ones; None without one): each continuous
     column (values not all in {0, 1}, with spread) minus its mean (when ``centre`` and M has an intercept)
     over its root mean square; the intercept and 0/1 columns as they are."""
-    k = M.shape[1]
-    ones = np.all(M == 1.0, axis=0) if M.shape[0] else np.zeros(k, dtype=bool)
+    n, k = M.shape
+    if n == 0 or k == 0:
+        return np.eye(k), None
+    columns = np.array(M.T, order="C")  # numpy's reductions down a tall row-major matrix's columns are slow
+    low, high = columns.min(axis=1), columns.max(axis=1)
+    ones = (low == 1.0) & (high == 1.0)
     intercept = int(np.argmax(ones)) if ones.any() else None
-    binary = np.all((M == 0.0) | (M == 1.0), axis=0)
-    shift = M.mean(axis=0) if centre and intercept is not None and M.shape[0] else np.zeros(k)
-    shift = np.where(binary, 0.0, shift)
-    spread = np.sqrt(np.mean((M - shift) ** 2, axis=0)) if M.shape[0] else np.ones(k)
-    usable = ~binary & np.isfinite(spread) & (spread > 0.0)
-    shift = np.where(usable, shift, 0.0)
-    scale = np.where(usable, spread, 1.0)
+    binary = np.isin(low, (0.0, 1.0)) & np.isin(high, (0.0, 1.0))
+    for j in np.flatnonzero(binary & ~ones & (high > low)):  # only 0/1 columns need a look at every value
+        binary[j] = bool(np.all((columns[j] == 0.0) | (columns[j] == 1.0)))
+    continuous = np.flatnonzero(~binary)
+    shift, scale = np.zeros(k), np.ones(k)
+    if continuous.size:
+        work = columns[continuous]
+        mean = work.mean(axis=1) if centre and intercept is not None else np.zeros(continuous.size)
+        work -= mean[:, None]
+        spread = np.sqrt(np.einsum("ij,ij->i", work, work) / n)
+        usable = np.isfinite(spread) & (spread > 0.0)
+        shift[continuous] = np.where(usable, mean, 0.0)
+        scale[continuous] = np.where(usable, spread, 1.0)
     T = np.diag(1.0 / scale)
     if intercept is not None:
         T[intercept] -= shift / scale
