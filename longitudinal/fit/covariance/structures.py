@@ -83,8 +83,9 @@ class CovarianceStructure:
 
     @property
     def log_sd_count(self) -> int:
-        """How many leading entries of θ are log standard deviations (1 for the homogeneous structures, m
-        for the heterogeneous ones and us): adding log c to each multiplies Σ by c²."""
+        """How many leading entries of θ are log scales (1 for the homogeneous structures, m for the
+        heterogeneous ones, the log standard deviations, and for us, the logs of L's diagonal): adding log c
+        to each multiplies Σ by c²."""
         return 1 if self.homogeneous else self.n_visits
 
     def covariance(self, theta: np.ndarray, coords: np.ndarray | None = None) -> np.ndarray:
@@ -325,7 +326,7 @@ def named_parameters(structure: CovarianceStructure, theta: np.ndarray) -> tuple
         raise ValueError(f"structure {structure.name!r} over {structure.n_visits} visits takes "
                          f"{structure.n_params} parameters, got shape {theta.shape}")
     name, m, k = structure.name, structure.n_visits, structure.log_sd_count
-    sds = np.exp(theta[:k])
+    sds = np.sqrt(np.diag(structure.covariance(theta))) if name == "us" else np.exp(theta[:k])  # us: Σ = LLᵀ
     scale = [("sigma", float(sds[0]))] if k == 1 else [(f"sd[{j + 1}]", float(sd)) for j, sd in enumerate(sds)]
     rest = theta[k:]
     correlations: list[tuple[str, float]]
@@ -361,8 +362,8 @@ def _start(name: str, m: int, empirical: np.ndarray) -> np.ndarray:
     corr = empirical / np.sqrt(np.outer(variances, variances))
     lag = np.array([np.mean(np.diag(corr, -k)) for k in range(1, corr.shape[0])])
     homogeneous = np.array([log_sd.mean()])
-    if name == "sp_exp":
-        rho = float(np.clip(lag[0], 0.05, 0.95))
+    if name == "sp_exp":  # the range from the correlation at one time unit, whatever the unit (days, seconds)
+        rho = float(np.clip(lag[0], 1e-8, 1.0 - 1e-15))
         return np.array([log_sd.mean(), np.log(-1.0 / np.log(rho))])
     if name == "us":
         eigenvalues, vectors = np.linalg.eigh(empirical)
