@@ -13,7 +13,9 @@
 #   3. fits every (data set, structure) by ML and by REML with nlme::gls (residual structures) or nlme::lme
 #      (random effects + residual structure), each from several optimizer settings and starts, keeps the
 #      best logLik as the reference, and writes tests/reference/nlme_reference_covariance.json. Nothing is
-#      rounded.
+#      rounded;
+#   4. for a few of those fits, nlme's normalized residuals, fitted values, residuals and random-effect modes
+#      per row / subject (`per_row`).
 #
 # Terms (mmrm notation) and the nlme forms used; m = number of visit levels, visit_index = the integer
 # position 1..m of the visit level (the order ar1/toep/us use; missed visits leave gaps):
@@ -670,13 +672,17 @@ fit_notes <- function(rec, frame, spec) {
 }
 
 fits <- list()
+fitted_models <- list()  # the nlme objects behind `fits`, for the per-row checks of section (e)
 for (dataset in names(datasets)) {
   models <- structure_specs(dataset)
   fits[[dataset]] <- list()
+  fitted_models[[dataset]] <- list()
   for (name in names(models)) {
     fits[[dataset]][[name]] <- list()
+    fitted_models[[dataset]][[name]] <- list()
     for (method in c("ML", "REML")) {
       best <- fit_best(dataset, models[[name]], method)
+      fitted_models[[dataset]][[name]][[method]] <- best$fit
       rec <- fit_record(dataset, name, models[[name]], method, best)
       if (!is.null(best$fit) && !heterogeneous(models[[name]]$structure) &&
           models[[name]]$structure %in% c("ar1", "sp_exp")) {
@@ -802,6 +808,38 @@ pitfall <- list(
                "index (ar1 here) or corExp over the time (sp_exp)")
 )
 
+# (e) per row and per subject, for a few fits: nlme's normalized residuals (residuals(fit, type = "normalized"):
+# the residuals (conditional on the random effects for lme, at the subject level) divided by their SD and
+# premultiplied by the inverse Cholesky factor of the residual correlation matrix), the subject-level fitted
+# values and residuals, and the random effects' conditional modes (ranef). Rows are named by subject and time.
+row_checks <- list(
+  list(dataset = "cov_sim_mmrm", model = "us", method = "REML"),
+  list(dataset = "cov_orthodont", model = "ar1h", method = "ML"),
+  list(dataset = "cov_orthodont", model = "ri_ar1", method = "REML"),
+  list(dataset = "cov_ovary", model = "ri_sp_exp", method = "REML"),
+  list(dataset = "cov_sim_irregular", model = "ris_sp_exp", method = "ML")
+)
+per_row <- lapply(row_checks, function(check) {
+  spec <- datasets[[check$dataset]]
+  frame <- frames[[check$dataset]]
+  fit <- fitted_models[[check$dataset]][[check$model]][[check$method]]
+  is_gls <- inherits(fit, "gls")
+  # nlme keeps the rows in the data's order here (frames are sorted by subject and time)
+  record <- list(
+    dataset = check$dataset, model = check$model, method = check$method, logLik = as.numeric(logLik(fit)),
+    call = if (is_gls) "residuals(fit, type = \"normalized\"); fitted(fit); residuals(fit)" else
+      "residuals(fit, type = \"normalized\"); fitted(fit) and residuals(fit) at level 1 (subject); ranef(fit)",
+    subject = I(as.character(frame[[spec$subject]])), time = I(frame[[spec$time]]),
+    normalized_residuals = I(unname(as.numeric(residuals(fit, type = "normalized")))),
+    fitted = I(unname(as.numeric(fitted(fit)))), residuals = I(unname(as.numeric(residuals(fit))))
+  )
+  if (!is_gls) {
+    modes <- ranef(fit)
+    record$ranef <- list(subjects = I(rownames(modes)), terms = I(colnames(modes)), modes = unname(as.matrix(modes)))
+  }
+  record
+})
+
 # ------------------------------------------------------------------------------ write
 
 dataset_records <- lapply(setNames(names(datasets), names(datasets)), function(name) {
@@ -843,7 +881,8 @@ reference <- list(
   datasets = dataset_records,
   fits = fits,
   cross_checks = list(cs_vs_random_intercept = cs_vs_ri, glmmTMB = tmb, sp_exp_vs_ar1_on_regular_grid = sp_vs_ar1,
-                      corAR1_over_raw_time_pitfall = pitfall)
+                      corAR1_over_raw_time_pitfall = pitfall),
+  per_row = per_row
 )
 out <- file.path(ref_dir, "nlme_reference_covariance.json")
 writeLines(toJSON(reference, auto_unbox = TRUE, digits = NA, pretty = TRUE, null = "null", na = "null"), out)
