@@ -1,11 +1,11 @@
-"""fit.covariance (MMRM): each structure's Σ, the pattern-grouped likelihood against its dense definition,
-and fits against known optima (the random-intercept LMM, the closed-form unstructured MLE, nesting)."""
+"""fit.covariance (MMRM): each structure's Σ and its parameters read aloud, the pattern-grouped likelihood
+against its dense definition, and fits against known optima (the random-intercept LMM, the closed-form
+unstructured MLE, nesting). nlme's numbers: test_covariance_reference.py; random effects next to a
+structure, per-subject batches and units: test_covariance_random_effects.py."""
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -15,8 +15,8 @@ from scipy.stats import multivariate_normal
 from longitudinal.errors import ConfigError, DataError
 from longitudinal.fit.candidate import fit_candidate
 from longitudinal.fit.covariance import (
-    STRUCTURES, CovarianceFit, CovarianceStructure, PatternGroups, fit_covariance, group_by_pattern,
-    log_likelihood, parameter_count,
+    STRUCTURES, CovarianceFit, CovarianceStructure, PatternGroups, describe, fit_covariance, group_by_pattern,
+    log_likelihood, named_parameters, parameter_count,
 )
 from longitudinal.fit.covariance.likelihood import evaluate
 
@@ -25,7 +25,6 @@ EXPECTED_COUNTS = {
     "us": M * (M + 1) // 2, "cs": 2, "csh": M + 1, "ar1": 2, "ar1h": M + 1, "toep": M, "toeph": 2 * M - 1,
     "ad": M, "adh": 2 * M - 1, "sp_exp": 2,
 }
-REFERENCE = Path(__file__).resolve().parents[1] / "reference" / "nlme_reference_covariance.json"
 
 
 def simulate(n_subjects: int, *, dropout: float, seed: int) -> pd.DataFrame:
@@ -140,6 +139,49 @@ def test_structures_reduce_to_their_special_cases() -> None:
     np.testing.assert_allclose(CovarianceStructure("us", M).covariance(theta), L @ L.T, rtol=1e-14)
     sp = CovarianceStructure("sp_exp", 0).covariance(np.array([0.1, np.log(2.0)]), np.array([0.0, 1.0, 3.0]))
     assert sp[2, 0] == pytest.approx(math.exp(0.2) * math.exp(-3.0 / 2.0), rel=1e-14)
+
+
+def test_structures_are_mmrm_s_in_the_formula_language_s_order() -> None:
+    # the same tuple as longitudinal.model.formula.COVARIANCE_STRUCTURES (the candidate dispatch relies on it)
+    assert STRUCTURES == ("us", "cs", "csh", "ar1", "ar1h", "toep", "toeph", "ad", "adh", "sp_exp")
+    assert [describe(name) for name in STRUCTURES] == [
+        "unstructured", "compound symmetry", "compound symmetry, heterogeneous variances", "AR(1)",
+        "AR(1), heterogeneous variances", "Toeplitz", "Toeplitz, heterogeneous variances", "ante-dependence",
+        "ante-dependence, heterogeneous variances", "spatial exponential (continuous time)",
+    ]
+    with pytest.raises(ConfigError, match="unknown covariance structure 'arma'"):
+        describe("arma")
+
+
+@pytest.mark.parametrize("name", STRUCTURES)
+def test_named_parameters_read_the_covariance_matrix(name: str) -> None:
+    # each name's value read off Σ(θ) itself: SDs from its diagonal, correlations from its entries
+    structure = CovarianceStructure(name, M)
+    theta = np.random.default_rng(7).normal(scale=0.7, size=structure.n_params)
+    named = named_parameters(structure, theta)
+    assert len(named) == structure.n_params
+    values = dict(named)
+    coords = np.array([0.0, 1.0, 2.5, 4.0]) if structure.spatial else None
+    sigma = structure.covariance(theta, coords)
+    sd = np.sqrt(np.diag(sigma))
+    corr = sigma / np.outer(sd, sd)
+    if name in ("cs", "ar1", "toep", "ad", "sp_exp"):
+        assert [key for key, _ in named][0] == "sigma"
+        assert values["sigma"] == pytest.approx(sd[0], rel=1e-12)
+    else:
+        assert [key for key, _ in named][:M] == [f"sd[{j}]" for j in range(1, M + 1)]
+        np.testing.assert_allclose([values[f"sd[{j}]"] for j in range(1, M + 1)], sd, rtol=1e-12)
+    expected = {
+        "us": lambda: {f"corr[{i + 1},{j + 1}]": corr[i, j] for i in range(M) for j in range(i)},
+        "cs": lambda: {"rho": corr[1, 0]}, "csh": lambda: {"rho": corr[3, 1]}, "ar1": lambda: {"rho": corr[1, 0]},
+        "ar1h": lambda: {"rho": corr[2, 1]}, "toep": lambda: {f"rho[lag {k}]": corr[k, 0] for k in range(1, M)},
+        "toeph": lambda: {f"rho[lag {k}]": corr[M - 1, M - 1 - k] for k in range(1, M)},
+        "ad": lambda: {f"rho[{j},{j + 1}]": corr[j, j - 1] for j in range(1, M)},
+        "adh": lambda: {f"rho[{j},{j + 1}]": corr[j, j - 1] for j in range(1, M)},
+        "sp_exp": lambda: {"range": -1.5 / math.log(corr[3, 2])},  # times 2.5 and 4.0
+    }[name]()
+    for key, value in expected.items():
+        assert values[key] == pytest.approx(value, rel=1e-10), key
 
 
 def test_complex_step_jacobian_matches_central_differences() -> None:
@@ -262,41 +304,3 @@ def test_the_gradient_vanishes_at_the_optimum(visits: pd.DataFrame, ml_fits: dic
         slope = (log_likelihood(structure, groups, fit.theta + step, reml=False)
                  - log_likelihood(structure, groups, fit.theta - step, reml=False)) / 2e-5
         assert abs(slope) < 1e-3, (name, k, slope)
-
-
-# ----------------------------------------------------------------------------------- R's numbers
-
-
-def reference_design(dataset: str, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(X, visit index, time) of the reference script's mean model, R's treatment contrasts (C collation)."""
-    if dataset == "cov_sim_mmrm":  # y ~ visit * arm
-        visit = frame["visit"].astype(int).to_numpy()
-        dummies = np.column_stack([(visit == v).astype(float) for v in range(2, 7)])
-        treated = (frame["arm"] == "treatment").to_numpy(float)[:, None]
-        X = np.column_stack([np.ones(len(frame)), dummies, treated, dummies * treated])
-        return X, visit - 1, frame["t"].to_numpy(float)
-    male = (frame["Sex"] == "Male").to_numpy(float)  # cov_orthodont: distance ~ age * Sex
-    age = frame["age"].to_numpy(float)
-    X = np.column_stack([np.ones(len(frame)), age, male, age * male])
-    return X, frame["visit"].astype(int).to_numpy() - 1, age
-
-
-@pytest.mark.parametrize("dataset", ["cov_sim_mmrm", "cov_orthodont"])
-@pytest.mark.parametrize("name", ["us", "cs", "csh", "ar1", "ar1h", "toep", "toeph", "sp_exp"])
-@pytest.mark.parametrize("method", ["ML", "REML"])
-def test_logliks_match_nlme(dataset: str, name: str, method: str) -> None:
-    # nlme::gls fits by tests/reference/make_reference_covariance.R (corSymm/corCompSymm/corAR1/corARMA(p = m-1)/
-    # corExp, with varIdent for the heterogeneous ones), the best of several optimizer settings; nlme's gls
-    # REML logLik has no ½ log|XᵀX| term, as ours. ad and adh have no R implementation in Debian.
-    reference = json.loads(REFERENCE.read_text())
-    info, ref = reference["datasets"][dataset], reference["fits"][dataset][name][method]
-    assert ref["status"] == "ok"
-    frame = pd.read_csv(REFERENCE.parent / info["file"], dtype={info["subject"]: str, "visit": str})
-    X, visit, time = reference_design(dataset, frame)
-    structure = CovarianceStructure(name, int(visit.max()) + 1)
-    groups = group_by_pattern(frame[info["outcome"]].to_numpy(float), X, frame[info["subject"]].to_numpy(),
-                              time if structure.spatial else visit)
-    fit = fit_covariance(groups, structure, reml=method == "REML")
-    assert fit.converged
-    assert fit.loglik == pytest.approx(ref["logLik"], abs=1e-4)
-    assert fit.n_params == ref["df"]
