@@ -16,6 +16,7 @@ from longitudinal.errors import ConfigError
 from longitudinal.fit.covariance import (
     CovarianceFit, CovarianceStructure, PatternGroups, fit_covariance, group_by_pattern, log_likelihood,
 )
+from longitudinal.fit.covariance.fitting import Objective
 from longitudinal.fit.covariance.grouping import MIN_SHARED
 from longitudinal.fit.covariance.likelihood import evaluate, factor_size, lower_factor
 
@@ -283,3 +284,25 @@ def test_a_time_in_epoch_seconds_gives_the_same_fit(visits: pd.DataFrame, reml: 
     np.testing.assert_allclose(epoch.normalized_residuals, days.normalized_residuals, atol=1e-6)
     assert epoch.n_params == days.n_params
     assert epoch.theta[1] == pytest.approx(days.theta[1] + math.log(86_400.0), abs=1e-6)  # log range
+
+
+def test_the_scaled_gradient_is_the_newton_step_s_size(visits: pd.DataFrame) -> None:
+    # lme4's scaled gradient L⁻¹g with −H = LLᵀ, H from the analytic gradient; here against H from second
+    # differences of ℓ itself, near (not at) the optimum of (1 | id) + ar1
+    structure = structure_of("ar1")
+    groups = groups_for(visits, "ar1", "1")
+    objective = Objective(structure, groups, reml=False)
+    fit = fit_covariance(groups, structure, reml=False)
+    x = np.r_[fit.theta[1:], fit.random_factor[0, 0]] + np.array([0.02, -0.03])
+    gradient = objective.evaluate(x).gradient
+
+    def loglik(point: np.ndarray) -> float:
+        return objective.evaluate(point).loglik
+
+    h, H = 1e-3, np.empty((2, 2))
+    for i, j in np.ndindex(2, 2):
+        ei, ej = np.eye(2)[i] * h, np.eye(2)[j] * h
+        H[i, j] = (loglik(x + ei + ej) - loglik(x + ei - ej) - loglik(x - ei + ej) + loglik(x - ei - ej)) / (4 * h * h)
+    expected = np.max(np.abs(np.linalg.solve(np.linalg.cholesky(-H), gradient)))
+    assert objective.scaled_gradient(x, gradient, 2) == pytest.approx(expected, rel=1e-4)
+    assert objective.check(x).gradient_max == pytest.approx(np.max(np.abs(gradient)))

@@ -4,12 +4,19 @@ BFGS (scipy) on −ℓ with the analytic gradient of ``likelihood.evaluate`` (σ
 structures), on standardized columns (``units``: the answer is the same in any units), started from the
 structure's θ closest to the covariance of the OLS residuals (pairwise over the subjects observed at both
 visits) and, with random effects, Λ = I relative to σ (lme4's start; for the heterogeneous structures half
-the residual variance each to Σ and G). Converged means: the largest gradient entry of ℓ over the optimized
-parameters is below ``GRADIENT_TOL`` (θ is on log-SD, unbounded-correlation and Cholesky scales, so that is
-a statement about ℓ, not about units). A run that stops short gets one L-BFGS-B restart from where it
-stopped. A fit whose G is singular (a diagonal entry of Λ below ``SINGULAR_TOL`` relative to the residual
-SD: a random-effect variance at 0) is ``singular``; there, as lme4 does, the gradient test leaves out Λ, whose
-optimum lies on the boundary of the covariance matrices.
+the residual variance each to Σ and G).
+
+Converged means: the largest gradient entry of ℓ over the optimized parameters is below ``GRADIENT_TOL``
+(θ is on log-SD, unbounded-correlation and Cholesky scales, so that is a statement about ℓ, not about
+units), or, where ℓ's rounding (about 1e-13 relative, i.e. 1e-8 at 100,000 rows) keeps the gradient of a
+sharply curved ℓ above that, lme4's scaled gradient L⁻¹g (−H = LLᵀ) is. The optimizer stops as soon as
+the gradient passes and ℓ no longer moves (``STALL_TOL``), rather than spending its line search on
+rounding. A run that stops short gets one L-BFGS-B restart from where it stopped.
+
+A random-effect variance at 0 is approached on the Cholesky scale, where ℓ is flat (even in Λ_jj): a
+diagonal entry of Λ left near 0 is tried at 0 (lme4's boundary check), and a fit with one below
+``SINGULAR_TOL`` relative to the residual SD is ``singular``; there, as lme4 does, the gradient test leaves
+out Λ.
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ GRADIENT_TOL = 1e-3
 #: The optimizer stops once the gradient passes and an iteration gains less than this, relative, in ℓ.
 STALL_TOL = 1e-10
 DERIVATIVE_STEP = 1e-4
+#: A diagonal entry of Λ within this of 0 (relative to the residual SD) is tried at 0 (``fit.optimize``'s value).
+BOUNDARY_POLISH = 1e-2
 MAX_ITERATIONS = 2_000
 #: lme4's ``isSingular`` tolerance: a diagonal entry of Λ (relative to the residual SD) below it.
 SINGULAR_TOL = 1e-4
@@ -131,12 +140,13 @@ def fit_covariance(groups: PatternGroups, structure: CovarianceStructure, *, rem
         options = {"gtol": 1e-5, "maxiter": MAX_ITERATIONS} if method == "BFGS" else \
             {"gtol": 1e-8, "ftol": 1e-15, "maxiter": MAX_ITERATIONS, "maxcor": 30}
         result = minimize(objective, x, jac=True, method=method, options=options, callback=objective.stalled)
-        x = result.x
+        x = objective.snap_to_boundary(result.x)
         check = objective.check(x)
+        stopped = "StopIteration" in str(result.message)  # our stop rule, not a failure
         attempts.append(OptimizerAttempt(
             optimizer=method, loglik=units.loglik(check.at.loglik, groups.n_obs, reml=reml),
             converged=check.converged, iterations=int(result.nit), seconds=time.perf_counter() - t0,
-            message=f"{result.message}; {check.verdict}",
+            message=f"{'gradient passed, ℓ stalled' if stopped else result.message}; {check.verdict}",
         ))
         if check.converged:
             break
@@ -224,6 +234,25 @@ class Objective:
             return
         if np.max(np.abs(self._last[2]), initial=0.0) < GRADIENT_TOL and gained < STALL_TOL * max(1.0, abs(value)):
             raise StopIteration
+
+    def snap_to_boundary(self, x: np.ndarray) -> np.ndarray:
+        """lme4's ``check.boundary`` (as ``fit.optimize``, within ``BOUNDARY_POLISH``): a diagonal entry of Λ
+        near 0 (relative to the residual SD) is set to 0 where ℓ is not lower there. Toward a variance at 0
+        ℓ is flat (even in that entry), and the optimizer stops short of the boundary on the Cholesky scale."""
+        structure, q = self.structure, self.groups.n_random
+        if q == 0:
+            return x
+        own = structure.n_params - self.profile
+        diagonal = own + np.cumsum(np.r_[0, np.arange(q, 1, -1)])  # Λ_jj: the first entry of column j
+        reference = 1.0 if structure.homogeneous else float(np.exp(np.mean(x[:structure.log_sd_count])))
+        value = -self(x)[0]
+        for index in diagonal[np.abs(x[diagonal]) < BOUNDARY_POLISH * reference]:
+            trial = x.copy()
+            trial[index] = 0.0
+            trial_value = -self(trial)[0]
+            if trial_value >= value:
+                x, value = trial, trial_value
+        return x
 
     def check(self, x: np.ndarray) -> Check:
         at = self.evaluate(x)

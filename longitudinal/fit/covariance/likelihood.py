@@ -23,8 +23,10 @@ M_i = −W_i + (W_i r_i)(W_i r_i)ᵀ + [REML] (W_i X_i) A⁻¹ (W_i X_i)ᵀ, W_i
 (β̂ is the optimum of r'V⁻¹r, so its own derivative drops out); dΣ/dθ by the complex step, and for Λ
 in closed form: dℓ/dΛ = (Σ_i Z_iᵀ M_i Z_i) Λ, lower triangle.
 
-Subjects sharing V (a ``VisitPattern``) share one Cholesky factor, and their whitening is one product with
-L⁻¹; the others come in ``SubjectBatch``es whose factorizations are batched (``grouping``).
+Subjects sharing V (a ``VisitPattern``) share one Cholesky factor and are read through their cross-products
+(Σ_i X_iᵀ W X_i = Σ_ab W_ab Σ_i X_ia X_ibᵀ, and so on): O(s² p²) per pattern and evaluation, none per
+subject. The others come in ``SubjectBatch``es, each subject whitened by its own L_i⁻¹, all at once by
+batched numpy calls (``grouping``).
 """
 
 from __future__ import annotations
