@@ -109,7 +109,8 @@ def bench_unstructured(subjects: int, visits: int, seed: int) -> None:
         script.write_text(R_SCRIPT)
         done = subprocess.run(["Rscript", str(script), str(csv)], capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        print(f"  glmmTMB  : failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
+        error = done.stderr.strip()
+        print(f"  glmmTMB  : failed: {error.splitlines()[-1] if error else done.returncode}")
         return
     theirs = json.loads(done.stdout.strip().splitlines()[-1])
     seconds, loglik = float(theirs["seconds"][0]), float(theirs["logLik"][0])
@@ -160,7 +161,8 @@ def bench_serial(seed: int) -> None:
     print(f"ri-ar1: {len(frame):,} rows, 20,000 subjects, {visits} visits with dropout, ML")
     print(f"  (1 | id), lme4-style engine    : {ri_seconds:7.3f} s  logLik {ri.loglik:.4f}  converged {ri.converged}")
     print(f"  (1 | id) + ar1(t | id), ours   : {ar1_seconds:7.3f} s  {describe(ar1)}")
-    print(f"  ratio {ar1_seconds / ri_seconds:.2f} (goal: within 3); ΔlogLik (ar1 − ri) = {ar1.loglik - ri.loglik:+.2f}, "
+    print(f"  ratio {ar1_seconds / ri_seconds:.2f} (goal: within 3); "
+          f"ΔlogLik (ar1 − ri) = {ar1.loglik - ri.loglik:+.2f}, "
           f"σ {ar1.sigma:.3f}, ρ {ar1.theta[1] / math.sqrt(1 + ar1.theta[1] ** 2):.3f}, "
           f"random-intercept SD {math.sqrt(ar1.random_covariance[0, 0]):.3f} (simulated: 2, 0.6, 1.5)")
 

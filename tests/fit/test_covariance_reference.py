@@ -108,7 +108,8 @@ def test_logliks_and_fixed_effects_match_nlme(dataset: str, name: str, method: s
 
 def test_every_reference_fit_is_tested() -> None:
     covered = set(fits_of(RESIDUAL_STRUCTURES + tuple(RANDOM_EFFECTS)))
-    listed = {(d, name, method) for d, fits in reference()["fits"].items() for name, by in fits.items() for method in by}
+    listed = {(dataset, name, method) for dataset, fits in reference()["fits"].items()
+              for name, by_method in fits.items() for method in by_method}
     assert covered == listed
 
 

@@ -4,10 +4,10 @@ A subject's marginal covariance is V_i = Z_i G Z_iᵀ + σ² R_i (or + Σ_i for 
 R_i the structure at the subject's visit coordinates. Subjects observed at the same coordinates share V_i when
 their random-effects rows Z_i are the same too (no random effects; or Z a function of the visit alone, as
 ``(1 | id)`` or ``(t | id)`` with t the visit's time): such a *visit pattern* needs one Cholesky factor for
-all its subjects, and whitening them is one matrix product (``VisitPattern``). Every other subject (irregular
-times, a slope on a subject-level covariate, a pattern too small to be worth its own products) has its own
-V_i: those are stacked by number of visits into ``SubjectBatch``es, whose g factorizations are batched numpy
-calls. Either way the work is array arithmetic over a handful of blocks.
+all its subjects, which ℓ reads through their cross-products (``VisitPattern``). Every other subject
+(irregular times, a slope on a time-varying covariate, a pattern shared by fewer than ``MIN_SHARED``) has its
+own V_i: those are stacked by number of visits into ``SubjectBatch``es, whose g factorizations are batched
+numpy calls. Either way the work is array arithmetic over a handful of blocks.
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ class VisitPattern:
         data = np.concatenate([self.X, self.y[:, :, None]], axis=2).reshape(g, s * (p + 1))
         products = (data.T @ data).reshape(s, p + 1, s, p + 1).transpose(0, 2, 1, 3)  # one tall-skinny product
         return CrossProducts(XX=np.ascontiguousarray(products[:, :, :p, :p]),
-                             Xy=np.ascontiguousarray(products[:, :, :p, p]), yy=np.ascontiguousarray(products[:, :, p, p]))
+                             Xy=np.ascontiguousarray(products[:, :, :p, p]),
+                             yy=np.ascontiguousarray(products[:, :, p, p]))
 
 
 @dataclass(frozen=True, eq=False)
@@ -141,8 +142,8 @@ def group_by_pattern(
                         "drop those rows first")
     labelled = subject if isinstance(subject, (np.ndarray, pd.Series, pd.Index)) else np.asarray(subject, dtype=object)
     codes, labels = pd.factorize(labelled, sort=False)
-    in_order = n < 2 or bool(np.all((codes[1:] > codes[:-1]) | ((codes[1:] == codes[:-1]) & (coords[1:] > coords[:-1]))))
-    order = np.arange(n) if in_order else np.lexsort((coords, codes))  # rows by subject, then visit, as given
+    following = (codes[1:] > codes[:-1]) | ((codes[1:] == codes[:-1]) & (coords[1:] > coords[:-1]))
+    order = np.arange(n) if bool(np.all(following)) else np.lexsort((coords, codes))  # by subject, then visit
     sorted_codes, sorted_coords = codes[order], coords[order]
     repeated = (sorted_codes[1:] == sorted_codes[:-1]) & (sorted_coords[1:] == sorted_coords[:-1])
     if repeated.any():
@@ -160,8 +161,9 @@ def group_by_pattern(
         unique, which, counts = distinct_rows(coords[rows])
         n_visit_patterns += len(unique)
         alone = np.ones(rows.shape[0], dtype=bool)
+        by_pattern = np.split(np.argsort(which, kind="stable"), np.cumsum(counts)[:-1])
         for k in np.flatnonzero(counts >= MIN_SHARED):
-            members = np.flatnonzero(which == k)
+            members = by_pattern[k]
             pattern_rows = rows[members]
             Zp = Z[pattern_rows]  # (g, s, q)
             if not np.array_equal(Zp, np.broadcast_to(Zp[:1], Zp.shape)):

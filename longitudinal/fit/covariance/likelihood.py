@@ -77,13 +77,12 @@ def factor_entries(factor: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True, eq=False)
 class CovarianceModel:
-    """The covariance pieces at one θ: ``structure_theta`` as given; ``base`` the structure's θ that builds
-    the matrix factored (log σ set to 0 for the homogeneous structures: R(ψ); else Σ(θ)); ``scale`` the
-    factor of V outside it (σ² for the homogeneous structures, 1 otherwise); ``G`` the random-effects
-    covariance inside it (relative to σ² for the homogeneous ones), and ``factor`` Λ with G = ΛΛᵀ."""
+    """The covariance pieces at one θ: ``base`` the structure's θ that builds the matrix factored (log σ set
+    to 0 for the homogeneous structures: R(ψ); else Σ(θ)); ``scale`` the factor of V outside it (σ² for the
+    homogeneous structures, 1 otherwise); ``G`` the random-effects covariance inside it (relative to σ² for
+    the homogeneous ones), and ``factor`` Λ with G = ΛΛᵀ."""
 
     structure: CovarianceStructure
-    structure_theta: np.ndarray
     base: np.ndarray
     scale: float
     factor: np.ndarray
@@ -102,7 +101,7 @@ class CovarianceModel:
             base, scale = np.concatenate([[0.0], own[1:]]), float(np.exp(2.0 * own[0]))
         else:
             base, scale = own, 1.0
-        return cls(structure, own, base, scale, factor, factor @ factor.T)
+        return cls(structure, base, scale, factor, factor @ factor.T)
 
     @cached_property
     def visit_matrix(self) -> np.ndarray | None:
@@ -282,5 +281,6 @@ def _gradient(
 
 def log_likelihood(structure: CovarianceStructure, groups: PatternGroups, theta: np.ndarray, *, reml: bool) -> float:
     """ℓ(θ) at the full θ (structure θ, then Λ's entries; no scale profiled), ML or REML: the objective as
-    the module docstring defines it."""
+    the module docstring defines it, on ``groups`` as they are (``fit_covariance`` standardizes them first:
+    the patterns' cross-products lose digits on an outcome far from 0, such as 1e6 ± 1)."""
     return evaluate(structure, groups, theta, reml=reml, gradient=False).loglik
