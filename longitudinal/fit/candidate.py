@@ -1,6 +1,8 @@
 """Fit one candidate model to the validated visits and return the project's ``Fit`` record.
 
-The default engine is ``longitudinal.fit.lmm`` (lme4's profiled-deviance formulation, bounded BOBYQA, lme4's
+A formula with a covariance-structure term (``us(visit | id)``, ``(1 | id) + ar1(t | id)``) goes to
+``longitudinal.fit.structured`` (the MMRM engine of ``longitudinal.fit.covariance``). Otherwise the default
+engine is ``longitudinal.fit.lmm`` (lme4's profiled-deviance formulation, bounded BOBYQA, lme4's
 convergence and singularity checks); ``engine="statsmodels"`` uses statsmodels' MixedLM instead. Either
 way the result is the same record, so selection and reporting do not know which engine ran.
 
@@ -25,6 +27,8 @@ import pandas as pd
 from longitudinal.errors import ConfigError
 from longitudinal.fit.failure import FitFailure
 from longitudinal.fit.lmm import fit_lmm
+from longitudinal.fit.structured import fit_structured
+from longitudinal.fit.structured import fit_structured
 from longitudinal.fit.theta import count_parameters
 from longitudinal.fit.wald import wald_fixed_effects
 from longitudinal.model.design import Design, build_design
@@ -51,7 +55,16 @@ def fit_candidate(
     if engine not in ENGINES:
         raise ConfigError(f"candidate {name!r}: unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
     began = time.perf_counter()
-    design = build_design(visits, parse_formula(formula, name=name))
+    parsed = parse_formula(formula, name=name)
+    design = build_design(visits, parsed)
+    if parsed.covariance is not None:
+        if engine == "statsmodels":
+            raise ConfigError(
+                f"candidate {name!r}: the statsmodels engine has no residual covariance structures "
+                f"({parsed.covariance.text}); use engine 'lme4-style'"
+            )
+        return _with_design_notes(fit_structured(
+            visits, design, parsed.covariance, name=name, formula=formula, method=method), design)
     if engine == "statsmodels":
         from longitudinal.fit.statsmodels_backend import fit_statsmodels  # statsmodels is slow to import; only when asked
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,7 +34,7 @@ from longitudinal.errors import ConfigError
 from longitudinal.fit.covariance.grouping import PatternGroups, VisitPattern
 from longitudinal.fit.covariance.likelihood import Evaluation, evaluate, factor_entries, factor_size, lower_factor
 from longitudinal.fit.covariance.prediction import predict
-from longitudinal.fit.covariance.structures import CovarianceStructure
+from longitudinal.fit.covariance.structures import CovarianceStructure, unbounded_from
 from longitudinal.fit.covariance.units import standardize
 from longitudinal.fit.failure import FitFailure
 from longitudinal.records import OptimizerAttempt
@@ -134,22 +135,17 @@ def fit_covariance(groups: PatternGroups, structure: CovarianceStructure, *, rem
     if not math.isfinite(objective(x)[0]):
         raise FitFailure(f"structure {structure.name!r}: the likelihood cannot be evaluated at the start "
                          "(are the fixed-effect columns linearly independent?)")
-    attempts: list[OptimizerAttempt] = []
-    for method in ("BFGS", "L-BFGS-B"):
-        t0 = time.perf_counter()
-        options = {"gtol": 1e-5, "maxiter": MAX_ITERATIONS} if method == "BFGS" else \
-            {"gtol": 1e-8, "ftol": 1e-15, "maxiter": MAX_ITERATIONS, "maxcor": 30}
-        result = minimize(objective, x, jac=True, method=method, options=options, callback=objective.stalled)
-        x = objective.snap_to_boundary(result.x)
-        check = objective.check(x)
-        stopped = "StopIteration" in str(result.message)  # our stop rule, not a failure
-        attempts.append(OptimizerAttempt(
-            optimizer=method, loglik=units.loglik(check.at.loglik, groups.n_obs, reml=reml),
-            converged=check.converged, iterations=int(result.nit), seconds=time.perf_counter() - t0,
-            message=f"{'gradient passed, ℓ stalled' if stopped else result.message}; {check.verdict}",
-        ))
-        if check.converged:
-            break
+    check, attempts = _optimize(objective, x, groups.n_obs, units.loglik, reml=reml)
+    final = attempts[-1]
+    for other in alternative_starts(structure, x, check.at.theta, profiled=objective.profile, q=q):
+        # a serial correlation next to random effects (or sp_exp's range) can trade off against them:
+        # ℓ may have a second maximum at another correlation; keep the higher one
+        if not math.isfinite(objective(other)[0]):
+            continue
+        other_check, other_attempts = _optimize(objective, other, groups.n_obs, units.loglik, reml=reml)
+        attempts.extend(other_attempts)
+        if other_check.at.loglik > check.at.loglik + 1e-9:
+            check, final = other_check, other_attempts[-1]
     best = check.at
     own = structure.rescale(best.theta[:structure.n_params], units.y_scale)
     factor = units.factor(lower_factor(best.theta[structure.n_params:], q), relative=structure.homogeneous)
@@ -164,13 +160,57 @@ def fit_covariance(groups: PatternGroups, structure: CovarianceStructure, *, rem
         n_params=groups.n_fixed + structure.n_params + factor_size(q), n_obs=groups.n_obs,
         n_subjects=groups.n_subjects, n_patterns=groups.n_visit_patterns, profiled_scale=objective.profile,
         converged=check.converged, singular=check.singular, gradient_max=check.gradient_max,
-        optimizer=attempts[-1].optimizer, iterations=sum(a.iterations for a in attempts),
-        evaluations=objective.evaluations, message=f"{attempts[-1].optimizer}: {attempts[-1].message}",
+        optimizer=final.optimizer, iterations=sum(a.iterations for a in attempts),
+        evaluations=objective.evaluations, message=f"{final.optimizer}: {final.message}",
         attempts=tuple(attempts), seconds=time.perf_counter() - began,
         fitted=units.y_shift + units.y_scale * at.fitted, residuals=units.y_scale * at.residuals,
         normalized_residuals=at.normalized, subjects=groups.subjects, modes=units.modes(at.modes),
         cond_sd=np.sqrt(np.maximum(np.diagonal(cond, axis1=1, axis2=2), 0.0)),
     )
+
+
+def _optimize(
+    objective: "Objective", x: np.ndarray, n_obs: int, loglik: Callable[..., float], *, reml: bool,
+) -> tuple["Check", list[OptimizerAttempt]]:
+    """BFGS from ``x``, then one L-BFGS-B restart if the end point fails the convergence test."""
+    attempts: list[OptimizerAttempt] = []
+    for method in ("BFGS", "L-BFGS-B"):
+        t0 = time.perf_counter()
+        options = {"gtol": 1e-5, "maxiter": MAX_ITERATIONS} if method == "BFGS" else \
+            {"gtol": 1e-8, "ftol": 1e-15, "maxiter": MAX_ITERATIONS, "maxcor": 30}
+        result = minimize(objective, x, jac=True, method=method, options=options, callback=objective.stalled)
+        x = objective.snap_to_boundary(result.x)
+        check = objective.check(x)
+        stopped = "StopIteration" in str(result.message)  # our stop rule, not a failure
+        attempts.append(OptimizerAttempt(
+            optimizer=method, loglik=loglik(check.at.loglik, n_obs, reml=reml),
+            converged=check.converged, iterations=int(result.nit), seconds=time.perf_counter() - t0,
+            message=f"{'gradient passed, ℓ stalled' if stopped else result.message}; {check.verdict}",
+        ))
+        if check.converged:
+            break
+    return check, attempts
+
+
+def alternative_starts(
+    structure: CovarianceStructure, x: np.ndarray, found: np.ndarray, *, profiled: bool, q: int,
+) -> list[np.ndarray]:
+    """A second start where ℓ is known to have two maxima, on the other side of the one ``found`` (full θ)
+    from the first start ``x``: with random effects, the AR(1) correlation started at 0.15 if the fit found
+    it above 0.5, else at 0.85; sp_exp's range started 8 times shorter than the first start if the fit found
+    a longer one, else 8 times longer. Empty for the other cases (one start, as mmrm)."""
+    index = structure.log_sd_count - (1 if profiled else 0)  # the first correlation parameter in x
+    value = float(found[structure.log_sd_count])
+    if structure.name == "sp_exp":
+        shifted = x[index] - math.log(8.0) if value >= x[index] else x[index] + math.log(8.0)
+    elif q and structure.name in ("ar1", "ar1h"):
+        rho = value / math.sqrt(1.0 + value * value)
+        shifted = float(unbounded_from(np.array([0.15 if rho > 0.5 else 0.85]))[0])
+    else:
+        return []
+    other = np.array(x, dtype=float)
+    other[index] = shifted
+    return [other]
 
 
 @dataclass(frozen=True, eq=False)
