@@ -366,6 +366,8 @@ class LikelihoodRatioTest:
     boundary_terms: tuple[str, ...]
     added_covariances: int
     notes: tuple[str, ...] = ()
+    #: The residual covariance of each model when they differ ("independent → ar1", "ar1h → us"), else "".
+    residual_change: str = ""
 
     @property
     def fixed_differ(self) -> bool:

@@ -276,7 +276,16 @@ def _pair(smaller: Fit, larger: Fit) -> LikelihoodRatioTest:
         smaller=smaller.name, larger=larger.name, df=df, statistic=math.nan, p_value=math.nan,
         reference=reference, added_fixed=added_fixed, boundary_terms=boundary,
         added_covariances=max(0, big.n_covariances - small.n_covariances), notes=tuple(notes),
+        residual_change=_residual_change(small, big),
     )
+
+
+def _residual_change(small: ModelStructure, big: ModelStructure) -> str:
+    """"ar1h → us", "independent → ar1": the residual structures of a pair when they differ, else ""."""
+    def name(structure: ModelStructure) -> str:
+        return structure.covariance.structure if structure.covariance is not None else "independent"
+
+    return "" if name(small) == name(big) else f"{name(small)} → {name(big)}"
 
 
 def _untested(smaller: Fit, larger: Fit) -> LikelihoodRatioTest:

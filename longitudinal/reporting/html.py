@@ -13,12 +13,12 @@ import base64
 import html
 import json
 import math
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
+from longitudinal.model.formula import parse_formula
 from longitudinal.records import Fit, LikelihoodRatioTest, ReportInputs, ResidualCovariance, Selection, Validated
 from longitudinal.reporting.figures import (
     ANNOTATED_VISITS,
@@ -508,6 +508,8 @@ def _additions(test: LikelihoodRatioTest) -> str:
                      + " and ".join(test.boundary_terms))
     if test.added_covariances:
         parts.append(f"{test.added_covariances} random-effect covariance{'s' if test.added_covariances > 1 else ''}")
+    if test.residual_change:
+        parts.append(f"residual covariance {test.residual_change}")
     return "; ".join(parts) or "—"
 
 
@@ -619,44 +621,22 @@ def _selected_section(inputs: ReportInputs, figures: Mapping[str, bytes]) -> str
     return "\n".join(parts)
 
 
-_STRUCTURE_TERM = re.compile(r"\b[A-Za-z_][A-Za-z0-9_.]*\([^()]*\|[^()]*\)")
-"""A covariance-structure term as written in a formula, ``us(visit | id)``: a call whose argument has a bar."""
-
-
-def _random_effect_terms(formula: str) -> list[str]:
-    """The random-effect terms of ``formula`` as written (``(1 | id)``, ``(week || site/pid)``): the
-    parenthesized groups with a bar that are not calls, covariance-structure terms left out."""
-    right = _STRUCTURE_TERM.sub(" ", formula.split("~", 1)[-1])
-    terms, depth, start = [], 0, 0
-    for index, char in enumerate(right):
-        if char == "(":
-            start, depth = (index, 1) if depth == 0 else (start, depth + 1)
-        elif char == ")" and depth:
-            depth -= 1
-            before = right[:start].rstrip()
-            called = bool(before) and (before[-1].isalnum() or before[-1] in "_.")
-            if depth == 0 and "|" in right[start:index] and not called:
-                terms.append(" ".join(right[start:index + 1].split()))
-    return terms
-
-
 def _has_structure(formula: str, covariance: ResidualCovariance | None) -> bool:
-    return covariance is not None or bool(_STRUCTURE_TERM.search(formula.split("~", 1)[-1]))
+    return covariance is not None or parse_formula(formula).covariance is not None
 
 
 def describe_covariance(formula: str, covariance: ResidualCovariance | None) -> str:
-    """What correlates a subject's measurements in a candidate, in a few words: "random effects (1 | id);
-    residuals: AR(1) (ar1(t | id), 2 parameters)", "residuals: unstructured (us(visit | id), 21 parameters)",
-    "random effects (week | pid); independent residuals". From the fitted ``covariance`` when there is one,
-    else from the formula (a failed fit records none: its structure term is named as written)."""
-    bars = _random_effect_terms(formula)
-    parts = [f"random effects {' + '.join(bars)}"] if bars else []
-    written = _STRUCTURE_TERM.findall(formula.split("~", 1)[-1])
+    """What correlates a subject's measurements in a candidate, in a few words (the formula beside it says
+    which terms): "random effects; residuals AR(1) (2 parameters)", "residuals unstructured (21 parameters)",
+    "random effects; independent residuals". From the fitted ``covariance`` when there is one, else from
+    the formula (a failed fit records none: its structure term is named as written)."""
+    parsed = parse_formula(formula)
+    parts = ["random effects"] if parsed.blocks else []
     if covariance is not None:
-        parts.append(f"residuals: {covariance.description} ({covariance.term}, "
-                     f"{covariance.n_params} parameter{'s' if covariance.n_params != 1 else ''})")
-    elif written:
-        parts.append(f"residuals: {' '.join(written[0].split())}")
+        parts.append(f"residuals {covariance.description} ({covariance.n_params} "
+                     f"parameter{'s' if covariance.n_params != 1 else ''})")
+    elif parsed.covariance is not None:
+        parts.append(f"residuals {parsed.covariance.text}")
     else:
         parts.append("independent residuals")
     return "; ".join(parts)

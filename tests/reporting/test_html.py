@@ -544,9 +544,9 @@ def test_a_structure_over_many_visits_shows_the_figure_and_no_matrix_tables() ->
 def test_the_comparison_describes_each_candidates_covariance(mmrm_page: str) -> None:
     section = comparison_section(mmrm_page)
     assert "<th>Covariance</th>" in section
-    assert "<td>random effects (1 | pid); independent residuals</td>" in section
-    assert "<td>residuals: AR(1) (ar1(week | pid), 2 parameters)</td>" in section
-    assert "<td>residuals: us(week | pid)</td>" in section  # a failed fit: the term as written
+    assert "<td>random effects; independent residuals</td>" in section
+    assert "<td>residuals AR(1) (2 parameters)</td>" in section
+    assert "<td>residuals us(week | pid)</td>" in section  # a failed fit: the term as written
     assert ("k = fixed effects + random-effect (co)variance parameters + the structure's parameters, its variances "
             "included, as nlme's and mmrm's logLik df count") in section
 
@@ -559,12 +559,12 @@ def test_the_lme4_only_report_has_no_covariance_column_or_section(page: str) -> 
 def test_describe_covariance_reads_random_effects_and_structures_from_the_formula() -> None:
     from longitudinal.reporting.html import describe_covariance
 
-    assert describe_covariance("y ~ t * arm + (1 | id) + ar1(t | id)", None) == "random effects (1 | id); residuals: ar1(t | id)"
-    assert describe_covariance("y ~ poly(t, 2) + (t || site/id)", None) == "random effects (t || site/id); independent residuals"
-    assert describe_covariance("y ~ factor(visit) + (1 | a) + (1 | b)", None) == "random effects (1 | a) + (1 | b); independent residuals"
+    assert describe_covariance("y ~ t * arm + (1 | id) + ar1(t | id)", None) == "random effects; residuals ar1(t | id)"
+    assert describe_covariance("y ~ poly(t, 2) + (t || site/id)", None) == "random effects; independent residuals"
+    assert describe_covariance("y ~ factor(visit) + (1 | a) + (1 | b)", None) == "random effects; independent residuals"
     assert (describe_covariance("y ~ factor(visit) + us(visit | id)", ar1_covariance(term="us(visit | id)",
                                                                                        description="unstructured", n_params=10))
-            == "residuals: unstructured (us(visit | id), 10 parameters)")
+            == "residuals unstructured (10 parameters)")
 
 
 def test_the_residual_correlation_diagnostic_compares_the_selected_with_the_best_without_serial_correlation(
