@@ -65,12 +65,6 @@ def fit_structured(
     evaluated at the start) comes back as a failed ``Fit`` saying why.
     """
     began = time.perf_counter()
-    if len(design.blocks) > 1:
-        raise ConfigError(
-            f"candidate {name!r}: next to {term.text} the random effects must be one bar, e.g. "
-            f"'({' + '.join(t for t in design.blocks[0].terms if t != '(Intercept)') or '1'} | {term.subject})'; "
-            "uncorrelated (||) or several bars are not supported with a covariance structure"
-        )
     Z = design.blocks[0].Z if design.blocks else None
     column = visits[term.visit]
     structure_name = term.structure

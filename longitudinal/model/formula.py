@@ -360,6 +360,13 @@ def _check_random_effects_next_to(covariance: CovarianceTerm, bars: Sequence[tup
             "drop the random effects (an MMRM), or next to them use one of "
             f"{', '.join(STRUCTURES_WITH_RANDOM_EFFECTS)}"
         )
+    if sum(len(blocks) for _, blocks in bars) > 1:
+        random = " + ".join(shown for shown, _ in bars)
+        raise FormulaError(
+            f"{where}: next to {covariance.text} the random effects must be one bar with one covariance matrix, "
+            f"such as '(1 + t | {covariance.subject})'; {random} makes several (uncorrelated '||' terms or "
+            "several bars), which the structured-covariance engine does not fit"
+        )
 
 
 def parse_candidates(candidates: Mapping[str, str]) -> dict[str, ModelFormula]:

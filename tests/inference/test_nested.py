@@ -370,9 +370,10 @@ def test_a_structure_added_to_random_effects_is_tested_by_chi2_and_said_so() -> 
 
 def test_a_structure_and_a_random_term_added_together_keep_the_boundary_mixture() -> None:
     fits = (make_fit("ri", "y ~ t + (1 | id)", 4, -500.0),
-            make_fit("big", "y ~ t + (t || id) + ar1h(t | id)", 10, -490.0))
+            make_fit("big", "y ~ t + (t | id) + ar1h(t | id)", 11, -490.0))
     (test,) = compare_nested(fits)
-    assert test.reference == "mixture" and test.boundary_terms == ("t | id",) and test.df == 6
+    assert test.reference == "mixture" and test.boundary_terms == ("t | id",) and test.df == 7
+    assert test.residual_change == "independent → ar1h"
     assert any("equal variances" in note for note in test.notes)
 
 

@@ -275,7 +275,7 @@ def test_columns_of_term_functions_exclude_functions_and_constants() -> None:
          CovarianceTerm("ar1", "t", "id")),
         ("y ~ t + sp_exp(t | id) + (t | id)", "t", (RandomBlock(("1", "t"), "id"),),
          CovarianceTerm("sp_exp", "t", "id")),
-        ("y ~ t + (t || id) + adh(t | id)", "t", (RandomBlock(("1",), "id"), RandomBlock(("t",), "id")),
+        ("y ~ t + (0 + t | id) + adh(t | id)", "t", (RandomBlock(("t",), "id"),),
          CovarianceTerm("adh", "t", "id")),
         ("y ~ t + (1 | dog:side) + ar1h(t | dog:side)", "t", (RandomBlock(("1",), "dog:side"),),
          CovarianceTerm("ar1h", "t", "dog:side")),
@@ -338,6 +338,10 @@ def test_the_structure_s_columns_are_read_by_the_formula() -> None:
          r"toep\(t \| id\) with \(1 \| id\) \+ \(0 \+ t \| id\) is not identified: a Toeplitz covariance "
          r"contains compound symmetry"),
         ("y ~ t + toeph(t | id) + (1 | id)", r"toeph\(t \| id\) with \(1 \| id\) is not identified"),
+        ("y ~ t + (t || id) + ar1(t | id)", r"candidate 'c' .*: next to ar1\(t \| id\) the random effects must be "
+         r"one bar with one covariance matrix, such as '\(1 \+ t \| id\)'; \(t \|\| id\) makes several"),
+        ("y ~ t + (1 | id) + (0 + t | id) + sp_exp(t | id)", r"next to sp_exp\(t \| id\) the random effects must "
+         r"be one bar"),
     ],
 )
 def test_a_covariance_structure_that_cannot_be_fitted_is_refused(text: str, message: str) -> None:
