@@ -234,3 +234,65 @@ def test_the_criterion_decides_the_selection_where_aic_and_bic_disagree(harness,
     by_aic = json.loads((Path(study_pipeline(config_path=str(config), criterion="aic")) / "selected_model.json").read_text())
     assert (by_bic["criterion"], by_bic["model"]) == ("bic", "ri")
     assert (by_aic["criterion"], by_aic["model"]) == ("aic", "ris")
+
+
+# ------------------------------------------------------------------------ the MMRM example (issue 13)
+
+MMRM_CONFIG = Path(__file__).resolve().parents[1] / "config" / "example-mmrm.yaml"
+
+
+@pytest.fixture(scope="module")
+def mmrm_run(harness, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import yaml
+
+    from flows.study_pipeline import study_pipeline
+
+    folder = tmp_path_factory.mktemp("mmrm")
+    document = yaml.safe_load(MMRM_CONFIG.read_text())
+    document["data"]["source"] = str(MMRM_CONFIG.parent / document["data"]["source"])
+    document["output"] = {"directory": str(folder / "reports")}
+    config = folder / "study.yaml"
+    config.write_text(yaml.safe_dump(document, sort_keys=False))
+    return Path(study_pipeline(config_path=str(config)))
+
+
+def test_the_mmrm_study_compares_structures_with_random_effects_candidates(mmrm_run: Path) -> None:
+    from longitudinal.fit.candidate import fit_candidate
+
+    table = pd.read_csv(mmrm_run / "model_comparison.csv").set_index("model")
+    candidates = yaml_candidates()
+    assert set(table.index) == set(candidates)
+    assert table["converged"].all() and table["n_obs"].nunique() == 1
+    # k = 12 fixed effects + the structure's parameters (+ the random intercept's variance), as nlme counts
+    expected_k = {"us": 12 + 21, "toeph": 12 + 11, "ar1h": 12 + 7, "csh": 12 + 7, "ar1": 12 + 2, "cs": 12 + 2,
+                  "ri": 12 + 2, "ri_ar1": 12 + 3, "ri_ar1h": 12 + 8, "ri_sp_exp": 12 + 3}
+    assert table["n_params"].to_dict() == expected_k
+    # compound symmetry and the random intercept are one model (positive correlation): the same likelihood
+    assert table.loc["cs", "loglik"] == pytest.approx(table.loc["ri", "loglik"], abs=1e-4)
+    # the pipeline's numbers are fit_candidate's on the analysed rows
+    data = pd.read_parquet(mmrm_run / "data.parquet")
+    direct = fit_candidate(data, "ar1h", candidates["ar1h"])
+    assert table.loc["ar1h", "loglik"] == pytest.approx(direct.loglik, abs=1e-6)
+    assert table.loc[table["selected"]].index.item() == table["aic"].idxmin()
+
+
+def yaml_candidates() -> dict[str, str]:
+    import yaml
+
+    return dict(yaml.safe_load(MMRM_CONFIG.read_text())["models"]["candidates"])
+
+
+def test_the_mmrm_report_shows_the_structure_its_matrix_and_the_residual_correlation(mmrm_run: Path) -> None:
+    selected = json.loads((mmrm_run / "selected_model.json").read_text())
+    covariance = selected["covariance"]
+    assert covariance is not None and selected["method"] == "REML"
+    assert covariance["visit"] == "week" and covariance["labels"] == ["0", "2", "4", "8", "12", "16"]
+    matrix = covariance["matrix"]
+    assert len(matrix) == 6 and all(len(row) == 6 for row in matrix)
+    assert all(abs(matrix[i][j] - matrix[j][i]) < 1e-9 for i in range(6) for j in range(6))
+    figures = {p.stem for p in (mmrm_run / "figures").glob("*.png")}
+    assert {"residual_covariance", "residual_correlation"} <= figures
+    report = (mmrm_run / "report.html").read_text()
+    assert f"Residual covariance: {covariance['description']}" in report
+    assert "Residual correlation within subjects" in report
+    assert f"{matrix[0][1]:.4g}" in report  # the covariance table shows the fitted matrix
