@@ -346,10 +346,33 @@ def start(groups: PatternGroups, structure: CovarianceStructure) -> np.ndarray:
     if q == 0:
         return structure.start(empirical)
     if structure.homogeneous:
+        if q == 1 and not structure.spatial and _intercept_only(groups):
+            # a random intercept beside a serial structure: the covariance at the longest lags is its
+            # variance (the serial part has decayed there); the rest starts the structure
+            shared = _long_lag_covariance(empirical)
+            own = structure.start(empirical - shared)
+            relative = math.sqrt(shared) / math.exp(own[0])
+            return np.concatenate([own, [relative]])
         return np.concatenate([structure.start(empirical), factor_entries(np.eye(q))])
     own = structure.start(0.5 * empirical)
     sd = float(np.exp(np.mean(own[:structure.log_sd_count])))
     return np.concatenate([own, factor_entries(sd * np.eye(q))])
+
+
+def _intercept_only(groups: PatternGroups) -> bool:
+    """Whether Z is one constant column (a random intercept) in every block."""
+    return all(np.ptp(block.Z) == 0 for block in groups.blocks() if block.Z.size)
+
+
+def _long_lag_covariance(empirical: np.ndarray) -> float:
+    """The mean covariance of visits at least half the visits apart (where observed together), clipped to
+    [1%, 80%] of the mean variance: a random intercept's variance, as a starting value."""
+    m = empirical.shape[0]
+    lag = np.abs(np.subtract.outer(np.arange(m), np.arange(m)))
+    far = empirical[(lag >= max(1, m // 2)) & (empirical != 0)]
+    variance = float(np.mean(np.diag(empirical)))
+    value = float(np.mean(far)) if far.size else 0.0
+    return float(np.clip(value, 0.01 * variance, 0.8 * variance))
 
 
 def empirical_covariance(groups: PatternGroups, structure: CovarianceStructure) -> np.ndarray:
