@@ -33,6 +33,9 @@ from matplotlib.ticker import FixedFormatter, FixedLocator
 from scipy.special import ndtri
 
 from longitudinal.config import DataConfig, StudyConfig
+from longitudinal.inference.residuals import (
+    MAX_DISTINCT_X, MAX_PAIRS, binned_means, lag_correlation, normalized_residuals, semivariogram, visit_positions,
+)
 from longitudinal.records import Fit, ResidualCovariance, Selection
 
 FIGURE_KEYS: tuple[str, ...] = (
@@ -55,8 +58,6 @@ _HIGHLIGHT = "#1f5fa8"
 _MUTED = "#9aa5b1"
 _SMOOTH = "#d62728"
 _DENSE_ROWS = 5_000  # above this many points a scatter becomes hexagonal bins
-_MAX_TIME_LEVELS = 25  # up to this many distinct times, means are per time; above, per bin
-_N_BINS = 20
 
 QQ_POINTS = 4_000
 """Most order statistics the QQ plot draws: evenly spaced, both extremes included."""
@@ -78,8 +79,6 @@ DISCRETE_TIMES = 30
 CorrelationKind = Literal["lag", "variogram"]
 """How the residual correlation diagnostic shows serial correlation: by lag in visits, or by a semivariogram."""
 
-MAX_PAIRS = 2_000_000
-"""Most within-subject pairs of residuals the correlation diagnostic uses; above, a seeded sample of subjects."""
 
 
 
@@ -236,33 +235,6 @@ def _rows_of(codes: np.ndarray, chosen: np.ndarray, n_codes: int) -> np.ndarray:
     return lookup[codes]
 
 
-def _binned_means(x: np.ndarray, y: np.ndarray) -> pd.DataFrame:
-    """Mean of ``y`` (with its standard error) per distinct ``x`` when few, else per quantile bin of ``x``.
-
-    Returns columns ``x`` (the mean x of the bin), ``mean``, ``se`` (SD with ddof 1 over √n; NaN for a
-    bin of one) and ``n``, sorted by ``x``; rows with a missing ``x`` or ``y`` are dropped. Bins are
-    ``pandas.qcut``'s: 20 quantile bins, right-closed, duplicate edges merged. Computed with integer bin
-    codes and ``bincount`` (two passes, so the SD does not lose precision to a large mean).
-    """
-    keep = np.isfinite(x) & np.isfinite(y)
-    x, y = x[keep], y[keep]
-    if x.size == 0:
-        return pd.DataFrame(columns=["x", "mean", "se", "n"])
-    codes, levels = pd.factorize(x)
-    if len(levels) > _MAX_TIME_LEVELS:
-        edges = np.unique(np.quantile(x, np.linspace(0.0, 1.0, _N_BINS + 1)))
-        codes = np.clip(np.searchsorted(edges, x, side="left") - 1, 0, max(len(edges) - 2, 0))
-    n = np.bincount(codes).astype(float)
-    filled = n > 0
-    mean = np.bincount(codes, weights=y) / np.where(filled, n, 1.0)
-    mean_x = np.bincount(codes, weights=x) / np.where(filled, n, 1.0)
-    squares = np.bincount(codes, weights=(y - mean[codes]) ** 2)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        se = np.where(n > 1, np.sqrt(squares / (n - 1)) / np.sqrt(n), np.nan)
-    out = pd.DataFrame({"x": mean_x, "mean": mean, "se": se, "n": n.astype(int)})[filled]
-    return out.sort_values("x").reset_index(drop=True)
-
-
 def plot_trajectories(
     visits: pd.DataFrame, subject: str, time: str, outcome: str, group: str | None = None,
     max_subjects: int = 200, seed: int = 0, time_label: str | None = None,
@@ -306,7 +278,7 @@ def plot_trajectories(
             ax.add_collection(LineCollection(segments, colors=colour, linewidths=0.6,
                                              alpha=0.18 if group is not None else 0.3))
             everyone = finite & (group_codes == code)
-            trend = _binned_means(t[everyone], y[everyone])
+            trend = binned_means(t[everyone], y[everyone])
             mean_colour = colour if group is not None else "#111111"
             label = "mean, all subjects" if level is None else f"{_plain(group)} = {_plain(level)} (mean)"
             ax.fill_between(trend["x"], trend["mean"] - 1.96 * trend["se"].fillna(0),
@@ -751,7 +723,7 @@ def _density_scatter(fig: Figure, ax: Axes, x: np.ndarray, y: np.ndarray) -> Non
 
 
 def _draw_smooth(ax: Axes, x: np.ndarray, y: np.ndarray, label: str) -> None:
-    means = _binned_means(x, y)
+    means = binned_means(x, y)
     if not means.empty:
         ax.plot(means["x"], means["mean"], color=_SMOOTH, linewidth=1.8, marker="o", markersize=3, label=label)
         ax.legend(loc="upper right", frameon=False)
@@ -841,7 +813,7 @@ def plot_residuals_over_time(fit: Fit, time_values: np.ndarray | pd.Series, time
     outcome = _plain(_outcome_of(fit.formula))
     keep = np.isfinite(time) & np.isfinite(residuals)
     levels = np.unique(time[keep])
-    discrete = levels.size <= _MAX_TIME_LEVELS
+    discrete = levels.size <= MAX_DISTINCT_X
     with _style():
         fig = _new_figure(7.5, 4.4)
         ax = fig.add_subplot()
@@ -924,115 +896,6 @@ def plot_observed_vs_fitted(
 
 
 # ------------------------------------------------------------------------- residual correlation
-
-
-def normalized_residuals(fit: Fit) -> np.ndarray:
-    """nlme's normalized residuals of ``fit``, rows as its residuals (empty when it has none).
-
-    ``fit.normalized_residuals`` when the engine gave them (a structured candidate: the residuals whitened
-    by the fitted residual covariance); else residuals / σ̂, nlme's normalized residuals of a fit without a
-    correlation structure (the conditional residuals of an lme4-style fit, scaled). Without a finite σ̂,
-    the residuals' own SD scales them.
-    """
-    if fit.normalized_residuals.size:
-        return np.asarray(fit.normalized_residuals, dtype=float)
-    residuals = np.asarray(fit.residuals, dtype=float)
-    if math.isfinite(fit.residual_sd) and fit.residual_sd > 0:
-        return residuals / fit.residual_sd
-    finite = residuals[np.isfinite(residuals)]
-    return residuals / float(np.std(finite, ddof=1)) if finite.size > 1 else residuals
-
-
-def _within_subject_pairs(codes: np.ndarray, order: np.ndarray, max_pairs: int, seed: int
-                          ) -> tuple[np.ndarray, np.ndarray]:
-    """Every pair (i, j) of rows of one subject, i before j in ``order``, as two index arrays; rows with a
-    negative code take no part. Above ``max_pairs`` pairs, the pairs of a seeded sample of subjects (as many
-    as fit).
-
-    Built in O(pairs): the rows sorted by subject then ``order``, each row repeated once per later row of
-    its subject.
-    """
-    rows = np.flatnonzero(codes >= 0)
-    sizes = np.bincount(codes[rows]) if rows.size else np.zeros(0, dtype=np.int64)
-    pairs_of = sizes * (sizes - 1) // 2
-    if pairs_of.sum() > max_pairs:
-        shuffled = np.random.default_rng(seed).permutation(np.flatnonzero(sizes > 1))
-        within = np.cumsum(pairs_of[shuffled]) <= max_pairs
-        kept = shuffled[: max(int(within.sum()), 1)]
-        chosen = np.zeros(sizes.size, dtype=bool)
-        chosen[kept] = True
-        rows = rows[chosen[codes[rows]]]
-    rows = rows[np.lexsort((order[rows], codes[rows]))]
-    group = codes[rows]
-    starts = np.flatnonzero(np.diff(group, prepend=-1) != 0)
-    block = np.repeat(starts, np.diff(np.append(starts, rows.size)))
-    later = sizes[group] - (np.arange(rows.size) - block) - 1
-    first = np.repeat(np.arange(rows.size), later)
-    step = np.arange(first.size) - np.repeat(np.cumsum(later) - later, later) + 1
-    return rows[first], rows[first + step]
-
-
-def visit_positions(times: np.ndarray) -> np.ndarray:
-    """Each row's visit as its position among the sorted distinct times (0, 1, ...; −1 where missing):
-    the visit order of a visit structure, in which lag k means k visits apart."""
-    positions = np.full(times.shape, -1, dtype=np.int64)
-    finite = np.isfinite(times)
-    levels = np.unique(times[finite])
-    positions[finite] = np.searchsorted(levels, times[finite])
-    return positions
-
-
-def lag_correlation(residuals: np.ndarray, subjects: np.ndarray | pd.Series, positions: np.ndarray, *,
-                    max_pairs: int = MAX_PAIRS, seed: int = 0) -> pd.DataFrame:
-    """The within-subject correlation of residuals by lag in visit positions (nlme's ``ACF`` over visits).
-
-    For lag k, over every pair (a, b) of a subject's rows k visit positions apart:
-    r_k = Σ e_a e_b / √(Σ e_a² Σ e_b²), uncentered since normalized residuals have mean zero and unit
-    variance (then r_k estimates their correlation at lag k; ≈ 0 at every lag when the model captures the
-    serial correlation). Rows with a missing residual, subject or position are left out; a subject's missed
-    visit leaves a gap, so its neighbours pair at lag 2. Columns ``lag``, ``correlation``, ``pairs``, lags
-    with at least one pair, ascending. Above ``max_pairs`` pairs, a seeded sample of subjects gives them.
-    """
-    e = np.asarray(residuals, dtype=float)
-    codes, _ = pd.factorize(pd.Series(subjects), use_na_sentinel=True)
-    codes = np.where(np.isfinite(e) & (positions >= 0), codes, -1)
-    first, second = _within_subject_pairs(codes, positions, max_pairs, seed)
-    lag = positions[second] - positions[first]
-    keep = lag > 0  # the same visit twice is a duplicate, not a pair of visits
-    lag, a, b = lag[keep], e[first[keep]], e[second[keep]]
-    if lag.size == 0:
-        return pd.DataFrame({"lag": np.zeros(0, int), "correlation": np.zeros(0), "pairs": np.zeros(0, int)})
-    products = np.bincount(lag, weights=a * b)
-    squares_a, squares_b = np.bincount(lag, weights=a * a), np.bincount(lag, weights=b * b)
-    pairs = np.bincount(lag)
-    present = np.flatnonzero(pairs > 0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        correlation = products[present] / np.sqrt(squares_a[present] * squares_b[present])
-    return pd.DataFrame({"lag": present, "correlation": correlation, "pairs": pairs[present]})
-
-
-def semivariogram(residuals: np.ndarray, subjects: np.ndarray | pd.Series, times: np.ndarray, *,
-                  max_pairs: int = MAX_PAIRS, seed: int = 0) -> pd.DataFrame:
-    """The empirical semivariogram of residuals within subjects (nlme's ``Variogram``, collapsed by quantiles).
-
-    Over every pair of a subject's rows at different times: the distance d = |t_a − t_b| and
-    γ = ½ (e_a − e_b)²; γ averaged per distinct distance when they are few (≤ 25), else per bin of 20
-    quantile bins of d. For normalized residuals γ ≈ 1 at every distance when there is no serial
-    correlation left; a curve rising towards 1 from below means neighbouring times are correlated.
-    Columns ``distance`` (mean d of the bin), ``semivariance``, ``pairs``. Rows with a missing residual,
-    subject or time are left out; above ``max_pairs`` pairs, a seeded sample of subjects gives them.
-    """
-    e = np.asarray(residuals, dtype=float)
-    t = np.asarray(times, dtype=float)
-    codes, _ = pd.factorize(pd.Series(subjects), use_na_sentinel=True)
-    codes = np.where(np.isfinite(e) & np.isfinite(t), codes, -1)
-    first, second = _within_subject_pairs(codes, t, max_pairs, seed)
-    distance = np.abs(t[second] - t[first])
-    keep = distance > 0
-    half_squares = 0.5 * (e[first[keep]] - e[second[keep]]) ** 2
-    means = _binned_means(distance[keep], half_squares)
-    return pd.DataFrame({"distance": means["x"].to_numpy(float), "semivariance": means["mean"].to_numpy(float),
-                         "pairs": means["n"].to_numpy(int)})
 
 
 def residual_correlation_kind(times: np.ndarray, covariance: ResidualCovariance | None) -> CorrelationKind:

@@ -538,6 +538,13 @@ def _diagnostics_block(fits: Sequence[Fit], selected: Fit) -> str:
             "space; the fit is still valid and comparable, "
             "but the data do not support that part of the random-effects structure. Each optimizer attempt is "
             'listed under <a href="#reproducibility">Reproducibility</a>.</p>')
+    if any(fit.covariance is not None for fit in fits):
+        note += ('<p class="note">A candidate with a covariance structure is fitted by BFGS on the analytic '
+                 "gradient of its log-likelihood (β, and σ² where the structure has one, profiled out); its max "
+                 "|gradient| is over the structure's parameters on their optimization scale (log SDs, "
+                 "correlations mapped to the real line, Cholesky factors) and passes below 0.001. Where the "
+                 "likelihood can have two maxima (AR(1) next to random effects, sp_exp's range) a second start "
+                 "runs; each run is an attempt under Reproducibility.</p>")
     return _table(headers, rows, row_classes=classes) + note
 
 
