@@ -43,7 +43,43 @@ SCALE_NOTE = (
 
 
 @dataclass(frozen=True, eq=False)
-class Standardization:
+class FixedEffectsMap:
+    """How the outcome and X were standardized, y' = (y − ``y_shift``) / ``y_scale`` and X' = X ``fixed_map``
+    (A, p × p; the intercept at column ``intercept``, None without one), and the fixed effects carried back:
+    shared by the lme4-style engine (``Standardization``) and the structured-covariance one."""
+
+    y_shift: float
+    y_scale: float
+    intercept: int | None
+    fixed_map: np.ndarray
+
+    def beta(self, beta: np.ndarray) -> np.ndarray:
+        """β = A (s β' + a e_intercept) in the data's units from β' of the standardized fit."""
+        unscaled = self.y_scale * np.asarray(beta, dtype=float)
+        if self.intercept is not None:
+            unscaled[self.intercept] += self.y_shift
+        out: np.ndarray = self.fixed_map @ unscaled
+        return out
+
+    def vcov(self, vcov: np.ndarray) -> np.ndarray:
+        """vcov(β) = s² A vcov(β') Aᵀ."""
+        A = self.fixed_map
+        out: np.ndarray = self.y_scale ** 2 * (A @ vcov @ A.T)
+        return 0.5 * (out + out.T)
+
+
+def lower_factor_of(mapped: np.ndarray) -> np.ndarray:
+    """L lower triangular with a diagonal ≥ 0 and L Lᵀ = M Mᵀ for M = ``mapped`` (q × q): M = L Q by an LQ
+    step (the QR of Mᵀ), the signs of L's columns flipped where its diagonal is negative (Q absorbs them).
+    Valid for a singular M too: L Lᵀ is still exact."""
+    if mapped.shape[0] <= 1:
+        return np.abs(mapped)
+    L: np.ndarray = np.tril(np.asarray(np.linalg.qr(mapped.T, mode="r")).T)
+    return L * np.where(np.diagonal(L) < 0.0, -1.0, 1.0)[None, :]
+
+
+@dataclass(frozen=True, eq=False)
+class Standardization(FixedEffectsMap):
     """How a design was standardized, and the maps that carry estimates back to the data's units.
 
     ``y_shift`` and ``y_scale``: y' = (y − y_shift) / y_scale. ``intercept``: the position of the intercept
@@ -54,10 +90,6 @@ class Standardization:
     from zero: such a model depends on where x = 0 (see :func:`_origin_notes`).
     """
 
-    y_shift: float
-    y_scale: float
-    intercept: int | None
-    fixed_map: np.ndarray
     ranef_maps: tuple[np.ndarray, ...]
     scale_note: str | None = None
     origin_notes: tuple[str, ...] = ()
@@ -73,20 +105,6 @@ class Standardization:
             at += B.shape[0]
         return out
 
-    def beta(self, beta: np.ndarray) -> np.ndarray:
-        """β in the data's units from β' of the standardized fit."""
-        unscaled = self.y_scale * np.asarray(beta, dtype=float)
-        if self.intercept is not None:
-            unscaled[self.intercept] += self.y_shift
-        out: np.ndarray = self.fixed_map @ unscaled
-        return out
-
-    def vcov(self, vcov: np.ndarray) -> np.ndarray:
-        """vcov(β) = s² A vcov(β') Aᵀ."""
-        A = self.fixed_map
-        out: np.ndarray = self.y_scale ** 2 * (A @ vcov @ A.T)
-        return 0.5 * (out + out.T)
-
     def covariance(self, bar: int, cov: np.ndarray) -> np.ndarray:
         """Σ_b = s² B_b Σ_b' B_bᵀ for bar ``bar``."""
         B = self.ranef_maps[bar]
@@ -99,13 +117,7 @@ class Standardization:
         B_b Λ_b' = L Q (an LQ step: the QR of its transpose) gives L; the signs of L's columns are flipped
         where its diagonal is negative (Q absorbs them). Valid for a singular Λ_b' too: L L' is still exact.
         """
-        mapped = self.ranef_maps[bar] @ lam
-        if mapped.shape[0] == 1:
-            return np.abs(mapped)
-        R = np.linalg.qr(mapped.T, mode="r")
-        L: np.ndarray = np.tril(np.asarray(R).T)
-        signs = np.where(np.diagonal(L) < 0.0, -1.0, 1.0)
-        return L * signs[None, :]
+        return lower_factor_of(self.ranef_maps[bar] @ lam)
 
     def deviance_offset(self, n_obs: int, reml: bool) -> float:
         """What the standardized fit's ML deviance or REML criterion lacks: 2n log s (ML), or

@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-from scipy.stats import multivariate_normal
+from definitions import gaussian_loglik
 
 from longitudinal.errors import ConfigError
 from longitudinal.fit.covariance import (
@@ -97,12 +97,7 @@ def dense_loglik(frame: pd.DataFrame, structure: CovarianceStructure, theta: np.
     V = np.zeros((len(frame), len(frame)))
     for rows, Vi, _, _ in subject_matrices(frame, structure, theta, Z).values():
         V[np.ix_(rows, rows)] = Vi
-    A = X.T @ np.linalg.solve(V, X)
-    beta = np.linalg.solve(A, X.T @ np.linalg.solve(V, y))
-    value = float(multivariate_normal(X @ beta, V).logpdf(y))
-    if reml:
-        value += 0.5 * X.shape[1] * math.log(2 * math.pi) - 0.5 * np.linalg.slogdet(A)[1]
-    return value
+    return gaussian_loglik(y, X, V, reml=reml)
 
 
 @pytest.fixture(scope="module")

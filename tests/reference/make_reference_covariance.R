@@ -212,25 +212,7 @@ contract_k <- function(structure, m) {
          toeph = 2 * m - 1, sp_exp = 2)
 }
 
-# The nlme correlation and variance-function objects of a structure, optionally with starting values.
-cor_struct <- function(structure, id, time, m, value = NULL) {
-  visit_form <- as.formula(sprintf("~ visit_index | %s", id))
-  time_form <- as.formula(sprintf("~ %s | %s", time, id))
-  base <- sub("h$", "", structure)
-  if (structure == "us") {
-    if (is.null(value)) corSymm(form = visit_form) else corSymm(value = value, form = visit_form)
-  } else if (base == "cs") {
-    corCompSymm(value = if (is.null(value)) 0 else value, form = visit_form)
-  } else if (base == "ar1") {
-    corAR1(value = if (is.null(value)) 0 else value, form = visit_form)
-  } else if (base == "toep") {
-    corARMA(value = if (is.null(value)) rep(0, m - 1) else value, form = visit_form, p = m - 1)
-  } else if (structure == "sp_exp") {
-    if (is.null(value)) corExp(form = time_form) else corExp(value = value, form = time_form)
-  } else {
-    stop("unknown structure ", structure)
-  }
-}
+# cor_struct(): the nlme correlation object of a structure (common.R)
 heterogeneous <- function(structure) structure %in% c("us", "csh", "ar1h", "toeph")
 var_struct <- function(structure, value = NULL) {
   if (!heterogeneous(structure)) return(NULL)

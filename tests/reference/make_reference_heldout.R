@@ -73,25 +73,6 @@ read_back <- function(name) {
 
 heterogeneous <- function(s) s %in% c("us", "csh", "ar1h", "toeph")
 
-cor_struct <- function(structure, spec, m, value = NULL) {
-  visit_form <- as.formula(sprintf("~ visit_index | %s", spec$subject))
-  time_form <- as.formula(sprintf("~ %s | %s", spec$time, spec$subject))
-  base <- sub("h$", "", structure)
-  if (structure == "us") {
-    if (is.null(value)) corSymm(form = visit_form) else corSymm(value = value, form = visit_form)
-  } else if (base == "cs") {
-    corCompSymm(value = if (is.null(value)) 0 else value, form = visit_form)
-  } else if (base == "ar1") {
-    corAR1(value = if (is.null(value)) 0 else value, form = visit_form)
-  } else if (base == "toep") {
-    corARMA(value = if (is.null(value)) rep(0, m - 1) else value, form = visit_form, p = m - 1)
-  } else if (structure == "sp_exp") {
-    if (is.null(value)) corExp(form = time_form) else corExp(value = value, form = time_form)
-  } else {
-    stop("unknown structure ", structure)
-  }
-}
-
 controls <- list(
   gls = list(default = glsControl(),
              tight = glsControl(opt = "nlminb", maxIter = 500, msMaxIter = 2000, tolerance = 1e-10, returnObject = TRUE),
@@ -106,7 +87,7 @@ controls <- list(
 
 fit_once <- function(frame, spec, model, method, control, cor_value = NULL, var_value = NULL) {
   m <- max(frame$visit_index)
-  correlation <- cor_struct(model$structure, spec, m, cor_value)
+  correlation <- cor_struct(model$structure, spec$subject, spec$time, m, cor_value)
   weights <- if (heterogeneous(model$structure)) {
     if (is.null(var_value)) varIdent(form = ~ 1 | visit_factor) else varIdent(value = var_value, form = ~ 1 | visit_factor)
   } else NULL

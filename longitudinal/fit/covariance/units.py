@@ -27,31 +27,15 @@ from typing import TypeVar
 import numpy as np
 
 from longitudinal.fit.covariance.grouping import PatternGroups, SubjectBatch, VisitPattern
+from longitudinal.fit.scaling import FixedEffectsMap, lower_factor_of
 
 
 @dataclass(frozen=True, eq=False)
-class Units:
+class Units(FixedEffectsMap):
     """How a fit's data were standardized (module docstring): y' = (y − ``y_shift``) / ``y_scale``,
     X' = X ``fixed_map`` (the intercept at column ``intercept``, None without one), Z' = Z ``random_map``."""
 
-    y_shift: float
-    y_scale: float
-    intercept: int | None
-    fixed_map: np.ndarray
     random_map: np.ndarray
-
-    def beta(self, beta: np.ndarray) -> np.ndarray:
-        """β = A (s β' + a e_intercept)."""
-        unscaled = self.y_scale * np.asarray(beta, dtype=float)
-        if self.intercept is not None:
-            unscaled[self.intercept] += self.y_shift
-        out: np.ndarray = self.fixed_map @ unscaled
-        return out
-
-    def vcov(self, vcov: np.ndarray) -> np.ndarray:
-        """vcov(β) = s² A vcov(β') Aᵀ."""
-        out: np.ndarray = self.y_scale ** 2 * (self.fixed_map @ vcov @ self.fixed_map.T)
-        return 0.5 * (out + out.T)
 
     def loglik(self, loglik: float, n_obs: int, *, reml: bool) -> float:
         """ℓ in the data's units from the standardized fit's ℓ'."""
@@ -65,11 +49,7 @@ class Units:
         """Λ (lower triangular, diagonal ≥ 0) with ΛΛᵀ = c² B Λ'Λ'ᵀ Bᵀ, c = 1 for a Λ relative to σ (which
         scales by s itself), else s. B Λ' = L Q (an LQ step) gives L; its columns' signs are flipped where
         its diagonal is negative. Exact for a singular Λ' too."""
-        mapped = (1.0 if relative else self.y_scale) * (self.random_map @ factor)
-        if mapped.shape[0] <= 1:
-            return np.abs(mapped)
-        L: np.ndarray = np.tril(np.asarray(np.linalg.qr(mapped.T, mode="r")).T)
-        return L * np.where(np.diagonal(L) < 0.0, -1.0, 1.0)[None, :]
+        return lower_factor_of((1.0 if relative else self.y_scale) * (self.random_map @ factor))
 
     def modes(self, modes: np.ndarray) -> np.ndarray:
         """b = s B b', subjects in rows: (n_subjects, q)."""
