@@ -20,6 +20,9 @@ if TYPE_CHECKING:
     from longitudinal.config import StudyConfig
 
 Method = Literal["ML", "REML"]
+#: The outcome's distribution given the random effects, with its canonical link: identity, logit, log.
+Family = Literal["gaussian", "binomial", "poisson"]
+FAMILIES: tuple[str, ...] = ("gaussian", "binomial", "poisson")
 
 #: Columns ingestion adds to every row: where it was read from.
 SOURCE_COLUMNS = ("source_file", "source_line")
@@ -269,6 +272,11 @@ class Fit:
     homogeneous structure (NaN when the variances are per visit). ``normalized_residuals`` are nlme's
     normalized residuals (the residuals whitened by the fitted residual covariance, rows as ``residuals``);
     empty for lme4-style fits, whose residuals / ``residual_sd`` serve instead.
+
+    A generalized linear mixed model (``family`` "binomial" or "poisson", glmer's) has its fixed effects on
+    the link scale (logit, log), ``loglik`` glmer's (Laplace, or adaptive Gauss–Hermite quadrature with
+    ``nagq`` > 1 points), ``n_params`` = fixed effects + θ (no residual variance), ``residual_sd`` NaN,
+    ``fitted`` the conditional mean μ̂ on the response scale and ``residuals`` y − μ̂.
     """
 
     name: str
@@ -298,6 +306,8 @@ class Fit:
     dropped_terms: tuple[str, ...] = ()
     covariance: ResidualCovariance | None = None
     normalized_residuals: np.ndarray = field(default_factory=lambda: np.empty(0))
+    family: str = "gaussian"
+    nagq: int = 1
 
     @property
     def usable(self) -> bool:

@@ -32,15 +32,17 @@ from longitudinal.fit.structured import fit_structured
 from longitudinal.fit.theta import count_parameters
 from longitudinal.fit.wald import wald_fixed_effects
 from longitudinal.model.design import Design, build_design
-from longitudinal.model.formula import parse_formula
-from longitudinal.records import Correlation, EngineResult, Fit, FixedEffect, VarianceComponent, failed_fit
+from longitudinal.model.formula import ModelFormula, parse_formula
+from longitudinal.records import (
+    FAMILIES, Correlation, EngineResult, Fit, FixedEffect, VarianceComponent, failed_fit,
+)
 
 ENGINES = ("lme4-style", "statsmodels")
 
 
 def fit_candidate(
     visits: pd.DataFrame, name: str, formula: str, *, method: Literal["ML", "REML"] = "ML",
-    engine: str = "lme4-style",
+    engine: str = "lme4-style", family: str = "gaussian", nagq: int = 1,
 ) -> Fit:
     """Fit candidate ``name`` (``formula`` in lme4 notation) to ``visits`` by ML or REML.
 
@@ -49,14 +51,26 @@ def fit_candidate(
     formula raises ``FormulaError`` and programming errors raise as usual. Fixed-effect columns that are
     linear combinations of the others are dropped, as lme4 does: the record lists them in ``dropped_terms``
     and its message starts with lme4's note naming them; ``n_params`` counts the kept columns.
+
+    ``family`` "binomial" (0/1 outcome, logit link) or "poisson" (counts, log link) fits a generalized
+    linear mixed model as glmer does (``longitudinal.fit.glmm``: Laplace, or adaptive Gauss–Hermite
+    quadrature with ``nagq`` > 1 points for one scalar random effect); such a model has no REML, so
+    ``method`` must be "ML".
     """
     if method not in ("ML", "REML"):
         raise ConfigError(f"candidate {name!r}: method must be 'ML' or 'REML', got {method!r}")
     if engine not in ENGINES:
         raise ConfigError(f"candidate {name!r}: unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
+    if family not in FAMILIES:
+        raise ConfigError(f"candidate {name!r}: unknown family {family!r}; use one of {', '.join(FAMILIES)}")
     began = time.perf_counter()
     parsed = parse_formula(formula, name=name)
     design = build_design(visits, parsed)
+    if family != "gaussian":
+        return _with_design_notes(_fit_generalized(
+            design, parsed, name=name, formula=formula, method=method, engine=engine, family=family, nagq=nagq,
+            began=began,
+        ), design)
     if parsed.covariance is not None:
         if engine == "statsmodels":
             raise ConfigError(
@@ -88,6 +102,34 @@ def fit_candidate(
     return _with_design_notes(
         _to_record(design, result, name=name, formula=formula, method=method, began=began), design,
     )
+
+
+def _fit_generalized(
+    design: Design, parsed: ModelFormula, *, name: str, formula: str, method: str, engine: str, family: str,
+    nagq: int, began: float,
+) -> Fit:
+    """A binomial or Poisson candidate by ``longitudinal.fit.glmm`` (glmer's formulation), as a ``Fit``."""
+    if engine == "statsmodels":
+        raise ConfigError(f"candidate {name!r}: the statsmodels engine fits Gaussian models only; family "
+                          f"{family!r} needs engine 'lme4-style'")
+    if method != "ML":
+        raise ConfigError(f"candidate {name!r}: a {family} mixed model has no REML (glmer fits by maximum "
+                          "likelihood); use method 'ML'")
+    if parsed.covariance is not None:
+        raise ConfigError(f"candidate {name!r}: covariance structures ({parsed.covariance.text}) are for "
+                          f"Gaussian outcomes; a {family} model takes random effects only")
+    from longitudinal.fit.glmm import fit_glmm  # the GLMM engine, only when a study asks for it
+
+    n_params = count_parameters(design) - 1  # no residual variance
+    try:
+        result = fit_glmm(design, family=family, nagq=nagq)
+    except FitFailure as failure:
+        return failed_fit(name, formula, "ML", "lme4-style", f"candidate {name!r}: {failure}", n_obs=design.n_obs,
+                          n_subjects=design.n_groups, n_params=n_params, attempts=failure.attempts,
+                          seconds=time.perf_counter() - began)
+    fit = _to_record(design, result, name=name, formula=formula, method="ML", began=began)
+    return dataclasses.replace(fit, n_params=n_params, residual_sd=math.nan, reml_criterion=None, family=family,
+                               nagq=nagq, optimizer=result.attempts[-1].optimizer if result.attempts else "")
 
 
 def rank_deficiency_note(dropped: Sequence[str]) -> str | None:
