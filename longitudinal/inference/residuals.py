@@ -1,5 +1,8 @@
 """Statistics of residuals that the report draws: binned means, and the serial correlation left in a fit's
-normalized residuals (nlme's ``ACF`` over visits and ``Variogram`` over time).
+normalized residuals (nlme's ``ACF`` over visits and ``Variogram`` over time); for a generalized linear mixed
+model (binomial or Poisson, glmer's), the checks that suit its family: binned residuals (Gelman & Hill),
+randomized quantile residuals (Dunn & Smyth), the Pearson dispersion ratio, observed proportions or mean counts
+over time with their intervals, and the fixed effects as odds or rate ratios.
 
 The report (``longitudinal.reporting``) computes no statistics: it calls these and draws what they return.
 """
@@ -7,9 +10,13 @@ The report (``longitudinal.reporting``) computes no statistics: it calls these a
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from scipy import stats
+from scipy.special import ndtri
 
 from longitudinal.records import Fit
 
@@ -33,10 +40,7 @@ def binned_means(x: np.ndarray, y: np.ndarray) -> pd.DataFrame:
     x, y = x[keep], y[keep]
     if x.size == 0:
         return pd.DataFrame(columns=["x", "mean", "se", "n"])
-    codes, levels = pd.factorize(x)
-    if len(levels) > MAX_DISTINCT_X:
-        edges = np.unique(np.quantile(x, np.linspace(0.0, 1.0, N_BINS + 1)))
-        codes = np.clip(np.searchsorted(edges, x, side="left") - 1, 0, max(len(edges) - 2, 0))
+    codes = _value_or_quantile_bins(x)
     n = np.bincount(codes).astype(float)
     filled = n > 0
     mean = np.bincount(codes, weights=y) / np.where(filled, n, 1.0)
@@ -48,6 +52,18 @@ def binned_means(x: np.ndarray, y: np.ndarray) -> pd.DataFrame:
     return out.sort_values("x").reset_index(drop=True)
 
 
+def _quantile_bins(x: np.ndarray, n_bins: int) -> np.ndarray:
+    """Each value's bin among ``n_bins`` quantile bins of ``x`` (finite), right-closed as ``pandas.qcut``'s,
+    duplicate edges merged (ties never split across bins); codes 0, 1, ..., some possibly empty."""
+    edges = np.unique(np.quantile(x, np.linspace(0.0, 1.0, n_bins + 1)))
+    return np.clip(np.searchsorted(edges, x, side="left") - 1, 0, max(len(edges) - 2, 0))
+
+
+def _value_or_quantile_bins(x: np.ndarray) -> np.ndarray:
+    """Each value's code: one per distinct value when at most :data:`MAX_DISTINCT_X`, else its quantile bin
+    among :data:`N_BINS` (``x`` finite)."""
+    codes, levels = pd.factorize(x)
+    return _quantile_bins(x, N_BINS) if len(levels) > MAX_DISTINCT_X else codes
 
 
 def normalized_residuals(fit: Fit) -> np.ndarray:
@@ -157,3 +173,244 @@ def semivariogram(residuals: np.ndarray, subjects: np.ndarray | pd.Series, times
     means = binned_means(distance[keep], half_squares)
     return pd.DataFrame({"distance": means["x"].to_numpy(float), "semivariance": means["mean"].to_numpy(float),
                          "pairs": means["n"].to_numpy(int)})
+
+
+# ------------------------------------------------------------------ generalized linear mixed models
+
+#: A Poisson fit whose Pearson χ²/df exceeds this is reported as overdispersed.
+OVERDISPERSION_RATIO = 1.5
+#: The families whose response has a variance set by its mean, with the variance function V(μ) of each.
+_VARIANCE = {
+    "binomial": lambda mu: mu * (1.0 - mu),
+    "poisson": lambda mu: mu,
+}
+
+
+def _variance(mu: np.ndarray, family: str) -> np.ndarray:
+    if family not in _VARIANCE:
+        raise ValueError(f"family {family!r} has no variance function of its mean; use binomial or poisson")
+    return np.asarray(_VARIANCE[family](mu), dtype=float)
+
+
+def observed_response(fit: Fit) -> np.ndarray:
+    """The outcome as ``fit`` saw it, rows as its residuals: μ̂ + (y − μ̂), rounded to whole numbers for a
+    binomial or Poisson fit (0/1 or counts: the rounding removes the float error of the sum). Read from the
+    record, so it is the 0/1 coding the fit used whatever the outcome's labels in the data."""
+    fitted = np.asarray(fit.fitted, dtype=float)
+    residuals = np.asarray(fit.residuals, dtype=float)
+    y = fitted + residuals
+    return np.rint(y) if fit.family != "gaussian" else y
+
+
+def wilson_interval(successes: np.ndarray | float, n: np.ndarray | float, level: float = 0.95
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """The Wilson score interval for a binomial proportion x / n (Wilson 1927; R's ``prop.test`` without its
+    continuity correction): (p̂ + z²/2n ± z √(p̂(1 − p̂)/n + z²/4n²)) / (1 + z²/n). Unlike the Wald interval it
+    stays inside [0, 1] and does not collapse to a point at 0 or n successes. NaN where n = 0."""
+    x = np.asarray(successes, dtype=float)
+    m = np.asarray(n, dtype=float)
+    z = float(ndtri(0.5 + level / 2.0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = x / m
+        denominator = 1.0 + z * z / m
+        centre = (p + z * z / (2.0 * m)) / denominator
+        half = z * np.sqrt(p * (1.0 - p) / m + z * z / (4.0 * m * m)) / denominator
+    return np.clip(centre - half, 0.0, 1.0), np.clip(centre + half, 0.0, 1.0)
+
+
+def binned_residual_bins(n: int) -> int:
+    """How many bins :func:`binned_residuals` uses for ``n`` rows: ``arm::binnedplot``'s default (Gelman &
+    Hill 2007, §5.6): ⌊√n⌋ from 100 rows, 10 between 10 and 100, ⌊n/2⌋ below (at least one)."""
+    if n >= 100:
+        return int(math.isqrt(n))
+    return 10 if n > 10 else max(n // 2, 1)
+
+
+def binned_residuals(fitted: np.ndarray, residuals: np.ndarray, family: str, n_bins: int | None = None
+                     ) -> pd.DataFrame:
+    """Gelman & Hill's binned residuals (2007, §5.6): the residuals y − μ̂ averaged in quantile bins of μ̂.
+
+    Raw residuals of a 0/1 outcome fall on two curves and say little by eye; their mean per bin should be
+    near 0 wherever the model's probabilities are right. Each bin's band is ±2 SE of that mean under the
+    model, SE = √(Σ V(μ̂)) / n = √(mean V(μ̂) / n), V(μ) = μ(1 − μ) for binomial (Gelman & Hill's
+    √(p(1 − p)/n)) and μ for Poisson; about 95% of the bins should fall inside it. μ̂ is as the fit records
+    it (conditional on the predicted random effects). Bins: :func:`binned_residual_bins` bins of about equal
+    counts in the order of μ̂, as ``arm::binned.resids``; tied values of μ̂ share a bin. Rows with a missing μ̂ or residual are left out. Columns ``fitted`` (mean μ̂ of the
+    bin), ``residual`` (mean residual), ``se``, ``n`` and ``outside`` (|residual| > 2 SE), by ``fitted``.
+    """
+    mu = np.asarray(fitted, dtype=float)
+    e = np.asarray(residuals, dtype=float)
+    keep = np.isfinite(mu) & np.isfinite(e)
+    mu, e = mu[keep], e[keep]
+    if mu.size == 0:
+        return pd.DataFrame({"fitted": [], "residual": [], "se": [], "n": np.zeros(0, int), "outside": []})
+    bins = n_bins or binned_residual_bins(mu.size)
+    # equal-count bins in the order of μ̂, each value in the bin of its first (lowest-ranked) occurrence
+    first = np.searchsorted(np.sort(mu), mu, side="left")
+    codes = first * bins // mu.size
+    counts = np.bincount(codes)
+    filled = counts > 0
+    n = counts[filled].astype(float)
+    mean_mu = np.bincount(codes, weights=mu)[filled] / n
+    mean_e = np.bincount(codes, weights=e)[filled] / n
+    se = np.sqrt(np.bincount(codes, weights=_variance(mu, family))[filled]) / n
+    out = pd.DataFrame({"fitted": mean_mu, "residual": mean_e, "se": se, "n": counts[filled],
+                        "outside": np.abs(mean_e) > 2.0 * se})
+    return out.sort_values("fitted", kind="stable").reset_index(drop=True)
+
+
+def randomized_quantile_residuals(y: np.ndarray, fitted: np.ndarray, family: str, seed: int = 0) -> np.ndarray:
+    """Randomized quantile residuals (Dunn & Smyth 1996) of a binomial (0/1) or Poisson outcome.
+
+    For each row, u is drawn uniformly between F(y − 1; μ̂) and F(y; μ̂), F the fitted distribution
+    function, and the residual is Φ⁻¹(u): exactly N(0, 1) when y follows F, whatever μ̂, so one QQ plot
+    judges every row. Here μ̂ is the fit's conditional mean (given the predicted random effects), so these
+    check the outcome's distribution given the subject: what DHARMa's ``simulateResiduals`` approximates by
+    simulation with ``re.form = NULL``, computed from F exactly; not DHARMa's default, which simulates new
+    random effects (unconditional). The fitted modes pull μ̂ towards each subject's own data, so these spread
+    a little less than N(0, 1). u comes from ``numpy.random.default_rng(seed)``, one
+    draw per row (rows as given), so a report redraws the same points. Above the median, Φ⁻¹ is taken of the
+    upper tail 1 − u, computed from the survival function, so an extreme count keeps its size instead of
+    rounding to ∞. A missing y or μ̂, or a y the family cannot produce (not 0/1, not a whole count), gives NaN.
+    """
+    y = np.asarray(y, dtype=float)
+    mu = np.asarray(fitted, dtype=float)
+    draws = np.random.default_rng(seed).uniform(size=y.shape)
+    out = np.full(y.shape, np.nan)
+    ok = np.isfinite(y) & np.isfinite(mu)
+    if family == "binomial":
+        ok &= ((y == 0) | (y == 1)) & (mu >= 0) & (mu <= 1)
+        yk, m = y[ok], mu[ok]
+        below = np.where(yk == 1, 1.0 - m, 0.0)  # F(y − 1)
+        at = np.where(yk == 1, 1.0, 1.0 - m)  # F(y)
+        from_y = np.where(yk == 1, m, 1.0)  # P(Y ≥ y) = 1 − F(y − 1)
+        after_y = np.where(yk == 1, 0.0, m)  # P(Y > y) = 1 − F(y)
+    elif family == "poisson":
+        ok &= (y >= 0) & (y == np.floor(y)) & (mu >= 0)
+        yk, m = y[ok], mu[ok]
+        below, at = stats.poisson.cdf(yk - 1, m), stats.poisson.cdf(yk, m)
+        from_y, after_y = stats.poisson.sf(yk - 1, m), stats.poisson.sf(yk, m)
+    else:
+        raise ValueError(f"randomized quantile residuals are for binomial or poisson outcomes, not {family!r}")
+    v = draws[ok]
+    tiny = np.finfo(float).tiny
+    lower_tail = np.maximum(below + v * (at - below), tiny)
+    upper_tail = np.maximum(from_y - v * (from_y - after_y), tiny)
+    out[ok] = np.where(lower_tail < 0.5, ndtri(lower_tail), -ndtri(upper_tail))
+    return out
+
+
+@dataclass(frozen=True)
+class Dispersion:
+    """Pearson's check of a Poisson fit's dispersion: χ² = Σ (y − μ̂)² / μ̂ over ``df`` = n − k residual
+    degrees of freedom, ``ratio`` = χ² / df (≈ 1 when the counts vary as a Poisson with mean μ̂ does), and
+    ``p_value`` = P(χ²(df) > χ²), the test of ``performance::check_overdispersion``."""
+
+    pearson_chi2: float
+    df: int
+    ratio: float
+    p_value: float
+
+    @property
+    def overdispersed(self) -> bool:
+        """The ratio is above :data:`OVERDISPERSION_RATIO`: the counts vary more than the model allows."""
+        return math.isfinite(self.ratio) and self.ratio > OVERDISPERSION_RATIO
+
+
+def pearson_dispersion(y: np.ndarray, fitted: np.ndarray, n_params: int) -> Dispersion:
+    """The Pearson dispersion of counts ``y`` about their fitted means (see :class:`Dispersion`).
+
+    μ̂ is the fit's conditional mean, as glmer's Pearson residuals use; k = ``n_params`` counts fixed effects
+    and θ as lme4 does for glmer (its ``df.residual``). Rows with a missing y or μ̂, or μ̂ ≤ 0, are left out.
+    Without residual degrees of freedom the ratio and p-value are NaN.
+    """
+    y = np.asarray(y, dtype=float)
+    mu = np.asarray(fitted, dtype=float)
+    keep = np.isfinite(y) & np.isfinite(mu) & (mu > 0)
+    chi2 = float(np.sum((y[keep] - mu[keep]) ** 2 / mu[keep]))
+    df = int(keep.sum()) - int(n_params)
+    if df <= 0:
+        return Dispersion(chi2, df, math.nan, math.nan)
+    return Dispersion(chi2, df, chi2 / df, float(stats.chi2.sf(chi2, df)))
+
+
+def outcome_over_time(times: np.ndarray, y: np.ndarray, family: str, *, groups: Sequence[object] | None = None,
+                      fitted: np.ndarray | None = None) -> pd.DataFrame:
+    """The observed outcome per time (and group), with its 95% interval and, given ``fitted``, the mean μ̂.
+
+    Per distinct time when there are at most :data:`MAX_DISTINCT_X`, else per quantile bin of time (the same
+    bins for every group); per level of ``groups`` (rows with a missing group left out) when given.
+    ``observed``: the proportion of 1s for binomial, with the Wilson interval (:func:`wilson_interval`); the
+    mean for Poisson (and Gaussian), with mean ± 1.96 SD/√n from the sample SD, so a spread wider than
+    Poisson's shows (NaN for a bin of one). ``fitted``: the mean of μ̂ over the same rows, the model's
+    marginal proportion or mean count at that time, averaged over its subjects' conditional fits. Rows with
+    a missing time, outcome or (given) μ̂ are left out. Columns ``group`` (None without groups), ``time``
+    (mean time of the rows), ``n``, ``observed``, ``ci_low``, ``ci_high``, ``fitted`` (NaN without
+    ``fitted``); groups sorted by their text, then by time.
+    """
+    t = np.asarray(times, dtype=float)
+    values = np.asarray(y, dtype=float)
+    mu = np.full(t.shape, np.nan) if fitted is None else np.asarray(fitted, dtype=float)
+    keep = np.isfinite(t) & np.isfinite(values) & (np.isfinite(mu) if fitted is not None else True)
+    levels: list[object] = [None]
+    group_codes = np.zeros(t.shape, dtype=np.int64)
+    if groups is not None:
+        codes, uniques = pd.factorize(pd.Series(groups), use_na_sentinel=True)
+        order = sorted(range(len(uniques)), key=lambda i: str(uniques[i]))
+        rank = np.empty(len(uniques) + 1, dtype=np.int64)
+        rank[order] = np.arange(len(order))
+        rank[-1] = -1  # the −1 of a missing group
+        group_codes = rank[codes]
+        levels = [uniques[i] for i in order]
+        keep &= group_codes >= 0
+    columns = ["group", "time", "n", "observed", "ci_low", "ci_high", "fitted"]
+    if not keep.any():
+        return pd.DataFrame({c: [] for c in columns})
+    t, values, mu, group_codes = t[keep], values[keep], mu[keep], group_codes[keep]
+    bins = _value_or_quantile_bins(t)
+    n_bins = int(bins.max()) + 1
+    key = group_codes * n_bins + bins
+    size = len(levels) * n_bins
+    counts = np.bincount(key, minlength=size)
+    filled = np.flatnonzero(counts)
+    n = counts[filled].astype(float)
+    total = np.bincount(key, weights=values, minlength=size)
+    mean = total[filled] / n
+    if family == "binomial":
+        low, high = wilson_interval(total[filled], n)
+    else:
+        squares = np.bincount(key, weights=(values - (total / np.maximum(counts, 1))[key]) ** 2, minlength=size)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            se = np.where(n > 1, np.sqrt(squares[filled] / (n - 1) / n), np.nan)
+        low, high = mean - 1.96 * se, mean + 1.96 * se
+    out = pd.DataFrame({
+        "group": [levels[i] for i in filled // n_bins],
+        "time": np.bincount(key, weights=t, minlength=size)[filled] / n,
+        "n": counts[filled],
+        "observed": mean,
+        "ci_low": low,
+        "ci_high": high,
+        "fitted": np.bincount(key, weights=mu, minlength=size)[filled] / n if fitted is not None else np.nan,
+    })
+    order_key = pd.DataFrame({"g": filled // n_bins, "t": out["time"]})
+    return out.iloc[np.lexsort((order_key["t"], order_key["g"]))].reset_index(drop=True)
+
+
+@dataclass(frozen=True)
+class RatioEffect:
+    """A fixed effect of a log- or logit-link model on the ratio scale: exp(estimate) and exp of its Wald
+    95% interval (an odds ratio for logit, a rate ratio for log; for the intercept, the baseline odds or rate)."""
+
+    term: str
+    estimate: float
+    ci_low: float
+    ci_high: float
+
+
+def ratio_effects(fit: Fit) -> tuple[RatioEffect, ...]:
+    """``fit``'s fixed effects exponentiated, as glmer users write ``exp(cbind(fixef(m), confint(m, method =
+    "Wald")))``: odds ratios (binomial) or rate ratios (Poisson), conditional on the random effects (the
+    ratio for one subject, not averaged over the population). Overflow gives ∞."""
+    with np.errstate(over="ignore"):
+        return tuple(RatioEffect(fe.term, float(np.exp(fe.estimate)), float(np.exp(fe.ci_low)),
+                                 float(np.exp(fe.ci_high))) for fe in fit.fixed_effects)
