@@ -137,12 +137,13 @@ def _check_before_prefect(path: Path) -> None:
     from longitudinal.config import load_config
     from longitudinal.data.curation import check_registry, curated_dir
     from longitudinal.errors import DataError
-    from longitudinal.model.formula import check_candidates, check_same_response, parse_candidates
+    from longitudinal.model.formula import check_candidates, check_family, check_same_response, parse_candidates
     from longitudinal.data.ingest import read_header
 
     config = load_config(path)
     formulas = parse_candidates(config.models.candidates)
     check_same_response(formulas, config.data.outcome)
+    check_family(formulas, family=config.models.family, nagq=config.models.nagq)
     check_registry(config)  # a damaged curated registry exits 1, naming the repair command
     if config.source_path.is_dir() and (curated_dir(config) / "registry.json").exists():
         return
@@ -178,7 +179,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _validate(args: argparse.Namespace) -> int:
     from longitudinal.config import load_config
-    from longitudinal.model.formula import check_candidates, check_same_response, parse_candidates
+    from longitudinal.model.formula import check_candidates, check_family, check_same_response, parse_candidates
     from longitudinal.data.ingest import read_sources
     from longitudinal.reporting.run_folder import write_validation
     from longitudinal.data.validation import ensure_valid, validate_visits
@@ -186,6 +187,7 @@ def _validate(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     formulas = parse_candidates(config.models.candidates)
     check_same_response(formulas, config.data.outcome)
+    check_family(formulas, family=config.models.family, nagq=config.models.nagq)
     ingested = read_sources(config)
     covariates = check_candidates(formulas, config.data.roles, list(ingested.raw.columns))
     validated = validate_visits(ingested, config, covariates)

@@ -14,15 +14,18 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from longitudinal.errors import ConfigError
+from longitudinal.records import FAMILIES, Family
 
 _STUDY_NAME = re.compile(r"[A-Za-z0-9_-]+")  # used with fullmatch: "$" would accept a trailing newline
 
 TimeUnit = Literal["days", "weeks", "months", "years"]
 #: Length of each ``data.time_unit`` in days (Julian months and years: 30.4375 and 365.25 days).
 TIME_UNIT_DAYS: dict[str, float] = {"days": 1.0, "weeks": 7.0, "months": 30.4375, "years": 365.25}
+#: The most quadrature points ``models.nagq`` takes (glmer's limit for nAGQ).
+MAX_NAGQ = 100
 
 
 class _Frozen(BaseModel):
@@ -55,6 +58,10 @@ class DataConfig(_Frozen):
     """Whether symbolic links in the landing folder (or among a glob's matches) are read. Off by default: a
     link may point anywhere (another study's data, a system file), and is skipped with a warning naming it.
     On, each target is read once and directory-link loops are not walked twice."""
+    outcome_levels: tuple[str, str] | None = None
+    """For a binomial outcome written as text: its two values, the one coded 0 first (``[no, yes]``: "yes" is
+    1). Compared with the data as text, case-sensitive (as R's factor levels); without it the outcome must
+    be 0/1 or TRUE/FALSE. Numbers in the list are their text (``[1, 2]`` for a 1/2 coding)."""
 
     @field_validator("time_unit", mode="before")
     @classmethod
@@ -80,6 +87,26 @@ class DataConfig(_Frozen):
             f"{value!r} is not an origin; use 'subject' (each subject's first visit), 'study' (the earliest "
             "date in the data) or an ISO date such as 2024-01-15"
         )
+
+    @field_validator("outcome_levels", mode="before")
+    @classmethod
+    def _two_levels(cls, value: Any) -> Any:
+        if value is None:
+            return value
+        if not isinstance(value, (list, tuple)) or len(value) != 2:
+            raise ValueError(f"expected the outcome's two values, the one coded 0 first, as in [no, yes]; got {value!r}")
+        if any(isinstance(level, bool) for level in value):
+            raise ValueError(
+                f"{list(value)!r} are booleans; TRUE/FALSE and true/false outcomes need no outcome_levels (remove "
+                "it), and other texts go in quotes, as in ['absent', 'present']"
+            )
+        levels = [_level_text(level) for level in value]
+        if any(not level for level in levels):
+            raise ValueError(f"a level is empty in {list(value)!r}; write the outcome's two values, as in [no, yes]")
+        if levels[0] == levels[1]:
+            raise ValueError(f"the two levels are the same ({levels[0]!r}); write the value coded 0, then the one "
+                             "coded 1, as in [no, yes]")
+        return tuple(levels)
 
     @field_validator("subject", mode="before")
     @classmethod
@@ -139,9 +166,21 @@ class ValidationConfig(_Frozen):
 
 
 class ModelsConfig(_Frozen):
+    """The candidates and how they are fitted and compared.
+
+    ``family`` is the outcome's distribution given the random effects, with its canonical link: gaussian
+    (linear mixed models, the default), binomial (0/1, logit) or poisson (counts, log), fitted as lme4's
+    ``lmer`` and ``glmer`` do; one family per study, so that the candidates' likelihoods compare. ``nagq``
+    is glmer's ``nAGQ``: 1 is the Laplace approximation, more points adaptive Gauss–Hermite quadrature, which
+    glmer allows only for one scalar random effect (checked against the candidates by
+    ``longitudinal.model.formula.check_family``).
+    """
+
     criterion: Literal["aic", "bic"] = "bic"
     engine: Literal["lme4-style", "statsmodels"] = "lme4-style"
     candidates: dict[str, str]
+    family: Family = "gaussian"
+    nagq: int = 1
 
     @field_validator("candidates")
     @classmethod
@@ -151,6 +190,39 @@ class ModelsConfig(_Frozen):
         for name in value:
             if not _STUDY_NAME.fullmatch(str(name)):
                 raise ValueError(f"candidate name {name!r} may use only letters, digits, - and _")
+        return value
+
+    @field_validator("family", mode="before")
+    @classmethod
+    def _known_family(cls, value: Any) -> Any:
+        if value not in FAMILIES:
+            raise ValueError(f"{value!r} is not a family; use gaussian (the default), binomial (a 0/1 outcome, logit "
+                             "link) or poisson (counts, log link)")
+        return value
+
+    @field_validator("family")
+    @classmethod
+    def _engine_fits_family(cls, value: str, info: ValidationInfo) -> str:
+        if value != "gaussian" and info.data.get("engine") == "statsmodels":
+            raise ValueError(f"{value!r} needs engine 'lme4-style' (the default: remove engine); engine 'statsmodels' "
+                             "fits Gaussian models only")
+        return value
+
+    @field_validator("nagq", mode="before")
+    @classmethod
+    def _quadrature_points(cls, value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_NAGQ:
+            raise ValueError(f"{value!r} is not a number of quadrature points; use 1 (the Laplace approximation, "
+                             f"the default) or a whole number from 2 to {MAX_NAGQ} (adaptive Gauss–Hermite "
+                             "quadrature, as glmer's nAGQ)")
+        return value
+
+    @field_validator("nagq")
+    @classmethod
+    def _quadrature_for_glmm(cls, value: int, info: ValidationInfo) -> int:
+        if value > 1 and info.data.get("family") == "gaussian":  # absent: family itself was refused
+            raise ValueError(f"{value} has no meaning for family 'gaussian' (its likelihood is exact, with no "
+                             "integral to approximate); remove nagq, or set family binomial or poisson")
         return value
 
 
@@ -232,6 +304,15 @@ class StudyConfig(_Frozen):
                 )
         return self
 
+    @model_validator(mode="after")
+    def _levels_for_binomial(self) -> StudyConfig:
+        if self.data.outcome_levels is not None and self.models.family != "binomial":
+            raise ValueError(
+                f"data.outcome_levels {list(self.data.outcome_levels)!r} name the two values of a binomial outcome, "
+                f"but models.family is {self.models.family!r}; set models.family: binomial, or remove outcome_levels"
+            )
+        return self
+
     @property
     def source_path(self) -> Path:
         return _resolve(self.base_dir, self.data.source)
@@ -257,6 +338,36 @@ class StudyConfig(_Frozen):
 _INTERNAL_KEYS = ("base_dir", "config_file")
 
 
+def _level_text(level: Any) -> str:
+    """A level as the text it is compared with: stripped, a whole number without a decimal part (as ingestion
+    writes values: ``2.0`` and ``2`` are "2")."""
+    if isinstance(level, float) and level.is_integer():
+        return str(int(level))
+    return str(level).strip()
+
+
+class _StudyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's booleans: only true/false (as true, True, TRUE, false, ...).
+
+    YAML 1.1, PyYAML's default, also reads unquoted yes/no/on/off as booleans, which would turn
+    ``outcome_levels: [no, yes]`` into ``[False, True]`` and a column named ``no`` into a boolean. Boolean
+    keys lose nothing: pydantic reads "yes", "no", "on" and "off" as booleans.
+    """
+
+
+_BOOL = "tag:yaml.org,2002:bool"
+_StudyLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_StudyLoader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def read_yaml(text: str) -> Any:
+    """A YAML document as the study config reads it (YAML 1.2's booleans: see :class:`_StudyLoader`)."""
+    return yaml.load(text, Loader=_StudyLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def _resolve(base: Path, value: str) -> Path:
     path = Path(value).expanduser()
     return Path(os.path.normpath(path if path.is_absolute() else base / path))
@@ -268,7 +379,7 @@ def load_config(path: str | Path) -> StudyConfig:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+        document = read_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({_one_line(str(exc))})") from None
     except UnicodeDecodeError:

@@ -56,6 +56,27 @@ def test_run_refuses_a_bad_config_before_prefect_starts(tmp_path: Path, candidat
     assert seconds < 5  # Prefect's start-up alone takes 10-15 s: these checks come first
 
 
+@pytest.mark.parametrize("command", ["run", "validate"])
+def test_quadrature_with_a_random_slope_stops_before_any_fit(tmp_path: Path, command: str) -> None:
+    (tmp_path / "v.csv").write_text("id,week,event\n1,0,no\n")
+    config = tmp_path / "study.yaml"
+    config.write_text(
+        "study: s\ndata: {source: v.csv, subject: id, time: week, outcome: event, outcome_levels: [no, yes]}\n"
+        "models:\n  family: binomial\n  nagq: 5\n"
+        "  candidates: {ri: 'event ~ week + (1 | id)', ris: 'event ~ week + (week | id)'}\n"
+    )
+    started = time.perf_counter()
+    result = _cli(command, "--config", str(config))
+    assert result.returncode == 2
+    assert _one_line_error(result) == (
+        f"longitudinal {command}: error: models.nagq: 5 (adaptive Gauss–Hermite quadrature) needs a single scalar "
+        "random effect in every candidate, as glmer does, but candidate 'ris' has 2 ((1 + week | id)); set nagq: 1 "
+        "(the Laplace approximation), or keep only candidates with one random effect such as '(1 | id)'"
+    )
+    assert time.perf_counter() - started < 5  # before Prefect starts, and before the data are read
+    assert not (tmp_path / "reports").exists()
+
+
 def test_missing_config_file_exits_2(tmp_path: Path) -> None:
     result = _cli("validate", "--config", str(tmp_path / "nope.yaml"))
     assert result.returncode == 2

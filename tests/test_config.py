@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,7 @@ def test_defaults_are_the_documented_ones(tmp_path: Path) -> None:
     assert config.models.engine == "lme4-style"
     assert config.output.directory == "reports"
     assert config.data.categorical == ()
+    assert (config.models.family, config.models.nagq, config.data.outcome_levels) == ("gaussian", 1, None)
 
 
 def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> None:
@@ -57,7 +59,7 @@ def test_absolute_paths_stay(tmp_path: Path) -> None:
 
 
 def test_unknown_key_is_named_with_the_allowed_ones() -> None:
-    with pytest.raises(ConfigError, match=r"unknown key 'models.critrion' \(did you mean 'criterion'\? allowed here: criterion, engine, candidates\)"):
+    with pytest.raises(ConfigError, match=r"unknown key 'models.critrion' \(did you mean 'criterion'\? allowed here: criterion, engine, candidates, family, nagq\)"):
         parse_config(_with(models__critrion="aic"))
 
 
@@ -194,7 +196,7 @@ def test_misspelt_key_suggests_the_close_one_and_names_the_missing_one() -> None
     with pytest.raises(ConfigError, match=(
         r"^config: missing required key 'data.outcome'; unknown key 'data.outcom' \(did you mean 'outcome'\? "
         r"allowed here: source, subject, time, outcome, time_unit, time_origin, categorical, constant, "
-        r"follow_symlinks\)$"
+        r"follow_symlinks, outcome_levels\)$"
     )):
         parse_config(document)
     with pytest.raises(ConfigError, match=r"unknown key 'zzz' \(allowed here: study, data"):
@@ -257,3 +259,74 @@ def test_a_covariance_structure_must_be_over_the_configured_time_and_subject() -
     with pytest.raises(ConfigError, match=r"candidate 'ar' uses ar1\(week \| dog\), but the study's subject is "
                                           r"'dog:side': write ar1\(week \| dog:side\)"):
         check_candidates(off_subject, config.data.roles, columns)
+
+
+# ------------------------------------------------------------------------ binomial and Poisson outcomes (issue 14)
+
+
+def test_family_and_quadrature_points() -> None:
+    for family in ("gaussian", "binomial", "poisson"):
+        assert parse_config(_with(models__family=family)).models.family == family
+    assert parse_config(_with(models__family="binomial", models__nagq=7)).models.nagq == 7
+    with pytest.raises(ConfigError, match=r"^config: models.family: 'logistic' is not a family; use gaussian \(the "
+                                          r"default\), binomial \(a 0/1 outcome, logit link\) or poisson"):
+        parse_config(_with(models__family="logistic"))
+
+
+@pytest.mark.parametrize("nagq", [0, -1, 101, 2.0, 1.5, True, "7"])
+def test_nagq_is_a_whole_number_of_points_from_1_to_100(nagq: object) -> None:
+    with pytest.raises(ConfigError, match=rf"^config: models.nagq: {re.escape(repr(nagq))} is not a number of "
+                                          r"quadrature points; use 1 \(the Laplace approximation, the default\) or "
+                                          r"a whole number from 2 to 100"):
+        parse_config(_with(models__family="binomial", models__nagq=nagq))
+
+
+def test_nagq_above_1_means_nothing_for_a_gaussian_outcome() -> None:
+    with pytest.raises(ConfigError, match=r"^config: models.nagq: 5 has no meaning for family 'gaussian' .*; remove "
+                                          r"nagq, or set family binomial or poisson$"):
+        parse_config(_with(models__nagq=5))
+
+
+def test_the_statsmodels_engine_refuses_other_families() -> None:
+    assert parse_config(_with(models__engine="statsmodels")).models.engine == "statsmodels"
+    with pytest.raises(ConfigError, match=r"^config: models.family: 'poisson' needs engine 'lme4-style' \(the "
+                                          r"default: remove engine\); engine 'statsmodels' fits Gaussian models only$"):
+        parse_config(_with(models__engine="statsmodels", models__family="poisson"))
+
+
+def test_outcome_levels_are_two_texts_of_a_binomial_outcome() -> None:
+    config = parse_config(_with(models__family="binomial", data__outcome_levels=["no", "yes"]))
+    assert config.data.outcome_levels == ("no", "yes")
+    assert parse_config(_with(models__family="binomial", data__outcome_levels=[1, 2.0])).data.outcome_levels == ("1", "2")
+    with pytest.raises(ConfigError, match=r"data.outcome_levels \['no', 'yes'\] name the two values of a binomial "
+                                          r"outcome, but models.family is 'gaussian'; set models.family: binomial"):
+        parse_config(_with(data__outcome_levels=["no", "yes"]))
+
+
+@pytest.mark.parametrize(("levels", "message"), [
+    (["yes"], r"expected the outcome's two values, the one coded 0 first, as in \[no, yes\]; got \['yes'\]"),
+    ("yes", r"expected the outcome's two values"),
+    (["yes", "yes"], r"the two levels are the same \('yes'\)"),
+    (["", "yes"], r"a level is empty"),
+    ([False, True], r"\[False, True\] are booleans; TRUE/FALSE and true/false outcomes need no outcome_levels"),
+])
+def test_bad_outcome_levels(levels: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=r"data.outcome_levels: " + message):
+        parse_config(_with(models__family="binomial", data__outcome_levels=levels))
+
+
+def test_unquoted_no_and_yes_are_text_in_a_config_file(tmp_path: Path) -> None:
+    # YAML 1.1 (PyYAML's default) would read them as booleans; the config reads YAML 1.2's true/false only.
+    path = tmp_path / "study.yaml"
+    path.write_text(
+        "study: s\n"
+        "data: {source: x.csv, subject: id, time: t, outcome: y, outcome_levels: [no, yes], follow_symlinks: yes}\n"
+        "models: {family: binomial, candidates: {ri: 'y ~ t + (1 | id)'}}\n"
+    )
+    config = load_config(path)
+    assert config.data.outcome_levels == ("no", "yes")
+    assert config.data.follow_symlinks is True  # a boolean key still reads yes as true
+    path.write_text(path.read_text().replace("[no, yes]", "[false, true]"))
+    with pytest.raises(ConfigError, match=r"data.outcome_levels: \[False, True\] are booleans"):
+        load_config(path)
+

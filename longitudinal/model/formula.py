@@ -411,6 +411,35 @@ def check_same_response(formulas: Mapping[str, ModelFormula], outcome: str) -> N
             )
 
 
+def check_family(formulas: Mapping[str, ModelFormula], *, family: str, nagq: int) -> None:
+    """glmer's rules for a binomial or Poisson study (``models.family``, ``models.nagq``), candidate by candidate.
+
+    Such a model takes random effects only: a covariance structure (``us(visit | id)``) is a Gaussian
+    residual covariance, which a GLMM has no place for. Adaptive Gauss–Hermite quadrature (``nagq`` > 1)
+    integrates over one random effect at a time, so glmer allows it only when the model has a single scalar
+    random effect: one bar with one term, such as ``(1 | id)`` or ``(0 + week | id)``.
+    """
+    if family == "gaussian":
+        return
+    for name, formula in formulas.items():
+        if formula.covariance is not None:
+            raise ConfigError(
+                f"candidate {name!r} uses the covariance structure {formula.covariance.text}, which is for Gaussian "
+                f"outcomes, but models.family is {family!r}: a {family} model takes random effects only; remove "
+                "the structure (a random intercept such as "
+                f"'(1 | {formula.covariance.subject})' models the correlation within a subject)"
+            )
+        effects = sum(len(block.terms) for block in formula.blocks)
+        if nagq > 1 and effects != 1:
+            random = " + ".join(f"({block.spec} | {block.group})" for block in formula.blocks)
+            raise ConfigError(
+                f"models.nagq: {nagq} (adaptive Gauss–Hermite quadrature) needs a single scalar random effect in "
+                f"every candidate, as glmer does, but candidate {name!r} has {effects} ({random}); set nagq: 1 "
+                f"(the Laplace approximation), or keep only candidates with one random effect such as "
+                f"'(1 | {formula.blocks[0].group})'"
+            )
+
+
 def _nested_groups(text: str, where: str) -> list[str]:
     """``a/b/c`` → ``["a", "a:b", "a:b:c"]`` (lme4's expansion of nesting); ``a:b`` → ``["a:b"]``."""
     levels = [part.strip() for part in text.split("/")]

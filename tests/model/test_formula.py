@@ -15,6 +15,7 @@ from longitudinal.model.formula import (
     check_candidates,
     check_columns,
     check_covariance_terms,
+    check_family,
     check_same_response,
     deparse,
     expand_terms,
@@ -399,3 +400,27 @@ def test_check_candidates_checks_structures_against_the_roles() -> None:
         check_candidates(formulas, ("dog", "side", "week", "y"), ["dog", "side", "week", "visit", "y", "arm"])
     with pytest.raises(ConfigError, match=r"but the study's subject is 'dog': write us\(visit \| dog\)"):
         check_candidates(formulas, ("dog", "visit", "y"), ["dog", "side", "visit", "y", "arm"])
+
+
+def test_the_candidates_must_suit_the_family() -> None:
+    """glmer's rules: a GLMM takes random effects only, and nAGQ > 1 one scalar random effect."""
+    scalar = parse_candidates({"ri": "y ~ t + (1 | id)", "rs": "y ~ t + (0 + t | id)"})
+    check_family(scalar, family="binomial", nagq=9)
+    slopes = parse_candidates({"ri": "y ~ t + (1 | id)", "ris": "y ~ t + (t | id)"})
+    check_family(slopes, family="poisson", nagq=1)  # the Laplace approximation takes any random effects
+    with pytest.raises(ConfigError, match=(
+        r"^models.nagq: 9 \(adaptive Gauss–Hermite quadrature\) needs a single scalar random effect in every "
+        r"candidate, as glmer does, but candidate 'ris' has 2 \(\(1 \+ t \| id\)\); set nagq: 1 \(the Laplace "
+        r"approximation\), or keep only candidates with one random effect such as '\(1 \| id\)'$"
+    )):
+        check_family(slopes, family="binomial", nagq=9)
+    for formula, shown in [("y ~ t + (t || id)", r"\(1 \| id\) \+ \(0 \+ t \| id\)"),
+                           ("y ~ t + (1 | site/id)", r"\(1 \| site\) \+ \(1 \| site:id\)")]:
+        with pytest.raises(ConfigError, match=rf"candidate 'c' has 2 \({shown}\)"):
+            check_family(parse_candidates({"c": formula}), family="binomial", nagq=2)
+    structured = parse_candidates({"mmrm": "y ~ t + us(t | id)"})
+    check_family(structured, family="gaussian", nagq=1)
+    with pytest.raises(ConfigError, match=r"^candidate 'mmrm' uses the covariance structure us\(t \| id\), which is "
+                                          r"for Gaussian outcomes, but models.family is 'binomial': a binomial model "
+                                          r"takes random effects only; remove the structure"):
+        check_family(structured, family="binomial", nagq=1)
