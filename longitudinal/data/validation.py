@@ -5,7 +5,8 @@ import costs seconds). Table-level expectations fail the run (:func:`ensure_vali
 quarantine rows. Each quarantined row gets the reason of the first rule it breaks, in this order:
 
 0. a repeated header line; 1. subject missing (any of its columns); 2. time missing, 3. time not a
-number (not an ISO date when the column holds dates); 4. outcome missing, 5. outcome not a number;
+number (not an ISO date when the column holds dates); 4. outcome missing, 5. outcome not a number (for
+a binomial outcome: not binary, see below; for a Poisson outcome also: not a count, a whole number ≥ 0);
 6. outcome outside ``validation.outcome_range``; 7. the same (subject, time) twice among the rows still
 in: an exact duplicate (equal in every data column) keeps its first copy, conflicting copies all go;
 8. a covariate used by a candidate model missing (or not a number); 9. a ``data.constant`` column
@@ -14,6 +15,14 @@ than ``validation.min_observations_per_subject`` rows.
 
 A missing required column counts as missing in every row, so the accounting stays whole:
 ``rows_read == rows_analysed + rows_quarantined`` always holds.
+
+The family (``models.family``) decides what an outcome may be. A binomial outcome is 0 or 1 as a number,
+FALSE or TRUE as text or a boolean (R's spellings: also false/true, False/True), or, when
+``data.outcome_levels`` names them, exactly those two texts (case-sensitive, as R's factor levels; the
+second is 1); ``visits`` holds it as 0.0/1.0, ``quarantine`` as it was written. A Poisson outcome is a
+count: a whole number ≥ 0 (2.0 is 2; 2.5 and -1 are quarantined). Outside the Gaussian family an outcome
+that takes one value in every row analysed fails the run (there is nothing to fit), while a subject whose
+outcome never changes is kept: it tells how far subjects differ.
 
 Warning-level checks (level "warning") report what a person should look at without failing the run or
 quarantining anything: subject ids that differ only by leading zeros or letter case.
@@ -33,7 +42,9 @@ import numpy as np
 import pandas as pd
 
 from longitudinal.config import StudyConfig
-from longitudinal.data.ingest import decimal_comma_hint_for, describe_no_rows, did_you_mean, is_missing, parse_numbers
+from longitudinal.data.ingest import (
+    decimal_comma_hint_for, describe_no_rows, did_you_mean, is_missing, parse_numbers, to_text,
+)
 from longitudinal.errors import DataError
 from longitudinal.records import SOURCE_COLUMNS, ExpectationOutcome, Ingested, TimeFromDates, Validated
 
@@ -47,9 +58,13 @@ _SURVIVOR = f"{_PREFIX}survivor"
 _KEPT = f"{_PREFIX}kept"
 _KEY = f"{_PREFIX}subject"
 _HEADER_LINE = f"{_PREFIX}header_line"
+_COUNT = f"{_PREFIX}count"
 _PER_COLUMN_RULES = ("covariate_", "constant_")
 #: Joins the parts of a subject given by several columns: lme4 labels the levels of dog:side "D1:L".
 KEY_SEPARATOR = ":"
+#: A binomial outcome's texts without ``data.outcome_levels``: R's logical spellings (``as.logical``'s, less
+#: its one-letter T and F, which are as often initials), with the value each is analysed as.
+BINARY_TEXT: dict[str, float] = {"FALSE": 0.0, "false": 0.0, "False": 0.0, "TRUE": 1.0, "true": 1.0, "True": 1.0}
 
 _GX = "great_expectations "
 _CHECKS = {
@@ -58,6 +73,8 @@ _CHECKS = {
     "time_is_number": _GX + "expect_column_values_to_not_be_null on the value as a number",
     "outcome_present": _GX + "expect_column_values_to_not_be_null on the value as read",
     "outcome_is_number": _GX + "expect_column_values_to_not_be_null on the value as a number",
+    "outcome_is_binary": _GX + "expect_column_values_to_not_be_null on the value coded 0/1 (coded in pandas)",
+    "outcome_is_count": "whole numbers ≥ 0 found in pandas, then " + _GX + "expect_column_values_to_be_between",
     "outcome_in_range": _GX + "expect_column_values_to_be_between",
     "no_exact_duplicates": _GX + "expect_compound_columns_to_be_unique; copies equal in every column told apart in pandas",
     "no_conflicting_duplicates": _GX + "expect_compound_columns_to_be_unique; copies that differ told apart in pandas",
@@ -108,7 +125,8 @@ def validate_visits(ingested: Ingested, config: StudyConfig, covariates: Collect
         _time_missing(v, rows),
         _time_not_a_number(v, rows),
         _outcome_missing(v, rows),
-        _outcome_not_a_number(v, rows),
+        _outcome_not_binary(v, rows) if v.family == "binomial" else _outcome_not_a_number(v, rows),
+        *_outcome_not_a_count(v, rows),
         *_outcome_out_of_range(v, rows),
     ]
     eligible = ~_any_failure(rules, v.n)
@@ -127,6 +145,7 @@ def validate_visits(ingested: Ingested, config: StudyConfig, covariates: Collect
         *_table_outcomes(v, rows, ingested),
         *_row_outcomes(v, rules, reason),
         _enough_subjects(v, counts),
+        *_outcome_varies(v, counts),
         _lookalike_ids(v.key[counts.kept], config.data.subject_key),
     )
     visits, quarantine = _split_rows(v, _reason_texts(rules, reason, v.n), counts.kept)
@@ -174,6 +193,10 @@ class _Visits:
         return self.config.data.outcome
 
     @property
+    def family(self) -> str:
+        return self.config.models.family
+
+    @property
     def checked_constant(self) -> list[str]:
         """The ``data.constant`` columns the data have (an absent one is a missing required column)."""
         return [c for c in self.constant if c in self.present]
@@ -188,11 +211,14 @@ def _prepare(ingested: Ingested, config: StudyConfig, covariates: Collection[str
     covariates = tuple(dict.fromkeys(c for c in covariates if c not in data.roles))
     constant = tuple(dict.fromkeys(data.constant))
     typed = ingested.typed.reset_index(drop=True)
+    raw = ingested.raw.reset_index(drop=True)
+    if config.models.family == "binomial" and data.outcome in typed.columns:
+        typed = typed.assign(**{data.outcome: binary_outcome(raw[data.outcome], typed[data.outcome], data.outcome_levels)})
     numeric_covariates = _numeric_covariates(typed, covariates, config)
     required = tuple(dict.fromkeys((*data.subject_columns, data.time, data.outcome, *covariates, *constant)))
     return _Visits(
         config=config,
-        raw=ingested.raw.reset_index(drop=True),
+        raw=raw,
         typed=typed.assign(**{c: parse_numbers(typed[c], decimal_comma=True) for c in numeric_covariates}),
         labels=ingested.typed.index,
         dates=ingested.dates,
@@ -231,7 +257,12 @@ def _check_rows(v: _Visits) -> _Stage:
         if column in v.present:
             role = _role_of(column, v.config)
             stage.expect(f"{role}_present", column, "ExpectColumnValuesToNotBeNull", column=_read(column))
-            stage.expect(f"{role}_is_number", column, "ExpectColumnValuesToNotBeNull", column=column)
+            is_binary = column == v.outcome and v.family == "binomial"  # the outcome coded 0/1 by _prepare
+            stage.expect("outcome_is_binary" if is_binary else f"{role}_is_number", column,
+                         "ExpectColumnValuesToNotBeNull", column=column)
+    if v.family == "poisson" and v.outcome in v.present:
+        frame[_COUNT] = _is_count(v.typed[v.outcome])
+        stage.expect("outcome_is_count", v.outcome, "ExpectColumnValuesToBeBetween", column=_COUNT, min_value=1)
     low_high = v.config.validation.outcome_range
     if low_high is not None and v.outcome in v.present:
         stage.expect(
@@ -274,6 +305,9 @@ class _SubjectRows:
     too_few: np.ndarray
     enough_subjects: bool | None
     """great-expectations' verdict on the subjects kept; None when it had no row to judge."""
+    outcome_varies: bool | None = None
+    """Its verdict on whether the outcome kept takes two values or more (binomial and Poisson only); None
+    when it had no row to judge or the family is Gaussian."""
 
     @property
     def kept(self) -> np.ndarray:
@@ -282,7 +316,8 @@ class _SubjectRows:
 
 def _count_subject_rows(v: _Visits, survivor: np.ndarray) -> _SubjectRows:
     """Rows per subject counted in pandas; great-expectations then finds the subjects below the minimum
-    and judges whether enough subjects are left."""
+    and judges whether enough subjects are left (and, for a binomial or Poisson outcome, whether the outcome
+    kept varies)."""
     minimum = v.config.validation.min_observations_per_subject
     key_label = v.config.data.subject_key
     subject_rows = np.zeros(v.n, dtype=np.int64)
@@ -303,9 +338,14 @@ def _count_subject_rows(v: _Visits, survivor: np.ndarray) -> _SubjectRows:
                 "enough_subjects", key_label, "ExpectColumnUniqueValueCountToBeBetween", column=_KEY,
                 min_value=MIN_SUBJECTS, only_where=_KEPT,
             )
+            if v.family != "gaussian":
+                frame[v.outcome] = v.typed[v.outcome]
+                stage.expect("outcome_varies", v.outcome, "ExpectColumnUniqueValueCountToBeBetween",
+                             column=v.outcome, min_value=2, only_where=_KEPT)
         too_few = stage.run(frame).failing("min_observations_per_subject", key_label, v.n) & survivor
     return _SubjectRows(survivor=survivor, rows=subject_rows, too_few=too_few,
-                        enough_subjects=stage.success("enough_subjects", key_label))
+                        enough_subjects=stage.success("enough_subjects", key_label),
+                        outcome_varies=stage.success("outcome_varies", v.outcome))
 
 
 def _flagged(v: _Visits, stage: _Stage, name: str, column: str | None) -> np.ndarray:
@@ -360,6 +400,35 @@ def _outcome_not_a_number(v: _Visits, rows: _Stage) -> _Rule:
                        _flagged(v, rows, "outcome_is_number", outcome),
                        "outcome is not a number: '{}'" + f" (column {outcome!r})", v.as_read(outcome), v.n,
                        decimal_comma_hint=True)
+
+
+def _outcome_not_binary(v: _Visits, rows: _Stage) -> _Rule:
+    """A binomial outcome that is not 0/1, FALSE/TRUE, nor (when given) one of ``data.outcome_levels``."""
+    outcome, levels = v.outcome, v.config.data.outcome_levels
+    if levels is None:
+        description = f"outcome ({outcome!r}) is 0 or 1, FALSE or TRUE (binomial)"
+        template = ("outcome is not binary: '{}'" + f" (column {outcome!r}); a binomial outcome is 0 or 1, FALSE or "
+                    "TRUE (also false/true, False/True), or the two texts given as data.outcome_levels")
+    else:
+        no, yes = levels
+        description = f"outcome ({outcome!r}) is {no!r} or {yes!r} (data.outcome_levels)"
+        template = ("outcome is neither of data.outcome_levels: '{}'" + f" (column {outcome!r}); allowed: {no!r} "
+                    f"(0) or {yes!r} (1), compared as text, case-sensitive")
+    return _value_rule("outcome_is_binary", outcome, description, _flagged(v, rows, "outcome_is_binary", outcome),
+                       template, v.as_read(outcome), v.n)
+
+
+def _outcome_not_a_count(v: _Visits, rows: _Stage) -> list[_Rule]:
+    """A Poisson outcome that is a number but not a whole number ≥ 0; no rule for the other families."""
+    if v.family != "poisson":
+        return []
+    outcome = v.outcome
+    failing = rows.failing("outcome_is_count", outcome, v.n) if outcome in v.present else np.zeros(v.n, dtype=bool)
+    return [_value_rule(
+        "outcome_is_count", outcome, f"outcome ({outcome!r}) is a count, a whole number ≥ 0 (poisson)", failing,
+        "outcome is not a count: '{}'" + f" (column {outcome!r}); a poisson outcome is a whole number, 0 or more",
+        v.as_read(outcome), v.n,
+    )]
 
 
 def _outcome_out_of_range(v: _Visits, rows: _Stage) -> list[_Rule]:
@@ -530,6 +599,39 @@ def _enough_subjects(v: _Visits, counts: _SubjectRows) -> ExpectationOutcome:
     )
 
 
+def _outcome_varies(v: _Visits, counts: _SubjectRows) -> list[ExpectationOutcome]:
+    """Outside the Gaussian family, the outcome analysed must take two values or more: with one value (every
+    visit 0, say) the likelihood has no maximum. A subject whose outcome never changes is not judged here."""
+    if v.family == "gaussian":
+        return []
+    values = v.typed.loc[counts.kept, v.outcome] if v.outcome in v.present else pd.Series(dtype=np.float64)
+    tally = values.value_counts().sort_index()
+    if tally.empty:
+        details = "no rows analysed"
+    elif len(tally) == 1:
+        details = f"every analysed outcome is {_outcome_text(v, float(tally.index[0]))}: a {v.family} model has nothing to fit"
+    elif v.family == "binomial":
+        details = f"{len(values):,} rows analysed: " + " and ".join(
+            f"{int(count):,} {'is' if count == 1 else 'are'} {_outcome_text(v, float(value))}" for value, count in tally.items()
+        )
+    else:
+        details = f"{len(values):,} rows analysed: counts from {_format_float(tally.index[0])} to " \
+                  f"{_format_float(tally.index[-1])}, mean {values.mean():.3g}"
+    return [ExpectationOutcome(
+        name="outcome_varies", level="table", column=v.outcome,
+        success=counts.outcome_varies is not False,
+        unexpected_count=0, description=f"the analysed outcome ({v.outcome!r}) takes more than one value ({v.family})",
+        details=details,
+    )]
+
+
+def _outcome_text(v: _Visits, value: float) -> str:
+    """An analysed outcome value as a reader knows it: 0 and 1 with their outcome_levels text ("1 ('yes')")."""
+    levels = v.config.data.outcome_levels
+    shown = _format_float(value)
+    return f"{shown} ({levels[int(value)]!r})" if levels is not None and v.family == "binomial" else shown
+
+
 def _split_rows(v: _Visits, reason_texts: pd.Series, kept: np.ndarray) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The visits (typed, sorted, with the combined subject column) and the quarantine (as read, with reasons)."""
     visits = v.typed.loc[kept]
@@ -559,6 +661,9 @@ def ensure_valid(validated: Validated, config: StudyConfig, folder: Path | None 
                 f"required column {column!r} ({_label_of(column, config)}) is missing from "
                 f"{_source_text(config)}; {outcome.details}"
             )
+        if outcome.name == "outcome_varies":
+            where = f"the checks and the quarantine are in {folder}" if folder is not None else f"see {QUARANTINE_FILE}"
+            raise DataError(f"{outcome.details}; {_why_quarantined(validated)}; {where}")
         if outcome.name == "enough_subjects":
             key = config.data.subject_key
             visits = validated.visits
@@ -697,6 +802,29 @@ def _distinct_within(values: pd.Series, key: pd.Series) -> np.ndarray:
     """For each row, how many distinct non-missing values of ``values`` its subject has (NaN without a subject)."""
     counts = values.groupby(key.to_numpy(), dropna=True).nunique(dropna=True)
     return key.map(counts).to_numpy(dtype=np.float64)
+
+
+def binary_outcome(raw: pd.Series, numbers: pd.Series, levels: tuple[str, str] | None) -> pd.Series:
+    """A binomial outcome as 0.0/1.0, NaN where it is missing or not a value the outcome may take.
+
+    ``raw`` is the column as read, ``numbers`` the same values as ingestion read them as numbers. With
+    ``levels`` (``data.outcome_levels``) the values must be exactly those texts (after the whitespace
+    ingestion strips; whole numbers without a decimal part, so ``2.0`` is "2"), the second being 1. Without,
+    0 and 1 as numbers and the texts of :data:`BINARY_TEXT` (booleans read as 0/1).
+    """
+    if levels is not None:
+        return to_text(raw).map({levels[0]: 0.0, levels[1]: 1.0}).astype(np.float64)
+    coded = numbers.where(numbers.isin((0.0, 1.0)))
+    if raw.dtype.kind not in "biuf":
+        coded = coded.fillna(to_text(raw).map(BINARY_TEXT).astype(np.float64))
+    return coded.astype(np.float64)
+
+
+def _is_count(values: pd.Series) -> np.ndarray:
+    """1.0 where a number is a whole number ≥ 0, 0.0 where another number, NaN where not a number."""
+    numbers = values.to_numpy(dtype=np.float64)
+    whole = (numbers >= 0) & (np.floor(numbers) == numbers)
+    return np.where(np.isnan(numbers), np.nan, whole.astype(np.float64))
 
 
 def _numeric_covariates(typed: pd.DataFrame, covariates: tuple[str, ...], config: StudyConfig) -> tuple[str, ...]:

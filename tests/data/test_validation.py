@@ -481,3 +481,136 @@ def test_preloading_great_expectations_leaves_validation_unchanged(tmp_path: Pat
     after = check(tmp_path, HEADER + GOOD)
     pd.testing.assert_frame_equal(before.visits, after.visits)
     assert before.expectations == after.expectations
+
+
+# --------------------------------------------------------------------- binomial and Poisson outcomes (issue 14)
+
+
+def check_family(
+    tmp_path: Path, rows: list[tuple[int, int, str]], family: str, levels: list[str] | None = None, **validation: Any,
+) -> tuple[Validated, StudyConfig]:
+    """Validate visits ``(id, week, y)`` of a ``family`` study; every call also checks the row accounting."""
+    (tmp_path / "visits.csv").write_text("id,week,y\n" + "".join(f"{s},{w},{y}\n" for s, w, y in rows))
+    data: dict[str, Any] = {"source": "visits.csv", "subject": "id", "time": "week", "outcome": "y"}
+    if levels is not None:
+        data["outcome_levels"] = levels
+    config = parse_config({"study": "s", "data": data, "validation": validation,
+                           "models": {"family": family, "candidates": {"ri": "y ~ week + (1 | id)"}}}, base_dir=tmp_path)
+    validated = validate_visits(read_sources(config), config, ())
+    assert_accounted(validated)
+    return validated, config
+
+
+BINARY_WORDS = "a binomial outcome is 0 or 1, FALSE or TRUE (also false/true, False/True), or the two texts given as data.outcome_levels"
+
+
+def test_a_binomial_outcome_is_0_1_or_true_false_analysed_as_0_1(tmp_path: Path) -> None:
+    rows = [(1, 0, "0"), (1, 1, "1"), (1, 2, "1.0"), (2, 0, "TRUE"), (2, 1, "false"), (2, 2, "True"),
+            (3, 0, "FALSE"), (3, 1, "true"), (3, 2, "maybe"), (3, 3, "2"), (3, 4, "0.5"), (3, 5, "yes"), (3, 6, "T"),
+            (3, 7, "")]
+    validated, config = check_family(tmp_path, rows, "binomial")
+    assert validated.visits["y"].dtype == np.float64
+    assert validated.visits["y"].tolist() == [0.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0]
+    assert reasons(validated) == {
+        **{line: f"outcome is not binary: '{value}' (column 'y'); {BINARY_WORDS}"
+           for line, value in [(10, "maybe"), (11, "2"), (12, "0.5"), (13, "yes"), (14, "T")]},
+        15: "outcome missing (column 'y')",
+    }
+    assert validated.quarantine["y"].tolist()[:5] == ["maybe", "2", "0.5", "yes", "T"]  # as written
+    rule = outcome(validated, "outcome_is_binary")
+    assert (rule.level, rule.unexpected_count, rule.success) == ("row", 5, False)
+    assert rule.description == "outcome ('y') is 0 or 1, FALSE or TRUE (binomial)"
+    assert all(e.name != "outcome_is_number" for e in validated.expectations)  # the binary check replaces it
+    varies = outcome(validated, "outcome_varies")
+    assert (varies.level, varies.success, varies.details) == ("table", True, "8 rows analysed: 3 are 0 and 5 are 1")
+    ensure_valid(validated, config)
+
+
+def test_outcome_levels_are_exact_text_and_the_second_is_1(tmp_path: Path) -> None:
+    rows = [(1, 0, "no"), (1, 1, "yes"), (2, 0, " yes "), (2, 1, "Yes"), (3, 0, "no"), (3, 1, "1"), (3, 2, "TRUE")]
+    validated, _ = check_family(tmp_path, rows, "binomial", levels=["no", "yes"])
+    assert validated.visits["y"].tolist() == [0.0, 1.0, 1.0, 0.0]  # surrounding spaces are stripped on reading
+    allowed = "allowed: 'no' (0) or 'yes' (1), compared as text, case-sensitive"
+    assert reasons(validated) == {
+        line: f"outcome is neither of data.outcome_levels: '{value}' (column 'y'); {allowed}"
+        for line, value in [(5, "Yes"), (7, "1"), (8, "TRUE")]
+    }
+    assert outcome(validated, "outcome_is_binary").description == "outcome ('y') is 'no' or 'yes' (data.outcome_levels)"
+    assert outcome(validated, "outcome_varies").details == "4 rows analysed: 2 are 0 ('no') and 2 are 1 ('yes')"
+    # numbers as levels: a 1/2 coding, 2.0 being 2
+    coded, _ = check_family(tmp_path, [(1, 0, "1"), (1, 1, "2.0"), (2, 0, "2"), (3, 0, "0")], "binomial", levels=[1, 2])
+    assert coded.visits["y"].tolist() == [0.0, 1.0, 1.0]
+    assert list(reasons(coded)) == [5]
+
+
+def test_a_poisson_outcome_is_a_whole_number_from_0(tmp_path: Path) -> None:
+    rows = [(1, 0, "0"), (1, 1, "2.0"), (1, 2, "17"), (2, 0, "2.5"), (2, 1, "-1"), (2, 2, "3"), (3, 0, "1"),
+            (3, 1, "x")]
+    validated, config = check_family(tmp_path, rows, "poisson")
+    assert validated.visits["y"].tolist() == [0.0, 2.0, 17.0, 3.0, 1.0]
+    count_words = "(column 'y'); a poisson outcome is a whole number, 0 or more"
+    assert reasons(validated) == {5: f"outcome is not a count: '2.5' {count_words}",
+                                  6: f"outcome is not a count: '-1' {count_words}",
+                                  9: "outcome is not a number: 'x' (column 'y')"}
+    rule = outcome(validated, "outcome_is_count")
+    assert (rule.unexpected_count, rule.description) == (2, "outcome ('y') is a count, a whole number ≥ 0 (poisson)")
+    assert outcome(validated, "outcome_varies").details == "5 rows analysed: counts from 0 to 17, mean 4.6"
+    ensure_valid(validated, config)
+
+
+def test_outcome_range_still_applies_to_other_families(tmp_path: Path) -> None:
+    validated, _ = check_family(tmp_path, [(1, 0, "0"), (1, 1, "40"), (2, 0, "1"), (3, 0, "2")], "poisson",
+                                outcome_range=[0, 30])
+    assert reasons(validated) == {3: "outcome 40 is outside outcome_range [0, 30] (column 'y')"}
+
+
+def test_an_outcome_that_never_varies_fails_the_run_but_a_subject_whose_outcome_never_varies_is_kept(
+        tmp_path: Path) -> None:
+    rows = [(1, 0, "0"), (1, 1, "0"), (2, 0, "0"), (2, 1, "0"), (3, 0, "0"), (3, 1, "maybe")]
+    validated, config = check_family(tmp_path, rows, "binomial")
+    assert not validated.success
+    with pytest.raises(DataError, match=(
+        r"^every analysed outcome is 0: a binomial model has nothing to fit; 1 of 6 rows was quarantined, most by "
+        r"\"outcome is not binary \(column 'y'\); .*\" \(1 row\); see quarantine.csv$"
+    )):
+        ensure_valid(validated, config)
+    yes, config = check_family(tmp_path, [(s, w, "yes") for s in (1, 2, 3) for w in (0, 1)], "binomial",
+                               levels=["no", "yes"])
+    with pytest.raises(DataError, match=r"^every analysed outcome is 1 \('yes'\): a binomial model has nothing to fit; "
+                                        r"no row was quarantined \(6 rows read\)"):
+        ensure_valid(yes, config)
+    zeros, config = check_family(tmp_path, [(s, w, "0") for s in (1, 2, 3) for w in (0, 1)], "poisson")
+    with pytest.raises(DataError, match=r"^every analysed outcome is 0: a poisson model has nothing to fit"):
+        ensure_valid(zeros, config)
+    # subject 1 is always 0 and subject 2 always 1: kept, they are information about the random intercept
+    kept, config = check_family(tmp_path, [(1, 0, "0"), (1, 1, "0"), (2, 0, "1"), (2, 1, "1"), (3, 0, "0"),
+                                           (3, 1, "1")], "binomial")
+    assert kept.rows_quarantined == 0 and kept.success
+    ensure_valid(kept, config)
+
+
+def test_a_gaussian_study_has_no_family_checks(tmp_path: Path) -> None:
+    validated, config = check_family(tmp_path, [(s, w, "5") for s in (1, 2, 3) for w in (0, 1)], "gaussian")
+    assert {"outcome_is_binary", "outcome_is_count", "outcome_varies"}.isdisjoint(e.name for e in validated.expectations)
+    ensure_valid(validated, config)
+
+
+def test_family_checks_are_reported_in_the_summary(tmp_path: Path) -> None:
+    validated, _ = check_family(tmp_path, [(1, 0, "0"), (1, 1, "1"), (2, 0, "1"), (3, 0, "maybe")], "binomial")
+    summary = json.loads(json.dumps(validation_summary(validated)))
+    assert summary["quarantine_reasons"]["outcome_is_binary"] == 1
+    names = {e["name"]: e for e in summary["expectations"]}
+    assert names["outcome_is_binary"]["unexpected_count"] == 1
+    assert names["outcome_varies"]["level"] == "table" and names["outcome_varies"]["success"] is True
+
+
+def test_a_boolean_parquet_outcome_is_binary(tmp_path: Path) -> None:
+    frame = pd.DataFrame({"id": ["1", "1", "2", "3"], "week": [0, 1, 0, 0], "y": [True, False, True, None]})
+    frame.to_parquet(tmp_path / "visits.parquet")
+    config = parse_config({"study": "s", "data": {"source": "visits.parquet", "subject": "id", "time": "week",
+                                                  "outcome": "y"},
+                           "models": {"family": "binomial", "candidates": {"ri": "y ~ week + (1 | id)"}}},
+                          base_dir=tmp_path)
+    validated = validate_visits(read_sources(config), config, ())
+    assert validated.visits["y"].tolist() == [1.0, 0.0, 1.0]
+    assert validated.quarantine["reason"].tolist() == ["outcome missing (column 'y')"]
