@@ -50,6 +50,8 @@ example-data: $(STAMP)
 		--max-visits 8 --seed 20240601 --bad-rows 8
 	$(BIN)/longitudinal simulate --design mmrm --out config/example-data/mmrm-trial.csv --subjects 240 \
 		--seed 20261130
+	$(BIN)/longitudinal simulate --design binary --out config/example-data/binary-trial.csv --subjects 300 \
+		--seed 20261214 --bad-rows 2
 
 clean:
 	rm -rf $(VENV) reports/*/ .pytest_cache

@@ -90,10 +90,11 @@ def _parser() -> argparse.ArgumentParser:
     simulate = commands.add_parser("simulate", help="write a synthetic two-arm longitudinal trial")
     simulate.add_argument("--out", required=True, type=Path, help="output file (.csv or .parquet)")
     simulate.add_argument(
-        "--design", choices=("slopes", "mmrm"), default="slopes",
+        "--design", choices=("slopes", "mmrm", "binary"), default="slopes",
         help="slopes: random intercepts and slopes over weekly visits (the default); mmrm: six scheduled "
              "visits with a serially correlated covariance, for repeated-measures models (--subjects, "
-             "--seed only)",
+             "--seed only); binary: an improved yes/no outcome at six weekly visits, logistic with a random "
+             "intercept and slope, for binomial models (--subjects, --seed, --bad-rows only)",
     )
     simulate.add_argument("--subjects", type=int, default=300)
     simulate.add_argument("--min-visits", type=int, default=4)
@@ -226,6 +227,15 @@ def _simulate(args: argparse.Namespace) -> int:
 
         args.out.parent.mkdir(parents=True, exist_ok=True)
         write_table(simulate_mmrm_trial(MmrmSpec(n_subjects=args.subjects, seed=args.seed)), args.out)
+        print(args.out)
+        return 0
+    if args.design == "binary":
+        from longitudinal.simulate import BinarySpec, simulate_binary_trial
+
+        binary = BinarySpec(n_subjects=args.subjects, seed=args.seed, n_bad_rows=args.bad_rows)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        write_table(simulate_binary_trial(binary), args.out)
+        write_truth(binary, args.out)
         print(args.out)
         return 0
     spec = SimulationSpec(

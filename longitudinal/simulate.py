@@ -277,21 +277,21 @@ def truth_path(data_path: str | Path) -> Path:
     return Path(data_path).with_suffix(".truth.json")
 
 
-def write_truth(spec: SimulationSpec, data_path: str | Path) -> Path:
+def write_truth(spec: SimulationSpec | BinarySpec, data_path: str | Path) -> Path:
     """Write the parameters the data at ``data_path`` were drawn from, so recovery can be checked.
 
     The JSON holds ``model`` (the lme4 formula whose parameters these are), ``parameters``
-    (:func:`true_parameters`: fixed effects named as lme4 names them, random-effect SDs, their
-    correlation, the residual SD) and ``spec`` (every setting of the simulation, the seed included).
+    (:func:`true_parameters` or :func:`true_binary_parameters`: fixed effects named as lme4 names them,
+    random-effect SDs, their correlation, the residual SD of a Gaussian outcome) and ``spec`` (every setting
+    of the simulation, the seed included).
     """
     target = truth_path(data_path)
-    document = {
-        "data": Path(data_path).name,
-        "model": "score ~ week * arm + age + (week | patient_id)"
-                 + ("  (plus site as a factor)" if any(spec.site_effects) else ""),
-        "parameters": true_parameters(spec),
-        "spec": asdict(spec),
-    }
+    if isinstance(spec, BinarySpec):
+        model, parameters = f"{BINARY_FORMULA}  (glmer, family = binomial)", true_binary_parameters(spec)
+    else:
+        model = "score ~ week * arm + age + (week | patient_id)" + ("  (plus site as a factor)" if any(spec.site_effects) else "")
+        parameters = true_parameters(spec)
+    document = {"data": Path(data_path).name, "model": model, "parameters": parameters, "spec": asdict(spec)}
     target.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
     return target
 
@@ -361,3 +361,105 @@ def simulate_mmrm_trial(spec: MmrmSpec) -> pd.DataFrame:
         "arm": np.where(treated, "treatment", "control")[subject],
         "score": np.round(scores[subject, visit], spec.decimals),
     })
+
+
+# ---------------------------------------------------------------------------------- a binary trial
+
+#: The model a binary trial is drawn from, in lme4 notation (fitted by glmer with family binomial).
+BINARY_FORMULA = "improved ~ week * arm + (week | patient_id)"
+#: What ``BinarySpec.n_bad_rows`` writes over outcomes, in turn: an answer that is neither level, and a level
+#: in the wrong case (levels are case-sensitive).
+BINARY_BAD_OUTCOMES: tuple[str, ...] = ("maybe", "Yes")
+
+
+@dataclass(frozen=True)
+class BinarySpec:
+    """A two-arm trial whose outcome is binary: at each weekly visit a symptom has improved or not.
+
+    Every subject is seen at weeks 0, 1, ..., ``n_visits`` − 1; subjects are randomised 1:1. Given the
+    subject's random intercept and slope the outcome is Bernoulli with the logistic model::
+
+        logit P(improved_ij) = intercept + week_slope · week_j + arm_effect · treated_i
+                               + week_arm_interaction · week_j · treated_i + u0_i + u1_i · week_j
+
+        (u0_i, u1_i) ~ N(0, [[sd0², rho·sd0·sd1], [rho·sd0·sd1, sd1²]])
+
+    exactly what ``glmer(improved ~ week * arm + (week | patient_id), family = binomial)`` fits. The outcome
+    is written as ``levels`` ("no" is 0, "yes" is 1). ``n_bad_rows`` visits of different subjects get an
+    outcome from :data:`BINARY_BAD_OUTCOMES` instead, drawn from a random stream of their own.
+    """
+
+    n_subjects: int = 300
+    n_visits: int = 6
+    intercept: float = -1.2
+    week_slope: float = 0.15
+    arm_effect: float = 0.0
+    week_arm_interaction: float = 0.3
+    random_intercept_sd: float = 1.3
+    random_slope_sd: float = 0.4
+    random_correlation: float = -0.3
+    levels: tuple[str, str] = ("no", "yes")
+    seed: int = 20261214
+    n_bad_rows: int = 0
+
+    def __post_init__(self) -> None:
+        checks: list[tuple[bool, str]] = [
+            (self.n_subjects >= 2, f"n_subjects must be at least 2 (one per arm), got {self.n_subjects}"),
+            (self.n_visits >= 2, f"n_visits must be at least 2, got {self.n_visits}"),
+            (min(self.random_intercept_sd, self.random_slope_sd) >= 0, "random-effect SDs must be non-negative"),
+            (-1.0 <= self.random_correlation <= 1.0,
+             f"random_correlation must be in [-1, 1], got {self.random_correlation}"),
+            (len(set(self.levels)) == 2, f"levels must be two different texts, got {self.levels}"),
+            (0 <= self.n_bad_rows <= self.n_subjects,
+             f"n_bad_rows ({self.n_bad_rows}) must be from 0 to n_subjects ({self.n_subjects}): each bad row goes "
+             "to a different subject"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"simulation: {message}; change that setting")
+
+
+def true_binary_parameters(spec: BinarySpec) -> dict[str, Any]:
+    """The parameters a binary trial was drawn from, named as lme4 names them (log-odds scale)."""
+    return {
+        "fixed_effects": {
+            "(Intercept)": spec.intercept,
+            "week": spec.week_slope,
+            "armtreatment": spec.arm_effect,
+            "week:armtreatment": spec.week_arm_interaction,
+        },
+        "random_effects": {"(Intercept)": spec.random_intercept_sd, "week": spec.random_slope_sd},
+        "correlation": spec.random_correlation,
+        "levels": {"0": spec.levels[0], "1": spec.levels[1]},
+    }
+
+
+def simulate_binary_trial(spec: BinarySpec) -> pd.DataFrame:
+    """Draw one binary trial: columns ``patient_id, week, arm, improved`` (the outcome as ``spec.levels``),
+    one row per visit, sorted by subject then week."""
+    rng = np.random.default_rng(spec.seed)
+    n, m = spec.n_subjects, spec.n_visits
+    treated = rng.permutation(np.arange(n) % 2 == 1)
+    sd0, sd1, rho = spec.random_intercept_sd, spec.random_slope_sd, spec.random_correlation
+    z = rng.standard_normal((n, 2))
+    u0 = sd0 * z[:, 0]
+    u1 = sd1 * (rho * z[:, 0] + math.sqrt(max(0.0, 1.0 - rho * rho)) * z[:, 1])
+    week = np.arange(m, dtype=np.float64)
+    level = spec.intercept + spec.arm_effect * treated + u0
+    slope = spec.week_slope + spec.week_arm_interaction * treated + u1
+    eta = level[:, None] + slope[:, None] * week
+    improved = rng.random((n, m)) < 1.0 / (1.0 + np.exp(-eta))
+    width = max(4, len(str(n)))
+    outcome = np.where(improved, spec.levels[1], spec.levels[0]).astype(object).reshape(-1)
+    if spec.n_bad_rows:
+        bad = np.random.default_rng([spec.seed, 1])
+        rows = bad.choice(n, size=spec.n_bad_rows, replace=False) * m + bad.integers(0, m, size=spec.n_bad_rows)
+        for k, row in enumerate(rows):
+            outcome[row] = BINARY_BAD_OUTCOMES[k % len(BINARY_BAD_OUTCOMES)]
+    return pd.DataFrame({
+        "patient_id": np.repeat(np.array([f"B{i + 1:0{width}d}" for i in range(n)], dtype=object), m),
+        "week": np.tile(np.arange(m), n),
+        "arm": np.repeat(np.where(treated, "treatment", "control"), m),
+        "improved": outcome,
+    })
+

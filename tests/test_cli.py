@@ -120,6 +120,21 @@ def test_validate_on_the_example(tmp_path: Path, copy_example_study) -> None:
     assert f"= {2025 - len(quarantine)} analysed + {len(quarantine)} quarantined" in result.stdout
 
 
+def test_validate_on_the_binary_example(tmp_path: Path) -> None:
+    example = ROOT / "config" / "example-binary.yaml"
+    config = tmp_path / "study.yaml"
+    config.write_text(example.read_text()
+                      .replace("source: example-data/", f"source: {example.parent / 'example-data'}/")
+                      .replace("directory: ../reports", f"directory: {tmp_path / 'reports'}"))
+    result = _cli("validate", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert "1800 rows read = 1798 analysed + 2 quarantined" in result.stdout
+    folder = Path(result.stdout.strip().splitlines()[-1])
+    quarantine = pd.read_csv(folder / "quarantine.csv", keep_default_na=False)
+    assert sorted(quarantine["improved"]) == ["Yes", "maybe"]
+    assert quarantine["reason"].str.startswith("outcome is neither of data.outcome_levels: ").all()
+
+
 def test_data_error_exits_1(tmp_path: Path, copy_example_study) -> None:
     data = tmp_path / "renamed.csv"
     data.write_text("patient,week,arm,age,site,score\nA,0,control,50,1,10\n")

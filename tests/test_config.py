@@ -330,3 +330,15 @@ def test_unquoted_no_and_yes_are_text_in_a_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"data.outcome_levels: \[False, True\] are booleans"):
         load_config(path)
 
+
+
+def test_bundled_binary_example_config_loads() -> None:
+    config = load_config(Path(__file__).parents[1] / "config" / "example-binary.yaml")
+    assert (config.models.family, config.models.nagq, config.models.criterion) == ("binomial", 1, "bic")
+    assert config.data.outcome_levels == ("no", "yes")
+    assert config.source_path.is_file()
+    assert config.models.candidates == {
+        "ri": "improved ~ week * arm + (1 | patient_id)",
+        "ris": "improved ~ week * arm + (week | patient_id)",
+        "ris_uncorrelated": "improved ~ week * arm + (week || patient_id)",
+    }

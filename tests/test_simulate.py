@@ -264,3 +264,79 @@ def test_simulate_command_writes_an_mmrm_trial(tmp_path: Path) -> None:
     trial = pd.read_csv(out)
     assert trial["patient_id"].nunique() == 30
     assert set(trial["week"]) <= {0, 2, 4, 8, 12, 16}
+
+
+# ----------------------------------------------------------------------------------- the binary trial
+
+
+def _binary_moments(spec: Any, treated: bool, draws: int = 400_000) -> tuple[np.ndarray, np.ndarray]:
+    """The truth by Monte Carlo over the random effects: P(improved at week j) and P(improved at j and at k)."""
+    rng = np.random.default_rng(0)
+    sd0, sd1, rho = spec.random_intercept_sd, spec.random_slope_sd, spec.random_correlation
+    z = rng.standard_normal((draws, 2))
+    u0, u1 = sd0 * z[:, 0], sd1 * (rho * z[:, 0] + np.sqrt(1 - rho**2) * z[:, 1])
+    week = np.arange(spec.n_visits)
+    eta = (spec.intercept + spec.arm_effect * treated + u0[:, None]
+           + (spec.week_slope + spec.week_arm_interaction * treated + u1[:, None]) * week)
+    p = 1 / (1 + np.exp(-eta))
+    joint = p.T @ p / draws  # off the diagonal: given the random effects, visits are independent
+    np.fill_diagonal(joint, p.mean(axis=0))
+    return p.mean(axis=0), joint
+
+
+def test_binary_trial_recovers_the_truth_by_marginal_and_joint_proportions() -> None:
+    from longitudinal.simulate import BinarySpec, simulate_binary_trial
+
+    spec = BinarySpec(n_subjects=6000, seed=21)
+    trial = simulate_binary_trial(spec)
+    assert list(trial.columns) == ["patient_id", "week", "arm", "improved"]
+    assert set(trial["improved"]) == {"no", "yes"}
+    assert (trial.groupby("patient_id").size() == 6).all()
+    assert (trial.groupby("arm")["patient_id"].nunique() == 3000).all()
+    for arm, treated in (("control", False), ("treatment", True)):
+        y = (trial.loc[trial["arm"] == arm, "improved"] == "yes").to_numpy(dtype=float).reshape(-1, 6)
+        marginal, joint = _binary_moments(spec, treated)
+        # 3,000 subjects per arm: a proportion's SE is at most 0.009; 4 SE
+        np.testing.assert_allclose(y.mean(axis=0), marginal, atol=0.036)
+        np.testing.assert_allclose(y.T @ y / len(y), joint, atol=0.036)
+        # the joint proportions carry the random effects: without them they would be far off
+        _, independent = _binary_moments(replace(spec, random_intercept_sd=0.0, random_slope_sd=0.0), treated)
+        assert np.abs(y.T @ y / len(y) - independent).max() > 0.1
+
+
+def test_binary_trial_bad_rows_and_truth(tmp_path: Path) -> None:
+    import json
+
+    from flows.cli import main
+    from longitudinal.simulate import BINARY_FORMULA, BinarySpec, simulate_binary_trial, truth_path
+
+    clean = simulate_binary_trial(BinarySpec(n_subjects=40, seed=2))
+    messy = simulate_binary_trial(BinarySpec(n_subjects=40, seed=2, n_bad_rows=3))
+    changed = messy["improved"] != clean["improved"]
+    assert sorted(messy.loc[changed, "improved"]) == ["Yes", "maybe", "maybe"]
+    assert messy.loc[changed, "patient_id"].nunique() == 3
+    assert messy.loc[~changed].equals(clean.loc[~changed])  # the other rows are the same draw
+
+    out = tmp_path / "binary.csv"
+    assert main(["simulate", "--design", "binary", "--out", str(out), "--subjects", "30", "--seed", "9",
+                 "--bad-rows", "1"]) == 0
+    written = pd.read_csv(out, keep_default_na=False)
+    assert written["patient_id"].nunique() == 30 and (written["improved"] == "maybe").sum() == 1
+    truth = json.loads(truth_path(out).read_text(encoding="utf-8"))
+    assert truth["model"].startswith(BINARY_FORMULA)
+    assert truth["parameters"]["fixed_effects"] == {"(Intercept)": -1.2, "week": 0.15, "armtreatment": 0.0,
+                                                    "week:armtreatment": 0.3}
+    assert truth["parameters"]["random_effects"] == {"(Intercept)": 1.3, "week": 0.4}
+    assert truth["spec"]["seed"] == 9 and "residual_sd" not in truth["parameters"]
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"n_subjects": 1}, "n_subjects must be at least 2"),
+    ({"levels": ("yes", "yes")}, "levels must be two different texts"),
+    ({"n_bad_rows": 500}, r"n_bad_rows \(500\) must be from 0 to n_subjects \(300\)"),
+])
+def test_invalid_binary_spec_is_refused(changes: dict[str, Any], message: str) -> None:
+    from longitudinal.simulate import BinarySpec
+
+    with pytest.raises(ConfigError, match=rf"^simulation: {message}"):
+        BinarySpec(**changes)
