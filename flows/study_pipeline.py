@@ -19,7 +19,7 @@ from longitudinal.config import ExecutionConfig, StudyConfig, load_config
 from longitudinal.data.curation import fingerprint
 from longitudinal.data.durable import printable
 from longitudinal.data.ingest import find_source_files
-from longitudinal.model.formula import check_candidates, check_same_response, parse_candidates
+from longitudinal.model.formula import check_candidates, check_family, check_same_response, parse_candidates
 from longitudinal.records import Fit, ReportInputs, Selection, SourceFile
 from longitudinal.reporting.run_folder import (
     build_manifest,
@@ -29,7 +29,7 @@ from longitudinal.reporting.run_folder import (
     run_id_of,
     start_run,
 )
-from tasks.fitting import fit
+from tasks.fitting import describe_family, fit
 from tasks.ingest import ingest
 from tasks.report import publish, write_outputs
 from tasks.selection import select
@@ -59,6 +59,7 @@ def study_pipeline(config_path: str, criterion: str | None = None) -> str:
     config = load_config(config_path).with_criterion(criterion)
     formulas = parse_candidates(config.models.candidates)
     check_same_response(formulas, config.data.outcome)
+    check_family(formulas, family=config.models.family, nagq=config.models.nagq)
     staging = start_run(config.output_dir)
     run_id = run_id_of(staging)
     try:
@@ -82,30 +83,35 @@ def _run_stages(config: StudyConfig, config_path: Path, formulas: dict, staging:
     clock = _stage_done(stages, "validate", clock)
 
     names = list(formulas)
-    engine = config.models.engine
+    models = config.models
+    engine, family, nagq = models.engine, models.family, models.nagq
     data_hash = fingerprint(validated.visits)
-    formulas_text = [config.models.candidates[n] for n in names]
+    formulas_text = [models.candidates[n] for n in names]
+    get_run_logger().info("fitting %d candidates by ML, family %s", len(names), describe_family(family, nagq))
     if config.execution.task_runner == "threads":
         # In the flow's own thread, one after another: a fit is pure numpy and Python, so threads only
         # contend for the interpreter lock (measured: 3 fits 3-10x slower in a thread pool than in turn).
-        fits = [fit(validated.visits, n, f, "ML", engine, data_hash) for n, f in zip(names, formulas_text)]
+        fits = [fit(validated.visits, n, f, "ML", engine, data_hash, family, nagq) for n, f in zip(names, formulas_text)]
     else:
         fit_stage = fit_candidates.with_options(task_runner=task_runner(config.execution))
-        fits = fit_stage(validated.visits, names, formulas_text, engine, data_hash)
+        fits = fit_stage(validated.visits, names, formulas_text, engine, data_hash, family, nagq)
     clock = _stage_done(stages, "fit", clock)
 
-    selection = select(fits, config.models.criterion, config.study)
+    selection = select(fits, models.criterion, config.study)
     clock = _stage_done(stages, "select", clock)
 
     chosen = selection.selected
-    refit = fit.with_options(task_run_name=f"refit-{chosen}-REML")
-    selected = refit(validated.visits, chosen, config.models.candidates[chosen], "REML", engine, data_hash)
-    clock = _stage_done(stages, "fit", clock)
+    fit_seconds = {f.name: round(f.seconds, 4) for f in fits}
+    if family == "gaussian":
+        refit = fit.with_options(task_run_name=f"refit-{chosen}-REML")
+        selected = refit(validated.visits, chosen, models.candidates[chosen], "REML", engine, data_hash, family, nagq)
+        clock = _stage_done(stages, "fit", clock)
+        fit_seconds[f"{selected.name} (REML)"] = round(selected.seconds, 4)
+    else:
+        # A GLMM has no REML (glmer fits by ML only): the selected model is reported as its ML fit.
+        selected = next(f for f in fits if f.name == chosen)
 
-    timings: dict[str, Any] = {
-        "stages": stages,
-        "fits": {f.name: round(f.seconds, 4) for f in fits} | {f"{selected.name} (REML)": round(selected.seconds, 4)},
-    }
+    timings: dict[str, Any] = {"stages": stages, "fits": fit_seconds}
     inputs = ReportInputs(
         study=config.study, run_id=run_id, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         config=config, files=ingested.files, validated=validated, selection=selection, fits=tuple(fits),
@@ -126,10 +132,13 @@ def _run_stages(config: StudyConfig, config_path: Path, formulas: dict, staging:
     return publish(staging, run_id, manifest, config.study, summary)
 
 
-@flow(name="fit-candidates", flow_run_name="fit {engine}: ML fits of the candidates", log_prints=False)
-def fit_candidates(visits: Any, names: list[str], formulas: list[str], engine: str, data_hash: str) -> list[Fit]:
+@flow(name="fit-candidates", flow_run_name="fit {engine} {family}: ML fits of the candidates", log_prints=False)
+def fit_candidates(visits: Any, names: list[str], formulas: list[str], engine: str, data_hash: str, family: str,
+                   nagq: int) -> list[Fit]:
     """Fit every candidate by ML, one task each, on the task runner the study's ``execution`` names."""
-    return list(fit.map(unmapped(visits), names, formulas, unmapped("ML"), unmapped(engine), unmapped(data_hash)).result())
+    return list(fit.map(unmapped(visits), names, formulas, unmapped("ML"), unmapped(engine), unmapped(data_hash),
+                        unmapped(family), unmapped(nagq)).result())
+
 
 
 def task_runner(execution: ExecutionConfig) -> Any:
@@ -145,7 +154,8 @@ def task_runner(execution: ExecutionConfig) -> Any:
 
 
 def _stage_done(stages: dict[str, float], name: str, clock: float) -> float:
-    """Add the time since ``clock`` to stage ``name`` (the REML refit adds to "fit"), log it, restart the clock."""
+    """Add the time since ``clock`` to stage ``name`` (a Gaussian study's REML refit adds to "fit"), log it,
+    restart the clock."""
     stages[name] = stages.get(name, 0.0) + _lap(clock)
     get_run_logger().info("stage %s: %.2f s", name, stages[name])
     return time.perf_counter()

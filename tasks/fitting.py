@@ -1,8 +1,8 @@
 """Fit: one task per candidate and method. No retries: the statistics are deterministic.
 
-Fits are cached by (data fingerprint, formula, method, engine, engine code): a re-run on data that
-did not change reuses them. The cache key ignores the data frame itself (hashing it per task would cost
-more than it saves); the flow passes its fingerprint instead.
+Fits are cached by (data fingerprint, formula, method, engine, family, quadrature points, engine code): a
+re-run on data that did not change reuses them. The cache key ignores the data frame itself (hashing it per
+task would cost more than it saves); the flow passes its fingerprint instead.
 """
 
 from __future__ import annotations
@@ -52,23 +52,38 @@ def fit_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     formula = hashlib.sha256(parameters["formula"].encode()).hexdigest()[:16]
     return (
         f"fit-{parameters['data_hash'][:32]}-{parameters['name']}-{formula}-{parameters['method']}-"
-        f"{parameters['engine']}-{ENGINE_VERSION}"
+        f"{parameters['engine']}-{parameters['family']}-nagq{parameters['nagq']}-{ENGINE_VERSION}"
     )
+
+
+#: The canonical link of each family, as glmer uses it.
+LINKS = {"gaussian": "identity", "binomial": "logit", "poisson": "log"}
+
+
+def describe_family(family: str, nagq: int) -> str:
+    """For log lines: "gaussian (identity link)", "binomial (logit link, Laplace)", "poisson (log link, nAGQ 7)"."""
+    if family == "gaussian":
+        return f"{family} ({LINKS[family]} link)"
+    return f"{family} ({LINKS[family]} link, " + ("Laplace)" if nagq == 1 else f"nAGQ {nagq})")
 
 
 @task(
     name="fit", task_run_name="fit-{name}-{method}", cache_key_fn=fit_cache_key,
     cache_expiration=timedelta(days=30), persist_result=True,
 )
-def fit(visits: pd.DataFrame, name: str, formula: str, method: Method, engine: str, data_hash: str) -> Fit:
-    result = fit_candidate(visits, name, formula, method=method, engine=engine)
+def fit(
+    visits: pd.DataFrame, name: str, formula: str, method: Method, engine: str, data_hash: str, family: str,
+    nagq: int,
+) -> Fit:
+    result = fit_candidate(visits, name, formula, method=method, engine=engine, family=family, nagq=nagq)
+    how = method if family == "gaussian" else f"{method}, {describe_family(family, nagq)}"
     logger = get_run_logger()
     if result.usable:
         logger.info(
             "%s (%s): logLik %.4f, %d parameters, %s%s in %.2f s",
-            name, method, result.loglik, result.n_params, result.optimizer,
+            name, how, result.loglik, result.n_params, result.optimizer,
             ", singular" if result.singular else "", result.seconds,
         )
     else:
-        logger.warning("%s (%s) failed: %s", name, method, result.message)
+        logger.warning("%s (%s) failed: %s", name, how, result.message)
     return result
