@@ -29,12 +29,14 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import FixedFormatter, FixedLocator
+from matplotlib.ticker import FixedFormatter, FixedLocator, NullLocator
 from scipy.special import ndtri
 
 from longitudinal.config import DataConfig, StudyConfig
 from longitudinal.inference.residuals import (
-    MAX_DISTINCT_X, MAX_PAIRS, binned_means, lag_correlation, normalized_residuals, semivariogram, visit_positions,
+    MAX_DISTINCT_X, MAX_PAIRS, binned_means, binned_residuals, lag_correlation, normalized_residuals,
+    observed_response, outcome_over_time, randomized_quantile_residuals, ratio_effects, semivariogram,
+    visit_positions,
 )
 from longitudinal.records import Fit, ResidualCovariance, Selection
 
@@ -78,6 +80,56 @@ DISCRETE_TIMES = 30
 
 CorrelationKind = Literal["lag", "variogram"]
 """How the residual correlation diagnostic shows serial correlation: by lag in visits, or by a semivariogram."""
+
+GLMM_FIGURE_KEYS: tuple[str, ...] = (
+    "trajectories",
+    "model_comparison",
+    "coefficients",
+    "random_effects",
+    "caterpillar",
+    "binned_residuals",
+    "quantile_residuals",
+    "observed_vs_fitted_over_time",
+    "observed_vs_fitted",
+)
+"""File stems of the figures of a binomial or Poisson study, in report order: the Gaussian residual plots
+(residuals against fitted values, normal QQ, residuals over time) give way to binned residuals and randomized
+quantile residuals, and the observed proportions or mean counts over time sit beside the fitted ones."""
+
+LINKS: dict[str, str] = {"gaussian": "identity", "binomial": "logit", "poisson": "log"}
+"""The canonical link of each family, the one the engine fits."""
+
+
+def family_description(family: str, plural: bool = False) -> str:
+    """The model in words, as a glmer user names it: "logistic mixed model (binomial, logit link)" ("logistic
+    mixed models (...)" with ``plural``)."""
+    model = "mixed models" if plural else "mixed model"
+    return {"binomial": f"logistic {model} (binomial, logit link)",
+            "poisson": f"Poisson {model} (log link)"}.get(family, f"linear {model}")
+
+
+def approximation_description(nagq: int) -> str:
+    """How glmer's likelihood was evaluated: "Laplace approximation" (nAGQ = 1) or "adaptive Gauss–Hermite
+    quadrature with 10 points"."""
+    return "Laplace approximation" if nagq <= 1 else f"adaptive Gauss–Hermite quadrature with {nagq} points"
+
+
+def ratio_name(family: str) -> str:
+    """What exp(coefficient) is: "odds ratio" (logit link) or "rate ratio" (log link)."""
+    return "odds ratio" if family == "binomial" else "rate ratio"
+
+
+def baseline_name(family: str) -> str:
+    """What exp(intercept) is: "baseline odds" or "baseline rate"."""
+    return "baseline odds" if family == "binomial" else "baseline rate"
+
+
+def outcome_scale_label(family: str, outcome: str) -> str:
+    """What the response-scale axis of a binomial or Poisson study shows: "proportion with smoker = 1" or
+    "mean seizures"; for a Gaussian study the outcome alone."""
+    if family == "binomial":
+        return f"proportion with {outcome} = 1"
+    return f"mean {outcome}" if family == "poisson" else outcome
 
 
 
@@ -361,10 +413,13 @@ def plot_coefficients(fit: Fit, data: DataConfig | None = None) -> Figure:
     """Forest plot of the fixed effects: estimate and Wald 95% interval, with a zero line.
 
     The intercept sits in its own panel with its own scale, since it is on the outcome's level while
-    the other terms are changes; drawn on one axis it would squash every other interval.
+    the other terms are changes; drawn on one axis it would squash every other interval. A binomial or
+    Poisson fit is drawn in odds or rate ratios (:func:`plot_ratio_coefficients`).
     """
     if not fit.fixed_effects:
         return _message_figure("Fixed effects", f"No fixed effects to draw for {fit.name!r}: {fit.message}")
+    if fit.family != "gaussian":
+        return plot_ratio_coefficients(fit, data)
     outcome = _outcome_of(fit.formula)
     intercept = [fe for fe in fit.fixed_effects if fe.term == "(Intercept)"]
     others = [fe for fe in fit.fixed_effects if fe.term != "(Intercept)"]
@@ -401,6 +456,84 @@ def plot_coefficients(fit: Fit, data: DataConfig | None = None) -> Figure:
     return fig
 
 
+_RATIO_MANTISSAS = (1.0, 2.0, 5.0)
+_FINE_MANTISSAS = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0)
+_FINEST_MANTISSAS = (1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.8, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0)
+
+
+def ratio_ticks(low: float, high: float) -> list[float]:
+    """Ticks of a log-scale ratio axis from ``low`` to ``high`` (both > 0) that read as plain numbers: 0.1,
+    0.2, 0.5, 1, 2, 5, ... over a wide range, 0.8, 1, 1.25, 1.5, ... over a narrow one, 0.9, 1, 1.1, ... over
+    a narrower one; at most nine."""
+    span = high / low
+    mantissas = _FINEST_MANTISSAS if span < 3 else _FINE_MANTISSAS if span < 10 else _RATIO_MANTISSAS
+    decades = range(math.floor(math.log10(low)) - 1, math.ceil(math.log10(high)) + 1)
+    ticks = [m * 10.0 ** d for d in decades for m in mantissas]
+    ticks = [t for t in ticks if low * (1 - 1e-9) <= t <= high * (1 + 1e-9)]
+    step = max(1, math.ceil(len(ticks) / 9))
+    if 1.0 in ticks:  # keep 1, the line of no effect, among the thinned ticks
+        anchor = ticks.index(1.0)
+        return [t for i, t in enumerate(ticks) if (i - anchor) % step == 0]
+    return ticks[::step]
+
+
+def _ratio_text(value: float) -> str:
+    return f"{value:g}" if 1e-3 <= value < 1e5 else f"{value:.0e}"
+
+
+def plot_ratio_coefficients(fit: Fit, data: DataConfig | None = None) -> Figure:
+    """Forest plot of a binomial or Poisson fit's fixed effects as odds or rate ratios (exp of the estimate
+    and of its Wald 95% interval, :func:`~longitudinal.inference.residuals.ratio_effects`) on a log axis,
+    with the line of no effect at 1. The intercept's exp, the baseline odds or rate, sits in its own panel.
+    Non-finite bounds (an overflowing exp) are left out of the axis range."""
+    effects = ratio_effects(fit)
+    ratio, baseline = ratio_name(fit.family), baseline_name(fit.family)
+    intercept = [e for e in effects if e.term == "(Intercept)"]
+    others = [e for e in effects if e.term != "(Intercept)"]
+    panels = [p for p in (intercept, others) if p]
+    with _style():
+        fig = _new_figure(8.0, 1.5 + 0.38 * len(effects) + 0.5 * (len(panels) - 1))
+        axes = fig.subplots(len(panels), 1, squeeze=False,
+                            gridspec_kw={"height_ratios": [max(len(p), 1) + 0.6 for p in panels]})[:, 0]
+        for ax, part in zip(axes, panels, strict=True):
+            est = np.array([e.estimate for e in part])
+            low = np.array([e.ci_low for e in part])
+            high = np.array([e.ci_high for e in part])
+            pos = np.arange(len(part))[::-1]
+            drawable = np.isfinite(est) & (est > 0)
+            ax.set_xscale("log")
+            ax.hlines(pos[drawable], np.clip(low[drawable], 1e-300, None), high[drawable], color=_HIGHLIGHT,
+                      linewidth=1.6)
+            ax.plot(est[drawable], pos[drawable], "o", color=_HIGHLIGHT, markersize=5)
+            values = np.concatenate([low, high, est])
+            values = values[np.isfinite(values) & (values > 0)]
+            lo, hi = (float(values.min()), float(values.max())) if values.size else (0.5, 2.0)
+            if part is others:  # 1 is no effect; for the baseline odds or rate it marks nothing
+                lo, hi = min(lo, 1.0), max(hi, 1.0)
+                ax.axvline(1.0, color="#333333", linewidth=0.9, linestyle="--")
+            if hi / lo < 1.5:  # an interval too narrow to read on a log axis: widen it around its centre
+                centre = math.sqrt(lo * hi)
+                lo, hi = centre / 1.25, centre * 1.25
+            pad = (hi / lo) ** 0.06
+            ax.set_xlim(lo / pad, hi * pad)
+            ticks = ratio_ticks(lo / pad, hi * pad)
+            ax.xaxis.set_major_locator(FixedLocator(ticks))
+            ax.xaxis.set_major_formatter(FixedFormatter([_ratio_text(t) for t in ticks]))
+            ax.xaxis.set_minor_locator(NullLocator())
+            shown = [with_time_unit(e.term, data) if data is not None else e.term for e in part]
+            ax.set_yticks(pos, [_plain(_shorten(term, 36)) for term in shown])
+            ax.set_ylim(-0.7, len(part) - 0.3)
+            ax.grid(axis="y", visible=False)
+            ax.set_ylabel("Term")
+            ax.set_xlabel(f"{baseline.capitalize()}: exp(intercept), log scale" if part is intercept
+                          else f"{ratio.capitalize()} per unit of the term, log scale")
+        axes[0].set_title(f"{ratio.capitalize()}s with Wald 95% confidence intervals (exp of the "
+                          f"{LINKS.get(fit.family, 'link')}-scale estimates)")
+        fig.suptitle(f"Fixed effects of {_plain(_shorten(fit.name, 40))}: {family_description(fit.family)}, "
+                     f"{fit.method} fit")
+    return fig
+
+
 # ---------------------------------------------------------------------------------- random effects
 
 
@@ -415,7 +548,10 @@ def _ranef_panels(ranef: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
     return [(str(group), str(term), part) for (group, term), part in grouped]
 
 
-def _mode_label(outcome: str, term: str) -> str:
+def _mode_label(outcome: str, term: str, family: str = "gaussian") -> str:
+    if family != "gaussian":  # random effects of a GLMM live on the link scale
+        scale = "log-odds" if family == "binomial" else "log rate"
+        return scale if term == "(Intercept)" else f"{scale} per unit of {_plain(_shorten(term, 20))}"
     return (f"{_plain(outcome)} units" if term == "(Intercept)"
             else f"{_plain(outcome)} per unit of {_plain(_shorten(term, 20))}")
 
@@ -454,7 +590,7 @@ def plot_random_effects(fit: Fit) -> Figure:
                 ax.set_ylim(0, ax.get_ylim()[1] * 1.3)  # headroom so the legend sits above the bars
                 ax.legend(loc="upper right", frameon=False)
             ax.set_title(f"{_plain(group)}: {_plain(_shorten(term))}")
-            ax.set_xlabel(f"Conditional mode ({_mode_label(outcome, term)})")
+            ax.set_xlabel(f"Conditional mode ({_mode_label(outcome, term, fit.family)})")
             ax.set_ylabel(f"Levels of {_plain(group)}")
         for flat, ax in enumerate(axes.ravel()):
             if flat >= len(keys):
@@ -512,16 +648,19 @@ def plot_caterpillar(fit: Fit, max_levels: int = CATERPILLAR_LEVELS) -> Figure:
         fig = _new_figure(max(5.0, 4.0 * ncols), 0.6 + row_height * nrows)
         axes = fig.subplots(nrows, ncols, squeeze=False)
         for index, (group, term, shown, hidden) in enumerate(panels):
-            _draw_caterpillar(axes[index // ncols, index % ncols], shown, hidden, group, term, outcome)
+            _draw_caterpillar(axes[index // ncols, index % ncols], shown, hidden, group, term, outcome,
+                              fit.family)
         for flat, ax in enumerate(axes.ravel()):
             if flat >= len(panels):
                 ax.set_axis_off()
-        fig.suptitle(f"Conditional modes of the random effects of {_plain(_shorten(fit.name, 40))} "
-                     "with 95% conditional intervals")
+        # one panel is narrow: the title on two lines, or it runs off the figure's edges
+        fig.suptitle(f"Conditional modes of the random effects of {_plain(_shorten(fit.name, 40))}"
+                     + ("\n" if ncols == 1 else " ") + "with 95% conditional intervals")
     return fig
 
 
-def _draw_caterpillar(ax: Axes, shown: pd.DataFrame, hidden: int, group: str, term: str, outcome: str) -> None:
+def _draw_caterpillar(ax: Axes, shown: pd.DataFrame, hidden: int, group: str, term: str, outcome: str,
+                      family: str = "gaussian") -> None:
     """One term: levels bottom (lowest mode) to top, a gap row marking the hidden middle levels."""
     est = shown["estimate"].to_numpy(float)
     half = 1.96 * pd.to_numeric(shown["cond_sd"], errors="coerce").fillna(0.0).to_numpy(float)
@@ -549,7 +688,7 @@ def _draw_caterpillar(ax: Axes, shown: pd.DataFrame, hidden: int, group: str, te
     which = (f"{len(est) // 2} lowest, {len(est) - len(est) // 2} highest of {n_levels:,} levels" if hidden
              else f"{n_levels:,} levels")
     ax.set_title(f"{_plain(group)}: {_plain(_shorten(term))}\n{which}")
-    ax.set_xlabel(f"Conditional mode ± 1.96 cond. SD\n({_mode_label(outcome, term)})")
+    ax.set_xlabel(f"Conditional mode ± 1.96 cond. SD\n({_mode_label(outcome, term, family)})")
     ax.set_ylabel(f"Level of {_plain(group)}")
 
 
@@ -841,13 +980,15 @@ def plot_residuals_over_time(fit: Fit, time_values: np.ndarray | pd.Series, time
 
 def plot_observed_vs_fitted(
     visits: pd.DataFrame, fit: Fit, subject: str, time: str, outcome: str, n_subjects: int = 12, seed: int = 0,
-    time_label: str | None = None,
+    time_label: str | None = None, observed: np.ndarray | None = None,
 ) -> Figure:
     """Small multiples for a seeded sample of subjects: observed points and the fitted trajectory.
 
     Fitted values are conditional (fixed effects plus the subject's predicted random effects; the fixed
     effects alone for a model without random effects) and must align positionally with ``visits``. Panels
-    share both axes so subjects compare at a glance.
+    share both axes so subjects compare at a glance. ``observed`` replaces the ``outcome`` column (a
+    binomial or Poisson fit passes the outcome as it saw it, :func:`observed_response`); for such a fit the
+    line is the subject's fitted probability or mean count.
     """
     fitted, _ = _aligned(fit)
     if fitted.size == 0:
@@ -861,15 +1002,22 @@ def plot_observed_vs_fitted(
     present = np.bincount(codes[codes >= 0], minlength=len(names)) > 0
     chosen = _sample_codes(names, present, n_subjects, seed)
     rows = np.flatnonzero(_rows_of(codes, chosen, len(names)))
+    values = visits[outcome].to_numpy(float) if observed is None else np.asarray(observed, dtype=float)
     data = pd.DataFrame({
         "code": codes[rows],
         "time": visits[time].to_numpy(float)[rows],
-        "observed": visits[outcome].to_numpy(float)[rows],
+        "observed": values[rows],
         "fitted": fitted[rows],
     })
     sample = names[chosen].astype(str)
     fitted_label = ("fitted (fixed effects + the subject's random effects)" if fit.random_effects or fit.covariance is None
                     else "fitted (fixed effects; the model has no random effects)")
+    y_label = _plain(outcome)
+    if fit.family != "gaussian":
+        what = "probability" if fit.family == "binomial" else "mean count"
+        fitted_label = f"fitted {what} (fixed effects + the subject's random effects)"
+        y_label = (f"{_plain(outcome)} (0/1) and fitted probability" if fit.family == "binomial"
+                   else f"{_plain(outcome)} (count) and fitted mean count")
     ncols = min(4, max(len(sample), 1))
     nrows = max(math.ceil(len(sample) / ncols), 1)
     with _style():
@@ -891,7 +1039,140 @@ def plot_observed_vs_fitted(
         fig.legend(handles, labels, loc="outside lower center", ncols=2, frameon=False)
         fig.suptitle(f"Observed and fitted trajectories of {_plain(_shorten(fit.name, 40))}, "
                      f"{len(sample)} sampled subjects")
-        fig.supylabel(_plain(outcome))
+        fig.supylabel(y_label)
+    return fig
+
+
+# --------------------------------------------------------------- binomial and Poisson outcomes (GLMM)
+
+
+def plot_outcome_over_time(
+    table: pd.DataFrame, family: str, outcome: str, *, group: str | None = None, time_label: str = "Time",
+    title: str = "",
+) -> Figure:
+    """The observed proportion (binomial) or mean count (Poisson) per time with its 95% interval, per group,
+    and, where ``table`` has them, the mean fitted values as lines (:func:`outcome_over_time`'s table).
+
+    Groups share the time axis; each group's points are nudged sideways a little so that intervals at the
+    same time do not hide each other. Without fitted values the observed points are joined by thin lines.
+    """
+    if table.empty:
+        return _message_figure(title or "Outcome over time", "No rows with a time and an outcome to draw.")
+    fitted_shown = bool(table["fitted"].notna().any())
+    levels = list(dict.fromkeys(table["group"].tolist()))
+    times = table["time"].to_numpy(float)
+    span = float(times.max() - times.min()) or 1.0
+    nudge = 0.012 * span if len(levels) > 1 else 0.0
+    interval = "95% Wilson interval" if family == "binomial" else "±1.96 SE"
+    handles: list[Line2D] = []
+    with _style():
+        fig = _new_figure(8.0, 4.8)
+        ax = fig.add_subplot()
+        for index, level in enumerate(levels):
+            colour = PALETTE[index % len(PALETTE)] if group is not None else "#111111"
+            part = table[[g == level for g in table["group"]]]
+            x = part["time"].to_numpy(float) + (index - (len(levels) - 1) / 2) * nudge
+            observed = part["observed"].to_numpy(float)
+            below = np.clip(observed - part["ci_low"].to_numpy(float), 0, None)
+            above = np.clip(part["ci_high"].to_numpy(float) - observed, 0, None)
+            ax.errorbar(x, observed, yerr=[np.nan_to_num(below), np.nan_to_num(above)], fmt="o",
+                        markersize=4.5, color=colour, ecolor=colour, elinewidth=1.0, capsize=2,
+                        linestyle="none" if fitted_shown else "-", linewidth=0.8, alpha=0.9)
+            if fitted_shown:
+                ax.plot(part["time"], part["fitted"], color=colour, linewidth=2.0)
+            label = "all subjects" if group is None else f"{_plain(group)} = {_plain(_shorten(level, 20))}"
+            handles.append(Line2D([], [], color=colour, marker="o", markersize=4.5,
+                                  linestyle="-" if fitted_shown else "none", label=label))
+        what = "proportion" if family == "binomial" else "mean"
+        handles.append(Line2D([], [], color="#555555", marker="o", linestyle="none", markersize=4.5,
+                              label=f"observed {what}, {interval}"))
+        if fitted_shown:
+            fitted_what = "probability" if family == "binomial" else "count"
+            handles.append(Line2D([], [], color="#555555", linewidth=2.0,
+                                  label=f"mean fitted {fitted_what} (subjects' conditional fits averaged)"))
+        top = float(np.nanmax(table[["observed", "ci_high", "fitted"]].to_numpy(float)))
+        ax.set_ylim(0.0, (min(top * 1.45, 1.05) if family == "binomial" else top * 1.45) or 1.0)
+        ax.legend(handles=handles, loc="upper left", frameon=False, ncols=2 if len(handles) > 4 else 1)
+        ax.set_title(_plain(title) or f"{outcome_scale_label(family, _plain(outcome)).capitalize()} over time")
+        ax.set_xlabel(_plain(time_label))
+        ax.set_ylabel(_plain(outcome_scale_label(family, outcome).capitalize()))
+    return fig
+
+
+def plot_binned_residuals(fit: Fit) -> Figure:
+    """Binned residuals (Gelman & Hill): the mean residual y − μ̂ in bins of μ̂ against the bin's mean μ̂,
+    inside a ±2 SE band (:func:`~longitudinal.inference.residuals.binned_residuals`); bins outside the band
+    are drawn in red and counted in the title (about 5% expected when the model is right)."""
+    fitted, residuals = _aligned(fit)
+    title = "Binned residuals"
+    if fitted.size == 0:
+        return _message_figure(title, f"{fit.name!r} has no fitted values: {fit.message}")
+    table = binned_residuals(fitted, residuals, fit.family)
+    x = table["fitted"].to_numpy(float)
+    band = 2.0 * table["se"].to_numpy(float)
+    outside = table["outside"].to_numpy(bool)
+    what = "probability" if fit.family == "binomial" else "count"
+    with _style():
+        fig = _new_figure(7.5, 4.6)
+        ax = fig.add_subplot()
+        ax.fill_between(x, -band, band, color="#d7dce1", alpha=0.8, linewidth=0, label="±2 SE under the model")
+        ax.axhline(0.0, color="#333333", linewidth=0.9, linestyle="--")
+        ax.scatter(x[~outside], table["residual"].to_numpy(float)[~outside], s=14, color=_HIGHLIGHT,
+                   linewidths=0, label="mean residual in a bin")
+        if outside.any():
+            ax.scatter(x[outside], table["residual"].to_numpy(float)[outside], s=16, color=_SMOOTH, linewidths=0,
+                       label="outside ±2 SE")
+        values = np.concatenate([np.abs(table["residual"].to_numpy(float)), band])
+        limit = float(np.nanmax(values)) if np.isfinite(values).any() else 1.0
+        ax.set_ylim(-1.15 * limit, 1.6 * limit)  # headroom above for the legend
+        ax.legend(loc="upper right", frameon=False, ncols=3)
+        ax.set_title(f"Binned residuals of {_plain(_shorten(fit.name, 40))}: {int(outside.sum())} of {len(table)} "
+                     f"bins outside ±2 SE ({int(table['n'].median()) if len(table) else 0} rows per bin)")
+        ax.set_xlabel(f"Mean fitted {what} μ̂ in the bin")
+        ax.set_ylabel("Mean residual y − μ̂ in the bin")
+    return fig
+
+
+def plot_quantile_residuals(fit: Fit, seed: int = 0) -> Figure:
+    """Randomized quantile residuals (Dunn & Smyth; conditional on the predicted random effects, seeded:
+    :func:`~longitudinal.inference.residuals.randomized_quantile_residuals`): a QQ plot against N(0, 1) with
+    the identity line, and the residuals against the fitted μ̂ with their mean per bin.
+
+    The QQ line is y = x, not a line through the quartiles: these residuals should be N(0, 1) exactly, scale
+    included. With many rows, at most :data:`QQ_POINTS` evenly spaced order statistics are drawn.
+    """
+    fitted, _ = _aligned(fit)
+    title = "Randomized quantile residuals"
+    if fitted.size == 0:
+        return _message_figure(title, f"{fit.name!r} has no fitted values: {fit.message}")
+    residuals = randomized_quantile_residuals(observed_response(fit), fitted, fit.family, seed=seed)
+    finite = residuals[np.isfinite(residuals)]
+    if finite.size < 2:
+        return _message_figure(title, f"{fit.name!r} has too few residuals to draw.")
+    ordered = np.sort(finite)
+    n = ordered.size
+    index = np.unique(np.linspace(0, n - 1, min(n, QQ_POINTS)).round().astype(int))
+    theoretical = ndtri((index + 0.5) / n)
+    what = "probability" if fit.family == "binomial" else "count"
+    with _style():
+        fig = _new_figure(10.0, 4.6)
+        qq, spread = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.0, 1.3]})
+        qq.scatter(theoretical, ordered[index], s=9, color=_HIGHLIGHT, alpha=0.6, linewidths=0)
+        edge = float(max(np.abs(theoretical).max(), np.abs(ordered[index]).max(), 1.0))
+        qq.plot([-edge, edge], [-edge, edge], color=_SMOOTH, linewidth=1.2, label="y = x: N(0, 1)")
+        qq.legend(loc="upper left", frameon=False)
+        qq.set_title("Normal QQ plot")
+        qq.set_xlabel("Theoretical N(0, 1) quantile")
+        qq.set_ylabel("Randomized quantile residual")
+        _density_scatter(fig, spread, fitted, residuals)
+        for level in (-1.96, 0.0, 1.96):
+            spread.axhline(level, color="#333333", linewidth=0.9, linestyle="--" if level == 0 else ":")
+        _draw_smooth(spread, fitted, residuals, "mean per bin of μ̂")
+        spread.set_title("Against the fitted value (dotted: ±1.96)")
+        spread.set_xlabel(f"Fitted {what} μ̂ (conditional on the random effects)")
+        spread.set_ylabel("Randomized quantile residual")
+        fig.suptitle(f"Randomized quantile residuals of {_plain(_shorten(fit.name, 40))} "
+                     f"({'binomial' if fit.family == 'binomial' else 'Poisson'}, seed {seed})")
     return fig
 
 
@@ -1022,12 +1303,17 @@ def figure_builders(
     ``selected`` is the REML refit of the chosen candidate; its ``fitted`` and ``residuals`` align with
     the rows of ``visits``, as those of ``fits`` do. Trajectories are coloured by the first text column with
     2–6 levels among the selected formula's fixed-effect columns (e.g. a treatment arm), if any.
+
+    A binomial or Poisson ``selected`` (its ML fit: a GLMM has no REML) gets the figures of
+    :data:`GLMM_FIGURE_KEYS` instead (see :func:`glmm_figure_builders`).
     """
     roles = config.data
     roles_used = (*roles.subject_columns, roles.subject_key, roles.time, roles.outcome)
     group = choose_group_column(visits, selected.formula, exclude=roles_used)
-    time_values = visits[roles.time].to_numpy(float) if len(selected.residuals) else np.empty(0)
     time_label = time_axis_label(roles)
+    if selected.family != "gaussian":
+        return glmm_figure_builders(visits, config, selection, selected, group=group, n_panels=n_panels, seed=seed)
+    time_values = visits[roles.time].to_numpy(float) if len(selected.residuals) else np.empty(0)
     builders: dict[str, Callable[[], Figure]] = {
         "trajectories": lambda: plot_trajectories(visits, roles.subject_key, roles.time, roles.outcome, group=group,
                                                   max_subjects=max_subjects, seed=seed, time_label=time_label),
@@ -1052,6 +1338,56 @@ def figure_builders(
         visits, selected, roles.subject_key, roles.time, roles.outcome, n_subjects=n_panels, seed=seed,
         time_label=time_label)
     return builders
+
+
+def glmm_figure_builders(
+    visits: pd.DataFrame, config: StudyConfig, selection: Selection, selected: Fit, *, group: str | None,
+    n_panels: int = 12, seed: int = 0,
+) -> dict[str, Callable[[], Figure]]:
+    """The figures of a binomial or Poisson study, keyed as :data:`GLMM_FIGURE_KEYS`: the observed proportion
+    of 1s (or mean count) over time per ``group`` level for the trajectories, the fixed effects as odds or
+    rate ratios, binned and randomized quantile residuals, and the observed against the mean fitted
+    proportion (or count) over time beside the sampled subjects' fitted curves.
+
+    The outcome is read from ``selected`` (μ̂ + residual, :func:`observed_response`: the 0/1 coding the fit
+    used) when its rows align with ``visits``; from the outcome column otherwise.
+    """
+    roles = config.data
+    time_label = time_axis_label(roles)
+    times = visits[roles.time].to_numpy(float)
+    aligned = len(selected.residuals) == len(visits) and len(selected.fitted) == len(visits)
+    observed = observed_response(selected) if aligned else pd.to_numeric(visits[roles.outcome],
+                                                                         errors="coerce").to_numpy(float)
+    groups = visits[group].tolist() if group is not None else None
+    family, outcome = selected.family, roles.outcome
+    shown = outcome_scale_label(family, outcome)
+
+    def trajectories() -> Figure:
+        table = outcome_over_time(times, observed, family, groups=groups)
+        return plot_outcome_over_time(table, family, outcome, group=group, time_label=time_label,
+                                      title=f"Observed {shown} over time, all subjects")
+
+    def over_time() -> Figure:
+        if not aligned:
+            return _message_figure("Observed and fitted over time",
+                                   f"{selected.name!r} has no fitted values: {selected.message}")
+        table = outcome_over_time(times, observed, family, groups=groups, fitted=selected.fitted)
+        return plot_outcome_over_time(table, family, outcome, group=group, time_label=time_label,
+                                      title=f"Observed and fitted {shown} over time ({_shorten(selected.name, 30)})")
+
+    return {
+        "trajectories": trajectories,
+        "model_comparison": lambda: plot_model_comparison(selection),
+        "coefficients": lambda: plot_coefficients(selected, roles),
+        "random_effects": lambda: plot_random_effects(selected),
+        "caterpillar": lambda: plot_caterpillar(selected),
+        "binned_residuals": lambda: plot_binned_residuals(selected),
+        "quantile_residuals": lambda: plot_quantile_residuals(selected, seed=seed),
+        "observed_vs_fitted_over_time": over_time,
+        "observed_vs_fitted": lambda: plot_observed_vs_fitted(
+            visits, selected, roles.subject_key, roles.time, roles.outcome, n_subjects=n_panels, seed=seed,
+            time_label=time_label, observed=observed if aligned else None),
+    }
 
 
 def build_figures(

@@ -18,12 +18,27 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from longitudinal.inference.residuals import (
+    MAX_DISTINCT_X,
+    OVERDISPERSION_RATIO,
+    Dispersion,
+    observed_response,
+    pearson_dispersion,
+    ratio_effects,
+)
 from longitudinal.model.formula import parse_formula
 from longitudinal.records import Fit, LikelihoodRatioTest, ReportInputs, ResidualCovariance, Selection, Validated
 from longitudinal.reporting.figures import (
     ANNOTATED_VISITS,
     CATERPILLAR_LEVELS,
+    LINKS,
     QQ_POINTS,
+    approximation_description,
+    baseline_name,
+    choose_group_column,
+    family_description,
+    outcome_scale_label,
+    ratio_name,
     residual_correlation_kind,
     serial_diagnostic_fits,
     time_axis_label,
@@ -46,6 +61,45 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("observed-fitted", "8. Observed against fitted"),
     ("reproducibility", "9. Reproducibility"),
 )
+
+
+
+def section_titles(fit: Fit) -> tuple[tuple[str, str], ...]:
+    """:data:`SECTIONS` with the selected model's section named by how ``fit`` was estimated: "(REML
+    estimates)" for the REML refit of a linear mixed model, "(ML estimates)" for a binomial or Poisson
+    model, which has no REML."""
+    return tuple((anchor, f"5. Selected model ({fit.method} estimates)" if anchor == "selected" else title)
+                 for anchor, title in SECTIONS)
+
+
+def dispersion_of(fit: Fit) -> Dispersion | None:
+    """The Pearson dispersion of a Poisson fit (:func:`~longitudinal.inference.residuals.pearson_dispersion`,
+    k = ``fit.n_params``); None for another family or a fit without fitted values."""
+    if fit.family != "poisson" or not len(fit.fitted) or len(fit.fitted) != len(fit.residuals):
+        return None
+    return pearson_dispersion(observed_response(fit), np.asarray(fit.fitted, dtype=float), fit.n_params)
+
+
+def overdispersion_advice(dispersion: Dispersion) -> str:
+    """The note a large Pearson ratio gets (plain text)."""
+    return (f"Counts vary more than a Poisson model allows (Pearson χ²/df = {dispersion.ratio:.2f}, above "
+            f"{OVERDISPERSION_RATIO:g}): standard errors are too small and p-values too optimistic. Consider an "
+            "observation-level random effect (1 | obs), obs a column with one level per row, or a negative "
+            "binomial model.")
+
+
+def _glmm_fitted_by(fit: Fit) -> str:
+    """How a binomial or Poisson fit was estimated, in words (escaped HTML)."""
+    return (f"a {esc(family_description(fit.family))}, fitted by maximum likelihood with the "
+            f"{esc(approximation_description(fit.nagq))}, as glmer fits it")
+
+
+def _with_selected(fits: Sequence[Fit], selected: Fit) -> list[Fit]:
+    """``fits`` and the selected model's reported fit, unless that fit is one of them (a binomial or Poisson
+    model reports its ML fit, which is already among the candidates)."""
+    same = any(f is selected or (f.name == selected.name and f.method == selected.method) for f in fits)
+    return list(fits) if same else [*fits, selected]
+
 
 # --------------------------------------------------------------------------------------- formatting
 
@@ -240,7 +294,11 @@ def _summary(inputs: ReportInputs, per_subject: np.ndarray) -> str:
         f"Of {n_total} candidate model{'s' if n_total != 1 else ''} fitted by maximum likelihood, "
         f"{verdict}; <strong>{esc(selection.selected)}</strong> "
         f"(<code>{esc(selected.formula)}</code>) was selected as the one with the lowest {esc(criterion)}.",
-        "Its estimates below come from a REML refit of that formula."
+        (f"It is {_glmm_fitted_by(selected)}; a generalized linear mixed model has no REML, so the estimates "
+         "below are from that fit, its fixed effects on the "
+         f"{'log-odds' if selected.family == 'binomial' else 'log'} scale and as "
+         f"{esc(ratio_name(selected.family))}s." if selected.family != "gaussian" else
+         "Its estimates below come from a REML refit of that formula.")
         + (f" Its residual covariance within subjects is {esc(selected.covariance.description)} "
            f"(<code>{esc(selected.covariance.term)}</code>)." if selected.covariance is not None else ""),
         f"The analysis used {validated.rows_analysed:,} rows from {subjects:,} subjects; "
@@ -261,8 +319,12 @@ def _summary(inputs: ReportInputs, per_subject: np.ndarray) -> str:
         parts.append(f'<span class="warning-text">Validation found {len(validated.warnings)} thing'
                      f'{"s" if len(validated.warnings) > 1 else ""} to check (section 2): '
                      f"{esc(validated.warnings[0])}</span>")
+    dispersion = dispersion_of(selected)
+    if dispersion is not None and dispersion.overdispersed:
+        parts.append(f'<span class="warning-text">{esc(overdispersion_advice(dispersion))} See section 5.</span>')
     if not selected.converged:
-        parts.append(f'<span class="warning-text">The REML refit did not converge: {esc(selected.message)}</span>')
+        which = "The REML refit" if selected.family == "gaussian" else "The selected fit"
+        parts.append(f'<span class="warning-text">{which} did not converge: {esc(selected.message)}</span>')
     return f'<section id="summary"><h2>Summary</h2><p>{" ".join(parts)}</p></section>'
 
 
@@ -400,11 +462,21 @@ def _comparison_section(inputs: ReportInputs, figures: Mapping[str, bytes]) -> s
             _num(format_weight(row.get("bic_weight"))),
         ])
         classes.append("selected" if chosen else ("failed" if _is_missing(row.get("loglik")) else ""))
+    family = inputs.selected.family
+    if family != "gaussian":
+        fitted_as = (f"All candidates are {esc(family_description(family, plural=True))}, fitted by maximum likelihood with "
+                     f"the {esc(approximation_description(inputs.selected.nagq))} as glmer fits them, on the same "
+                     f"{n_obs:,} rows. AIC = −2 logLik + 2k and BIC = −2 logLik + k·ln(n), with glmer's logLik "
+                     "and k counted as lme4 counts it for glmer: k = fixed effects + random-effect (co)variance "
+                     f"parameters, with no residual variance (a {esc(family)} outcome's variance is set by its "
+                     "mean)")
+    else:
+        fitted_as = (f"All candidates were fitted by maximum likelihood (ML) on the same {n_obs:,} rows; REML "
+                     "likelihoods are not comparable across different fixed effects. AIC = −2 logLik + 2k and "
+                     "BIC = −2 logLik + k·ln(n), counting as lme4 does: k = fixed effects + random-effect "
+                     "(co)variance parameters + 1 residual variance")
     explain = (
-        f"<p>All candidates were fitted by maximum likelihood (ML) on the same {n_obs:,} rows; REML "
-        "likelihoods are not comparable across different fixed effects. AIC = −2 logLik + 2k and "
-        "BIC = −2 logLik + k·ln(n), counting as lme4 does: k = fixed effects + random-effect "
-        f"(co)variance parameters + 1 residual variance, and n = {n_obs:,} rows analysed (not subjects). "
+        f"<p>{fitted_as}, and n = {n_obs:,} rows analysed (not subjects). "
         "Δ is the difference from the best candidate; weights are exp(−Δ/2) normalised over the "
         "candidates with a valid likelihood (a fit with a convergence warning competes, as lme4 keeps it; "
         f"only a failed fit is left out). The selection criterion was <strong>{esc(selection.criterion.upper())}</strong>"
@@ -436,7 +508,8 @@ def _comparison_section(inputs: ReportInputs, figures: Mapping[str, bytes]) -> s
     return "\n".join([
         explain, _table(headers, rows, row_classes=classes), failed_html, chart,
         "<h3>Likelihood-ratio tests between nested candidates</h3>", _lrt_block(selection),
-        "<h3>Fit diagnostics per candidate</h3>", _diagnostics_block([*inputs.fits, inputs.selected], inputs.selected),
+        "<h3>Fit diagnostics per candidate</h3>",
+        _diagnostics_block(_with_selected(inputs.fits, inputs.selected), inputs.selected),
     ])
 
 
@@ -519,7 +592,7 @@ def _diagnostics_block(fits: Sequence[Fit], selected: Fit) -> str:
                "Singular", "Message"]
     rows, classes = [], []
     for fit in fits:
-        label = f"{fit.name} (refit)" if fit is selected else fit.name
+        label = f"{fit.name} (refit)" if fit is selected and fit.method == "REML" else fit.name
         rows.append([
             _txt(label), _txt(fit.method), _txt(fit.engine or "—"), _txt(fit.optimizer or "—"),
             _num(format_number(fit.iterations) if fit.iterations else "—"),
@@ -545,6 +618,12 @@ def _diagnostics_block(fits: Sequence[Fit], selected: Fit) -> str:
                  "correlations mapped to the real line, Cholesky factors) and passes below 0.001. Where the "
                  "likelihood can have two maxima (AR(1) next to random effects, sp_exp's range) a second start "
                  "runs; each run is an attempt under Reproducibility.</p>")
+    if any(fit.family != "gaussian" for fit in fits):
+        note += ('<p class="note">A binomial or Poisson candidate is fitted as glmer fits it: penalized '
+                 "iteratively reweighted least squares (PIRLS) finds the conditional modes of the random effects "
+                 "inside the Laplace (or adaptive Gauss–Hermite) deviance, which BOBYQA minimizes over the "
+                 "covariance parameters and then over them and the fixed effects together. Such a model has no "
+                 "REML: the selected model is reported from its ML fit, listed once above.</p>")
     return _table(headers, rows, row_classes=classes) + note
 
 
@@ -561,7 +640,8 @@ def _selected_section(inputs: ReportInputs, figures: Mapping[str, bytes]) -> str
     fit = inputs.selected
     parts = []
     if not fit.converged:
-        parts.append(f'<p class="warning">The REML refit did not pass lme4\'s convergence checks: {esc(fit.message)}</p>')
+        which = "The REML refit" if fit.family == "gaussian" else "The selected fit"
+        parts.append(f'<p class="warning">{which} did not pass lme4\'s convergence checks: {esc(fit.message)}</p>')
     if fit.singular:
         which = next((n for n in fit.message.split("; ") if n.startswith("boundary (singular) fit")), "")
         parts.append('<p class="warning"><strong>Singular fit.</strong> '
@@ -579,6 +659,9 @@ def _selected_section(inputs: ReportInputs, figures: Mapping[str, bytes]) -> str
                    and "rank deficient" not in n] if fit.converged else []
     if other_notes:
         parts.append(f'<p class="note">Notes on this fit: {esc("; ".join(other_notes))}.</p>')
+    if fit.family != "gaussian":
+        parts.append(_glmm_selected_block(inputs, fit, figures))
+        return "\n".join(parts)
     parts.append(_dl([
         ("Model", f"<strong>{esc(fit.name)}</strong>"),
         ("Formula", f"<code>{esc(fit.formula)}</code>"),
@@ -626,6 +709,84 @@ def _selected_section(inputs: ReportInputs, figures: Mapping[str, bytes]) -> str
     if fit.covariance is not None:
         parts.append(_covariance_block(fit, fit.covariance, figures))
     return "\n".join(parts)
+
+
+def _glmm_selected_block(inputs: ReportInputs, fit: Fit, figures: Mapping[str, bytes]) -> str:
+    """The selected binomial or Poisson model: how it was fitted, its fixed effects on the link scale and as odds
+    or rate ratios, its random-effect SDs on the link scale and, for Poisson, the Pearson dispersion."""
+    family, outcome = fit.family, inputs.config.data.outcome
+    scale = "log-odds" if family == "binomial" else "log rate"
+    ratio, baseline = ratio_name(family), baseline_name(family)
+    dispersion = dispersion_of(fit)
+    parts = [_dl([
+        ("Model", f"<strong>{esc(fit.name)}</strong>"),
+        ("Formula", f"<code>{esc(fit.formula)}</code>"),
+        ("Family", esc(f"{family_description(family)}: {outcome} given the random effects is "
+                       + ("Bernoulli (0/1) with probability μ, logit μ linear in the terms" if family == "binomial"
+                          else "Poisson with mean μ, log μ linear in the terms"))),
+        ("Method", esc(f"maximum likelihood (no REML for a GLMM), {approximation_description(fit.nagq)} "
+                       f"(engine {fit.engine})")),
+        ("Observations", esc(f"{fit.n_obs:,}")),
+        ("Groups (subjects)", esc(f"{fit.n_subjects:,}")),
+        ("Time", esc(time_axis_label(inputs.config.data))),
+        ("Log-likelihood", esc(format_fixed(fit.loglik))),
+        ("AIC / BIC", esc(f"{format_fixed(fit.aic)} / {format_fixed(fit.bic)} (k = {fit.n_params})")),
+        *([("Pearson χ²/df", esc(f"{dispersion.ratio:.3f} (χ² = {format_fixed(dispersion.pearson_chi2)} on "
+                                  f"{dispersion.df:,} df, p = {format_p(dispersion.p_value)})"))]
+          if dispersion is not None else []),
+    ])]
+    rows = []
+    for fe, exp in zip(fit.fixed_effects, ratio_effects(fit), strict=True):
+        named = f"{format_number(exp.estimate)} ({baseline})" if fe.term == "(Intercept)" else format_number(exp.estimate)
+        rows.append([
+            _code(with_time_unit(fe.term, inputs.config.data)), _num(format_number(fe.estimate)),
+            _num(format_number(fe.std_error)), _num(f"{format_number(fe.ci_low)} to {format_number(fe.ci_high)}"),
+            _num(format_fixed(fe.z, 2)), _num(format_p(fe.p_value)), _num(named),
+            _num(f"{format_number(exp.ci_low)} to {format_number(exp.ci_high)}"),
+        ])
+    parts.append("<h3>Fixed effects</h3>")
+    parts.append(_table(["Term", f"Estimate ({scale})", "SE", "95% CI", "z", "p", ratio.capitalize(),
+                         f"95% CI ({ratio})"], rows))
+    parts.append(
+        f'<p class="note">Estimates are on the {LINKS[family]} scale ({scale}) with Wald inference, as glmer\'s '
+        "summary: z = estimate / SE, 95% CI = estimate ± 1.96 SE, two-sided p from the normal distribution. "
+        f"{ratio.capitalize()}s are exp(estimate), their intervals exp of the Wald interval. The intercept's exp "
+        f"is the {baseline}: the {'odds of ' + esc(outcome) + ' = 1' if family == 'binomial' else 'mean count of ' + esc(outcome)} "
+        "when every covariate is 0 (numeric terms at 0, factors at their reference level) for a subject whose "
+        f"random effects are 0. The {ratio}s are conditional (subject-specific): they compare two visits of "
+        "the same subject, or subjects with the same random effects; averaged over the population the "
+        + ("odds ratios are closer to 1, the more so the larger the random-effect SD." if family == "binomial"
+           else "rate ratios of terms without random effects are the same (log link), the baseline rate larger.")
+        + "</p>")
+    parts.append(_figure(figures, "coefficients", f"Fixed effects as {ratio}s with Wald 95% confidence intervals "
+                         f"on a log axis; the dashed line marks 1, no effect. The intercept's panel shows the "
+                         f"{baseline}."))
+    parts.append("<h3>Random effects</h3>")
+    random_rows = [[_txt(vc.group), _code(vc.term), _num(format_number(vc.sd)), _num(format_number(vc.sd ** 2))]
+                   for vc in fit.random_effects]
+    parts.append(_table(["Group", "Term", f"SD ({scale})", "Variance"], random_rows))
+    parts.append(f'<p class="note">On the {scale} scale. There is no residual variance: a {family} outcome\'s '
+                 "variance is set by its mean, " + ("μ(1 − μ)." if family == "binomial" else "μ.") + "</p>")
+    if fit.correlations:
+        corr_rows = [[_txt(c.group), _code(c.term1), _code(c.term2), _num(format_fixed(c.corr, 3))]
+                     for c in fit.correlations]
+        parts.append("<h3>Random-effect correlations</h3>")
+        parts.append(_table(["Group", "Term 1", "Term 2", "Correlation"], corr_rows))
+    if dispersion is not None:
+        parts.append(_dispersion_block(dispersion))
+    return "\n".join(parts)
+
+
+def _dispersion_block(dispersion: Dispersion) -> str:
+    """The Pearson dispersion check of a Poisson fit, with the advice a large ratio gets."""
+    text = (f"<h3>Overdispersion</h3><p>Pearson χ²/df = <strong>{dispersion.ratio:.3f}</strong>: χ² = Σ (y − μ̂)²/μ̂ "
+            f"= {format_fixed(dispersion.pearson_chi2)} over n − k = {dispersion.df:,} residual degrees of freedom, "
+            f"μ̂ the fitted means given the predicted random effects (p = {format_p(dispersion.p_value)} against "
+            "χ²(n − k), as <code>performance::check_overdispersion</code> tests). Near 1 when the counts vary as "
+            "much as a Poisson with those means; well above 1, they vary more.</p>")
+    if dispersion.overdispersed:
+        text += f'<p class="warning">{esc(overdispersion_advice(dispersion))}</p>'
+    return text
 
 
 def _has_structure(formula: str, covariance: ResidualCovariance | None) -> bool:
@@ -704,7 +865,9 @@ def _random_effects_section(fit: Fit, figures: Mapping[str, bytes]) -> str:
     if fit.covariance is not None and not fit.random_effects:
         return (f"<p>The selected model has no random effects: a subject's measurements are correlated through "
                 f"its residual covariance, {esc(fit.covariance.description)} (section 5).</p>")
-    intro = ("<p>Predicted random effects (conditional modes, BLUPs) of the selected model, one panel per term. "
+    what = ("conditional modes, BLUPs" if fit.family == "gaussian" else
+            f"conditional modes, on the {'log-odds' if fit.family == 'binomial' else 'log rate'} scale")
+    intro = (f"<p>Predicted random effects ({what}) of the selected model, one panel per term. "
              "They are shrunk towards zero, so their spread is smaller than the estimated SD; heavy tails or "
              "several modes suggest a missing covariate or subgroup.</p>")
     histograms = _figure(figures, "random_effects", "Distribution of the predicted random effects per term over "
@@ -725,8 +888,10 @@ def _random_effects_section(fit: Fit, figures: Mapping[str, bytes]) -> str:
 
 def _diagnostics_section(inputs: ReportInputs, figures: Mapping[str, bytes]) -> str:
     """The residual plots of the selected model and, when candidates have a covariance structure, the residual
-    correlation diagnostic (section 7)."""
+    correlation diagnostic (section 7). A binomial or Poisson model gets the checks of its family instead."""
     fit = inputs.selected
+    if fit.family != "gaussian":
+        return _glmm_diagnostics(fit, figures)
     if fit.covariance is not None and not fit.random_effects:
         which = "Residuals (observed − fitted fixed effects: the model has no random effects)"
     else:
@@ -748,6 +913,40 @@ def _diagnostics_section(inputs: ReportInputs, figures: Mapping[str, bytes]) -> 
     if fit.covariance is not None or any(f.covariance is not None for f in inputs.fits):
         parts.append(_residual_correlation_block(inputs, figures))
     return "\n".join(parts)
+
+
+def _glmm_diagnostics(fit: Fit, figures: Mapping[str, bytes]) -> str:
+    """Binned residuals and randomized quantile residuals of a binomial or Poisson fit, with how to read them."""
+    binomial = fit.family == "binomial"
+    what = "probability" if binomial else "mean count"
+    variance = "μ̂(1 − μ̂)" if binomial else "μ̂"
+    intro = (f"<p>Residual checks for the {'0/1' if binomial else 'count'} outcome of the ML fit of "
+             f"{esc(fit.name)}. The residuals y − μ̂ of a {'binary outcome fall on two curves' if binomial else 'count have a spread that grows with its mean'}"
+             ", so the plots of a linear mixed model (residuals against fitted values, a normal QQ plot of "
+             "residual / σ̂) do not apply; these two do. μ̂ is the fitted "
+             f"{what}, conditional on each subject's predicted random effects.</p>")
+    binned = _figure(figures, "binned_residuals",
+                     f"Binned residuals (Gelman & Hill 2007, §5.6): the rows sorted by fitted {what} μ̂ and cut into "
+                     "about √n bins of equal size (arm's binnedplot); each point is a bin's mean residual y − μ̂ "
+                     f"against its mean μ̂. The grey band is ±2 SE of that mean if the model is right, SE = √(mean "
+                     f"{variance} / n), so about 95% of the bins fall inside it. A run of bins on one side, or a "
+                     f"curve, means the fitted {what} is off in that range of μ̂: a missing term, or a covariate "
+                     "entered with the wrong shape.")
+    quantile = _figure(figures, "quantile_residuals",
+                       "Randomized quantile residuals (Dunn & Smyth 1996): each observation's place in its fitted "
+                       "distribution, u drawn uniformly between F(y − 1; μ̂) and F(y; μ̂), turned into Φ⁻¹(u). If the "
+                       "model is right they are N(0, 1) whatever μ̂: points on the line y = x in the QQ plot, and a "
+                       "band centred on 0 between about ±1.96 against μ̂. These are conditional on the predicted "
+                       "random effects (F uses μ̂ given each subject's modes), computed exactly: what DHARMa "
+                       "approximates by simulation with re.form = NULL, not DHARMa's default unconditional "
+                       "simulation of new random effects. Since the random effects were fitted to these data, they "
+                       "spread a little less than N(0, 1). The uniform draws are seeded (seed 0): the same fit "
+                       "draws the same points. "
+                       + ("One binary outcome says little on its own: these show gross misfit, the binned residuals "
+                          "show where." if binomial else
+                          "A QQ plot steeper than the line, with both tails beyond it, means the counts vary more "
+                          "than Poisson: see the Pearson χ²/df in section 5."))
+    return intro + binned + quantile
 
 
 def _residual_correlation_block(inputs: ReportInputs, figures: Mapping[str, bytes]) -> str:
@@ -782,6 +981,60 @@ def _residual_correlation_block(inputs: ReportInputs, figures: Mapping[str, byte
     return "<h3>Residual correlation within subjects</h3>" + what + _figure(figures, "residual_correlation", caption)
 
 
+def _group_phrase(inputs: ReportInputs) -> str:
+    """", per arm" when the figures over time are split by a group column (the one the figures choose), else
+    ", over all subjects"."""
+    roles = inputs.config.data
+    group = choose_group_column(inputs.validated.visits, inputs.selected.formula,
+                                exclude=(*roles.subject_columns, roles.subject_key, roles.time, roles.outcome))
+    return f", per level of {esc(group)}" if group is not None else ", over all subjects"
+
+
+def _glmm_time_phrase(inputs: ReportInputs) -> str:
+    """"each time" or "each time bin" (many distinct times are binned by quantiles, as the figures do)."""
+    roles = inputs.config.data
+    visits = inputs.validated.visits
+    times = pd.to_numeric(visits[roles.time], errors="coerce") if roles.time in visits else pd.Series(dtype=float)
+    return "each time bin (quantile bins of time)" if times.nunique() > MAX_DISTINCT_X else "each time"
+
+
+def _glmm_trajectories(inputs: ReportInputs, figures: Mapping[str, bytes]) -> str:
+    family, outcome = inputs.selected.family, inputs.config.data.outcome
+    if family == "binomial":
+        caption = (f"Observed proportion with {outcome} = 1 at {_glmm_time_phrase(inputs)}{_group_phrase(inputs)}, "
+                   "with 95% Wilson intervals (all subjects seen then). A 0/1 outcome is not drawn subject by "
+                   "subject: the lines would only jump between 0 and 1.")
+    else:
+        caption = (f"Observed mean {outcome} at {_glmm_time_phrase(inputs)}{_group_phrase(inputs)}, with ±1.96 SE "
+                   "from the sample SD (all subjects seen then), so an interval is as wide as the counts' own spread.")
+    return _figure(figures, "trajectories", caption)
+
+
+def _glmm_observed_fitted(inputs: ReportInputs, figures: Mapping[str, bytes]) -> str:
+    """The observed proportion (or mean count) over time against the mean fitted one, then sampled subjects."""
+    fit = inputs.selected
+    binomial = fit.family == "binomial"
+    outcome = inputs.config.data.outcome
+    shown = outcome_scale_label(fit.family, outcome)
+    interval = "95% Wilson intervals" if binomial else "±1.96 SE from the sample SD"
+    what = "probability" if binomial else "count"
+    over_time = _figure(
+        figures, "observed_vs_fitted_over_time",
+        f"Observed {shown} at {_glmm_time_phrase(inputs)}{_group_phrase(inputs)} (points, with {interval}) "
+        f"against the model's mean fitted {what} (lines): the average, over the rows at that time, of each "
+        f"subject's fitted {what} μ̂ (fixed effects plus the subject's predicted random effects), so it describes "
+        "the same rows as the points. Lines through the intervals mean the model follows the time course of each "
+        "group; a line that misses them points to a time trend the model lacks. (The fitted "
+        f"{what} at average random effects, exp or expit of the fixed part alone, would be "
+        + ("further from ½ than these: averaging over subjects pulls probabilities towards the middle.)"
+           if binomial else "lower than these: averaging exp over subjects raises the mean.)"))
+    panels = _figure(figures, "observed_vs_fitted",
+                     f"Observed {'0/1 outcomes' if binomial else 'counts'} (points) and each subject's fitted "
+                     f"{what} (lines: fixed effects plus the subject's predicted random effects) for a random "
+                     "sample of subjects.")
+    return over_time + panels
+
+
 def _reproducibility_section(inputs: ReportInputs) -> str:
     parts = [_dl([
         ("Study", esc(inputs.study)),
@@ -804,8 +1057,8 @@ def _reproducibility_section(inputs: ReportInputs) -> str:
     if not (stages or fit_times or others):
         parts.append('<p class="note">No timings were recorded.</p>')
     parts.append("<h3>Optimizer diagnostics</h3>")
-    parts.append(f'<p class="note">{esc(_optimizer_note([*inputs.fits, inputs.selected]))}</p>')
-    parts.append(_optimizer_table([*inputs.fits, inputs.selected]))
+    parts.append(f'<p class="note">{esc(_optimizer_note(_with_selected(inputs.fits, inputs.selected)))}</p>')
+    parts.append(_optimizer_table(_with_selected(inputs.fits, inputs.selected)))
     parts.append("<h3>Package versions</h3>")
     parts.append(_table(["Package", "Version"], [[_txt(k), _code(v)] for k, v in sorted(inputs.versions.items())]))
     parts.append("<h3>Study config</h3>")
@@ -922,16 +1175,18 @@ footer { margin-top: 3em; color: var(--muted); font-size: 0.85em; border-top: 1p
 def render_report(inputs: ReportInputs, figures: Mapping[str, bytes]) -> str:
     """The whole report as one self-contained HTML string.
 
-    ``figures`` maps the stems of :data:`longitudinal.reporting.figures.FIGURE_KEYS` to PNG bytes; a missing
-    key gives a note in place of that figure. Nothing is loaded from the network: styles are inline
-    and images are ``data:`` URIs.
+    ``figures`` maps the stems of :data:`longitudinal.reporting.figures.FIGURE_KEYS` (for a binomial or Poisson
+    study, :data:`~longitudinal.reporting.figures.GLMM_FIGURE_KEYS`) to PNG bytes; a missing key gives a note
+    in place of that figure. Nothing is loaded from the network: styles are inline and images are ``data:``
+    URIs.
     """
     fit = inputs.selected
     per_subject = visits_per_subject(inputs.validated.visits, inputs.config.data.subject_key)
+    glmm = fit.family != "gaussian"
     builders: dict[str, Callable[[], str]] = {
         "data": lambda: _data_section(inputs, per_subject),
         "validation": lambda: _validation_section(inputs),
-        "trajectories": lambda: _figure(
+        "trajectories": lambda: _glmm_trajectories(inputs, figures) if glmm else _figure(
             figures, "trajectories",
             "Observed outcome over time: thin lines are a sample of subjects, bold lines the mean over all "
             "subjects at each time with a ±1.96 SE band."),
@@ -939,7 +1194,7 @@ def render_report(inputs: ReportInputs, figures: Mapping[str, bytes]) -> str:
         "selected": lambda: _selected_section(inputs, figures),
         "random-effects": lambda: _random_effects_section(fit, figures),
         "diagnostics": lambda: _diagnostics_section(inputs, figures),
-        "observed-fitted": lambda: _figure(
+        "observed-fitted": lambda: _glmm_observed_fitted(inputs, figures) if glmm else _figure(
             figures, "observed_vs_fitted",
             "Observed values (points) and fitted trajectories (lines, "
             + ("fixed effects alone: the model has no random effects"
@@ -948,8 +1203,13 @@ def render_report(inputs: ReportInputs, figures: Mapping[str, bytes]) -> str:
             + ") for a random sample of subjects."),
         "reproducibility": lambda: _reproducibility_section(inputs),
     }
-    toc = "".join(f'<li><a href="#{anchor}">{esc(title)}</a></li>' for anchor, title in SECTIONS)
-    body = "\n".join(_section(anchor, title, builders[anchor]()) for anchor, title in SECTIONS)
+    sections = section_titles(fit)
+    toc = "".join(f'<li><a href="#{anchor}">{esc(title)}</a></li>' for anchor, title in sections)
+    body = "\n".join(_section(anchor, title, builders[anchor]()) for anchor, title in sections)
+    footer = ("Estimates are from the maximum-likelihood fit of the selected model (a generalized linear mixed "
+              "model has no REML); the model comparison uses the ML fits on identical rows." if glmm else
+              "Estimates are from the REML refit of the selected model; the model\ncomparison uses ML fits on "
+              "identical rows.")
     title = f"{inputs.study}: longitudinal mixed-model report"
     return f"""<!DOCTYPE html>
 <html lang="en">
@@ -971,8 +1231,7 @@ def render_report(inputs: ReportInputs, figures: Mapping[str, bytes]) -> str:
 <ol><li><a href="#summary">Summary</a></li>{toc}</ol></nav>
 {_summary(inputs, per_subject)}
 {body}
-<footer>Generated by longitudinal. Estimates are from the REML refit of the selected model; the model
-comparison uses ML fits on identical rows.</footer>
+<footer>Generated by longitudinal. {footer}</footer>
 </main>
 </body>
 </html>

@@ -57,8 +57,9 @@ from longitudinal.records import (
     SourceFile,
     Validated,
 )
-from longitudinal.reporting.figures import build_figures, figure_to_png
-from longitudinal.reporting.html import render_report
+from longitudinal.inference.residuals import ratio_effects
+from longitudinal.reporting.figures import LINKS, build_figures, figure_to_png
+from longitudinal.reporting.html import dispersion_of, overdispersion_advice, render_report
 
 STAGING_PREFIX = ".staging-"
 LATEST_PREFIX = ".latest-"
@@ -287,15 +288,33 @@ def write_model_comparison(selection: Selection, folder: Path) -> Path:
 
 
 def selected_model_summary(fit: Fit, criterion: str) -> dict[str, Any]:
-    """The contract of ``selected_model.json``: the REML refit of the selected candidate."""
+    """The contract of ``selected_model.json``: the REML refit of the selected candidate, or the ML fit of a
+    binomial or Poisson one (a GLMM has no REML).
+
+    ``family`` and ``link`` name the model ("gaussian", "identity"; "binomial", "logit"; "poisson", "log");
+    ``nagq`` is glmer's nAGQ for a GLMM (1: Laplace) and null otherwise. A GLMM's fixed effects are on the link
+    scale and each carries ``odds_ratio`` (binomial) or ``rate_ratio`` (Poisson): ``estimate``, ``ci_low``,
+    ``ci_high``, exp of the estimate and its Wald interval. ``overdispersion`` is the Pearson check of a
+    Poisson fit (``pearson_chi2``, ``df``, ``ratio``, ``p_value``, ``overdispersed``, ``note``), null otherwise.
+    """
+    glmm = fit.family != "gaussian"
+    fixed = [asdict(fe) for fe in fit.fixed_effects]
+    if glmm:
+        key = "odds_ratio" if fit.family == "binomial" else "rate_ratio"
+        fixed = [entry | {key: {"estimate": exp.estimate, "ci_low": exp.ci_low, "ci_high": exp.ci_high}}
+                 for entry, exp in zip(fixed, ratio_effects(fit), strict=True)]
+    dispersion = dispersion_of(fit)
     return {
         "model": fit.name,
         "formula": fit.formula,
         "criterion": criterion,
         "method": fit.method,
+        "family": fit.family,
+        "link": LINKS.get(fit.family),
+        "nagq": fit.nagq if glmm else None,
         "n_obs": fit.n_obs,
         "n_subjects": fit.n_subjects,
-        "fixed_effects": [asdict(fe) for fe in fit.fixed_effects],
+        "fixed_effects": fixed,
         "dropped_terms": list(fit.dropped_terms),
         "random_effects": [asdict(vc) for vc in fit.random_effects],
         "correlations": [asdict(c) for c in fit.correlations],
@@ -306,6 +325,9 @@ def selected_model_summary(fit: Fit, criterion: str) -> dict[str, Any]:
         "converged": fit.converged,
         "engine": fit.engine,
         "covariance": covariance_summary(fit.covariance) if fit.covariance is not None else None,
+        "overdispersion": None if dispersion is None else asdict(dispersion) | {
+            "overdispersed": dispersion.overdispersed,
+            "note": overdispersion_advice(dispersion) if dispersion.overdispersed else None},
     }
 
 
