@@ -234,7 +234,8 @@ def binned_residuals(fitted: np.ndarray, residuals: np.ndarray, family: str, n_b
     near 0 wherever the model's probabilities are right. Each bin's band is ±2 SE of that mean under the
     model, SE = √(Σ V(μ̂)) / n = √(mean V(μ̂) / n), V(μ) = μ(1 − μ) for binomial (Gelman & Hill's
     √(p(1 − p)/n)) and μ for Poisson; about 95% of the bins should fall inside it. μ̂ is as the fit records
-    it (conditional on the predicted random effects). Bins: :func:`binned_residual_bins` bins of about equal
+    it (conditional on the predicted random effects); with few rows per subject the shrunken modes tilt the
+    means even for a correct model (negative at low μ̂, positive at high), which the report says. Bins: :func:`binned_residual_bins` bins of about equal
     counts in the order of μ̂, as ``arm::binned.resids``; tied values of μ̂ share a bin. Rows with a missing μ̂ or residual are left out. Columns ``fitted`` (mean μ̂ of the
     bin), ``residual`` (mean residual), ``se``, ``n`` and ``outside`` (|residual| > 2 SE), by ``fitted``.
     """
@@ -266,10 +267,11 @@ def randomized_quantile_residuals(y: np.ndarray, fitted: np.ndarray, family: str
     function, and the residual is Φ⁻¹(u): exactly N(0, 1) when y follows F, whatever μ̂, so one QQ plot
     judges every row. Here μ̂ is the fit's conditional mean (given the predicted random effects), so these
     check the outcome's distribution given the subject: what DHARMa's ``simulateResiduals`` approximates by
-    simulation with ``re.form = NULL``, computed from F exactly; not DHARMa's default, which simulates new
-    random effects (unconditional). The fitted modes pull μ̂ towards each subject's own data, so these spread
-    a little less than N(0, 1). u comes from ``numpy.random.default_rng(seed)``, one
-    draw per row (rows as given), so a report redraws the same points. Above the median, Φ⁻¹ is taken of the
+    simulation conditional on the fitted random effects (its default since 0.5.0; lme4's ``re.form = NULL``),
+    computed from F exactly, not the unconditional residuals that re-simulate the random effects
+    (``simulateREs = "unconditional"``, lme4's ``simulate`` default). The fitted modes pull μ̂ towards each
+    subject's own data, so these spread a little less than N(0, 1). u comes from
+    ``numpy.random.default_rng(seed)``, one draw per row (rows as given), so a report redraws the same points. Above the median, Φ⁻¹ is taken of the
     upper tail 1 − u, computed from the survival function, so an extreme count keeps its size instead of
     rounding to ∞. A missing y or μ̂, or a y the family cannot produce (not 0/1, not a whole count), gives NaN.
     """

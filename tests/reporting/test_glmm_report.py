@@ -233,7 +233,8 @@ def test_the_diagnostics_and_observed_fitted_sections_suit_a_binary_outcome(bina
     assert 'id="fig-binned_residuals"' in diagnostics and 'id="fig-quantile_residuals"' in diagnostics
     assert "SE = √(mean μ̂(1 − μ̂) / n)" in diagnostics
     assert "conditional on the predicted random effects" in diagnostics
-    assert "not DHARMa&#x27;s default unconditional simulation" in diagnostics
+    assert "they are not the unconditional residuals that draw new random effects" in diagnostics
+    assert "expect a tilt even from a correct model" in diagnostics
     assert "standardized residuals" not in diagnostics and "fig-qq" not in diagnostics
     observed = section_of(binary_page, "observed-fitted", "reproducibility")
     assert ("Observed proportion with relapse = 1 at each time, per level of arm (points, with 95% Wilson "
