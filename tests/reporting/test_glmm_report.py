@@ -320,3 +320,17 @@ def test_a_binary_run_folder_holds_every_figure_and_the_report(tmp_path: Path, b
     assert written["fixed_effects"][1]["odds_ratio"]["estimate"] == pytest.approx(math.exp(0.16))
     assert written["residual_sd"] is None
     assert set(FIGURE_KEYS) - set(GLMM_FIGURE_KEYS) == {"residuals_vs_fitted", "qq", "residuals_over_time"}
+
+
+def test_a_failed_glmm_fit_gives_notes_not_errors(binary: ReportInputs) -> None:
+    from longitudinal.records import failed_fit
+
+    failed = replace(failed_fit("interaction", BINARY, "ML", "lme4-style", "PIRLS did not converge", n_obs=720,
+                                n_subjects=120, n_params=5), family="binomial")
+    figures = build(replace(binary, selected=failed))
+    assert tuple(figures) == GLMM_FIGURE_KEYS
+    assert "has no fitted values" in figures["binned_residuals"].axes[0].texts[0].get_text()
+    assert figures["trajectories"].axes[0].get_ylabel() == "Proportion with relapse = 1"  # from the data
+    page = render_report(replace(binary, selected=failed), {})
+    assert "The selected fit did not pass lme4's convergence checks: PIRLS did not converge" in page
+    assert selected_model_summary(failed, "bic")["fixed_effects"] == []
