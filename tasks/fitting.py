@@ -76,7 +76,7 @@ def fit(
     nagq: int,
 ) -> Fit:
     result = fit_candidate(visits, name, formula, method=method, engine=engine, family=family, nagq=nagq)
-    how = method if family == "gaussian" else f"{method}, {describe_family(family, nagq)}"
+    how = method if family == "gaussian" else f"{method}, {family}"  # the optimizer's text names the approximation
     logger = get_run_logger()
     if result.usable:
         logger.info(
