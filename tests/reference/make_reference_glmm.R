@@ -28,7 +28,9 @@
 #   - `df` = attr(logLik(fit), "df") = fixed effects + theta (no residual variance); BIC uses n = rows.
 #   - `std_error` is sqrt(diag(vcov(fit))): glmer's default, from the finite-difference Hessian of the
 #     deviance over (theta, beta); `std_error_rx` is the one from the Laplace approximation's RX factor
-#     (vcov(fit, use.hessian = FALSE)), for comparison.
+#     (vcov(fit, use.hessian = FALSE)), for comparison, and `std_error_central` the one from a central-difference
+#     Hessian of the same deviance at step 1e-3 (non-singular fits; a check of glmer's, see
+#     central_difference_se()).
 #   - Random effects list lme4's `grp` (as.data.frame(VarCorr(fit)): "id.1" for the second bar of
 #     (t || id), "period:herd" for the nested factor of (1 | herd/period)) and `factors`, the data columns
 #     the grouping factor combines, sorted (the Python side writes herd:period).
@@ -305,6 +307,29 @@ one_scalar_effect <- function(fit) {
   length(cnms) == 1 && identical(cnms[[1]], "(Intercept)")
 }
 
+# The fixed effects' SEs from a central-difference Hessian of glmer's deviance at tolPwrss = 1e-12 over
+# (theta, beta), at the reference estimates with an absolute step of 1e-3 (glmer's own derivatives use 1e-4):
+# a check that glmer's finite-difference SEs do not depend on its step. (numDeriv's Richardson extrapolation
+# was tried first: on grouseticks' brood_location_index its smallest steps meet the deviance's rounding and
+# it gives SEs up to 4% off, where steps 1e-3 and 3e-4 both reproduce glmer's to 3e-5.) NULL for a singular
+# fit (theta on its boundary, where the deviance is not smooth).
+central_difference_se <- function(fit, cand, frame, family, step = 1e-3) {
+  if (isSingular(fit)) return(NULL)
+  devfun <- glmer(as.formula(cand$formula), data = frame, family = family_of(family), nAGQ = cand$nagq,
+                  control = tight, devFunOnly = TRUE)
+  theta <- unname(getME(fit, "theta"))
+  at <- c(theta, unname(fixef(fit)))
+  n <- length(at)
+  hessian <- matrix(0, n, n)
+  for (i in 1:n) for (j in i:n) {
+    ei <- replace(numeric(n), i, step)
+    ej <- replace(numeric(n), j, step)
+    hessian[i, j] <- hessian[j, i] <- (devfun(at + ei + ej) - devfun(at + ei - ej) - devfun(at - ei + ej) +
+                                         devfun(at - ei - ej)) / (4 * step^2)
+  }
+  setNames(sqrt(diag(solve(hessian / 2)))[-seq_along(theta)], names(fixef(fit)))
+}
+
 fit_record <- function(cand, frame, spec) {
   best <- fit_best(cand$formula, frame, spec$family, cand$nagq)
   fit <- best$fit
@@ -316,6 +341,7 @@ fit_record <- function(cand, frame, spec) {
   se <- sqrt(diag(hessian$value))
   # vcov warns that the two differ (by more than 1e-4): that is what `std_error_rx` is kept for
   se_rx <- sqrt(diag(as.matrix(suppressWarnings(vcov(fit, use.hessian = FALSE)))))
+  se_central <- central_difference_se(fit, cand, frame, spec$family)
   vc <- as.data.frame(VarCorr(fit))
   factor_of <- row_factors(fit)
   is_sd <- is.na(vc$var2)
@@ -336,7 +362,8 @@ fit_record <- function(cand, frame, spec) {
     nobs = nobs(fit),
     ngrps = as.list(ngrps(fit)),
     fixed_effects = lapply(setNames(seq_along(beta), names(beta)), function(i) list(
-      estimate = unname(beta[[i]]), std_error = unname(se[[i]]), std_error_rx = unname(se_rx[[i]]))),
+      estimate = unname(beta[[i]]), std_error = unname(se[[i]]), std_error_rx = unname(se_rx[[i]]),
+      std_error_central = if (is.null(se_central)) NULL else unname(se_central[[i]]))),
     vcov = unname(hessian$value),
     vcov_messages = as.list(hessian$messages),
     random_effects = lapply(which(is_sd), function(i) list(
