@@ -1,0 +1,163 @@
+"""Bounded BOBYQA for glmer's two stages, lme4's finite-difference derivatives, and its convergence check.
+
+glmer optimizes twice (``lme4::glmer``, ``optimizeGlmer``): stage 1 over θ with β and u from PIRLS (nAGQ = 0),
+stage 2 over (θ, β) with u from PIRLS, started at stage 1's answer. Both stages here use nlopt's BOBYQA
+(lme4 1.1's default is bobyqa, then Nelder–Mead for stage 2; BOBYQA reaches the same optimum in fewer
+evaluations). Stage 2 runs in coordinates scaled by per-parameter initial steps (θ by a fixed fraction, β by
+its standard error from stage 1), which is what lme4's ``optwrap`` does for Nelder–Mead (``xst``).
+
+After stage 2, as ``optwrap(calc.derivs = TRUE)``: the gradient and Hessian of the deviance over (θ, β) by
+lme4's ``deriv12`` (central differences, step 1e-4, four evaluations per mixed pair). They serve lme4's
+``checkConv`` (``check_convergence``), vcov(β) (lme4's ``use.hessian = TRUE``) and, here, a Newton step from
+BOBYQA's answer when the scaled gradient is not yet below the tolerance.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from longitudinal.fit.theta import SINGULAR_TOL, ThetaLayout, singular_bars
+
+#: What BOBYQA sees where the deviance cannot be computed; finite so its quadratic model stays usable.
+UNDEFINED_DEVIANCE = 1e12
+MAX_EVALUATIONS = 100_000
+#: lme4's ``deriv12`` step and ``checkConv`` tolerances (``.makeCC``: gradient 0.002, Hessian 1e-6).
+DERIVATIVE_STEP = 1e-4
+GRADIENT_TOL = 2e-3
+HESSIAN_TOL = 1e-6
+
+
+@dataclass(frozen=True, eq=False)
+class Minimum:
+    """Where BOBYQA stopped: the point, its deviance, the evaluations used and a status note ("" if ok)."""
+
+    x: np.ndarray
+    value: float
+    evaluations: int
+    status: str
+
+
+def run_bobyqa(
+    deviance: Callable[[np.ndarray], float], start: np.ndarray, lower: np.ndarray, steps: np.ndarray, *,
+    xtol: np.ndarray, ftol: float,
+) -> Minimum:
+    """Minimize ``deviance`` from ``start`` above ``lower`` with nlopt's BOBYQA and initial ``steps``.
+
+    The best point seen is kept, so that an nlopt exception (round-off limited) still yields it; a
+    non-finite deviance is shown to BOBYQA as a large finite value.
+    """
+    import nlopt
+
+    best = {"value": math.inf, "x": start.copy()}
+    count = [0]
+
+    def objective(x: np.ndarray, _grad: np.ndarray) -> float:
+        count[0] += 1
+        value = deviance(x)
+        if not math.isfinite(value):
+            return UNDEFINED_DEVIANCE
+        if value < best["value"]:  # type: ignore[operator]
+            best["value"], best["x"] = value, x.copy()
+        return value
+
+    opt = nlopt.opt(nlopt.LN_BOBYQA, start.shape[0])
+    opt.set_lower_bounds(lower)
+    opt.set_min_objective(objective)
+    opt.set_initial_step(steps)
+    opt.set_xtol_abs(xtol)
+    opt.set_ftol_abs(ftol)
+    opt.set_maxeval(MAX_EVALUATIONS)
+    status = ""
+    try:
+        opt.optimize(np.maximum(start, lower))
+        if opt.last_optimize_result() == nlopt.MAXEVAL_REACHED:
+            status = f"BOBYQA stopped at the evaluation limit ({MAX_EVALUATIONS})"
+    except nlopt.RoundoffLimited:
+        status = "BOBYQA stopped: round-off limited"
+    except (RuntimeError, ValueError) as exc:
+        status = f"BOBYQA failed: {exc}"
+    return Minimum(np.asarray(best["x"], dtype=float), float(best["value"]), count[0], status)  # type: ignore[arg-type]
+
+
+def derivatives(deviance: Callable[[np.ndarray], float], x: np.ndarray, value: float) -> tuple[np.ndarray, np.ndarray]:
+    """lme4's ``deriv12``: central-difference gradient and Hessian with step 1e-4, bounds ignored."""
+    k = x.shape[0]
+    h = DERIVATIVE_STEP
+    gradient = np.empty(k)
+    hessian = np.empty((k, k))
+
+    def at(*moves: tuple[int, float]) -> float:
+        point = x.copy()
+        for index, step in moves:
+            point[index] += step
+        return deviance(point)
+
+    for j in range(k):
+        up, down = at((j, h)), at((j, -h))
+        gradient[j] = (up - down) / (2 * h)
+        hessian[j, j] = (up - 2 * value + down) / (h * h)
+        for i in range(j):
+            hessian[i, j] = hessian[j, i] = (
+                at((i, h), (j, h)) - at((i, h), (j, -h)) - at((i, -h), (j, h)) + at((i, -h), (j, -h))
+            ) / (4 * h * h)
+    return gradient, hessian
+
+
+@dataclass(frozen=True)
+class Convergence:
+    """lme4's ``checkConv`` verdict for glmer over (θ, β)."""
+
+    converged: bool
+    singular: bool
+    gradient_max: float
+    notes: tuple[str, ...]
+
+
+def scaled_gradient_max(gradient: np.ndarray, hessian: np.ndarray) -> float:
+    """lme4's scaled gradient: the largest over the parameters of min(|R⁻¹g|, |g|), H = RᵀR its Cholesky
+    factorization; NaN where H is not positive definite or not finite."""
+    if not (np.all(np.isfinite(gradient)) and np.all(np.isfinite(hessian))):
+        return math.nan
+    try:
+        scaled = np.linalg.solve(np.linalg.cholesky(hessian).T, gradient)
+    except np.linalg.LinAlgError:
+        return math.nan
+    return float(np.max(np.minimum(np.abs(scaled), np.abs(gradient))))
+
+
+def check_convergence(layout: ThetaLayout, x: np.ndarray, gradient: np.ndarray, hessian: np.ndarray) -> Convergence:
+    """lme4's ``checkConv`` as glmer calls it (every parameter is in the check, θ first, then β).
+
+    A singular fit (lme4's ``isSingular``: a diagonal θ below 1e-4; here also a correlation beyond ±0.999)
+    returns at once: lme4 gives its singular-fit message and skips the gradient and Hessian checks. Else the
+    scaled gradient must be below 0.002 and the Hessian must have no negative (below −1e-6) or zero
+    eigenvalue. ``gradient_max`` is the scaled gradient (over the parameters off the boundary when singular).
+    """
+    theta = x[:layout.size]
+    singular = bool(singular_bars(layout, theta))
+    free = np.ones(x.shape[0], dtype=bool)
+    free[:layout.size] = ~(layout.diagonal & (theta < SINGULAR_TOL)) & ~np.isin(layout.bars, singular_bars(layout, theta))
+    g, H = gradient[free], hessian[np.ix_(free, free)]
+    gradient_max = scaled_gradient_max(g, H) if free.any() else 0.0
+    if singular:
+        return Convergence(True, True, gradient_max, ())
+    notes: list[str] = []
+    if math.isnan(gradient_max):
+        if not (np.all(np.isfinite(g)) and np.all(np.isfinite(H))):
+            return Convergence(False, False, math.nan, ("the gradient of the deviance at the optimum is not finite",))
+        notes.append("unable to evaluate the scaled gradient (Hessian not positive definite)")
+        gradient_max = float(np.max(np.abs(g)))
+    elif gradient_max > GRADIENT_TOL:
+        notes.append(f"failed to converge with max|grad| = {gradient_max:.3g} (tol = {GRADIENT_TOL:g})")
+    eigenvalues = np.linalg.eigvalsh(hessian)
+    negative = int(np.sum(eigenvalues < -HESSIAN_TOL))
+    if negative:
+        notes.append(f"failed to converge: degenerate Hessian with {negative} negative "
+                     f"eigenvalue{'s' if negative > 1 else ''}")
+    elif np.any(np.abs(eigenvalues) < HESSIAN_TOL):
+        notes.append("Hessian is numerically singular: parameters are not uniquely determined")
+    return Convergence(not notes, False, gradient_max, tuple(notes))
