@@ -84,7 +84,7 @@ def fit_glmm(design: Design, *, family: str, nagq: int) -> EngineResult:
         beta = start_beta(standardized.X, design.y, np.ones(design.n_obs), mean, names, fixed_map)
         problem = SparseLaplace(standardized, layout, mean, beta)
     result = fit_standardized(problem, layout, nagq=nagq, ranef_map=standardization.ranef_map, y=design.y,
-                              mean=mean)
+                              family=mean)
     return restore_units(result, design, standardization)
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,18 +68,13 @@ def start_beta(X: np.ndarray, y: np.ndarray, weights: np.ndarray, family: Family
 
 
 def fit_standardized(problem: LaplaceProblem, layout: ThetaLayout, *, nagq: int, ranef_map: np.ndarray,
-                     y: np.ndarray, mean: Family) -> EngineResult:
+                     y: np.ndarray, family: Family) -> EngineResult:
     """Stages 1 and 2, the checks and the estimates (module docstring) on ``problem``'s deviance."""
-    attempts: list[OptimizerAttempt] = []
-    lower_theta = np.asarray(layout.lower)
     began = time.perf_counter()
-    stage1 = run_bobyqa(problem.joint_deviance, layout.start(), lower_theta, np.full(layout.size, 0.2),
+    stage1 = run_bobyqa(problem.joint_deviance, layout.start(), np.asarray(layout.lower), np.full(layout.size, 0.2),
                         xtol=np.full(layout.size, 1e-5), ftol=1e-6)
-    attempts.append(OptimizerAttempt(
-        optimizer="bobyqa (stage 1: θ, nAGQ = 0)", loglik=-0.5 * stage1.value if math.isfinite(stage1.value) else math.nan,
-        converged=stage1.status == "" and math.isfinite(stage1.value), iterations=stage1.evaluations,
-        seconds=time.perf_counter() - began, message=stage1.status,
-    ))
+    attempts = [_attempt("bobyqa (stage 1: θ, nAGQ = 0)", stage1.value, stage1.status == "", stage1.evaluations,
+                         began, stage1.status)]
     if not math.isfinite(stage1.value):
         raise FitFailure("PIRLS failed at every θ tried in glmer's first stage (nAGQ = 0); check the outcome "
                          "and the formula", tuple(attempts))
@@ -86,84 +82,102 @@ def fit_standardized(problem: LaplaceProblem, layout: ThetaLayout, *, nagq: int,
     start = np.concatenate([stage1.x, problem.joint_beta])
 
     began = time.perf_counter()
-    stage2_name = f"bobyqa (stage 2: θ and β, {'Laplace' if nagq == 1 else f'nAGQ = {nagq}'})"
     optimum, status = _stage2(problem, layout, start)
-    attempts.append(OptimizerAttempt(
-        optimizer=stage2_name, loglik=-0.5 * optimum.deviance if math.isfinite(optimum.deviance) else math.nan,
-        converged=optimum.check.converged and status == "", iterations=optimum.evaluations,
-        seconds=time.perf_counter() - began, message="; ".join(filter(None, (status, *optimum.check.notes))),
+    attempts.append(_attempt(
+        f"bobyqa (stage 2: θ and β, {'Laplace' if nagq == 1 else f'nAGQ = {nagq}'})", optimum.deviance,
+        optimum.check.converged and status == "", optimum.evaluations, began,
+        "; ".join(filter(None, (status, *optimum.check.notes))),
     ))
     if not math.isfinite(optimum.deviance):
         raise FitFailure("PIRLS failed at every (θ, β) tried in glmer's second stage; check the outcome and "
                          "the formula", tuple(attempts))
-    return _assemble(problem, layout, optimum, status, tuple(attempts), ranef_map=ranef_map, y=y, mean=mean)
+    return _assemble(problem, layout, optimum, status, tuple(attempts), ranef_map=ranef_map, y=y, family=family)
+
+
+def _attempt(name: str, deviance: float, converged: bool, evaluations: int, began: float,
+             message: str) -> OptimizerAttempt:
+    finite = math.isfinite(deviance)
+    return OptimizerAttempt(optimizer=name, loglik=-0.5 * deviance if finite else math.nan,
+                            converged=converged and finite, iterations=evaluations,
+                            seconds=time.perf_counter() - began, message=message)
+
+
+class _Counted:
+    """A deviance function that counts its evaluations."""
+
+    def __init__(self, deviance: Callable[[np.ndarray], float]) -> None:
+        self.deviance = deviance
+        self.evaluations = 0
+
+    def __call__(self, x: np.ndarray) -> float:
+        self.evaluations += 1
+        return self.deviance(x)
 
 
 def _stage2(problem: LaplaceProblem, layout: ThetaLayout, start: np.ndarray) -> tuple[_Optimum, str]:
-    """BOBYQA over (θ, β) from ``start``, the boundary snap, derivatives and Newton polish."""
-    k_theta = layout.size
+    """BOBYQA over (θ, β) from ``start``, the boundary snap, derivatives and Newton polish.
+
+    BOBYQA works in coordinates scaled by its initial steps: 0.02 for θ, a fifth of β's RX-based standard
+    error at the start (as lme4's ``optwrap`` scales Nelder–Mead's for glmer's stage 2).
+    """
+    deviance = _Counted(problem.deviance)
     lower = np.concatenate([np.asarray(layout.lower), np.full(problem.n_fixed, -np.inf)])
     unscaled = problem.unscaled_vcov(start)
     se = np.sqrt(np.clip(np.diagonal(unscaled), 1e-12, None)) if unscaled is not None else np.full(problem.n_fixed, 0.1)
     se = np.minimum(se, 10.0)
-    steps = np.concatenate([np.full(k_theta, 0.02), 0.2 * se])
-    xtol = np.concatenate([np.full(k_theta, 1e-7), 1e-6 * se])
-    found = run_bobyqa(problem.deviance, start, lower, steps, xtol=xtol, ftol=1e-9)
-    evaluations = found.evaluations
+    steps = np.concatenate([np.full(layout.size, 0.02), 0.2 * se])
+    xtol = np.concatenate([np.full(layout.size, 1e-7), 1e-6 * se])
+    found = run_bobyqa(deviance, start, lower, steps, xtol=xtol, ftol=1e-9)
     x, value = found.x, found.value
     if not math.isfinite(value):
-        empty = np.full(x.shape[0], math.nan)
-        return _Optimum(x, value, empty, np.full((x.shape[0],) * 2, math.nan),
-                        Convergence(False, False, math.nan, ()), evaluations), found.status
-    x, value, used = _snap_to_boundary(problem, layout, x, value)
-    evaluations += used
+        missing = np.full(x.shape[0], math.nan)
+        return _Optimum(x, value, missing, np.full((x.shape[0],) * 2, math.nan),
+                        Convergence(False, False, math.nan, ()), deviance.evaluations), found.status
+    x, value = _snap_to_boundary(deviance, layout, x, value)
     for attempt in range(POLISH_STEPS + 1):
         with problem.fixed_start(x):
-            value = problem.deviance(x)
-            gradient, hessian = derivatives(problem.deviance, x, value)
-        evaluations += 1 + 2 * x.shape[0] ** 2 - x.shape[0]
+            value = deviance(x)
+            gradient, hessian = derivatives(deviance, x, value)
         check = check_convergence(layout, x, gradient, hessian)
         if check.converged or check.singular or attempt == POLISH_STEPS:
             break
-        moved = _newton_step(problem, layout, x, value, gradient, hessian)
+        moved = _newton_step(deviance, layout, x, value, gradient, hessian)
         if moved is None:
             break
-        x, value, used = moved
-        evaluations += used
-    return _Optimum(x, value, gradient, hessian, check, evaluations), found.status
+        x, value = moved
+    return _Optimum(x, value, gradient, hessian, check, deviance.evaluations), found.status
 
 
-def _snap_to_boundary(problem: LaplaceProblem, layout: ThetaLayout, x: np.ndarray,
-                      value: float) -> tuple[np.ndarray, float, int]:
+def _snap_to_boundary(deviance: Callable[[np.ndarray], float], layout: ThetaLayout, x: np.ndarray,
+                      value: float) -> tuple[np.ndarray, float]:
     """lme4's ``check.boundary``, wider (as the LMM engine's): a diagonal θ within ``BOUNDARY_POLISH`` of 0
     moves onto 0 where the deviance is lower there."""
-    used = 0
     near = np.flatnonzero(layout.diagonal & (x[:layout.size] > 0.0) & (x[:layout.size] < BOUNDARY_POLISH))
     for i in near:
         trial = x.copy()
         trial[i] = 0.0
-        trial_value = problem.deviance(trial)
-        used += 1
+        trial_value = deviance(trial)
         if trial_value < value:
             x, value = trial, trial_value
-    return x, value, used
+    return x, value
 
 
-def _newton_step(problem: LaplaceProblem, layout: ThetaLayout, x: np.ndarray, value: float, gradient: np.ndarray,
-                 hessian: np.ndarray) -> tuple[np.ndarray, float, int] | None:
+def _newton_step(deviance: Callable[[np.ndarray], float], layout: ThetaLayout, x: np.ndarray, value: float,
+                 gradient: np.ndarray, hessian: np.ndarray) -> tuple[np.ndarray, float] | None:
     """x − H⁻¹g, halved until the deviance falls (diagonal θ kept ≥ 0); None where H is not positive
     definite or no step helps."""
     try:
-        step = -np.linalg.solve(np.linalg.cholesky(hessian).T, np.linalg.solve(np.linalg.cholesky(hessian), gradient))
+        chol = np.linalg.cholesky(hessian)
     except np.linalg.LinAlgError:
         return None
-    diagonal = np.concatenate([layout.diagonal, np.zeros(problem.n_fixed, dtype=bool)])
-    for used in range(1, 11):
+    step = -np.linalg.solve(chol.T, np.linalg.solve(chol, gradient))
+    diagonal = np.concatenate([layout.diagonal, np.zeros(x.shape[0] - layout.size, dtype=bool)])
+    for _ in range(10):
         trial = x + step
         trial[diagonal] = np.maximum(trial[diagonal], 0.0)
-        trial_value = problem.deviance(trial)
+        trial_value = deviance(trial)
         if trial_value < value:
-            return trial, trial_value, used
+            return trial, trial_value
         step = step / 2.0
     return None
 
@@ -186,14 +200,14 @@ def _vcov(hessian: np.ndarray, k_theta: int, unscaled: np.ndarray | None) -> tup
 
 def _assemble(problem: LaplaceProblem, layout: ThetaLayout, optimum: _Optimum, status: str,
               attempts: tuple[OptimizerAttempt, ...], *, ranef_map: np.ndarray, y: np.ndarray,
-              mean: Family) -> EngineResult:
+              family: Family) -> EngineResult:
     """The engine's record at the optimum, in the standardized design's units (``fit_glmm`` restores them)."""
     x = optimum.params
     theta, beta = x[:layout.size], x[layout.size:]
     random = problem.random_part(x, ranef_map)
     vcov, vcov_note = _vcov(optimum.hessian, layout.size, random.unscaled_vcov)
     covariances, singular = block_covariances(layout, theta, 1.0)
-    fitted = mean.mean(random.eta)
+    fitted = family.mean(random.eta)
     messages = [m for m in (status, *optimum.check.notes, vcov_note) if m]
     return EngineResult(
         reml=False, theta=theta, deviance=optimum.deviance, beta=beta, vcov=vcov, sigma=1.0,
