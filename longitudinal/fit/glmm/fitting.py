@@ -8,8 +8,8 @@ factor, ``SparseLaplace`` for several):
 3. stage 2, (θ, β) by BOBYQA on the Laplace deviance (or the AGQ deviance for nAGQ > 1), from stage 1's
    θ and joint β; lme4's boundary snap (here within 1e-2, only where the deviance is lower);
 4. lme4's derivatives over (θ, β) at the optimum (``optimizer.derivatives``), its ``checkConv``, a Newton
-   step from the finite-difference Hessian while the scaled gradient fails the check (at most
-   ``POLISH_STEPS``), and vcov(β) = 2 (H⁻¹)_ββ (lme4's ``use.hessian = TRUE``), falling back to the RX-based
+   step from the finite-difference Hessian (with fresh derivatives while the scaled gradient fails the
+   check, at most ``POLISH_STEPS`` times), and vcov(β) = 2 (H⁻¹)_ββ (lme4's ``use.hessian = TRUE``), falling back to the RX-based
    (RXᵀRX)⁻¹ when that is not positive definite, with lme4's warning;
 5. the conditional modes b = Λu with their conditional SDs from the Laplace approximation
    (sqrt diag Λ M_g⁻¹ Λᵀ), and the fitted means μ̂ = g⁻¹(Xβ + Zb) and response residuals y − μ̂.
@@ -31,13 +31,18 @@ import numpy as np
 from longitudinal.fit.failure import FitFailure
 from longitudinal.fit.glmm.families import Family
 from longitudinal.fit.glmm.problem import LaplaceProblem
-from longitudinal.fit.glmm.optimizer import Convergence, check_convergence, derivatives, run_bobyqa
+from longitudinal.fit.glmm.optimizer import (
+    Convergence, check_convergence, derivatives, free_parameters, run_bobyqa,
+)
 from longitudinal.fit.glmm.separation import glm_start, separating_direction, separation_failure
 from longitudinal.fit.theta import ThetaLayout, block_covariances
 from longitudinal.records import EngineResult, OptimizerAttempt
 
-#: Newton steps from the finite-difference Hessian when BOBYQA's answer fails the gradient check.
+#: Newton steps from the finite-difference Hessian, with fresh derivatives, when BOBYQA's answer fails the
+#: gradient check (one step without fresh derivatives otherwise).
 POLISH_STEPS = 3
+#: A Newton step that would lower the deviance by less than this (gᵀH⁻¹g) is not taken.
+NEGLIGIBLE_DECREASE = 1e-10
 #: A diagonal θ this close to 0 is tried at 0 (kept if the deviance is lower; lme4 tries within 1e-5).
 BOUNDARY_POLISH = 1e-2
 #: lme4's warning when the Hessian-based vcov cannot be used (``vcov.merMod``).
@@ -72,7 +77,7 @@ def fit_standardized(problem: LaplaceProblem, layout: ThetaLayout, *, nagq: int,
     """Stages 1 and 2, the checks and the estimates (module docstring) on ``problem``'s deviance."""
     began = time.perf_counter()
     stage1 = run_bobyqa(problem.joint_deviance, layout.start(), np.asarray(layout.lower), np.full(layout.size, 0.2),
-                        xtol=np.full(layout.size, 1e-5), ftol=1e-6)
+                        xtol=np.full(layout.size, 1e-4), ftol=1e-4)
     attempts = [_attempt("bobyqa (stage 1: θ, nAGQ = 0)", stage1.value, stage1.status == "", stage1.evaluations,
                          began, stage1.status)]
     if not math.isfinite(stage1.value):
@@ -139,12 +144,11 @@ def _stage2(problem: LaplaceProblem, layout: ThetaLayout, start: np.ndarray) -> 
             value = deviance(x)
             gradient, hessian = derivatives(deviance, x, value)
         check = check_convergence(layout, x, gradient, hessian)
-        if check.converged or check.singular or attempt == POLISH_STEPS:
-            break
         moved = _newton_step(deviance, layout, x, value, gradient, hessian)
-        if moved is None:
+        if moved is not None:
+            x, value = moved
+        if check.converged or check.singular or moved is None or attempt == POLISH_STEPS:
             break
-        x, value = moved
     return _Optimum(x, value, gradient, hessian, check, deviance.evaluations), found.status
 
 
@@ -164,13 +168,23 @@ def _snap_to_boundary(deviance: Callable[[np.ndarray], float], layout: ThetaLayo
 
 def _newton_step(deviance: Callable[[np.ndarray], float], layout: ThetaLayout, x: np.ndarray, value: float,
                  gradient: np.ndarray, hessian: np.ndarray) -> tuple[np.ndarray, float] | None:
-    """x − H⁻¹g, halved until the deviance falls (diagonal θ kept ≥ 0); None where H is not positive
-    definite or no step helps."""
+    """x − H⁻¹g over the parameters off the boundary, halved until the deviance falls (diagonal θ kept ≥ 0);
+    None where H is not positive definite there, the step is negligible or no step helps.
+
+    BOBYQA stops where its trust region is small, which in flat directions of the deviance can leave β a
+    few 1e-5 (relative) from the optimum; one Newton step with the Hessian already computed for vcov(β)
+    takes it the rest of the way for one evaluation. The derivatives are not recomputed at the new point
+    (its gradient is H times a step of ~1e-3 standard errors, predicted 0) unless the check failed.
+    """
+    free = free_parameters(layout, x)
     try:
-        chol = np.linalg.cholesky(hessian)
+        chol = np.linalg.cholesky(hessian[np.ix_(free, free)])
     except np.linalg.LinAlgError:
         return None
-    step = -np.linalg.solve(chol.T, np.linalg.solve(chol, gradient))
+    step = np.zeros_like(x)
+    step[free] = -np.linalg.solve(chol.T, np.linalg.solve(chol, gradient[free]))
+    if -float(gradient @ step) < NEGLIGIBLE_DECREASE:
+        return None
     diagonal = np.concatenate([layout.diagonal, np.zeros(x.shape[0] - layout.size, dtype=bool)])
     for _ in range(10):
         trial = x + step

@@ -10,7 +10,7 @@ level-major within a bar (level l, term j at offset_k + l q_k + j), so Λ is blo
 Stage 1 (β in PIRLS) eliminates u first: S = XᵀWX − BᵀM⁻¹B with B = ΛᵀZᵀWX. Step halving is global, as
 lme4's ``pwrssUpdate``. The conditional SDs need the q_k × q_k diagonal blocks of M⁻¹, solved for in
 chunks of columns. Speed matters less here than for one factor; the cost is one sparse factorization of
-size Q per PIRLS step.
+size Q per PIRLS step. As there, no product goes through BLAS (``fit.glmm.onefactor``'s docstring says why).
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ import numpy as np
 from scipy import sparse
 
 from longitudinal.fit.glmm.families import Family
-from longitudinal.fit.glmm.onefactor import MAX_HALVINGS, PIRLS_MAX_ITERATIONS, PirlsFailure, pirls_converged
+from longitudinal.fit.glmm.onefactor import (
+    JOINT_TOL, MAX_HALVINGS, PIRLS_MAX_ITERATIONS, PirlsFailure, pirls_converged,
+)
 from longitudinal.fit.glmm.problem import RandomPart
 from longitudinal.fit.theta import ThetaLayout
 from longitudinal.model.design import Design
@@ -149,12 +151,12 @@ class SparseLaplace:
                 assert state.B is not None and state.XtWX is not None and state.Xtr is not None
                 Ma = state.factor.solve(state.a)
                 MB = state.factor.solve(state.B)
-                S = state.XtWX - state.B.T @ MB
-                rhs = state.Xtr - state.B.T @ Ma
+                S = state.XtWX - np.einsum("qk,ql->kl", state.B, MB)
+                rhs = state.Xtr - np.einsum("qk,q->k", state.B, Ma)
                 dbeta = np.linalg.solve(S, rhs)
-                du = Ma - MB @ dbeta
+                du = Ma - np.einsum("qk,k->q", MB, dbeta)
                 size = max(np.abs(du).max(initial=0.0), np.abs(dbeta).max(initial=0.0))
-                if pirls_converged(size, previous):
+                if pirls_converged(size, previous, JOINT_TOL):
                     self._u, self._beta = u, beta
                     return state.pdev + state.factor.logdet
                 for _halving in range(MAX_HALVINGS + 1):
@@ -199,7 +201,7 @@ class SparseLaplace:
             self._u = u
 
     def _modes(self, ZL: sparse.csr_matrix, beta: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, _Pass]:
-        offset = self.design.X @ beta
+        offset = np.einsum("nk,k->n", self.design.X, beta)
         state = self._pass(ZL, u, beta, offset=offset)
         previous = math.inf
         for _ in range(PIRLS_MAX_ITERATIONS):
@@ -230,7 +232,7 @@ class SparseLaplace:
     def _pass(self, ZL: sparse.csr_matrix, u: np.ndarray, beta: np.ndarray, *, joint: bool = False,
               offset: np.ndarray | None = None) -> _Pass:
         X = self.design.X
-        eta = (X @ beta if offset is None else offset) + ZL @ u
+        eta = (np.einsum("nk,k->n", X, beta) if offset is None else offset) + ZL @ u
         values = self.family.evaluate(eta, self.y, self.log_constant)
         if not (np.all(np.isfinite(values.log_density)) and np.all(np.isfinite(values.weight))):
             raise PirlsFailure("the likelihood is not finite at this linear predictor")
@@ -240,11 +242,11 @@ class SparseLaplace:
         M = sparse.csc_matrix(ZL.T @ WZL + sparse.identity(self.n_random, format="csr"))
         factor = _Factor(M)
         a = ZL.T @ residual - u
-        pdev = -2.0 * float(values.log_density.sum()) + float(u @ u)
+        pdev = -2.0 * float(values.log_density.sum()) + float(np.einsum("q,q->", u, u))
         if not joint:
             return _Pass(eta=eta, mu=values.mu, factor=factor, a=a, pdev=pdev)
         return _Pass(eta=eta, mu=values.mu, factor=factor, a=a, pdev=pdev, B=np.asarray(WZL.T @ X),
-                     XtWX=X.T @ (w[:, None] * X), Xtr=X.T @ residual)
+                     XtWX=np.einsum("nk,n,nl->kl", X, w, X), Xtr=np.einsum("nk,n->k", X, residual))
 
     # --------------------------------------------------------------------------- at the optimum
 
@@ -256,7 +258,7 @@ class SparseLaplace:
             u, _ = self._modes(ZL, beta, self._u.copy())
             state = self._pass(ZL, u, beta, joint=True)
             assert state.B is not None and state.XtWX is not None
-            S = state.XtWX - state.B.T @ state.factor.solve(state.B)
+            S = state.XtWX - np.einsum("qk,ql->kl", state.B, state.factor.solve(state.B))
             inverse = np.linalg.solve(np.linalg.cholesky(S), np.eye(S.shape[0]))
         except (PirlsFailure, FloatingPointError, np.linalg.LinAlgError):
             return None

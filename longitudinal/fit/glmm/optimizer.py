@@ -129,6 +129,16 @@ def scaled_gradient_max(gradient: np.ndarray, hessian: np.ndarray) -> float:
     return float(np.max(np.minimum(np.abs(scaled), np.abs(gradient))))
 
 
+def free_parameters(layout: ThetaLayout, x: np.ndarray) -> np.ndarray:
+    """Mask of the parameters (θ, then β) off the boundary: not a diagonal θ below lme4's singular tolerance,
+    nor any θ of a singular bar (there the bar's θ are not locally identified: its gradient and Hessian say
+    nothing). Every β is free."""
+    theta = x[:layout.size]
+    free = np.ones(x.shape[0], dtype=bool)
+    free[:layout.size] = ~(layout.diagonal & (theta < SINGULAR_TOL)) & ~np.isin(layout.bars, singular_bars(layout, theta))
+    return free
+
+
 def check_convergence(layout: ThetaLayout, x: np.ndarray, gradient: np.ndarray, hessian: np.ndarray) -> Convergence:
     """lme4's ``checkConv`` as glmer calls it (every parameter is in the check, θ first, then β).
 
@@ -137,10 +147,8 @@ def check_convergence(layout: ThetaLayout, x: np.ndarray, gradient: np.ndarray, 
     scaled gradient must be below 0.002 and the Hessian must have no negative (below −1e-6) or zero
     eigenvalue. ``gradient_max`` is the scaled gradient (over the parameters off the boundary when singular).
     """
-    theta = x[:layout.size]
-    singular = bool(singular_bars(layout, theta))
-    free = np.ones(x.shape[0], dtype=bool)
-    free[:layout.size] = ~(layout.diagonal & (theta < SINGULAR_TOL)) & ~np.isin(layout.bars, singular_bars(layout, theta))
+    singular = bool(singular_bars(layout, x[:layout.size]))
+    free = free_parameters(layout, x)
     g, H = gradient[free], hessian[np.ix_(free, free)]
     gradient_max = scaled_gradient_max(g, H) if free.any() else 0.0
     if singular:

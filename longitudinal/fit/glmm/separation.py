@@ -36,11 +36,11 @@ def glm_start(X: np.ndarray, y: np.ndarray, weights: np.ndarray, family: Family)
         w = weights * values.weight
         working = (eta * values.weight + (y - values.mu)) * weights  # W (η + (y − μ)/w), without dividing by w
         try:
-            beta = np.linalg.solve(X.T @ (w[:, None] * X), X.T @ working)
+            beta = np.linalg.solve(np.einsum("nk,n,nl->kl", X, w, X), np.einsum("nk,n->k", X, working))
         except np.linalg.LinAlgError:
             break
-        eta = X @ beta
-        new = -2.0 * float(weights @ family.evaluate(eta, y, constant).log_density)
+        eta = np.einsum("nk,k->n", X, beta)  # not by BLAS: see fit.glmm.onefactor's docstring
+        new = -2.0 * float(np.einsum("n,n->", weights, family.evaluate(eta, y, constant).log_density))
         if abs(new - deviance) < 1e-10 * (abs(new) + 0.1):
             converged = True
             break
