@@ -296,3 +296,97 @@ def test_the_mmrm_report_shows_the_structure_its_matrix_and_the_residual_correla
     assert f"Residual covariance: {covariance['description']}" in report
     assert "Residual correlation within subjects" in report
     assert f"{matrix[0][1]:.4g}" in report  # the covariance table shows the fitted matrix
+
+
+# ---------------------------------------------------------------------- the binary example (issue 14)
+
+BINARY_CONFIG = Path(__file__).resolve().parents[1] / "config" / "example-binary.yaml"
+
+
+def _binary_study(folder: Path, **models: object) -> Path:
+    """The binary example's config in ``folder``, its reports there too, ``models`` keys replaced."""
+    import yaml
+
+    from longitudinal.config import read_yaml
+
+    document = read_yaml(BINARY_CONFIG.read_text())  # as the config reads it: [no, yes] stays text
+    document["data"]["source"] = str(BINARY_CONFIG.parent / document["data"]["source"])
+    document["output"] = {"directory": str(folder / "reports")}
+    document["models"].update(models)
+    config = folder / "study.yaml"
+    config.write_text(yaml.safe_dump(document, sort_keys=False))
+    return config
+
+
+@pytest.fixture(scope="module")
+def binary_run(harness, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from flows.study_pipeline import study_pipeline
+
+    return Path(study_pipeline(config_path=str(_binary_study(tmp_path_factory.mktemp("binary")))))
+
+
+def test_the_binary_study_compares_its_three_candidates_with_k_as_glmer_counts(binary_run: Path) -> None:
+    from longitudinal.fit.candidate import fit_candidate
+
+    table = pd.read_csv(binary_run / "model_comparison.csv").set_index("model")
+    assert set(table.index) == {"ri", "ris", "ris_uncorrelated"}
+    assert table["converged"].all() and table["n_obs"].nunique() == 1
+    # k = 4 fixed effects + θ (1, 3 and 2 covariance parameters), no residual variance
+    assert table["n_params"].to_dict() == {"ri": 4 + 1, "ris": 4 + 3, "ris_uncorrelated": 4 + 2}
+    assert table.loc[table["selected"]].index.item() == table["bic"].idxmin()
+    # the pipeline's numbers are fit_candidate's on the analysed rows, fitted as a binomial GLMM
+    data = pd.read_parquet(binary_run / "data.parquet")
+    direct = fit_candidate(data, "ris", "improved ~ week * arm + (week | patient_id)", family="binomial")
+    assert table.loc["ris", "loglik"] == pytest.approx(direct.loglik, abs=1e-6)
+
+
+def test_the_binary_studys_selected_model_is_its_ml_fit(binary_run: Path) -> None:
+    selected = json.loads((binary_run / "selected_model.json").read_text())
+    table = pd.read_csv(binary_run / "model_comparison.csv").set_index("model")
+    assert (selected["family"], selected["method"], selected["criterion"]) == ("binomial", "ML", "bic")
+    assert selected["model"] == table.loc[table["selected"]].index.item()
+    assert selected["loglik"] == pytest.approx(table.loc[selected["model"], "loglik"], abs=1e-9)  # no refit
+    assert selected["reml_criterion"] is None
+    assert {fe["term"] for fe in selected["fixed_effects"]} == {"(Intercept)", "week", "armtreatment",
+                                                                "week:armtreatment"}
+    manifest = json.loads((binary_run / "manifest.json").read_text())
+    assert set(manifest["timings"]["fits"]) == {"ri", "ris", "ris_uncorrelated"}  # no REML entry
+    assert set(manifest["timings"]["stages"]) == {"ingest", "validate", "fit", "select", "report"}
+
+
+def test_the_binary_studys_validation_quarantines_the_answers_that_are_not_levels(binary_run: Path) -> None:
+    quarantine = pd.read_csv(binary_run / "quarantine.csv", keep_default_na=False)
+    assert sorted(quarantine["improved"]) == ["Yes", "maybe"]
+    assert set(quarantine["reason"]) == {
+        f"outcome is neither of data.outcome_levels: '{value}' (column 'improved'); allowed: 'no' (0) or 'yes' (1), "
+        "compared as text, case-sensitive" for value in ("Yes", "maybe")}
+    validation = json.loads((binary_run / "validation.json").read_text())
+    assert validation["quarantine_reasons"]["outcome_is_binary"] == 2
+    assert (validation["rows_read"], validation["rows_analysed"]) == (1800, 1798)
+    varies = next(e for e in validation["expectations"] if e["name"] == "outcome_varies")
+    assert varies["success"] and varies["level"] == "table"
+    data = pd.read_parquet(binary_run / "data.parquet")
+    assert set(data["improved"]) == {0.0, 1.0}
+
+
+def test_quadrature_with_a_random_slope_stops_the_run_before_any_fit(harness, tmp_path: Path) -> None:
+    # README, "Binary and count outcomes": nAGQ > 1 needs one scalar random effect in every candidate.
+    from flows.study_pipeline import study_pipeline
+    from longitudinal.errors import ConfigError
+
+    config = _binary_study(tmp_path, nagq=5)
+    with pytest.raises(ConfigError, match=(
+        r"^models.nagq: 5 \(adaptive Gauss–Hermite quadrature\) needs a single scalar random effect in every "
+        r"candidate, as glmer does, but candidate 'ris' has 2 \(\(1 \+ week \| patient_id\)\); set nagq: 1"
+    )):
+        study_pipeline(config_path=str(config))
+    assert not (tmp_path / "reports").exists()
+
+
+def test_quadrature_fits_a_random_intercept_study(harness, tmp_path: Path) -> None:
+    from flows.study_pipeline import study_pipeline
+
+    config = _binary_study(tmp_path, nagq=9, candidates={"ri": "improved ~ week * arm + (1 | patient_id)"})
+    run = Path(study_pipeline(config_path=str(config)))
+    selected = json.loads((run / "selected_model.json").read_text())
+    assert (selected["model"], selected["family"], selected["nagq"], selected["method"]) == ("ri", "binomial", 9, "ML")
