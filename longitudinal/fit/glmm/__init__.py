@@ -12,9 +12,10 @@ the check for an infinite β), ``optimizer`` (BOBYQA, lme4's derivatives and ``c
 (what the estimation asks of an engine) and ``fitting`` (glmer's two stages and the estimates).
 
 Units: the fit runs on the design with centred and scaled continuous columns of X and Z
-(``fit.scaling.standardize``; the outcome is left as it is: it is 0/1 or a count) and every estimate is
-carried back exactly (``fit.lmm.restore_units``); the likelihood, and its Laplace and quadrature
-approximations, are invariant to those maps, so a time in epoch seconds fits as a time in days.
+(``fit.scaling.standardize``; the outcome is left as it is: it is 0/1 or a count), X's columns then made
+orthonormal, and every estimate is carried back exactly (``fit.lmm.restore_units``); the likelihood, and
+its Laplace and quadrature approximations, are invariant to those maps, so a time in epoch seconds fits as a
+time in days.
 
 Conventions of glmer kept here, and where this engine differs:
 - log p(y | μ) is the full density (Poisson's −log y! included), as glmer's Laplace logLik. With nAGQ > 1
@@ -45,7 +46,7 @@ from longitudinal.fit.glmm.onefactor import OneFactorLaplace, compress_subjects
 from longitudinal.fit.glmm.problem import LaplaceProblem
 from longitudinal.fit.glmm.quadrature import MAX_POINTS, gauss_hermite
 from longitudinal.fit.lmm import restore_units
-from longitudinal.fit.scaling import standardize
+from longitudinal.fit.scaling import Standardization, standardize
 from longitudinal.fit.theta import layout_theta
 from longitudinal.model.design import Design
 from longitudinal.records import EngineResult
@@ -68,10 +69,7 @@ def fit_glmm(design: Design, *, family: str, nagq: int) -> EngineResult:
     mean.check(design.y)
     _check_response(design)
     _check_identifiable(design)
-    standardized, standardization = standardize(design)
-    # The outcome is a 0/1 or a count: only X and Z are standardized.
-    standardized = dataclasses.replace(standardized, y=design.y)
-    standardization = dataclasses.replace(standardization, y_shift=0.0, y_scale=1.0)
+    standardized, standardization = _standardize(design)
     layout = layout_theta(tuple(len(block.terms) for block in design.blocks))
     problem: LaplaceProblem
     rule = gauss_hermite(nagq) if nagq > 1 else None
@@ -106,6 +104,29 @@ def glmm_deviance(design: Design, theta: np.ndarray, beta: np.ndarray, *, family
     else:
         problem = SparseLaplace(design, layout, mean, params[layout.size:])
     return problem.deviance(params)
+
+
+def _standardize(design: Design) -> tuple[Design, Standardization]:
+    """The design with standardized X and Z (``fit.scaling.standardize``; the outcome, a 0/1 or a count, as it
+    is), then X's columns made orthonormal (X' = X A with X'ᵀX' = n I, from a QR factorization).
+
+    β is optimized, not profiled out as in a linear mixed model, so its coordinates matter: columns that are
+    nearly collinear after centring (t in epoch seconds next to t:arm, whose centred values are ≈ arm × 1.7e9)
+    made BOBYQA take thousands of evaluations. In orthonormal coordinates every β' moves η by the same amount,
+    BOBYQA's steps and lme4's finite differences are equally good in each, and A carries β, vcov(β) and a
+    separating direction back exactly (β = A β').
+    """
+    standardized, standardization = standardize(design)
+    X = standardized.X
+    n = max(design.n_obs, 1)
+    R = np.linalg.qr(X, mode="r") / np.sqrt(n)
+    R = R * np.where(np.diagonal(R) < 0.0, -1.0, 1.0)[:, None]  # a positive diagonal: A keeps each column's sign
+    orthonormal = np.linalg.solve(R.T, np.eye(R.shape[0])).T  # R⁻¹
+    return (
+        dataclasses.replace(standardized, y=design.y, X=np.ascontiguousarray(X @ orthonormal)),
+        dataclasses.replace(standardization, y_shift=0.0, y_scale=1.0,
+                            fixed_map=standardization.fixed_map @ orthonormal),
+    )
 
 
 def _family(name: str) -> Family:

@@ -36,6 +36,9 @@ from longitudinal.records import FactorRanef
 #: purpose: from about 200 rows OpenBLAS factors with several threads, and on a busy machine waiting for
 #: them costs 100 ms a factorization (measured here: 0.11 s for 200 × 200, against 1 ms by SuperLU).
 DENSE_LIMIT = 100
+#: Up to this many random effects outside the finest factor, M is factored in the order above (the coarse
+#: block fills in densely, and that is all); beyond, SuperLU chooses a fill-reducing order.
+NATURAL_ORDER_LIMIT = 2_000
 #: Columns of M⁻¹ solved for at once when computing conditional variances (bounds memory to ~ this × Q).
 _CHUNK_ELEMENTS = 4_000_000
 _ROUNDING = 1e-12
@@ -44,7 +47,7 @@ _ROUNDING = 1e-12
 class _Factor:
     """A factored symmetric positive definite M: ``solve(B)`` = M⁻¹B and ``logdet`` = log|M|."""
 
-    def __init__(self, M: sparse.csc_matrix) -> None:
+    def __init__(self, M: sparse.csc_matrix, ordering: str) -> None:
         size = M.shape[0]
         self.chol: np.ndarray | None = None
         self.lu: object | None = None
@@ -55,7 +58,7 @@ class _Factor:
         from scipy.sparse.linalg import splu
 
         try:
-            lu = splu(M, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0, options={"SymmetricMode": True})
+            lu = splu(M, permc_spec=ordering, diag_pivot_thresh=0.0, options={"SymmetricMode": True})
         except RuntimeError as exc:  # "Factor is exactly singular"
             raise np.linalg.LinAlgError(str(exc)) from None
         pivots = lu.U.diagonal()
@@ -98,17 +101,23 @@ class SparseLaplace:
         self.log_constant = family.constant(design.y)
         n = design.n_obs
         rows, cols, vals = [], [], []
-        self.offsets: list[int] = []
+        # The bars with the most levels first (lme4's order too): M's diagonal blocks of the finest factor come
+        # before the few coarse levels that couple them, so that its factorization in this order fills in
+        # only among the coarse ones.
+        self.offsets = [0] * len(design.blocks)
         offset = 0
-        for block in design.blocks:
+        for index in sorted(range(len(design.blocks)), key=lambda i: -design.blocks[i].n_levels):
+            block = design.blocks[index]
             q = len(block.terms)
-            self.offsets.append(offset)
+            self.offsets[index] = offset
             for j in range(q):
                 rows.append(np.arange(n))
                 cols.append(offset + block.codes * q + j)
                 vals.append(block.Z[:, j])
             offset += q * block.n_levels
         self.n_random = offset
+        finest = max(len(block.terms) * block.n_levels for block in design.blocks)
+        self._ordering = "NATURAL" if offset - finest <= NATURAL_ORDER_LIMIT else "MMD_AT_PLUS_A"
         self.Z = sparse.csr_matrix(
             (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n, offset),
         )
@@ -240,7 +249,7 @@ class SparseLaplace:
         residual = self.y - values.mu
         WZL = sparse.csr_matrix(ZL.multiply(w[:, None]))
         M = sparse.csc_matrix(ZL.T @ WZL + sparse.identity(self.n_random, format="csr"))
-        factor = _Factor(M)
+        factor = _Factor(M, self._ordering)
         a = ZL.T @ residual - u
         pdev = -2.0 * float(values.log_density.sum()) + float(np.einsum("q,q->", u, u))
         if not joint:

@@ -450,7 +450,7 @@ class OneFactorLaplace:
                     rhs[i, :, k] = self._sum(weighted_X[k], None if rows.unit[i] else rows.Zt[i])
             XtWX = np.einsum("kn,ln->kl", weighted_X, self._counted_Xt)
             Xtr = np.einsum("kn,n->k", self._counted_Xt, residual)
-        chol, R, _ = factor_groups(ZtWZ, rhs, lam)
+        chol, R = _factor(ZtWZ, rhs, lam)
         v = R[:, :, -1] - forward_groups(chol, u)
         logdet = 2.0 * sum(np.log(chol[i, i]) for i in range(q))
         return _Pass(eta=eta, chol=chol, v=v, pdev=pdev, logdet=logdet, ZtWZ=ZtWZ, Ztr=rhs[:, :, -1],
@@ -469,6 +469,44 @@ class OneFactorLaplace:
 def pirls_converged(size: float, previous: float, tol: float = PIRLS_TOL) -> bool:
     """Whether PIRLS has converged, from the largest change of its last step and of the one before."""
     return size < tol or (size < _STALLED and size > 0.25 * previous)
+
+
+def _factor(ZtWZ: np.ndarray, rhs: np.ndarray, lam: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per subject L_g (Cholesky of ΛᵀZ_gᵀW_gZ_gΛ + I) and L_g⁻¹Λᵀ``rhs``_g: ``fit.linalg.factor_groups`` for
+    q ≤ 2; for q ≥ 3 the same written out as array arithmetic (factor_groups' batched LAPACK and tensordot
+    would go through BLAS: see the module docstring). Raises ``LinAlgError`` where M_g is not positive
+    definite."""
+    q = ZtWZ.shape[0]
+    if q <= 2:
+        chol, R, _ = factor_groups(ZtWZ, rhs, lam)
+        return chol, R
+    A_lam = np.zeros_like(ZtWZ)  # (Z'WZ Λ)[a, j]
+    for a in range(q):
+        for j in range(q):
+            for b in range(j, q):  # Λ is lower triangular
+                if lam[b, j] != 0.0:
+                    A_lam[a, j] += ZtWZ[a, b] * lam[b, j]
+    chol = np.zeros_like(ZtWZ)
+    for j in range(q):
+        for i in range(j, q):
+            m = np.zeros(ZtWZ.shape[2]) + (1.0 if i == j else 0.0)
+            for a in range(i, q):  # Λᵀ's row i has entries lam[a, i], a ≥ i
+                if lam[a, i] != 0.0:
+                    m += lam[a, i] * A_lam[a, j]
+            for k in range(j):
+                m -= chol[i, k] * chol[j, k]
+            if i == j:
+                if not np.all(m > 0.0):
+                    raise np.linalg.LinAlgError("ΛᵀZᵀWZΛ + I is not positive definite")
+                chol[j, j] = np.sqrt(m)
+            else:
+                chol[i, j] = m / chol[j, j]
+    lifted = np.zeros_like(rhs)  # Λᵀ rhs
+    for i in range(q):
+        for a in range(i, q):
+            if lam[a, i] != 0.0:
+                lifted[i] += lam[a, i] * rhs[a]
+    return chol, forward_groups(chol, lifted)
 
 
 def _total(counts: np.ndarray, values: np.ndarray) -> float:
