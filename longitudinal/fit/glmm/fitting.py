@@ -3,14 +3,15 @@
 ``fit_standardized`` runs, on an engine's deviance (``LaplaceProblem``: ``OneFactorLaplace`` for one grouping
 factor, ``SparseLaplace`` for several):
 
-1. the GLM of y on X (``separation.glm_start``), which starts β and screens for separation (a failure);
+1. (``start_beta``, before the engine is built) the GLM of y on X, which starts β and screens for
+   separation (a failure);
 2. stage 1, θ by BOBYQA on glmer's nAGQ = 0 deviance (β and u jointly by PIRLS), from lme4's θ start;
 3. stage 2, (θ, β) by BOBYQA on the Laplace deviance (or the AGQ deviance for nAGQ > 1), from stage 1's
    θ and joint β; lme4's boundary snap (here within 1e-2, only where the deviance is lower);
 4. lme4's derivatives over (θ, β) at the optimum (``optimizer.derivatives``), its ``checkConv``, a Newton
    step from the finite-difference Hessian (with fresh derivatives while the scaled gradient fails the
-   check, at most ``POLISH_STEPS`` times), and vcov(β) = 2 (H⁻¹)_ββ (lme4's ``use.hessian = TRUE``), falling back to the RX-based
-   (RXᵀRX)⁻¹ when that is not positive definite, with lme4's warning;
+   check, at most ``POLISH_STEPS`` times), and vcov(β) = 2 (H⁻¹)_ββ (lme4's ``use.hessian = TRUE``),
+   falling back to the RX-based (RXᵀRX)⁻¹ when that is not positive definite, with lme4's warning;
 5. the conditional modes b = Λu with their conditional SDs from the Laplace approximation
    (sqrt diag Λ M_g⁻¹ Λᵀ), and the fitted means μ̂ = g⁻¹(Xβ + Zb) and response residuals y − μ̂.
 
@@ -54,7 +55,6 @@ VCOV_FALLBACK = ("variance-covariance matrix computed from finite-difference Hes
 class _Optimum:
     params: np.ndarray
     deviance: float
-    gradient: np.ndarray
     hessian: np.ndarray
     check: Convergence
     evaluations: int
@@ -135,9 +135,8 @@ def _stage2(problem: LaplaceProblem, layout: ThetaLayout, start: np.ndarray) -> 
     found = run_bobyqa(deviance, start, lower, steps, xtol=xtol, ftol=1e-9)
     x, value = found.x, found.value
     if not math.isfinite(value):
-        missing = np.full(x.shape[0], math.nan)
-        return _Optimum(x, value, missing, np.full((x.shape[0],) * 2, math.nan),
-                        Convergence(False, False, math.nan, ()), deviance.evaluations), found.status
+        return _Optimum(x, value, np.full((x.shape[0],) * 2, math.nan), Convergence(False, False, math.nan, ()),
+                        deviance.evaluations), found.status
     x, value = _snap_to_boundary(deviance, layout, x, value)
     for attempt in range(POLISH_STEPS + 1):
         with problem.fixed_start(x):
@@ -149,7 +148,7 @@ def _stage2(problem: LaplaceProblem, layout: ThetaLayout, start: np.ndarray) -> 
             x, value = moved
         if check.converged or check.singular or moved is None or attempt == POLISH_STEPS:
             break
-    return _Optimum(x, value, gradient, hessian, check, deviance.evaluations), found.status
+    return _Optimum(x, value, hessian, check, deviance.evaluations), found.status
 
 
 def _snap_to_boundary(deviance: Callable[[np.ndarray], float], layout: ThetaLayout, x: np.ndarray,

@@ -45,6 +45,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from longitudinal.fit.failure import FitFailure
 from longitudinal.fit.glmm.families import Family, RowValues
 from longitudinal.fit.glmm.problem import RandomPart
 from longitudinal.fit.glmm.quadrature import QuadratureRule
@@ -175,8 +176,9 @@ class _Workspace:
         self.node_values = RowValues.empty(n)
 
 
-class PirlsFailure(Exception):
-    """PIRLS did not converge (lme4: "pwrssUpdate did not converge", "PIRLS step-halvings failed")."""
+class PirlsFailure(FitFailure):
+    """PIRLS did not converge (lme4: "pwrssUpdate did not converge", "PIRLS step-halvings failed"); a
+    ``FitFailure`` where it escapes the deviance (which turns it into an infinite value for the optimizer)."""
 
 
 class OneFactorLaplace:
@@ -404,8 +406,8 @@ class OneFactorLaplace:
             for j in range(block.Z.shape[1]):
                 eta += block.Z[:, j] * np.take(b[at], design.codes)
                 at += 1
-        ranef = FactorRanef(group=design.group, levels=design.levels,
-                            terms=tuple(t for block in design.blocks for t in block.terms), modes=modes, cond_sd=cond_sd)
+        terms = tuple(t for block in design.blocks for t in block.terms)
+        ranef = FactorRanef(group=design.group, levels=design.levels, terms=terms, modes=modes, cond_sd=cond_sd)
         return RandomPart(ranef=(ranef,), modes=modes, cond_sd=cond_sd, eta=eta,
                           unscaled_vcov=self.unscaled_vcov(params))
 

@@ -135,7 +135,8 @@ def free_parameters(layout: ThetaLayout, x: np.ndarray) -> np.ndarray:
     nothing). Every β is free."""
     theta = x[:layout.size]
     free = np.ones(x.shape[0], dtype=bool)
-    free[:layout.size] = ~(layout.diagonal & (theta < SINGULAR_TOL)) & ~np.isin(layout.bars, singular_bars(layout, theta))
+    at_bound = layout.diagonal & (theta < SINGULAR_TOL)
+    free[:layout.size] = ~at_bound & ~np.isin(layout.bars, singular_bars(layout, theta))
     return free
 
 
