@@ -286,6 +286,24 @@ def test_nested_fit_matches_glmer(case: dict) -> None:  # type: ignore[type-arg]
     assert result.ranef[-1].modes.shape == (design.blocks[-1].n_levels, 1)
 
 
+def test_nested_modes_and_their_sds_match_glmer() -> None:
+    # R: as.data.frame(ranef(glmer(y ~ period + (1 | herd/period), cbpp_rows, binomial, control = tight),
+    # condVar = TRUE)): condval and condsd of herds 1-3, and of period 1 in herds 1-3 (lme4's "1:2" is period 1
+    # of herd 2, our "2:1")
+    design = design_of(cbpp_rows(), "y ~ period + (1 | herd/period)")
+    result = fit_glmm(design, family="binomial", nagq=1)
+    factors = {f.group: f for f in result.ranef}
+    expected = {
+        ("herd", "1"): (0.08968751978, 0.1772015386), ("herd", "2"): (-0.01418722243, 0.1780665236),
+        ("herd", "3"): (0.05267531841, 0.1762244463), ("herd:period", "1:1"): (-0.2248509722, 0.5716970073),
+        ("herd:period", "2:1"): (-0.2257333955, 0.5116338041), ("herd:period", "3:1"): (0.7080605725, 0.4292135921),
+    }
+    for (group, level), (mode, sd) in expected.items():
+        at = list(factors[group].levels).index(level)
+        assert factors[group].modes[at, 0] == pytest.approx(mode, abs=2e-4), (group, level)
+        assert factors[group].cond_sd[at, 0] == pytest.approx(sd, rel=1e-4), (group, level)
+
+
 # ----------------------------------------------------------------------------------- the estimates
 
 

@@ -48,6 +48,7 @@ class _Factor:
     """A factored symmetric positive definite M: ``solve(B)`` = M⁻¹B and ``logdet`` = log|M|."""
 
     def __init__(self, M: sparse.csc_matrix, ordering: str) -> None:
+        self.matrix = M
         size = M.shape[0]
         self.chol: np.ndarray | None = None
         self.lu: object | None = None
@@ -274,6 +275,17 @@ class SparseLaplace:
         out: np.ndarray = inverse.T @ inverse
         return out
 
+    def _conditional_variances(self, factor: _Factor, lam_out: sparse.csr_matrix) -> np.ndarray:
+        """diag(Λ M⁻¹ Λᵀ) (Λ = ``lam_out``): by block elimination where M starts with the finest bar's random
+        effects and the others are few (the order this engine factors in), else one solve per random effect."""
+        first_bar = min(range(len(self.offsets)), key=self.offsets.__getitem__)
+        block = self.design.blocks[first_bar]
+        size = len(block.terms)
+        first = size * block.n_levels
+        if self._ordering == "NATURAL" and first < self.n_random:
+            return _block_quadratic_diagonal(factor.matrix, lam_out, size, first)
+        return _quadratic_diagonal(factor, lam_out)
+
     def random_part(self, params: np.ndarray, ranef_map: np.ndarray) -> RandomPart:
         """Per grouping factor the modes b = Λu and conditional SDs sqrt diag(Λ M⁻¹ Λᵀ) for Z B⁻¹
         (B = ``ranef_map``), and η per row."""
@@ -283,7 +295,7 @@ class SparseLaplace:
         u, state = self._modes(ZL, beta, self._u.copy())
         lam_out = self._lambda(ranef_map @ lam, triangular=False)
         modes = np.asarray(lam_out @ u)
-        variances = _quadratic_diagonal(state.factor, lam_out)
+        variances = self._conditional_variances(state.factor, lam_out)
         cond_sd = np.sqrt(variances)
         design = self.design
         by_factor: dict[str, list[tuple[int, int]]] = {}
@@ -301,6 +313,40 @@ class SparseLaplace:
         primary = next(f for f in ranef if f.group == design.group)
         return RandomPart(ranef=tuple(ranef), modes=primary.modes, cond_sd=primary.cond_sd,
                           eta=np.asarray(state.eta), unscaled_vcov=self.unscaled_vcov(params))
+
+
+def _block_quadratic_diagonal(M: sparse.csc_matrix, P: sparse.csr_matrix, size: int, first: int) -> np.ndarray:
+    """diag(P M⁻¹ Pᵀ) by block elimination, for M whose leading ``first`` rows are one bar's random effects,
+    level-major in blocks of ``size`` and coupled only through the rest R (few, at most ``NATURAL_ORDER_LIMIT``),
+    and P block-diagonal in the same blocks: with M = [A B; Bᵀ C] and S = C − BᵀA⁻¹B,
+
+        (M⁻¹)₁₁ = A⁻¹ + A⁻¹B S⁻¹ BᵀA⁻¹,   (M⁻¹)_RR = S⁻¹
+
+    so only the small blocks of A and the dense S (R × R) are inverted (``_quadratic_diagonal`` needs one
+    solve with M per random effect instead).
+    """
+    A = M[:first, :first].tocoo()
+    levels = first // size
+    blocks = np.zeros((levels, size, size))
+    blocks[A.row // size, A.row % size, A.col % size] = A.data
+    inverse = np.linalg.inv(blocks)
+    i, j = np.indices((size, size)).reshape(2, -1)
+    starts = np.arange(levels)[:, None] * size
+    A_inverse = sparse.csr_matrix(
+        (inverse.reshape(levels, -1).ravel(), ((starts + i).ravel(), (starts + j).ravel())), shape=(first, first),
+    )
+    B = sparse.csr_matrix(M[:first, first:])
+    A_inverse_B = sparse.csr_matrix(A_inverse @ B)
+    S_inverse = np.linalg.inv(M[first:, first:].toarray() - (B.T @ A_inverse_B).toarray())
+    P1, P2 = P[:first, :first], P[first:, first:]
+    primary = np.asarray((P1 @ A_inverse).multiply(P1).sum(axis=1)).ravel()
+    K = sparse.csr_matrix(P1 @ A_inverse_B)
+    chunk = max(1, _CHUNK_ELEMENTS // max(K.shape[1], 1))
+    for start in range(0, first, chunk):
+        part = K[start:start + chunk]
+        primary[start:start + chunk] += np.einsum("ij,ij->i", np.asarray(part @ S_inverse), part.toarray())
+    rest = np.einsum("ij,ij->i", np.asarray(P2 @ S_inverse), P2.toarray())
+    return np.concatenate([primary, rest])
 
 
 def _quadratic_diagonal(factor: _Factor, P: sparse.csr_matrix) -> np.ndarray:
