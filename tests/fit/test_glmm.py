@@ -352,6 +352,13 @@ def test_singular_fit_is_named(tiny: pd.DataFrame) -> None:
     assert result.converged
 
 
+def test_model_without_fixed_effects(tiny: pd.DataFrame) -> None:
+    # y ~ 0 + (1 | g): no β; here the random intercept's variance goes to 0 and every μ to ½.
+    result = fitted_engine(tiny, "y ~ 0 + (1 | g)", "binomial")
+    assert result.beta.shape == (0,) and result.vcov.shape == (0, 0)
+    assert result.loglik == pytest.approx(len(tiny) * math.log(0.5), abs=1e-8)
+
+
 # ----------------------------------------------------------------------------------------- refusals
 
 

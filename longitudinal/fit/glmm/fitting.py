@@ -199,6 +199,8 @@ def _vcov(hessian: np.ndarray, k_theta: int, unscaled: np.ndarray | None) -> tup
     """lme4's vcov(β) for glmer: 2 (H⁻¹)_ββ of the deviance's Hessian over (θ, β), or (RXᵀRX)⁻¹ with lme4's
     warning where that is not finite and positive definite."""
     p = hessian.shape[0] - k_theta
+    if p == 0:
+        return np.empty((0, 0)), None
     try:
         inverse = np.linalg.inv(hessian)[k_theta:, k_theta:]
         V = inverse + inverse.T
