@@ -23,9 +23,14 @@ Conventions of glmer kept here, and where this engine differs:
   (lme4's "another scale"); here the quadrature's log-likelihood stays on the Laplace scale (the binomial
   scales agree for 0/1 data).
 - nAGQ > 1 only for one grouping factor with one scalar random effect (glmer's rule); else ``ConfigError``.
-- Stage 2 is BOBYQA (lme4 1.1's default is Nelder–Mead), PIRLS runs to a Newton decrement of 1e-10
-  (lme4: a relative change of 1e-7), and a Newton step polishes an optimum that fails lme4's gradient check:
-  the optimum reached is glmer's or higher.
+- PIRLS runs to rounding error (lme4: a relative change of pdev below 1e-7, with log|L|² from the weights
+  before the last step), so the deviance is the Laplace approximation itself: glmer's default logLik at
+  its own estimates is lower by 0.005 on 1,500 binary rows, 0.35 on 100,000, and its estimates and standard
+  errors differ accordingly (1-2 % in the SEs); with ``glmerControl(tolPwrss = 1e-12)`` glmer agrees, and
+  so does glmmTMB.
+- Stage 2 is BOBYQA (lme4 1.1's default is Nelder–Mead) in coordinates scaled by β's standard errors, and
+  a Newton step with the finite-difference Hessian finishes its optimum: the optimum reached is glmer's
+  or higher.
 - Separated data (an infinite β) are refused (``FitFailure`` naming the terms) where glmer returns huge
   estimates with warnings; so are constant outcomes and too few groups, as glmer's checks.
 Missing values are not handled here: validation removed them.

@@ -2,15 +2,18 @@
 
 The formulation is ``fit.glmm.onefactor``'s (read that first); what changes is that the random effects of
 different factors meet in M = ΛᵀZᵀWZΛ + I, so it is factored as one sparse matrix per PIRLS step: densely
-(Cholesky) up to ``DENSE_LIMIT`` random effects, else by SuperLU with a fill-reducing ordering and no
-pivoting (M is symmetric positive definite; log|M| = Σ log diag U). u runs over the bars in formula order,
-level-major within a bar (level l, term j at offset_k + l q_k + j), so Λ is block-diagonal with each bar's
-Λ_k repeated once per level.
+(Cholesky) up to ``DENSE_LIMIT`` random effects, else by SuperLU without pivoting (M is symmetric positive
+definite; log|M| = Σ log diag U). u runs over the bars by decreasing number of levels (lme4's order: the
+finest factor, the subject, first), level-major within a bar (level l, term j at offset_k + l q_k + j), so
+Λ is block-diagonal with each bar's Λ_k repeated once per level. With few random effects outside the finest
+bar (``NATURAL_ORDER_LIMIT``: sites, raters, centres) M is factored in that order, which fills in only among
+those; else SuperLU chooses a fill-reducing order.
 
 Stage 1 (β in PIRLS) eliminates u first: S = XᵀWX − BᵀM⁻¹B with B = ΛᵀZᵀWX. Step halving is global, as
-lme4's ``pwrssUpdate``. The conditional SDs need the q_k × q_k diagonal blocks of M⁻¹, solved for in
-chunks of columns. Speed matters less here than for one factor; the cost is one sparse factorization of
-size Q per PIRLS step. As there, no product goes through BLAS (``fit.glmm.onefactor``'s docstring says why).
+lme4's ``pwrssUpdate``. The conditional SDs need the q_k × q_k diagonal blocks of M⁻¹: by block elimination
+on the finest bar in the ordered case, else solved for in chunks of columns. Speed matters less here than for
+one factor; the cost is one sparse factorization of size Q per PIRLS step. As there, no product goes
+through BLAS (``fit.glmm.onefactor``'s docstring says why).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ its standard error from stage 1), which is what lme4's ``optwrap`` does for Neld
 After stage 2, as ``optwrap(calc.derivs = TRUE)``: the gradient and Hessian of the deviance over (θ, β) by
 lme4's ``deriv12`` (central differences, step 1e-4, four evaluations per mixed pair). They serve lme4's
 ``checkConv`` (``check_convergence``), vcov(β) (lme4's ``use.hessian = TRUE``) and, here, a Newton step from
-BOBYQA's answer when the scaled gradient is not yet below the tolerance.
+BOBYQA's answer (``fit.glmm.fitting``).
 """
 
 from __future__ import annotations
