@@ -19,7 +19,7 @@ from prefect.logging import get_run_logger
 
 import longitudinal
 from longitudinal.fit.candidate import fit_candidate
-from longitudinal.records import Fit, Method
+from longitudinal.records import LINKS, Fit, Method
 
 #: What computes a fit: the formula language and design matrices, the engines, and the records and
 #: exceptions they return. Folders are hashed whole, so a module added or renamed in them counts.
@@ -54,10 +54,6 @@ def fit_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
         f"fit-{parameters['data_hash'][:32]}-{parameters['name']}-{formula}-{parameters['method']}-"
         f"{parameters['engine']}-{parameters['family']}-nagq{parameters['nagq']}-{ENGINE_VERSION}"
     )
-
-
-#: The canonical link of each family, as glmer uses it.
-LINKS = {"gaussian": "identity", "binomial": "logit", "poisson": "log"}
 
 
 def describe_family(family: str, nagq: int) -> str:

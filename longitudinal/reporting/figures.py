@@ -38,7 +38,7 @@ from longitudinal.inference.residuals import (
     observed_response, outcome_over_time, randomized_quantile_residuals, ratio_effects, semivariogram,
     visit_positions,
 )
-from longitudinal.records import Fit, ResidualCovariance, Selection
+from longitudinal.records import LINKS, Fit, ResidualCovariance, Selection
 
 FIGURE_KEYS: tuple[str, ...] = (
     "trajectories",
@@ -95,9 +95,6 @@ GLMM_FIGURE_KEYS: tuple[str, ...] = (
 """File stems of the figures of a binomial or Poisson study, in report order: the Gaussian residual plots
 (residuals against fitted values, normal QQ, residuals over time) give way to binned residuals and randomized
 quantile residuals, and the observed proportions or mean counts over time sit beside the fitted ones."""
-
-LINKS: dict[str, str] = {"gaussian": "identity", "binomial": "logit", "poisson": "log"}
-"""The canonical link of each family, the one the engine fits."""
 
 
 def family_description(family: str, plural: bool = False) -> str:

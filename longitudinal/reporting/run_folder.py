@@ -49,6 +49,7 @@ from longitudinal.data.durable import printable, sync_path, sync_tree, writing
 from longitudinal.data.validation import validation_summary
 from longitudinal.errors import LongitudinalError, OutputUnwritable, SourceUnavailable
 from longitudinal.records import (
+    LINKS,
     MODEL_COMPARISON_COLUMNS,
     Fit,
     ReportInputs,
@@ -58,7 +59,7 @@ from longitudinal.records import (
     Validated,
 )
 from longitudinal.inference.residuals import ratio_effects
-from longitudinal.reporting.figures import LINKS, build_figures, figure_to_png
+from longitudinal.reporting.figures import build_figures, figure_to_png
 from longitudinal.reporting.html import dispersion_of, overdispersion_advice, render_report
 
 STAGING_PREFIX = ".staging-"
