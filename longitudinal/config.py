@@ -17,7 +17,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from longitudinal.errors import ConfigError
-from longitudinal.records import FAMILIES, Family
+
+#: The outcome's distribution given the random effects, with its canonical link: identity, logit, log.
+Family = Literal["gaussian", "binomial", "poisson"]
+FAMILIES: tuple[str, ...] = ("gaussian", "binomial", "poisson")
+#: Each family's canonical link, the only one fitted.
+LINKS: dict[str, str] = {"gaussian": "identity", "binomial": "logit", "poisson": "log"}
 
 _STUDY_NAME = re.compile(r"[A-Za-z0-9_-]+")  # used with fullmatch: "$" would accept a trailing newline
 

@@ -20,11 +20,6 @@ if TYPE_CHECKING:
     from longitudinal.config import StudyConfig
 
 Method = Literal["ML", "REML"]
-#: The outcome's distribution given the random effects, with its canonical link: identity, logit, log.
-Family = Literal["gaussian", "binomial", "poisson"]
-FAMILIES: tuple[str, ...] = ("gaussian", "binomial", "poisson")
-#: Each family's canonical link, the only one fitted.
-LINKS: dict[str, str] = {"gaussian": "identity", "binomial": "logit", "poisson": "log"}
 
 #: Columns ingestion adds to every row: where it was read from.
 SOURCE_COLUMNS = ("source_file", "source_line")

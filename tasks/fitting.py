@@ -19,7 +19,8 @@ from prefect.logging import get_run_logger
 
 import longitudinal
 from longitudinal.fit.candidate import fit_candidate
-from longitudinal.records import LINKS, Fit, Method
+from longitudinal.config import LINKS
+from longitudinal.records import Fit, Method
 
 #: What computes a fit: the formula language and design matrices, the engines, and the records and
 #: exceptions they return. Folders are hashed whole, so a module added or renamed in them counts.

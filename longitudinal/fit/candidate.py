@@ -24,6 +24,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
+from longitudinal.config import FAMILIES
 from longitudinal.errors import ConfigError
 from longitudinal.fit.failure import FitFailure
 from longitudinal.fit.lmm import fit_lmm
@@ -33,9 +34,7 @@ from longitudinal.fit.theta import count_parameters
 from longitudinal.fit.wald import wald_fixed_effects
 from longitudinal.model.design import Design, build_design
 from longitudinal.model.formula import ModelFormula, parse_formula
-from longitudinal.records import (
-    FAMILIES, Correlation, EngineResult, Fit, FixedEffect, VarianceComponent, failed_fit,
-)
+from longitudinal.records import Correlation, EngineResult, Fit, FixedEffect, VarianceComponent, failed_fit
 
 ENGINES = ("lme4-style", "statsmodels")
 

@@ -32,13 +32,13 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FixedFormatter, FixedLocator, NullLocator
 from scipy.special import ndtri
 
-from longitudinal.config import DataConfig, StudyConfig
+from longitudinal.config import LINKS, DataConfig, StudyConfig
 from longitudinal.inference.residuals import (
     MAX_DISTINCT_X, MAX_PAIRS, binned_means, binned_residuals, lag_correlation, normalized_residuals,
     observed_response, outcome_over_time, randomized_quantile_residuals, ratio_effects, semivariogram,
     visit_positions,
 )
-from longitudinal.records import LINKS, Fit, ResidualCovariance, Selection
+from longitudinal.records import Fit, ResidualCovariance, Selection
 
 FIGURE_KEYS: tuple[str, ...] = (
     "trajectories",

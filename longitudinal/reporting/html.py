@@ -27,7 +27,8 @@ from longitudinal.inference.residuals import (
     ratio_effects,
 )
 from longitudinal.model.formula import parse_formula
-from longitudinal.records import LINKS, Fit, LikelihoodRatioTest, ReportInputs, ResidualCovariance, Selection, Validated
+from longitudinal.config import LINKS
+from longitudinal.records import Fit, LikelihoodRatioTest, ReportInputs, ResidualCovariance, Selection, Validated
 from longitudinal.reporting.figures import (
     ANNOTATED_VISITS,
     CATERPILLAR_LEVELS,

@@ -44,12 +44,11 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
-from longitudinal.config import StudyConfig
+from longitudinal.config import LINKS, StudyConfig
 from longitudinal.data.durable import printable, sync_path, sync_tree, writing
 from longitudinal.data.validation import validation_summary
 from longitudinal.errors import LongitudinalError, OutputUnwritable, SourceUnavailable
 from longitudinal.records import (
-    LINKS,
     MODEL_COMPARISON_COLUMNS,
     Fit,
     ReportInputs,
