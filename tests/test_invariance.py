@@ -300,7 +300,7 @@ def test_a_singular_slope_model_with_a_gradient_at_the_boundary_stays_in_the_sel
     design, _ = standardize(build_design(frame, parse_formula(formula)))
     products = compute_crossproducts(design)
     theta = fit_lmm(design, reml=False).theta  # already standardized: the θ the checks see
-    gradient, _ = optimize._derivatives(lambda t: profiled_deviance(products, t, False), theta,
+    gradient, _ = optimize.derivatives(lambda t: profiled_deviance(products, t, False), theta,
                                         profiled_deviance(products, theta, False))
     assert theta[2] < 1e-4 and np.max(np.abs(gradient[:2])) > optimize.GRADIENT_TOL, "the premise of this test"
 

@@ -32,7 +32,7 @@ HESSIAN_TOL = 1e-6
 BOUNDARY_POLISH = 1e-2  # lme4 uses 1e-5: see _snap_to_boundary
 DERIVATIVE_STEP = 1e-4
 #: What the optimizer sees where the deviance cannot be computed; finite so BOBYQA's model stays usable.
-_UNDEFINED_DEVIANCE = 1e12
+UNDEFINED_DEVIANCE = 1e12
 
 
 @dataclass(frozen=True, eq=False)
@@ -93,7 +93,7 @@ def minimize_deviance(
 def _optimize(deviance: Callable[[np.ndarray], float], start: np.ndarray, layout: ThetaLayout) -> OptimizerRun:
     """BOBYQA from ``start``, then lme4's ``check.boundary`` and ``checkConv`` at the optimum."""
     lower = np.asarray(layout.lower)
-    theta, value, evaluations, status = _run_bobyqa(deviance, start, lower)
+    theta, value, evaluations, status = run_bobyqa(deviance, start, lower)
     if not math.isfinite(value):
         return OptimizerRun(theta, value, False, False, math.nan, evaluations, "the deviance is not finite at any θ tried")
     theta, value = _snap_to_boundary(deviance, theta, value, lower)
@@ -103,17 +103,20 @@ def _optimize(deviance: Callable[[np.ndarray], float], start: np.ndarray, layout
     return OptimizerRun(theta, value, check.converged and ok, check.settled and ok, check.gradient_max, evaluations, message)
 
 
-def _run_bobyqa(
-    deviance: Callable[[np.ndarray], float], start: np.ndarray, lower: np.ndarray,
+def run_bobyqa(
+    deviance: Callable[[np.ndarray], float], start: np.ndarray, lower: np.ndarray, *,
+    steps: np.ndarray | None = None, xtol: float | np.ndarray = XTOL_ABS, ftol: float = FTOL_ABS,
 ) -> tuple[np.ndarray, float, int, str]:
-    """Minimize with nlopt's bounded BOBYQA; returns θ, deviance, evaluations and a status note ("" if ok).
+    """Minimize with nlopt's bounded BOBYQA from ``start`` (moved onto ``lower`` where below it); returns
+    the point, its deviance, the evaluations and a status note ("" if ok). Shared by the LMM and GLMM engines.
 
-    The initial step is nlopt's default, as in lme4's ``nloptwrap`` (nloptr sets none): from lme4's start
-    this retraces lme4's path. The best point seen is tracked so that an nlopt exception (round-off
-    limited) still yields it; non-finite deviances are shown to BOBYQA as a large finite value.
+    ``steps`` None keeps nlopt's default initial step, as lme4's ``nloptwrap`` (nloptr sets none): from
+    lme4's start this retraces lme4's path. The best point seen is tracked so that an nlopt exception
+    (round-off limited) still yields it; non-finite deviances are shown to BOBYQA as a large finite value.
     """
     import nlopt
 
+    start = np.maximum(np.asarray(start, dtype=float), lower)
     best: dict[str, object] = {"value": math.inf, "theta": start.copy()}
     count = [0]
 
@@ -121,7 +124,7 @@ def _run_bobyqa(
         count[0] += 1
         value = deviance(theta)
         if not math.isfinite(value):
-            return _UNDEFINED_DEVIANCE
+            return UNDEFINED_DEVIANCE
         if value < best["value"]:  # type: ignore[operator]
             best["value"], best["theta"] = value, theta.copy()
         return value
@@ -129,8 +132,10 @@ def _run_bobyqa(
     opt = nlopt.opt(nlopt.LN_BOBYQA, start.shape[0])
     opt.set_lower_bounds(lower)
     opt.set_min_objective(objective)
-    opt.set_xtol_abs(XTOL_ABS)
-    opt.set_ftol_abs(FTOL_ABS)
+    if steps is not None:
+        opt.set_initial_step(steps)
+    opt.set_xtol_abs(xtol)
+    opt.set_ftol_abs(ftol)
     opt.set_maxeval(MAX_EVALUATIONS)
     status = ""
     try:
@@ -189,7 +194,7 @@ def _check_convergence(
     gradient and Hessian say nothing. Over the other θ the max scaled gradient is still recorded, and
     ``settled`` says whether it is below the tolerance (a restart is tried when it is not).
     """
-    gradient, hessian = _derivatives(deviance, theta, value)
+    gradient, hessian = derivatives(deviance, theta, value)
     singular = singular_bars(layout, theta)
     free = ~(layout.diagonal & (theta - np.asarray(layout.lower) < SINGULAR_TOL)) & ~np.isin(layout.bars, singular)
     if not free.any():
@@ -222,10 +227,11 @@ def _check_convergence(
     return _Convergence(settled and not negative, settled, gradient_max, tuple(notes))
 
 
-def _derivatives(
+def derivatives(
     deviance: Callable[[np.ndarray], float], theta: np.ndarray, value: float,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Central-difference gradient and Hessian with step 1e-4 (lme4's ``deriv12``)."""
+    """Central-difference gradient and Hessian with step 1e-4, bounds ignored (lme4's ``deriv12``): four
+    evaluations per mixed pair. ``value`` is the deviance at ``theta``."""
     k = theta.shape[0]
     h = DERIVATIVE_STEP
     gradient = np.empty(k)

@@ -573,18 +573,18 @@ def _kinked(corner: tuple[float, float], weights: tuple[float, float]):  # type:
 
 
 def _recording_starts(monkeypatch: pytest.MonkeyPatch) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Every BOBYQA run's (start, stop), recorded around the engine's own ``_run_bobyqa``."""
+    """Every BOBYQA run's (start, stop), recorded around the engine's own ``run_bobyqa``."""
     import longitudinal.fit.optimize as optimize
 
     runs: list[tuple[np.ndarray, np.ndarray]] = []
-    real = optimize._run_bobyqa
+    real = optimize.run_bobyqa
 
     def recorded(deviance, start, lower):  # type: ignore[no-untyped-def]
         theta, value, evaluations, status = real(deviance, start, lower)
         runs.append((start.copy(), theta.copy()))
         return theta, value, evaluations, status
 
-    monkeypatch.setattr(optimize, "_run_bobyqa", recorded)
+    monkeypatch.setattr(optimize, "run_bobyqa", recorded)
     return runs
 
 

@@ -33,7 +33,7 @@ from longitudinal.fit.failure import FitFailure
 from longitudinal.fit.glmm.families import Family
 from longitudinal.fit.glmm.problem import LaplaceProblem
 from longitudinal.fit.glmm.optimizer import (
-    Convergence, check_convergence, derivatives, free_parameters, run_bobyqa,
+    Convergence, bobyqa, check_convergence, derivatives, free_parameters,
 )
 from longitudinal.fit.glmm.separation import glm_start, separating_direction, separation_failure
 from longitudinal.fit.theta import ThetaLayout, block_covariances
@@ -76,7 +76,7 @@ def fit_standardized(problem: LaplaceProblem, layout: ThetaLayout, *, nagq: int,
                      y: np.ndarray, family: Family) -> EngineResult:
     """Stages 1 and 2, the checks and the estimates (module docstring) on ``problem``'s deviance."""
     began = time.perf_counter()
-    stage1 = run_bobyqa(problem.joint_deviance, layout.start(), np.asarray(layout.lower), np.full(layout.size, 0.2),
+    stage1 = bobyqa(problem.joint_deviance, layout.start(), np.asarray(layout.lower), np.full(layout.size, 0.2),
                         xtol=np.full(layout.size, 1e-4), ftol=1e-4)
     attempts = [_attempt("bobyqa (stage 1: θ, nAGQ = 0)", stage1.value, stage1.status == "", stage1.evaluations,
                          began, stage1.status)]
@@ -132,7 +132,7 @@ def _stage2(problem: LaplaceProblem, layout: ThetaLayout, start: np.ndarray) -> 
     se = np.minimum(se, 10.0)
     steps = np.concatenate([np.full(layout.size, 0.02), 0.2 * se])
     xtol = np.concatenate([np.full(layout.size, 1e-7), 1e-6 * se])
-    found = run_bobyqa(deviance, start, lower, steps, xtol=xtol, ftol=1e-9)
+    found = bobyqa(deviance, start, lower, steps, xtol=xtol, ftol=1e-9)
     x, value = found.x, found.value
     if not math.isfinite(value):
         return _Optimum(x, value, np.full((x.shape[0],) * 2, math.nan), Convergence(False, False, math.nan, ()),

@@ -20,15 +20,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from longitudinal.fit.optimize import GRADIENT_TOL, HESSIAN_TOL, derivatives, run_bobyqa
 from longitudinal.fit.theta import SINGULAR_TOL, ThetaLayout, singular_bars
 
-#: What BOBYQA sees where the deviance cannot be computed; finite so its quadratic model stays usable.
-UNDEFINED_DEVIANCE = 1e12
-MAX_EVALUATIONS = 100_000
-#: lme4's ``deriv12`` step and ``checkConv`` tolerances (``.makeCC``: gradient 0.002, Hessian 1e-6).
-DERIVATIVE_STEP = 1e-4
-GRADIENT_TOL = 2e-3
-HESSIAN_TOL = 1e-6
+__all__ = ["Convergence", "Minimum", "bobyqa", "check_convergence", "derivatives", "free_parameters",
+           "scaled_gradient_max"]
+
 
 
 @dataclass(frozen=True, eq=False)
@@ -41,70 +38,12 @@ class Minimum:
     status: str
 
 
-def run_bobyqa(
+def bobyqa(
     deviance: Callable[[np.ndarray], float], start: np.ndarray, lower: np.ndarray, steps: np.ndarray, *,
     xtol: np.ndarray, ftol: float,
 ) -> Minimum:
-    """Minimize ``deviance`` from ``start`` above ``lower`` with nlopt's BOBYQA and initial ``steps``.
-
-    The best point seen is kept, so that an nlopt exception (round-off limited) still yields it; a
-    non-finite deviance is shown to BOBYQA as a large finite value.
-    """
-    import nlopt
-
-    best = {"value": math.inf, "x": start.copy()}
-    count = [0]
-
-    def objective(x: np.ndarray, _grad: np.ndarray) -> float:
-        count[0] += 1
-        value = deviance(x)
-        if not math.isfinite(value):
-            return UNDEFINED_DEVIANCE
-        if value < best["value"]:  # type: ignore[operator]
-            best["value"], best["x"] = value, x.copy()
-        return value
-
-    opt = nlopt.opt(nlopt.LN_BOBYQA, start.shape[0])
-    opt.set_lower_bounds(lower)
-    opt.set_min_objective(objective)
-    opt.set_initial_step(steps)
-    opt.set_xtol_abs(xtol)
-    opt.set_ftol_abs(ftol)
-    opt.set_maxeval(MAX_EVALUATIONS)
-    status = ""
-    try:
-        opt.optimize(np.maximum(start, lower))
-        if opt.last_optimize_result() == nlopt.MAXEVAL_REACHED:
-            status = f"BOBYQA stopped at the evaluation limit ({MAX_EVALUATIONS})"
-    except nlopt.RoundoffLimited:
-        status = "BOBYQA stopped: round-off limited"
-    except (RuntimeError, ValueError) as exc:
-        status = f"BOBYQA failed: {exc}"
-    return Minimum(np.asarray(best["x"], dtype=float), float(best["value"]), count[0], status)  # type: ignore[arg-type]
-
-
-def derivatives(deviance: Callable[[np.ndarray], float], x: np.ndarray, value: float) -> tuple[np.ndarray, np.ndarray]:
-    """lme4's ``deriv12``: central-difference gradient and Hessian with step 1e-4, bounds ignored."""
-    k = x.shape[0]
-    h = DERIVATIVE_STEP
-    gradient = np.empty(k)
-    hessian = np.empty((k, k))
-
-    def at(*moves: tuple[int, float]) -> float:
-        point = x.copy()
-        for index, step in moves:
-            point[index] += step
-        return deviance(point)
-
-    for j in range(k):
-        up, down = at((j, h)), at((j, -h))
-        gradient[j] = (up - down) / (2 * h)
-        hessian[j, j] = (up - 2 * value + down) / (h * h)
-        for i in range(j):
-            hessian[i, j] = hessian[j, i] = (
-                at((i, h), (j, h)) - at((i, h), (j, -h)) - at((i, -h), (j, h)) + at((i, -h), (j, -h))
-            ) / (4 * h * h)
-    return gradient, hessian
+    """``fit.optimize.run_bobyqa`` from ``start`` above ``lower`` with initial ``steps``, as a ``Minimum``."""
+    return Minimum(*run_bobyqa(deviance, start, lower, steps=steps, xtol=xtol, ftol=ftol))
 
 
 @dataclass(frozen=True)
