@@ -26,6 +26,7 @@ from longitudinal.inference.residuals import (
     pearson_dispersion,
     ratio_effects,
 )
+from longitudinal.inference.variance import ExplainedVariance, explained_variance
 from longitudinal.model.formula import parse_formula
 from longitudinal.config import LINKS
 from longitudinal.records import Fit, LikelihoodRatioTest, ReportInputs, ResidualCovariance, Selection, Validated
@@ -675,6 +676,7 @@ def _selected_section(inputs: ReportInputs, figures: Mapping[str, bytes]) -> str
         ("Residual SD", esc("per visit (see the residual covariance below)"
                             if fit.covariance is not None and fit.covariance.heterogeneous
                             else format_number(fit.residual_sd))),
+        *_explained_variance_rows(explained_variance(fit, inputs.validated.visits)),
     ]))
     fixed_rows = []
     for fe in fit.fixed_effects:
@@ -709,6 +711,21 @@ def _selected_section(inputs: ReportInputs, figures: Mapping[str, bytes]) -> str
     if fit.covariance is not None:
         parts.append(_covariance_block(fit, fit.covariance, figures))
     return "\n".join(parts)
+
+
+def _explained_variance_rows(explained: ExplainedVariance | None) -> list[tuple[str, str]]:
+    """ICC and R² rows of the selected model's list (none where they are not defined: an MMRM)."""
+    if explained is None:
+        return []
+    return [
+        ("ICC (adjusted)", esc(f"{format_fixed(explained.icc, 3)}: the share of the variance not explained by "
+                               "the fixed effects that lies between subjects (the random-effect variance, averaged "
+                               "over the rows when slopes are random, over it plus the residual variance)")),
+        ("R² marginal / conditional", esc(f"{format_fixed(explained.r2_marginal, 3)} / "
+                                          f"{format_fixed(explained.r2_conditional, 3)}: the share of the total "
+                                          "variance explained by the fixed effects alone / by fixed and random "
+                                          "effects together (Nakagawa & Schielzeth, as R's performance)")),
+    ]
 
 
 def _glmm_selected_block(inputs: ReportInputs, fit: Fit, figures: Mapping[str, bytes]) -> str:

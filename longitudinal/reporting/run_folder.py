@@ -58,6 +58,7 @@ from longitudinal.records import (
     Validated,
 )
 from longitudinal.inference.residuals import ratio_effects
+from longitudinal.inference.variance import ExplainedVariance, explained_variance
 from longitudinal.reporting.figures import build_figures, figure_to_png
 from longitudinal.reporting.html import dispersion_of, overdispersion_advice, render_report
 
@@ -287,7 +288,7 @@ def write_model_comparison(selection: Selection, folder: Path) -> Path:
     return path
 
 
-def selected_model_summary(fit: Fit, criterion: str) -> dict[str, Any]:
+def selected_model_summary(fit: Fit, criterion: str, explained: ExplainedVariance | None = None) -> dict[str, Any]:
     """The contract of ``selected_model.json``: the REML refit of the selected candidate, or the ML fit of a
     binomial or Poisson one (a GLMM has no REML).
 
@@ -296,6 +297,9 @@ def selected_model_summary(fit: Fit, criterion: str) -> dict[str, Any]:
     scale and each carries ``odds_ratio`` (binomial) or ``rate_ratio`` (Poisson): ``estimate``, ``ci_low``,
     ``ci_high``, exp of the estimate and its Wald interval. ``overdispersion`` is the Pearson check of a
     Poisson fit (``pearson_chi2``, ``df``, ``ratio``, ``p_value``, ``overdispersed``, ``note``), null otherwise.
+    ``icc`` (adjusted), ``r2_marginal`` and ``r2_conditional`` come from ``explained`` (performance's ``icc`` and
+    ``r2_nakagawa``, see ``longitudinal.inference.variance``), null when it is None (not defined for an MMRM, not
+    computed for a GLMM).
     """
     glmm = fit.family != "gaussian"
     fixed = [asdict(fe) for fe in fit.fixed_effects]
@@ -321,6 +325,9 @@ def selected_model_summary(fit: Fit, criterion: str) -> dict[str, Any]:
         "residual_sd": fit.residual_sd,
         "loglik": fit.loglik,
         "reml_criterion": fit.reml_criterion,
+        "icc": None if explained is None else explained.icc,
+        "r2_marginal": None if explained is None else explained.r2_marginal,
+        "r2_conditional": None if explained is None else explained.r2_conditional,
         "singular": fit.singular,
         "converged": fit.converged,
         "engine": fit.engine,
@@ -513,7 +520,9 @@ def write_run_files(folder: Path, inputs: ReportInputs) -> Path:
 
 def _write_run_files(folder: Path, inputs: ReportInputs) -> Path:
     write_model_comparison(inputs.selection, folder)
-    write_json(selected_model_summary(inputs.selected, inputs.selection.criterion), folder / "selected_model.json")
+    explained = explained_variance(inputs.selected, inputs.validated.visits)
+    write_json(selected_model_summary(inputs.selected, inputs.selection.criterion, explained),
+               folder / "selected_model.json")
     write_json(validation_summary(inputs.validated), folder / "validation.json")
     write_quarantine(inputs.validated, folder)
     write_data(inputs.validated, folder)

@@ -1,0 +1,96 @@
+"""How much of the outcome's variance a fitted linear mixed model explains: the adjusted ICC and R² marginal
+and conditional of Nakagawa, Johnson & Schielzeth (2017), as the R package performance (0.10) computes them
+with ``icc()`` and ``r2_nakagawa()``.
+
+Three variances, all of the fit given (the REML refit of the selected model, for the report):
+
+- σ²_f, the fixed part: the sample variance (denominator n − 1, R's ``var``) of the linear predictor Xβ̂ over
+  the rows the model was fitted on;
+- σ²_r, the random part: per bar, the mean over rows of z_iᵀ Σ z_i (Johnson 2014), which is τ² for a random
+  intercept; summed over bars;
+- σ²_ε, the residual variance σ̂².
+
+R²_marginal = σ²_f / (σ²_f + σ²_r + σ²_ε), R²_conditional = (σ²_f + σ²_r) / (σ²_f + σ²_r + σ²_ε) and the
+adjusted ICC = σ²_r / (σ²_r + σ²_ε). With random slopes σ²_r, hence the ICC, depends on where the covariates
+lie (it is their average over the rows); performance reports it all the same, and so does this.
+
+Not defined here (``explained_variance`` returns None): a failed fit, a model with a residual covariance
+structure (an MMRM: no random-effect / residual split) and, for now, binomial and Poisson GLMMs (their
+distribution-specific variance is not implemented).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from longitudinal.model.design import BlockDesign, build_design
+from longitudinal.model.formula import parse_formula
+from longitudinal.records import Fit
+
+
+@dataclass(frozen=True)
+class ExplainedVariance:
+    """The variance components behind the ICC and R² of one fit, and those ratios."""
+
+    fixed: float
+    random: float
+    residual: float
+
+    @property
+    def icc(self) -> float:
+        """Adjusted ICC: the share of the variance left after the fixed effects that lies between groups."""
+        return self.random / (self.random + self.residual)
+
+    @property
+    def r2_marginal(self) -> float:
+        """Share of the total variance explained by the fixed effects alone."""
+        return self.fixed / (self.fixed + self.random + self.residual)
+
+    @property
+    def r2_conditional(self) -> float:
+        """Share of the total variance explained by the fixed and random effects together."""
+        return (self.fixed + self.random) / (self.fixed + self.random + self.residual)
+
+
+def explained_variance(fit: Fit, visits: pd.DataFrame) -> ExplainedVariance | None:
+    """The ICC and R² of ``fit`` (performance's ``icc`` and ``r2_nakagawa``), ``visits`` being the rows it was
+    fitted on (validated: no missing values), from which X and Z are rebuilt with the fit's dropped columns.
+
+    Uses the estimates of the fit as given: for the report, the REML refit. None where they are not defined
+    (see the module): a failed fit, a covariance-structure model, a GLMM.
+    """
+    if not math.isfinite(fit.loglik) or fit.covariance is not None or fit.family != "gaussian" or not fit.fixed_effects:
+        return None
+    design = build_design(visits, parse_formula(fit.formula, name=fit.name), dropped=fit.dropped_terms)
+    beta = np.array([fe.estimate for fe in fit.fixed_effects])
+    linear_predictor = design.X @ beta
+    fixed = float(np.var(linear_predictor, ddof=1)) if design.n_obs > 1 else 0.0
+    covariances = block_covariances(design.blocks, fit)
+    if covariances is None:
+        return None
+    random = sum(float(np.mean(np.einsum("ij,jk,ik->i", block.Z, cov, block.Z)))
+                 for block, cov in zip(design.blocks, covariances, strict=True))
+    return ExplainedVariance(fixed=fixed, random=random, residual=fit.residual_sd ** 2)
+
+
+def block_covariances(blocks: tuple[BlockDesign, ...], fit: Fit) -> list[np.ndarray] | None:
+    """Σ of each bar, from the fit's SDs and correlations found by group and term (a correlation that is NaN
+    because a variance is zero, or absent, counts as 0); None when the fit lacks the SD of a bar's term."""
+    sds = {(vc.group, vc.term): vc.sd for vc in fit.random_effects}
+    correlations = {(c.group, c.term1, c.term2): c.corr for c in fit.correlations}
+    out = []
+    for block in blocks:
+        if any((block.group, term) not in sds for term in block.terms):
+            return None
+        sd = np.array([sds[block.group, term] for term in block.terms])
+        corr = np.eye(len(block.terms))
+        for j, first in enumerate(block.terms):
+            for i in range(j + 1, len(block.terms)):
+                value = correlations.get((block.group, first, block.terms[i]), math.nan)
+                corr[i, j] = corr[j, i] = value if math.isfinite(value) else 0.0
+        out.append(corr * np.outer(sd, sd))
+    return out
