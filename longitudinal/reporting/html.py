@@ -26,6 +26,7 @@ from longitudinal.inference.residuals import (
     pearson_dispersion,
     ratio_effects,
 )
+from longitudinal.inference.visits import N_VISIT_BINS, VisitSummary, summarize_visits
 from longitudinal.inference.variance import ExplainedVariance, explained_variance
 from longitudinal.model.formula import parse_formula
 from longitudinal.config import LINKS
@@ -47,6 +48,8 @@ from longitudinal.reporting.figures import (
 )
 
 QUARANTINE_ROWS_SHOWN = 20
+#: Above this many visits, the per-visit tables show the first and last :data:`VISIT_ROWS_SHOWN` // 2.
+VISIT_ROWS_SHOWN = 20
 #: A share of quarantined rows above this is called out at the top of the report, not only counted.
 LARGE_QUARANTINE_SHARE = 0.20
 
@@ -375,10 +378,98 @@ def _data_section(inputs: ReportInputs, per_subject: np.ndarray) -> str:
     notes = "".join(f'<p class="note">{esc(note[0].upper() + note[1:])}.</p>' for note in validated.notes)
     return "\n".join([
         _accounting_sentence(validated), *([f'<p class="warning">{large}</p>'] if large else []), facts, notes,
+        _visit_tables(inputs),
         "<h3>Input files</h3>", files,
         "<h3>Quarantined rows by reason</h3>", reasons,
         shown,
     ])
+
+
+def _visit_tables(inputs: ReportInputs) -> str:
+    """The "Per visit" and "Dropout pattern" tables (:func:`~longitudinal.inference.visits.summarize_visits`),
+    split by the group column the trajectories figure uses."""
+    roles = inputs.config.data
+    visits = inputs.validated.visits
+    group = choose_group_column(visits, inputs.selected.formula,
+                                exclude=(*roles.subject_columns, roles.subject_key, roles.time, roles.outcome))
+    summary = summarize_visits(visits, roles.subject_columns, roles.time, roles.outcome, group)
+    binomial = inputs.selected.family == "binomial" or inputs.config.models.family == "binomial"
+    if summary.binned:
+        visit_note = (f"Time has {summary.n_times:,} distinct values, so each row is one of {N_VISIT_BINS} quantile "
+                      "bins of time (tied times share a bin), labelled by the range of times in it.")
+    else:
+        visit_note = "Each row is one distinct time."
+    split = (f"per level of {esc(group)} (the grouping of the trajectories figure)" if group is not None
+             else "over all subjects")
+    mean_what = (f"the proportion of rows with {esc(roles.outcome)} = 1" if binomial
+                 else f"the mean (SD) of {esc(roles.outcome)} over the rows")
+    per_visit = (f"<h3>Per visit</h3><p>Subjects observed at each visit and {mean_what}, {split}. "
+                 f"{esc(visit_note)}</p>" + _per_visit_table(summary, roles.time, binomial, time_axis_label(roles)))
+    dropout = ("<h3>Dropout pattern</h3><p>Subjects last seen at each visit (a subject who missed visits in between "
+               "counts at its last one), and the subjects still observed then or later, as a number and a share "
+               f"of the group's subjects, {split}."
+               + (" A share falling faster in one group than another means that group's later means describe "
+                  "the subjects who stayed." if len(summary.groups) > 1 else "") + "</p>"
+               + _dropout_table(summary, time_axis_label(roles)))
+    return per_visit + dropout
+
+
+def _visit_label(summary: VisitSummary) -> list[str]:
+    """Each visit as text: its time, or the range of times of a bin."""
+    labels = []
+    for low, high in zip(summary.visits["time_low"], summary.visits["time_high"], strict=True):
+        labels.append(f"{low:.6g}" if low == high else f"{low:.6g} to {high:.6g}")
+    return labels
+
+
+def _group_headers(groups: Sequence[str], columns: Sequence[str]) -> list[str]:
+    """Column headers per group ("arm A: subjects", ...), or the columns alone for a single group."""
+    if len(groups) == 1:
+        return list(columns)
+    return [f"{g}: {c}" for g in groups for c in columns]
+
+
+def _shown_visits(rows: list[list[Cell]], headers: Sequence[str], caption: str) -> str:
+    """A visit table, with the first and last :data:`VISIT_ROWS_SHOWN` // 2 rows when there are more."""
+    if len(rows) <= VISIT_ROWS_SHOWN:
+        return _table(headers, rows, caption=caption)
+    half = VISIT_ROWS_SHOWN // 2
+    gap: list[Cell] = [("…", "na"), *[("", "")] * (len(headers) - 1)]
+    note = (f'<p class="note">{len(rows):,} visits: showing the first {half} and the last {half}.</p>')
+    return note + _table(headers, [*rows[:half], gap, *rows[-half:]], caption=caption)
+
+
+def _per_visit_table(summary: VisitSummary, time: str, binomial: bool, time_label: str) -> str:
+    cells = summary.per_visit.set_index(["visit", "group"])
+    mean_header = "proportion of 1s" if binomial else "mean (SD)"
+    headers = [f"Visit ({time_label})", *_group_headers(summary.groups, ["subjects", mean_header])]
+    rows: list[list[Cell]] = []
+    for visit, label in zip(summary.visits["visit"], _visit_label(summary), strict=True):
+        row: list[Cell] = [_num(label)]
+        for g in summary.groups:
+            cell = cells.loc[(visit, g)]
+            if binomial or _is_missing(cell["mean"]):
+                mean = format_fixed(cell["mean"], 3) if binomial else "—"
+            else:
+                mean = f"{format_number(cell['mean'])} ({format_number(cell['sd'])})"
+            row += [_num(f"{int(cell['subjects']):,}"), _num(mean)]
+        rows.append(row)
+    return _shown_visits(rows, headers, f"Subjects and outcome per visit of {time}")
+
+
+def _dropout_table(summary: VisitSummary, time_label: str) -> str:
+    cells = summary.dropout.set_index(["visit", "group"])
+    headers = [f"Visit ({time_label})", *_group_headers(summary.groups, ["last seen", "still observed"])]
+    rows: list[list[Cell]] = []
+    for visit, label in zip(summary.visits["visit"], _visit_label(summary), strict=True):
+        row: list[Cell] = [_num(label)]
+        for g in summary.groups:
+            cell = cells.loc[(visit, g)]
+            share = cell["share_still_observed"]
+            still = f"{int(cell['still_observed']):,}" + ("" if _is_missing(share) else f" ({float(share):.0%})")
+            row += [_num(f"{int(cell['last_seen']):,}"), _num(still)]
+        rows.append(row)
+    return _shown_visits(rows, headers, "Subjects last seen at each visit")
 
 
 def _quarantine_preview(quarantine: pd.DataFrame) -> str:

@@ -577,3 +577,64 @@ def test_the_residual_correlation_diagnostic_compares_the_selected_with_the_best
     assert "uncorrelated at every lag: points near 0" in section
     assert "Residuals (observed − fitted fixed effects: the model has no random effects)" in section
     assert "Normal QQ plot of normalized residuals" in section
+
+
+def visit_tables_of(page: str) -> tuple[str, str]:
+    """The "Per visit" and "Dropout pattern" tables of the data section."""
+    data = section_of(page, "data", "validation")
+    per_visit = data[data.index("<h3>Per visit</h3>"):data.index("<h3>Dropout pattern</h3>")]
+    return per_visit, data[data.index("<h3>Dropout pattern</h3>"):data.index("<h3>Input files</h3>")]
+
+
+def visit_row(*cells: str) -> str:
+    return "<tr>" + "".join(f'<td class="num">{c}</td>' for c in cells) + "</tr>"
+
+
+def test_the_data_section_counts_subjects_and_averages_the_outcome_per_visit(page: str) -> None:
+    # Weeks 0-2: a, b, c, d; week 3: b, c, d; week 4: c. Scores are linspace(10, 20, 16): at week 3,
+    # rows 6, 10 and 15 (14, 16.67, 20), mean 16.89, SD 3.006.
+    per_visit, dropout = visit_tables_of(page)
+    assert "<th>Visit (week)</th><th>subjects</th><th>mean (SD)</th>" in per_visit
+    assert visit_row("0", "4", "13.67 (3.464)") in per_visit
+    assert visit_row("3", "3", "16.89 (3.006)") in per_visit
+    assert visit_row("4", "1", "17.33 (—)") in per_visit
+    assert "<th>Visit (week)</th><th>last seen</th><th>still observed</th>" in dropout
+    assert visit_row("1", "0", "4 (100%)") in dropout
+    assert visit_row("2", "1", "4 (100%)") in dropout  # a
+    assert visit_row("3", "2", "3 (75%)") in dropout  # b and d
+    assert visit_row("4", "1", "1 (25%)") in dropout  # c
+
+
+def test_the_visit_tables_split_by_the_trajectories_group_and_a_binary_outcome_shows_proportions() -> None:
+    validated = make_validated()
+    visits = validated.visits.assign(arm=np.where(validated.visits["pid"].isin(["a", "b"]), "x", "y"),
+                                     score=(validated.visits["score"] > 14).astype(float))
+    selected = replace(make_selected(), formula="score ~ week + arm + (1 | pid)", family="binomial", method="ML")
+    page = render_report(make_inputs(validated=replace(validated, visits=visits), selected=selected), {})
+    per_visit, dropout = visit_tables_of(page)
+    assert "per level of arm" in per_visit and "proportion of rows with score = 1" in per_visit
+    assert ("<th>x: subjects</th><th>x: proportion of 1s</th><th>y: subjects</th><th>y: proportion of 1s</th>"
+            in per_visit)
+    assert visit_row("3", "1", "0.000", "2", "1.000") in per_visit
+    assert visit_row("4", "0", "—", "1", "1.000") in per_visit
+    assert visit_row("3", "1", "1 (50%)", "1", "2 (100%)") in dropout
+    assert visit_row("4", "0", "0 (0%)", "1", "1 (50%)") in dropout
+
+
+def test_many_visits_show_the_first_and_last_ten_and_many_times_are_binned() -> None:
+    def page_with_times(n: int) -> str:
+        visits = pd.DataFrame({"pid": np.repeat(["a", "b"], n), "week": np.tile(np.arange(n, dtype=float), 2),
+                               "score": np.arange(2 * n, dtype=float)})
+        validated = replace(make_validated(), visits=visits, rows_read=2 * n + 3)
+        return render_report(make_inputs(validated=validated), {})
+
+    # Subject a scores 0, 1, ... and b n, n + 1, ... at weeks 0, 1, ...: at week w, mean w + n/2, SD n/√2.
+    per_visit, dropout = visit_tables_of(page_with_times(25))
+    assert "25 visits: showing the first 10 and the last 10." in per_visit
+    assert visit_row("9", "2", "21.50 (17.68)") in per_visit and visit_row("15", "2", "27.50 (17.68)") in per_visit
+    assert '<td class="num">12</td>' not in per_visit and '<td class="na">…</td>' in per_visit
+    assert visit_row("24", "2", "2 (100%)") in dropout
+    binned, _ = visit_tables_of(page_with_times(40))
+    assert "Time has 40 distinct values, so each row is one of 10 quantile bins of time" in binned
+    # The first bin holds weeks 0-3 of both subjects: scores 0-3 and 40-43, mean 21.5, SD 21.41.
+    assert visit_row("0 to 3", "2", "21.50 (21.41)") in binned
