@@ -298,8 +298,8 @@ def selected_model_summary(fit: Fit, criterion: str, explained: ExplainedVarianc
     ``ci_high``, exp of the estimate and its Wald interval. ``overdispersion`` is the Pearson check of a
     Poisson fit (``pearson_chi2``, ``df``, ``ratio``, ``p_value``, ``overdispersed``, ``note``), null otherwise.
     ``icc`` (adjusted), ``r2_marginal`` and ``r2_conditional`` come from ``explained`` (performance's ``icc`` and
-    ``r2_nakagawa``, see ``longitudinal.inference.variance``), null when it is None (not defined for an MMRM, not
-    computed for a GLMM).
+    ``r2_nakagawa``, see ``longitudinal.inference.variance``; for a GLMM on the link scale with the family's
+    distribution-specific variance), null when it is None (not defined for an MMRM or a failed fit).
     """
     glmm = fit.family != "gaussian"
     fixed = [asdict(fe) for fe in fit.fixed_effects]
