@@ -204,27 +204,46 @@ def _check_convergence(
     if not np.all(np.isfinite(g)) or not np.all(np.isfinite(H)):
         return _Convergence(bool(singular), False, math.nan, ("the gradient of the deviance at the optimum is not finite",))
     notes: list[str] = []
-    try:
-        scaled = np.linalg.solve(np.linalg.cholesky(H).T, g)
-        gradient_max = float(np.max(np.minimum(np.abs(scaled), np.abs(g))))
-    except np.linalg.LinAlgError:
+    gradient_max = scaled_gradient_max(g, H)
+    if math.isnan(gradient_max):
         # lme4 reports "unable to evaluate scaled gradient"; the plain gradient still says something.
         gradient_max = float(np.max(np.abs(g)))
         notes.append("unable to evaluate the scaled gradient (Hessian not positive definite)")
     settled = gradient_max < GRADIENT_TOL
     if singular:
         return _Convergence(True, settled, gradient_max, ())
-    eigenvalues = np.linalg.eigvalsh(H)
-    negative = int(np.sum(eigenvalues < -HESSIAN_TOL))
-    if negative:
-        # lme4's checkHess (code -3): "Model failed to converge: degenerate Hessian with %d negative eigenvalues".
-        notes.append(f"failed to converge: degenerate Hessian with {negative} negative "
-                     f"eigenvalue{'s' if negative > 1 else ''}")
-    elif np.any(np.abs(eigenvalues) < HESSIAN_TOL):
-        notes.append("Hessian is numerically singular: parameters are not uniquely determined")
+    degenerate, hessian_findings = hessian_check(H)
+    notes.extend(hessian_findings)
     if not settled:
         notes.insert(0, f"failed to converge with max|grad| = {gradient_max:.3g} (tol = {GRADIENT_TOL:g})")
-    return _Convergence(settled and not negative, settled, gradient_max, tuple(notes))
+    return _Convergence(settled and not degenerate, settled, gradient_max, tuple(notes))
+
+
+def scaled_gradient_max(gradient: np.ndarray, hessian: np.ndarray) -> float:
+    """lme4's scaled gradient: the largest over the parameters of min(|R⁻¹g|, |g|), H = RᵀR its Cholesky
+    factorization; NaN where H is not positive definite or not finite."""
+    if not (np.all(np.isfinite(gradient)) and np.all(np.isfinite(hessian))):
+        return math.nan
+    try:
+        scaled = np.linalg.solve(np.linalg.cholesky(hessian).T, gradient)
+    except np.linalg.LinAlgError:
+        return math.nan
+    return float(np.max(np.minimum(np.abs(scaled), np.abs(gradient))))
+
+
+def hessian_check(hessian: np.ndarray) -> tuple[bool, list[str]]:
+    """lme4's ``checkHess`` on the deviance's Hessian at an optimum: whether it has negative eigenvalues
+    (below −``HESSIAN_TOL``: "degenerate Hessian", not a minimum), and the notes: that, or else an eigenvalue
+    near zero (parameters not uniquely determined)."""
+    eigenvalues = np.linalg.eigvalsh(hessian)
+    negative = int(np.sum(eigenvalues < -HESSIAN_TOL))
+    if negative:
+        # lme4's code -3: "Model failed to converge: degenerate Hessian with %d negative eigenvalues".
+        return True, [f"failed to converge: degenerate Hessian with {negative} negative "
+                      f"eigenvalue{'s' if negative > 1 else ''}"]
+    if np.any(np.abs(eigenvalues) < HESSIAN_TOL):
+        return False, ["Hessian is numerically singular: parameters are not uniquely determined"]
+    return False, []
 
 
 def derivatives(

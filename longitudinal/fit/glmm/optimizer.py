@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from longitudinal.fit.optimize import GRADIENT_TOL, HESSIAN_TOL, derivatives, run_bobyqa
+from longitudinal.fit.optimize import GRADIENT_TOL, derivatives, hessian_check, run_bobyqa, scaled_gradient_max
 from longitudinal.fit.theta import SINGULAR_TOL, ThetaLayout, singular_bars
 
 __all__ = ["Convergence", "Minimum", "bobyqa", "check_convergence", "derivatives", "free_parameters",
@@ -56,18 +56,6 @@ class Convergence:
     notes: tuple[str, ...]
 
 
-def scaled_gradient_max(gradient: np.ndarray, hessian: np.ndarray) -> float:
-    """lme4's scaled gradient: the largest over the parameters of min(|R⁻¹g|, |g|), H = RᵀR its Cholesky
-    factorization; NaN where H is not positive definite or not finite."""
-    if not (np.all(np.isfinite(gradient)) and np.all(np.isfinite(hessian))):
-        return math.nan
-    try:
-        scaled = np.linalg.solve(np.linalg.cholesky(hessian).T, gradient)
-    except np.linalg.LinAlgError:
-        return math.nan
-    return float(np.max(np.minimum(np.abs(scaled), np.abs(gradient))))
-
-
 def free_parameters(layout: ThetaLayout, x: np.ndarray) -> np.ndarray:
     """Mask of the parameters (θ, then β) off the boundary: not a diagonal θ below lme4's singular tolerance,
     nor any θ of a singular bar (there the bar's θ are not locally identified: its gradient and Hessian say
@@ -101,11 +89,5 @@ def check_convergence(layout: ThetaLayout, x: np.ndarray, gradient: np.ndarray, 
         gradient_max = float(np.max(np.abs(g)))
     elif gradient_max > GRADIENT_TOL:
         notes.append(f"failed to converge with max|grad| = {gradient_max:.3g} (tol = {GRADIENT_TOL:g})")
-    eigenvalues = np.linalg.eigvalsh(hessian)
-    negative = int(np.sum(eigenvalues < -HESSIAN_TOL))
-    if negative:
-        notes.append(f"failed to converge: degenerate Hessian with {negative} negative "
-                     f"eigenvalue{'s' if negative > 1 else ''}")
-    elif np.any(np.abs(eigenvalues) < HESSIAN_TOL):
-        notes.append("Hessian is numerically singular: parameters are not uniquely determined")
+    notes.extend(hessian_check(hessian)[1])
     return Convergence(not notes, False, gradient_max, tuple(notes))
