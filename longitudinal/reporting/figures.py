@@ -19,7 +19,7 @@ import math
 import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Literal
+from typing import Literal, TypeVar
 
 import matplotlib
 import numpy as np
@@ -35,10 +35,10 @@ from scipy.special import ndtri
 from longitudinal.config import LINKS, DataConfig, StudyConfig
 from longitudinal.inference.residuals import (
     MAX_DISTINCT_X, MAX_PAIRS, binned_means, binned_residuals, lag_correlation, normalized_residuals,
-    observed_response, outcome_over_time, randomized_quantile_residuals, ratio_effects, semivariogram,
-    visit_positions,
+    RatioEffect, observed_response, outcome_over_time, randomized_quantile_residuals, ratio_effects,
+    semivariogram, visit_positions,
 )
-from longitudinal.records import Fit, ResidualCovariance, Selection
+from longitudinal.records import Fit, FixedEffect, ResidualCovariance, Selection
 
 FIGURE_KEYS: tuple[str, ...] = (
     "trajectories",
@@ -406,6 +406,24 @@ def _deltas(table: pd.DataFrame, criterion: str, converged: np.ndarray) -> np.nd
 # ------------------------------------------------------------------------------------ coefficients
 
 
+E = TypeVar("E", FixedEffect, RatioEffect)
+
+
+def _intercept_apart(effects: Sequence[E]) -> list[list[E]]:
+    """The coefficient plot's panels: the intercept alone (its scale is another), then the other terms."""
+    intercept = [e for e in effects if e.term == "(Intercept)"]
+    others = [e for e in effects if e.term != "(Intercept)"]
+    return [p for p in (intercept, others) if p]
+
+
+def _coefficient_axes(panels: Sequence[Sequence[object]]) -> tuple[Figure, np.ndarray]:
+    """A figure with one stacked axis per panel, each as tall as its number of terms."""
+    fig = _new_figure(8.0, 1.5 + 0.38 * sum(len(p) for p in panels) + 0.5 * (len(panels) - 1))
+    axes = fig.subplots(len(panels), 1, squeeze=False,
+                        gridspec_kw={"height_ratios": [max(len(p), 1) + 0.6 for p in panels]})[:, 0]
+    return fig, axes
+
+
 def plot_coefficients(fit: Fit, data: DataConfig | None = None) -> Figure:
     """Forest plot of the fixed effects: estimate and Wald 95% interval, with a zero line.
 
@@ -418,13 +436,9 @@ def plot_coefficients(fit: Fit, data: DataConfig | None = None) -> Figure:
     if fit.family != "gaussian":
         return plot_ratio_coefficients(fit, data)
     outcome = _outcome_of(fit.formula)
-    intercept = [fe for fe in fit.fixed_effects if fe.term == "(Intercept)"]
-    others = [fe for fe in fit.fixed_effects if fe.term != "(Intercept)"]
-    panels = [p for p in (intercept, others) if p]
+    panels = _intercept_apart(fit.fixed_effects)
     with _style():
-        fig = _new_figure(8.0, 1.5 + 0.38 * len(fit.fixed_effects) + 0.5 * (len(panels) - 1))
-        axes = fig.subplots(len(panels), 1, squeeze=False,
-                            gridspec_kw={"height_ratios": [max(len(p), 1) + 0.6 for p in panels]})[:, 0]
+        fig, axes = _coefficient_axes(panels)
         for ax, effects in zip(axes, panels, strict=True):
             est = np.array([fe.estimate for fe in effects])
             low = np.array([fe.ci_low for fe in effects])
@@ -436,7 +450,7 @@ def plot_coefficients(fit: Fit, data: DataConfig | None = None) -> Figure:
             finite = finite[np.isfinite(finite)]
             lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (-1.0, 1.0)
             width = max(hi - lo, abs(hi) * 0.05, 1e-9)
-            if effects is others or lo - width <= 0 <= hi + width:
+            if effects[0].term != "(Intercept)" or lo - width <= 0 <= hi + width:
                 lo, hi = min(lo, 0.0), max(hi, 0.0)
                 ax.axvline(0.0, color="#333333", linewidth=0.9, linestyle="--")
             pad = (hi - lo) * 0.06 or 1.0
@@ -446,7 +460,7 @@ def plot_coefficients(fit: Fit, data: DataConfig | None = None) -> Figure:
             ax.set_ylim(-0.7, len(effects) - 0.3)
             ax.grid(axis="y", visible=False)
             ax.set_ylabel("Term")
-            ax.set_xlabel(f"Estimate ({_plain(outcome)} units)" if effects is intercept
+            ax.set_xlabel(f"Estimate ({_plain(outcome)} units)" if effects[0].term == "(Intercept)"
                           else f"Estimate (change in {_plain(outcome)} per unit of the term)")
         axes[0].set_title("Fixed-effect estimates with Wald 95% confidence intervals")
         fig.suptitle(f"Fixed effects of {_plain(_shorten(fit.name, 40))} ({fit.method})")
@@ -485,13 +499,9 @@ def plot_ratio_coefficients(fit: Fit, data: DataConfig | None = None) -> Figure:
     Non-finite bounds (an overflowing exp) are left out of the axis range."""
     effects = ratio_effects(fit)
     ratio, baseline = ratio_name(fit.family), baseline_name(fit.family)
-    intercept = [e for e in effects if e.term == "(Intercept)"]
-    others = [e for e in effects if e.term != "(Intercept)"]
-    panels = [p for p in (intercept, others) if p]
+    panels = _intercept_apart(effects)
     with _style():
-        fig = _new_figure(8.0, 1.5 + 0.38 * len(effects) + 0.5 * (len(panels) - 1))
-        axes = fig.subplots(len(panels), 1, squeeze=False,
-                            gridspec_kw={"height_ratios": [max(len(p), 1) + 0.6 for p in panels]})[:, 0]
+        fig, axes = _coefficient_axes(panels)
         for ax, part in zip(axes, panels, strict=True):
             est = np.array([e.estimate for e in part])
             low = np.array([e.ci_low for e in part])
@@ -505,7 +515,7 @@ def plot_ratio_coefficients(fit: Fit, data: DataConfig | None = None) -> Figure:
             values = np.concatenate([low, high, est])
             values = values[np.isfinite(values) & (values > 0)]
             lo, hi = (float(values.min()), float(values.max())) if values.size else (0.5, 2.0)
-            if part is others:  # 1 is no effect; for the baseline odds or rate it marks nothing
+            if part[0].term != "(Intercept)":  # 1 is no effect; for the baseline odds or rate it marks nothing
                 lo, hi = min(lo, 1.0), max(hi, 1.0)
                 ax.axvline(1.0, color="#333333", linewidth=0.9, linestyle="--")
             if hi / lo < 1.5:  # an interval too narrow to read on a log axis: widen it around its centre
@@ -522,7 +532,7 @@ def plot_ratio_coefficients(fit: Fit, data: DataConfig | None = None) -> Figure:
             ax.set_ylim(-0.7, len(part) - 0.3)
             ax.grid(axis="y", visible=False)
             ax.set_ylabel("Term")
-            ax.set_xlabel(f"{baseline.capitalize()}: exp(intercept), log scale" if part is intercept
+            ax.set_xlabel(f"{baseline.capitalize()}: exp(intercept), log scale" if part[0].term == "(Intercept)"
                           else f"{ratio.capitalize()} per unit of the term, log scale")
         axes[0].set_title(f"{ratio.capitalize()}s with Wald 95% confidence intervals (exp of the "
                           f"{LINKS.get(fit.family, 'link')}-scale estimates)")
