@@ -32,6 +32,12 @@ TIME_UNIT_DAYS: dict[str, float] = {"days": 1.0, "weeks": 7.0, "months": 30.4375
 #: The most quadrature points ``models.nagq`` takes (glmer's limit for nAGQ).
 MAX_NAGQ = 100
 
+#: ``models.df``: the reference distribution of the fixed-effect tests and intervals. Satterthwaite's and
+#: Kenward–Roger's denominator degrees of freedom as lmerTest and pbkrtest compute them, the residual df
+#: n − rank(X), or the normal distribution (Wald z, the only one for a binomial or Poisson model).
+DfMethod = Literal["satterthwaite", "kenward-roger", "residual", "normal"]
+DF_METHODS: tuple[str, ...] = get_args(DfMethod)
+
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -179,6 +185,10 @@ class ModelsConfig(_Frozen):
     is glmer's ``nAGQ``: 1 is the Laplace approximation, more points adaptive Gauss–Hermite quadrature, which
     glmer allows only for one scalar random effect (checked against the candidates by
     ``longitudinal.model.formula.check_family``).
+
+    ``df`` is the reference distribution of the selected model's fixed-effect tests, intervals, marginal
+    means and contrasts (``DF_METHODS``): Satterthwaite (lmerTest's default) unless given for a Gaussian
+    model; always "normal" for a binomial or Poisson one (glmer's z tests), which may not ask for another.
     """
 
     criterion: Literal["aic", "bic"] = "bic"
@@ -186,6 +196,29 @@ class ModelsConfig(_Frozen):
     candidates: dict[str, str]
     family: Family = "gaussian"
     nagq: int = 1
+    df: DfMethod = "satterthwaite"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _df_for_family(cls, value: Any) -> Any:
+        if not isinstance(value, dict) or value.get("family", "gaussian") == "gaussian":
+            return value
+        if "df" not in value:
+            return {**value, "df": "normal"}
+        if value["df"] != "normal":
+            raise ValueError(
+                f"df {value['df']!r} is for linear mixed models; a {value['family']} model's tests use the normal "
+                "distribution (glmer's z tests): remove df, or write df: normal"
+            )
+        return value
+
+    @field_validator("df", mode="before")
+    @classmethod
+    def _known_df(cls, value: Any) -> Any:
+        if value not in DF_METHODS:
+            raise ValueError(f"{value!r} is not a df method; use satterthwaite (the default, as lmerTest), "
+                             "kenward-roger (as pbkrtest), residual (n minus the fixed effects) or normal (z tests)")
+        return value
 
     @field_validator("candidates")
     @classmethod
@@ -229,6 +262,38 @@ class ModelsConfig(_Frozen):
             raise ValueError(f"{value} has no meaning for family 'gaussian' (its likelihood is exact, with no "
                              "integral to approximate); remove nagq, or set family binomial or poisson")
         return value
+
+
+class EstimatesConfig(_Frozen):
+    """What the report estimates from the selected model besides its coefficients (emmeans' reference grid).
+
+    ``by`` is a categorical column: a marginal mean per level, and each level against the first (the
+    reference level) as ``contrast(emm, "trt.vs.ctrl")``. ``at`` gives values of numeric columns (the time,
+    a numeric covariate) where the means are computed; other numeric covariates are held at their mean and
+    other factors averaged with equal weights, as emmeans does by default.
+    """
+
+    by: str | None = None
+    at: dict[str, tuple[float, ...]] = Field(default_factory=dict)
+
+    @field_validator("at", mode="before")
+    @classmethod
+    def _values(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            raise ValueError(f"{value!r} is not a mapping of columns to values; write e.g. at: {{week: [0, 4, 8]}}")
+        out = {}
+        for column, values in value.items():
+            listed = values if isinstance(values, (list, tuple)) else [values]
+            if not listed or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in listed):
+                raise ValueError(f"at {column!r}: {values!r} is not a list of numbers; write e.g. {column}: [0, 4, 8]")
+            out[column] = tuple(float(v) for v in listed)
+        return out
+
+    @model_validator(mode="after")
+    def _something(self) -> EstimatesConfig:
+        if self.by is None and not self.at:
+            raise ValueError("estimates needs by (a categorical column), at (values of numeric columns), or both")
+        return self
 
 
 class OutputConfig(_Frozen):
@@ -279,6 +344,7 @@ class StudyConfig(_Frozen):
     data: DataConfig
     validation: ValidationConfig = ValidationConfig()
     models: ModelsConfig
+    estimates: EstimatesConfig | None = None
     output: OutputConfig = OutputConfig()
     schedule: ScheduleConfig | None = None
     execution: ExecutionConfig = ExecutionConfig()
@@ -316,6 +382,31 @@ class StudyConfig(_Frozen):
                 f"data.outcome_levels {list(self.data.outcome_levels)!r} name the two values of a binomial outcome, "
                 f"but models.family is {self.models.family!r}; set models.family: binomial, or remove outcome_levels"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _estimates_columns(self) -> StudyConfig:
+        if self.estimates is None:
+            return self
+        data = self.data
+        roles = {column: "data.subject" for column in data.subject_columns} | {data.outcome: "data.outcome"}
+        by = self.estimates.by
+        if by is not None:
+            if by in roles or by == data.time:
+                what = roles.get(by, "data.time")
+                raise ValueError(f"estimates.by: {by!r} is {what}; name a categorical covariate such as the arm")
+            if by not in data.categorical:
+                raise ValueError(f"estimates.by: {by!r} is not in data.categorical; means per level need a "
+                                 f"categorical column: add it to data.categorical, or name another")
+        for column in self.estimates.at:
+            if column in roles:
+                raise ValueError(f"estimates.at: {column!r} is {roles[column]}; give values of the time or of a "
+                                 "numeric covariate")
+            if column in data.categorical:
+                raise ValueError(f"estimates.at: {column!r} is categorical; its levels are averaged over, or name "
+                                 "it in estimates.by")
+            if column == by:
+                raise ValueError(f"estimates: {column!r} is both by and at")
         return self
 
     @property

@@ -154,7 +154,12 @@ class Validated:
 
 @dataclass(frozen=True)
 class FixedEffect:
-    """A fixed-effect estimate with its Wald standard error, 95% interval and two-sided p-value."""
+    """A fixed-effect estimate with its standard error, 95% interval and two-sided p-value.
+
+    ``df`` is the reference distribution's degrees of freedom: the t distribution with ``df`` (Satterthwaite,
+    Kenward–Roger or residual df, ``longitudinal.inference.ddf``), or ``inf`` for the normal distribution
+    (Wald z: the candidates' own fits, and every binomial or Poisson model).
+    """
 
     term: str
     estimate: float
@@ -162,6 +167,7 @@ class FixedEffect:
     ci_low: float
     ci_high: float
     p_value: float
+    df: float = math.inf
 
     @property
     def z(self) -> float:
@@ -305,6 +311,12 @@ class Fit:
     normalized_residuals: np.ndarray = field(default_factory=lambda: np.empty(0))
     family: str = "gaussian"
     nagq: int = 1
+    vcov: np.ndarray = field(default_factory=lambda: np.empty((0, 0)))
+    """The covariance of the fixed-effect estimates (Wald, as lme4's ``vcov``), rows and columns in the order of
+    ``fixed_effects``; empty for a failed fit."""
+    theta: np.ndarray = field(default_factory=lambda: np.empty(0))
+    """lme4's θ at the optimum, in the data's units (lme4-style LMM and GLMM fits; empty otherwise): with the
+    design, what small-sample inference and likelihood profiles start from."""
 
     @property
     def usable(self) -> bool:

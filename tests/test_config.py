@@ -59,7 +59,7 @@ def test_absolute_paths_stay(tmp_path: Path) -> None:
 
 
 def test_unknown_key_is_named_with_the_allowed_ones() -> None:
-    with pytest.raises(ConfigError, match=r"unknown key 'models.critrion' \(did you mean 'criterion'\? allowed here: criterion, engine, candidates, family, nagq\)"):
+    with pytest.raises(ConfigError, match=r"unknown key 'models.critrion' \(did you mean 'criterion'\? allowed here: criterion, engine, candidates, family, nagq, df\)"):
         parse_config(_with(models__critrion="aic"))
 
 

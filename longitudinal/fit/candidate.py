@@ -29,7 +29,6 @@ from longitudinal.errors import ConfigError
 from longitudinal.fit.failure import FitFailure
 from longitudinal.fit.lmm import fit_lmm
 from longitudinal.fit.structured import fit_structured
-from longitudinal.fit.structured import fit_structured
 from longitudinal.fit.theta import count_parameters
 from longitudinal.fit.wald import wald_fixed_effects
 from longitudinal.model.design import Design, build_design
@@ -183,6 +182,8 @@ def _to_record(
         gradient_max=result.gradient_max,
         iterations=result.evaluations,
         seconds=time.perf_counter() - began,
+        theta=np.asarray(result.theta, dtype=float),
+        vcov=np.asarray(result.vcov, dtype=float),
     )
 
 

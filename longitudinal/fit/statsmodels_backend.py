@@ -456,6 +456,7 @@ def _to_record(
         loglik=loglik,
         reml_criterion=-2.0 * loglik if method == "REML" else None,
         fixed_effects=_fixed_effects(design, estimates.beta, vcov),
+        vcov=np.asarray(vcov, dtype=float),
         random_effects=components,
         correlations=correlations,
         residual_sd=residual_sd,

@@ -113,6 +113,7 @@ def fit_structured(
         loglik=result.loglik,
         reml_criterion=-2.0 * result.loglik if result.reml else None,
         fixed_effects=wald_fixed_effects(design.fixed_names, result.beta, result.vcov),
+        vcov=np.asarray(result.vcov, dtype=float),
         random_effects=tuple(
             VarianceComponent(group=term.subject, term=t, sd=float(math.sqrt(max(result.random_covariance[i, i], 0.0))))
             for i, t in enumerate(terms)

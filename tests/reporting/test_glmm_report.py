@@ -303,7 +303,7 @@ def test_the_gaussian_json_keeps_its_keys_and_says_its_family() -> None:
     summary = selected_model_summary(make_inputs().selected, "bic")
     assert (summary["family"], summary["link"], summary["nagq"], summary["overdispersion"]) == (
         "gaussian", "identity", None, None)
-    assert all(set(fe) == {"term", "estimate", "std_error", "ci_low", "ci_high", "p_value"}
+    assert all(set(fe) == {"term", "estimate", "std_error", "ci_low", "ci_high", "p_value", "df"}
                for fe in summary["fixed_effects"])
 
 

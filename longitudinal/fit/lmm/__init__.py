@@ -9,15 +9,18 @@ design (``fit.scaling``) and ``restore_units`` carries every estimate back to th
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
 from longitudinal.fit.failure import FitFailure
-from longitudinal.fit.lmm.crossproducts import CrossProducts, PatternProducts
-from longitudinal.fit.lmm.multifactor import fit_multilevel, multilevel_deviance
+from longitudinal.fit.lmm import multifactor, onefactor
+from longitudinal.fit.lmm.crossproducts import CrossProducts, PatternProducts, compute_crossproducts
+from longitudinal.fit.lmm.multifactor import compute_multiproducts, fit_multilevel, multilevel_deviance
 from longitudinal.fit.lmm.onefactor import fit_one_factor, one_factor_deviance
 from longitudinal.fit.scaling import Standardization, standardize
-from longitudinal.fit.theta import layout_theta, singular_message
+from longitudinal.fit.theta import lambda_at, layout_theta, singular_message
 from longitudinal.model.design import Design
 from longitudinal.records import EngineResult, OptimizerAttempt
 
@@ -36,6 +39,67 @@ def profiled_deviance(
     if isinstance(source, Design) and not source.single_factor:
         return multilevel_deviance(source, theta, reml)
     return one_factor_deviance(source, theta, reml)
+
+
+@dataclass(frozen=True, eq=False)
+class PenalizedSolution:
+    """What lme4's ``pp`` and ``resp`` hold at one θ, for criteria that do not profile σ out.
+
+    ``logdet_M`` is log|Λ'Z'ZΛ + I| (lme4's ``ldL2()``), ``r2`` the penalized residual sum of squares
+    (``wrss() + sqrL(1)``), ``RX`` a p × p factor with RXᵀRX = X'V*⁻¹X for V* = ZΛΛ'Z' + I (lme4's ``RX()``
+    up to an orthogonal factor: only RXᵀRX and |RX| are defined), ``beta`` β̂(θ). With σ given::
+
+        ML deviance(θ, σ)   = logdet_M + r2 / σ² + n log(2π σ²)
+        REML deviance(θ, σ) = ML deviance(θ, σ) + 2 log|RX| − p log(2π σ²)       (lmerTest's devfun_vp)
+        vcov(β)(θ, σ)       = σ² (RXᵀRX)⁻¹
+    """
+
+    logdet_M: float
+    r2: float
+    RX: np.ndarray
+    beta: np.ndarray
+    n_obs: int
+
+    def deviance(self, sigma: float, *, reml: bool) -> float:
+        """−2 log-likelihood (ML) or the REML criterion at this θ and the given σ."""
+        sigma2 = sigma * sigma
+        n, p = self.n_obs, self.RX.shape[0]
+        dev = self.logdet_M + self.r2 / sigma2 + n * np.log(2.0 * np.pi * sigma2)
+        if reml:
+            dev += 2.0 * float(np.log(np.abs(np.diagonal(self.RX))).sum()) - p * np.log(2.0 * np.pi * sigma2)
+        return float(dev)
+
+    def unscaled_vcov(self) -> np.ndarray:
+        """(RXᵀRX)⁻¹: vcov(β) / σ² at this θ."""
+        RX_inv = np.linalg.inv(self.RX)
+        return RX_inv @ RX_inv.T
+
+
+def penalized_solver(design: Design) -> Callable[[np.ndarray], PenalizedSolution | None]:
+    """A function of θ (lme4's layout, for ``design`` as given: no standardization) returning the
+    ``PenalizedSolution`` there, None where the factorization fails. The cross-products are computed once
+    here, so each call costs what one evaluation of the deviance costs (small-sample df, profiles)."""
+    if design.single_factor:
+        products = compute_crossproducts(design)
+
+        def one(theta: np.ndarray) -> PenalizedSolution | None:
+            found = onefactor.solve_at(products, lambda_at(products.block_sizes, theta), False)
+            return None if found is None else _penalized(found.logdet_M, found.r2, found.chol_S, design.n_obs)
+        return one
+    multi = compute_multiproducts(design)
+
+    def several(theta: np.ndarray) -> PenalizedSolution | None:
+        found = multifactor.solve_at(multi, lambda_at(multi.block_sizes, theta), False)
+        return None if found is None else _penalized(found.logdet_M, found.r2, found.chol_S, design.n_obs)
+    return several
+
+
+def _penalized(logdet_M: float, r2: float, chol_S: np.ndarray, n_obs: int) -> PenalizedSolution:
+    """From the Cholesky factor L of S = [A b; b' c] (A = L₁₁L₁₁ᵀ, L₁₁ w = b): RX = L₁₁ᵀ, β = RX⁻¹ w."""
+    p = chol_S.shape[0] - 1
+    RX = chol_S[:p, :p].T.copy()
+    beta = np.linalg.solve(RX, chol_S[p, :p])
+    return PenalizedSolution(logdet_M=float(logdet_M), r2=float(r2), RX=RX, beta=beta, n_obs=n_obs)
 
 
 def fit_lmm(design: Design, *, reml: bool) -> EngineResult:

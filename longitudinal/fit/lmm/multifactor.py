@@ -181,6 +181,7 @@ def compute_multiproducts(design: Design) -> MultiProducts:
 class _Solution:
     deviance: float
     r2: float
+    logdet_M: float  # log|M| over both levels of the blocked factorization (lme4's ldL2)
     chol_S: np.ndarray  # Cholesky factor of [A b; b' c] for the fixed effects ((p + 1) × (p + 1))
     chol_1: np.ndarray  # (q₁, q₁, G₁): L_g of the primary factor
     R_1: np.ndarray  # (q₁, G₁, p + 1): L_g⁻¹ Λ₁' Z_g'[X_g y_g]
@@ -221,7 +222,7 @@ def _rest_lambda(products: MultiProducts, lam: np.ndarray, *, triangular: bool =
     )
 
 
-def _solve(products: MultiProducts, lam: np.ndarray, reml: bool) -> _Solution | None:
+def solve_at(products: MultiProducts, lam: np.ndarray, reml: bool) -> _Solution | None:
     """Penalized least squares at Λ by the blocked factorization; None where r² ≤ 0 or a factor fails."""
     lam_1 = lam[np.ix_(_primary_index(products), _primary_index(products))]
     chol_1, R_1, logdet_1 = factor_groups(products.primary.ZtZ, products.primary.ZtXy, lam_1)
@@ -260,7 +261,7 @@ def _solve(products: MultiProducts, lam: np.ndarray, reml: bool) -> _Solution | 
     else:
         deviance = logdet_M + n * (1.0 + LOG_2PI + math.log(r2 / n))
     return _Solution(
-        deviance=deviance, r2=r2, chol_S=chol_S, chol_1=chol_1, R_1=R_1, RZR=RZR,
+        deviance=deviance, r2=r2, logdet_M=logdet_M, chol_S=chol_S, chol_1=chol_1, R_1=R_1, RZR=RZR,
         pair_values=tuple(pair_values), schur=schur, r_R=r_R, lam=lam, lam_1=lam_1, lam_R=lam_R,
     )
 
@@ -325,7 +326,7 @@ def multilevel_deviance(source: Design | MultiProducts, theta: np.ndarray, reml:
     Returns ``inf`` where the penalized residual sum of squares is not positive.
     """
     products = source if isinstance(source, MultiProducts) else compute_multiproducts(source)
-    solution = _solve(products, lambda_at(products.block_sizes, theta), reml)
+    solution = solve_at(products, lambda_at(products.block_sizes, theta), reml)
     return solution.deviance if solution is not None else math.inf
 
 
@@ -345,11 +346,11 @@ def fit_multilevel(design: Design, *, reml: bool, ranef_map: np.ndarray | None =
     layout = layout_theta(products.block_sizes)
 
     def deviance(theta: np.ndarray) -> float:
-        solution = _solve(products, layout.lambda_matrix(theta), reml)
+        solution = solve_at(products, layout.lambda_matrix(theta), reml)
         return solution.deviance if solution is not None else math.inf
 
     best, attempts = minimize_deviance(deviance, layout)
-    solution = _solve(products, layout.lambda_matrix(best.theta), reml)
+    solution = solve_at(products, layout.lambda_matrix(best.theta), reml)
     if solution is None:
         raise FitFailure("the deviance is not finite at the optimum; check the data and the formula", attempts)
     q = sum(products.block_sizes)

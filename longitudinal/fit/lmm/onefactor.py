@@ -70,6 +70,7 @@ class _Solution:
 
     deviance: float
     r2: float
+    logdet_M: float  # log|M| = log|Λ'Z'ZΛ + I| (lme4's ldL2)
     chol_S: np.ndarray  # Cholesky factor of [A b; b' c] ((p + 1) × (p + 1))
     chol_M: np.ndarray  # (q, q, G): L_g, lower triangle
     R: np.ndarray  # (q, G, p + 1): L_g⁻¹ Λ' Z_g'[X_g y_g]
@@ -84,11 +85,11 @@ def one_factor_deviance(
     if isinstance(source, PatternProducts):
         return _pattern_deviance(source, lambda_at(source.block_sizes, theta), reml)
     products = source if isinstance(source, CrossProducts) else compute_crossproducts(source)
-    solution = _solve(products, lambda_at(products.block_sizes, theta), reml)
+    solution = solve_at(products, lambda_at(products.block_sizes, theta), reml)
     return solution.deviance if solution is not None else math.inf
 
 
-def _solve(products: CrossProducts, lam: np.ndarray, reml: bool) -> _Solution | None:
+def solve_at(products: CrossProducts, lam: np.ndarray, reml: bool) -> _Solution | None:
     """Penalized least squares at Λ; None where r² ≤ 0 or a factorization fails.
 
     The Cholesky factor of the augmented S = [A b; b' c] holds everything: its leading p × p block is
@@ -101,11 +102,11 @@ def _solve(products: CrossProducts, lam: np.ndarray, reml: bool) -> _Solution | 
     if profiled is None:
         return None
     deviance, r2, chol_S = profiled
-    return _Solution(deviance=deviance, r2=r2, chol_S=chol_S, chol_M=chol_M, R=R, lam=lam)
+    return _Solution(deviance=deviance, r2=r2, logdet_M=logdet_M, chol_S=chol_S, chol_M=chol_M, R=R, lam=lam)
 
 
 def _pattern_deviance(patterns: PatternProducts, lam: np.ndarray, reml: bool) -> float:
-    """The deviance at Λ from the pattern sums (``_solve``'s value, evaluated per pattern); inf where undefined."""
+    """The deviance at Λ from the pattern sums (``solve_at``'s value, evaluated per pattern); inf where undefined."""
     M = lam.T @ patterns.ZtZ @ lam + np.eye(lam.shape[0])  # (P, q, q)
     try:
         L = np.linalg.cholesky(M)
@@ -153,12 +154,12 @@ def fit_one_factor(design: Design, *, reml: bool, ranef_map: np.ndarray) -> Engi
     def deviance(theta: np.ndarray) -> float:
         if patterns is not None:  # subjects sharing their visit pattern share their factorization
             return _pattern_deviance(patterns, layout.lambda_matrix(theta), reml)
-        solution = _solve(products, layout.lambda_matrix(theta), reml)
+        solution = solve_at(products, layout.lambda_matrix(theta), reml)
         return solution.deviance if solution is not None else math.inf
 
     best, attempts = minimize_deviance(deviance, layout)
     theta = best.theta
-    solution = _solve(products, layout.lambda_matrix(theta), reml)
+    solution = solve_at(products, layout.lambda_matrix(theta), reml)
     if solution is None:
         raise FitFailure("the deviance is not finite at the optimum; check the data and the formula", attempts)
     return _assemble(
