@@ -16,7 +16,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from scipy import sparse
+from scipy.sparse.csgraph import connected_components
 
+from longitudinal.config import DF_METHODS
+from longitudinal.errors import ConfigError
+from longitudinal.fit.lmm import PenalizedSolution, penalized_solver
+from longitudinal.fit.theta import block_covariances, layout_theta
+from longitudinal.model.design import Design, build_design
+from longitudinal.model.formula import parse_formula
 from longitudinal.records import Fit, FixedEffect
 
 #: The two-sided 95% level of every interval.
@@ -78,15 +86,426 @@ def fixed_effect_inference(fit: Fit, visits: pd.DataFrame, method: str) -> Fixed
     """Inference for ``fit``'s fixed effects with the df ``method`` (one of ``DF_METHODS``), ``visits`` being the
     rows it was fitted on (validated: no missing values; the design is rebuilt with the fit's dropped columns).
 
-    "normal" and "residual" need only the fit; Satterthwaite and Kenward–Roger need the design and the
-    variance parameters (see the module).
+    "normal" and "residual" need only the fit; "satterthwaite" (lmerTest's, for an ML or a REML fit) and
+    "kenward-roger" (pbkrtest's, REML fits only) need the design and the variance parameters. Raises
+    ``ConfigError`` for a method the fit does not support: anything but "normal" for a binomial or Poisson
+    model, Kenward–Roger for an ML fit.
     """
     names = tuple(fe.term for fe in fit.fixed_effects)
     beta = np.array([fe.estimate for fe in fit.fixed_effects], dtype=float)
     vcov = np.asarray(fit.vcov, dtype=float)
+    if method not in DF_METHODS:
+        raise ConfigError(f"{method!r} is not a df method; use one of {', '.join(DF_METHODS)}")
     if method == "normal":
-        return FixedEffectInference(method, names, beta, vcov, lambda L: np.full(len(L), math.inf))
+        return FixedEffectInference(method, names, beta, vcov, NormalDf())
+    if fit.family != "gaussian":
+        raise ConfigError(f"candidate {fit.name!r} is a {fit.family} model: its fixed effects are tested with Wald "
+                          f"z tests (df method 'normal', as glmer), not {method!r}")
     if method == "residual":
-        residual_df = float(fit.n_obs - len(names))
-        return FixedEffectInference(method, names, beta, vcov, lambda L: np.full(len(L), residual_df))
-    raise NotImplementedError(f"df method {method!r}")
+        return FixedEffectInference(method, names, beta, vcov, ConstantDf(float(fit.n_obs - len(names))))
+    if not fit.usable:
+        raise ConfigError(f"candidate {fit.name!r} failed to fit ({fit.message}); it has no {method} df")
+    if method == "kenward-roger" and fit.method != "REML":
+        raise ConfigError(f"candidate {fit.name!r}: Kenward–Roger df need a REML fit (as pbkrtest), this one is "
+                          f"{fit.method}; refit by REML or use satterthwaite")
+    design = build_design(visits, parse_formula(fit.formula, name=fit.name), dropped=fit.dropped_terms)
+    if fit.covariance is not None:
+        return _structured_inference(fit, design, method, names, beta, vcov)
+    theta = lme4_theta(fit, design)
+    if method == "satterthwaite":
+        return FixedEffectInference(method, names, beta, vcov,
+                                    satterthwaite(design, theta, fit.residual_sd, vcov, reml=fit.method == "REML"))
+    adjusted = kenward_roger(design, theta, fit.residual_sd, vcov)
+    return FixedEffectInference(method, names, beta, adjusted.vcov, adjusted)
+
+
+@dataclass(frozen=True)
+class NormalDf:
+    """Infinite df: the normal distribution (Wald z)."""
+
+    def __call__(self, L: np.ndarray) -> np.ndarray:
+        return np.full(len(L), math.inf)
+
+
+@dataclass(frozen=True)
+class ConstantDf:
+    """The same df for every contrast (the residual df n − p)."""
+
+    df: float
+
+    def __call__(self, L: np.ndarray) -> np.ndarray:
+        return np.full(len(L), self.df)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Satterthwaite (lmerTest)
+# ---------------------------------------------------------------------------------------------------------------
+
+#: lmerTest's tolerance on the eigenvalues of the Hessian (``as_lmerModLT(tol = 1e-8)``): the Moore–Penrose
+#: inverse keeps the eigenvalues above it.
+HESSIAN_TOL = 1e-8
+
+
+@dataclass(frozen=True, eq=False)
+class SatterthwaiteDf:
+    """lmerTest's Satterthwaite df of a one-row contrast l: df = 2 (l Φ lᵀ)² / (gᵀ A g), g_i = l J_i lᵀ.
+
+    ``vcov`` is Φ = vcov(β̂); ``vcov_varpar`` A = 2 H⁺, H the Hessian of the deviance (REML or ML, as fitted)
+    in the variance parameters at the optimum, H⁺ its Moore–Penrose inverse over eigenvalues above 1e-8
+    (lmerTest's ``vcov_varpar``); ``jacobians`` J (k × p × p), J_i = ∂Φ/∂varpar_i (lmerTest's ``Jac_list``).
+    """
+
+    vcov: np.ndarray
+    vcov_varpar: np.ndarray
+    jacobians: np.ndarray
+
+    def __call__(self, L: np.ndarray) -> np.ndarray:
+        L = np.atleast_2d(np.asarray(L, dtype=float))
+        variance = np.einsum("ij,jk,ik->i", L, self.vcov, L)
+        g = np.einsum("ij,rjk,ik->ir", L, self.jacobians, L)
+        denominator = np.einsum("ir,rs,is->i", g, self.vcov_varpar, g)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.asarray(2.0 * variance ** 2 / denominator, dtype=float)
+
+
+def satterthwaite(design: Design, theta: np.ndarray, sigma: float, vcov: np.ndarray, *, reml: bool) -> SatterthwaiteDf:
+    """Satterthwaite's df as lmerTest 3.1 computes them for an lmer fit (``as_lmerModLT``, ``contest1D``).
+
+    The variance parameters are varpar = (θ, σ), θ in lme4's layout and the units of ``design``; the deviance
+    is lmerTest's ``devfun_vp`` (REML when ``reml``, else ML) and vcov(β)(varpar) its ``get_covbeta``, both
+    evaluated through ``penalized_solver`` (cross-products computed once). Hessian and Jacobian are numDeriv's
+    (central differences from relative steps 0.1 and 1e-4, 4 Richardson extrapolations), as lmerTest takes them. On the
+    boundary (a singular fit: a diagonal θ at 0) lmerTest differentiates across it all the same (the deviance
+    is even in that θ) and drops the Hessian's zero eigenvalues by its generalized inverse; so does this.
+    """
+    solver = penalized_solver(design)
+    solutions: dict[bytes, PenalizedSolution | None] = {}
+
+    def solve(varpar: np.ndarray) -> PenalizedSolution | None:
+        key = varpar[:-1].tobytes()
+        if key not in solutions:
+            solutions[key] = solver(varpar[:-1].copy())
+        return solutions[key]
+
+    def deviance(varpar: np.ndarray) -> float:
+        found = solve(varpar)
+        return math.nan if found is None else found.deviance(float(varpar[-1]), reml=reml)
+
+    def covbeta(varpar: np.ndarray) -> np.ndarray:
+        found = solve(varpar)
+        p = vcov.shape[0]
+        return np.full(p * p, math.nan) if found is None else (varpar[-1] ** 2 * found.unscaled_vcov()).ravel()
+
+    varpar = np.append(np.asarray(theta, dtype=float), float(sigma))
+    hessian = richardson_hessian(deviance, varpar)
+    values, vectors = np.linalg.eigh(hessian)
+    kept = values > HESSIAN_TOL
+    vcov_varpar = 2.0 * (vectors[:, kept] / values[kept]) @ vectors[:, kept].T
+    jacobian = richardson_jacobian(covbeta, varpar)  # (p², k)
+    p = vcov.shape[0]
+    jacobians = np.moveaxis(jacobian.reshape(p, p, -1), -1, 0)
+    return SatterthwaiteDf(vcov=vcov, vcov_varpar=vcov_varpar, jacobians=jacobians)
+
+
+# numDeriv's defaults for method "Richardson": initial steps d·|x|, d = 0.1 for ``hessian`` and 1e-4 for
+# ``jacobian``, plus eps = 1e-4 for coordinates below zero.tol; r = 4 extrapolations, halving the step.
+_HESSIAN_D = 0.1
+_JACOBIAN_D = 1e-4
+_EPS = 1e-4
+_ZERO_TOL = math.sqrt(np.finfo(float).eps / 7e-7)
+_R = 4
+
+
+def _initial_steps(x: np.ndarray, d: float) -> np.ndarray:
+    return np.abs(d * x) + _EPS * (np.abs(x) < _ZERO_TOL)
+
+
+def _extrapolate(approximations: np.ndarray) -> np.ndarray:
+    """Richardson's extrapolation of r approximations with steps h, h/2, ..., of error O(h²) (numDeriv's)."""
+    a = approximations
+    for m in range(1, a.shape[0]):
+        a = (a[1:] * 4.0 ** m - a[:-1]) / (4.0 ** m - 1.0)
+    return np.asarray(a[0])
+
+
+def richardson_hessian(f: Callable[[np.ndarray], float], x: np.ndarray) -> np.ndarray:
+    """The Hessian of scalar ``f`` at ``x`` as ``numDeriv::hessian`` (``genD``) computes it: second central
+    differences along each axis, the mixed ones along the diagonal of two axes minus the pure parts, each
+    extrapolated from 4 steps (the first 0.1 |x_i|)."""
+    x = np.asarray(x, dtype=float)
+    n = x.size
+    f0 = f(x)
+    h0 = _initial_steps(x, _HESSIAN_D)
+    eye = np.eye(n)
+    diagonal = np.empty(n)
+    for i in range(n):
+        approximations = []
+        for k in range(_R):
+            h = h0 / 2.0 ** k
+            plus, minus = f(x + eye[i] * h), f(x - eye[i] * h)
+            approximations.append((plus - 2.0 * f0 + minus) / h[i] ** 2)
+        diagonal[i] = _extrapolate(np.array(approximations))
+    hessian = np.diag(diagonal)
+    for i in range(n):
+        for j in range(i):
+            approximations = []
+            for k in range(_R):
+                h = h0 / 2.0 ** k
+                step = eye[i] * h + eye[j] * h
+                plus, minus = f(x + step), f(x - step)
+                approximations.append((plus - 2.0 * f0 + minus - diagonal[i] * h[i] ** 2 - diagonal[j] * h[j] ** 2)
+                                      / (2.0 * h[i] * h[j]))
+            hessian[i, j] = hessian[j, i] = _extrapolate(np.array(approximations))
+    return hessian
+
+
+def richardson_jacobian(f: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> np.ndarray:
+    """The Jacobian (m × n) of vector ``f`` at ``x`` as ``numDeriv::jacobian(method = "Richardson")``: central
+    differences extrapolated from 4 steps (the first 1e-4 |x_i|)."""
+    x = np.asarray(x, dtype=float)
+    n = x.size
+    h0 = _initial_steps(x, _JACOBIAN_D)
+    eye = np.eye(n)
+    columns = []
+    for i in range(n):
+        approximations = []
+        for k in range(_R):
+            h = h0[i] / 2.0 ** k
+            approximations.append((f(x + eye[i] * h) - f(x - eye[i] * h)) / (2.0 * h))
+        columns.append(_extrapolate(np.array(approximations)))
+    return np.column_stack(columns)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kenward–Roger (pbkrtest)
+# ---------------------------------------------------------------------------------------------------------------
+
+#: The largest block of rows (a connected set of levels of several grouping factors) whose dense n_b × n_b
+#: covariance Kenward–Roger may form.
+MAX_BLOCK_ROWS = 4000
+#: Matrix elements per batch of equal-size blocks (bounds the memory of the batched products).
+_BATCH_ELEMENTS = 1_000_000
+
+
+@dataclass(frozen=True, eq=False)
+class KenwardRogerDf:
+    """pbkrtest's Kenward–Roger df of a one-row contrast (``Lb_ddf``) and its adjusted covariance.
+
+    ``vcov`` is Φ_A = Φ + 2ΦUΦ (``vcovAdj``); ``unadjusted`` Φ = vcov(β̂); ``P`` (R × p × p) the P_r =
+    −Xᵀ V⁻¹ G_r V⁻¹ X and ``W`` (R × R) = 2 IE2⁻¹ the covariance of the variance parameters ψ from the expected
+    information, as ``vcovAdj`` keeps them in its attributes.
+    """
+
+    vcov: np.ndarray
+    unadjusted: np.ndarray
+    P: np.ndarray
+    W: np.ndarray
+
+    def __call__(self, L: np.ndarray) -> np.ndarray:
+        L = np.atleast_2d(np.asarray(L, dtype=float))
+        V0 = self.unadjusted
+        variance = np.einsum("ij,jk,ik->i", L, V0, L)
+        LV0 = L @ V0
+        # For one row, Θ V0 P_r V0 (Θ = lᵀ l / l V0 lᵀ) has rank one: its trace a_r = l V0 P_r V0 lᵀ / l V0 lᵀ, and
+        # pbkrtest's A1 = Σ W_rs tr(u_r) tr(u_s) equals its A2 = Σ W_rs tr(u_r u_s).
+        with np.errstate(divide="ignore", invalid="ignore"):
+            a = np.einsum("ij,rjk,ik->ir", LV0, self.P, LV0) / variance[:, None]
+        A = np.einsum("ir,rs,is->i", a, self.W, a)
+        return _lb_ddf(A, A, q=1)
+
+
+def _lb_ddf(A1: np.ndarray, A2: np.ndarray, q: int) -> np.ndarray:
+    """pbkrtest's ``Lb_ddf`` from its A1 and A2 (for one row it reduces to 2 / A)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        B = (A1 + 6.0 * A2) / (2.0 * q)
+        g = ((q + 1) * A1 - (q + 4) * A2) / ((q + 2) * A2)
+        denominator = 3.0 * q + 2.0 * (1.0 - g)
+        c1, c2, c3 = g / denominator, (q - g) / denominator, (q + 2 - g) / denominator
+        V0 = 1.0 + c1 * B
+        V1 = 1.0 - c2 * B
+        V2 = 1.0 - c3 * B
+        V0 = np.where(np.abs(V0) < 1e-10, 0.0, V0)
+        numerator = 1.0 - A2 / q
+        ratio = np.where((np.abs(numerator) < 1e-14) & (np.abs(V1) < 1e-14), 1.0, numerator / V1)  # .divZero
+        rho = ratio ** 2 * V0 / (q * V2)
+        return np.asarray(4.0 + (q + 2) / (q * rho - 1.0), dtype=float)
+
+
+def kenward_roger(design: Design, theta: np.ndarray, sigma: float, vcov: np.ndarray) -> KenwardRogerDf:
+    """Kenward–Roger's adjusted covariance and df as pbkrtest 0.5 computes them for a REML lmer fit
+    (``vcovAdj16_internal``, ``Lb_ddf``).
+
+    ψ are the variance and covariance elements of each bar's random-effect covariance σ²Λ_kΛ_kᵀ (lower triangle,
+    column by column), then σ²; V = Σ_r ψ_r G_r with G_r = ∂V/∂ψ_r, linear in ψ (pbkrtest's ``get_SigmaG``),
+    so the adjustment has no second-derivative terms. Φ = ``vcov`` (lme4's, as pbkrtest takes it). V is
+    block-diagonal over connected blocks of rows: the subjects with one grouping factor, the outermost groups
+    when the factors are nested, all rows when they are crossed. Each block's V is formed densely, blocks of
+    equal size in batches, so nothing n × n is ever formed; a block larger than ``MAX_BLOCK_ROWS`` raises
+    ``ConfigError``.
+    """
+    covariances = _bar_covariances(design, theta, sigma)
+    blocks = _row_blocks(design)
+    parts = _information_parts(design, blocks, covariances, sigma ** 2)
+    P, Q, K = parts
+    Phi = np.asarray(vcov, dtype=float)
+    R = P.shape[0]
+    PhiP = np.einsum("ab,rbc->rac", Phi, P)
+    IE2 = K - 2.0 * np.einsum("ab,rsab->rs", Phi, Q) + np.einsum("rab,sba->rs", PhiP, PhiP)
+    IE2 = (IE2 + IE2.T) / 2.0
+    condition = float(np.min(np.abs(np.linalg.eigvalsh(IE2))))
+    W = 2.0 * (np.linalg.inv(IE2) if condition > 1e-10 else np.linalg.pinv(IE2))
+    W = (W + W.T) / 2.0
+    U = np.zeros_like(Phi)
+    for r in range(R):
+        for s in range(r, R):
+            term = W[r, s] * (Q[r, s] - P[r] @ Phi @ P[s])
+            U += term if r == s else term + term.T
+    adjusted = Phi + 2.0 * Phi @ U @ Phi
+    return KenwardRogerDf(vcov=adjusted, unadjusted=Phi, P=P, W=W)
+
+
+def _bar_covariances(design: Design, theta: np.ndarray, sigma: float) -> list[np.ndarray]:
+    """Each bar's random-effect covariance σ²Λ_kΛ_kᵀ (lme4's ``VarCorr``)."""
+    layout = layout_theta(tuple(len(block.terms) for block in design.blocks))
+    covariances, _ = block_covariances(layout, np.asarray(theta, dtype=float), sigma ** 2)
+    return covariances
+
+
+def _row_blocks(design: Design) -> np.ndarray:
+    """The block of each row: rows in different blocks share no level of any grouping factor, so V is
+    block-diagonal over them (the subject with one factor; connected components of the levels otherwise)."""
+    if design.single_factor:
+        return np.asarray(design.blocks[0].codes)
+    factors = {block.group: block for block in design.blocks}
+    offsets, at = {}, 0
+    for group, block in factors.items():
+        offsets[group] = at
+        at += block.n_levels
+    nodes = [np.asarray(block.codes) + offsets[group] for group, block in factors.items()]
+    first = nodes[0]
+    edges_from = np.concatenate([first] * (len(nodes) - 1))
+    edges_to = np.concatenate(nodes[1:])
+    graph = sparse.coo_matrix((np.ones(edges_from.size), (edges_from, edges_to)), shape=(at, at))
+    _, labels = connected_components(graph, directed=False)
+    return np.asarray(labels[first])
+
+
+def _parameter_matrices(design: Design) -> list[tuple[int, int, int]]:
+    """ψ's layout before σ²: (bar, i, j), i ≥ j, per bar the lower triangle column by column."""
+    return [(k, i, j) for k, block in enumerate(design.blocks)
+            for j in range(len(block.terms)) for i in range(j, len(block.terms))]
+
+
+def _information_parts(
+    design: Design, blocks: np.ndarray, covariances: list[np.ndarray], sigma2: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Σ over the blocks of pbkrtest's P_r = −XᵀV⁻¹G_rV⁻¹X, Q_rs = XᵀV⁻¹G_rV⁻¹G_sV⁻¹X and
+    K_rs = tr(G_rV⁻¹G_sV⁻¹), the blocks of equal size in batches."""
+    parameters = _parameter_matrices(design)
+    R, p = len(parameters) + 1, design.X.shape[1]
+    P, Q, K = np.zeros((R, p, p)), np.zeros((R, R, p, p)), np.zeros((R, R))
+    order = np.argsort(blocks, kind="stable")
+    sizes = np.bincount(blocks)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    largest = int(sizes.max())
+    if largest > MAX_BLOCK_ROWS:
+        raise ConfigError(
+            f"Kenward–Roger df need the dense covariance of each block of rows linked by the grouping factors "
+            f"({', '.join(design.groups)}); the largest block here has {largest} rows (more than "
+            f"{MAX_BLOCK_ROWS}): use df method 'satterthwaite'"
+        )
+    for m in np.unique(sizes[sizes > 0]):
+        which = np.flatnonzero(sizes == m)
+        per_batch = max(1, _BATCH_ELEMENTS // int(m * m))
+        for at in range(0, which.size, per_batch):
+            chosen = which[at:at + per_batch]
+            rows = order[starts[chosen][:, None] + np.arange(m)[None, :]]
+            _add_batch(design, rows, parameters, covariances, sigma2, P, Q, K)
+    return P, Q, K
+
+
+def _add_batch(
+    design: Design, rows: np.ndarray, parameters: list[tuple[int, int, int]], covariances: list[np.ndarray],
+    sigma2: float, P: np.ndarray, Q: np.ndarray, K: np.ndarray,
+) -> None:
+    """Add one batch of blocks (B × m row indices) to P, Q and K (in place: they are the caller's sums)."""
+    B, m = rows.shape
+    X = design.X[rows]
+    Zs = [block.Z[rows] for block in design.blocks]
+    same = [None if design.single_factor else (block.codes[rows][:, :, None] == block.codes[rows][:, None, :])
+            for block in design.blocks]
+    G = []
+    for k, i, j in parameters:
+        Z = Zs[k]
+        outer = Z[:, :, i, None] * Z[:, None, :, j]
+        if i != j:
+            outer = outer + np.swapaxes(outer, 1, 2)
+        G.append(outer if same[k] is None else outer * same[k])
+    V = sigma2 * np.broadcast_to(np.eye(m), (B, m, m)).copy()
+    for k, block_cov in enumerate(covariances):
+        part = np.einsum("bmi,ij,bnj->bmn", Zs[k], block_cov, Zs[k])
+        V += part if same[k] is None else part * same[k]
+    V_inv = np.linalg.inv(V)
+    T = V_inv @ X
+    H = [g @ V_inv for g in G] + [V_inv]
+    O = [h @ X for h in H]
+    S = [V_inv @ o for o in O]
+    R = len(H)
+    for r in range(R):
+        P[r] -= np.einsum("bmp,bmq->pq", O[r], T)
+        for s in range(R):
+            Q[r, s] += np.einsum("bmp,bmq->pq", O[r], S[s])
+            if s >= r:
+                K[r, s] += np.einsum("bij,bji->", H[r], H[s])
+                K[s, r] = K[r, s]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The variance parameters of a fit
+# ---------------------------------------------------------------------------------------------------------------
+
+def lme4_theta(fit: Fit, design: Design) -> np.ndarray:
+    """lme4's θ of ``fit`` in the units of ``design``: the fit's own (lme4-style engine) or, for a statsmodels
+    fit, per bar the lower Cholesky factor of Σ_k / σ² (its variance components and correlations), packed
+    column by column as lme4 packs it. Raises ``ConfigError`` where Σ_k is not positive definite (a variance
+    estimated at zero: refit with the lme4-style engine, whose θ carries the boundary)."""
+    layout = layout_theta(tuple(len(block.terms) for block in design.blocks))
+    if fit.theta.size == layout.size:
+        return np.asarray(fit.theta, dtype=float)
+    sd = {(c.group, c.term): c.sd for c in fit.random_effects}
+    corr = {(c.group, c.term1, c.term2): c.corr for c in fit.correlations}
+    pieces = []
+    for block in design.blocks:
+        q = len(block.terms)
+        try:
+            sds = np.array([sd[block.group, term] for term in block.terms])
+        except KeyError as missing:
+            raise ConfigError(f"candidate {fit.name!r}: the fit has no variance for {missing.args[0]}; "
+                              "its θ cannot be rebuilt") from None
+        R = np.eye(q)
+        for j in range(q):
+            for i in range(j + 1, q):
+                value = corr.get((block.group, block.terms[j], block.terms[i]), 0.0)
+                R[i, j] = R[j, i] = value if math.isfinite(value) else 0.0
+        relative = np.outer(sds, sds) * R / fit.residual_sd ** 2
+        try:
+            factor = np.linalg.cholesky(relative)
+        except np.linalg.LinAlgError:
+            raise ConfigError(
+                f"candidate {fit.name!r} ({fit.engine} engine): the covariance of {', '.join(block.terms)} for "
+                f"{block.group} is singular, so its θ cannot be rebuilt for {fit.name!r}'s small-sample df; fit "
+                "with engine 'lme4-style' or use df method 'normal'"
+            ) from None
+        rows, cols = np.tril_indices(q)
+        order = np.lexsort((rows, cols))  # column by column
+        pieces.append(factor[rows[order], cols[order]])
+    return np.concatenate(pieces) if pieces else np.empty(0)
+
+
+def _structured_inference(
+    fit: Fit, design: Design, method: str, names: tuple[str, ...], beta: np.ndarray, vcov: np.ndarray,
+) -> FixedEffectInference:
+    raise ConfigError(
+        f"candidate {fit.name!r} has a residual covariance structure ({fit.covariance.term if fit.covariance else ''}): "
+        f"{method} df are not available for it yet; use df method 'residual' or 'normal'"
+    )
