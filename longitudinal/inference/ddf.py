@@ -6,6 +6,17 @@ degrees of freedom, or Wald z tests (``models.df``, see ``longitudinal.config.DF
 method) and a function giving the denominator df of any linear combination Lβ. The fixed-effect table of the
 report and ``selected_model.json``, the estimated marginal means and the contrasts
 (``longitudinal.inference.marginal``) all ask it, so they agree.
+
+- Satterthwaite, as lmerTest 3.1 (``satterthwaite``): for a row l, df = 2 (lΦlᵀ)² / (gᵀAg), g_r = l ∂Φ/∂φ_r lᵀ,
+  A = 2 H⁻¹, H the Hessian of the deviance (REML or ML, as fitted) in φ = (θ, σ) for an lme4-style fit, in
+  the structure's own parameters for an MMRM; derivatives by numDeriv's Richardson differences.
+- Kenward–Roger, as pbkrtest 0.5 (``kenward_roger``): Φ_A = Φ + 2ΦUΦ from the expected information of the
+  variance/covariance elements ψ (V linear in them), and ``Lb_ddf``'s df; computed over blocks of rows that
+  share no level of any grouping factor (subjects), never an n × n matrix. REML fits only. For an MMRM, the
+  linear variant (no second derivatives of V: mmrm's "Kenward-Roger-Linear").
+- Residual: n − p. Normal: z tests, the only choice for a binomial or Poisson model.
+
+A statsmodels fit has no θ: it is rebuilt from its variance components (``lme4_theta``).
 """
 
 from __future__ import annotations
@@ -21,7 +32,11 @@ from scipy.sparse.csgraph import connected_components
 
 from longitudinal.config import DF_METHODS
 from longitudinal.errors import ConfigError
+from longitudinal.fit.covariance import CovarianceStructure, fit_covariance, group_by_pattern
+from longitudinal.fit.covariance.grouping import VisitPattern
+from longitudinal.fit.covariance.likelihood import CovarianceModel, evaluate
 from longitudinal.fit.lmm import PenalizedSolution, penalized_solver
+from longitudinal.fit.structured import visit_positions
 from longitudinal.fit.theta import block_covariances, layout_theta
 from longitudinal.model.design import Design, build_design
 from longitudinal.model.formula import parse_formula
@@ -110,7 +125,7 @@ def fixed_effect_inference(fit: Fit, visits: pd.DataFrame, method: str) -> Fixed
                           f"{fit.method}; refit by REML or use satterthwaite")
     design = build_design(visits, parse_formula(fit.formula, name=fit.name), dropped=fit.dropped_terms)
     if fit.covariance is not None:
-        return _structured_inference(fit, design, method, names, beta, vcov)
+        return _structured_inference(fit, visits, design, method, names, beta, vcov)
     theta = lme4_theta(fit, design)
     if method == "satterthwaite":
         return FixedEffectInference(method, names, beta, vcov,
@@ -196,7 +211,15 @@ def satterthwaite(design: Design, theta: np.ndarray, sigma: float, vcov: np.ndar
         p = vcov.shape[0]
         return np.full(p * p, math.nan) if found is None else (varpar[-1] ** 2 * found.unscaled_vcov()).ravel()
 
-    varpar = np.append(np.asarray(theta, dtype=float), float(sigma))
+    return satterthwaite_at(deviance, covbeta, np.append(np.asarray(theta, dtype=float), float(sigma)), vcov)
+
+
+def satterthwaite_at(
+    deviance: Callable[[np.ndarray], float], covbeta: Callable[[np.ndarray], np.ndarray], varpar: np.ndarray,
+    vcov: np.ndarray,
+) -> SatterthwaiteDf:
+    """lmerTest's ``as_lmerModLT`` for any parametrization: A = 2 H⁺ from numDeriv's Hessian of ``deviance`` at
+    ``varpar`` (eigenvalues above 1e-8 kept), J from numDeriv's Jacobian of ``covbeta`` (vcov(β) flattened)."""
     hessian = richardson_hessian(deviance, varpar)
     values, vectors = np.linalg.eigh(hessian)
     kept = values > HESSIAN_TOL
@@ -344,9 +367,14 @@ def kenward_roger(design: Design, theta: np.ndarray, sigma: float, vcov: np.ndar
     ``ConfigError``.
     """
     covariances = _bar_covariances(design, theta, sigma)
-    blocks = _row_blocks(design)
-    parts = _information_parts(design, blocks, covariances, sigma ** 2)
-    P, Q, K = parts
+    P, Q, K = _information_parts(design, _row_blocks(design), covariances, sigma ** 2)
+    return adjusted_covariance(P, Q, K, vcov)
+
+
+def adjusted_covariance(P: np.ndarray, Q: np.ndarray, K: np.ndarray, vcov: np.ndarray) -> KenwardRogerDf:
+    """pbkrtest's ``vcovAdj16_internal`` from the sums P_r, Q_rs, K_rs (``KenwardRogerDf``'s) and Φ = ``vcov``:
+    the expected information IE2_rs = K_rs − 2 tr(ΦQ_rs) + tr(ΦP_rΦP_s), W = 2 IE2⁻¹ (a generalized inverse when
+    IE2's smallest |eigenvalue| is below 1e-10), U = Σ_rs W_rs (Q_rs − P_rΦP_s) and Φ_A = Φ + 2ΦUΦ."""
     Phi = np.asarray(vcov, dtype=float)
     R = P.shape[0]
     PhiP = np.einsum("ab,rbc->rac", Phi, P)
@@ -360,8 +388,7 @@ def kenward_roger(design: Design, theta: np.ndarray, sigma: float, vcov: np.ndar
         for s in range(r, R):
             term = W[r, s] * (Q[r, s] - P[r] @ Phi @ P[s])
             U += term if r == s else term + term.T
-    adjusted = Phi + 2.0 * Phi @ U @ Phi
-    return KenwardRogerDf(vcov=adjusted, unadjusted=Phi, P=P, W=W)
+    return KenwardRogerDf(vcov=Phi + 2.0 * Phi @ U @ Phi, unadjusted=Phi, P=P, W=W)
 
 
 def _bar_covariances(design: Design, theta: np.ndarray, sigma: float) -> list[np.ndarray]:
@@ -445,9 +472,19 @@ def _add_batch(
     for k, block_cov in enumerate(covariances):
         part = np.einsum("bmi,ij,bnj->bmn", Zs[k], block_cov, Zs[k])
         V += part if same[k] is None else part * same[k]
+    G.append(np.broadcast_to(np.eye(m), (B, m, m)))  # ∂V/∂σ²
+    accumulate_information(X, V, G, P, Q, K)
+
+
+def accumulate_information(
+    X: np.ndarray, V: np.ndarray, G: list[np.ndarray], P: np.ndarray, Q: np.ndarray, K: np.ndarray,
+) -> None:
+    """Add the blocks X (B × m × p), V (B × m × m) and G_r = ∂V/∂ψ_r (each B × m × m) to pbkrtest's sums
+    P_r = −Σ XᵀV⁻¹G_rV⁻¹X, Q_rs = Σ XᵀV⁻¹G_rV⁻¹G_sV⁻¹X and K_rs = Σ tr(G_rV⁻¹G_sV⁻¹) (in place: the
+    caller's running sums)."""
     V_inv = np.linalg.inv(V)
     T = V_inv @ X
-    H = [g @ V_inv for g in G] + [V_inv]
+    H = [g @ V_inv for g in G]
     O = [h @ X for h in H]
     S = [V_inv @ o for o in O]
     R = len(H)
@@ -503,9 +540,69 @@ def lme4_theta(fit: Fit, design: Design) -> np.ndarray:
 
 
 def _structured_inference(
-    fit: Fit, design: Design, method: str, names: tuple[str, ...], beta: np.ndarray, vcov: np.ndarray,
+    fit: Fit, visits: pd.DataFrame, design: Design, method: str, names: tuple[str, ...], beta: np.ndarray, vcov: np.ndarray,
 ) -> FixedEffectInference:
-    raise ConfigError(
-        f"candidate {fit.name!r} has a residual covariance structure ({fit.covariance.term if fit.covariance else ''}): "
-        f"{method} df are not available for it yet; use df method 'residual' or 'normal'"
-    )
+    """Satterthwaite or Kenward–Roger for a covariance-structure fit (MMRM), in the structure's own parameters.
+
+    The record does not keep the engine's θ, so the structure is refitted on the same rows (the same
+    deterministic fit) to recover it. Satterthwaite is lmerTest's definition on −2ℓ (REML or ML, as fitted) of
+    ``fit.covariance.likelihood`` in the full θ (structure, then Λ); it does not depend on the parametrization.
+    Kenward–Roger is pbkrtest's linear variant (mmrm's "Kenward-Roger-Linear", SAS's KR(LINEARCOVARIANCE)):
+    G_r = ∂V/∂θ_r by numDeriv's Richardson differences and no second-derivative term. The df and Φ_A of that
+    variant are invariant to reparametrizing θ (W transforms as the inverse of IE2, each G_r by the chain
+    rule), so they equal pbkrtest's for a model that is also an LMM (compound symmetry with positive
+    correlation ≡ a random intercept). mmrm's "Kenward-Roger" adds ¼ R_rs (second derivatives of V), which
+    depends on the parametrization; it is not implemented.
+    """
+
+    term = parse_formula(fit.formula, name=fit.name).covariance
+    if term is None:  # pragma: no cover - fit.covariance says there is one
+        raise ConfigError(f"candidate {fit.name!r}: its formula has no covariance structure")
+    column = visits[term.visit]
+    if term.structure == "sp_exp":
+        coords, n_visits = column.to_numpy(dtype=float), 2
+    else:
+        coords, labels = visit_positions(column)
+        n_visits = len(labels)
+    structure = CovarianceStructure(term.structure, n_visits)
+    Z = design.blocks[0].Z if design.blocks else None
+    groups = group_by_pattern(design.y, design.X, design.codes, coords, Z)
+    reml = fit.method == "REML"
+    theta = fit_covariance(groups, structure, reml=reml).full_theta
+
+    def deviance(params: np.ndarray) -> float:
+        try:
+            return -2.0 * evaluate(structure, groups, params, reml=reml, gradient=False).loglik
+        except np.linalg.LinAlgError:
+            return math.nan
+
+    def covbeta(params: np.ndarray) -> np.ndarray:
+        try:
+            return np.asarray(evaluate(structure, groups, params, reml=reml, gradient=False).vcov).ravel()
+        except np.linalg.LinAlgError:
+            return np.full(vcov.size, math.nan)
+
+    if method == "satterthwaite":
+        return FixedEffectInference(method, names, beta, vcov, satterthwaite_at(deviance, covbeta, theta, vcov))
+    q = groups.n_random
+    blocks = groups.blocks()
+
+    def marginals(params: np.ndarray) -> np.ndarray:
+        model = CovarianceModel.at(structure, params, q)
+        return np.concatenate([(model.scale * model.marginal(block)).ravel() for block in blocks])
+
+    V_all = marginals(theta)
+    G_all = richardson_jacobian(marginals, theta)  # (Σ block sizes, R)
+    R, p = theta.size, design.X.shape[1]
+    P, Q, K = np.zeros((R, p, p)), np.zeros((R, R, p, p)), np.zeros((R, R))
+    at = 0
+    for block in blocks:
+        g, m = block.rows.shape
+        shape = (1, m, m) if isinstance(block, VisitPattern) else (g, m, m)  # a pattern's subjects share one V
+        size = math.prod(shape)
+        V = np.broadcast_to(V_all[at:at + size].reshape(shape), (g, m, m))
+        G = [np.broadcast_to(G_all[at:at + size, r].reshape(shape), (g, m, m)) for r in range(R)]
+        accumulate_information(block.X, V, G, P, Q, K)
+        at += size
+    adjusted = adjusted_covariance(P, Q, K, vcov)
+    return FixedEffectInference(method, names, beta, adjusted.vcov, adjusted)

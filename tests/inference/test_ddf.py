@@ -163,3 +163,26 @@ def test_kenward_roger_refuses_a_large_crossed_block(monkeypatch: pytest.MonkeyP
     fit = _sleepstudy_fit("Reaction ~ Days + (Days | Subject) + (1 | Batch)")
     with pytest.raises(ConfigError, match=r"largest block here has 180 rows .*use df method 'satterthwaite'"):
         fixed_effect_inference(fit, _sleepstudy(), "kenward-roger")
+
+
+@pytest.mark.parametrize("method", ["satterthwaite", "kenward-roger"])
+def test_compound_symmetry_mmrm_agrees_with_random_intercept(method: str) -> None:
+    """cs(Days | Subject) with a positive correlation is the random-intercept model: the same likelihood, so
+    the same Satterthwaite df (parametrization-free) and the same linear Kenward–Roger df and adjusted SEs,
+    though one is differenced in the structure's (log σ, ρ) and the other read from lme4's θ."""
+    visits = _sleepstudy()
+    lmm = fixed_effect_inference(_sleepstudy_fit("Reaction ~ Days + (1 | Subject)"), visits, method).fixed_effects()
+    mmrm = fixed_effect_inference(_sleepstudy_fit("Reaction ~ Days + cs(Days | Subject)"), visits, method).fixed_effects()
+    assert [fe.df for fe in mmrm] == pytest.approx([fe.df for fe in lmm], rel=1e-5)
+    assert [fe.std_error for fe in mmrm] == pytest.approx([fe.std_error for fe in lmm], rel=1e-6)
+
+
+def test_mmrm_with_random_effects_and_serial_correlation() -> None:
+    """Random slopes next to an AR(1) residual: both methods give finite df between the subjects' and the
+    rows' counts, and Kenward–Roger's SEs are not below the Wald ones."""
+    fit = _sleepstudy_fit("Reaction ~ Days + (Days | Subject) + ar1(Days | Subject)")
+    for method in ("satterthwaite", "kenward-roger"):
+        inference = fixed_effect_inference(fit, _sleepstudy(), method)
+        df = np.array([fe.df for fe in inference.fixed_effects()])
+        assert np.all((df > 10) & (df < 178))
+    assert np.all(np.diagonal(inference.vcov) >= np.diagonal(fit.vcov))
