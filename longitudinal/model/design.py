@@ -477,3 +477,23 @@ def _r_factor(X: np.ndarray) -> np.ndarray:
 def _qr_r(X: np.ndarray) -> np.ndarray:
     R: np.ndarray = np.linalg.qr(X, mode="r")  # type: ignore[assignment]  # mode "r" returns R alone
     return R
+
+
+# ------------------------------------------------------------------------------------------- new rows
+
+
+def fixed_effects_matrix(
+    data: pd.DataFrame, formula: ModelFormula, *, transforms: Mapping[str, Transform], dropped: Collection[str] = (),
+) -> tuple[np.ndarray, tuple[str, ...]]:
+    """The fixed-effects matrix of ``formula`` on new rows and its column names, as R's
+    ``model.matrix(delete.response(terms(fit)), newdata)`` that ``predict`` and emmeans build.
+
+    ``data`` needs only the columns the fixed terms read (no outcome, no grouping factor). Data-dependent
+    variables are evaluated with a fitted design's ``transforms`` (factor levels, poly's coefficients, spline
+    knots; a level the fit did not see is an error) and the fitted design's ``dropped`` columns are left out,
+    so the columns are those of the fit's β.
+    """
+    X_all, names = _Evaluator(data, formula.text, transforms).model_matrix(formula.fixed_terms)
+    dropped_set = set(dropped)
+    kept = [j for j, name in enumerate(names) if name not in dropped_set]
+    return np.ascontiguousarray(X_all[:, kept]), tuple(names[j] for j in kept)

@@ -1,0 +1,458 @@
+"""Estimated marginal means and treatment contrasts of the reported (REML) model, as emmeans computes them.
+
+The reference grid is emmeans' default one (``ref_grid``): the levels of ``estimates.by`` × the values of
+``estimates.at``; every other numeric column the fixed effects read is held at its mean over the rows the
+model was fitted on, and every other factor is averaged over its levels with equal weights (the mean of the
+design rows over those levels' grid, emmeans' ``weights = "equal"``). A numeric column the model reads as
+``factor(week)`` is a factor of the grid, as emmeans treats such coerced factors: ``at`` values must be
+among its levels, and without ``at`` it is averaged over them like any other factor. Each grid cell's mean
+is ``L β`` with ``L`` the (averaged) row of the fixed-effects matrix, built by the design machinery with the
+fitted design's transforms (factor levels, poly and spline bases), so a ``poly(week, 2)`` or ``ns(age, 3)``
+term is evaluated at the grid's values, not averaged column by column.
+
+Contrasts are each level of ``by`` minus the reference level (the first in R's order) at each ``at``
+combination: emmeans' ``contrast(emm, "trt.vs.ctrl")``. Their intervals and p-values are adjusted with
+emmeans' ``dunnettx`` (its approximation to Dunnett's distribution, ``.pdunnx``/``.qdunnx``) within each
+``at`` combination when it holds more than one contrast, and not adjusted ("none") when it holds one.
+
+Standard errors and df come from a ``FixedEffectInference`` (``longitudinal.inference.ddf``), so the means
+agree with the fixed-effect table: Satterthwaite's or Kenward–Roger's df per row of L, or the normal
+distribution (df inf). A GLMM's means are on the response scale (emmeans' ``type = "response"``: the
+inverse link of the linear predictor, SE by the delta method, the interval back-transformed from the link
+scale), its contrasts odds ratios (binomial, logit) or rate ratios (Poisson, log): exp of the link-scale
+difference, SE by the delta method, interval back-transformed, p-value of the link-scale z test.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from longitudinal.config import EstimatesConfig
+from longitudinal.errors import ConfigError
+from longitudinal.inference.ddf import LEVEL, FixedEffectInference, t_interval
+from longitudinal.model.design import build_design, fixed_effects_matrix
+from longitudinal.model.formula import CONSTANTS, Binary, Call, Expr, ModelFormula, Name, Paren, Unary, parse_formula
+from longitudinal.model.transforms import FactorLevels, Transform
+from longitudinal.records import Fit
+
+MEAN_COLUMNS = ("estimate", "se", "df", "ci_low", "ci_high")
+CONTRAST_COLUMNS = ("estimate", "se", "df", "ci_low", "ci_high", "p_value", "adjustment")
+
+#: emmeans' root-finding tolerance for the dunnettx quantile (``uniroot(..., tol = .0005)`` in ``.qdunnx``).
+DUNNETTX_TOLERANCE = 0.0005
+#: Above this df R's ``ptukey`` uses the studentized range of infinite df.
+_PTUKEY_LARGE_DF = 25000.0
+
+#: The response scale of a GLMM's means and the ratio its contrasts are, by family.
+_SCALES = {"gaussian": ("outcome", None), "binomial": ("probability", "odds ratio"), "poisson": ("rate", "rate ratio")}
+
+
+@dataclass(frozen=True, eq=False)
+class Estimates:
+    """Marginal means and contrasts of the reported model, the tables ``marginal_means.csv`` and ``contrasts.csv``.
+
+    ``means`` has the ``by`` column (level labels), the ``at`` columns, then ``estimate, se, df, ci_low,
+    ci_high``; ``contrasts`` has ``contrast`` ("<level> - <reference>", "<level> / <reference>" for a ratio; levels that
+    are all numbers are prefixed with the column's name, "Diet2 - Diet1", as emmeans labels them),
+    the ``at`` columns, then ``estimate, se, df, ci_low, ci_high, p_value, adjustment``. Rows run through the
+    ``at`` combinations (the first ``at`` column slowest), levels fastest. ``scale`` is what the means are
+    ("outcome", "probability", "rate"), ``ratio`` what a GLMM's contrasts are ("odds ratio", "rate ratio",
+    None for differences); ``notes`` are sentences for the report: where the grid is, what was held at its
+    mean or averaged, how the contrasts were adjusted, or why there are none.
+    """
+
+    means: pd.DataFrame
+    contrasts: pd.DataFrame
+    scale: str
+    ratio: str | None
+    notes: tuple[str, ...]
+
+
+def estimate_means(
+    fit: Fit, visits: pd.DataFrame, estimates: EstimatesConfig, inference: FixedEffectInference,
+) -> Estimates:
+    """Estimated marginal means per ``estimates.by`` level and ``estimates.at`` value, and each level against
+    the reference level, from ``fit`` (the REML fit of the selected model; a GLMM's ML fit) and ``inference``
+    (its fixed effects with the study's df method), ``visits`` being the rows it was fitted on.
+
+    A model without a term in ``by`` still gets its means (equal across the levels, by construction) but no
+    contrasts, which emmeans refuses to compute: a note says why. An ``at`` column the model does not read
+    is kept in the tables, with a note that the means do not vary with it.
+    """
+    formula = parse_formula(fit.formula, name=fit.name)
+    transforms = build_design(visits, formula, dropped=fit.dropped_terms).transforms
+    grid = reference_grid(visits, formula, transforms, estimates)
+    X, names = fixed_effects_matrix(grid.rows, formula, transforms=transforms, dropped=fit.dropped_terms)
+    if names != inference.names:
+        raise ValueError(f"the grid's columns {names} are not the fit's fixed effects {inference.names}")
+    L = X.reshape(len(grid.cells), -1, X.shape[1]).mean(axis=1)
+    scale, ratio = _SCALES[fit.family]
+    means = _means_table(grid, L, inference, fit.family)
+    notes = list(grid.notes)
+    if estimates.by is None:
+        contrasts = _empty_contrasts(grid.at_columns)
+    elif not grid.by_in_model:
+        contrasts = _empty_contrasts(grid.at_columns)
+        notes.append(f"No contrasts: the selected model has no term in {estimates.by!r}, so the means of its "
+                     "levels are equal by construction.")
+    else:
+        contrasts, note = _contrasts_table(grid, L, inference, fit.family)
+        notes.append(note)
+    return Estimates(means=means, contrasts=contrasts, scale=scale, ratio=ratio, notes=tuple(notes))
+
+
+# ------------------------------------------------------------------------------------- the reference grid
+
+
+@dataclass(frozen=True, eq=False)
+class ReferenceGrid:
+    """emmeans' reference grid of a model for a ``by`` × ``at`` request.
+
+    ``cells`` has one row per mean (the ``by`` level labels, then the ``at`` values; ``at`` combinations
+    slowest, levels fastest); ``rows`` the data rows whose fixed-effects rows are averaged into each cell's L
+    row: ``len(rows) = len(cells) × m``, cell by cell, m being the number of combinations of the averaged
+    factors' levels (1 when there are none). ``levels`` are the ``by`` levels in R's order (the first is the
+    reference); ``by_in_model`` says whether any fixed-effect term reads the ``by`` column.
+    """
+
+    cells: pd.DataFrame
+    rows: pd.DataFrame
+    by: str | None
+    levels: tuple[str, ...]
+    at_columns: tuple[str, ...]
+    by_in_model: bool
+    notes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _Factor:
+    """A factor of the grid: its level labels (R's order) and the value each stands for in the data column."""
+
+    labels: tuple[str, ...]
+    values: tuple[object, ...]
+
+
+def reference_grid(
+    visits: pd.DataFrame, formula: ModelFormula, transforms: Mapping[str, Transform], estimates: EstimatesConfig,
+) -> ReferenceGrid:
+    """emmeans' default reference grid for ``formula`` fitted on ``visits`` (``transforms`` its design's):
+    ``estimates.by`` levels × ``estimates.at`` values, other numeric columns at their mean over ``visits``,
+    other factors at each of their levels (averaged later with equal weights).
+
+    Raises ``ConfigError`` when an ``at`` value is not a level of a ``factor(column)`` the model uses, when
+    ``at`` names a text column, or when ``by`` names a column the model uses as a number.
+    """
+    factors, numeric = _predictors(visits, formula, transforms)
+    notes: list[str] = []
+    by = estimates.by
+    levels: tuple[str, ...] = ()
+    by_values: tuple[object, ...] = ()
+    by_in_model = by is not None and by in factors
+    if by is not None:
+        if by in numeric:
+            raise ConfigError(f"estimates: by {by!r} is a number in the model formula {formula.text!r}; by needs a "
+                              f"categorical column (or write factor({by}) in the formula)")
+        factor = factors[by] if by_in_model else _data_levels(visits[by])
+        levels, by_values = factor.labels, factor.values
+    at_values: dict[str, tuple[object, ...]] = {}
+    for column, values in estimates.at.items():
+        at_values[column] = _at_values(column, values, factors, numeric, formula)
+        if column not in factors and column not in numeric:
+            notes.append(f"The selected model does not use {column!r}: its means are the same at every {column} given.")
+    averaged = {name: factor for name, factor in factors.items() if name != by and name not in at_values}
+    held = {column: float(visits[column].mean()) for column in numeric if column not in at_values}
+    notes.extend(_grid_notes(estimates.at, held, averaged))
+
+    at_columns = tuple(at_values)
+    combinations = list(itertools.product(*at_values.values()))
+    by_pairs = list(zip(levels, by_values, strict=True)) if by is not None else [(None, None)]
+    averaged_rows = list(itertools.product(*(factor.values for factor in averaged.values())))
+    cells: list[dict[str, object]] = []
+    rows: list[dict[str, object]] = []
+    for combination in combinations:
+        for label, value in by_pairs:
+            cells.append(({by: label} if by is not None else {}) | dict(zip(at_columns, combination, strict=True)))
+            fixed = held | dict(zip(at_columns, combination, strict=True)) | ({by: value} if by is not None else {})
+            rows.extend(fixed | dict(zip(averaged, values, strict=True)) for values in averaged_rows)
+    cell_columns = ([by] if by is not None else []) + list(at_columns)
+    return ReferenceGrid(
+        cells=pd.DataFrame(cells, columns=cell_columns),
+        rows=pd.DataFrame(rows),
+        by=by,
+        levels=levels,
+        at_columns=at_columns,
+        by_in_model=by_in_model,
+        notes=tuple(notes),
+    )
+
+
+def _predictors(
+    visits: pd.DataFrame, formula: ModelFormula, transforms: Mapping[str, Transform],
+) -> tuple[dict[str, _Factor], list[str]]:
+    """The columns the fixed effects read, split as emmeans' reference grid splits them: factors (text columns
+    and numbers the formula wraps in ``factor()``), with their levels, and numeric covariates."""
+    factors: dict[str, _Factor] = {}
+    numeric: list[str] = []
+    for term in formula.fixed_terms.terms:
+        for variable in term.variables:
+            if isinstance(variable, Call) and variable.function == "factor" and isinstance(variable.args[0], Name):
+                column = variable.args[0].id
+                factors[column] = _recorded_levels(transforms, f"factor({column})", visits[column])
+            elif isinstance(variable, Name) and not _is_numeric(visits[variable.id]):
+                factors[variable.id] = _recorded_levels(transforms, variable.id, visits[variable.id])
+            else:
+                numeric.extend(_columns_read(variable))
+    return factors, [column for column in dict.fromkeys(numeric) if column not in factors]
+
+
+def _recorded_levels(transforms: Mapping[str, Transform], key: str, column: pd.Series) -> _Factor:
+    recorded = transforms[key]
+    assert isinstance(recorded, FactorLevels)
+    labels = recorded.levels
+    values: tuple[object, ...] = tuple(float(label) for label in labels) if _is_numeric(column) else labels
+    return _Factor(labels, values)
+
+
+def _data_levels(column: pd.Series) -> _Factor:
+    """The levels of a column the model does not use, sorted as the design sorts factor levels."""
+    _, labels = pd.factorize(column.astype(str), sort=True)
+    shown = tuple(str(label) for label in labels)
+    return _Factor(shown, shown)
+
+
+def _columns_read(expr: Expr) -> list[str]:
+    """The data columns an arithmetic expression (``week``, ``I(week^2)``, ``poly(age, 2)``, ``log(dose)``) reads."""
+    if isinstance(expr, Name):
+        return [] if expr.id in CONSTANTS else [expr.id]
+    if isinstance(expr, Paren):
+        return _columns_read(expr.inner)
+    if isinstance(expr, Unary):
+        return _columns_read(expr.operand)
+    if isinstance(expr, Binary):
+        return _columns_read(expr.left) + _columns_read(expr.right)
+    if isinstance(expr, Call):
+        return [column for argument in expr.args for column in _columns_read(argument)]
+    return []
+
+
+def _at_values(
+    column: str, values: Sequence[float], factors: Mapping[str, _Factor], numeric: Sequence[str], formula: ModelFormula,
+) -> tuple[object, ...]:
+    if column not in factors:
+        return tuple(values)
+    factor = factors[column]
+    if not all(isinstance(value, float) for value in factor.values):
+        raise ConfigError(f"estimates: at {column!r} gives numbers, but {column!r} is a categorical column in the "
+                          f"model formula {formula.text!r}; use by for it")
+    missing = [value for value in values if value not in factor.values]
+    if missing:
+        raise ConfigError(f"estimates: at {column}: {missing[0]:g} is not a level of factor({column}) in the model "
+                          f"formula {formula.text!r}; its levels are {', '.join(factor.labels)}")
+    return tuple(values)
+
+
+def _grid_notes(at: Mapping[str, Sequence[float]], held: Mapping[str, float], averaged: Mapping[str, _Factor]) -> list[str]:
+    notes = [f"Means at {column} = {', '.join(f'{value:g}' for value in values)}." for column, values in at.items()]
+    if held:
+        notes.append("Held at the mean over the rows fitted: "
+                     + ", ".join(f"{column} = {value:.4g}" for column, value in held.items()) + ".")
+    if averaged:
+        notes.append("Averaged with equal weights over the levels of "
+                     + ", ".join(f"{column} ({', '.join(factor.labels)})" for column, factor in averaged.items()) + ".")
+    return notes
+
+
+def _is_numeric(column: pd.Series) -> bool:
+    return bool(pd.api.types.is_numeric_dtype(column)) and not pd.api.types.is_bool_dtype(column)
+
+
+# ------------------------------------------------------------------------------------------------ tables
+
+
+def _means_table(grid: ReferenceGrid, L: np.ndarray, inference: FixedEffectInference, family: str) -> pd.DataFrame:
+    eta, se, df = inference.contrasts(L)
+    low, high, _ = t_interval(eta, se, df)
+    if family != "gaussian":
+        inverse, derivative = _INVERSE_LINKS[family]
+        eta, se, low, high = inverse(eta), derivative(eta) * se, inverse(low), inverse(high)
+    return grid.cells.assign(estimate=eta, se=se, df=df, ci_low=low, ci_high=high)
+
+
+def _contrasts_table(
+    grid: ReferenceGrid, L: np.ndarray, inference: FixedEffectInference, family: str,
+) -> tuple[pd.DataFrame, str]:
+    n_levels = len(grid.levels)
+    k = n_levels - 1
+    per_combination = L.reshape(-1, n_levels, L.shape[1])
+    differences = (per_combination[:, 1:, :] - per_combination[:, :1, :]).reshape(-1, L.shape[1])
+    estimate, se, df = inference.contrasts(differences)
+    if k == 1:
+        low, high, p_value = t_interval(estimate, se, df)
+        adjustment = "none"
+    else:
+        critical = dunnettx_quantile(LEVEL, k, df)
+        low, high = estimate - critical * se, estimate + critical * se
+        with np.errstate(invalid="ignore", divide="ignore"):
+            p_value = dunnettx_p_value(np.abs(estimate / se), k, df)
+        adjustment = "dunnettx"
+    ratio = family != "gaussian"
+    if ratio:
+        # The delta method on exp: SE(exp d) = exp(d) SE(d); tests stay on the link scale (null ratio 1).
+        estimate, se, low, high = np.exp(estimate), np.exp(estimate) * se, np.exp(low), np.exp(high)
+    sign = "/" if ratio else "-"
+    at = grid.cells[list(grid.at_columns)].iloc[::n_levels].reset_index(drop=True)
+    shown = [f"{grid.by}{level}" for level in grid.levels] if _all_numbers(grid.levels) else list(grid.levels)
+    labels = [f"{level} {sign} {shown[0]}" for level in shown[1:]]
+    table = pd.DataFrame({"contrast": labels * len(at)})
+    for column in grid.at_columns:
+        table[column] = np.repeat(at[column].to_numpy(), k)
+    table = table.assign(estimate=estimate, se=se, df=df, ci_low=low, ci_high=high, p_value=p_value,
+                         adjustment=adjustment)
+    what = {"binomial": "odds ratios", "poisson": "rate ratios"}.get(family, "differences")
+    where = f"at each combination of {', '.join(grid.at_columns)}" if grid.at_columns else "in the family"
+    if k == 1:
+        note = (f"Contrasts are {what} of {grid.levels[1]} against the reference level {grid.levels[0]} of "
+                f"{grid.by}; one contrast {where}, so intervals and p-values are not adjusted.")
+    else:
+        note = (f"Contrasts are {what} of each level of {grid.by} against the reference level {grid.levels[0]}; "
+                f"intervals and p-values are adjusted for the {k} contrasts {where} with emmeans' dunnettx "
+                "(its approximation to Dunnett's method).")
+    return table, note
+
+
+def _all_numbers(levels: Sequence[str]) -> bool:
+    """True when every level reads as a number, where emmeans labels contrasts "Diet2 - Diet1", not "2 - 1"."""
+    try:
+        return all(not math.isnan(float(level)) and "_" not in level for level in levels)
+    except ValueError:
+        return False
+
+
+def _empty_contrasts(at_columns: Sequence[str]) -> pd.DataFrame:
+    return pd.DataFrame(columns=["contrast", *at_columns, *CONTRAST_COLUMNS])
+
+
+def _expit(x: np.ndarray) -> np.ndarray:
+    from scipy.special import expit
+
+    return np.asarray(expit(x), dtype=float)
+
+
+_INVERSE_LINKS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]] = {
+    "binomial": (_expit, lambda eta: _expit(eta) * (1.0 - _expit(eta))),
+    "poisson": (np.exp, np.exp),
+}
+
+
+# ---------------------------------------------------------------------------------------------- dunnettx
+
+
+def dunnettx_cdf(x: np.ndarray | float, k: int, df: np.ndarray | float) -> np.ndarray:
+    """emmeans' ``.pdunnx``: P(max |T_i| ≤ x) for ``k`` contrasts against one control, approximated by the mix
+    ((k - 1)/k) · Tukey's studentized range cdf of √2 x with (1 + √(1 + 8k))/2 means + (1/k) · the Sidak
+    bound P(|T| ≤ x)^k, on ``df`` (inf for the normal). As R's ``ptukey``: NaN where df < 2, the infinite-df
+    range where df > 25000.
+    """
+    from scipy.special import stdtr
+    from scipy.stats import studentized_range
+
+    x, df = (np.asarray(a, dtype=float) for a in np.broadcast_arrays(x, df))
+    means = (1.0 + math.sqrt(1.0 + 8.0 * k)) / 2.0
+    range_df = np.where(df > _PTUKEY_LARGE_DF, np.inf, df)
+    tukey = np.full(x.shape, np.nan)
+    for index in np.ndindex(x.shape):
+        if range_df[index] >= 2.0 and np.isfinite(x[index]):
+            tukey[index] = 0.0 if x[index] <= 0 else studentized_range.cdf(math.sqrt(2.0) * x[index], means, range_df[index])
+        elif range_df[index] >= 2.0:
+            tukey[index] = 1.0
+    sidak = (1.0 - 2.0 * stdtr(df, -np.abs(x))) ** k
+    weight = (k - 1) / k
+    return np.asarray(weight * tukey + (1.0 - weight) * sidak, dtype=float)
+
+
+def dunnettx_p_value(statistic: np.ndarray | float, k: int, df: np.ndarray | float) -> np.ndarray:
+    """emmeans' dunnettx-adjusted two-sided p-value of |t| = ``statistic`` among ``k`` contrasts: 1 − .pdunnx."""
+    return 1.0 - dunnettx_cdf(np.abs(np.asarray(statistic, dtype=float)), k, df)
+
+
+def dunnettx_quantile(level: float, k: int, df: np.ndarray | float) -> np.ndarray:
+    """emmeans' ``.qdunnx``: the critical value of ``level`` intervals for ``k`` contrasts on each ``df``.
+
+    As emmeans: the t quantile when k = 1; else the root of .pdunnx(x) = level between the Tukey quantile
+    (qtukey(level, (1 + √(1 + 8k))/2, df)/√2) and the Sidak one (√qf(level^(1/k), 1, df)), by Brent's method
+    with tolerance 0.0005 as R's ``uniroot``, or the Tukey quantile when the two are within 0.0005.
+    """
+    from scipy.special import ndtri, stdtrit
+    from scipy.stats import studentized_range
+
+    df = np.atleast_1d(np.asarray(df, dtype=float))
+    if k < 1.005:
+        upper = 0.5 * (1.0 + level)
+        return np.where(np.isfinite(df), stdtrit(np.where(np.isfinite(df), df, 1.0), upper), ndtri(upper))
+    means = (1.0 + math.sqrt(1.0 + 8.0 * k)) / 2.0
+    found: dict[float, float] = {}
+    for d in df:
+        if d in found or not d >= 2.0:
+            found.setdefault(float(d), math.nan)
+            continue
+        tukey = float(studentized_range.ppf(level, means, np.inf if d > _PTUKEY_LARGE_DF else d)) / math.sqrt(2.0)
+        sidak_level = 0.5 * (1.0 + level ** (1.0 / k))
+        sidak = float(stdtrit(d, sidak_level) if math.isfinite(d) else ndtri(sidak_level))
+        if abs(tukey - sidak) < DUNNETTX_TOLERANCE:
+            found[float(d)] = tukey
+        else:
+            found[float(d)] = zeroin(lambda x: float(dunnettx_cdf(x, k, d)) - level, tukey, sidak, DUNNETTX_TOLERANCE)
+    return np.array([found[float(d)] for d in df])
+
+
+def zeroin(f: Callable[[float], float], a: float, b: float, tol: float, max_iterations: int = 1000) -> float:
+    """A root of ``f`` in [a, b] by Brent's method (the ZEROIN of Forsythe, Malcolm & Moler), stopping as R's
+    ``uniroot`` does: when the bracket is within 2·eps·|b| + tol/2 of the best point. ``f(a)`` and ``f(b)``
+    must have opposite signs (or one be zero)."""
+    eps = np.finfo(float).eps
+    fa, fb = f(a), f(b)
+    if fa == 0.0:
+        return a
+    if fb == 0.0:
+        return b
+    if (fa > 0) == (fb > 0):
+        raise ValueError(f"f({a}) = {fa} and f({b}) = {fb} have the same sign")
+    c, fc = a, fa
+    for _ in range(max_iterations):
+        previous_step = b - a
+        if abs(fc) < abs(fb):
+            a, b, c = b, c, b
+            fa, fb, fc = fb, fc, fb
+        tol_act = 2.0 * eps * abs(b) + tol / 2.0
+        new_step = (c - b) / 2.0
+        if abs(new_step) <= tol_act or fb == 0.0:
+            return b
+        if abs(previous_step) >= tol_act and abs(fa) > abs(fb):
+            cb = c - b
+            if a == c:  # two points: the secant
+                t1 = fb / fa
+                p, q = cb * t1, 1.0 - t1
+            else:  # three points: inverse quadratic interpolation
+                q, t1, t2 = fa / fc, fb / fc, fb / fa
+                p = t2 * (cb * q * (q - t1) - (b - a) * (t1 - 1.0))
+                q = (q - 1.0) * (t1 - 1.0) * (t2 - 1.0)
+            if p > 0:
+                q = -q
+            else:
+                p = -p
+            if p < 0.75 * cb * q - abs(tol_act * q) / 2.0 and p < abs(previous_step * q / 2.0):
+                new_step = p / q
+        if abs(new_step) < tol_act:
+            new_step = tol_act if new_step > 0 else -tol_act
+        a, fa = b, fb
+        b += new_step
+        fb = f(b)
+        if (fb > 0 and fc > 0) or (fb < 0 and fc < 0):
+            c, fc = a, fa
+    return b
