@@ -211,16 +211,15 @@ def satterthwaite(design: Design, theta: np.ndarray, sigma: float, vcov: np.ndar
         p = vcov.shape[0]
         return np.full(p * p, math.nan) if found is None else (varpar[-1] ** 2 * found.unscaled_vcov()).ravel()
 
-    return satterthwaite_at(deviance, covbeta, np.append(np.asarray(theta, dtype=float), float(sigma)), vcov)
+    varpar = np.append(np.asarray(theta, dtype=float), float(sigma))
+    return satterthwaite_at(richardson_hessian(deviance, varpar), covbeta, varpar, vcov)
 
 
 def satterthwaite_at(
-    deviance: Callable[[np.ndarray], float], covbeta: Callable[[np.ndarray], np.ndarray], varpar: np.ndarray,
-    vcov: np.ndarray,
+    hessian: np.ndarray, covbeta: Callable[[np.ndarray], np.ndarray], varpar: np.ndarray, vcov: np.ndarray,
 ) -> SatterthwaiteDf:
-    """lmerTest's ``as_lmerModLT`` for any parametrization: A = 2 H⁺ from numDeriv's Hessian of ``deviance`` at
+    """lmerTest's ``as_lmerModLT`` for any parametrization: A = 2 H⁺ from the ``hessian`` of the deviance at
     ``varpar`` (eigenvalues above 1e-8 kept), J from numDeriv's Jacobian of ``covbeta`` (vcov(β) flattened)."""
-    hessian = richardson_hessian(deviance, varpar)
     values, vectors = np.linalg.eigh(hessian)
     kept = values > HESSIAN_TOL
     vcov_varpar = 2.0 * (vectors[:, kept] / values[kept]) @ vectors[:, kept].T
@@ -546,7 +545,8 @@ def _structured_inference(
 
     The record does not keep the engine's θ, so the structure is refitted on the same rows (the same
     deterministic fit) to recover it. Satterthwaite is lmerTest's definition on −2ℓ (REML or ML, as fitted) of
-    ``fit.covariance.likelihood`` in the full θ (structure, then Λ); it does not depend on the parametrization.
+    ``fit.covariance.likelihood`` in the full θ (structure, then Λ), its Hessian differenced from the engine's
+    analytic gradient; it does not depend on the parametrization.
     Kenward–Roger is pbkrtest's linear variant (mmrm's "Kenward-Roger-Linear", SAS's KR(LINEARCOVARIANCE)):
     G_r = ∂V/∂θ_r by numDeriv's Richardson differences and no second-derivative term. The df and Φ_A of that
     variant are invariant to reparametrizing θ (W transforms as the inverse of IE2, each G_r by the chain
@@ -570,11 +570,11 @@ def _structured_inference(
     reml = fit.method == "REML"
     theta = fit_covariance(groups, structure, reml=reml).full_theta
 
-    def deviance(params: np.ndarray) -> float:
+    def score(params: np.ndarray) -> np.ndarray:
         try:
-            return -2.0 * evaluate(structure, groups, params, reml=reml, gradient=False).loglik
+            return np.asarray(evaluate(structure, groups, params, reml=reml).gradient)
         except np.linalg.LinAlgError:
-            return math.nan
+            return np.full(params.size, math.nan)
 
     def covbeta(params: np.ndarray) -> np.ndarray:
         try:
@@ -583,7 +583,11 @@ def _structured_inference(
             return np.full(vcov.size, math.nan)
 
     if method == "satterthwaite":
-        return FixedEffectInference(method, names, beta, vcov, satterthwaite_at(deviance, covbeta, theta, vcov))
+        # the Hessian of −2ℓ as the Jacobian of the engine's analytic gradient: k columns of differences
+        # instead of k² (an unstructured covariance over 10 visits has 55 parameters)
+        hessian = -2.0 * richardson_jacobian(score, theta)
+        return FixedEffectInference(method, names, beta, vcov,
+                                    satterthwaite_at((hessian + hessian.T) / 2.0, covbeta, theta, vcov))
     q = groups.n_random
     blocks = groups.blocks()
 
