@@ -118,7 +118,8 @@ class ReferenceGrid:
     slowest, levels fastest); ``rows`` the data rows whose fixed-effects rows are averaged into each cell's L
     row: ``len(rows) = len(cells) × m``, cell by cell, m being the number of combinations of the averaged
     factors' levels (1 when there are none). ``levels`` are the ``by`` levels in R's order (the first is the
-    reference); ``by_in_model`` says whether any fixed-effect term reads the ``by`` column.
+    reference); ``by_in_model`` says whether any fixed-effect term reads the ``by`` column. ``averaged`` maps
+    each factor averaged over to its levels, ``held`` each numeric column held at its mean to that mean.
     """
 
     cells: pd.DataFrame
@@ -127,6 +128,8 @@ class ReferenceGrid:
     levels: tuple[str, ...]
     at_columns: tuple[str, ...]
     by_in_model: bool
+    averaged: Mapping[str, tuple[str, ...]]
+    held: Mapping[str, float]
     notes: tuple[str, ...]
 
 
@@ -188,6 +191,8 @@ def reference_grid(
         levels=levels,
         at_columns=at_columns,
         by_in_model=by_in_model,
+        averaged={column: factor.labels for column, factor in averaged.items()},
+        held=held,
         notes=tuple(notes),
     )
 
@@ -289,6 +294,8 @@ def _contrasts_table(
 ) -> tuple[pd.DataFrame, str]:
     n_levels = len(grid.levels)
     k = n_levels - 1
+    if k == 0:
+        return _empty_contrasts(grid.at_columns), f"No contrasts: {grid.by} has one level, {grid.levels[0]}."
     per_combination = L.reshape(-1, n_levels, L.shape[1])
     differences = (per_combination[:, 1:, :] - per_combination[:, :1, :]).reshape(-1, L.shape[1])
     estimate, se, df = inference.contrasts(differences)

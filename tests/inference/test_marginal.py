@@ -28,8 +28,11 @@ from longitudinal.inference.marginal import (
     dunnettx_p_value,
     dunnettx_quantile,
     estimate_means,
+    reference_grid,
     zeroin,
 )
+from longitudinal.model.design import build_design
+from longitudinal.model.formula import parse_formula
 from longitudinal.records import Fit
 
 DATA = Path(__file__).resolve().parents[1] / "reference" / "data"
@@ -329,7 +332,8 @@ def _close(got: np.ndarray, expected: np.ndarray, rel: float, scale: np.ndarray 
     """|got − expected| ≤ rel × max(|expected|, scale): a bound or a difference near zero is compared on the
     scale of its standard error, where a relative tolerance would ask for digits neither fit has."""
     got, expected = np.asarray(got, dtype=float), np.asarray(expected, dtype=float)
-    same = (got == expected) | (np.abs(got - expected) <= rel * np.maximum(np.abs(expected), scale))
+    with np.errstate(invalid="ignore"):  # inf - inf where both df are infinite
+        same = (got == expected) | (np.abs(got - expected) <= rel * np.maximum(np.abs(expected), scale))
     assert same.all(), f"got {got[~same]}, emmeans {expected[~same]} (rel {rel})"
 
 
@@ -369,3 +373,23 @@ def test_contrasts_equal_emmeans(case: dict, method: str) -> None:
     _close(contrasts["ci_high"].to_numpy(), np.array([row[high] for row in rows]), 1e-3, se)
     # Below 1e-10 emmeans' 1 - .pdunnx (and R's pt) carry no relative precision.
     _close(contrasts["p_value"].to_numpy(), np.array([row["p.value"] for row in rows]), 1e-2, 1e-8)
+
+
+@pytest.mark.parametrize("case", _reference_cases(), ids=[case["name"] for case in _reference_cases()])
+def test_reference_grid_equals_emmeans(case: dict) -> None:
+    """ref_grid(fit, at = ...): the by levels, the factors averaged over and the covariates held at their mean."""
+    fit, visits = _case_fit(case)
+    spec = case["emmeans"]
+    formula = parse_formula(case["formula"])
+    transforms = build_design(visits, formula, dropped=fit.dropped_terms).transforms
+    grid = reference_grid(visits, formula, transforms, EstimatesConfig(by=spec["by"], at=spec["at"]))
+    expected = spec["reference_grid"]
+    assert grid.levels == tuple(expected[spec["by"]])
+    assert set(grid.averaged) == set(spec["averaged_over"])
+    for column, levels in grid.averaged.items():
+        assert levels == tuple(expected[column])
+    held = spec["held_at"] or {}
+    assert set(grid.held) == set(held)
+    for column, value in grid.held.items():
+        # emmeans keeps the mean to 6 significant digits in the JSON's reference_grid
+        assert value == pytest.approx(held[column][0], rel=1e-5)
