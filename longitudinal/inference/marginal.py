@@ -58,12 +58,12 @@ class Estimates:
     """Marginal means and contrasts of the reported model, the tables ``marginal_means.csv`` and ``contrasts.csv``.
 
     ``means`` has the ``by`` column (level labels), the ``at`` columns, then ``estimate, se, df, ci_low,
-    ci_high``; ``contrasts`` has ``contrast`` ("<level> - <reference>", "<level> / <reference>" for a ratio; levels that
-    are all numbers are prefixed with the column's name, "Diet2 - Diet1", as emmeans labels them),
-    the ``at`` columns, then ``estimate, se, df, ci_low, ci_high, p_value, adjustment``. Rows run through the
-    ``at`` combinations (the first ``at`` column slowest), levels fastest. ``scale`` is what the means are
-    ("outcome", "probability", "rate"), ``ratio`` what a GLMM's contrasts are ("odds ratio", "rate ratio",
-    None for differences); ``notes`` are sentences for the report: where the grid is, what was held at its
+    ci_high``; ``contrasts`` has ``contrast`` ("<level> - <reference>", "<level> / <reference>" for a
+    ratio; levels that are all numbers are prefixed with the column's name, "Diet2 - Diet1", as emmeans
+    labels them), the ``at`` columns, then ``estimate, se, df, ci_low, ci_high, p_value, adjustment``. Rows
+    run through the ``at`` combinations (the first ``at`` column slowest), levels fastest. ``scale`` is what
+    the means are ("outcome", "probability", "rate"), ``ratio`` what a GLMM's contrasts are ("odds ratio",
+    "rate ratio", None for differences); ``notes`` are sentences for the report: where the grid is, what was held at its
     mean or averaged, how the contrasts were adjusted, or why there are none.
     """
 
@@ -262,7 +262,9 @@ def _at_values(
     return tuple(values)
 
 
-def _grid_notes(at: Mapping[str, Sequence[float]], held: Mapping[str, float], averaged: Mapping[str, _Factor]) -> list[str]:
+def _grid_notes(
+    at: Mapping[str, Sequence[float]], held: Mapping[str, float], averaged: Mapping[str, _Factor],
+) -> list[str]:
     notes = [f"Means at {column} = {', '.join(f'{value:g}' for value in values)}." for column, values in at.items()]
     if held:
         notes.append("Held at the mean over the rows fitted: "
@@ -374,10 +376,10 @@ def dunnettx_cdf(x: np.ndarray | float, k: int, df: np.ndarray | float) -> np.nd
     range_df = np.where(df > _PTUKEY_LARGE_DF, np.inf, df)
     tukey = np.full(x.shape, np.nan)
     for index in np.ndindex(x.shape):
-        if range_df[index] >= 2.0 and np.isfinite(x[index]):
-            tukey[index] = 0.0 if x[index] <= 0 else studentized_range.cdf(math.sqrt(2.0) * x[index], means, range_df[index])
-        elif range_df[index] >= 2.0:
-            tukey[index] = 1.0
+        if range_df[index] < 2.0:
+            continue
+        q = math.sqrt(2.0) * x[index]
+        tukey[index] = 0.0 if q <= 0 else 1.0 if math.isinf(q) else studentized_range.cdf(q, means, range_df[index])
     sidak = (1.0 - 2.0 * stdtr(df, -np.abs(x))) ** k
     weight = (k - 1) / k
     return np.asarray(weight * tukey + (1.0 - weight) * sidak, dtype=float)

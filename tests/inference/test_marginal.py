@@ -240,7 +240,8 @@ def test_factor_week_is_averaged_without_at(site: pd.DataFrame, factor_week: Fit
 
 def test_factor_week_refuses_a_value_that_is_not_a_level(site: pd.DataFrame, factor_week: Fit) -> None:
     # emmeans drops such a value without a word; the config is wrong, so we say so.
-    with pytest.raises(ConfigError, match=r"at week: 1.5 is not a level of factor\(week\).*levels are 0, 1, 2, 3, 4, 5"):
+    message = r"at week: 1.5 is not a level of factor\(week\).*levels are 0, 1, 2, 3, 4, 5"
+    with pytest.raises(ConfigError, match=message):
         _estimate(factor_week, site, by="arm", at={"week": [0, 1.5]})
 
 
