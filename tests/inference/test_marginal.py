@@ -198,6 +198,32 @@ def test_two_arms_hold_age_at_its_mean_and_average_sites(site: pd.DataFrame) -> 
     assert any("site (1, 2, 3, 4)" in note for note in estimates.notes)
 
 
+def test_poly_and_spline_terms_are_evaluated_at_the_grid(site: pd.DataFrame) -> None:
+    # The bases are evaluated at the grid's week and at the mean age with the fitted coefficients and knots,
+    # not averaged column by column.
+    fit = fit_candidate(site, "curves", "score ~ poly(week, 2) * arm + ns(age, 3) + (1 | patient_id)", method="REML")
+    estimates = _estimate(fit, site, by="arm", at={"week": [0, 3, 5]})
+    # m <- lmer(score ~ poly(week, 2) * arm + ns(age, 3) + (1 | patient_id), sim_site, control = ctl)
+    # emm <- emmeans(m, ~ arm | week, at = list(week = c(0, 3, 5)), lmer.df = "asymptotic")
+    means = np.array([
+        (48.5730463416646, 1.23097494588237, 46.1603797818640, 50.9857129014651),
+        (52.1081506854388, 1.16621079115644, 49.8224195363902, 54.3938818344873),
+        (46.1593779739903, 1.17386024863950, 43.8586541637736, 48.4601017842069),
+        (45.8751793725217, 1.10180190705048, 43.7156873166053, 48.0346714284382),
+        (43.9492797049015, 1.33436829565913, 41.3339659032976, 46.5645935065055),
+        (43.5997373007775, 1.26970624309830, 41.1111587933592, 46.0883158081959),
+    ])
+    assert estimates.means[["estimate", "se", "ci_low", "ci_high"]].to_numpy() == pytest.approx(means, rel=1e-5)
+    # summary(contrast(emm, "trt.vs.ctrl"), infer = TRUE)
+    contrasts = np.array([
+        (3.535104343774203, 1.48989789130261, 0.614958136178913, 6.45525055136949, 0.0176578422960769),
+        (-0.284198601468529, 1.39138837691598, -3.011269708731485, 2.44287250579443, 0.8381539141004343),
+        (-0.349542404123994, 1.65674393484966, -3.596700848034502, 2.89761603978651, 0.8329016679024712),
+    ])
+    got = estimates.contrasts[["estimate", "se", "ci_low", "ci_high", "p_value"]].to_numpy()
+    assert got == pytest.approx(contrasts, rel=1e-5)
+
+
 @pytest.fixture(scope="module")
 def factor_week(site: pd.DataFrame) -> Fit:
     return fit_candidate(site, "visits", "score ~ factor(week) * arm + (1 | patient_id)", method="REML")
