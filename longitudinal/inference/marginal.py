@@ -57,16 +57,19 @@ _SCALES = {"gaussian": ("outcome", None), "binomial": ("probability", "odds rati
 class Estimates:
     """Marginal means and contrasts of the reported model, the tables ``marginal_means.csv`` and ``contrasts.csv``.
 
-    ``means`` has the ``by`` column (level labels), the ``at`` columns, then ``estimate, se, df, ci_low,
-    ci_high``; ``contrasts`` has ``contrast`` ("<level> - <reference>", "<level> / <reference>" for a
-    ratio; levels that are all numbers are prefixed with the column's name, "Diet2 - Diet1", as emmeans
-    labels them), the ``at`` columns, then ``estimate, se, df, ci_low, ci_high, p_value, adjustment``. Rows
-    run through the ``at`` combinations (the first ``at`` column slowest), levels fastest. ``scale`` is what
-    the means are ("outcome", "probability", "rate"), ``ratio`` what a GLMM's contrasts are ("odds ratio",
-    "rate ratio", None for differences); ``notes`` are sentences for the report: where the grid is, what was held at its
+    ``by`` and ``at`` name the columns of the grid (``estimates.by``, the ``at`` columns in order). ``means``
+    has the ``by`` column (level labels), the ``at`` columns, then ``estimate, se, df, ci_low, ci_high``;
+    ``contrasts`` has ``contrast`` ("<level> - <reference>", "<level> / <reference>" for a ratio; levels that
+    are all numbers are prefixed with the column's name, "Diet2 - Diet1", as emmeans labels them), the ``at``
+    columns, then ``estimate, se, df, ci_low, ci_high, p_value, adjustment``. Rows run through the ``at``
+    combinations (the first ``at`` column slowest), levels fastest. ``scale`` is what the means are
+    ("outcome", "probability", "rate"), ``ratio`` what a GLMM's contrasts are ("odds ratio", "rate ratio",
+    None for differences); ``notes`` are sentences for the report: where the grid is, what was held at its
     mean or averaged, how the contrasts were adjusted, or why there are none.
     """
 
+    by: str | None
+    at: tuple[str, ...]
     means: pd.DataFrame
     contrasts: pd.DataFrame
     scale: str
@@ -104,7 +107,8 @@ def estimate_means(
     else:
         contrasts, note = _contrasts_table(grid, L, inference, fit.family)
         notes.append(note)
-    return Estimates(means=means, contrasts=contrasts, scale=scale, ratio=ratio, notes=tuple(notes))
+    return Estimates(by=estimates.by, at=grid.at_columns, means=means, contrasts=contrasts, scale=scale, ratio=ratio,
+                     notes=tuple(notes))
 
 
 # ------------------------------------------------------------------------------------- the reference grid
