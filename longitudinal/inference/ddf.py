@@ -21,6 +21,7 @@ A statsmodels fit has no θ: it is rebuilt from its variance components (``lme4_
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from scipy.sparse.csgraph import connected_components
 from longitudinal.config import DF_METHODS
 from longitudinal.errors import ConfigError
 from longitudinal.fit.covariance import CovarianceStructure, fit_covariance, group_by_pattern
-from longitudinal.fit.covariance.grouping import VisitPattern
+from longitudinal.fit.covariance.grouping import SubjectBatch, VisitPattern
 from longitudinal.fit.covariance.likelihood import CovarianceModel, evaluate
 from longitudinal.fit.lmm import PenalizedSolution, penalized_solver
 from longitudinal.fit.structured import visit_positions
@@ -442,7 +443,7 @@ def _information_parts(
         )
     for m in np.unique(sizes[sizes > 0]):
         which = np.flatnonzero(sizes == m)
-        per_batch = max(1, _BATCH_ELEMENTS // int(m * m))
+        per_batch = max(1, _BATCH_ELEMENTS // int(m * m * (R + 3)))
         for at in range(0, which.size, per_batch):
             chosen = which[at:at + per_batch]
             rows = order[starts[chosen][:, None] + np.arange(m)[None, :]]
@@ -472,29 +473,44 @@ def _add_batch(
         part = np.einsum("bmi,ij,bnj->bmn", Zs[k], block_cov, Zs[k])
         V += part if same[k] is None else part * same[k]
     G.append(np.broadcast_to(np.eye(m), (B, m, m)))  # ∂V/∂σ²
-    accumulate_information(X, V, G, P, Q, K)
+    accumulate_information(X, V, np.stack(G), P, Q, K)
 
 
 def accumulate_information(
-    X: np.ndarray, V: np.ndarray, G: list[np.ndarray], P: np.ndarray, Q: np.ndarray, K: np.ndarray,
+    X: np.ndarray, V: np.ndarray, G: np.ndarray, P: np.ndarray, Q: np.ndarray, K: np.ndarray,
 ) -> None:
-    """Add the blocks X (B × m × p), V (B × m × m) and G_r = ∂V/∂ψ_r (each B × m × m) to pbkrtest's sums
+    """Add the blocks X (B × m × p), V (B × m × m) and G_r = ∂V/∂ψ_r (R × B × m × m) to pbkrtest's sums
     P_r = −Σ XᵀV⁻¹G_rV⁻¹X, Q_rs = Σ XᵀV⁻¹G_rV⁻¹G_sV⁻¹X and K_rs = Σ tr(G_rV⁻¹G_sV⁻¹) (in place: the
-    caller's running sums)."""
+    caller's running sums). The sums over blocks and rows are matrix products over all r and s at once."""
+    R, p = G.shape[0], X.shape[2]
     V_inv = np.linalg.inv(V)
+    H = G @ V_inv
+    O = H @ X
+    S = V_inv @ O
     T = V_inv @ X
-    H = [g @ V_inv for g in G]
-    O = [h @ X for h in H]
-    S = [V_inv @ o for o in O]
-    R = len(H)
-    for r in range(R):
-        P[r] -= np.einsum("bmp,bmq->pq", O[r], T)
-        for s in range(R):
-            Q[r, s] += np.einsum("bmp,bmq->pq", O[r], S[s])
-            if s >= r:
-                K[r, s] += np.einsum("bij,bji->", H[r], H[s])
-                K[s, r] = K[r, s]
+    # sums over a long axis into a small result: einsum's own loop (OpenBLAS's gemm for this shape was 100×
+    # slower here, up to a second per batch on a busy machine)
+    O_flat = O.transpose(0, 3, 1, 2).reshape(R * p, -1)
+    P -= np.einsum("ik,kj->ij", O_flat, T.reshape(-1, p)).reshape(R, p, p)
+    S_flat = S.transpose(0, 3, 1, 2).reshape(R * p, -1)
+    Q += np.einsum("ik,jk->ij", O_flat, S_flat).reshape(R, p, R, p).transpose(0, 2, 1, 3)
+    K += np.einsum("ik,jk->ij", H.reshape(R, -1), np.swapaxes(H, 2, 3).reshape(R, -1))
 
+
+def accumulate_pattern(
+    XX: np.ndarray, n_subjects: int, V: np.ndarray, G: np.ndarray, P: np.ndarray, Q: np.ndarray, K: np.ndarray,
+) -> None:
+    """``accumulate_information`` for subjects sharing one V (s × s) and G (R × s × s), read through their
+    cross-products XX (s × s × p × p, [a, b] = Σ_i X_i[a]ᵀ X_i[b]): no cost per subject."""
+    R, s, p = G.shape[0], V.shape[0], XX.shape[2]
+    V_inv = np.linalg.inv(V)
+    H = G @ V_inv
+    M = V_inv @ H  # V⁻¹ G_r V⁻¹
+    XX_flat = XX.reshape(s * s, p * p)
+    P -= (M.reshape(R, s * s) @ XX_flat).reshape(R, p, p)
+    N = np.einsum("rab,tbc->rtac", M, H)  # V⁻¹ G_r V⁻¹ G_t V⁻¹
+    Q += (N.reshape(R * R, s * s) @ XX_flat).reshape(R, R, p, p)
+    K += n_subjects * np.einsum("rab,tba->rt", H, H)
 
 # ---------------------------------------------------------------------------------------------------------------
 # The variance parameters of a fit
@@ -589,24 +605,34 @@ def _structured_inference(
         return FixedEffectInference(method, names, beta, vcov,
                                     satterthwaite_at((hessian + hessian.T) / 2.0, covbeta, theta, vcov))
     q = groups.n_random
-    blocks = groups.blocks()
-
-    def marginals(params: np.ndarray) -> np.ndarray:
-        model = CovarianceModel.at(structure, params, q)
-        return np.concatenate([(model.scale * model.marginal(block)).ravel() for block in blocks])
-
-    V_all = marginals(theta)
-    G_all = richardson_jacobian(marginals, theta)  # (Σ block sizes, R)
     R, p = theta.size, design.X.shape[1]
     P, Q, K = np.zeros((R, p, p)), np.zeros((R, R, p, p)), np.zeros((R, R))
-    at = 0
-    for block in blocks:
+    for block in groups.blocks():
+        if isinstance(block, VisitPattern):
+            V, G = _marginal_derivatives(structure, block, theta, q)
+            accumulate_pattern(block.crossproducts.XX, block.n_subjects, V, G, P, Q, K)
+            continue
         g, m = block.rows.shape
-        shape = (1, m, m) if isinstance(block, VisitPattern) else (g, m, m)  # a pattern's subjects share one V
-        size = math.prod(shape)
-        V = np.broadcast_to(V_all[at:at + size].reshape(shape), (g, m, m))
-        G = [np.broadcast_to(G_all[at:at + size, r].reshape(shape), (g, m, m)) for r in range(R)]
-        accumulate_information(block.X, V, G, P, Q, K)
-        at += size
+        per_batch = max(1, _BATCH_ELEMENTS // int(m * m * (R + 3)))
+        for at in range(0, g, per_batch):
+            chunk = slice(at, at + per_batch)
+            part = dataclasses.replace(block, coords=block.coords[chunk], rows=block.rows[chunk],
+                                       subjects=block.subjects[chunk], y=block.y[chunk], X=block.X[chunk],
+                                       Z=block.Z[chunk])
+            V, G = _marginal_derivatives(structure, part, theta, q)
+            accumulate_information(part.X, V, G, P, Q, K)
     adjusted = adjusted_covariance(P, Q, K, vcov)
     return FixedEffectInference(method, names, beta, adjusted.vcov, adjusted)
+
+
+def _marginal_derivatives(
+    structure: CovarianceStructure, block: VisitPattern | SubjectBatch, theta: np.ndarray, q: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """V of ``block`` at the full θ, and G_r = ∂V/∂θ_r (R × V's shape) by numDeriv's Richardson differences."""
+    def marginal(params: np.ndarray) -> np.ndarray:
+        model = CovarianceModel.at(structure, params, q)
+        return np.asarray(model.scale * model.marginal(block))
+
+    V = marginal(theta)
+    G = richardson_jacobian(lambda params: marginal(params).ravel(), theta)
+    return V, np.ascontiguousarray(G.T.reshape(theta.size, *V.shape))
