@@ -1,4 +1,4 @@
-"""The ``longitudinal-study`` flow: ingest → validate → fit every candidate → select → report.
+"""The ``longitudinal-study`` flow: ingest → validate → fit every candidate → select → infer → report.
 
 Composition only: every step is a task calling one library function. The run is assembled in a
 staging folder and published (moved into place, ``latest`` updated) only when every step succeeded.
@@ -19,6 +19,7 @@ from longitudinal.config import ExecutionConfig, StudyConfig, load_config
 from longitudinal.data.curation import fingerprint
 from longitudinal.data.durable import printable
 from longitudinal.data.ingest import find_source_files
+from longitudinal.inference.reported import check_estimates
 from longitudinal.model.formula import check_candidates, check_family, check_same_response, parse_candidates
 from longitudinal.records import Fit, ReportInputs, Selection, SourceFile
 from longitudinal.reporting.run_folder import (
@@ -30,6 +31,7 @@ from longitudinal.reporting.run_folder import (
     start_run,
 )
 from tasks.fitting import describe_family, fit
+from tasks.inference import infer
 from tasks.ingest import ingest
 from tasks.report import publish, write_outputs
 from tasks.selection import select
@@ -80,6 +82,7 @@ def _run_stages(config: StudyConfig, config_path: Path, formulas: dict, staging:
 
     covariates = check_candidates(formulas, config.data.roles, list(ingested.raw.columns))
     validated = validate(ingested, config, covariates)
+    check_estimates(config, validated.visits)
     clock = _stage_done(stages, "validate", clock)
 
     names = list(formulas)
@@ -111,11 +114,15 @@ def _run_stages(config: StudyConfig, config_path: Path, formulas: dict, staging:
         # A GLMM has no REML (glmer fits by ML only): the selected model is reported as its ML fit.
         selected = next(f for f in fits if f.name == chosen)
 
+    reported = infer(selected, validated.visits, config)
+    clock = _stage_done(stages, "infer", clock)
+
     timings: dict[str, Any] = {"stages": stages, "fits": fit_seconds}
     inputs = ReportInputs(
         study=config.study, run_id=run_id, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         config=config, files=ingested.files, validated=validated, selection=selection, fits=tuple(fits),
-        selected=selected, timings=timings, versions=package_versions(),
+        selected=reported.fit, timings=timings, versions=package_versions(), estimates=reported.estimates,
+        explained=reported.explained,
     )
     write_outputs(staging, inputs)
     _stage_done(stages, "report", clock)

@@ -395,9 +395,6 @@ class StudyConfig(_Frozen):
             if by in roles or by == data.time:
                 what = roles.get(by, "data.time")
                 raise ValueError(f"estimates.by: {by!r} is {what}; name a categorical covariate such as the arm")
-            if by not in data.categorical:
-                raise ValueError(f"estimates.by: {by!r} is not in data.categorical; means per level need a "
-                                 f"categorical column: add it to data.categorical, or name another")
         for column in self.estimates.at:
             if column in roles:
                 raise ValueError(f"estimates.at: {column!r} is {roles[column]}; give values of the time or of a "

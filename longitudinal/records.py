@@ -177,19 +177,27 @@ class FixedEffect:
 
 @dataclass(frozen=True)
 class VarianceComponent:
-    """The standard deviation of one random-effect term (``term`` "(Intercept)" for the intercept)."""
+    """The standard deviation of one random-effect term (``term`` "(Intercept)" for the intercept), with its
+    profile-likelihood 95% interval where one was computed (the reported model's; NaN otherwise)."""
 
     group: str
     term: str
     sd: float
+    ci_low: float = math.nan
+    ci_high: float = math.nan
 
 
 @dataclass(frozen=True)
 class Correlation:
+    """The correlation of two random-effect terms of one bar, with its profile-likelihood 95% interval where
+    one was computed (NaN otherwise)."""
+
     group: str
     term1: str
     term2: str
     corr: float
+    ci_low: float = math.nan
+    ci_high: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -314,6 +322,8 @@ class Fit:
     vcov: np.ndarray = field(default_factory=lambda: np.empty((0, 0)))
     """The covariance of the fixed-effect estimates (Wald, as lme4's ``vcov``), rows and columns in the order of
     ``fixed_effects``; empty for a failed fit."""
+    residual_sd_ci: tuple[float, float] | None = None
+    """The profile-likelihood 95% interval of ``residual_sd`` (the reported model's; None otherwise)."""
     theta: np.ndarray = field(default_factory=lambda: np.empty(0))
     """lme4's θ at the optimum, in the data's units (lme4-style LMM and GLMM fits; empty otherwise): with the
     design, what small-sample inference and likelihood profiles start from."""
@@ -518,6 +528,67 @@ class Curated:
 # ---------------------------------------------------------------------------------------------- report
 
 
+@dataclass(frozen=True)
+class ExplainedVariance:
+    """The variance components behind the ICC and R² of one fit, and those ratios (computed by
+    ``longitudinal.inference.variance.explained_variance``, which documents each one)."""
+
+    fixed: float
+    random: float
+    residual: float
+
+    @property
+    def icc(self) -> float:
+        """Adjusted ICC: the share of the variance left after the fixed effects that lies between groups."""
+        return self.random / (self.random + self.residual)
+
+    @property
+    def r2_marginal(self) -> float:
+        """Share of the total variance explained by the fixed effects alone."""
+        return self.fixed / (self.fixed + self.random + self.residual)
+
+    @property
+    def r2_conditional(self) -> float:
+        """Share of the total variance explained by the fixed and random effects together."""
+        return (self.fixed + self.random) / (self.fixed + self.random + self.residual)
+
+
+@dataclass(frozen=True, eq=False)
+class MarginalEstimates:
+    """Estimated marginal means of the reported model and each group against the reference group (emmeans').
+
+    ``by`` and ``at`` name the columns of the grid (``estimates.by``, the ``at`` columns in order). ``means``
+    is ``marginal_means.csv`` (columns: the ``by`` column, the ``at`` columns, ``estimate, se, df, ci_low,
+    ci_high``) and ``contrasts`` is ``contrasts.csv`` (``contrast`` as "<level> - <reference level>", or
+    "<level> / <reference level>" for a ratio; levels that are all numbers are prefixed with the column's
+    name, "Diet2 - Diet1", as emmeans labels them; the ``at`` columns, ``estimate, se, df, ci_low, ci_high,
+    p_value, adjustment``). Rows run through the ``at`` combinations (the first ``at`` column slowest), levels
+    fastest. ``scale`` says what the means are ("outcome"; "probability" or "rate" for a GLMM, on the
+    response scale), ``ratio`` what a GLMM's contrasts are ("odds ratio", "rate ratio"; None for
+    differences), ``notes`` sentences for the report: where the grid is, what was held at its mean or
+    averaged, how the contrasts were adjusted, or why there are none.
+    """
+
+    by: str | None
+    at: tuple[str, ...]
+    means: pd.DataFrame
+    contrasts: pd.DataFrame
+    scale: str
+    ratio: str | None
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, eq=False)
+class ReportedModel:
+    """The selected model as the report states it (``longitudinal.inference.reported.report_inference``):
+    ``fit`` with its fixed effects tested on the study's df method and its variance components' profile
+    intervals, the marginal ``estimates`` the study asks for, and its ICC and R² (``explained``)."""
+
+    fit: Fit
+    estimates: MarginalEstimates | None = None
+    explained: ExplainedVariance | None = None
+
+
 @dataclass(frozen=True, eq=False)
 class ReportInputs:
     """Everything the report shows, as records: the run, its data accounting, its fits and its timings.
@@ -538,4 +609,8 @@ class ReportInputs:
     fits: tuple[Fit, ...]
     selected: Fit
     timings: Mapping[str, Any] = field(default_factory=dict)
+    estimates: MarginalEstimates | None = None
+    """The selected model's marginal means and contrasts (the study's ``estimates``); None without that section."""
+    explained: ExplainedVariance | None = None
+    """The selected model's ICC and R² (None where they are not defined: an MMRM, a failed fit)."""
     versions: Mapping[str, str | None] = field(default_factory=dict)

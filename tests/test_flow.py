@@ -73,7 +73,7 @@ def test_every_row_is_accounted_for(example_run: Path) -> None:
 
 def test_manifest_records_provenance_and_timings(example_run: Path) -> None:
     manifest = json.loads((example_run / "manifest.json").read_text())
-    assert set(manifest["timings"]["stages"]) == {"ingest", "validate", "fit", "select", "report"}
+    assert set(manifest["timings"]["stages"]) == {"ingest", "validate", "fit", "select", "infer", "report"}
     assert {"ri", "ris", "ris_uncorrelated"} <= set(manifest["timings"]["fits"])
     assert manifest["prefect_flow_run_id"]
     assert len(manifest["config"]["sha256"]) == 64
@@ -351,7 +351,7 @@ def test_the_binary_studys_selected_model_is_its_ml_fit(binary_run: Path) -> Non
                                                                 "week:armtreatment"}
     manifest = json.loads((binary_run / "manifest.json").read_text())
     assert set(manifest["timings"]["fits"]) == {"ri", "ris", "ris_uncorrelated"}  # no REML entry
-    assert set(manifest["timings"]["stages"]) == {"ingest", "validate", "fit", "select", "report"}
+    assert set(manifest["timings"]["stages"]) == {"ingest", "validate", "fit", "select", "infer", "report"}
 
 
 def test_the_binary_studys_validation_quarantines_the_answers_that_are_not_levels(binary_run: Path) -> None:

@@ -39,7 +39,7 @@ from longitudinal.inference.ddf import LEVEL, FixedEffectInference, t_interval
 from longitudinal.model.design import build_design, fixed_effects_matrix
 from longitudinal.model.formula import CONSTANTS, Binary, Call, Expr, ModelFormula, Name, Paren, Unary, parse_formula
 from longitudinal.model.transforms import FactorLevels, Transform
-from longitudinal.records import Fit
+from longitudinal.records import Fit, MarginalEstimates
 
 MEAN_COLUMNS = ("estimate", "se", "df", "ci_low", "ci_high")
 CONTRAST_COLUMNS = ("estimate", "se", "df", "ci_low", "ci_high", "p_value", "adjustment")
@@ -53,33 +53,9 @@ _PTUKEY_LARGE_DF = 25000.0
 _SCALES = {"gaussian": ("outcome", None), "binomial": ("probability", "odds ratio"), "poisson": ("rate", "rate ratio")}
 
 
-@dataclass(frozen=True, eq=False)
-class Estimates:
-    """Marginal means and contrasts of the reported model, the tables ``marginal_means.csv`` and ``contrasts.csv``.
-
-    ``by`` and ``at`` name the columns of the grid (``estimates.by``, the ``at`` columns in order). ``means``
-    has the ``by`` column (level labels), the ``at`` columns, then ``estimate, se, df, ci_low, ci_high``;
-    ``contrasts`` has ``contrast`` ("<level> - <reference>", "<level> / <reference>" for a ratio; levels that
-    are all numbers are prefixed with the column's name, "Diet2 - Diet1", as emmeans labels them), the ``at``
-    columns, then ``estimate, se, df, ci_low, ci_high, p_value, adjustment``. Rows run through the ``at``
-    combinations (the first ``at`` column slowest), levels fastest. ``scale`` is what the means are
-    ("outcome", "probability", "rate"), ``ratio`` what a GLMM's contrasts are ("odds ratio", "rate ratio",
-    None for differences); ``notes`` are sentences for the report: where the grid is, what was held at its
-    mean or averaged, how the contrasts were adjusted, or why there are none.
-    """
-
-    by: str | None
-    at: tuple[str, ...]
-    means: pd.DataFrame
-    contrasts: pd.DataFrame
-    scale: str
-    ratio: str | None
-    notes: tuple[str, ...]
-
-
 def estimate_means(
     fit: Fit, visits: pd.DataFrame, estimates: EstimatesConfig, inference: FixedEffectInference,
-) -> Estimates:
+) -> MarginalEstimates:
     """Estimated marginal means per ``estimates.by`` level and ``estimates.at`` value, and each level against
     the reference level, from ``fit`` (the REML fit of the selected model; a GLMM's ML fit) and ``inference``
     (its fixed effects with the study's df method), ``visits`` being the rows it was fitted on.
@@ -107,7 +83,7 @@ def estimate_means(
     else:
         contrasts, note = _contrasts_table(grid, L, inference, fit.family)
         notes.append(note)
-    return Estimates(by=estimates.by, at=grid.at_columns, means=means, contrasts=contrasts, scale=scale, ratio=ratio,
+    return MarginalEstimates(by=estimates.by, at=grid.at_columns, means=means, contrasts=contrasts, scale=scale, ratio=ratio,
                      notes=tuple(notes))
 
 

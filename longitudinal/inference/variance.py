@@ -27,7 +27,6 @@ structure (an MMRM: no random-effect / residual split) and a Poisson GLMM whose 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -35,34 +34,10 @@ import pandas as pd
 from longitudinal.fit.candidate import fit_candidate
 from longitudinal.model.design import BlockDesign, build_design
 from longitudinal.model.formula import ModelFormula, parse_formula
-from longitudinal.records import Fit
+from longitudinal.records import ExplainedVariance, Fit
 
 # Variance of the standard logistic distribution: the latent-scale residual variance of a logit model.
 LOGIT_VARIANCE = math.pi ** 2 / 3
-
-
-@dataclass(frozen=True)
-class ExplainedVariance:
-    """The variance components behind the ICC and R² of one fit, and those ratios."""
-
-    fixed: float
-    random: float
-    residual: float
-
-    @property
-    def icc(self) -> float:
-        """Adjusted ICC: the share of the variance left after the fixed effects that lies between groups."""
-        return self.random / (self.random + self.residual)
-
-    @property
-    def r2_marginal(self) -> float:
-        """Share of the total variance explained by the fixed effects alone."""
-        return self.fixed / (self.fixed + self.random + self.residual)
-
-    @property
-    def r2_conditional(self) -> float:
-        """Share of the total variance explained by the fixed and random effects together."""
-        return (self.fixed + self.random) / (self.fixed + self.random + self.residual)
 
 
 def explained_variance(fit: Fit, visits: pd.DataFrame) -> ExplainedVariance | None:

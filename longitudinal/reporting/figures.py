@@ -38,7 +38,7 @@ from longitudinal.inference.residuals import (
     RatioEffect, observed_response, outcome_over_time, randomized_quantile_residuals, ratio_effects,
     semivariogram, visit_positions,
 )
-from longitudinal.records import Fit, FixedEffect, ResidualCovariance, Selection
+from longitudinal.records import Fit, FixedEffect, MarginalEstimates, ResidualCovariance, Selection
 
 FIGURE_KEYS: tuple[str, ...] = (
     "trajectories",
@@ -1294,18 +1294,77 @@ def _draw_semivariogram(ax: Axes, curves: Sequence[tuple[str, pd.DataFrame]], ti
     ax.legend(loc="upper right", frameon=False)
 
 
+# ------------------------------------------------------------------------------------ marginal means
+
+
+def plot_marginal_means(
+    estimates: MarginalEstimates, visits: pd.DataFrame, outcome: str, *, time: str, family: str = "gaussian",
+    time_label: str = "Time",
+) -> Figure:
+    """The model's estimated marginal means per ``by`` group with their 95% bands, over the first ``at`` column
+    (the time, usually), on the observed group means at each observed value of that column (points).
+
+    Without an ``at`` column the means are drawn per group as points with their intervals. Observed means are
+    shown only when the x axis is the time: they are the raw means of the rows at each time (a binomial
+    outcome's proportion of 1s, a Poisson outcome's mean count), which differ from the model's means where
+    subjects drop out or the design is unbalanced, which is what a reader checks.
+    """
+    means = estimates.means
+    title = "Estimated marginal means" + (f" by {_plain(estimates.by)}" if estimates.by else "")
+    if means.empty or not np.isfinite(means["estimate"].to_numpy(float)).any():
+        return _message_figure(title, "No marginal means to draw.")
+    by = estimates.by
+    levels = list(dict.fromkeys(means[by].astype(str))) if by else [None]
+    x_column = estimates.at[0] if estimates.at else None
+    scale = estimates.scale if estimates.scale != "outcome" else _plain(outcome)
+    with _style():
+        fig = _new_figure(8.0, 4.8)
+        ax = fig.add_subplot()
+        for index, level in enumerate(levels):
+            colour = PALETTE[index % len(PALETTE)] if by else "#111111"
+            part = means if level is None else means[means[by].astype(str) == level]
+            label = "all" if level is None else f"{_plain(by)} = {_plain(_shorten(level, 20))}"
+            if x_column is None:
+                y = part["estimate"].to_numpy(float)
+                ax.errorbar([index], y, yerr=[y - part["ci_low"].to_numpy(float), part["ci_high"].to_numpy(float) - y],
+                            fmt="o", color=colour, capsize=3, label=label)
+                continue
+            order = np.argsort(part[x_column].to_numpy(float), kind="stable")
+            x = part[x_column].to_numpy(float)[order]
+            ax.fill_between(x, part["ci_low"].to_numpy(float)[order], part["ci_high"].to_numpy(float)[order],
+                            color=colour, alpha=0.15, linewidth=0)
+            ax.plot(x, part["estimate"].to_numpy(float)[order], color=colour, linewidth=2.0, marker="s",
+                    markersize=4, label=f"{label}: model mean, 95% band")
+            if x_column == time:
+                rows = visits if level is None else visits[visits[by].astype(str) == level]
+                observed = rows.groupby(time, sort=True)[outcome].mean()
+                ax.plot(observed.index.to_numpy(float), observed.to_numpy(float), "o", color=colour,
+                        markerfacecolor="white", markersize=5, label=f"{label}: observed mean")
+        if x_column is None:
+            ax.set_xticks(range(len(levels)), [_plain(_shorten(str(level), 20)) for level in levels])
+            ax.set_xlabel(_plain(by or ""))
+        else:
+            ax.set_xlabel(_plain(time_label) if x_column == time else _plain(x_column))
+        ax.set_ylabel(scale.capitalize() if estimates.scale != "outcome" else f"Mean {scale}")
+        ax.legend(loc="best", frameon=False, fontsize=8, ncols=2 if len(levels) > 2 else 1)
+        ax.set_title(title)
+    return fig
+
+
 # ----------------------------------------------------------------------------------------- all
 
 
 def figure_builders(
     visits: pd.DataFrame, config: StudyConfig, selection: Selection, selected: Fit, *,
     fits: Sequence[Fit] = (), max_subjects: int = 200, n_panels: int = 12, seed: int = 0,
+    estimates: MarginalEstimates | None = None,
 ) -> dict[str, Callable[[], Figure]]:
     """Every report figure as a builder to call, keyed by its file stem, in report order
     (:func:`build_figures` calls them): those of :data:`FIGURE_KEYS`, and those of
     :data:`STRUCTURE_FIGURE_KEYS` when candidates have a covariance structure: the residual covariance
     when the selected model has one, the residual correlation diagnostic when any of ``fits`` (the ML fits
-    of every candidate) or the selected model has one.
+    of every candidate) or the selected model has one, and ``marginal_means`` (after ``coefficients``) when
+    the study asks for ``estimates``.
 
     ``selected`` is the REML refit of the chosen candidate; its ``fitted`` and ``residuals`` align with
     the rows of ``visits``, as those of ``fits`` do. Trajectories are coloured by the first text column with
@@ -1319,7 +1378,8 @@ def figure_builders(
     group = choose_group_column(visits, selected.formula, exclude=roles_used)
     time_label = time_axis_label(roles)
     if selected.family != "gaussian":
-        return glmm_figure_builders(visits, config, selection, selected, group=group, n_panels=n_panels, seed=seed)
+        return glmm_figure_builders(visits, config, selection, selected, group=group, n_panels=n_panels, seed=seed,
+                                    estimates=estimates)
     time_values = visits[roles.time].to_numpy(float) if len(selected.residuals) else np.empty(0)
     builders: dict[str, Callable[[], Figure]] = {
         "trajectories": lambda: plot_trajectories(visits, roles.subject_key, roles.time, roles.outcome, group=group,
@@ -1327,6 +1387,8 @@ def figure_builders(
         "model_comparison": lambda: plot_model_comparison(selection),
         "coefficients": lambda: plot_coefficients(selected, roles),
     }
+    if estimates is not None:
+        builders["marginal_means"] = _marginal_means_builder(estimates, visits, config, selected.family)
     if selected.covariance is not None:
         builders["residual_covariance"] = lambda: plot_residual_covariance(selected, time_label=time_label)
     builders |= {
@@ -1347,9 +1409,17 @@ def figure_builders(
     return builders
 
 
+def _marginal_means_builder(
+    estimates: MarginalEstimates, visits: pd.DataFrame, config: StudyConfig, family: str,
+) -> Callable[[], Figure]:
+    roles = config.data
+    return lambda: plot_marginal_means(estimates, visits, roles.outcome, time=roles.time, family=family,
+                                       time_label=time_axis_label(roles))
+
+
 def glmm_figure_builders(
     visits: pd.DataFrame, config: StudyConfig, selection: Selection, selected: Fit, *, group: str | None,
-    n_panels: int = 12, seed: int = 0,
+    n_panels: int = 12, seed: int = 0, estimates: MarginalEstimates | None = None,
 ) -> dict[str, Callable[[], Figure]]:
     """The figures of a binomial or Poisson study, keyed as :data:`GLMM_FIGURE_KEYS`: the observed proportion
     of 1s (or mean count) over time per ``group`` level for the trajectories, the fixed effects as odds or
@@ -1382,10 +1452,15 @@ def glmm_figure_builders(
         return plot_outcome_over_time(table, family, outcome, group=group, time_label=time_label,
                                       title=f"Observed and fitted {shown} over time ({_shorten(selected.name, 30)})")
 
-    return {
+    builders: dict[str, Callable[[], Figure]] = {
         "trajectories": trajectories,
         "model_comparison": lambda: plot_model_comparison(selection),
         "coefficients": lambda: plot_coefficients(selected, roles),
+    }
+    if estimates is not None:
+        observed_visits = visits.assign(**{roles.outcome: observed})
+        builders["marginal_means"] = _marginal_means_builder(estimates, observed_visits, config, family)
+    return builders | {
         "random_effects": lambda: plot_random_effects(selected),
         "caterpillar": lambda: plot_caterpillar(selected),
         "binned_residuals": lambda: plot_binned_residuals(selected),
@@ -1400,8 +1475,9 @@ def glmm_figure_builders(
 def build_figures(
     visits: pd.DataFrame, config: StudyConfig, selection: Selection, selected: Fit, *,
     fits: Sequence[Fit] = (), max_subjects: int = 200, n_panels: int = 12, seed: int = 0,
+    estimates: MarginalEstimates | None = None,
 ) -> dict[str, Figure]:
     """Every report figure, built, keyed by its file stem in report order (see :func:`figure_builders`)."""
     builders = figure_builders(visits, config, selection, selected, fits=fits, max_subjects=max_subjects,
-                               n_panels=n_panels, seed=seed)
+                               n_panels=n_panels, seed=seed, estimates=estimates)
     return {stem: build() for stem, build in builders.items()}

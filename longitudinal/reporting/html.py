@@ -27,10 +27,17 @@ from longitudinal.inference.residuals import (
     ratio_effects,
 )
 from longitudinal.inference.visits import N_VISIT_BINS, VisitSummary, summarize_visits
-from longitudinal.inference.variance import ExplainedVariance, explained_variance
 from longitudinal.model.formula import parse_formula
 from longitudinal.config import LINKS
-from longitudinal.records import Fit, LikelihoodRatioTest, ReportInputs, ResidualCovariance, Selection, Validated
+from longitudinal.records import (
+    ExplainedVariance,
+    Fit,
+    LikelihoodRatioTest,
+    ReportInputs,
+    ResidualCovariance,
+    Selection,
+    Validated,
+)
 from longitudinal.reporting.figures import (
     ANNOTATED_VISITS,
     CATERPILLAR_LEVELS,
@@ -767,47 +774,178 @@ def _selected_section(inputs: ReportInputs, figures: Mapping[str, bytes]) -> str
         ("Residual SD", esc("per visit (see the residual covariance below)"
                             if fit.covariance is not None and fit.covariance.heterogeneous
                             else format_number(fit.residual_sd))),
-        *_explained_variance_rows(explained_variance(fit, inputs.validated.visits)),
+        *_explained_variance_rows(inputs.explained),
     ]))
-    fixed_rows = []
-    for fe in fit.fixed_effects:
-        fixed_rows.append([
-            _code(with_time_unit(fe.term, inputs.config.data)), _num(format_number(fe.estimate)), _num(format_number(fe.std_error)),
-            _num(f"{format_number(fe.ci_low)} to {format_number(fe.ci_high)}"),
-            _num(format_fixed(fe.z, 2)), _num(format_p(fe.p_value)),
-        ])
     parts.append("<h3>Fixed effects</h3>")
-    parts.append(_table(["Term", "Estimate", "SE", "95% CI", "z", "p"], fixed_rows))
-    parts.append('<p class="note">Wald inference: z = estimate / SE, 95% CI = estimate ± 1.96 SE and two-sided '
-                 "p-values from the normal distribution. Without a degrees-of-freedom correction "
-                 "(Satterthwaite, Kenward–Roger) these are somewhat liberal when subjects are few.</p>")
-    parts.append(_figure(figures, "coefficients", "Fixed-effect estimates with Wald 95% confidence intervals; "
-                         "the dashed line marks zero."))
-    random_rows = [[_txt(vc.group), _code(vc.term), _num(format_number(vc.sd)), _num(format_number(vc.sd ** 2))]
+    parts.append(_fixed_effects_table(fit, inputs))
+    parts.append(f'<p class="note">{esc(df_sentence(fit, inputs.config.models.df))}</p>')
+    parts.append(_figure(figures, "coefficients", f"Fixed-effect estimates with {interval_name(fit)} 95% "
+                         "confidence intervals; the dashed line marks zero."))
+    parts.append(_estimates_block(inputs, figures))
+    profiled = _has_profile(fit)
+    random_rows = [[_txt(vc.group), _code(vc.term), _num(format_number(vc.sd)),
+                    *([_num(_interval(vc.ci_low, vc.ci_high))] if profiled else []), _num(format_number(vc.sd ** 2))]
                    for vc in fit.random_effects]
     if fit.covariance is None:
+        low, high = fit.residual_sd_ci if fit.residual_sd_ci is not None else (math.nan, math.nan)
         random_rows.append([_txt("Residual"), _txt(""), _num(format_number(fit.residual_sd)),
+                            *([_num(_interval(low, high))] if profiled else []),
                             _num(format_number(fit.residual_sd ** 2))])
     parts.append("<h3>Random effects</h3>")
     if random_rows:
-        parts.append(_table(["Group", "Term", "SD", "Variance"], random_rows))
+        parts.append(_table(["Group", "Term", "SD", *(["95% CI (profile)"] if profiled else []), "Variance"],
+                            random_rows))
+        if profiled:
+            parts.append(f'<p class="note">{esc(PROFILE_NOTE)}</p>')
     else:
         parts.append('<p class="note">None: a subject\'s measurements are correlated through the residual '
                      "covariance alone (below).</p>")
-    if fit.correlations:
-        corr_rows = [[_txt(c.group), _code(c.term1), _code(c.term2), _num(format_fixed(c.corr, 3))]
-                     for c in fit.correlations]
-        parts.append("<h3>Random-effect correlations</h3>")
-        parts.append(_table(["Group", "Term 1", "Term 2", "Correlation"], corr_rows))
+    parts.append(_correlations_table(fit))
     if fit.covariance is not None:
         parts.append(_covariance_block(fit, fit.covariance, figures))
     return "\n".join(parts)
 
 
-def _explained_variance_rows(explained: ExplainedVariance | None) -> list[tuple[str, str]]:
-    """ICC and R² rows of the selected model's list (none where they are not defined: an MMRM)."""
+PROFILE_NOTE = ("Intervals of the SDs and correlations are profile-likelihood 95% intervals, as lme4's "
+                "confint(method = \"profile\"): the values at which the REML criterion (for a GLMM, the deviance) "
+                "rises by 3.84 above its minimum, the other parameters re-estimated. A lower bound of 0 (or a "
+                "correlation's bound at ±1) means the data cannot exclude that value.")
+
+
+def interval_name(fit: Fit) -> str:
+    """How the fixed effects' intervals were computed, in a word or two ("t (Satterthwaite df)", "Wald")."""
+    finite = [fe.df for fe in fit.fixed_effects if math.isfinite(fe.df)]
+    return "t-based" if finite else "Wald"
+
+
+def df_sentence(fit: Fit, method: str) -> str:
+    """What the fixed-effect table's tests are, naming the df method and what it means for the reader."""
+    if not any(math.isfinite(fe.df) for fe in fit.fixed_effects):
+        if fit.family != "gaussian":
+            return ("Wald inference, as glmer's summary: z = estimate / SE, 95% CI = estimate ± 1.96 SE and two-sided "
+                    "p-values from the normal distribution (a generalized linear mixed model has no small-sample "
+                    "df correction).")
+        return ("Wald inference (models.df: normal): z = estimate / SE, 95% CI = estimate ± 1.96 SE and two-sided "
+                "p-values from the normal distribution. Without a degrees-of-freedom correction these are liberal "
+                "when subjects are few; models.df: satterthwaite or kenward-roger corrects them.")
+    how = {
+        "satterthwaite": "Satterthwaite's denominator degrees of freedom, as lmerTest computes them",
+        "kenward-roger": ("Kenward–Roger's denominator degrees of freedom and adjusted standard errors, as pbkrtest "
+                          "computes them"),
+        "residual": "the residual degrees of freedom (observations minus fixed effects)",
+    }.get(method, method)
+    return (f"t tests with {how}: t = estimate / SE, 95% CI = estimate ± t(df, 0.975) SE and two-sided p-values "
+            "from the t distribution with the df shown (models.df). With few subjects the df are far below the "
+            "number of observations, and the intervals are wider than Wald's.")
+
+
+def _fixed_effects_table(fit: Fit, inputs: ReportInputs) -> str:
+    """Estimate, SE, 95% CI, df (when t-based), t or z, p for each fixed effect of a Gaussian model."""
+    t_based = any(math.isfinite(fe.df) for fe in fit.fixed_effects)
+    rows = [[
+        _code(with_time_unit(fe.term, inputs.config.data)), _num(format_number(fe.estimate)),
+        _num(format_number(fe.std_error)), _num(_interval(fe.ci_low, fe.ci_high)),
+        *([_num(format_fixed(fe.df, 1))] if t_based else []), _num(format_fixed(fe.z, 2)), _num(format_p(fe.p_value)),
+    ] for fe in fit.fixed_effects]
+    return _table(["Term", "Estimate", "SE", "95% CI", *(["df"] if t_based else []), "t" if t_based else "z", "p"],
+                  rows)
+
+
+def _interval(low: float, high: float) -> str:
+    return f"{format_number(low)} to {format_number(high)}" if math.isfinite(low) and math.isfinite(high) else "–"
+
+
+def _has_profile(fit: Fit) -> bool:
+    return fit.residual_sd_ci is not None or any(math.isfinite(vc.ci_low) for vc in fit.random_effects)
+
+
+def _correlations_table(fit: Fit) -> str:
+    """The random-effect correlations, with their profile intervals when computed ("" without correlations)."""
+    if not fit.correlations:
+        return ""
+    profiled = any(math.isfinite(c.ci_low) for c in fit.correlations)
+    rows = [[_txt(c.group), _code(c.term1), _code(c.term2), _num(format_fixed(c.corr, 3)),
+             *([_num(f"{format_fixed(c.ci_low, 3)} to {format_fixed(c.ci_high, 3)}"
+                     if math.isfinite(c.ci_low) else "–")] if profiled else [])]
+            for c in fit.correlations]
+    return ("<h3>Random-effect correlations</h3>"
+            + _table(["Group", "Term 1", "Term 2", "Correlation", *(["95% CI (profile)"] if profiled else [])], rows))
+
+
+def _estimates_block(inputs: ReportInputs, figures: Mapping[str, bytes]) -> str:
+    """The estimated marginal means per group and visit, and each group against the reference group, with the
+    figure of the means over time on the observed means ("" when the study asks for no ``estimates``)."""
+    estimates = inputs.estimates
+    if estimates is None:
+        return ""
+    by, at = estimates.by, list(estimates.at)
+    data = inputs.config.data
+    what = {"outcome": f"mean {data.outcome}", "probability": f"probability that {data.outcome} = 1",
+            "rate": f"mean count of {data.outcome}"}.get(estimates.scale, estimates.scale)
+    means = estimates.means
+    mean_rows = [[*([_txt(row[by])] if by else []), *(_num(format_number(row[c])) for c in at),
+                  _num(format_number(row["estimate"])), _num(format_number(row["se"])),
+                  _num(format_fixed(row["df"], 1) if math.isfinite(row["df"]) else "∞"),
+                  _num(_interval(row["ci_low"], row["ci_high"]))] for _, row in means.iterrows()]
+    at_headers = [with_time_unit(c, data) if c == data.time else c for c in at]
+    parts = ["<h3>Estimated marginal means</h3>",
+             f"<p>The model's {esc(what)}" + (f" for each level of <code>{esc(by)}</code>" if by else "")
+             + (f" at the requested values of {esc(', '.join(at))}" if at else "")
+             + ", with 95% confidence intervals (emmeans' reference grid: other numeric covariates at their mean, "
+             "other factors averaged with equal weights"
+             + ("; on the response scale, back-transformed from the link scale" if estimates.scale != "outcome" else "")
+             + "). Written to <code>marginal_means.csv</code>.</p>",
+             _table([*([by] if by else []), *at_headers, "Estimate", "SE", "df", "95% CI"], mean_rows)]
+    parts.append(_figure(figures, "marginal_means", "Estimated marginal means (lines, squares) with their 95% "
+                         "bands, over the observed means of each group at each visit (open circles): where they "
+                         "part, dropout or imbalance moves the raw means, and the model's means are the ones to "
+                         "report."))
+    contrasts = estimates.contrasts
+    if by and not contrasts.empty:
+        ratio = estimates.ratio
+        adjustments = sorted(set(contrasts["adjustment"].astype(str)))
+        contrast_rows = [[_txt(row["contrast"]), *(_num(format_number(row[c])) for c in at),
+                          _num(format_number(row["estimate"])), _num(format_number(row["se"])),
+                          _num(format_fixed(row["df"], 1) if math.isfinite(row["df"]) else "∞"),
+                          _num(_interval(row["ci_low"], row["ci_high"])), _num(format_p(row["p_value"])),
+                          _txt(row["adjustment"])] for _, row in contrasts.iterrows()]
+        parts += ["<h3>Treatment differences</h3>",
+                  f"<p>Each level of <code>{esc(by)}</code> against the reference level"
+                  + (f" at each value of {esc(', '.join(at))}" if at else "")
+                  + (f", as {esc(ratio)}s (the ratio of the two groups' {esc(what)}s' odds or rates; 1 is no "
+                     "difference)" if ratio else " (difference of the estimated means)")
+                  + ". " + esc(_adjustment_sentence(adjustments)) + " Written to <code>contrasts.csv</code>.</p>",
+                  _table(["Contrast", *at_headers, "Ratio" if ratio else "Estimate", "SE", "df", "95% CI", "p",
+                          "Adjustment"], contrast_rows)]
+    for note in estimates.notes:
+        parts.append(f'<p class="note">{esc(note)}</p>')
+    return "\n".join(parts)
+
+
+def _adjustment_sentence(adjustments: Sequence[str]) -> str:
+    """What the contrasts' adjustment for multiplicity is, as emmeans' trt.vs.ctrl default."""
+    if adjustments == ["none"]:
+        return "With one comparison at each time, intervals and p-values are not adjusted."
+    return ("Where a time has several comparisons, intervals and p-values are adjusted for multiplicity with "
+            "emmeans' dunnettx (an approximation to Dunnett's method for comparisons with a control); "
+            "one comparison is not adjusted.")
+
+
+def _explained_variance_rows(explained: ExplainedVariance | None, link_scale: str = "") -> list[tuple[str, str]]:
+    """ICC and R² rows of the selected model's list (none where they are not defined: an MMRM); a GLMM's are on
+    its ``link_scale``, with the family's distribution-specific variance as the residual variance."""
     if explained is None:
         return []
+    if link_scale:
+        return [
+            ("ICC (adjusted)", esc(f"{format_fixed(explained.icc, 3)}: on the {link_scale} scale, the share of the "
+                                   "latent variance not explained by the fixed effects that lies between subjects "
+                                   "(the distribution-specific variance as residual, as R's performance)")),
+            ("R² marginal / conditional", esc(f"{format_fixed(explained.r2_marginal, 3)} / "
+                                              f"{format_fixed(explained.r2_conditional, 3)}: the share of the latent "
+                                              "variance explained by the fixed effects alone / by fixed and random "
+                                              "effects together (Nakagawa, Johnson & Schielzeth)")),
+        ]
     return [
         ("ICC (adjusted)", esc(f"{format_fixed(explained.icc, 3)}: the share of the variance not explained by "
                                "the fixed effects that lies between subjects (the random-effect variance, averaged "
@@ -842,6 +980,7 @@ def _glmm_selected_block(inputs: ReportInputs, fit: Fit, figures: Mapping[str, b
         *([("Pearson χ²/df", esc(f"{dispersion.ratio:.3f} (χ² = {format_fixed(dispersion.pearson_chi2)} on "
                                   f"{dispersion.df:,} df, p = {format_p(dispersion.p_value)})"))]
           if dispersion is not None else []),
+        *_explained_variance_rows(inputs.explained, link_scale=scale),
     ])]
     rows = []
     for fe, exp in zip(fit.fixed_effects, ratio_effects(fit), strict=True):
@@ -869,17 +1008,19 @@ def _glmm_selected_block(inputs: ReportInputs, fit: Fit, figures: Mapping[str, b
     parts.append(_figure(figures, "coefficients", f"Fixed effects as {ratio}s with Wald 95% confidence intervals "
                          f"on a log axis; the dashed line marks 1, no effect. The intercept's panel shows the "
                          f"{baseline}."))
+    parts.append(_estimates_block(inputs, figures))
     parts.append("<h3>Random effects</h3>")
-    random_rows = [[_txt(vc.group), _code(vc.term), _num(format_number(vc.sd)), _num(format_number(vc.sd ** 2))]
+    profiled = _has_profile(fit)
+    random_rows = [[_txt(vc.group), _code(vc.term), _num(format_number(vc.sd)),
+                    *([_num(_interval(vc.ci_low, vc.ci_high))] if profiled else []), _num(format_number(vc.sd ** 2))]
                    for vc in fit.random_effects]
-    parts.append(_table(["Group", "Term", f"SD ({scale})", "Variance"], random_rows))
+    parts.append(_table(["Group", "Term", f"SD ({scale})", *(["95% CI (profile)"] if profiled else []), "Variance"],
+                        random_rows))
+    if profiled:
+        parts.append(f'<p class="note">{esc(PROFILE_NOTE)}</p>')
     parts.append(f'<p class="note">On the {scale} scale. There is no residual variance: a {family} outcome\'s '
                  "variance is set by its mean, " + ("μ(1 − μ)." if family == "binomial" else "μ.") + "</p>")
-    if fit.correlations:
-        corr_rows = [[_txt(c.group), _code(c.term1), _code(c.term2), _num(format_fixed(c.corr, 3))]
-                     for c in fit.correlations]
-        parts.append("<h3>Random-effect correlations</h3>")
-        parts.append(_table(["Group", "Term 1", "Term 2", "Correlation"], corr_rows))
+    parts.append(_correlations_table(fit))
     if dispersion is not None:
         parts.append(_dispersion_block(dispersion))
     return "\n".join(parts)

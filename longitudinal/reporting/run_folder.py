@@ -50,6 +50,8 @@ from longitudinal.data.validation import validation_summary
 from longitudinal.errors import LongitudinalError, OutputUnwritable, SourceUnavailable
 from longitudinal.records import (
     MODEL_COMPARISON_COLUMNS,
+    ExplainedVariance,
+    MarginalEstimates,
     Fit,
     ReportInputs,
     ResidualCovariance,
@@ -58,7 +60,6 @@ from longitudinal.records import (
     Validated,
 )
 from longitudinal.inference.residuals import ratio_effects
-from longitudinal.inference.variance import ExplainedVariance, explained_variance
 from longitudinal.reporting.figures import build_figures, figure_to_png
 from longitudinal.reporting.html import dispersion_of, overdispersion_advice, render_report
 
@@ -288,7 +289,9 @@ def write_model_comparison(selection: Selection, folder: Path) -> Path:
     return path
 
 
-def selected_model_summary(fit: Fit, criterion: str, explained: ExplainedVariance | None = None) -> dict[str, Any]:
+def selected_model_summary(
+    fit: Fit, criterion: str, explained: ExplainedVariance | None = None, df_method: str = "normal",
+) -> dict[str, Any]:
     """The contract of ``selected_model.json``: the REML refit of the selected candidate, or the ML fit of a
     binomial or Poisson one (a GLMM has no REML).
 
@@ -300,6 +303,12 @@ def selected_model_summary(fit: Fit, criterion: str, explained: ExplainedVarianc
     ``icc`` (adjusted), ``r2_marginal`` and ``r2_conditional`` come from ``explained`` (performance's ``icc`` and
     ``r2_nakagawa``, see ``longitudinal.inference.variance``; for a GLMM on the link scale with the family's
     distribution-specific variance), null when it is None (not defined for an MMRM or a failed fit).
+
+    Each fixed effect has ``df``, the denominator degrees of freedom of its t test and interval under
+    ``df_method`` (``models.df``: "satterthwaite", "kenward-roger", "residual"; null for "normal", the z test
+    of every GLMM). Each entry of ``random_effects`` and ``correlations`` has ``ci_low``/``ci_high``, its
+    profile-likelihood 95% interval (lme4's ``confint(method = "profile")``; a bound at 0 or ±1 is that
+    value), and ``residual_sd_ci`` is ``[low, high]`` for the residual SD; null where not computed.
     """
     glmm = fit.family != "gaussian"
     fixed = [asdict(fe) for fe in fit.fixed_effects]
@@ -323,6 +332,8 @@ def selected_model_summary(fit: Fit, criterion: str, explained: ExplainedVarianc
         "random_effects": [asdict(vc) for vc in fit.random_effects],
         "correlations": [asdict(c) for c in fit.correlations],
         "residual_sd": fit.residual_sd,
+        "residual_sd_ci": None if fit.residual_sd_ci is None else list(fit.residual_sd_ci),
+        "df_method": df_method,
         "loglik": fit.loglik,
         "reml_criterion": fit.reml_criterion,
         "icc": None if explained is None else explained.icc,
@@ -354,6 +365,14 @@ def covariance_summary(covariance: ResidualCovariance) -> dict[str, Any]:
         "heterogeneous": covariance.heterogeneous,
         "spatial": covariance.spatial,
     }
+
+
+def write_estimates(estimates: MarginalEstimates, folder: Path) -> tuple[Path, Path]:
+    """``marginal_means.csv`` and ``contrasts.csv`` (columns as ``MarginalEstimates`` documents them)."""
+    means, contrasts = folder / "marginal_means.csv", folder / "contrasts.csv"
+    spreadsheet_safe(estimates.means).to_csv(means, index=False)
+    spreadsheet_safe(estimates.contrasts).to_csv(contrasts, index=False)
+    return means, contrasts
 
 
 def write_json(document: Mapping[str, Any], path: Path) -> Path:
@@ -520,14 +539,16 @@ def write_run_files(folder: Path, inputs: ReportInputs) -> Path:
 
 def _write_run_files(folder: Path, inputs: ReportInputs) -> Path:
     write_model_comparison(inputs.selection, folder)
-    explained = explained_variance(inputs.selected, inputs.validated.visits)
-    write_json(selected_model_summary(inputs.selected, inputs.selection.criterion, explained),
-               folder / "selected_model.json")
+    write_json(selected_model_summary(inputs.selected, inputs.selection.criterion, inputs.explained,
+                                      inputs.config.models.df), folder / "selected_model.json")
+    if inputs.estimates is not None:
+        write_estimates(inputs.estimates, folder)
     write_json(validation_summary(inputs.validated), folder / "validation.json")
     write_quarantine(inputs.validated, folder)
     write_data(inputs.validated, folder)
     pngs = {}
-    figures = build_figures(inputs.validated.visits, inputs.config, inputs.selection, inputs.selected, fits=inputs.fits)
+    figures = build_figures(inputs.validated.visits, inputs.config, inputs.selection, inputs.selected, fits=inputs.fits,
+                            estimates=inputs.estimates)
     for stem, figure in figures.items():
         pngs[stem] = figure_to_png(figure)
         (folder / "figures" / f"{stem}.png").write_bytes(pngs[stem])
