@@ -19,6 +19,12 @@
 # so). The intervals are therefore ML profile intervals; `profile_criterion_check` in the JSON confirms it by
 # profiling refitML(fit) directly and comparing. The REML estimates need not lie in them (they usually do,
 # the ML SDs being a little smaller).
+#
+# `profile_reml` holds REML profile intervals of the variance parameters (SDs, correlations, sigma), made
+# with lme4's own profiling code and reml_devfun2() below in place of devfun2(): the same function of
+# (sd, cor, sigma) but the REML criterion, ldL2 + ldRX2 + pwrss / sigma^2 + (n - p) log(2 pi sigma^2), at the
+# REML fit. For random-intercept models `profile_reml_check` recomputes those intervals with the REML
+# criterion written out with dense matrices (reml_written_out()) and root finding.
 
 suppressPackageStartupMessages({
   library(lme4)
@@ -132,6 +138,89 @@ read_case_data <- function(case) {
   frame
 }
 
+# --- REML profiles ---------------------------------------------------------------------------------------
+
+# lme4:::devfun2() (lme4 1.1.31) without its refitML(): the REML criterion as a function of the SDs,
+# correlations and sigma, the fixed effects at their GLS values for those parameters.
+reml_devfun2 <- function(fm, useSc = TRUE,
+                         transfuns = list(from.chol = Cv_to_Sv, to.chol = Sv_to_Cv, to.sd = identity), ...) {
+  stopifnot(is(fm, "merMod"), isLMM(fm), isREML(fm))
+  vlist <- lengths(fm@cnms)
+  pp <- fm@pp$copy()
+  resp <- fm@resp$copy()
+  opt <- transfuns$from.chol(pp$theta, n = vlist, s = sigma(fm))
+  names(opt) <- profnames(fm, useSc = useSc, ...)
+  opt <- c(opt, fixef(fm))
+  np <- length(pp$theta) + 1L
+  n <- nrow(pp$V)
+  p <- ncol(pp$X)
+  ldW <- sum(log(resp$weights))
+  ans <- function(pars) {
+    stopifnot(is.numeric(pars), length(pars) == np)
+    sigma <- transfuns$to.sd(pars[np])
+    .Call(lmer_Deviance, pp$ptr(), resp$ptr(), transfuns$to.chol(pars, n = vlist, s = sigma))
+    pp$ldL2() + pp$ldRX2() - ldW + (resp$wrss() + pp$sqrL(1)) / sigma^2 + (n - p) * log(2 * pi * sigma^2)
+  }
+  attr(ans, "optimum") <- opt
+  attr(ans, "basedev") <- REMLcrit(fm)
+  attr(ans, "thopt") <- pp$theta
+  attr(ans, "stderr") <- unname(coef(summary(fm))[, 2])
+  class(ans) <- "devfun"
+  ans
+}
+environment(reml_devfun2) <- asNamespace("lme4")
+
+reml_confint <- function(fit, level) {
+  original <- get("devfun2", envir = asNamespace("lme4"))
+  assignInNamespace("devfun2", reml_devfun2, "lme4")
+  on.exit(assignInNamespace("devfun2", original, "lme4"))
+  confint(fit, parm = "theta_", method = "profile", oldNames = FALSE, level = level)
+}
+
+# The REML criterion of a model with one random intercept, written out: sum log|V_i| + log|X'V^-1 X| +
+# r'V^-1 r + (n - p) log(2 pi), V_i = sigma^2 I + sd^2 11'. Profiled over the other parameter by optimize(),
+# the interval ends found by uniroot(): an independent check of reml_devfun2() and lme4's profile splines.
+reml_written_out <- function(fit, level = 0.95) {
+  X <- getME(fit, "X")
+  y <- getME(fit, "y")
+  group <- getME(fit, "flist")[[1]]
+  rows <- split(seq_along(y), group)
+  criterion <- function(sd, sigma) {
+    XtVX <- 0
+    XtVy <- 0
+    logdet <- 0
+    inverses <- list()
+    for (i in seq_along(rows)) {
+      k <- rows[[i]]
+      V <- diag(sigma^2, length(k)) + sd^2
+      inverses[[i]] <- solve(V)
+      logdet <- logdet + as.numeric(determinant(V)$modulus)
+      XtVX <- XtVX + crossprod(X[k, , drop = FALSE], inverses[[i]] %*% X[k, , drop = FALSE])
+      XtVy <- XtVy + crossprod(X[k, , drop = FALSE], inverses[[i]] %*% y[k])
+    }
+    beta <- solve(XtVX, XtVy)
+    quadratic <- 0
+    for (i in seq_along(rows)) {
+      r <- y[rows[[i]]] - X[rows[[i]], , drop = FALSE] %*% beta
+      quadratic <- quadratic + as.numeric(crossprod(r, inverses[[i]] %*% r))
+    }
+    logdet + as.numeric(determinant(XtVX)$modulus) + quadratic + (length(y) - ncol(X)) * log(2 * pi)
+  }
+  sd_hat <- as.data.frame(VarCorr(fit))$sdcor[1]
+  sigma_hat <- sigma(fit)
+  base <- criterion(sd_hat, sigma_hat)
+  cut <- qnorm(1 - (1 - level) / 2)^2
+  over_sigma <- function(sd) optimize(function(s) criterion(sd, s), sigma_hat * c(0.3, 3), tol = 1e-10)$objective
+  over_sd <- function(sigma) optimize(function(s) criterion(s, sigma), sd_hat * c(0.01, 5), tol = 1e-10)$objective
+  ends <- function(profiled, hat, low, high) {
+    c(uniroot(function(v) profiled(v) - base - cut, c(low, hat), tol = 1e-12)$root,
+      uniroot(function(v) profiled(v) - base - cut, c(hat, high), tol = 1e-12)$root)
+  }
+  list(criterion_at_fit = base, reml_criterion = REMLcrit(fit),
+       sd = ends(over_sigma, sd_hat, sd_hat * 0.05, sd_hat * 4),
+       sigma = ends(over_sd, sigma_hat, sigma_hat * 0.4, sigma_hat * 2.5))
+}
+
 # --- extraction ------------------------------------------------------------------------------------------
 
 named_matrix <- function(x) list(names = rownames(x), matrix = unname(as.matrix(x)))
@@ -143,10 +232,19 @@ coefficient_block <- function(coefficients) {
 
 # The variance-parameter rows of confint(..., oldNames = FALSE) come in theta's order (per bar, the lower
 # triangle column by column: sd of term j, then the correlations of term j with the later terms), then sigma.
-profile_block <- function(fit, level = 0.95) {
-  run <- capture(confint(fit, method = "profile", oldNames = FALSE, level = level))
-  out <- list(criterion = "ML deviance (lme4 profiles refitML(fit); see the script's header)", level = level,
-              messages = I(unique(run$messages)), seconds = run$seconds)
+profile_block <- function(fit, criterion = "ML", level = 0.95) {
+  run <- if (criterion == "ML") {
+    capture(confint(fit, method = "profile", oldNames = FALSE, level = level))
+  } else {
+    capture(reml_confint(fit, level))
+  }
+  description <- if (criterion == "ML") {
+    "ML deviance (lme4 profiles refitML(fit); see the script's header)"
+  } else {
+    "REML criterion (lme4's profile() with reml_devfun2(); see the script's header)"
+  }
+  out <- list(criterion = description, level = level, messages = I(unique(run$messages)),
+              seconds = run$seconds)
   if (is.list(run$value)) return(c(out, list(error = run$value$error)))
   ci <- run$value
   sds <- list()
@@ -169,10 +267,13 @@ profile_block <- function(fit, level = 0.95) {
     }
   }
   stopifnot(rownames(ci)[row + 1] == "sigma")
-  fixed_rows <- (row + 2):nrow(ci)
-  c(out, list(sd = sds, cor = cors, sigma = unname(ci[row + 1, ]),
-              fixed = list(term = rownames(ci)[fixed_rows], low = unname(ci[fixed_rows, 1]),
-                           high = unname(ci[fixed_rows, 2]))))
+  out <- c(out, list(sd = sds, cor = cors, sigma = unname(ci[row + 1, ])))
+  if (nrow(ci) > row + 1) {
+    fixed_rows <- (row + 2):nrow(ci)
+    out$fixed <- list(term = rownames(ci)[fixed_rows], low = unname(ci[fixed_rows, 1]),
+                      high = unname(ci[fixed_rows, 2]))
+  }
+  out
 }
 
 # One summary row per list entry: the group level as `level`, the time value as `time`, every other column
@@ -228,6 +329,15 @@ emmeans_section <- function(fit, spec, family) {
               at = setNames(list(I(spec$at)), spec$time), reference_grid = grid,
               averaged_over = I(others[vapply(grid[others], is.character, logical(1))]),
               held_at = c(setNames(list(), character()), grid[others[!vapply(grid[others], is.character, logical(1))]]))
+  out$reference_grid_default <- lapply(ref_grid(fit)@levels,
+                                       function(values) I(if (is.factor(values)) as.character(values) else values))
+  if (grepl(sprintf("factor(%s)", spec$time), paste(deparse(formula(fit)), collapse = " "), fixed = TRUE)) {
+    # emmeans keeps only the `at` values that are levels of factor(time), silently: record which survive.
+    off_level <- c(spec$at[1], spec$at[1] + 1)
+    kept <- summary(emmeans(fit, as.formula(sprintf("~ %s | %s", spec$by, spec$time)),
+                            at = setNames(list(off_level), spec$time), lmer.df = "satterthwaite"))
+    out$off_level_at_check <- list(at = I(off_level), times_returned = I(unique(as.numeric(as.character(kept[[spec$time]])))))
+  }
   if (family == "gaussian") {
     out$satterthwaite <- emmeans_block(fit, spec, lmer_df = "satterthwaite")
     out$kenward_roger <- emmeans_block(fit, spec, lmer_df = "kenward-roger")
@@ -254,7 +364,14 @@ lmm_case <- function(case, frame) {
   kr <- summary(fit, ddf = "Kenward-Roger")$coefficients
   stopifnot(identical(rownames(sat), rownames(kr)))
   X <- getME(fit, "X")
-  list(
+  profile_reml <- profile_block(fit, criterion = "REML")
+  check <- NULL
+  if (length(getME(fit, "theta")) == 1 && is.null(profile_reml$error)) {
+    check <- reml_written_out(fit)
+    check$max_difference <- max(abs(c(check$sd - c(profile_reml$sd[[1]]$low, profile_reml$sd[[1]]$high),
+                                      check$sigma - profile_reml$sigma)))
+  }
+  out <- list(
     fit_messages = I(run$messages),
     reml = list(reml_criterion = unname(getME(fit, "devcomp")$cmp[["REML"]]), sigma = sigma(fit),
                 theta = I(unname(getME(fit, "theta"))), theta_names = I(names(getME(fit, "theta"))),
@@ -265,8 +382,11 @@ lmm_case <- function(case, frame) {
     vcov = named_matrix(as.matrix(vcov(fit))),
     vcov_kenward_roger = named_matrix(as.matrix(pbkrtest::vcovAdj(fit))),
     profile = profile_block(fit),
+    profile_reml = profile_reml,
+    profile_reml_check = check,
     fit = fit
   )
+  out[!vapply(out, is.null, logical(1))]
 }
 
 glmm_case <- function(case, frame) {
