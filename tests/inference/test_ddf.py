@@ -186,3 +186,16 @@ def test_mmrm_with_random_effects_and_serial_correlation() -> None:
         df = np.array([fe.df for fe in inference.fixed_effects()])
         assert np.all((df > 10) & (df < 178))
     assert np.all(np.diagonal(inference.vcov) >= np.diagonal(fit.vcov))
+
+
+def test_nested_factors_match_lmertest() -> None:
+    """Pupils within schools (tests/reference/data/sim_school.csv): Kenward–Roger over one dense block per
+    school. lmerTest / pbkrtest on ``lmer(score ~ year + (1 | school) + (year | school:pupil), s)``; our REML
+    optimum differs from lme4's by ~1e-4 in θ, hence the tolerances."""
+    visits = read_reference_csv(ROOT / "tests" / "reference" / "data" / "sim_school.csv", ["school", "pupil"])
+    fit = fit_candidate(visits, "m", "score ~ year + (1 | school) + (year | school:pupil)", method="REML")
+    satterthwaite = fixed_effect_inference(fit, visits, "satterthwaite").fixed_effects()
+    kenward_roger = fixed_effect_inference(fit, visits, "kenward-roger").fixed_effects()
+    assert [fe.df for fe in satterthwaite] == pytest.approx([30.15909606, 231.17219211], rel=1e-3)
+    assert [fe.df for fe in kenward_roger] == pytest.approx([30.18528038, 227.25993072], rel=1e-3)
+    assert [fe.std_error for fe in kenward_roger] == pytest.approx([0.71441049693, 0.07299173348], rel=1e-3)
