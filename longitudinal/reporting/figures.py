@@ -462,7 +462,8 @@ def plot_coefficients(fit: Fit, data: DataConfig | None = None) -> Figure:
             ax.set_ylabel("Term")
             ax.set_xlabel(f"Estimate ({_plain(outcome)} units)" if effects[0].term == "(Intercept)"
                           else f"Estimate (change in {_plain(outcome)} per unit of the term)")
-        axes[0].set_title("Fixed-effect estimates with Wald 95% confidence intervals")
+        t_based = any(math.isfinite(fe.df) for fe in fit.fixed_effects)
+        axes[0].set_title(f"Fixed-effect estimates with {'t-based' if t_based else 'Wald'} 95% confidence intervals")
         fig.suptitle(f"Fixed effects of {_plain(_shorten(fit.name, 40))} ({fit.method})")
     return fig
 

@@ -851,6 +851,12 @@ def _fixed_effects_table(fit: Fit, inputs: ReportInputs) -> str:
                   rows)
 
 
+def _grid_value(value: object) -> str:
+    """A value of the reference grid as given in ``estimates.at``: whole numbers without decimals."""
+    number = float(value)  # type: ignore[arg-type]
+    return str(int(number)) if number.is_integer() else format_number(number)
+
+
 def _interval(low: float, high: float) -> str:
     return f"{format_number(low)} to {format_number(high)}" if math.isfinite(low) and math.isfinite(high) else "–"
 
@@ -883,7 +889,7 @@ def _estimates_block(inputs: ReportInputs, figures: Mapping[str, bytes]) -> str:
     what = {"outcome": f"mean {data.outcome}", "probability": f"probability that {data.outcome} = 1",
             "rate": f"mean count of {data.outcome}"}.get(estimates.scale, estimates.scale)
     means = estimates.means
-    mean_rows = [[*([_txt(row[by])] if by else []), *(_num(format_number(row[c])) for c in at),
+    mean_rows = [[*([_txt(row[by])] if by else []), *(_num(_grid_value(row[c])) for c in at),
                   _num(format_number(row["estimate"])), _num(format_number(row["se"])),
                   _num(format_fixed(row["df"], 1) if math.isfinite(row["df"]) else "∞"),
                   _num(_interval(row["ci_low"], row["ci_high"]))] for _, row in means.iterrows()]
@@ -903,8 +909,7 @@ def _estimates_block(inputs: ReportInputs, figures: Mapping[str, bytes]) -> str:
     contrasts = estimates.contrasts
     if by and not contrasts.empty:
         ratio = estimates.ratio
-        adjustments = sorted(set(contrasts["adjustment"].astype(str)))
-        contrast_rows = [[_txt(row["contrast"]), *(_num(format_number(row[c])) for c in at),
+        contrast_rows = [[_txt(row["contrast"]), *(_num(_grid_value(row[c])) for c in at),
                           _num(format_number(row["estimate"])), _num(format_number(row["se"])),
                           _num(format_fixed(row["df"], 1) if math.isfinite(row["df"]) else "∞"),
                           _num(_interval(row["ci_low"], row["ci_high"])), _num(format_p(row["p_value"])),
@@ -914,21 +919,12 @@ def _estimates_block(inputs: ReportInputs, figures: Mapping[str, bytes]) -> str:
                   + (f" at each value of {esc(', '.join(at))}" if at else "")
                   + (f", as {esc(ratio)}s (the ratio of the two groups' {esc(what)}s' odds or rates; 1 is no "
                      "difference)" if ratio else " (difference of the estimated means)")
-                  + ". " + esc(_adjustment_sentence(adjustments)) + " Written to <code>contrasts.csv</code>.</p>",
+                  + ". Written to <code>contrasts.csv</code>.</p>",
                   _table(["Contrast", *at_headers, "Ratio" if ratio else "Estimate", "SE", "df", "95% CI", "p",
                           "Adjustment"], contrast_rows)]
     for note in estimates.notes:
         parts.append(f'<p class="note">{esc(note)}</p>')
     return "\n".join(parts)
-
-
-def _adjustment_sentence(adjustments: Sequence[str]) -> str:
-    """What the contrasts' adjustment for multiplicity is, as emmeans' trt.vs.ctrl default."""
-    if adjustments == ["none"]:
-        return "With one comparison at each time, intervals and p-values are not adjusted."
-    return ("Where a time has several comparisons, intervals and p-values are adjusted for multiplicity with "
-            "emmeans' dunnettx (an approximation to Dunnett's method for comparisons with a control); "
-            "one comparison is not adjusted.")
 
 
 def _explained_variance_rows(explained: ExplainedVariance | None, link_scale: str = "") -> list[tuple[str, str]]:
