@@ -243,8 +243,7 @@ profile_block <- function(fit, criterion = "ML", level = 0.95) {
   } else {
     "REML criterion (lme4's profile() with reml_devfun2(); see the script's header)"
   }
-  out <- list(criterion = description, level = level, messages = I(unique(run$messages)),
-              seconds = run$seconds)
+  out <- list(criterion = description, level = level, messages = I(unique(run$messages)))
   if (is.list(run$value)) return(c(out, list(error = run$value$error)))
   ci <- run$value
   sds <- list()
@@ -428,9 +427,8 @@ for (case in cases) {
       description = "max |difference| between confint(profile) of the REML fit and of refitML(fit)",
       sd = max(abs(reml_sd - ml_sd)), sigma = max(abs(record$profile$sigma - ml_profile$sigma)))
   }
-  record$seconds <- proc.time()[["elapsed"]] - t0
   results[[length(results) + 1]] <- record
-  cat(sprintf("%-24s %6.1f s\n", case$name, record$seconds))
+  cat(sprintf("%-24s %6.1f s\n", case$name, proc.time()[["elapsed"]] - t0))  # timings stay out of the JSON
 }
 
 versions <- list(R = R.version.string)
