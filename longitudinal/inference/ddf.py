@@ -7,8 +7,8 @@ method) and a function giving the denominator df of any linear combination Lβ. 
 report and ``selected_model.json``, the estimated marginal means and the contrasts
 (``longitudinal.inference.marginal``) all ask it, so they agree.
 
-- Satterthwaite, as lmerTest 3.1 (``satterthwaite``): for a row l, df = 2 (lΦlᵀ)² / (gᵀAg), g_r = l ∂Φ/∂φ_r lᵀ,
-  A = 2 H⁻¹, H the Hessian of the deviance (REML or ML, as fitted) in φ = (θ, σ) for an lme4-style fit, in
+- Satterthwaite, as lmerTest 3.1 (``satterthwaite``): for a row l, df = 2 (lΦlᵀ)² / (gᵀAg),
+  g_r = l ∂Φ/∂φ_r lᵀ, A = 2 H⁻¹, H the Hessian of the deviance (REML or ML, as fitted) in φ = (θ, σ) for an lme4-style fit, in
   the structure's own parameters for an MMRM; derivatives by numDeriv's Richardson differences.
 - Kenward–Roger, as pbkrtest 0.5 (``kenward_roger``): Φ_A = Φ + 2ΦUΦ from the expected information of the
   variance/covariance elements ψ (V linear in them), and ``Lb_ddf``'s df; computed over blocks of rows that
@@ -33,7 +33,7 @@ from scipy.sparse.csgraph import connected_components
 
 from longitudinal.config import DF_METHODS
 from longitudinal.errors import ConfigError
-from longitudinal.fit.covariance import CovarianceStructure, fit_covariance, group_by_pattern
+from longitudinal.fit.covariance import CovarianceStructure, PatternGroups, fit_covariance, group_by_pattern
 from longitudinal.fit.covariance.grouping import SubjectBatch, VisitPattern
 from longitudinal.fit.covariance.likelihood import CovarianceModel, evaluate
 from longitudinal.fit.lmm import PenalizedSolution, penalized_solver
@@ -190,9 +190,10 @@ def satterthwaite(design: Design, theta: np.ndarray, sigma: float, vcov: np.ndar
     The variance parameters are varpar = (θ, σ), θ in lme4's layout and the units of ``design``; the deviance
     is lmerTest's ``devfun_vp`` (REML when ``reml``, else ML) and vcov(β)(varpar) its ``get_covbeta``, both
     evaluated through ``penalized_solver`` (cross-products computed once). Hessian and Jacobian are numDeriv's
-    (central differences from relative steps 0.1 and 1e-4, 4 Richardson extrapolations), as lmerTest takes them. On the
-    boundary (a singular fit: a diagonal θ at 0) lmerTest differentiates across it all the same (the deviance
-    is even in that θ) and drops the Hessian's zero eigenvalues by its generalized inverse; so does this.
+    (central differences from relative steps 0.1 and 1e-4, 4 Richardson extrapolations), as lmerTest takes
+    them. On the boundary (a singular fit: a diagonal θ at 0) lmerTest differentiates across it all the same
+    (the deviance is even in that θ) and drops the Hessian's zero eigenvalues by its generalized inverse
+    (df n − p for a lone zero variance); so does this.
     """
     solver = penalized_solver(design)
     solutions: dict[bytes, PenalizedSolution | None] = {}
@@ -327,9 +328,9 @@ _BATCH_ELEMENTS = 1_000_000
 class KenwardRogerDf:
     """pbkrtest's Kenward–Roger df of a one-row contrast (``Lb_ddf``) and its adjusted covariance.
 
-    ``vcov`` is Φ_A = Φ + 2ΦUΦ (``vcovAdj``); ``unadjusted`` Φ = vcov(β̂); ``P`` (R × p × p) the P_r =
-    −Xᵀ V⁻¹ G_r V⁻¹ X and ``W`` (R × R) = 2 IE2⁻¹ the covariance of the variance parameters ψ from the expected
-    information, as ``vcovAdj`` keeps them in its attributes.
+    ``vcov`` is Φ_A = Φ + 2ΦUΦ (``vcovAdj``); ``unadjusted`` Φ = vcov(β̂); ``P`` (R × p × p) the
+    P_r = −XᵀV⁻¹G_rV⁻¹X and ``W`` (R × R) = 2 IE2⁻¹ the covariance of the variance parameters ψ from the
+    expected information, as ``vcovAdj`` keeps them in its attributes.
     """
 
     vcov: np.ndarray
@@ -342,8 +343,8 @@ class KenwardRogerDf:
         V0 = self.unadjusted
         variance = np.einsum("ij,jk,ik->i", L, V0, L)
         LV0 = L @ V0
-        # For one row, Θ V0 P_r V0 (Θ = lᵀ l / l V0 lᵀ) has rank one: its trace a_r = l V0 P_r V0 lᵀ / l V0 lᵀ, and
-        # pbkrtest's A1 = Σ W_rs tr(u_r) tr(u_s) equals its A2 = Σ W_rs tr(u_r u_s).
+        # For one row, u_r = Θ V0 P_r V0 (Θ = lᵀl / lV0lᵀ) has rank one: its trace is
+        # a_r = lV0P_rV0lᵀ / lV0lᵀ, and pbkrtest's A1 = Σ W_rs tr(u_r) tr(u_s) equals its A2 = Σ W_rs tr(u_r u_s).
         with np.errstate(divide="ignore", invalid="ignore"):
             a = np.einsum("ij,rjk,ik->ir", LV0, self.P, LV0) / variance[:, None]
         A = np.einsum("ir,rs,is->i", a, self.W, a)
@@ -493,8 +494,8 @@ def accumulate_information(
     X: np.ndarray, V: np.ndarray, G: np.ndarray, P: np.ndarray, Q: np.ndarray, K: np.ndarray,
 ) -> None:
     """Add the blocks X (B × m × p), V (B × m × m) and G_r = ∂V/∂ψ_r (R × B × m × m) to pbkrtest's sums
-    P_r = −Σ XᵀV⁻¹G_rV⁻¹X, Q_rs = Σ XᵀV⁻¹G_rV⁻¹G_sV⁻¹X and K_rs = Σ tr(G_rV⁻¹G_sV⁻¹) (in place: the
-    caller's running sums). The sums over blocks and rows are matrix products over all r and s at once."""
+    P_r = −Σ XᵀV⁻¹G_rV⁻¹X, Q_rs = Σ XᵀV⁻¹G_rV⁻¹G_sV⁻¹X and K_rs = Σ tr(G_rV⁻¹G_sV⁻¹) (in place:
+    the caller's running sums). The sums over blocks and rows are matrix products over all r and s at once."""
     R, p = G.shape[0], X.shape[2]
     V_inv = np.linalg.inv(V)
     H = G @ V_inv
@@ -568,23 +569,38 @@ def lme4_theta(fit: Fit, design: Design) -> np.ndarray:
 
 
 def _structured_inference(
-    fit: Fit, visits: pd.DataFrame, design: Design, method: str, names: tuple[str, ...], beta: np.ndarray, vcov: np.ndarray,
+    fit: Fit, visits: pd.DataFrame, design: Design, method: str, names: tuple[str, ...], beta: np.ndarray,
+    vcov: np.ndarray,
 ) -> FixedEffectInference:
-    """Satterthwaite or Kenward–Roger for a covariance-structure fit (MMRM), in the structure's own parameters.
+    """Satterthwaite or Kenward–Roger for a covariance-structure fit (MMRM), in the structure's own parameters
+    θ (structure, then Λ: ``longitudinal.fit.covariance.likelihood``'s full θ).
 
     The record does not keep the engine's θ, so the structure is refitted on the same rows (the same
-    deterministic fit) to recover it. Satterthwaite is lmerTest's definition on −2ℓ (REML or ML, as fitted) of
-    ``fit.covariance.likelihood`` in the full θ (structure, then Λ), its Hessian and vcov(β)'s Jacobian by
-    central differences (the Hessian of the engine's analytic gradient); it does not depend on the
-    parametrization.
-    Kenward–Roger is pbkrtest's linear variant (mmrm's "Kenward-Roger-Linear", SAS's KR(LINEARCOVARIANCE)):
-    G_r = ∂V/∂θ_r by numDeriv's Richardson differences and no second-derivative term. The df and Φ_A of that
-    variant are invariant to reparametrizing θ (W transforms as the inverse of IE2, each G_r by the chain
-    rule), so they equal pbkrtest's for a model that is also an LMM (compound symmetry with positive
-    correlation ≡ a random intercept). mmrm's "Kenward-Roger" adds ¼ R_rs (second derivatives of V), which
-    depends on the parametrization; it is not implemented.
-    """
+    deterministic fit) to recover it.
 
+    - Satterthwaite: lmerTest's definition on −2ℓ (REML or ML, as fitted); its Hessian and vcov(β)'s Jacobian
+      by central differences, the Hessian from the engine's analytic gradient. Invariant to the parametrization.
+    - Kenward–Roger: pbkrtest's formulas, the linear variant (mmrm's "Kenward-Roger-Linear", SAS's
+      KR(LINEARCOVARIANCE)): G_r = ∂V/∂θ_r by numDeriv's Richardson differences and no second-derivative term.
+      Its Φ_A and df are invariant to reparametrizing θ (W transforms as IE2⁻¹, each G_r by the chain rule),
+      so they equal pbkrtest's for a model that is also an LMM (compound symmetry with a positive correlation
+      is the random-intercept model). mmrm's "Kenward-Roger" adds ¼ R_rs (second derivatives of V), which does
+      depend on the parametrization; it is not implemented.
+    """
+    structure, groups, theta = _structured_model(fit, visits, design)
+    reml = fit.method == "REML"
+    if method == "satterthwaite":
+        return FixedEffectInference(method, names, beta, vcov,
+                                    _structured_satterthwaite(structure, groups, theta, vcov, reml=reml))
+    adjusted = _structured_kenward_roger(structure, groups, theta, vcov)
+    return FixedEffectInference(method, names, beta, adjusted.vcov, adjusted)
+
+
+def _structured_model(
+    fit: Fit, visits: pd.DataFrame, design: Design,
+) -> tuple[CovarianceStructure, PatternGroups, np.ndarray]:
+    """The structure, the rows arranged by subject and θ̂ of ``fit``, as ``fit.structured.fit_structured``
+    arranges and fits them."""
     term = parse_formula(fit.formula, name=fit.name).covariance
     if term is None:  # pragma: no cover - fit.covariance says there is one
         raise ConfigError(f"candidate {fit.name!r}: its formula has no covariance structure")
@@ -597,9 +613,13 @@ def _structured_inference(
     structure = CovarianceStructure(term.structure, n_visits)
     Z = design.blocks[0].Z if design.blocks else None
     groups = group_by_pattern(design.y, design.X, design.codes, coords, Z)
-    reml = fit.method == "REML"
-    theta = fit_covariance(groups, structure, reml=reml).full_theta
+    return structure, groups, fit_covariance(groups, structure, reml=fit.method == "REML").full_theta
 
+
+def _structured_satterthwaite(
+    structure: CovarianceStructure, groups: PatternGroups, theta: np.ndarray, vcov: np.ndarray, *, reml: bool,
+) -> SatterthwaiteDf:
+    """Satterthwaite's df in the structure's θ (``_structured_inference``)."""
     def score(params: np.ndarray) -> np.ndarray:
         try:
             return np.asarray(evaluate(structure, groups, params, reml=reml).gradient)
@@ -612,15 +632,19 @@ def _structured_inference(
         except np.linalg.LinAlgError:
             return np.full(vcov.size, math.nan)
 
-    if method == "satterthwaite":
-        # the Hessian of −2ℓ as the Jacobian of the engine's analytic gradient, by plain central differences
-        # (an O(h²) error of ~1e-8 on a gradient exact to rounding): 2k evaluations instead of numDeriv's 8k
-        # or 8k² (an unstructured covariance over 10 visits has 55 parameters)
-        hessian = -2.0 * central_jacobian(score, theta)
-        return FixedEffectInference(method, names, beta, vcov, satterthwaite_at(
-            (hessian + hessian.T) / 2.0, covbeta, theta, vcov, jacobian=central_jacobian))
+    # plain central differences of a gradient exact to rounding (an O(h²) error of ~1e-8): 2k evaluations
+    # instead of numDeriv's 8k (an unstructured covariance over 10 visits has k = 55 parameters)
+    hessian = -2.0 * central_jacobian(score, theta)
+    return satterthwaite_at((hessian + hessian.T) / 2.0, covbeta, theta, vcov, jacobian=central_jacobian)
+
+
+def _structured_kenward_roger(
+    structure: CovarianceStructure, groups: PatternGroups, theta: np.ndarray, vcov: np.ndarray,
+) -> KenwardRogerDf:
+    """Linear Kenward–Roger in the structure's θ (``_structured_inference``): subjects sharing a visit pattern
+    through their cross-products, the others in batches bounded in memory."""
     q = groups.n_random
-    R, p = theta.size, design.X.shape[1]
+    R, p = theta.size, groups.n_fixed
     P, Q, K = np.zeros((R, p, p)), np.zeros((R, R, p, p)), np.zeros((R, R))
     for block in groups.blocks():
         if isinstance(block, VisitPattern):
@@ -636,8 +660,7 @@ def _structured_inference(
                                        Z=block.Z[chunk])
             V, G = _marginal_derivatives(structure, part, theta, q)
             accumulate_information(part.X, V, G, P, Q, K)
-    adjusted = adjusted_covariance(P, Q, K, vcov)
-    return FixedEffectInference(method, names, beta, adjusted.vcov, adjusted)
+    return adjusted_covariance(P, Q, K, vcov)
 
 
 def _marginal_derivatives(
