@@ -54,6 +54,10 @@ SEARCH_SPAN = 30.0
 #: A profile deviance this far below the optimum is reported (lme4 stops with "profiling detected new, lower
 #: deviance" beyond 1e-9; here the profile goes on from the better point's deviance).
 LOWER_DEVIANCE_TOL = 1e-6
+#: A diagonal entry of a factor (in units of its term's natural scale) below this starts from this instead.
+LIFT = 1e-3
+#: A correlation beyond this in absolute value gets a second, reflected start (``_Parametrization.starts``).
+NEAR_ONE = 0.9
 
 
 @dataclass(frozen=True)
@@ -93,8 +97,9 @@ def profile_intervals(fit: Fit, visits: pd.DataFrame, level: float = 0.95, *, re
     criterion = _Criterion(design, reml)
     notes: list[str] = []
     free = _Parametrization(criterion.sizes, criterion.term_scales, criterion.y_scale, None)
-    optimum = _minimize(lambda v: criterion(*free.unpack(v, math.nan)),
-                        free.pack(covariances, fit.residual_sd))
+    start = free.pack(covariances, fit.residual_sd)
+    gtol = _gradient_tolerance(criterion(*free.unpack(start, math.nan)))
+    optimum = _minimize(lambda v: criterion(*free.unpack(v, math.nan)), start, gtol)
     factors, sigma = free.unpack(optimum.x, math.nan)
     estimates = [A @ A.T for A in factors]
     z = float(norm.ppf(0.5 * (1.0 + level)))
@@ -213,6 +218,7 @@ class _Parametrization:
         self.perms: list[np.ndarray] = []
         self.free: list[tuple[np.ndarray, np.ndarray]] = []
         self.scales: list[np.ndarray] = []
+        diagonal: list[bool] = []
         for b, k in enumerate(sizes):
             perm = np.arange(k)
             fixed: set[tuple[int, int]] = set()
@@ -224,6 +230,13 @@ class _Parametrization:
             self.perms.append(perm)
             self.free.append((rows[keep], cols[keep]))
             self.scales.append(term_scales[b][perm])
+            diagonal.extend(rows[keep] == cols[keep])
+            if target is not None and target.bar == b and target.kind == "cor":
+                diagonal.extend([True, True])  # |s₁| and |s₂|: as symmetric about 0 as a diagonal entry
+        if target is None or target.kind != "sigma":
+            diagonal.append(False)
+        #: Which free parameters are diagonal entries of a factor (``starts``).
+        self.diagonal = np.array(diagonal, dtype=bool)
 
     @property
     def _profiles_sigma(self) -> bool:
@@ -253,6 +266,37 @@ class _Parametrization:
         sigma = x if self._profiles_sigma else self.y_scale * math.exp(float(v[at]))
         return factors, sigma
 
+    def starts(self, v: np.ndarray, x: float) -> list[np.ndarray]:
+        """Where to start the inner minimization at target value x from the solution ``v`` of a neighbour.
+
+        A diagonal entry of a factor at 0 (a singular bar) is a stationary point of the criterion by symmetry
+        (±L_ii give the same Σ), so it is lifted off 0, lest the minimization never leave it. A bar with a
+        correlation near ±1 may have its profile's minimum on the other branch (ρ near ∓1, as on a singular
+        random slope: lme4's profile, which follows one branch, then misses it), so that bar is also started
+        reflected: one term's sign flipped, every correlation of that term negated.
+        """
+        lifted = np.where(self.diagonal & (np.abs(v) < LIFT), LIFT, v)
+        out = [lifted]
+        factors, sigma = self.unpack(v, x)
+        covariances = [A @ A.T for A in factors]
+        for b, cov in enumerate(covariances):
+            k = cov.shape[0]
+            sd = np.sqrt(np.clip(np.diagonal(cov), 0.0, None))
+            fixed = self.target.terms if self.target is not None and self.target.bar == b and \
+                self.target.kind == "cor" else ()
+            with np.errstate(divide="ignore", invalid="ignore"):
+                corr = np.abs(cov / np.outer(sd, sd))
+            flippable = [i for i in range(k) if i not in fixed
+                         and any(j != i and corr[i, j] > NEAR_ONE for j in range(k))]
+            if flippable:
+                flip = np.ones(k)
+                flip[flippable[-1]] = -1.0
+                reflected = list(covariances)
+                reflected[b] = cov * np.outer(flip, flip)
+                packed = self.pack(reflected, sigma)
+                out.append(np.where(self.diagonal & (np.abs(packed) < LIFT), LIFT, packed))
+        return out
+
     def pack(self, covariances: list[np.ndarray], sigma: float) -> np.ndarray:
         """The free parameters of the point (Σ_b, σ): inverse of ``unpack`` for the target's value there."""
         out: list[float] = []
@@ -276,6 +320,7 @@ class _Point:
     x: float
     deviance: float
     v: np.ndarray
+    hess_inv: np.ndarray | None = None
 
 
 class _Profile:
@@ -299,9 +344,17 @@ class _Profile:
         for point in self.points:
             if point.x == x:  # Brent's method starts from the two ends the search has evaluated
                 return point.deviance
-        start = min(self.points, key=lambda p: abs(p.x - x)).v
-        found = _minimize(lambda v: self.criterion(*self.param.unpack(v, x)), start)
-        self.points.append(_Point(x, float(found.fun), found.x))
+        nearest = min(self.points, key=lambda p: abs(p.x - x))
+
+        def objective(v: np.ndarray) -> float:
+            return self.criterion(*self.param.unpack(v, x))
+
+        starts = self.param.starts(nearest.v, x)
+        # the neighbour's inverse Hessian, for the start near its solution: BFGS then needs a few steps only
+        gtol = _gradient_tolerance(self.base)
+        found = min((_minimize(objective, start, gtol, nearest.hess_inv if i == 0 else None)
+                     for i, start in enumerate(starts)), key=lambda r: r.fun)
+        self.points.append(_Point(x, float(found.fun), found.x, found.hess_inv))
         return float(found.fun)
 
     def zeta(self, x: float) -> float:
@@ -364,9 +417,26 @@ def _root(excess: Callable[[float], float], inside: float, outside: float) -> fl
     return float(brentq(excess, inside, outside, xtol=1e-9 * max(width, 1e-300), rtol=1e-8))
 
 
-def _minimize(objective: Callable[[np.ndarray], float], start: np.ndarray):  # type: ignore[no-untyped-def]
-    """Unconstrained BFGS from ``start`` (the parameters are scaled to O(1)); central-difference gradients
-take fewer evaluations in all than forward ones, whose noise stalls the line searches near the optimum."""
+def _minimize(objective: Callable[[np.ndarray], float], start: np.ndarray,  # type: ignore[no-untyped-def]
+              gtol: float, hess_inv: np.ndarray | None = None):
+    """Unconstrained BFGS from ``start`` (the parameters are scaled to O(1)), from ``hess_inv`` where given,
+    to a gradient below ``gtol`` (``_gradient_tolerance``); central-difference gradients take fewer evaluations
+    in all than forward ones, whose noise stalls the line searches near the optimum."""
     from scipy.optimize import minimize
 
-    return minimize(objective, start, method="BFGS", jac="3-point", options={"gtol": 1e-6, "maxiter": 2000})
+    if hess_inv is not None:
+        hess_inv = 0.5 * (hess_inv + hess_inv.T)
+        try:
+            np.linalg.cholesky(hess_inv)
+        except np.linalg.LinAlgError:  # BFGS's update can lose definiteness in rounding
+            hess_inv = None
+    options = {"gtol": gtol, "maxiter": 2000, "hess_inv0": hess_inv}
+    return minimize(objective, start, method="BFGS", jac="3-point", options=options)
+
+
+def _gradient_tolerance(deviance: float) -> float:
+    """BFGS's gradient tolerance for a criterion of this size: the rounding error of a central difference grows
+    with the criterion (about 1e-16 |D| / 6e-6), and a tolerance below it only makes the line searches fail
+    at length. With the parameters O(1) the curvature grows with the groups as |D| does, so the criterion is
+    still within ~1e-9 of its minimum, far inside what the interval's ends need (ζ moves by ΔD / 2ζ)."""
+    return 1e-5 * max(1.0, abs(deviance) / 100.0)
