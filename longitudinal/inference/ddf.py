@@ -318,8 +318,8 @@ def central_jacobian(f: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> np
 # ---------------------------------------------------------------------------------------------------------------
 
 #: The largest block of rows (a connected set of levels of several grouping factors) whose dense n_b × n_b
-#: covariance Kenward–Roger may form.
-MAX_BLOCK_ROWS = 4000
+#: covariance Kenward–Roger may form: 3,000 rows with five variance parameters take ~0.9 GB and ~10 s.
+MAX_BLOCK_ROWS = 3000
 #: Matrix elements per batch of equal-size blocks (bounds the memory of the batched products).
 _BATCH_ELEMENTS = 1_000_000
 
@@ -475,19 +475,20 @@ def _add_batch(
     Zs = [block.Z[rows] for block in design.blocks]
     same = [None if design.single_factor else (block.codes[rows][:, :, None] == block.codes[rows][:, None, :])
             for block in design.blocks]
-    G = []
-    for k, i, j in parameters:
+    G = np.empty((len(parameters) + 1, B, m, m))
+    for r, (k, i, j) in enumerate(parameters):
         Z = Zs[k]
-        outer = Z[:, :, i, None] * Z[:, None, :, j]
+        np.multiply(Z[:, :, i, None], Z[:, None, :, j], out=G[r])
         if i != j:
-            outer = outer + np.swapaxes(outer, 1, 2)
-        G.append(outer if same[k] is None else outer * same[k])
+            G[r] += np.swapaxes(G[r], 1, 2).copy()
+        if same[k] is not None:
+            G[r] *= same[k]
+    G[-1] = np.eye(m)  # ∂V/∂σ²
     V = sigma2 * np.broadcast_to(np.eye(m), (B, m, m)).copy()
     for k, block_cov in enumerate(covariances):
         part = np.einsum("bmi,ij,bnj->bmn", Zs[k], block_cov, Zs[k])
         V += part if same[k] is None else part * same[k]
-    G.append(np.broadcast_to(np.eye(m), (B, m, m)))  # ∂V/∂σ²
-    accumulate_information(X, V, np.stack(G), P, Q, K)
+    accumulate_information(X, V, G, P, Q, K)
 
 
 def accumulate_information(
@@ -508,7 +509,7 @@ def accumulate_information(
     P -= np.einsum("ik,kj->ij", O_flat, T.reshape(-1, p)).reshape(R, p, p)
     S_flat = S.transpose(0, 3, 1, 2).reshape(R * p, -1)
     Q += np.einsum("ik,jk->ij", O_flat, S_flat).reshape(R, p, R, p).transpose(0, 2, 1, 3)
-    K += np.einsum("ik,jk->ij", H.reshape(R, -1), np.swapaxes(H, 2, 3).reshape(R, -1))
+    K += np.einsum("rbij,sbji->rs", H, H)
 
 
 def accumulate_pattern(
