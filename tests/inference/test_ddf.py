@@ -199,3 +199,19 @@ def test_nested_factors_match_lmertest() -> None:
     assert [fe.df for fe in satterthwaite] == pytest.approx([30.15909606, 231.17219211], rel=1e-3)
     assert [fe.df for fe in kenward_roger] == pytest.approx([30.18528038, 227.25993072], rel=1e-3)
     assert [fe.std_error for fe in kenward_roger] == pytest.approx([0.71441049693, 0.07299173348], rel=1e-3)
+
+
+def test_compound_symmetry_mmrm_through_shared_visit_patterns() -> None:
+    """36 subjects seen on the same ten days (sleepstudy twice over, the copy's outcome shifted by its day
+    number so that it is not a duplicate): the MMRM engine shares one V per visit pattern and Kenward–Roger
+    reads those subjects through their cross-products; the result is still the random-intercept LMM's."""
+    visits = read_sleepstudy()
+    copy = visits.assign(Subject=visits["Subject"] + "b", Reaction=visits["Reaction"] + 3.0 * visits["Days"] ** 0.5)
+    doubled = pd.concat([visits, copy], ignore_index=True)
+    lmm = fit_candidate(doubled, "ri", "Reaction ~ Days + (1 | Subject)", method="REML")
+    mmrm = fit_candidate(doubled, "cs", "Reaction ~ Days + cs(Days | Subject)", method="REML")
+    for method in ("satterthwaite", "kenward-roger"):
+        expected = fixed_effect_inference(lmm, doubled, method).fixed_effects()
+        found = fixed_effect_inference(mmrm, doubled, method).fixed_effects()
+        assert [fe.df for fe in found] == pytest.approx([fe.df for fe in expected], rel=1e-5)
+        assert [fe.std_error for fe in found] == pytest.approx([fe.std_error for fe in expected], rel=1e-6)
