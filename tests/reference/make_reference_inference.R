@@ -355,6 +355,23 @@ variance_components <- function(fit) {
   })
 }
 
+# How well the REML optimum is pinned down: an independent fit by NLopt's BOBYQA at absolute tolerances near
+# machine precision, its distance from the bobyqa fit in the criterion, theta and the Satterthwaite SEs and df.
+# The criterion is flat near the optimum (BodyWeight: 1e-10 over a 1e-5 relative change in theta), so equally
+# good optima give SEs a few 1e-5 apart: the tolerance a comparison with these numbers can ask for.
+second_optimum <- function(fit, frame, formula, sat) {
+  control <- lmerControl(optimizer = "nloptwrap",
+                         optCtrl = list(xtol_abs = 1e-14, ftol_abs = 1e-15, xtol_rel = 0, ftol_rel = 0, maxeval = 1e5))
+  other <- lmer(as.formula(formula), data = frame, REML = TRUE, control = control)
+  other_sat <- summary(other, ddf = "Satterthwaite")$coefficients
+  relative <- function(a, b) max(abs(a / b - 1))
+  list(optimizer = "nloptwrap (NLopt BOBYQA), xtol_abs = 1e-14, ftol_abs = 1e-15",
+       reml_criterion = REMLcrit(other), reml_criterion_difference = REMLcrit(other) - REMLcrit(fit),
+       theta_max_abs_difference = max(abs(getME(other, "theta") - getME(fit, "theta"))),
+       se_max_rel_difference = relative(other_sat[, "Std. Error"], sat[, "Std. Error"]),
+       df_max_rel_difference = relative(other_sat[, "df"], sat[, "df"]))
+}
+
 lmm_case <- function(case, frame) {
   run <- capture(lmer(as.formula(case$formula), data = frame, REML = TRUE, control = lmm_control))
   fit <- run$value
@@ -363,6 +380,7 @@ lmm_case <- function(case, frame) {
   kr <- summary(fit, ddf = "Kenward-Roger")$coefficients
   stopifnot(identical(rownames(sat), rownames(kr)))
   X <- getME(fit, "X")
+  optimum_check <- second_optimum(fit, frame, case$formula, sat)
   profile_reml <- profile_block(fit, criterion = "REML")
   check <- NULL
   if (length(getME(fit, "theta")) == 1 && is.null(profile_reml$error)) {
@@ -380,6 +398,7 @@ lmm_case <- function(case, frame) {
                  satterthwaite = coefficient_block(sat), kenward_roger = coefficient_block(kr)),
     vcov = named_matrix(as.matrix(vcov(fit))),
     vcov_kenward_roger = named_matrix(as.matrix(pbkrtest::vcovAdj(fit))),
+    optimum_check = optimum_check,
     profile = profile_block(fit),
     profile_reml = profile_reml,
     profile_reml_check = check,
