@@ -37,6 +37,7 @@ from longitudinal.fit.covariance import CovarianceStructure, PatternGroups, fit_
 from longitudinal.fit.covariance.grouping import SubjectBatch, VisitPattern
 from longitudinal.fit.covariance.likelihood import CovarianceModel, evaluate
 from longitudinal.fit.lmm import PenalizedSolution, penalized_solver
+from longitudinal.fit.scaling import FixedEffectsMap, Standardization, lower_factor_of, standardize
 from longitudinal.fit.structured import visit_positions
 from longitudinal.fit.theta import block_covariances, layout_theta
 from longitudinal.model.design import Design, build_design
@@ -127,12 +128,53 @@ def fixed_effect_inference(fit: Fit, visits: pd.DataFrame, method: str) -> Fixed
     design = build_design(visits, parse_formula(fit.formula, name=fit.name), dropped=fit.dropped_terms)
     if fit.covariance is not None:
         return _structured_inference(fit, visits, design, method, names, beta, vcov)
-    theta = lme4_theta(fit, design)
+    # On the standardized design (``fit.scaling``): with a time in epoch seconds or an outcome of 1e6 ± 1 the
+    # deviance differenced in the data's units has lost the digits the Hessian needs, and pbkrtest's
+    # information matrix spans so many orders of magnitude that its inverse is taken as singular. Both
+    # methods are invariant to these reparametrizations (of θ, of β by A, of y by its scale).
+    standardized, scaling = standardize(design)
+    theta = standardized_theta(design, lme4_theta(fit, design), scaling)
+    sigma = fit.residual_sd / scaling.y_scale
+    standardized_vcov = _standardized_vcov(vcov, scaling)
     if method == "satterthwaite":
-        return FixedEffectInference(method, names, beta, vcov,
-                                    satterthwaite(design, theta, fit.residual_sd, vcov, reml=fit.method == "REML"))
-    adjusted = kenward_roger(design, theta, fit.residual_sd, vcov)
-    return FixedEffectInference(method, names, beta, adjusted.vcov, adjusted)
+        inner = satterthwaite(standardized, theta, sigma, standardized_vcov, reml=fit.method == "REML")
+        return FixedEffectInference(method, names, beta, vcov, InDataUnits(inner, scaling.fixed_map))
+    adjusted = kenward_roger(standardized, theta, sigma, standardized_vcov)
+    return FixedEffectInference(method, names, beta, scaling.vcov(adjusted.vcov),
+                                InDataUnits(adjusted, scaling.fixed_map))
+
+
+@dataclass(frozen=True, eq=False)
+class InDataUnits:
+    """The df of contrasts of β in the data's units from those of β' on standardized columns: β = A(sβ' + a e),
+    so Lβ is L A β' up to a shift and a scale, which leave the df unchanged (``fit.scaling``)."""
+
+    standardized: Callable[[np.ndarray], np.ndarray]
+    fixed_map: np.ndarray
+
+    def __call__(self, L: np.ndarray) -> np.ndarray:
+        return self.standardized(np.atleast_2d(np.asarray(L, dtype=float)) @ self.fixed_map)
+
+
+def standardized_theta(design: Design, theta: np.ndarray, scaling: Standardization) -> np.ndarray:
+    """θ of ``design`` (data units) on the standardized design: per bar Λ' = lower factor of B_b⁻¹ Λ_b, the
+    inverse of ``Standardization.relative_factor`` (Λ is relative to σ, so the outcome's scale cancels)."""
+    layout = layout_theta(tuple(len(block.terms) for block in design.blocks))
+    lam = layout.lambda_matrix(np.asarray(theta, dtype=float))
+    out = np.zeros_like(lam)
+    at = 0
+    for k, size in enumerate(layout.block_sizes):
+        window = slice(at, at + size)
+        out[window, window] = lower_factor_of(np.linalg.solve(scaling.ranef_maps[k], lam[window, window]))
+        at += size
+    return np.asarray(out[list(layout.rows), list(layout.cols)])
+
+
+def _standardized_vcov(vcov: np.ndarray, scaling: FixedEffectsMap) -> np.ndarray:
+    """vcov(β') = A⁻¹ vcov(β) A⁻ᵀ / s², the inverse of ``FixedEffectsMap.vcov``."""
+    A_inv = np.linalg.inv(scaling.fixed_map)
+    out = A_inv @ vcov @ A_inv.T / scaling.y_scale ** 2
+    return np.asarray(0.5 * (out + out.T))
 
 
 @dataclass(frozen=True)

@@ -215,3 +215,22 @@ def test_compound_symmetry_mmrm_through_shared_visit_patterns() -> None:
         found = fixed_effect_inference(mmrm, doubled, method).fixed_effects()
         assert [fe.df for fe in found] == pytest.approx([fe.df for fe in expected], rel=1e-5)
         assert [fe.std_error for fe in found] == pytest.approx([fe.std_error for fe in expected], rel=1e-6)
+
+
+@pytest.mark.parametrize("units", ["Days * 1e8", "Days * 1e-6", "epoch seconds", "Reaction + 1e6"])
+def test_df_do_not_depend_on_units(units: str) -> None:
+    """The model is invariant to these changes, and so are both df: computed on the standardized design.
+    In the data's units the numerical Hessian loses its digits (Satterthwaite 1e-5 for Days × 1e8) and
+    pbkrtest's information matrix looks singular (Kenward–Roger 4244 for Days × 1e-6)."""
+    visits = read_sleepstudy()
+    changed = {
+        "Days * 1e8": visits.assign(Days=visits["Days"] * 1e8),
+        "Days * 1e-6": visits.assign(Days=visits["Days"] * 1e-6),
+        "epoch seconds": visits.assign(Days=1.7e9 + visits["Days"] * 86400.0),
+        "Reaction + 1e6": visits.assign(Reaction=visits["Reaction"] + 1e6),
+    }[units]
+    formula = "Reaction ~ Days + (Days | Subject)"
+    fit = fit_candidate(changed, "m", formula, method="REML")
+    for method in ("satterthwaite", "kenward-roger"):
+        expected = [fe.df for fe in fixed_effect_inference(_sleepstudy_fit(formula), _sleepstudy(), method).fixed_effects()]
+        assert [fe.df for fe in fixed_effect_inference(fit, changed, method).fixed_effects()] == pytest.approx(expected, rel=1e-4)
