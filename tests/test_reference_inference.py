@@ -74,7 +74,7 @@ def test_fixed_effect_tests_match_lmertest(name: str, method: str) -> None:
     """lmerTest's summary(fit, ddf = ...): SE (Kenward–Roger's from pbkrtest's adjusted vcov), df, p.
 
     Tolerances: df 1e-2 relative, SE 1e-3, p-values on the log scale: log p within 1e-2 (1% of p) or 1e-3
-    relative (p far in the tail, 1e-108, moves with the df). Reached here (June 2026): Satterthwaite df
+    relative (p far in the tail, 1e-108, moves with the df). Reached when written: Satterthwaite df
     within 6e-5 (both sides difference numerically, lmerTest in the data's units, we on the standardized
     design), Kenward–Roger df within 2e-8, SEs within 3e-5 (BodyWeight, where the two optima differ most).
     """

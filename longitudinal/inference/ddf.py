@@ -36,6 +36,8 @@ from longitudinal.errors import ConfigError
 from longitudinal.fit.covariance import CovarianceStructure, PatternGroups, fit_covariance, group_by_pattern
 from longitudinal.fit.covariance.grouping import SubjectBatch, VisitPattern
 from longitudinal.fit.covariance.likelihood import CovarianceModel, evaluate
+from longitudinal.fit.covariance.units import Units
+from longitudinal.fit.covariance.units import standardize as standardize_groups
 from longitudinal.fit.lmm import PenalizedSolution, penalized_solver
 from longitudinal.fit.scaling import FixedEffectsMap, Standardization, lower_factor_of, standardize
 from longitudinal.fit.structured import visit_positions
@@ -630,20 +632,21 @@ def _structured_inference(
       is the random-intercept model). mmrm's "Kenward-Roger" adds ¼ R_rs (second derivatives of V), which does
       depend on the parametrization; it is not implemented.
     """
-    structure, groups, theta = _structured_model(fit, visits, design)
-    reml = fit.method == "REML"
+    structure, groups, units, theta = _structured_model(fit, visits, design)
+    standardized_vcov = _standardized_vcov(vcov, units)
     if method == "satterthwaite":
-        return FixedEffectInference(method, names, beta, vcov,
-                                    _structured_satterthwaite(structure, groups, theta, vcov, reml=reml))
-    adjusted = _structured_kenward_roger(structure, groups, theta, vcov)
-    return FixedEffectInference(method, names, beta, adjusted.vcov, adjusted)
+        inner = _structured_satterthwaite(structure, groups, theta, standardized_vcov, reml=fit.method == "REML")
+        return FixedEffectInference(method, names, beta, vcov, InDataUnits(inner, units.fixed_map))
+    adjusted = _structured_kenward_roger(structure, groups, theta, standardized_vcov)
+    return FixedEffectInference(method, names, beta, units.vcov(adjusted.vcov), InDataUnits(adjusted, units.fixed_map))
 
 
 def _structured_model(
     fit: Fit, visits: pd.DataFrame, design: Design,
-) -> tuple[CovarianceStructure, PatternGroups, np.ndarray]:
-    """The structure, the rows arranged by subject and θ̂ of ``fit``, as ``fit.structured.fit_structured``
-    arranges and fits them."""
+) -> tuple[CovarianceStructure, PatternGroups, Units, np.ndarray]:
+    """The structure, the rows arranged by subject as ``fit.structured.fit_structured`` arranges them, on
+    standardized columns (``fit.covariance.units``: as for an LMM, differences in the data's units lose their
+    digits with a time in epoch seconds), how they were standardized, and θ̂ refitted on them."""
     term = parse_formula(fit.formula, name=fit.name).covariance
     if term is None:  # pragma: no cover - fit.covariance says there is one
         raise ConfigError(f"candidate {fit.name!r}: its formula has no covariance structure")
@@ -655,8 +658,8 @@ def _structured_model(
         n_visits = len(labels)
     structure = CovarianceStructure(term.structure, n_visits)
     Z = design.blocks[0].Z if design.blocks else None
-    groups = group_by_pattern(design.y, design.X, design.codes, coords, Z)
-    return structure, groups, fit_covariance(groups, structure, reml=fit.method == "REML").full_theta
+    groups, units = standardize_groups(group_by_pattern(design.y, design.X, design.codes, coords, Z))
+    return structure, groups, units, fit_covariance(groups, structure, reml=fit.method == "REML").full_theta
 
 
 def _structured_satterthwaite(

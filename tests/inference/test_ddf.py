@@ -234,3 +234,15 @@ def test_df_do_not_depend_on_units(units: str) -> None:
     for method in ("satterthwaite", "kenward-roger"):
         expected = [fe.df for fe in fixed_effect_inference(_sleepstudy_fit(formula), _sleepstudy(), method).fixed_effects()]
         assert [fe.df for fe in fixed_effect_inference(fit, changed, method).fixed_effects()] == pytest.approx(expected, rel=1e-4)
+
+
+def test_mmrm_df_do_not_depend_on_units() -> None:
+    """The MMRM path too works on standardized columns: with Days × 1e8, random slopes next to an AR(1)
+    residual gave Satterthwaite df of 1040 and 0 in the data's units."""
+    visits = read_sleepstudy()
+    changed = visits.assign(Days=visits["Days"] * 1e8)
+    formula = "Reaction ~ Days + (Days | Subject) + ar1(Days | Subject)"
+    fit = fit_candidate(changed, "m", formula, method="REML")
+    for method in ("satterthwaite", "kenward-roger"):
+        expected = [fe.df for fe in fixed_effect_inference(_sleepstudy_fit(formula), _sleepstudy(), method).fixed_effects()]
+        assert [fe.df for fe in fixed_effect_inference(fit, changed, method).fixed_effects()] == pytest.approx(expected, rel=1e-4)
