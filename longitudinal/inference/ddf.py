@@ -16,7 +16,11 @@ report and ``selected_model.json``, the estimated marginal means and the contras
   linear variant (no second derivatives of V: mmrm's "Kenward-Roger-Linear").
 - Residual: n − p. Normal: z tests, the only choice for a binomial or Poisson model.
 
-A statsmodels fit has no θ: it is rebuilt from its variance components (``lme4_theta``).
+Both small-sample methods run on the standardized design (``longitudinal.fit.scaling``,
+``longitudinal.fit.covariance.units``) and carry the df and the adjusted covariance back (``InDataUnits``):
+they are invariant to those changes of units, and in the data's units (a time in epoch seconds, an outcome
+of 1e6 ± 1) the differences lose their digits. A statsmodels fit has no θ: it is rebuilt from its variance
+components (``lme4_theta``).
 """
 
 from __future__ import annotations
