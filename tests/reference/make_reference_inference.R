@@ -327,7 +327,8 @@ emmeans_section <- function(fit, spec, family) {
   out <- list(specs = sprintf("~ %s | %s", spec$by, spec$time), by = spec$by, time = spec$time,
               at = setNames(list(I(spec$at)), spec$time), reference_grid = grid,
               averaged_over = I(others[vapply(grid[others], is.character, logical(1))]),
-              held_at = c(setNames(list(), character()), grid[others[!vapply(grid[others], is.character, logical(1))]]))
+              held_at = structure(grid[others[!vapply(grid[others], is.character, logical(1))]],
+                                  names = others[!vapply(grid[others], is.character, logical(1))]))
   out$reference_grid_default <- lapply(ref_grid(fit)@levels,
                                        function(values) I(if (is.factor(values)) as.character(values) else values))
   if (grepl(sprintf("factor(%s)", spec$time), paste(deparse(formula(fit)), collapse = " "), fixed = TRUE)) {
