@@ -25,6 +25,8 @@ from longitudinal.errors import ConfigError
 from longitudinal.fit.candidate import fit_candidate
 from longitudinal.inference import ddf
 from longitudinal.inference.ddf import fixed_effect_inference, richardson_hessian, richardson_jacobian
+from longitudinal.model.design import build_design
+from longitudinal.model.formula import parse_formula
 from longitudinal.records import Fit
 from tests.reference_data import read_reference_csv, read_sleepstudy
 
@@ -95,9 +97,6 @@ def test_statsmodels_fit_gets_the_same_df() -> None:
 
 def test_theta_from_components_matches_lme4_layout() -> None:
     fit = _sleepstudy_fit("Reaction ~ Days + (Days | Subject)")
-    from longitudinal.model.design import build_design
-    from longitudinal.model.formula import parse_formula
-
     design = build_design(_sleepstudy(), parse_formula(fit.formula))
     rebuilt = ddf.lme4_theta(dataclasses.replace(fit, theta=np.empty(0)), design)
     assert rebuilt == pytest.approx(fit.theta, rel=1e-6, abs=1e-9)
@@ -246,3 +245,12 @@ def test_mmrm_df_do_not_depend_on_units() -> None:
     for method in ("satterthwaite", "kenward-roger"):
         expected = [fe.df for fe in fixed_effect_inference(_sleepstudy_fit(formula), _sleepstudy(), method).fixed_effects()]
         assert [fe.df for fe in fixed_effect_inference(fit, changed, method).fixed_effects()] == pytest.approx(expected, rel=1e-4)
+
+
+def test_theta_of_a_singular_statsmodels_fit_is_refused() -> None:
+    fit = _sleepstudy_fit("Reaction ~ Days + (Days | Subject)")
+    design = build_design(_sleepstudy(), parse_formula(fit.formula))
+    zero_slope = tuple(dataclasses.replace(c, sd=0.0) if c.term == "Days" else c for c in fit.random_effects)
+    rebuilt = dataclasses.replace(fit, theta=np.empty(0), engine="statsmodels", random_effects=zero_slope)
+    with pytest.raises(ConfigError, match=r"covariance of \(Intercept\), Days for Subject is singular.*'lme4-style'"):
+        ddf.lme4_theta(rebuilt, design)
