@@ -57,7 +57,7 @@ LOWER_DEVIANCE_TOL = 1e-6
 #: A diagonal entry of a factor (in units of its term's natural scale) below this starts from this instead.
 LIFT = 1e-3
 #: A correlation beyond this in absolute value gets a second, reflected start (``_Parametrization.starts``).
-NEAR_ONE = 0.9
+NEAR_ONE = 0.99
 
 
 @dataclass(frozen=True)
@@ -344,7 +344,10 @@ class _Profile:
         for point in self.points:
             if point.x == x:  # Brent's method starts from the two ends the search has evaluated
                 return point.deviance
-        nearest = min(self.points, key=lambda p: abs(p.x - x))
+        # path following: start from the nearest point between the estimate and x, never from beyond x
+        inside = [p for p in self.points if (p.x - self.x_hat) * (x - self.x_hat) >= 0.0
+                  and abs(p.x - self.x_hat) <= abs(x - self.x_hat)]
+        nearest = min(inside, key=lambda p: abs(p.x - x))
 
         def objective(v: np.ndarray) -> float:
             return self.criterion(*self.param.unpack(v, x))
@@ -367,18 +370,23 @@ class _Profile:
 
     def end(self, direction: int, z: float) -> float:
         """The end of the interval in ``direction`` (−1 lower, +1 upper): the root of direction·ζ(x) = z, or
-        the parameter's bound when the profile stays within z up to it; NaN (with a note) when not found."""
+        the parameter's bound when the profile stays within z up to it; NaN (with a note) when not found.
+
+        The search follows the profile outward from the estimate (each point starts from the one before, as
+        lme4's), on the scale of ``_Target.to_t``, with secant steps that overshoot the cut-off a little so
+        that Brent's method then has a bracket. The bound itself is evaluated last, from the path's end: a
+        jump there straight from the estimate can land on another branch (an SD of 0, where the other
+        parameters of its bar no longer matter) and would then seed the search from the wrong place.
+        """
         target = self.target
         bound = target.bound(direction)
-        if bound is not None and (target.at(self.x_hat, bound) or direction * self.zeta(bound) <= z):
+        if bound is not None and target.at(self.x_hat, bound):
             return bound
 
         def excess(x: float) -> float:
             return direction * self.zeta(x) - z
 
-        t_prev = target.to_t(self.x_hat)
-        step = 0.05
-        f_prev = -z
+        t_prev, f_prev, step = target.to_t(self.x_hat), -z, 0.05
         if target.on_bound(self.x_hat) or not math.isfinite(t_prev):
             # the estimate is on the bound behind the search: start a step off it
             x_start = 0.01 * target.scale if target.kind == "sd" else -direction * (1.0 - 1e-3)
@@ -389,20 +397,19 @@ class _Profile:
         monotone = True
         while abs(t_prev - t_start) < SEARCH_SPAN:
             t = t_prev + direction * step
-            x = target.from_t(t)
-            f = excess(x)
+            f = excess(target.from_t(t))
             if f >= 0.0:
-                return _root(excess, target.from_t(t_prev), x)
+                return _root(excess, target.from_t(t_prev), target.from_t(t))
             gain = f - f_prev
             if gain < -1e-3 and monotone:
                 monotone = False
-                self.notes.append(f"{self.label}: the profile is not monotone ({'below' if direction < 0 else 'above'}"
-                                  " the estimate)")
+                side = "below" if direction < 0 else "above"
+                self.notes.append(f"{self.label}: the profile is not monotone ({side} the estimate)")
             proposed = 1.25 * (-f) * step / gain if gain > 1e-12 else 4.0 * step
             step = min(max(proposed, 0.1 * step), 4.0 * step)
             t_prev, f_prev = t, f
         if bound is not None:
-            return _root(excess, target.from_t(t_prev), bound)
+            return bound if excess(bound) <= 0.0 else _root(excess, target.from_t(t_prev), bound)
         side = "lower" if direction < 0 else "upper"
         self.notes.append(f"{self.label}: no {side} end found (the profile stays within the {side} cut-off up to "
                           f"{target.from_t(t_prev):.6g})")

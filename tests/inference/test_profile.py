@@ -178,6 +178,54 @@ def test_singular_correlation_where_lme4_profile_fails() -> None:
     assert found.residual_sd == pytest.approx((0.74934207, 0.89924405), rel=1e-5)
 
 
+def test_three_correlated_terms_where_lme4_inner_optimizations_stop_short() -> None:
+    """A 3 × 3 bar (intercept, Days, Days²), ML: every end here has lme4's own objective (lme4:::devfun2)
+    3.841459 above its minimum, the profile minimized over the rest by ten Nelder–Mead + BFGS restarts in R
+    agreeing with the inner minima here to 1e-6 (at cor(Days, Days²) = −0.97191, lme4's lower end, 3.768056;
+    at −0.68719, its upper end, 3.904580; at cor((Intercept), Days²) = 0.80684, 3.700048; at cor((Intercept),
+    Days) = 0.33584, 4.399186; at SD((Intercept)) = 16.0569, 3.863383). lme4's profile (bobyqa out of
+    evaluations, 5 minutes) is off on those ends — by 20% on cor((Intercept), Days)'s upper — and right on
+    the others, which are checked against it."""
+    visits = read_sleepstudy()
+    fit = fit_candidate(visits, "quadratic", "Reaction ~ Days + I(Days^2) + (Days + I(Days^2) | Subject)", method="ML")
+    found = profile_intervals(fit, visits)
+    assert found is not None
+    assert found.notes == ()
+    sds = {"(Intercept)": (16.08639565, 43.51444866), "Days": (8.250826154, 22.41765158),
+           "I(Days^2)": (0.7834206796, 2.267899073)}
+    for term, interval in sds.items():
+        assert found.sds[("Subject", term)] == pytest.approx(interval, rel=1e-5)
+    correlations = {("(Intercept)", "Days"): (-0.7764433415, 0.2785041183),
+                    ("(Intercept)", "I(Days^2)"): (-0.2235890623, 0.8110124493),
+                    ("Days", "I(Days^2)"): (-0.972233622, -0.6904586374)}
+    for (first, second), interval in correlations.items():
+        assert found.correlations[("Subject", first, second)] == pytest.approx(interval, rel=1e-5)
+    assert found.residual_sd == pytest.approx((20.21758869, 25.89121343), rel=1e-5)
+    lme4_right = {"Days": (8.2511196691, 22.4176441042), "I(Days^2)": (0.7835378169, 2.2678986923)}
+    for term, interval in lme4_right.items():
+        assert found.sds[("Subject", term)] == pytest.approx(interval, rel=TOLERANCE)
+    assert found.sds[("Subject", "(Intercept)")][1] == pytest.approx(43.5144338400, rel=TOLERANCE)
+    assert found.residual_sd == pytest.approx((20.2175908359, 25.8912122095), rel=TOLERANCE)
+
+
+def test_intervals_follow_the_units_of_the_data() -> None:
+    """Days × 1e8 (where lmer stops: "Downdated VtV is not positive definite") and Reaction × 1000: the SDs
+    and σ move with the units, the correlation not at all."""
+    visits = read_sleepstudy()
+    rescaled = visits.assign(Days8=visits["Days"] * 1e8, Reaction_ms=visits["Reaction"] * 1000.0)
+    fit = fit_candidate(visits, "ris", "Reaction ~ Days + (Days | Subject)", method="REML")
+    scaled_fit = fit_candidate(rescaled, "ris", "Reaction_ms ~ Days8 + (Days8 | Subject)", method="REML")
+    original, scaled = profile_intervals(fit, visits), profile_intervals(scaled_fit, rescaled)
+    assert original is not None and scaled is not None
+    assert scaled.sds[("Subject", "(Intercept)")] == pytest.approx(
+        tuple(1000.0 * x for x in original.sds[("Subject", "(Intercept)")]), rel=1e-6)
+    assert scaled.sds[("Subject", "Days8")] == pytest.approx(
+        tuple(1000.0 / 1e8 * x for x in original.sds[("Subject", "Days")]), rel=1e-6)
+    assert scaled.correlations[("Subject", "(Intercept)", "Days8")] == pytest.approx(
+        original.correlations[("Subject", "(Intercept)", "Days")], rel=1e-6)
+    assert scaled.residual_sd == pytest.approx(tuple(1000.0 * x for x in original.residual_sd), rel=1e-6)
+
+
 def test_sleepstudy_within_1e4_of_lme4() -> None:
     """The well-determined random-slope profile: every end within 1e-4 of lme4's (the differences are lme4's
     spline: its REML and ML runs differ by 1.3e-5 on the intercept's lower end)."""
