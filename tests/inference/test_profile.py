@@ -178,6 +178,23 @@ def test_singular_correlation_where_lme4_profile_fails() -> None:
     assert found.residual_sd == pytest.approx((0.74934207, 0.89924405), rel=1e-5)
 
 
+def test_residual_sd_where_lme4_profile_stalls() -> None:
+    """nlme's Orthodont, ``(1 + age | Subject)``, ML: lme4's profile of σ stalls (ζ stuck at 0.98 over 40
+    steps), its upper end is NA and its lower end 1.2036, where its own devfun2 is only 0.8205 above the
+    minimum; at the ends here, (sd 2.790537, ρ −0.774355, slope sd 0.222251, σ 1.097031) and (1.296329,
+    ρ ≈ 1, 0.036126, σ 1.588388), it is 3.841459 above. The other ends agree with lme4's."""
+    visits = _reference("orthodont.csv", ["Subject", "Sex"])()
+    fit = fit_candidate(visits, "ris", "distance ~ age * Sex + (1 + age | Subject)", method="ML")
+    found = profile_intervals(fit, visits)
+    assert found is not None
+    assert found.residual_sd == pytest.approx((1.0970308, 1.5883881), rel=1e-5)
+    # the intercept's lower end is where its profile is flattest (ζ′ ≈ 0 near SD 0): 3e-6 from lme4's
+    assert found.sds[("Subject", "(Intercept)")] == pytest.approx((0.0012445771226, 4.15028810662509),
+                                                                  rel=TOLERANCE, abs=1e-5)
+    assert found.sds[("Subject", "age")] == pytest.approx((0.0, 0.338563072457272), rel=TOLERANCE, abs=1e-12)
+    assert found.correlations[("Subject", "(Intercept)", "age")] == (-1.0, 1.0)
+
+
 def test_three_correlated_terms_where_lme4_inner_optimizations_stop_short() -> None:
     """A 3 × 3 bar (intercept, Days, Days²), ML: every end here has lme4's own objective (lme4:::devfun2)
     3.841459 above its minimum, the profile minimized over the rest by ten Nelder–Mead + BFGS restarts in R
