@@ -17,7 +17,7 @@ parameter's bound is that bound, as lme4 reports it: 0 for an SD (the lower end 
 
 Parametrization. The criterion is evaluated on the standardized design (``fit.scaling``) through
 ``fit.lmm.penalized_solver``. The free parameters are, per bar, the entries of a lower-triangular factor L of
-the bar's covariance Σ (data's units, terms permuted so that the profiled ones come first) and log σ. Fixing
+the bar's covariance Σ (data's units, terms permuted so that the profiled ones come first), and log σ. Fixing
 an SD is fixing L₁₁ = x; fixing a correlation ρ is L₂₁ = s₂ρ, L₂₂ = s₂√(1 − ρ²) with L₁₁ = |s₁| and |s₂|
 free. Every other entry is unconstrained (a factor with negative diagonal entries gives the same Σ), so each
 inner minimization is an unconstrained BFGS, and every covariance matrix is reachable, boundaries (an SD of 0,
@@ -33,22 +33,34 @@ start, reflected). lme4 misses both: on a singular random slope, and on a 3 × 3
 out of evaluations, its ends are off by up to 20% — there its own ``devfun2``, minimized by restarts, agrees
 with the minima found here (``tests/inference/test_profile.py``). About 8–15 inner minimizations per end.
 
-Not computed here (``profile_intervals`` returns None): a failed fit, a model without random effects, a
-covariance-structure model (MMRM) and a GLMM.
+A GLMM (binomial, Poisson) is profiled as lme4 profiles a glmer fit: glmer's deviance (Laplace, or adaptive
+Gauss–Hermite with the fit's nAGQ) as a function of the SDs and correlations (link scale) and β, each profile
+minimized over β too (the ``extra`` parameters, in standardized coordinates scaled by their standard errors),
+no σ; PIRLS warm-starts from the last evaluation's modes, as in ``fit.glmm``.
+
+Not computed here (``profile_intervals`` returns None): a failed fit, a model without random effects and a
+covariance-structure model (MMRM).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 import pandas as pd
 
+from longitudinal.fit.glmm.families import family_named
+from longitudinal.fit.glmm.multifactor import SparseLaplace
+from longitudinal.fit.glmm.onefactor import OneFactorLaplace, compress_subjects
+from longitudinal.fit.glmm.problem import LaplaceProblem
+from longitudinal.fit.glmm.quadrature import gauss_hermite
 from longitudinal.fit.lmm import penalized_solver
 from longitudinal.fit.scaling import lower_factor_of, standardize
+from longitudinal.fit.theta import layout_theta
 from longitudinal.inference.variance import block_covariances
 from longitudinal.model.design import Design, build_design
 from longitudinal.model.formula import parse_formula
@@ -88,14 +100,17 @@ def profile_intervals(fit: Fit, visits: pd.DataFrame, level: float = 0.95, *, re
     ``level``; ``visits`` are the rows it was fitted on (validated: no missing values), from which the design
     is rebuilt with the fit's dropped columns.
 
-    The ML deviance is profiled (lme4's ``devfun2`` refits a REML fit by ML first), from the ML optimum found
-    here starting at the fit's estimates; ``reml=True`` profiles the REML criterion instead. None for a
-    failed fit, a model without random effects, an MMRM and a GLMM (see the module).
+    A linear mixed model: the ML deviance is profiled (lme4's ``devfun2`` refits a REML fit by ML first), from
+    the ML optimum found here starting at the fit's estimates; ``reml=True`` profiles the REML criterion
+    instead. A GLMM (binomial, Poisson): glmer's deviance (Laplace, or quadrature with the fit's nAGQ) as a
+    function of θ's SDs and correlations and β, each profile minimized over β too, as lme4's; there is no
+    residual SD (``residual_sd`` None). None for a failed fit, a model without random effects and an MMRM.
     """
     if not (0.0 < level < 1.0):
         raise ValueError(f"level must lie strictly between 0 and 1, not {level!r}")
-    if (not fit.usable or fit.covariance is not None or fit.family != "gaussian" or not fit.random_effects
-            or not math.isfinite(fit.residual_sd)):
+    if reml and fit.family != "gaussian":
+        raise ValueError(f"fit {fit.name!r} is a {fit.family} GLMM: there is no REML criterion to profile")
+    if not fit.usable or fit.covariance is not None or not fit.random_effects or not fit.fixed_effects:
         return None
     from scipy.stats import norm
 
@@ -103,20 +118,29 @@ def profile_intervals(fit: Fit, visits: pd.DataFrame, level: float = 0.95, *, re
     covariances = block_covariances(design.blocks, fit)
     if covariances is None or not design.blocks:
         return None
-    criterion = _Criterion(design, reml)
+    criterion: _Criterion
+    if fit.family == "gaussian":
+        if not math.isfinite(fit.residual_sd):
+            return None
+        criterion = _LinearCriterion(design, reml)
+        extra = criterion.extra_of(fit.residual_sd)
+    else:
+        beta = np.array([fe.estimate for fe in fit.fixed_effects])
+        criterion = _GeneralizedCriterion(design, fit.family, fit.nagq, beta, fit.vcov)
+        extra = criterion.extra_of(beta)
     notes: list[str] = []
-    free = _Parametrization(criterion.sizes, criterion.term_scales, criterion.y_scale, None)
-    start = free.pack(covariances, fit.residual_sd)
+    free = _Parametrization(criterion, None)
+    start = free.pack(covariances, extra)
     gtol = _gradient_tolerance(criterion(*free.unpack(start, math.nan)))
     optimum = _minimize(lambda v: criterion(*free.unpack(v, math.nan)), start, gtol)
-    factors, sigma = free.unpack(optimum.x, math.nan)
+    factors, extra = free.unpack(optimum.x, math.nan)
     estimates = [A @ A.T for A in factors]
     z = float(norm.ppf(0.5 * (1.0 + level)))
 
     def interval(target: _Target, label: str) -> tuple[float, float]:
-        x_hat = target.estimate(estimates, sigma)
-        param = _Parametrization(criterion.sizes, criterion.term_scales, criterion.y_scale, target)
-        profile = _Profile(criterion, param, x_hat, param.pack(estimates, sigma), float(optimum.fun), label, notes)
+        x_hat = criterion.sigma_of(extra) if target.kind == "sigma" else target.estimate(estimates)
+        param = _Parametrization(criterion, target)
+        profile = _Profile(criterion, param, x_hat, param.pack(estimates, extra), float(optimum.fun), label, notes)
         return profile.end(-1, z), profile.end(+1, z)
 
     sds: dict[tuple[str, str], tuple[float, float]] = {}
@@ -129,7 +153,9 @@ def profile_intervals(fit: Fit, visits: pd.DataFrame, level: float = 0.95, *, re
                 key = (block.group, block.terms[j], term)
                 correlations[key] = interval(_Target("cor", b, (j, i)),
                                              f"correlation of {block.terms[j]} and {term} | {block.group}")
-    residual = interval(_Target("sigma", scale=criterion.y_scale), "residual SD")
+    residual = None
+    if isinstance(criterion, _LinearCriterion):
+        residual = interval(_Target("sigma", scale=criterion.y_scale), "residual SD")
     return ProfileIntervals(sds=sds, correlations=correlations, residual_sd=residual, notes=tuple(notes))
 
 
@@ -143,9 +169,8 @@ class _Target:
     terms: tuple[int, ...] = ()
     scale: float = 1.0
 
-    def estimate(self, covariances: list[np.ndarray], sigma: float) -> float:
-        if self.kind == "sigma":
-            return sigma
+    def estimate(self, covariances: list[np.ndarray]) -> float:
+        """The SD or correlation in the bars' covariances (σ is the criterion's: ``_Criterion.sigma_of``)."""
         cov = covariances[self.bar]
         if self.kind == "sd":
             return math.sqrt(max(float(cov[self.terms[0], self.terms[0]]), 0.0))
@@ -182,9 +207,37 @@ class _Target:
         return self.on_bound(x) and abs(x - bound) < 0.5
 
 
-class _Criterion:
-    """The ML deviance (or REML criterion) at per-bar covariance factors A_b (Σ_b = A_b A_bᵀ, data's units)
-    and σ, up to a constant: evaluated on the standardized design, where Λ_b' = B_b⁻¹ A_b / σ and σ' = σ / s."""
+class _Criterion(Protocol):
+    """The criterion profiled, as a function of per-bar covariance factors A_b (Σ_b = A_b A_bᵀ, data's units)
+    and the ``extra`` parameters that are not the bars' (log σ of a linear model, β of a GLMM), up to a
+    constant. ``term_scales`` are the natural sizes of each bar's terms, which scale the free parameters."""
+
+    sizes: tuple[int, ...]
+    term_scales: list[np.ndarray]
+    n_extra: int
+
+    def __call__(self, factors: list[np.ndarray], extra: np.ndarray) -> float: ...
+
+    def sigma_of(self, extra: np.ndarray) -> float: ...
+
+    def extra_with_sigma(self, sigma: float) -> np.ndarray: ...
+
+
+def _relative_theta(inverse_maps: list[np.ndarray], factors: list[np.ndarray], positions: list[tuple[np.ndarray, np.ndarray]],
+                    sigma: float) -> np.ndarray:
+    """lme4's θ on the standardized design for factors A_b in the data's units: Λ_b' = B_b⁻¹ A_b / σ brought to
+    lower-triangular form (Λ_b'Λ_b'ᵀ is what the criterion depends on), laid out bar by bar."""
+    return np.concatenate([
+        lower_factor_of(B_inv @ A / sigma).T[where]
+        for B_inv, A, where in zip(inverse_maps, factors, positions, strict=True)
+    ])
+
+
+class _LinearCriterion:
+    """The ML deviance (or REML criterion) of a linear mixed model at (A_b, σ), ``extra`` = [log(σ / s)]:
+    evaluated on the standardized design (``fit.scaling``), where Λ_b' = B_b⁻¹ A_b / σ and σ' = σ / s."""
+
+    n_extra = 1
 
     def __init__(self, design: Design, reml: bool) -> None:
         standardized, standardization = standardize(design)
@@ -198,13 +251,19 @@ class _Criterion:
         # lme4's θ layout within a bar: the lower triangle column by column, i.e. Lᵀ's upper triangle by rows
         self.theta_positions = [np.triu_indices(k) for k in self.sizes]
 
-    def __call__(self, factors: list[np.ndarray], sigma: float) -> float:
+    def sigma_of(self, extra: np.ndarray) -> float:
+        return self.y_scale * math.exp(float(extra[0]))
+
+    def extra_of(self, sigma: float) -> np.ndarray:
+        return np.array([math.log(sigma / self.y_scale)])
+
+    extra_with_sigma = extra_of
+
+    def __call__(self, factors: list[np.ndarray], extra: np.ndarray) -> float:
+        sigma = self.sigma_of(extra)
         if not (math.isfinite(sigma) and sigma > 0.0):
             return math.inf
-        theta = np.concatenate([
-            lower_factor_of(B_inv @ A / sigma).T[positions]
-            for B_inv, A, positions in zip(self.inverse_maps, factors, self.theta_positions, strict=True)
-        ])
+        theta = _relative_theta(self.inverse_maps, factors, self.theta_positions, sigma)
         if not np.all(np.isfinite(theta)):
             return math.inf
         solution = self.solve(theta)
@@ -214,21 +273,66 @@ class _Criterion:
         return deviance if math.isfinite(deviance) else math.inf
 
 
+class _GeneralizedCriterion:
+    """glmer's deviance of a GLMM (Laplace, or adaptive Gauss–Hermite with ``nagq`` points) at (A_b, β), the
+    SDs on the link scale, ``extra`` = β' / se(β') with β = A β' on the design with standardized X and Z (the
+    outcome as it is), as ``fit.glmm`` fits it; PIRLS warm-starts from the last evaluation's modes."""
+
+    def __init__(self, design: Design, family: str, nagq: int, beta: np.ndarray, vcov: np.ndarray) -> None:
+        standardized, standardization = standardize(design)
+        standardized = dataclasses.replace(standardized, y=design.y)
+        self.fixed_inverse = np.linalg.inv(standardization.fixed_map)
+        self.sizes = tuple(len(block.terms) for block in design.blocks)
+        self.n_extra = len(beta)
+        self.inverse_maps = [np.linalg.inv(B) for B in standardization.ranef_maps]
+        self.term_scales = [np.sqrt((B * B).sum(axis=1)) for B in standardization.ranef_maps]
+        self.theta_positions = [np.triu_indices(k) for k in self.sizes]
+        beta_standardized = self.fixed_inverse @ beta
+        se = np.sqrt(np.diagonal(self.fixed_inverse @ vcov @ self.fixed_inverse.T)) if vcov.size else np.ones(0)
+        self.beta_scale = np.where(np.isfinite(se) & (se > 0.0), se, 1.0) if se.size else np.ones(len(beta))
+        mean = family_named(family)
+        layout = layout_theta(self.sizes)
+        self.problem: LaplaceProblem
+        if design.single_factor:
+            rule = gauss_hermite(nagq) if nagq > 1 else None
+            self.problem = OneFactorLaplace(standardized, compress_subjects(standardized, mean), layout, mean, rule,
+                                            beta_standardized)
+        else:
+            self.problem = SparseLaplace(standardized, layout, mean, beta_standardized)
+
+    def sigma_of(self, extra: np.ndarray) -> float:
+        return math.nan
+
+    def extra_with_sigma(self, sigma: float) -> np.ndarray:
+        raise ValueError("a GLMM has no residual SD to profile")
+
+    def extra_of(self, beta: np.ndarray) -> np.ndarray:
+        scaled: np.ndarray = self.fixed_inverse @ beta / self.beta_scale
+        return scaled
+
+    def __call__(self, factors: list[np.ndarray], extra: np.ndarray) -> float:
+        theta = _relative_theta(self.inverse_maps, factors, self.theta_positions, 1.0)
+        if not np.all(np.isfinite(theta)):
+            return math.inf
+        deviance = self.problem.deviance(np.concatenate([theta, extra * self.beta_scale]))
+        return deviance if math.isfinite(deviance) else math.inf
+
+
 class _Parametrization:
     """The free parameters of the criterion with ``target`` held at x (all of them for target None), as one
     vector: per bar the free entries of its permuted lower factor, each divided by its term's natural scale,
-    then log(σ / s) unless σ is the target. See the module for why this covers every covariance."""
+    then the criterion's ``extra`` parameters (log(σ / s), or scaled β) unless σ is the target. See the module
+    for why this covers every covariance."""
 
-    def __init__(self, sizes: tuple[int, ...], term_scales: list[np.ndarray], y_scale: float,
-                 target: _Target | None) -> None:
+    def __init__(self, criterion: _Criterion, target: _Target | None) -> None:
+        self.criterion = criterion
         self.target = target
-        self.sizes = sizes
-        self.y_scale = y_scale
+        self.sizes = criterion.sizes
         self.perms: list[np.ndarray] = []
         self.free: list[tuple[np.ndarray, np.ndarray]] = []
         self.scales: list[np.ndarray] = []
         diagonal: list[bool] = []
-        for b, k in enumerate(sizes):
+        for b, k in enumerate(self.sizes):
             perm = np.arange(k)
             fixed: set[tuple[int, int]] = set()
             if target is not None and target.bar == b:
@@ -238,12 +342,12 @@ class _Parametrization:
             keep = np.array([(r, c) not in fixed for r, c in zip(rows, cols, strict=True)], dtype=bool)
             self.perms.append(perm)
             self.free.append((rows[keep], cols[keep]))
-            self.scales.append(term_scales[b][perm])
+            self.scales.append(criterion.term_scales[b][perm])
             diagonal.extend(rows[keep] == cols[keep])
             if target is not None and target.bar == b and target.kind == "cor":
                 diagonal.extend([True, True])  # |s₁| and |s₂|: as symmetric about 0 as a diagonal entry
-        if target is None or target.kind != "sigma":
-            diagonal.append(False)
+        if not self._profiles_sigma:
+            diagonal.extend([False] * criterion.n_extra)
         #: Which free parameters are diagonal entries of a factor (``starts``).
         self.diagonal = np.array(diagonal, dtype=bool)
 
@@ -251,8 +355,9 @@ class _Parametrization:
     def _profiles_sigma(self) -> bool:
         return self.target is not None and self.target.kind == "sigma"
 
-    def unpack(self, v: np.ndarray, x: float) -> tuple[list[np.ndarray], float]:
-        """The factors A_b (rows in the bar's term order) and σ at free parameters ``v`` and target value x."""
+    def unpack(self, v: np.ndarray, x: float) -> tuple[list[np.ndarray], np.ndarray]:
+        """The factors A_b (rows in the bar's term order) and the extra parameters at free parameters ``v`` and
+        target value x."""
         factors = []
         at = 0
         for b, k in enumerate(self.sizes):
@@ -272,8 +377,8 @@ class _Parametrization:
             A = np.empty_like(L)
             A[self.perms[b]] = L
             factors.append(A)
-        sigma = x if self._profiles_sigma else self.y_scale * math.exp(float(v[at]))
-        return factors, sigma
+        extra = self.criterion.extra_with_sigma(x) if self._profiles_sigma else v[at:]
+        return factors, extra
 
     def starts(self, v: np.ndarray, x: float) -> list[np.ndarray]:
         """Where to start the inner minimization at target value x from the solution ``v`` of a neighbour.
@@ -286,7 +391,7 @@ class _Parametrization:
         """
         lifted = np.where(self.diagonal & (np.abs(v) < LIFT), LIFT, v)
         out = [lifted]
-        factors, sigma = self.unpack(v, x)
+        factors, extra = self.unpack(v, x)
         covariances = [A @ A.T for A in factors]
         for b, cov in enumerate(covariances):
             k = cov.shape[0]
@@ -302,12 +407,12 @@ class _Parametrization:
                 flip[flippable[-1]] = -1.0
                 reflected = list(covariances)
                 reflected[b] = cov * np.outer(flip, flip)
-                packed = self.pack(reflected, sigma)
+                packed = self.pack(reflected, extra)
                 out.append(np.where(self.diagonal & (np.abs(packed) < LIFT), LIFT, packed))
         return out
 
-    def pack(self, covariances: list[np.ndarray], sigma: float) -> np.ndarray:
-        """The free parameters of the point (Σ_b, σ): inverse of ``unpack`` for the target's value there."""
+    def pack(self, covariances: list[np.ndarray], extra: np.ndarray) -> np.ndarray:
+        """The free parameters of the point (Σ_b, extra): inverse of ``unpack`` for the target's value there."""
         out: list[float] = []
         for b, cov in enumerate(covariances):
             values, vectors = np.linalg.eigh(0.5 * (cov + cov.T))
@@ -320,7 +425,7 @@ class _Parametrization:
             if target is not None and target.bar == b and target.kind == "cor":
                 out.extend([L[0, 0] / scale[0], math.hypot(L[1, 0], L[1, 1]) / scale[1]])
         if not self._profiles_sigma:
-            out.append(math.log(sigma / self.y_scale))
+            out.extend(extra)
         return np.array(out)
 
 

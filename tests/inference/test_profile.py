@@ -280,7 +280,6 @@ def test_reml_criterion_profiles_around_the_reml_estimates() -> None:
 
 def test_none_where_not_defined() -> None:
     fit, visits = _fit("sleepstudy_ri", "ML")
-    assert profile_intervals(dataclasses.replace(fit, family="poisson"), visits) is None
     assert profile_intervals(dataclasses.replace(fit, loglik=float("nan")), visits) is None
     assert profile_intervals(dataclasses.replace(fit, random_effects=()), visits) is None
 
@@ -330,3 +329,39 @@ def test_reml_profile_equals_lme4_profiling_the_reml_criterion(name: str) -> Non
     found = profile_intervals(fit, visits, level=GAUSSIAN[name]["profile_reml"]["level"], reml=True)
     assert found is not None
     _assert_intervals(found, expected)
+
+
+def test_glmm_profiles_over_theta_and_beta_as_lme4() -> None:
+    """glmer fits, profiled over the other SDs and correlations and β (lme4's devfun2 for a GLMM), no σ:
+
+        m <- glmer(y ~ t * arm + (1 | id), <glmm_sim_binary>, family = binomial,
+                   control = glmerControl(optimizer = "bobyqa", optCtrl = list(rhoend = 1e-12), tolPwrss = 1e-12))
+        m <- glmer(y ~ t + arm + (t | id), <glmm_sim_count>, family = poisson,
+                   control = glmerControl(optimizer = "bobyqa", optCtrl = list(rhoend = 1e-12)))
+        confint(m, method = "profile", oldNames = FALSE, parm = "theta_")
+
+    The Poisson fit with tolPwrss = 1e-12 makes lme4's profile stop ("not numerically consistent"); at
+    glmer's default PIRLS tolerance its logLik is 8e-4 below the optimum, and its ends within 1.4e-4 of these.
+    """
+    visits = _reference("glmm_sim_binary.csv", ["id", "arm"])()
+    fit = fit_candidate(visits, "binary", "y ~ t * arm + (1 | id)", family="binomial")
+    found = profile_intervals(fit, visits)
+    assert found is not None
+    assert found.residual_sd is None and found.notes == ()
+    assert found.sds[("id", "(Intercept)")] == pytest.approx((0.9129564882, 1.333672969), rel=1e-4)
+
+    visits = _reference("glmm_sim_count.csv", ["id", "arm"])()
+    fit = fit_candidate(visits, "count", "y ~ t + arm + (t | id)", family="poisson")
+    found = profile_intervals(fit, visits)
+    assert found is not None
+    assert found.sds[("id", "(Intercept)")] == pytest.approx((0.4013311901, 0.5718782566), rel=TOLERANCE)
+    assert found.sds[("id", "t")] == pytest.approx((0.1016443505, 0.1549796795), rel=TOLERANCE)
+    assert found.correlations[("id", "(Intercept)", "t")] == pytest.approx((-0.0102585478, 0.6070866959),
+                                                                           rel=TOLERANCE, abs=1e-4)
+
+
+def test_no_reml_profile_for_a_glmm() -> None:
+    visits = _reference("glmm_sim_binary.csv", ["id", "arm"])()
+    fit = fit_candidate(visits, "binary", "y ~ t * arm + (1 | id)", family="binomial")
+    with pytest.raises(ValueError, match="'binary' is a binomial GLMM: there is no REML criterion to profile"):
+        profile_intervals(fit, visits, reml=True)
