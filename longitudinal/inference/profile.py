@@ -223,8 +223,8 @@ class _Criterion(Protocol):
     def extra_with_sigma(self, sigma: float) -> np.ndarray: ...
 
 
-def _relative_theta(inverse_maps: list[np.ndarray], factors: list[np.ndarray], positions: list[tuple[np.ndarray, np.ndarray]],
-                    sigma: float) -> np.ndarray:
+def _relative_theta(inverse_maps: list[np.ndarray], factors: list[np.ndarray],
+                    positions: list[tuple[np.ndarray, np.ndarray]], sigma: float) -> np.ndarray:
     """lme4's θ on the standardized design for factors A_b in the data's units: Λ_b' = B_b⁻¹ A_b / σ brought to
     lower-triangular form (Λ_b'Λ_b'ᵀ is what the criterion depends on), laid out bar by bar."""
     return np.concatenate([

@@ -89,7 +89,8 @@ CASES = {
     ),
     "penicillin_crossed": Case(
         _penicillin, "diameter ~ 1 + (1 | plate) + (1 | sample)",
-        {("plate", "(Intercept)"): (0.6335657876, 1.1821039844), ("sample", "(Intercept)"): (1.0957892651, 3.5562919101)},
+        {("plate", "(Intercept)"): (0.6335657876, 1.1821039844),
+         ("sample", "(Intercept)"): (1.0957892651, 3.5562919101)},
         {}, (0.4858454002, 0.6294534785),
     ),
 }
