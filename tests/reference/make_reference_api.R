@@ -12,7 +12,7 @@
 # Conventions (as make_reference.R): the `factors` columns become factor(as.character(x)) under the C
 # collation, every other column stays numeric. Every LMM is fitted with lmerTest's lmer and
 # lmerControl(optimizer = "bobyqa", optCtrl = list(rhoend = 1e-12, maxfun = 1e5)) (lme4's default stops
-# short enough to move SEs by 0.2%), the GLMM by Laplace (nAGQ = 1) with the same optimizer settings.
+# short enough to move SEs by 0.2%), the GLMM by Laplace (nAGQ = 1) with NLopt's BOBYQA (glmm_control below).
 #
 # Predictions: predict(fit, newdata, allow.new.levels = TRUE) (conditional: a level the fit has not seen
 # contributes 0, i.e. the population prediction for that grouping factor only) and predict(fit, newdata,
@@ -28,7 +28,12 @@ invisible(Sys.setlocale("LC_COLLATE", "C"))
 source(file.path("tests", "reference", "common.R"))  # ref_dir, data_dir, as_plain(), capture()
 
 lmm_control <- lmerControl(optimizer = "bobyqa", optCtrl = list(rhoend = 1e-12, maxfun = 1e5))
-glmm_control <- glmerControl(optimizer = "bobyqa", optCtrl = list(rhoend = 1e-12, maxfun = 1e5))
+# The GLMM by NLopt's BOBYQA at absolute tolerances near machine precision and tolPwrss = 1e-12 (as
+# make_reference_glmm.R): glmer's bobyqa at rhoend = 1e-12 stops with the deviance 1.3e-11 above the optimum and
+# the onset coefficient 7.7e-6 relative away from it (BFGS on glmer's own deviance function, started there, lands
+# within 1e-6 of this fit), and at glmer's default tolPwrss (1e-7) the logLik is 7.1e-6 low (`optimum_checks`).
+glmm_control <- glmerControl(optimizer = "nloptwrap", tolPwrss = 1e-12,
+                             optCtrl = list(xtol_abs = 1e-14, ftol_abs = 1e-15, xtol_rel = 0, ftol_rel = 0, maxeval = 1e5))
 
 # --- data ------------------------------------------------------------------------------------------------
 
@@ -151,6 +156,40 @@ fit_case <- function(case, frame) {
   run
 }
 
+# How well the optimum pins the reported numbers down: other fits of the same model (lmer: NLopt's BOBYQA at
+# absolute tolerances near machine precision; glmer: bobyqa at rhoend = 1e-12, with tolPwrss = 1e-12 and with
+# glmer's default), each with its distance from the reference fit in the log-likelihood, the fixed effects, their
+# SEs and the predictions.
+alternative_controls <- function(family) {
+  if (family == "gaussian") {
+    return(list("nloptwrap (NLopt BOBYQA), xtol_abs = 1e-14, ftol_abs = 1e-15" = lmerControl(
+      optimizer = "nloptwrap", optCtrl = list(xtol_abs = 1e-14, ftol_abs = 1e-15, xtol_rel = 0, ftol_rel = 0, maxeval = 1e5))))
+  }
+  list("bobyqa, rhoend = 1e-12, tolPwrss = 1e-12" = glmerControl(
+         optimizer = "bobyqa", optCtrl = list(rhoend = 1e-12, maxfun = 1e5), tolPwrss = 1e-12),
+       "bobyqa, rhoend = 1e-12, glmer's default tolPwrss (1e-7)" = glmerControl(
+         optimizer = "bobyqa", optCtrl = list(rhoend = 1e-12, maxfun = 1e5)))
+}
+
+optimum_checks <- function(case, frame, new, fit) {
+  relative <- function(a, b) max(abs(a / b - 1))
+  mine <- prediction_block(fit, new, case$family)
+  controls <- alternative_controls(case$family)
+  lapply(names(controls), function(label) {
+    other <- if (case$family == "gaussian") {
+      lmer(as.formula(case$formula), data = frame, REML = case$reml, control = controls[[label]])
+    } else {
+      glmer(as.formula(case$formula), data = frame, family = case$family, nAGQ = 1, control = controls[[label]])
+    }
+    theirs <- prediction_block(other, new, case$family)
+    list(fit = label, loglik_difference = as.numeric(logLik(other)) - as.numeric(logLik(fit)),
+         fixed_max_rel_difference = relative(fixef(other), fixef(fit)),
+         se_max_rel_difference = relative(sqrt(diag(as.matrix(vcov(other)))), sqrt(diag(as.matrix(vcov(fit))))),
+         predict_max_rel_difference = max(relative(theirs$conditional, mine$conditional),
+                                          relative(theirs$population, mine$population)))
+  })
+}
+
 fits <- list()
 results <- list()
 for (case in cases) {
@@ -172,7 +211,8 @@ for (case in cases) {
                  theta = I(unname(getME(fit, "theta"))), theta_names = I(names(getME(fit, "theta"))),
                  varcorr = variance_components(fit),
                  ranef = conditional_modes(fit),
-                 predict = prediction_block(fit, new, case$family))
+                 predict = prediction_block(fit, new, case$family),
+                 optimum_checks = optimum_checks(case, frame, new, fit))
   # A level the fit has not seen gets 0 for that grouping factor: rows of wholly new subjects equal the
   # population prediction.
   unseen <- !(as.character(new[[names(fit@flist)[length(fit@flist)]]]) %in% levels(fit@flist[[length(fit@flist)]]))
@@ -206,7 +246,8 @@ document <- list(
     generated_by = "tests/reference/make_reference_api.R",
     versions = versions,
     lmer_control = "lmerTest::lmer(..., control = lmerControl(optimizer = \"bobyqa\", optCtrl = list(rhoend = 1e-12, maxfun = 1e5)))",
-    glmer_control = "glmerControl(optimizer = \"bobyqa\", optCtrl = list(rhoend = 1e-12, maxfun = 1e5)), nAGQ = 1",
+    glmer_control = paste("glmerControl(optimizer = \"nloptwrap\", tolPwrss = 1e-12, optCtrl = list(xtol_abs = 1e-14,",
+                          "ftol_abs = 1e-15, xtol_rel = 0, ftol_rel = 0, maxeval = 1e5)), nAGQ = 1"),
     fixed = "summary(fit)$coefficients with lmerTest loaded: Satterthwaite df and p for lmer fits, Wald z for glmer",
     ranef = "as.data.frame(ranef(fit, condVar = TRUE)): condval, condsd per grpvar, term, grp",
     predict = paste("predict(fit, newdata, allow.new.levels = TRUE) (conditional) and predict(fit, newdata, re.form = NA)",
