@@ -65,6 +65,18 @@ def test_fixed_effects_match_lme4(name: str) -> None:
     assert table["std_error"].to_numpy() == pytest.approx(fixed["se"], rel=1e-3)
 
 
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_confidence_intervals_match_lme4(name: str) -> None:
+    """95% intervals: lmerTest's contest(confint = TRUE) with the Satterthwaite df for lmer fits, lme4's
+    confint(method = "Wald") for glmer. Within 1e-3 of the half-width (the half-width is a quantile times the
+    SE, which has 1e-3)."""
+    fixed = CASES[name]["fixed"]
+    table = _model(name).fixed_effects
+    half = (np.array(fixed["ci_high"]) - np.array(fixed["ci_low"])) / 2
+    assert table["ci_low"].to_numpy() / half == pytest.approx(np.array(fixed["ci_low"]) / half, abs=1e-3)
+    assert table["ci_high"].to_numpy() / half == pytest.approx(np.array(fixed["ci_high"]) / half, abs=1e-3)
+
+
 @pytest.mark.parametrize("name", GAUSSIAN)
 def test_satterthwaite_df_and_p_match_lmertest(name: str) -> None:
     """lmerTest's Satterthwaite df 1e-2 relative; p on the log scale (1% of p, or 1e-3 relative far in the tail)."""
@@ -139,17 +151,29 @@ def test_population_predictions_match_lme4(name: str) -> None:
     assert found == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.parametrize("name", [name for name, case in sorted(CASES.items()) if case["family"] != "gaussian"])
+def test_response_scale_predictions_match_lme4(name: str) -> None:
+    """predict(fit, newdata, type = "response"), conditional and population: probabilities, 1e-6 relative."""
+    expected = CASES[name]["predict"]
+    model = _model(name)
+    conditional = np.asarray(model.predict(_newdata(name), type="response"), dtype=float)
+    population = np.asarray(model.predict(_newdata(name), random_effects=False, type="response"), dtype=float)
+    assert conditional == pytest.approx(expected["conditional_response"], rel=1e-6)
+    assert population == pytest.approx(expected["population_response"], rel=1e-6)
+
+
 def test_compare_matches_anova() -> None:
-    """anova(small, big) of two ML fits: each model's AIC, BIC and logLik, and the LRT's Chisq, Df and p."""
+    """anova(small, big) of two ML fits, rows in lme4's order (by the number of parameters): each model's npar,
+    AIC, BIC, logLik and deviance, and the likelihood-ratio test's Chisq, Df and p."""
     anova = REFERENCE["anova"]
-    table = longitudinal.compare([_model(model) for model in anova["models"]])
+    table = longitudinal.compare([_model(model) for model in reversed(anova["models"])])
     assert len(table) == len(anova["rows"])
     for (_, found), expected in zip(table.iterrows(), anova["rows"]):
-        assert found["aic"] == pytest.approx(expected["AIC"], abs=1e-3), expected["model"]
-        assert found["bic"] == pytest.approx(expected["BIC"], abs=1e-3), expected["model"]
-        assert found["loglik"] == pytest.approx(expected["logLik"], abs=1e-3), expected["model"]
+        assert found["n_params"] == expected["npar"], expected["model"]
+        for column, key in (("aic", "AIC"), ("bic", "BIC"), ("loglik", "logLik"), ("deviance", "deviance")):
+            assert found[column] == pytest.approx(expected[key], abs=1e-3), (expected["model"], column)
     test = anova["rows"][1]
     last = table.iloc[1]
     assert last["chisq"] == pytest.approx(test["Chisq"], abs=1e-3)
-    assert last["df"] == test["Df"]
+    assert last["chi_df"] == test["Df"]
     assert last["p_value"] == pytest.approx(test["p"], rel=1e-3)

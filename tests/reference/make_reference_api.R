@@ -126,9 +126,17 @@ fixed_block <- function(fit, family) {
     out$df <- unname(coefficients[, "df"])
     out$t <- unname(coefficients[, "t value"])
     out$p <- unname(coefficients[, "Pr(>|t|)"])
+    # lmerTest's 95% intervals with the Satterthwaite df, one coefficient at a time.
+    intervals <- contest(fit, diag(nrow(coefficients)), joint = FALSE, confint = TRUE, level = 0.95)
+    out$ci_low <- unname(intervals$lower)
+    out$ci_high <- unname(intervals$upper)
   } else {
     out$z <- unname(coefficients[, "z value"])
     out$p <- unname(coefficients[, "Pr(>|z|)"])
+    intervals <- confint(fit, parm = "beta_", method = "Wald", level = 0.95)
+    stopifnot(identical(rownames(intervals), rownames(coefficients)))
+    out$ci_low <- unname(intervals[, 1])
+    out$ci_high <- unname(intervals[, 2])
   }
   out
 }
@@ -248,7 +256,9 @@ document <- list(
     lmer_control = "lmerTest::lmer(..., control = lmerControl(optimizer = \"bobyqa\", optCtrl = list(rhoend = 1e-12, maxfun = 1e5)))",
     glmer_control = paste("glmerControl(optimizer = \"nloptwrap\", tolPwrss = 1e-12, optCtrl = list(xtol_abs = 1e-14,",
                           "ftol_abs = 1e-15, xtol_rel = 0, ftol_rel = 0, maxeval = 1e5)), nAGQ = 1"),
-    fixed = "summary(fit)$coefficients with lmerTest loaded: Satterthwaite df and p for lmer fits, Wald z for glmer",
+    fixed = paste("summary(fit)$coefficients with lmerTest loaded: Satterthwaite df and p for lmer fits, Wald z for",
+                  "glmer; ci_low, ci_high: contest(fit, diag(p), joint = FALSE, confint = TRUE) (lmer),",
+                  "confint(fit, parm = \"beta_\", method = \"Wald\") (glmer), 95%"),
     ranef = "as.data.frame(ranef(fit, condVar = TRUE)): condval, condsd per grpvar, term, grp",
     predict = paste("predict(fit, newdata, allow.new.levels = TRUE) (conditional) and predict(fit, newdata, re.form = NA)",
                     "(population); glmer: type = \"link\" (conditional, population) and \"response\""),
