@@ -165,13 +165,15 @@ fit_case <- function(case, frame) {
 }
 
 # How well the optimum pins the reported numbers down: other fits of the same model (lmer: NLopt's BOBYQA at
-# absolute tolerances near machine precision; glmer: bobyqa at rhoend = 1e-12, with tolPwrss = 1e-12 and with
-# glmer's default), each with its distance from the reference fit in the log-likelihood, the fixed effects, their
-# SEs and the predictions.
+# absolute tolerances near machine precision, and lmer's defaults; glmer: bobyqa at rhoend = 1e-12, with
+# tolPwrss = 1e-12 and with glmer's default), each with its distance from the reference fit in the
+# log-likelihood, the conditional modes (in SDs of their term) and SDs, the fixed effects, their SEs and the
+# predictions.
 alternative_controls <- function(family) {
   if (family == "gaussian") {
     return(list("nloptwrap (NLopt BOBYQA), xtol_abs = 1e-14, ftol_abs = 1e-15" = lmerControl(
-      optimizer = "nloptwrap", optCtrl = list(xtol_abs = 1e-14, ftol_abs = 1e-15, xtol_rel = 0, ftol_rel = 0, maxeval = 1e5))))
+                  optimizer = "nloptwrap", optCtrl = list(xtol_abs = 1e-14, ftol_abs = 1e-15, xtol_rel = 0, ftol_rel = 0, maxeval = 1e5)),
+                "lmer's default (nloptwrap, xtol_abs = ftol_abs = 1e-8)" = lmerControl()))
   }
   list("bobyqa, rhoend = 1e-12, tolPwrss = 1e-12" = glmerControl(
          optimizer = "bobyqa", optCtrl = list(rhoend = 1e-12, maxfun = 1e5), tolPwrss = 1e-12),
@@ -182,15 +184,22 @@ alternative_controls <- function(family) {
 optimum_checks <- function(case, frame, new, fit) {
   relative <- function(a, b) max(abs(a / b - 1))
   mine <- prediction_block(fit, new, case$family)
+  reference_modes <- conditional_modes(fit)
   controls <- alternative_controls(case$family)
   lapply(names(controls), function(label) {
-    other <- if (case$family == "gaussian") {
+    run <- capture(if (case$family == "gaussian") {
       lmer(as.formula(case$formula), data = frame, REML = case$reml, control = controls[[label]])
     } else {
       glmer(as.formula(case$formula), data = frame, family = case$family, nAGQ = 1, control = controls[[label]])
-    }
+    })
+    other <- run$value
     theirs <- prediction_block(other, new, case$family)
-    list(fit = label, loglik_difference = as.numeric(logLik(other)) - as.numeric(logLik(fit)),
+    modes <- conditional_modes(other)
+    sds <- with(as.data.frame(VarCorr(fit)), setNames(sdcor, paste(grp, var1))[is.na(var2)])
+    list(fit = label, messages = I(run$messages), loglik_difference = as.numeric(logLik(other)) - as.numeric(logLik(fit)),
+         ranef_max_difference_in_sds = max(abs(modes$condval - reference_modes$condval) /
+                                             sds[paste(modes$grpvar, modes$term)]),
+         condsd_max_rel_difference = relative(modes$condsd, reference_modes$condsd),
          fixed_max_rel_difference = relative(fixef(other), fixef(fit)),
          se_max_rel_difference = relative(sqrt(diag(as.matrix(vcov(other)))), sqrt(diag(as.matrix(vcov(fit))))),
          predict_max_rel_difference = max(relative(theirs$conditional, mine$conditional),
