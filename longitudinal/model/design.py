@@ -497,3 +497,22 @@ def fixed_effects_matrix(
     dropped_set = set(dropped)
     kept = [j for j, name in enumerate(names) if name not in dropped_set]
     return np.ascontiguousarray(X_all[:, kept]), tuple(names[j] for j in kept)
+
+
+def random_effects_matrices(
+    data: pd.DataFrame, formula: ModelFormula, *, transforms: Mapping[str, Transform],
+) -> tuple[BlockDesign, ...]:
+    """The random-effects bars of ``formula`` on new rows, one ``BlockDesign`` per bar as ``build_design`` builds
+    them: ``Z`` evaluated with a fitted design's ``transforms`` (a factor slope's levels, poly's coefficients),
+    and each row's level of the bar's grouping factor read as ``build_design`` reads it (text; an interaction
+    labelled ``"a1:b1"``). ``levels`` are the labels present in ``data`` (not the fitted ones: a new level is
+    not an error here; the caller decides what it predicts for it). ``data`` needs the columns the bars read.
+    """
+    evaluator = _Evaluator(data, formula.text, transforms)
+    factors = {group: code_factor(data, group.split(":")) for group in formula.groups}
+    blocks = []
+    for block in formula.blocks:
+        Z, z_names = evaluator.model_matrix(expand_terms(block.spec, where=f"formula {formula.text!r}"))
+        codes, levels = factors[block.group]
+        blocks.append(BlockDesign(group=block.group, terms=tuple(z_names), Z=Z, codes=codes, levels=levels))
+    return tuple(blocks)
