@@ -32,8 +32,8 @@ lmm_control <- lmerControl(optimizer = "bobyqa", optCtrl = list(rhoend = 1e-12, 
 # make_reference_glmm.R): glmer's bobyqa at rhoend = 1e-12 stops with the deviance 1.3e-11 above the optimum and
 # the onset coefficient 7.7e-6 relative away from it (BFGS on glmer's own deviance function, started there, lands
 # within 1e-6 of this fit), and at glmer's default tolPwrss (1e-7) the logLik is 7.1e-6 low (`optimum_checks`).
-glmm_control <- glmerControl(optimizer = "nloptwrap", tolPwrss = 1e-12,
-                             optCtrl = list(xtol_abs = 1e-14, ftol_abs = 1e-15, xtol_rel = 0, ftol_rel = 0, maxeval = 1e5))
+tight_nlopt <- list(xtol_abs = 1e-14, ftol_abs = 1e-15, xtol_rel = 0, ftol_rel = 0, maxeval = 1e5)
+glmm_control <- glmerControl(optimizer = "nloptwrap", tolPwrss = 1e-12, optCtrl = tight_nlopt)
 
 # --- data ------------------------------------------------------------------------------------------------
 
@@ -172,7 +172,7 @@ fit_case <- function(case, frame) {
 alternative_controls <- function(family) {
   if (family == "gaussian") {
     return(list("nloptwrap (NLopt BOBYQA), xtol_abs = 1e-14, ftol_abs = 1e-15" = lmerControl(
-                  optimizer = "nloptwrap", optCtrl = list(xtol_abs = 1e-14, ftol_abs = 1e-15, xtol_rel = 0, ftol_rel = 0, maxeval = 1e5)),
+                  optimizer = "nloptwrap", optCtrl = tight_nlopt),
                 "lmer's default (nloptwrap, xtol_abs = ftol_abs = 1e-8)" = lmerControl()))
   }
   list("bobyqa, rhoend = 1e-12, tolPwrss = 1e-12" = glmerControl(
@@ -196,7 +196,8 @@ optimum_checks <- function(case, frame, new, fit) {
     theirs <- prediction_block(other, new, case$family)
     modes <- conditional_modes(other)
     sds <- with(as.data.frame(VarCorr(fit)), setNames(sdcor, paste(grp, var1))[is.na(var2)])
-    list(fit = label, messages = I(run$messages), loglik_difference = as.numeric(logLik(other)) - as.numeric(logLik(fit)),
+    list(fit = label, messages = I(run$messages),
+         loglik_difference = as.numeric(logLik(other)) - as.numeric(logLik(fit)),
          ranef_max_difference_in_sds = max(abs(modes$condval - reference_modes$condval) /
                                              sds[paste(modes$grpvar, modes$term)]),
          condsd_max_rel_difference = relative(modes$condsd, reference_modes$condsd),
