@@ -8,9 +8,9 @@ on, the parsed formula, the data-dependent transforms: factor levels, ``poly``'s
 ``compare(models)`` is lme4's ``anova(m1, m2, ...)`` with the pipeline's AIC/BIC table and likelihood-ratio
 tests.
 
-Data as users have them: text, categorical and boolean-free object columns are factors (text, as the pipeline's
-ingestion reads them); numbers, integers included, are floats; the grouping factors after ``|`` are always text
-(an integer subject 308 is the level "308"). Missing values: as lme4's ``na.action = na.omit``, a row with a
+Data as users have them: text, categorical and object columns are factors (text, as the pipeline's ingestion
+reads them); numbers, integers and booleans included, are floats; the grouping factors after ``|`` are always
+text (an integer subject 308 is the level "308"). Missing values: as lme4's ``na.action = na.omit``, a row with a
 missing value in a column the formula reads is left out; ``MixedModel.n_dropped`` counts those rows.
 """
 
@@ -26,7 +26,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Generic, Literal, ParamSpec, TypeVar
+from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
 
 import numpy as np
 import pandas as pd
@@ -322,6 +322,12 @@ class MixedModel:
                          "sd": self.sigma, "corr": math.nan})
         return pd.DataFrame(rows, columns=["group", "term", "term2", "variance", "sd", "corr"])
 
+    @overload
+    def ranef(self, *, wide: Literal[False] = False) -> pd.DataFrame: ...
+
+    @overload
+    def ranef(self, *, wide: Literal[True]) -> dict[str, pd.DataFrame]: ...
+
     def ranef(self, *, wide: bool = False) -> pd.DataFrame | dict[str, pd.DataFrame]:
         """The conditional modes of the random effects and their conditional SDs (lme4's ``ranef(m, condVar = TRUE)``).
 
@@ -424,9 +430,7 @@ class MixedModel:
     @cached_property
     def _modes(self) -> dict[str, pd.DataFrame]:
         """The conditional modes by grouping factor, levels by terms: built on the first prediction."""
-        wide = self.ranef(wide=True)
-        assert isinstance(wide, dict)
-        return wide
+        return self.ranef(wide=True)
 
     # ----------------------------------------------------------------------------- intervals, summary
 
@@ -492,7 +496,8 @@ def _header(model: MixedModel) -> list[str]:
             title += f"; residual covariance {model.record.covariance.description}"
         lines = [title]
     else:
-        how = "Laplace approximation" if model.record.nagq == 1 else f"adaptive Gauss-Hermite quadrature, nAGQ = {model.record.nagq}"
+        nagq = model.record.nagq
+        how = "Laplace approximation" if nagq == 1 else f"adaptive Gauss-Hermite quadrature, nAGQ = {nagq}"
         lines = [f"Generalized linear mixed model fit by maximum likelihood ({how})",
                  f" Family: {model.family} ( {LINK_NAMES[model.family]} )"]
     dropped = f" ({model.n_dropped} rows with missing values left out)" if model.n_dropped else ""
@@ -627,8 +632,8 @@ def compare(models: Sequence[MixedModel]) -> pd.DataFrame:
     As lme4's ``anova``, REML fits are refitted by ML first (REML likelihoods of different fixed effects do not
     compare), and the notes say so. The pipeline's comparison does the rest (``inference.criteria.select_model``,
     ``inference.nested.compare_nested``): k counts as lme4 counts it; when the larger model adds one random-effect
-    term, the p-value is from the 50:50 mixture of χ² (the variance is tested on its boundary; lme4's plain χ²
-    p-value is twice that, conservative). Models with the same name are shown as m1, m2, ... in the order given.
+    term, the p-value is from the 50:50 mixture of χ²(df − 1) and χ²(df) (the variance is tested on its boundary;
+    lme4's anova reports the plain χ²(df) p-value, which is larger: conservative); ``reference`` says which. Models with the same name are shown as m1, m2, ... in the order given.
     Raises ``FitError`` for models fitted to different rows or responses, or of different families.
     """
     # scipy.stats (the χ² mixtures) costs a second to import: only when a comparison is asked for.
@@ -656,8 +661,9 @@ def compare(models: Sequence[MixedModel]) -> pd.DataFrame:
     sequential: list[dict[str, Any]] = [{}]
     for above, below in zip(table.index[:-1], table.index[1:]):
         test = tests.get((above, below))
-        sequential.append({} if test is None else {"chisq": test.statistic, "chi_df": test.df, "p_value": test.p_value,
-                                                   "reference": test.reference})
+        sequential.append({} if test is None else {
+            "chisq": test.statistic, "chi_df": test.df, "p_value": test.p_value, "reference": test.reference,
+        })
     extra = pd.DataFrame(sequential, index=table.index, columns=["chisq", "chi_df", "p_value", "reference"])
     out = pd.concat([table[["formula", "n_params", "loglik", "deviance", "aic", "bic", "delta_aic", "delta_bic",
                             "aic_weight", "bic_weight", "converged", "singular"]], extra], axis=1)

@@ -2,9 +2,11 @@
 
 The wheel is built from this checkout (``python -m build --wheel --no-isolation``: hatchling from the dev
 extras, no network), installed with ``pip install --no-deps --target`` into a temporary folder, and the README's
-example runs in a fresh interpreter from a folder outside the repository with ``PYTHONPATH`` = that folder only
-(``-P``/``-I``-free, but the checkout is neither on the path nor the working directory; the environment's
-site-packages provide numpy, pandas and scipy, as ``pip install`` of the wheel's dependencies would).
+example runs in a fresh interpreter from a folder outside the repository with ``PYTHONPATH`` = that folder only.
+The environment's site-packages provide numpy, pandas and scipy, as ``pip install`` of the wheel's dependencies
+would; they also hold this checkout's editable install, which comes after ``PYTHONPATH`` on ``sys.path``: the
+example checks that ``longitudinal`` is the wheel's, and a module missing from the wheel cannot be found in the
+checkout (a package's submodules are looked up in its own folder only).
 """
 
 from __future__ import annotations
