@@ -16,9 +16,9 @@ attribute to the package (``api.PackageFunction``), so both uses keep working.
 
 from __future__ import annotations
 
-from longitudinal.api import ConvergenceWarning, MixedModel, compare
+from longitudinal.api import ConvergenceWarning, MixedModel, SingularFitWarning, compare
 from longitudinal.api import fit as fit
 
 __version__ = "0.1.0"
 
-__all__ = ["ConvergenceWarning", "MixedModel", "compare", "fit", "__version__"]
+__all__ = ["ConvergenceWarning", "MixedModel", "SingularFitWarning", "compare", "fit", "__version__"]

@@ -62,6 +62,10 @@ class ConvergenceWarning(UserWarning):
     """The fit did not pass lme4's convergence checks; its notes (``MixedModel.messages``) say which."""
 
 
+class SingularFitWarning(UserWarning):
+    """The optimum is on the boundary (a variance 0 or a correlation ±1): lme4's "boundary (singular) fit"."""
+
+
 # ------------------------------------------------------------------------------------------------ fit
 
 
@@ -83,7 +87,8 @@ def fit_model(
     ``n_dropped``). Raises ``FormulaError`` for a formula that does not parse, ``ConfigError`` for a column
     the data lack (the pipeline's messages), ``DataError`` for data that cannot be modelled (no complete
     row, text in the response), ``FitError`` when the fit fails; warns ``ConvergenceWarning`` when the
-    optimum does not pass lme4's convergence checks.
+    optimum does not pass lme4's convergence checks, ``SingularFitWarning`` for a fit on the boundary (as lme4
+    says "boundary (singular) fit").
     """
     if not isinstance(data, pd.DataFrame):
         raise DataError(f"data must be a pandas DataFrame, not {type(data).__name__}")
@@ -99,6 +104,9 @@ def fit_model(
         raise FitError(record.message or f"model {name!r} could not be fitted")
     if not record.converged:
         warnings.warn(f"model {name!r}: {record.message}", ConvergenceWarning, stacklevel=2)
+    elif record.singular:
+        singular = next((m for m in record.message.split("; ") if "singular" in m), "boundary (singular) fit")
+        warnings.warn(f"model {name!r}: {singular}", SingularFitWarning, stacklevel=2)
     # The design again, for its data-dependent parameters: ``predict`` evaluates new rows with them.
     transforms = build_design(rows, parsed, dropped=record.dropped_terms).transforms
     return MixedModel(record=record, parsed=parsed, data=rows, transforms=transforms, column_kinds=kinds,
@@ -596,9 +604,25 @@ def _summary_lines(model: MixedModel) -> list[str]:
     formatters.update({c: (lambda v: f"{v:.3f}") for c in fixed.columns[2:-1]})
     formatters[fixed.columns[-1]] = _format_p
     lines += [f"Fixed effects, df by {DF_NAMES[model.df_method]}:", fixed.to_string(formatters=formatters)]
+    lines += _correlation_lines(model)
     if model.messages:
         lines += [""] + [f"Note: {m}" for m in model.messages]
     return lines
+
+
+def _correlation_lines(model: MixedModel) -> list[str]:
+    """lme4's "Correlation of Fixed Effects" (lower triangle), for 2 to 12 coefficients as lme4 prints it."""
+    vcov = model.vcov
+    if not 2 <= len(vcov) <= 12:
+        return []
+    sd = np.sqrt(np.diag(vcov.to_numpy()))
+    corr = vcov.to_numpy() / np.outer(sd, sd)
+    names = list(vcov.index)
+    cells = pd.DataFrame(
+        [[f"{corr[i, j]:.3f}" if j < i else "" for j in range(len(names) - 1)] for i in range(1, len(names))],
+        index=names[1:], columns=names[:-1],
+    )
+    return ["", "Correlation of Fixed Effects:", cells.to_string()]
 
 
 def _summary_html(model: MixedModel) -> str:

@@ -199,6 +199,7 @@ def test_binomial_model_predicts_on_the_link_scale_by_default() -> None:
     np.testing.assert_allclose(g.predict(new, type="response"),
                                [0.374243082818066, 0.604946327673785, 0.653126139826477], rtol=1e-3)
     assert "Family: binomial ( logit )" in g.summary()
+    np.testing.assert_allclose(g.predict(type="response"), g.fitted, rtol=1e-10)
 
 
 def test_poly_is_evaluated_with_the_training_datas_coefficients(sleep: pd.DataFrame) -> None:
@@ -287,6 +288,8 @@ def test_summary_and_html(ris: longitudinal.MixedModel) -> None:
         assert expected in text, expected
     # quantile(residuals(m) / sigma(m)): -3.95356734537 -0.46339768313 0.02311766478 0.46340207815 5.17926037341
     assert "-3.9536 -0.4634  0.0231 0.4634 5.1793" in text
+    # vcov(m): cov2cor gives -0.138 between (Intercept) and Days
+    assert "Correlation of Fixed Effects:" in text and "-0.138" in text
     assert "<table" in ris._repr_html_() and "Satterthwaite" in ris._repr_html_()
     assert repr(ris).startswith("<MixedModel 'ris': Reaction ~ Days + (Days | Subject), gaussian, REML, n=180")
 
@@ -322,3 +325,14 @@ def test_import_longitudinal_stays_light() -> None:
     modules = set(result.stdout.split())
     assert not {m for m in modules if m.split(".")[0] in ("prefect", "statsmodels", "great_expectations")}
     assert "scipy.stats" not in modules
+
+
+def test_a_singular_fit_warns_as_lme4_says_boundary_singular_fit() -> None:
+    # The group means differ by less than the residual noise alone makes them: the group SD is 0, and lme4 says
+    # "boundary (singular) fit" with SD 0 and residual SD 0.60553:
+    # lmer(y ~ 1 + (1 | g), data.frame(y = c(1, 2, 1.5, 2.5, 1, 2), g = rep(c("a", "b", "c"), 2)))
+    frame = pd.DataFrame({"y": [1, 2, 1.5, 2.5, 1, 2], "g": ["a", "b", "c"] * 2})
+    with pytest.warns(longitudinal.SingularFitWarning, match="boundary"):
+        m = longitudinal.fit("y ~ 1 + (1 | g)", frame)
+    assert m.singular
+    assert m.random_effects["sd"].tolist() == pytest.approx([0.0, 0.60553], abs=1e-5)
