@@ -103,10 +103,10 @@ def fit_model(
     if not record.usable:
         raise FitError(record.message or f"model {name!r} could not be fitted")
     if not record.converged:
-        warnings.warn(f"model {name!r}: {record.message}", ConvergenceWarning, stacklevel=2)
+        warnings.warn(f"model {name!r}: {record.message}", ConvergenceWarning, stacklevel=3)  # the caller of longitudinal.fit
     elif record.singular:
         singular = next((m for m in record.message.split("; ") if "singular" in m), "boundary (singular) fit")
-        warnings.warn(f"model {name!r}: {singular}", SingularFitWarning, stacklevel=2)
+        warnings.warn(f"model {name!r}: {singular}", SingularFitWarning, stacklevel=3)
     # The design again, for its data-dependent parameters: ``predict`` evaluates new rows with them.
     transforms = build_design(rows, parsed, dropped=record.dropped_terms).transforms
     return MixedModel(record=record, parsed=parsed, data=rows, transforms=transforms, column_kinds=kinds,
