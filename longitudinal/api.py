@@ -102,8 +102,9 @@ def fit_model(
     record = fit_candidate(rows, name, formula, method=method, engine=engine, family=family, nagq=nagq)
     if not record.usable:
         raise FitError(record.message or f"model {name!r} could not be fitted")
+    # stacklevel 3: the warning points at the caller of ``longitudinal.fit`` (PackageFunction.__call__ between).
     if not record.converged:
-        warnings.warn(f"model {name!r}: {record.message}", ConvergenceWarning, stacklevel=3)  # the caller of longitudinal.fit
+        warnings.warn(f"model {name!r}: {record.message}", ConvergenceWarning, stacklevel=3)
     elif record.singular:
         singular = next((m for m in record.message.split("; ") if "singular" in m), "boundary (singular) fit")
         warnings.warn(f"model {name!r}: {singular}", SingularFitWarning, stacklevel=3)
