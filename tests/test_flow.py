@@ -53,9 +53,24 @@ def test_selected_model_contract(example_run: Path) -> None:
     terms = {fe["term"] for fe in selected["fixed_effects"]}
     assert {"(Intercept)", "week", "armtreatment", "week:armtreatment", "age"} <= terms
     for fe in selected["fixed_effects"]:
-        assert set(fe) == {"term", "estimate", "std_error", "ci_low", "ci_high", "p_value"}
+        assert set(fe) == {"term", "estimate", "std_error", "ci_low", "ci_high", "p_value", "df"}
         assert fe["ci_low"] < fe["estimate"] < fe["ci_high"]
+        assert 1 < fe["df"] < selected["n_obs"]  # Satterthwaite's, the default
+    assert selected["df_method"] == "satterthwaite"
     assert selected["residual_sd"] > 0
+    low, high = selected["residual_sd_ci"]
+    assert low < selected["residual_sd"] < high
+    for vc in selected["random_effects"]:
+        assert vc["ci_low"] <= vc["sd"] <= vc["ci_high"]
+
+
+def test_the_example_writes_marginal_means_and_contrasts(example_run: Path) -> None:
+    means = pd.read_csv(example_run / "marginal_means.csv")
+    contrasts = pd.read_csv(example_run / "contrasts.csv")
+    assert list(means.columns) == ["arm", "week", "estimate", "se", "df", "ci_low", "ci_high"]
+    assert sorted(set(means["week"])) == [0, 3, 7] and set(means["arm"]) == {"control", "treatment"}
+    assert list(contrasts["contrast"]) == ["treatment - control"] * 3
+    assert (contrasts["adjustment"] == "none").all()
 
 
 def test_every_row_is_accounted_for(example_run: Path) -> None:
@@ -162,15 +177,19 @@ def test_the_report_shows_the_runs_own_comparison_selection_and_counts(example_r
         assert cells[7:10] == [format_fixed(row["bic"]), format_fixed(row["delta_aic"]), format_fixed(row["delta_bic"])]
 
     selected = json.loads((example_run / "selected_model.json").read_text())
-    fixed = next(rows for header, rows in tables.items() if header.startswith("Term | Estimate | SE"))
+    fixed = tables["Term | Estimate | SE | 95% CI | df | t | p"]  # Satterthwaite's df, the default
     assert [cells[0] for cells in fixed] == [fe["term"] for fe in selected["fixed_effects"]]
     for cells, fe in zip(fixed, selected["fixed_effects"]):
         assert cells[1:3] == [format_number(fe["estimate"]), format_number(fe["std_error"])]
-    random = next(rows for header, rows in tables.items() if header == "Group | Term | SD | Variance")
-    shown = {(cells[0], cells[1]): cells[2] for cells in random}
+        assert cells[4] == format_fixed(fe["df"], 1)
+    random = next(rows for header, rows in tables.items() if header == "Group | Term | SD | 95% CI (profile) | Variance")
+    shown = {(cells[0], cells[1]): cells[2:4] for cells in random}
     for vc in selected["random_effects"]:
-        assert shown[(vc["group"], vc["term"])] == format_number(vc["sd"])
-    assert shown[("Residual", "")] == format_number(selected["residual_sd"])
+        assert shown[(vc["group"], vc["term"])] == [
+            format_number(vc["sd"]), f"{format_number(vc['ci_low'])} to {format_number(vc['ci_high'])}"]
+    low, high = selected["residual_sd_ci"]
+    assert shown[("Residual", "")] == [format_number(selected["residual_sd"]),
+                                       f"{format_number(low)} to {format_number(high)}"]
 
     rows = json.loads((example_run / "manifest.json").read_text())["rows"]
     page = (example_run / "report.html").read_text(encoding="utf-8")

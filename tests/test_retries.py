@@ -193,8 +193,8 @@ def test_a_run_logs_each_stage_and_each_fit_with_its_time(harness: None, tmp_pat
     run_dir = _published(state)
     chosen = (run_dir / "selected_model.json").read_text()
     flow_run_id = state.state_details.flow_run_id
-    stages = {"ingest", "validate", "fit-ri-ML", "fit-ris-ML", "fit-ris_uncorrelated-ML", "select", "write-outputs",
-              "publish"}
+    stages = {"ingest", "validate", "fit-ri-ML", "fit-ris-ML", "fit-ris_uncorrelated-ML", "select", "infer",
+              "write-outputs", "publish"}
 
     def logged_by_task() -> dict[str, list[str]] | None:  # logs reach the server in batches, a little later
         with get_client(sync_client=True) as client:
@@ -215,11 +215,11 @@ def test_a_run_logs_each_stage_and_each_fit_with_its_time(harness: None, tmp_pat
         with get_client(sync_client=True) as client:
             logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
         found = [log.message for log in logs if log.task_run_id is None and log.message.startswith("stage ")]
-        return found if len(found) >= 6 else None
+        return found if len(found) >= 7 else None
 
     timed = wait_for(stage_lines, seconds=30, every=0.5, what="the flow's stage times")
     assert [re.fullmatch(r"stage (\w+): \d+\.\d\d s", line).group(1) for line in timed] == [  # type: ignore[union-attr]
-        "ingest", "validate", "fit", "select", "fit", "report"]
+        "ingest", "validate", "fit", "select", "fit", "infer", "report"]
     (refit,) = [name for name in by_task if name.startswith("refit-")]
     assert refit.removeprefix("refit-").removesuffix("-REML") in chosen
     for name in ["fit-ri-ML", "fit-ris-ML", "fit-ris_uncorrelated-ML", refit]:

@@ -6,8 +6,12 @@ the rows it was fitted on, and returns it with
 - its fixed effects tested on the study's df method (``models.df``: Satterthwaite by default, as lmerTest;
   Kenward–Roger with pbkrtest's adjusted covariance; the residual df; or the normal distribution, the only
   one for a GLMM), see ``longitudinal.inference.ddf``;
-- profile-likelihood 95% intervals of its random-effect SDs and correlations and of the residual SD, as
-  lme4's ``confint(method = "profile")`` (``longitudinal.inference.profile``), where they are defined;
+- profile-likelihood 95% intervals of its random-effect SDs and correlations and of the residual SD
+  (``longitudinal.inference.profile``), where they are defined, profiling the criterion of the fit: the
+  REML criterion for a REML fit, as MixedModels.jl does and issue 15 asks. lme4's ``confint(method =
+  "profile")`` refits a REML fit by ML first (its ``devfun2``; lme4 issue #325), so for a REML fit its
+  intervals are those of the ML fit, centred on the ML estimates; for an ML fit (and a GLMM) they are
+  lme4's;
 
 and the estimated marginal means and contrasts the study's ``estimates`` section asks for
 (``longitudinal.inference.marginal``), computed with the same df method, and the ICC and R²
@@ -97,7 +101,7 @@ def _with_profile(fit: Fit, visits: pd.DataFrame, notes: list[str]) -> Fit:
     from longitudinal.inference.profile import profile_intervals
 
     try:
-        profile = profile_intervals(fit, visits)
+        profile = profile_intervals(fit, visits, reml=fit.method == "REML")
     except (LongitudinalError, ArithmeticError, ValueError) as exc:
         notes.append(f"the profile-likelihood intervals of the variance components could not be computed ({exc})")
         return fit

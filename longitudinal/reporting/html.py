@@ -796,7 +796,7 @@ def _selected_section(inputs: ReportInputs, figures: Mapping[str, bytes]) -> str
         parts.append(_table(["Group", "Term", "SD", *(["95% CI (profile)"] if profiled else []), "Variance"],
                             random_rows))
         if profiled:
-            parts.append(f'<p class="note">{esc(PROFILE_NOTE)}</p>')
+            parts.append(f'<p class="note">{esc(profile_note(fit))}</p>')
     else:
         parts.append('<p class="note">None: a subject\'s measurements are correlated through the residual '
                      "covariance alone (below).</p>")
@@ -806,10 +806,18 @@ def _selected_section(inputs: ReportInputs, figures: Mapping[str, bytes]) -> str
     return "\n".join(parts)
 
 
-PROFILE_NOTE = ("Intervals of the SDs and correlations are profile-likelihood 95% intervals, as lme4's "
-                "confint(method = \"profile\"): the values at which the REML criterion (for a GLMM, the deviance) "
-                "rises by 3.84 above its minimum, the other parameters re-estimated. A lower bound of 0 (or a "
-                "correlation's bound at ±1) means the data cannot exclude that value.")
+def profile_note(fit: Fit) -> str:
+    """What the profile-likelihood intervals of the variance components are, for this fit's criterion."""
+    bounds = ("A lower bound of 0 (or a correlation's bound at ±1) means the data cannot exclude that value.")
+    if fit.method != "REML":
+        return ("Intervals of the SDs and correlations are profile-likelihood 95% intervals, as lme4's "
+                "confint(method = \"profile\"): the values at which the deviance rises by 3.84 above its minimum, "
+                "the other parameters re-estimated at each value. " + bounds)
+    return ("Intervals of the SDs and correlations are profile-likelihood 95% intervals: the values at which the "
+            "REML criterion of the fit rises by 3.84 above its minimum, the other parameters re-estimated at each "
+            "value, so each interval contains the estimate shown. lme4's confint(method = \"profile\") refits a "
+            "REML fit by ML first, so its intervals for this model are those of the ML fit (slightly narrower "
+            "for the SDs); MixedModels.jl profiles the REML criterion, as here. " + bounds)
 
 
 def interval_name(fit: Fit) -> str:
@@ -1013,7 +1021,7 @@ def _glmm_selected_block(inputs: ReportInputs, fit: Fit, figures: Mapping[str, b
     parts.append(_table(["Group", "Term", f"SD ({scale})", *(["95% CI (profile)"] if profiled else []), "Variance"],
                         random_rows))
     if profiled:
-        parts.append(f'<p class="note">{esc(PROFILE_NOTE)}</p>')
+        parts.append(f'<p class="note">{esc(profile_note(fit))}</p>')
     parts.append(f'<p class="note">On the {scale} scale. There is no residual variance: a {family} outcome\'s '
                  "variance is set by its mean, " + ("μ(1 − μ)." if family == "binomial" else "μ.") + "</p>")
     parts.append(_correlations_table(fit))
