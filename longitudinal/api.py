@@ -658,7 +658,8 @@ def compare(models: Sequence[MixedModel]) -> pd.DataFrame:
     compare), and the notes say so. The pipeline's comparison does the rest (``inference.criteria.select_model``,
     ``inference.nested.compare_nested``): k counts as lme4 counts it; when the larger model adds one random-effect
     term, the p-value is from the 50:50 mixture of χ²(df − 1) and χ²(df) (the variance is tested on its boundary;
-    lme4's anova reports the plain χ²(df) p-value, which is larger: conservative); ``reference`` says which. Models with the same name are shown as m1, m2, ... in the order given.
+    lme4's anova reports the plain χ²(df) p-value, which is larger: conservative); ``reference`` says which.
+    Models with the same name are shown as m1, m2, ... in the order given.
     Raises ``FitError`` for models fitted to different rows or responses, or of different families.
     """
     # scipy.stats (the χ² mixtures) costs a second to import: only when a comparison is asked for.
