@@ -17,7 +17,6 @@ missing value in a column the formula reads is left out; ``MixedModel.n_dropped`
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import html
 import math
@@ -26,7 +25,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
+from typing import Any, Literal, overload
 
 import numpy as np
 import pandas as pd
@@ -730,35 +729,3 @@ def _ml_record(model: MixedModel, name: str) -> Fit:
 
 def _renamed(record: Fit, name: str) -> Fit:
     return dataclasses.replace(record, name=name)
-
-
-# ------------------------------------------------------------------------------ longitudinal.fit itself
-
-P = ParamSpec("P")
-R = TypeVar("R")
-
-
-class PackageFunction(Generic[P, R]):
-    """A function that shares its name with a sub-package: ``longitudinal.fit`` is ``fit_model`` when
-    called and the engines' package ``longitudinal.fit`` for attribute access, so that
-    ``longitudinal.fit(formula, df)``, ``longitudinal.fit.candidate.fit_candidate`` and
-    ``import longitudinal.fit.lmm as lmm`` all work (the last reads the attribute through the parent)."""
-
-    def __init__(self, function: Callable[P, R], package: str) -> None:
-        functools.update_wrapper(self, function)
-        self._function = function
-        self._package = package
-
-    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        return self._function(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or name in ("_function", "_package"):
-            raise AttributeError(name)
-        return getattr(sys.modules[self._package], name)
-
-    def __repr__(self) -> str:
-        return f"<function longitudinal.fit (also the package {self._package})>"
-
-
-fit = PackageFunction(fit_model, "longitudinal.fit")

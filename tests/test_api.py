@@ -307,7 +307,8 @@ def test_longitudinal_fit_stays_the_function_after_every_library_module_is_impor
         import longitudinal.fit.optimize as optimize
         from longitudinal.fit.candidate import fit_candidate
         from longitudinal.api import fit_model
-        assert callable(longitudinal.fit) and longitudinal.fit.__wrapped__ is fit_model, longitudinal.fit
+        assert isinstance(longitudinal.fit, longitudinal.PackageFunction), longitudinal.fit
+        assert longitudinal.fit.__doc__ == fit_model.__doc__
         assert longitudinal.fit.candidate.fit_candidate is fit_candidate
         assert optimize.__name__ == "longitudinal.fit.optimize"
         print("ok")
@@ -318,11 +319,18 @@ def test_longitudinal_fit_stays_the_function_after_every_library_module_is_impor
 
 
 def test_import_longitudinal_stays_light() -> None:
-    """The API is bound at import, but the slow imports stay out: Prefect, scipy.stats (``compare`` imports it),
-    statsmodels (its engine, when asked) and great_expectations (validation)."""
+    """``import longitudinal`` (every CLI command does it) binds the API's names but imports the API, and with it
+    the engines, pandas and scipy, on first use; Prefect, statsmodels and great_expectations stay out even then
+    (scipy.stats too: ``compare`` imports it when called)."""
     code = "import sys, longitudinal; print(' '.join(sorted(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     modules = set(result.stdout.split())
+    assert not {m for m in modules if m.split(".")[0] in ("pandas", "scipy", "prefect")}
+    assert "longitudinal.api" not in modules
+    code = "import sys, longitudinal; longitudinal.compare; print(' '.join(sorted(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    modules = set(result.stdout.split())
+    assert "longitudinal.api" in modules
     assert not {m for m in modules if m.split(".")[0] in ("prefect", "statsmodels", "great_expectations")}
     assert "scipy.stats" not in modules
 

@@ -836,9 +836,14 @@ def df_sentence(fit: Fit, method: str) -> str:
         return ("Wald inference (models.df: normal): z = estimate / SE, 95% CI = estimate ± 1.96 SE and two-sided "
                 "p-values from the normal distribution. Without a degrees-of-freedom correction these are liberal "
                 "when subjects are few; models.df: satterthwaite or kenward-roger corrects them.")
+    structured = fit.covariance is not None
     how = {
-        "satterthwaite": "Satterthwaite's denominator degrees of freedom, as lmerTest computes them",
-        "kenward-roger": ("Kenward–Roger's denominator degrees of freedom and adjusted standard errors, as pbkrtest "
+        "satterthwaite": ("Satterthwaite's denominator degrees of freedom, as mmrm computes them for a residual "
+                          "covariance structure" if structured else
+                          "Satterthwaite's denominator degrees of freedom, as lmerTest computes them"),
+        "kenward-roger": ("Kenward–Roger's denominator degrees of freedom and adjusted standard errors, in the "
+                          "linear form mmrm calls Kenward-Roger-Linear (SAS's KR(LINEARCOVARIANCE))" if structured else
+                          "Kenward–Roger's denominator degrees of freedom and adjusted standard errors, as pbkrtest "
                           "computes them"),
         "residual": "the residual degrees of freedom (observations minus fixed effects)",
     }.get(method, method)
@@ -857,6 +862,13 @@ def _fixed_effects_table(fit: Fit, inputs: ReportInputs) -> str:
     ] for fe in fit.fixed_effects]
     return _table(["Term", "Estimate", "SE", "95% CI", *(["df"] if t_based else []), "t" if t_based else "z", "p"],
                   rows)
+
+
+def _ratio_meaning(scale: str, outcome: str) -> str:
+    """What a GLMM contrast's ratio compares, in words."""
+    if scale == "probability":
+        return f"the odds that {outcome} = 1 in the level over those in the reference level"
+    return f"the level's mean count of {outcome} over the reference level's"
 
 
 def _grid_value(value: object) -> str:
@@ -910,6 +922,13 @@ def _estimates_block(inputs: ReportInputs, figures: Mapping[str, bytes]) -> str:
              + ("; on the response scale, back-transformed from the link scale" if estimates.scale != "outcome" else "")
              + "). Written to <code>marginal_means.csv</code>.</p>",
              _table([*([by] if by else []), *at_headers, "Estimate", "SE", "df", "95% CI"], mean_rows)]
+    if estimates.scale != "outcome":
+        parts.append('<p class="note">As emmeans computes them, a generalized linear mixed model\'s means are those '
+                     "of a subject whose random effects are 0 (conditional, subject-specific), back-transformed: "
+                     "they lie farther from the middle of the scale than the observed "
+                     + ("proportions" if estimates.scale == "probability" else "mean counts")
+                     + ", which average over subjects (population-averaged), the more so the larger the random-effect "
+                     "SD.</p>")
     parts.append(_figure(figures, "marginal_means", "Estimated marginal means (lines, squares) with their 95% "
                          "bands, over the observed means of each group at each visit (open circles): where they "
                          "part, dropout or imbalance moves the raw means, and the model's means are the ones to "
@@ -925,8 +944,8 @@ def _estimates_block(inputs: ReportInputs, figures: Mapping[str, bytes]) -> str:
         parts += ["<h3>Treatment differences</h3>",
                   f"<p>Each level of <code>{esc(by)}</code> against the reference level"
                   + (f" at each value of {esc(', '.join(at))}" if at else "")
-                  + (f", as {esc(ratio)}s (the ratio of the two groups' {esc(what)}s' odds or rates; 1 is no "
-                     "difference)" if ratio else " (difference of the estimated means)")
+                  + (f", as {esc(ratio)}s ({esc(_ratio_meaning(estimates.scale, data.outcome))}; 1 is no difference)"
+                     if ratio else " (difference of the estimated means)")
                   + ". Written to <code>contrasts.csv</code>.</p>",
                   _table(["Contrast", *at_headers, "Ratio" if ratio else "Estimate", "SE", "df", "95% CI", "p",
                           "Adjustment"], contrast_rows)]
