@@ -122,7 +122,7 @@ def _run_stages(config: StudyConfig, config_path: Path, formulas: dict, staging:
         study=config.study, run_id=run_id, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         config=config, files=ingested.files, validated=validated, selection=selection, fits=tuple(fits),
         selected=reported.fit, timings=timings, versions=package_versions(), estimates=reported.estimates,
-        explained=reported.explained,
+        explained=reported.explained, df_method=reported.df_method,
     )
     write_outputs(staging, inputs)
     _stage_done(stages, "report", clock)

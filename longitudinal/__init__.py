@@ -54,6 +54,14 @@ class PackageFunction:
 
         return fit_model.__doc__
 
+    @property
+    def __signature__(self) -> Any:  # help(), Jupyter's ``fit?`` and IDEs show fit_model's parameters
+        import inspect
+
+        from longitudinal.api import fit_model
+
+        return inspect.signature(fit_model)
+
     def __call__(self, *args: Any, **kwargs: Any) -> MixedModel:
         from longitudinal.api import fit_model
 

@@ -30,32 +30,18 @@ from typing import Any, Literal, overload
 import numpy as np
 import pandas as pd
 
-from longitudinal.config import DF_METHODS, FAMILIES
+from longitudinal.config import DF_METHODS, FAMILIES, LINKS
 from longitudinal.data.ingest import to_text
 from longitudinal.errors import ConfigError, DataError, FitError
 from longitudinal.fit.candidate import fit_candidate
-from longitudinal.inference.ddf import fixed_effect_inference
+from longitudinal.fit.glmm.families import family_named
+from longitudinal.inference.ddf import DF_METHOD_NAMES, fixed_effect_inference
 from longitudinal.model.design import build_design, fixed_effects_matrix, random_effects_matrices
 from longitudinal.model.formula import ModelFormula, check_columns, expand_terms, expression_columns, parse_formula
 from longitudinal.model.transforms import Transform
 from longitudinal.records import Fit
 
 ColumnKind = Literal["text", "number"]
-
-#: The inverse link of each family, from the linear predictor to the mean.
-INVERSE_LINKS: Mapping[str, Callable[[np.ndarray], np.ndarray]] = {
-    "gaussian": lambda eta: eta,
-    "binomial": lambda eta: 1.0 / (1.0 + np.exp(-eta)),
-    "poisson": np.exp,
-}
-LINK_NAMES = {"gaussian": "identity", "binomial": "logit", "poisson": "log"}
-DF_NAMES = {
-    "satterthwaite": "Satterthwaite's method (as lmerTest)",
-    "kenward-roger": "Kenward-Roger's method (as pbkrtest)",
-    "residual": "residual df n - p",
-    "normal": "normal distribution (Wald z, as glmer and lme4's summary)",
-}
-
 
 class ConvergenceWarning(UserWarning):
     """The fit did not pass lme4's convergence checks; its notes (``MixedModel.messages``) say which."""
@@ -406,7 +392,7 @@ class MixedModel:
         if random_effects:
             eta = eta + self._random_part(rows)
         out = np.full(len(frame), math.nan)
-        out[complete] = INVERSE_LINKS[self.family](eta) if type == "response" else eta
+        out[complete] = family_named(self.family).mean(eta) if type == "response" and self.family != "gaussian" else eta
         return pd.Series(out, index=frame.index, name="predicted")
 
     def _grouping_columns(self) -> set[str]:
@@ -507,7 +493,7 @@ def _header(model: MixedModel) -> list[str]:
         nagq = model.record.nagq
         how = "Laplace approximation" if nagq == 1 else f"adaptive Gauss-Hermite quadrature, nAGQ = {nagq}"
         lines = [f"Generalized linear mixed model fit by maximum likelihood ({how})",
-                 f" Family: {model.family} ( {LINK_NAMES[model.family]} )"]
+                 f" Family: {model.family} ( {LINKS[model.family]} )"]
     dropped = f" ({model.n_dropped} rows with missing values left out)" if model.n_dropped else ""
     lines += [f"Formula: {model.formula}", f"Data: {model.n_obs} rows{dropped}", ""]
     return lines
@@ -603,7 +589,7 @@ def _summary_lines(model: MixedModel) -> list[str]:
     formatters: dict[str | int, Callable[[Any], str]] = {c: (lambda v: f"{v:.6g}") for c in fixed.columns[:2]}
     formatters.update({c: (lambda v: f"{v:.3f}") for c in fixed.columns[2:-1]})
     formatters[fixed.columns[-1]] = _format_p
-    lines += [f"Fixed effects, df by {DF_NAMES[model.df_method]}:", fixed.to_string(formatters=formatters)]
+    lines += [f"Fixed effects, df by {DF_METHOD_NAMES[model.df_method]}:", fixed.to_string(formatters=formatters)]
     lines += _correlation_lines(model)
     if model.messages:
         lines += [""] + [f"Note: {m}" for m in model.messages]
@@ -636,7 +622,7 @@ def _summary_html(model: MixedModel) -> str:
         parts += ["<p><b>Random effects</b></p>", random.to_html(index=False, float_format=lambda v: f"{v:.4g}")]
     groups = ", ".join(f"{html.escape(g)}: {n}" for g, n in model.n_groups.items())
     parts += [f"<p>Number of obs: {model.n_obs}; groups: {groups}</p>",
-              f"<p><b>Fixed effects</b>, df by {html.escape(DF_NAMES[model.df_method])}</p>",
+              f"<p><b>Fixed effects</b>, df by {html.escape(DF_METHOD_NAMES[model.df_method])}</p>",
               fixed.to_html(float_format=lambda v: f"{v:.4g}")]
     parts += [f"<p>Note: {html.escape(m)}</p>" for m in model.messages]
     return "".join(parts) + "</div>"

@@ -587,6 +587,9 @@ class ReportedModel:
     fit: Fit
     estimates: MarginalEstimates | None = None
     explained: ExplainedVariance | None = None
+    df_method: str | None = None
+    """The df method the fixed effects were tested with: the study's ``models.df``, or "normal" where that
+    method could not be computed for this fit (its message says why); None for a failed fit."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -613,4 +616,12 @@ class ReportInputs:
     """The selected model's marginal means and contrasts (the study's ``estimates``); None without that section."""
     explained: ExplainedVariance | None = None
     """The selected model's ICC and R² (None where they are not defined: an MMRM, a failed fit)."""
+    df_method: str | None = None
+    """The df method the selected model's fixed effects were tested with (``ReportedModel.df_method``); None:
+    the study's ``models.df``."""
+
+    @property
+    def df_used(self) -> str:
+        """The df method of the reported fixed effects: ``df_method``, else the study's ``models.df``."""
+        return self.df_method if self.df_method is not None else self.config.models.df
     versions: Mapping[str, str | None] = field(default_factory=dict)

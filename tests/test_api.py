@@ -309,6 +309,8 @@ def test_longitudinal_fit_stays_the_function_after_every_library_module_is_impor
         from longitudinal.api import fit_model
         assert isinstance(longitudinal.fit, longitudinal.PackageFunction), longitudinal.fit
         assert longitudinal.fit.__doc__ == fit_model.__doc__
+        import inspect
+        assert "reml" in inspect.signature(longitudinal.fit).parameters
         assert longitudinal.fit.candidate.fit_candidate is fit_candidate
         assert optimize.__name__ == "longitudinal.fit.optimize"
         print("ok")

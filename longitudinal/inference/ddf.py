@@ -50,6 +50,14 @@ from longitudinal.model.design import Design, build_design
 from longitudinal.model.formula import parse_formula
 from longitudinal.records import Fit, FixedEffect
 
+#: What each df method is called where a sentence names it ("Fixed effects, df by ...").
+DF_METHOD_NAMES = {
+    "satterthwaite": "Satterthwaite's method (as lmerTest)",
+    "kenward-roger": "Kenward–Roger's method (as pbkrtest)",
+    "residual": "the residual df n − p",
+    "normal": "the normal distribution (Wald z, as glmer and lme4's summary)",
+}
+
 #: The two-sided 95% level of every interval.
 LEVEL = 0.95
 

@@ -31,24 +31,18 @@ import pandas as pd
 
 from longitudinal.config import StudyConfig
 from longitudinal.errors import ConfigError, LongitudinalError
-from longitudinal.inference.ddf import FixedEffectInference, fixed_effect_inference
+from longitudinal.inference.ddf import DF_METHOD_NAMES, FixedEffectInference, fixed_effect_inference
 from longitudinal.inference.variance import explained_variance
 from longitudinal.records import Fit, ReportedModel
-
-#: What each df method is called in the report's sentences.
-DF_NAMES = {
-    "satterthwaite": "Satterthwaite's",
-    "kenward-roger": "Kenward–Roger's",
-    "residual": "the residual",
-    "normal": "no (normal distribution)",
-}
-
 
 def report_inference(fit: Fit, visits: pd.DataFrame, config: StudyConfig) -> ReportedModel:
     """``fit`` with df-corrected fixed effects and profile intervals, its marginal estimates (None when the
     study has no ``estimates`` section) and its ICC and R². ``visits`` are the rows the fit was made on."""
     if not fit.usable or not fit.fixed_effects:
-        return ReportedModel(fit)
+        if config.estimates is None:
+            return ReportedModel(fit)
+        return ReportedModel(_with_notes(fit, ["the marginal means and contrasts the study asks for (estimates) "
+                                               "were not computed: the selected model's fit failed"]))
     notes: list[str] = []
     inference = _fixed_effect_inference(fit, visits, config.models.df, notes)
     reported = dataclasses.replace(fit, fixed_effects=inference.fixed_effects(), vcov=inference.vcov)
@@ -57,10 +51,19 @@ def report_inference(fit: Fit, visits: pd.DataFrame, config: StudyConfig) -> Rep
     if config.estimates is not None:
         from longitudinal.inference.marginal import estimate_means
 
-        estimates = estimate_means(reported, visits, config.estimates, inference)
-    if notes:
-        reported = dataclasses.replace(reported, message="; ".join(m for m in (reported.message, *notes) if m))
-    return ReportedModel(reported, estimates, explained_variance(reported, visits))
+        try:
+            estimates = estimate_means(reported, visits, config.estimates, inference)
+        except (LongitudinalError, ArithmeticError, ValueError) as exc:  # checked before the fits; never fail here
+            notes.append(f"the marginal means and contrasts (estimates) could not be computed: {exc}")
+    return ReportedModel(_with_notes(reported, notes), estimates, explained_variance(reported, visits),
+                         df_method=inference.method)
+
+
+def _with_notes(fit: Fit, notes: list[str]) -> Fit:
+    """``fit`` with ``notes`` after its own message (the report lists them under "Notes on this fit")."""
+    if not notes:
+        return fit
+    return dataclasses.replace(fit, message="; ".join(m for m in (fit.message, *notes) if m))
 
 
 def check_estimates(config: StudyConfig, visits: pd.DataFrame) -> None:
@@ -91,8 +94,8 @@ def _fixed_effect_inference(fit: Fit, visits: pd.DataFrame, method: str, notes: 
     try:
         return fixed_effect_inference(fit, visits, method)
     except (LongitudinalError, NotImplementedError, ArithmeticError, ValueError) as exc:
-        notes.append(f"{DF_NAMES.get(method, method)} df could not be computed ({exc}); the fixed-effect tests, "
-                     "intervals and estimates use the normal distribution")
+        notes.append(f"the df by {DF_METHOD_NAMES.get(method, method)} could not be computed ({exc}); the "
+                     "fixed-effect tests, intervals and estimates use the normal distribution instead")
         return fixed_effect_inference(fit, visits, "normal")
 
 
@@ -106,6 +109,9 @@ def _with_profile(fit: Fit, visits: pd.DataFrame, notes: list[str]) -> Fit:
         notes.append(f"the profile-likelihood intervals of the variance components could not be computed ({exc})")
         return fit
     if profile is None:
+        if fit.covariance is not None:
+            notes.append("no profile-likelihood intervals for a model with a residual covariance structure (its "
+                         "covariance parameters and any random effects beside it are shown without intervals)")
         return fit
     notes.extend(profile.notes)
     nan = (math.nan, math.nan)

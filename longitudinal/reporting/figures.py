@@ -38,6 +38,7 @@ from longitudinal.inference.residuals import (
     RatioEffect, observed_response, outcome_over_time, randomized_quantile_residuals, ratio_effects,
     semivariogram, visit_positions,
 )
+from longitudinal.inference.visits import ALL_SUBJECTS, summarize_visits
 from longitudinal.records import Fit, FixedEffect, MarginalEstimates, ResidualCovariance, Selection
 
 FIGURE_KEYS: tuple[str, ...] = (
@@ -1299,16 +1300,17 @@ def _draw_semivariogram(ax: Axes, curves: Sequence[tuple[str, pd.DataFrame]], ti
 
 
 def plot_marginal_means(
-    estimates: MarginalEstimates, visits: pd.DataFrame, outcome: str, *, time: str, family: str = "gaussian",
-    time_label: str = "Time",
+    estimates: MarginalEstimates, visits: pd.DataFrame, outcome: str, *, time: str,
+    subject: str | Sequence[str] | None = None, family: str = "gaussian", time_label: str = "Time",
 ) -> Figure:
     """The model's estimated marginal means per ``by`` group with their 95% bands, over the first ``at`` column
-    (the time, usually), on the observed group means at each observed value of that column (points).
+    (the time, usually), on the observed group means at each visit (open points).
 
+    With a second ``at`` column each of its values gets its own line style (the groups keep their colours).
     Without an ``at`` column the means are drawn per group as points with their intervals. Observed means are
-    shown only when the x axis is the time: they are the raw means of the rows at each time (a binomial
-    outcome's proportion of 1s, a Poisson outcome's mean count), which differ from the model's means where
-    subjects drop out or the design is unbalanced, which is what a reader checks.
+    shown when the x axis is the time and ``subject`` is given: ``summarize_visits``' mean per visit and group
+    (a binomial outcome's proportion of 1s, a Poisson outcome's mean count), which differ from the model's
+    means where subjects drop out or the design is unbalanced, which is what a reader checks.
     """
     means = estimates.means
     title = "Estimated marginal means" + (f" by {_plain(estimates.by)}" if estimates.by else "")
@@ -1317,7 +1319,11 @@ def plot_marginal_means(
     by = estimates.by
     levels = list(dict.fromkeys(means[by].astype(str))) if by else [None]
     x_column = estimates.at[0] if estimates.at else None
+    others = list(estimates.at[1:])
     scale = estimates.scale if estimates.scale != "outcome" else _plain(outcome)
+    observed = (_observed_means(visits, subject, time, outcome, by)
+                if x_column == time and subject is not None else None)
+    styles = ("-", "--", ":", "-.")
     with _style():
         fig = _new_figure(8.0, 4.8)
         ax = fig.add_subplot()
@@ -1330,26 +1336,40 @@ def plot_marginal_means(
                 ax.errorbar([index], y, yerr=[y - part["ci_low"].to_numpy(float), part["ci_high"].to_numpy(float) - y],
                             fmt="o", color=colour, capsize=3, label=label)
                 continue
-            order = np.argsort(part[x_column].to_numpy(float), kind="stable")
-            x = part[x_column].to_numpy(float)[order]
-            ax.fill_between(x, part["ci_low"].to_numpy(float)[order], part["ci_high"].to_numpy(float)[order],
-                            color=colour, alpha=0.15, linewidth=0)
-            ax.plot(x, part["estimate"].to_numpy(float)[order], color=colour, linewidth=2.0, marker="s",
-                    markersize=4, label=f"{label}: model mean, 95% band")
-            if x_column == time:
-                rows = visits if level is None else visits[visits[by].astype(str) == level]
-                observed = rows.groupby(time, sort=True)[outcome].mean()
-                ax.plot(observed.index.to_numpy(float), observed.to_numpy(float), "o", color=colour,
-                        markerfacecolor="white", markersize=5, label=f"{label}: observed mean")
+            combinations = part.groupby(others, sort=False) if others else [((), part)]
+            for number, (values, line) in enumerate(combinations):
+                values = values if isinstance(values, tuple) else (values,)
+                where = ", ".join(f"{_plain(c)} = {v:g}" for c, v in zip(others, values, strict=True))
+                order = np.argsort(line[x_column].to_numpy(float), kind="stable")
+                x = line[x_column].to_numpy(float)[order]
+                ax.fill_between(x, line["ci_low"].to_numpy(float)[order], line["ci_high"].to_numpy(float)[order],
+                                color=colour, alpha=0.15 / (1 + number), linewidth=0)
+                ax.plot(x, line["estimate"].to_numpy(float)[order], color=colour, linewidth=2.0, marker="s",
+                        markersize=4, linestyle=styles[number % len(styles)],
+                        label=f"{label}{', ' + where if where else ''}: model mean, 95% band")
+            if observed is not None:
+                mine = observed[observed["group"] == (level if level is not None else ALL_SUBJECTS)]
+                ax.plot(mine["time"], mine["mean"], "o", color=colour, markerfacecolor="white", markersize=5,
+                        label=f"{label}: observed mean")
         if x_column is None:
             ax.set_xticks(range(len(levels)), [_plain(_shorten(str(level), 20)) for level in levels])
             ax.set_xlabel(_plain(by or ""))
         else:
             ax.set_xlabel(_plain(time_label) if x_column == time else _plain(x_column))
         ax.set_ylabel(scale.capitalize() if estimates.scale != "outcome" else f"Mean {scale}")
-        ax.legend(loc="best", frameon=False, fontsize=8, ncols=2 if len(levels) > 2 else 1)
+        ax.legend(loc="best", frameon=False, fontsize=8, ncols=2 if len(levels) > 2 or others else 1)
         ax.set_title(title)
     return fig
+
+
+def _observed_means(
+    visits: pd.DataFrame, subject: str | Sequence[str], time: str, outcome: str, by: str | None,
+) -> pd.DataFrame:
+    """Columns ``group``, ``time`` (the visit's middle time), ``mean``: the observed mean per visit and group."""
+    summary = summarize_visits(visits, subject, time, outcome, by)
+    middle = summary.visits.set_index("visit")[["time_low", "time_high"]].mean(axis=1)
+    table = summary.per_visit.assign(time=summary.per_visit["visit"].map(middle))
+    return table.loc[table["rows"] > 0, ["group", "time", "mean"]]
 
 
 # ----------------------------------------------------------------------------------------- all
@@ -1414,8 +1434,8 @@ def _marginal_means_builder(
     estimates: MarginalEstimates, visits: pd.DataFrame, config: StudyConfig, family: str,
 ) -> Callable[[], Figure]:
     roles = config.data
-    return lambda: plot_marginal_means(estimates, visits, roles.outcome, time=roles.time, family=family,
-                                       time_label=time_axis_label(roles))
+    return lambda: plot_marginal_means(estimates, visits, roles.outcome, time=roles.time,
+                                       subject=roles.subject_columns, family=family, time_label=time_axis_label(roles))
 
 
 def glmm_figure_builders(

@@ -29,6 +29,7 @@ from longitudinal.inference.residuals import (
 from longitudinal.inference.visits import N_VISIT_BINS, VisitSummary, summarize_visits
 from longitudinal.model.formula import parse_formula
 from longitudinal.config import LINKS
+from longitudinal.inference.ddf import DF_METHOD_NAMES
 from longitudinal.records import (
     ExplainedVariance,
     Fit,
@@ -778,7 +779,7 @@ def _selected_section(inputs: ReportInputs, figures: Mapping[str, bytes]) -> str
     ]))
     parts.append("<h3>Fixed effects</h3>")
     parts.append(_fixed_effects_table(fit, inputs))
-    parts.append(f'<p class="note">{esc(df_sentence(fit, inputs.config.models.df))}</p>')
+    parts.append(f'<p class="note">{esc(df_sentence(fit, inputs.df_used, inputs.config.models.df))}</p>')
     parts.append(_figure(figures, "coefficients", f"Fixed-effect estimates with {interval_name(fit)} 95% "
                          "confidence intervals; the dashed line marks zero."))
     parts.append(_estimates_block(inputs, figures))
@@ -826,8 +827,14 @@ def interval_name(fit: Fit) -> str:
     return "t-based" if finite else "Wald"
 
 
-def df_sentence(fit: Fit, method: str) -> str:
-    """What the fixed-effect table's tests are, naming the df method and what it means for the reader."""
+def df_sentence(fit: Fit, method: str, asked: str | None = None) -> str:
+    """What the fixed-effect table's tests are, naming the df ``method`` used and what it means for the reader
+    (and, when the study ``asked`` for another that could not be computed, that it fell back)."""
+    if asked is not None and asked != method:
+        return (f"Wald inference: the df by {DF_METHOD_NAMES.get(asked, asked)} (models.df: {asked}) could not be "
+                "computed for this model (the notes on this fit say why), so z = estimate / SE, 95% CI = estimate ± "
+                "1.96 SE and two-sided p-values from the normal distribution. These are liberal when subjects "
+                "are few.")
     if not any(math.isfinite(fe.df) for fe in fit.fixed_effects):
         if fit.family != "gaussian":
             return ("Wald inference, as glmer's summary: z = estimate / SE, 95% CI = estimate ± 1.96 SE and two-sided "
@@ -913,7 +920,7 @@ def _estimates_block(inputs: ReportInputs, figures: Mapping[str, bytes]) -> str:
                   _num(format_number(row["estimate"])), _num(format_number(row["se"])),
                   _num(format_fixed(row["df"], 1) if math.isfinite(row["df"]) else "∞"),
                   _num(_interval(row["ci_low"], row["ci_high"]))] for _, row in means.iterrows()]
-    at_headers = [with_time_unit(c, data) if c == data.time else c for c in at]
+    at_headers = [time_axis_label(data) if c == data.time else c for c in at]
     parts = ["<h3>Estimated marginal means</h3>",
              f"<p>The model's {esc(what)}" + (f" for each level of <code>{esc(by)}</code>" if by else "")
              + (f" at the requested values of {esc(', '.join(at))}" if at else "")

@@ -540,7 +540,7 @@ def write_run_files(folder: Path, inputs: ReportInputs) -> Path:
 def _write_run_files(folder: Path, inputs: ReportInputs) -> Path:
     write_model_comparison(inputs.selection, folder)
     write_json(selected_model_summary(inputs.selected, inputs.selection.criterion, inputs.explained,
-                                      inputs.config.models.df), folder / "selected_model.json")
+                                      inputs.df_used), folder / "selected_model.json")
     if inputs.estimates is not None:
         write_estimates(inputs.estimates, folder)
     write_json(validation_summary(inputs.validated), folder / "validation.json")

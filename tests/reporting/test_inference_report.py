@@ -24,8 +24,9 @@ from longitudinal.errors import ConfigError
 from longitudinal.fit.candidate import fit_candidate
 from longitudinal.inference.criteria import select_model
 from longitudinal.inference.reported import check_estimates, report_inference
-from longitudinal.records import ReportInputs, Validated
-from longitudinal.reporting.run_folder import write_run_files
+from longitudinal.records import ReportInputs, Validated, failed_fit
+from longitudinal.reporting.html import render_report
+from longitudinal.reporting.run_folder import selected_model_summary, write_run_files
 
 MEANS_COLUMNS = ["arm", "week", "estimate", "se", "df", "ci_low", "ci_high"]
 CONTRAST_COLUMNS = ["contrast", "week", "estimate", "se", "df", "ci_low", "ci_high", "p_value", "adjustment"]
@@ -62,7 +63,8 @@ def study_inputs(visits: pd.DataFrame, candidates: dict[str, str], *, family: st
     validated = Validated(visits=visits, quarantine=pd.DataFrame(columns=[*visits.columns, "reason"]),
                           expectations=(), rows_read=len(visits))
     return replace(make_inputs(), study="trial", config=config, validated=validated, selection=selection, fits=fits,
-                   selected=reported.fit, estimates=reported.estimates, explained=reported.explained, timings={})
+                   selected=reported.fit, estimates=reported.estimates, explained=reported.explained,
+                   df_method=reported.df_method, timings={})
 
 
 @pytest.fixture(scope="module")
@@ -165,5 +167,54 @@ def test_a_df_method_that_cannot_be_computed_falls_back_to_the_normal_and_says_s
     monkeypatch.setattr(reported_module, "fixed_effect_inference", refuse)
     inputs = study_inputs(make_trial(), {"ri": "score ~ week * arm + (1 | pid)"}, df="kenward-roger")
     assert all(math.isinf(fe.df) for fe in inputs.selected.fixed_effects)
-    assert "Kenward–Roger's df could not be computed" in inputs.selected.message
+    assert "the df by Kenward–Roger's method (as pbkrtest) could not be computed" in inputs.selected.message
     assert "normal distribution" in inputs.selected.message
+    # the files say what was used, not what was asked for
+    assert inputs.df_used == "normal"
+    summary = selected_model_summary(inputs.selected, "bic", inputs.explained, inputs.df_used)
+    assert summary["df_method"] == "normal" and all(math.isinf(fe["df"]) for fe in summary["fixed_effects"])
+    page = render_report(inputs, {})
+    assert "models.df: kenward-roger) could not be computed for this model" in page
+
+
+def test_a_failed_fit_says_why_its_estimates_are_missing() -> None:
+    config = parse_config({"study": "s", "data": {"source": "x.csv", "subject": "pid", "time": "week", "outcome": "score"},
+                           "models": {"candidates": {"a": "score ~ week + (1 | pid)"}}, "estimates": {"by": "arm"}})
+    failed = failed_fit("a", "score ~ week + (1 | pid)", "REML", "lme4-style", "candidate 'a': it failed", n_obs=10,
+                        n_subjects=2, n_params=4)
+    reported = report_inference(failed, make_trial(), config)
+    assert reported.estimates is None
+    assert "were not computed: the selected model's fit failed" in reported.fit.message
+
+
+def test_an_mmrm_says_it_has_no_profile_intervals() -> None:
+    visits = make_trial()
+    config = parse_config({"study": "s", "data": {"source": "x.csv", "subject": "pid", "time": "week", "outcome": "score"},
+                           "models": {"candidates": {"us": "score ~ factor(week) * arm + ar1(week | pid)"}}})
+    fit = fit_candidate(visits, "ar1", "score ~ factor(week) * arm + ar1(week | pid)", method="REML")
+    reported = report_inference(fit, visits, config)
+    assert reported.df_method == "satterthwaite" and all(1 < fe.df < 200 for fe in reported.fit.fixed_effects)
+    assert "no profile-likelihood intervals for a model with a residual covariance structure" in reported.fit.message
+
+
+def test_the_means_plot_draws_a_line_per_group_and_value_of_a_second_at_column() -> None:
+    from longitudinal.reporting.figures import plot_marginal_means
+
+    rng = np.random.default_rng(5)
+    visits = make_trial().assign(age=lambda d: np.repeat(rng.uniform(30, 70, d["pid"].nunique()), 5))
+    config = parse_config({"study": "s", "data": {"source": "x.csv", "subject": "pid", "time": "week", "outcome": "score"},
+                           "models": {"candidates": {"a": "score ~ week * arm + age + (1 | pid)"}},
+                           "estimates": {"by": "arm", "at": {"week": [0, 4], "age": [40, 55]}}})
+    fit = fit_candidate(visits, "a", "score ~ week * arm + age + (1 | pid)", method="REML")
+    estimates = report_inference(fit, visits, config).estimates
+    assert estimates is not None and len(estimates.means) == 2 * 2 * 2
+    figure = plot_marginal_means(estimates, visits, "score", time="week", subject="pid")
+    labels = [line.get_label() for line in figure.axes[0].get_lines()]
+    model_lines = [label for label in labels if "model mean" in label]
+    assert sorted(model_lines) == sorted(f"arm = {arm}, age = {age}: model mean, 95% band"
+                                         for arm in ("control", "treated") for age in (40, 55))
+    for line in figure.axes[0].get_lines():  # each model line runs over the two weeks, one age at a time
+        if "model mean" in line.get_label():
+            assert list(line.get_xdata()) == [0.0, 4.0]
+    assert sorted(label for label in labels if "observed" in label) == [
+        "arm = control: observed mean", "arm = treated: observed mean"]
