@@ -10,6 +10,15 @@ is ``L β`` with ``L`` the (averaged) row of the fixed-effects matrix, built by 
 fitted design's transforms (factor levels, poly and spline bases), so a ``poly(week, 2)`` or ``ns(age, 3)``
 term is evaluated at the grid's values, not averaged column by column.
 
+Nesting and estimability, as emmeans. A factor whose every level occurs with only one level of another grid
+factor (centres within arms) is nested in it (emmeans' ``.find_nests``, read from the data): it is averaged,
+within each level of its nesting factor, over the levels present there, not over the full product of levels,
+and a note names the nesting. L is built on the full design, the columns lme4 dropped as collinear
+included; a row with |L N|² ≥ 1e-8 |L|², N a basis of the null space of the full fixed-effects matrix
+(estimability's ``nonest.basis`` and ``is.estble``), depends on what the data cannot separate: its
+estimate, SE, df, bounds and p-value are NaN, as emmeans' nonEst, and a note names it. Estimable rows use
+the kept columns.
+
 Contrasts are each level of ``by`` minus the reference level (the first in R's order) at each ``at``
 combination: emmeans' ``contrast(emm, "trt.vs.ctrl")``. Their intervals and p-values are adjusted with
 emmeans' ``dunnettx`` (its approximation to Dunnett's distribution, ``.pdunnx``/``.qdunnx``) within each
@@ -18,9 +27,10 @@ emmeans' ``dunnettx`` (its approximation to Dunnett's distribution, ``.pdunnx``/
 Standard errors and df come from a ``FixedEffectInference`` (``longitudinal.inference.ddf``), so the means
 agree with the fixed-effect table: Satterthwaite's or Kenward–Roger's df per row of L, or the normal
 distribution (df inf). A GLMM's means are on the response scale (emmeans' ``type = "response"``: the
-inverse link of the linear predictor, SE by the delta method, the interval back-transformed from the link
-scale), its contrasts odds ratios (binomial, logit) or rate ratios (Poisson, log): exp of the link-scale
-difference, SE by the delta method, interval back-transformed, p-value of the link-scale z test.
+inverse link of the linear predictor, the fit's own ``Family`` (``longitudinal.fit.glmm.families``), SE by
+the delta method, the interval back-transformed from the link scale), its contrasts odds ratios (binomial,
+logit) or rate ratios (Poisson, log): exp of the link-scale difference, SE by the delta method, interval
+back-transformed, p-value of the link-scale z test.
 """
 
 from __future__ import annotations
@@ -35,9 +45,10 @@ import pandas as pd
 
 from longitudinal.config import EstimatesConfig
 from longitudinal.errors import ConfigError
+from longitudinal.fit.glmm.families import Family, family_named
 from longitudinal.inference.ddf import LEVEL, FixedEffectInference, t_interval
 from longitudinal.model.design import build_design, fixed_effects_matrix
-from longitudinal.model.formula import CONSTANTS, Binary, Call, Expr, ModelFormula, Name, Paren, Unary, parse_formula
+from longitudinal.model.formula import Call, ModelFormula, Name, expression_columns, parse_formula
 from longitudinal.model.transforms import FactorLevels, Transform
 from longitudinal.records import Fit, MarginalEstimates
 
@@ -48,9 +59,13 @@ CONTRAST_COLUMNS = ("estimate", "se", "df", "ci_low", "ci_high", "p_value", "adj
 DUNNETTX_TOLERANCE = 0.0005
 #: Above this df R's ``ptukey`` uses the studentized range of infinite df.
 _PTUKEY_LARGE_DF = 25000.0
+#: estimability's ``nonest.basis.svd``: singular values below this fraction of the largest span the null space.
+NULL_SPACE_TOLERANCE = 5e-8
+#: estimability's ``is.estble``: a row x is estimable when |N'x|² < this × |x|² (× 1 when |x|² is below it).
+ESTIMABILITY_TOLERANCE = 1e-8
 
-#: The response scale of a GLMM's means and the ratio its contrasts are, by family.
-_SCALES = {"gaussian": ("outcome", None), "binomial": ("probability", "odds ratio"), "poisson": ("rate", "rate ratio")}
+#: What a GLMM's means and contrasts are on the response scale, by the family's (canonical) link.
+_RESPONSE_SCALES = {"logit": ("probability", "odds ratio"), "log": ("rate", "rate ratio")}
 
 
 def estimate_means(
@@ -62,18 +77,28 @@ def estimate_means(
 
     A model without a term in ``by`` still gets its means (equal across the levels, by construction) but no
     contrasts, which emmeans refuses to compute: a note says why. An ``at`` column the model does not read
-    is kept in the tables, with a note that the means do not vary with it.
+    is kept in the tables, with a note that the means do not vary with it. A mean or contrast that is not
+    estimable from the full design (see the module's docstring) is NaN, with a note naming it.
     """
     formula = parse_formula(fit.formula, name=fit.name)
     transforms = build_design(visits, formula, dropped=fit.dropped_terms).transforms
     grid = reference_grid(visits, formula, transforms, estimates)
-    X, names = fixed_effects_matrix(grid.rows, formula, transforms=transforms, dropped=fit.dropped_terms)
+    X, all_names = fixed_effects_matrix(grid.rows, formula, transforms=transforms)
+    kept = [j for j, name in enumerate(all_names) if name not in set(fit.dropped_terms)]
+    names = tuple(all_names[j] for j in kept)
     if names != inference.names:
         raise ValueError(f"the grid's columns {names} are not the fit's fixed effects {inference.names}")
-    L = X.reshape(len(grid.cells), -1, X.shape[1]).mean(axis=1)
-    scale, ratio = _SCALES[fit.family]
-    means = _means_table(grid, L, inference, fit.family)
+    L_full = _cell_means(X, grid.cell_of_row, len(grid.cells))
+    null_basis = None
+    if fit.dropped_terms:
+        null_basis = nonestimable_basis(fixed_effects_matrix(visits, formula, transforms=transforms)[0])
+    family = None if fit.family == "gaussian" else family_named(fit.family)
+    scale, ratio = ("outcome", None) if family is None else _RESPONSE_SCALES[family.link]
+    estimable = is_estimable(L_full, null_basis)
+    means = _means_table(grid, L_full[:, kept], estimable, inference, family)
     notes = list(grid.notes)
+    if not estimable.all():
+        notes.append(_nonestimable_note(grid, estimable, fit.dropped_terms))
     if estimates.by is None:
         contrasts = _empty_contrasts(grid.at_columns)
     elif not grid.by_in_model:
@@ -81,10 +106,29 @@ def estimate_means(
         notes.append(f"No contrasts: the selected model has no term in {estimates.by!r}, so the means of its "
                      "levels are equal by construction.")
     else:
-        contrasts, note = _contrasts_table(grid, L, inference, fit.family)
-        notes.append(note)
-    return MarginalEstimates(by=estimates.by, at=grid.at_columns, means=means, contrasts=contrasts, scale=scale, ratio=ratio,
-                     notes=tuple(notes))
+        contrasts, contrast_notes = _contrasts_table(grid, L_full, kept, null_basis, inference, family)
+        notes.extend(contrast_notes)
+    return MarginalEstimates(by=estimates.by, at=grid.at_columns, means=means, contrasts=contrasts, scale=scale,
+                             ratio=ratio, notes=tuple(notes))
+
+
+def check_reference_grid(
+    estimates: EstimatesConfig, formulas: Mapping[str, ModelFormula], visits: pd.DataFrame,
+) -> None:
+    """Refuse, before any fit, an ``estimates`` section that ``estimate_means`` would refuse for one of the
+    candidate ``formulas`` (name -> parsed formula) fitted on ``visits``: an ``at`` value that is not a level of
+    the candidate's ``factor(<at column>)``, ``at`` on a column the candidate uses as a category, ``by`` on a
+    column it uses as a number. Raises ``ConfigError`` naming the candidate, the value and the fix.
+
+    The grid is built from each candidate's design on ``visits`` (the same factor levels its fit will have),
+    so whichever candidate is selected, its means can be computed. Columns missing from ``visits`` are
+    ``check_estimates``' to report (``longitudinal.inference.reported``).
+    """
+    for name, formula in formulas.items():
+        try:
+            reference_grid(visits, formula, build_design(visits, formula).transforms, estimates)
+        except ConfigError as exc:
+            raise ConfigError(f"candidate {name!r}: {exc}; or change the candidate's formula") from exc
 
 
 # ------------------------------------------------------------------------------------- the reference grid
@@ -95,21 +139,25 @@ class ReferenceGrid:
     """emmeans' reference grid of a model for a ``by`` × ``at`` request.
 
     ``cells`` has one row per mean (the ``by`` level labels, then the ``at`` values; ``at`` combinations
-    slowest, levels fastest); ``rows`` the data rows whose fixed-effects rows are averaged into each cell's L
-    row: ``len(rows) = len(cells) × m``, cell by cell, m being the number of combinations of the averaged
-    factors' levels (1 when there are none). ``levels`` are the ``by`` levels in R's order (the first is the
-    reference); ``by_in_model`` says whether any fixed-effect term reads the ``by`` column. ``averaged`` maps
-    each factor averaged over to its levels, ``held`` each numeric column held at its mean to that mean.
+    slowest, levels fastest); ``rows`` the data rows whose fixed-effects rows are averaged (with equal
+    weights) into each cell's L row, ``cell_of_row`` the cell of each: for each cell, the combinations of the
+    averaged factors' levels, less those a nesting rules out (none left: the cell's L row is NaN). ``levels``
+    are the ``by`` levels in R's order (the first is the reference); ``by_in_model`` says whether any
+    fixed-effect term reads the ``by`` column. ``averaged`` maps each factor averaged over to its levels,
+    ``held`` each numeric column held at its mean to that mean, ``nests`` each nested factor to the factors
+    it is nested in.
     """
 
     cells: pd.DataFrame
     rows: pd.DataFrame
+    cell_of_row: np.ndarray
     by: str | None
     levels: tuple[str, ...]
     at_columns: tuple[str, ...]
     by_in_model: bool
     averaged: Mapping[str, tuple[str, ...]]
     held: Mapping[str, float]
+    nests: Mapping[str, tuple[str, ...]]
     notes: tuple[str, ...]
 
 
@@ -126,7 +174,8 @@ def reference_grid(
 ) -> ReferenceGrid:
     """emmeans' default reference grid for ``formula`` fitted on ``visits`` (``transforms`` its design's):
     ``estimates.by`` levels × ``estimates.at`` values, other numeric columns at their mean over ``visits``,
-    other factors at each of their levels (averaged later with equal weights).
+    other factors at each of their levels (averaged later with equal weights) or, for a factor nested in
+    another (``find_nests``), at each of its levels present with that factor's level.
 
     Raises ``ConfigError`` when an ``at`` value is not a level of a ``factor(column)`` the model uses, when
     ``at`` names a text column, or when ``by`` names a column the model uses as a number.
@@ -150,7 +199,10 @@ def reference_grid(
             notes.append(f"The selected model does not use {column!r}: its means are the same at every {column} given.")
     averaged = {name: factor for name, factor in factors.items() if name != by and name not in at_values}
     held = {column: float(visits[column].mean()) for column in numeric if column not in at_values}
-    notes.extend(_grid_notes(estimates.at, held, averaged))
+    grid_levels = {name: (by_values if name == by else at_values.get(name, factors[name].values)) for name in factors}
+    nests = find_nests(visits, grid_levels)
+    notes.extend(_grid_notes(estimates.at, held, averaged, nests))
+    observed = {name: _observed(visits, grid_levels, name, within) for name, within in nests.items()}
 
     at_columns = tuple(at_values)
     combinations = list(itertools.product(*at_values.values()))
@@ -158,23 +210,67 @@ def reference_grid(
     averaged_rows = list(itertools.product(*(factor.values for factor in averaged.values())))
     cells: list[dict[str, object]] = []
     rows: list[dict[str, object]] = []
+    cell_of_row: list[int] = []
     for combination in combinations:
         for label, value in by_pairs:
             cells.append(({by: label} if by is not None else {}) | dict(zip(at_columns, combination, strict=True)))
             fixed = held | dict(zip(at_columns, combination, strict=True)) | ({by: value} if by is not None else {})
-            rows.extend(fixed | dict(zip(averaged, values, strict=True)) for values in averaged_rows)
+            for averaged_values in averaged_rows:
+                row: dict[str, object] = fixed | dict(zip(averaged, averaged_values, strict=True))
+                if all(tuple(row[c] for c in (name, *nests[name])) in seen for name, seen in observed.items()):
+                    rows.append(row)
+                    cell_of_row.append(len(cells) - 1)
     cell_columns = ([by] if by is not None else []) + list(at_columns)
     return ReferenceGrid(
         cells=pd.DataFrame(cells, columns=cell_columns),
-        rows=pd.DataFrame(rows),
+        rows=pd.DataFrame(rows, columns=list(dict.fromkeys([*held, *at_columns, *([by] if by else []), *averaged]))),
+        cell_of_row=np.array(cell_of_row, dtype=int),
         by=by,
         levels=levels,
         at_columns=at_columns,
         by_in_model=by_in_model,
         averaged={column: factor.labels for column, factor in averaged.items()},
         held=held,
+        nests=nests,
         notes=tuple(notes),
     )
+
+
+def find_nests(visits: pd.DataFrame, grid_levels: Mapping[str, Sequence[object]]) -> dict[str, tuple[str, ...]]:
+    """Which factors of the grid are nested in which, as emmeans' ``.find_nests`` detects it from the data:
+    among the factors with more than one level in the grid (``grid_levels``: factor -> its values there), and
+    the rows of ``visits`` whose values are all in the grid, a factor is nested in another when each of its
+    levels occurs with only one level of the other (one not already found nested in it); the factors a
+    nesting factor is itself nested in are added, and a factor nested in itself dropped.
+
+    ``.find_nests`` also reads nesting from the terms (a factor appearing only in interactions, ``arm/centre``);
+    that is not done here: such a factor's levels must be labelled distinctly across the nesting factor's.
+    """
+    names = [name for name, values in grid_levels.items() if len(values) > 1]
+    if len(names) < 2:
+        return {}
+    in_grid = np.logical_and.reduce([visits[name].isin(list(grid_levels[name])).to_numpy() for name in names])
+    present = visits.loc[in_grid, names]
+    nests: dict[str, list[str]] = {}
+    for name in names:
+        excluded = {other for other, within in nests.items() if name in within}
+        others = [other for other in names if other != name and other not in excluded]
+        within = [other for other in others if present.groupby(name)[other].nunique().max() == 1]
+        if within:
+            nests[name] = within
+    for name in list(nests):
+        nests[name] = list(dict.fromkeys([*(f for w in nests[name] for f in nests.get(w, [])), *nests[name]]))
+    return {name: tuple(within) for name, within in nests.items() if name not in within}
+
+
+def _observed(
+    visits: pd.DataFrame, grid_levels: Mapping[str, Sequence[object]], name: str, within: Sequence[str],
+) -> set[tuple[object, ...]]:
+    """The combinations of ``name`` and the factors it is nested in that occur in the data."""
+    columns = [name, *within]
+    present = visits[columns].drop_duplicates()
+    return {tuple(row) for row in present.itertuples(index=False) if all(
+        value in grid_levels[column] for column, value in zip(columns, row, strict=True))}
 
 
 def _predictors(
@@ -192,7 +288,7 @@ def _predictors(
             elif isinstance(variable, Name) and not _is_numeric(visits[variable.id]):
                 factors[variable.id] = _recorded_levels(transforms, variable.id, visits[variable.id])
             else:
-                numeric.extend(_columns_read(variable))
+                numeric.extend(sorted(expression_columns(variable)))
     return factors, [column for column in dict.fromkeys(numeric) if column not in factors]
 
 
@@ -209,21 +305,6 @@ def _data_levels(column: pd.Series) -> _Factor:
     _, labels = pd.factorize(column.astype(str), sort=True)
     shown = tuple(str(label) for label in labels)
     return _Factor(shown, shown)
-
-
-def _columns_read(expr: Expr) -> list[str]:
-    """The data columns an arithmetic expression (``week``, ``I(week^2)``, ``poly(age, 2)``, ``log(dose)``) reads."""
-    if isinstance(expr, Name):
-        return [] if expr.id in CONSTANTS else [expr.id]
-    if isinstance(expr, Paren):
-        return _columns_read(expr.inner)
-    if isinstance(expr, Unary):
-        return _columns_read(expr.operand)
-    if isinstance(expr, Binary):
-        return _columns_read(expr.left) + _columns_read(expr.right)
-    if isinstance(expr, Call):
-        return [column for argument in expr.args for column in _columns_read(argument)]
-    return []
 
 
 def _at_values(
@@ -244,6 +325,7 @@ def _at_values(
 
 def _grid_notes(
     at: Mapping[str, Sequence[float]], held: Mapping[str, float], averaged: Mapping[str, _Factor],
+    nests: Mapping[str, Sequence[str]],
 ) -> list[str]:
     notes = [f"Means at {column} = {', '.join(f'{value:g}' for value in values)}." for column, values in at.items()]
     if held:
@@ -252,6 +334,11 @@ def _grid_notes(
     if averaged:
         notes.append("Averaged with equal weights over the levels of "
                      + ", ".join(f"{column} ({', '.join(factor.labels)})" for column, factor in averaged.items()) + ".")
+    for name, within in nests.items():
+        if name in averaged:
+            where = " and ".join(within)
+            notes.append(f"{name} is nested in {where}: averaged within each {where} over its own levels "
+                         "(emmeans' nesting).")
     return notes
 
 
@@ -259,38 +346,103 @@ def _is_numeric(column: pd.Series) -> bool:
     return bool(pd.api.types.is_numeric_dtype(column)) and not pd.api.types.is_bool_dtype(column)
 
 
+# ---------------------------------------------------------------------------------------------- estimability
+
+
+def _cell_means(X: np.ndarray, cell_of_row: np.ndarray, n_cells: int) -> np.ndarray:
+    """The mean of ``X``'s rows per cell (NaN for a cell with no row)."""
+    sums = np.zeros((n_cells, X.shape[1]))
+    np.add.at(sums, cell_of_row, X)
+    counts = np.bincount(cell_of_row, minlength=n_cells).astype(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return sums / counts[:, None]
+
+
+def nonestimable_basis(X: np.ndarray) -> np.ndarray:
+    """A basis of the null space of the full (undropped) fixed-effects matrix ``X``, as estimability's
+    ``nonest.basis`` (from the SVD: the right singular vectors whose singular values are below
+    ``NULL_SPACE_TOLERANCE`` × the largest); no columns when ``X`` has full column rank."""
+    # X's singular values and right singular vectors are its R factor's: an n × n U is never formed.
+    square = np.linalg.qr(X, mode="r") if X.shape[0] > X.shape[1] else X
+    _, d, vt = np.linalg.svd(square, full_matrices=True)
+    d = np.concatenate([d, np.zeros(vt.shape[0] - d.shape[0])])
+    return np.ascontiguousarray(vt[d < d[0] * NULL_SPACE_TOLERANCE].T)
+
+
+def is_estimable(L: np.ndarray, null_basis: np.ndarray | None) -> np.ndarray:
+    """Which rows of ``L`` (full-design coefficients) are estimable, as estimability's ``is.estble``:
+    |N'x|² < ``ESTIMABILITY_TOLERANCE`` × |x|². A row with a NaN (a cell with no data) is not."""
+    finite = np.isfinite(L).all(axis=1)
+    if null_basis is None or null_basis.shape[1] == 0:
+        return finite
+    x = np.where(np.isfinite(L), L, 0.0)
+    squares = (x * x).sum(axis=1)
+    squares = np.where(squares < ESTIMABILITY_TOLERANCE, 1.0, squares)
+    return finite & (((x @ null_basis) ** 2).sum(axis=1) < ESTIMABILITY_TOLERANCE * squares)
+
+
+def _nonestimable_note(grid: ReferenceGrid, estimable: np.ndarray, dropped: Sequence[str]) -> str:
+    cells = grid.cells[~estimable]
+    shown = "; ".join(", ".join(f"{column} = {_shown(value)}" for column, value in row.items())
+                      for _, row in cells.iterrows())
+    why = (f"the fitted design drops {', '.join(dropped)} as collinear with its other columns, and these means "
+           "depend on it" if dropped else "no data combination is left in these cells")
+    return f"Not estimable ({len(cells)} of {len(grid.cells)} means, left blank as emmeans' nonEst): {why}: {shown}."
+
+
+def _shown(value: object) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _estimate_rows(
+    L: np.ndarray, estimable: np.ndarray, inference: FixedEffectInference,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``inference.contrasts`` of the estimable rows of ``L``; NaN for the others."""
+    out = tuple(np.full(L.shape[0], math.nan) for _ in range(3))
+    if estimable.any():
+        for column, values in zip(out, inference.contrasts(L[estimable]), strict=True):
+            column[estimable] = values
+    return out[0], out[1], out[2]
+
+
 # ------------------------------------------------------------------------------------------------ tables
 
 
-def _means_table(grid: ReferenceGrid, L: np.ndarray, inference: FixedEffectInference, family: str) -> pd.DataFrame:
-    eta, se, df = inference.contrasts(L)
+def _means_table(
+    grid: ReferenceGrid, L: np.ndarray, estimable: np.ndarray, inference: FixedEffectInference, family: Family | None,
+) -> pd.DataFrame:
+    eta, se, df = _estimate_rows(L, estimable, inference)
     low, high, _ = t_interval(eta, se, df)
-    if family != "gaussian":
-        inverse, derivative = _INVERSE_LINKS[family]
-        eta, se, low, high = inverse(eta), derivative(eta) * se, inverse(low), inverse(high)
+    if family is not None:
+        # The delta method: SE(μ) = dμ/dη SE(η), dμ/dη being the canonical link's working weight.
+        slope = family.evaluate(eta, np.zeros_like(eta), np.zeros_like(eta)).weight
+        eta, se, low, high = family.mean(eta), slope * se, family.mean(low), family.mean(high)
     return grid.cells.assign(estimate=eta, se=se, df=df, ci_low=low, ci_high=high)
 
 
 def _contrasts_table(
-    grid: ReferenceGrid, L: np.ndarray, inference: FixedEffectInference, family: str,
-) -> tuple[pd.DataFrame, str]:
+    grid: ReferenceGrid, L_full: np.ndarray, kept: Sequence[int], null_basis: np.ndarray | None,
+    inference: FixedEffectInference, family: Family | None,
+) -> tuple[pd.DataFrame, list[str]]:
     n_levels = len(grid.levels)
     k = n_levels - 1
     if k == 0:
-        return _empty_contrasts(grid.at_columns), f"No contrasts: {grid.by} has one level, {grid.levels[0]}."
-    per_combination = L.reshape(-1, n_levels, L.shape[1])
-    differences = (per_combination[:, 1:, :] - per_combination[:, :1, :]).reshape(-1, L.shape[1])
-    estimate, se, df = inference.contrasts(differences)
+        return _empty_contrasts(grid.at_columns), [f"No contrasts: {grid.by} has one level, {grid.levels[0]}."]
+    per_combination = L_full.reshape(-1, n_levels, L_full.shape[1])
+    full_differences = (per_combination[:, 1:, :] - per_combination[:, :1, :]).reshape(-1, L_full.shape[1])
+    estimable = is_estimable(full_differences, null_basis)
+    estimate, se, df = _estimate_rows(full_differences[:, kept], estimable, inference)
     if k == 1:
         low, high, p_value = t_interval(estimate, se, df)
         adjustment = "none"
     else:
         critical = dunnettx_quantile(LEVEL, k, df)
         low, high = estimate - critical * se, estimate + critical * se
+        p_value = np.full(estimate.shape, math.nan)
         with np.errstate(invalid="ignore", divide="ignore"):
-            p_value = dunnettx_p_value(np.abs(estimate / se), k, df)
+            p_value[estimable] = dunnettx_p_value(np.abs(estimate / se)[estimable], k, df[estimable])
         adjustment = "dunnettx"
-    ratio = family != "gaussian"
+    ratio = family is not None
     if ratio:
         # The delta method on exp: SE(exp d) = exp(d) SE(d); tests stay on the link scale (null ratio 1).
         estimate, se, low, high = np.exp(estimate), np.exp(estimate) * se, np.exp(low), np.exp(high)
@@ -303,7 +455,7 @@ def _contrasts_table(
         table[column] = np.repeat(at[column].to_numpy(), k)
     table = table.assign(estimate=estimate, se=se, df=df, ci_low=low, ci_high=high, p_value=p_value,
                          adjustment=adjustment)
-    what = {"binomial": "odds ratios", "poisson": "rate ratios"}.get(family, "differences")
+    what = {"logit": "odds ratios", "log": "rate ratios"}.get(family.link, "ratios") if family else "differences"
     where = f"at each combination of {', '.join(grid.at_columns)}" if grid.at_columns else "in the family"
     if k == 1:
         note = (f"Contrasts are {what} of {grid.levels[1]} against the reference level {grid.levels[0]} of "
@@ -312,7 +464,15 @@ def _contrasts_table(
         note = (f"Contrasts are {what} of each level of {grid.by} against the reference level {grid.levels[0]}; "
                 f"intervals and p-values are adjusted for the {k} contrasts {where} with emmeans' dunnettx "
                 "(its approximation to Dunnett's method).")
-    return table, note
+    notes = [note]
+    if not estimable.all():
+        blank = ", ".join(f"{label} ({', '.join(f'{c} = {_shown(v)}' for c, v in zip(grid.at_columns, at_row))})"
+                          if grid.at_columns else label
+                          for label, *at_row in table.loc[~estimable, ["contrast", *grid.at_columns]].itertuples(
+                              index=False))
+        notes.append(f"Not estimable ({int((~estimable).sum())} of {len(table)} contrasts, left blank as emmeans' "
+                     f"nonEst): they depend on columns the fitted design drops as collinear: {blank}.")
+    return table, notes
 
 
 def _all_numbers(levels: Sequence[str]) -> bool:
@@ -325,18 +485,6 @@ def _all_numbers(levels: Sequence[str]) -> bool:
 
 def _empty_contrasts(at_columns: Sequence[str]) -> pd.DataFrame:
     return pd.DataFrame(columns=["contrast", *at_columns, *CONTRAST_COLUMNS])
-
-
-def _expit(x: np.ndarray) -> np.ndarray:
-    from scipy.special import expit
-
-    return np.asarray(expit(x), dtype=float)
-
-
-_INVERSE_LINKS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]] = {
-    "binomial": (_expit, lambda eta: _expit(eta) * (1.0 - _expit(eta))),
-    "poisson": (np.exp, np.exp),
-}
 
 
 # ---------------------------------------------------------------------------------------------- dunnettx

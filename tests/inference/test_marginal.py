@@ -27,7 +27,11 @@ from longitudinal.inference.marginal import (
     MEAN_COLUMNS,
     dunnettx_p_value,
     dunnettx_quantile,
+    check_reference_grid,
     estimate_means,
+    find_nests,
+    is_estimable,
+    nonestimable_basis,
     reference_grid,
     zeroin,
 )
@@ -296,6 +300,48 @@ def test_by_a_number_in_the_model_is_refused(site: pd.DataFrame) -> None:
         _estimate(fit, site, by="age", at={"week": [0]})
 
 
+# ------------------------------------------------------------------ nesting, estimability, the pre-fit check
+
+
+def test_find_nests_reads_nesting_from_the_data() -> None:
+    # centre A, B only in control, C, D only in treatment: centre %in% arm, as emmeans' .find_nests says
+    visits = pd.DataFrame({"arm": ["c", "c", "t", "t"] * 2, "centre": ["A", "B", "C", "D"] * 2,
+                           "sex": ["f"] * 4 + ["m"] * 4})
+    levels = {"arm": ("c", "t"), "centre": ("A", "B", "C", "D"), "sex": ("f", "m")}
+    assert find_nests(visits, levels) == {"centre": ("arm",)}
+    # crossed factors are not nested; a factor with one level in the grid is left out
+    assert find_nests(visits, {"arm": ("c", "t"), "sex": ("f", "m")}) == {}
+    assert find_nests(visits, {"arm": ("c",), "centre": ("A", "B", "C", "D")}) == {}
+
+
+def test_a_row_off_the_design_is_not_estimable() -> None:
+    # age2 = 2 age + 1: the null space is spanned by (1, 2, -1) / sqrt(6), as estimability's nonest.basis
+    age = np.array([30.0, 41.0, 52.0, 67.0])
+    X = np.column_stack([np.ones(4), age, 2 * age + 1])
+    basis = nonestimable_basis(X)
+    assert basis.shape == (3, 1)
+    assert np.abs(basis[:, 0]) == pytest.approx(np.array([1.0, 2.0, 1.0]) / math.sqrt(6.0))
+    mean = age.mean()
+    L = np.array([[1.0, mean, 2 * mean + 1], [1.0, 40.0, 2 * mean + 1], [0.0, 0.0, 0.0], [math.nan, 1.0, 1.0]])
+    assert list(is_estimable(L, basis)) == [True, False, True, False]
+    assert nonestimable_basis(X[:, :2]).shape == (2, 0)
+
+
+def test_check_reference_grid_names_the_candidate(site: pd.DataFrame) -> None:
+    formulas = {name: parse_formula(text, name=name) for name, text in {
+        "slopes": "score ~ week * arm + age + (1 | patient_id)",
+        "visits": "score ~ factor(week) * arm + (1 | patient_id)",
+    }.items()}
+    check_reference_grid(EstimatesConfig(by="arm", at={"week": [0, 2]}), formulas, site)
+    message = r"candidate 'visits': .*at week: 1.5 is not a level of factor\(week\).*levels are 0, 1, 2, 3, 4, 5"
+    with pytest.raises(ConfigError, match=message):
+        check_reference_grid(EstimatesConfig(by="arm", at={"week": [0, 1.5]}), formulas, site)
+    with pytest.raises(ConfigError, match=r"candidate 'slopes': .*by 'age' is a number in the model formula"):
+        check_reference_grid(EstimatesConfig(by="age", at={"week": [0]}), formulas, site)
+    with pytest.raises(ConfigError, match=r"candidate 'visits': .*at 'arm' gives numbers, but 'arm' is a categorical"):
+        check_reference_grid(EstimatesConfig(at={"arm": [0]}), {"visits": formulas["visits"]}, site)
+
+
 def test_inputs_are_not_modified(site: pd.DataFrame, factor_week: Fit) -> None:
     before = site.copy()
     _estimate(factor_week, site, by="arm", at={"week": [0, 2]})
@@ -357,11 +403,18 @@ def _case_estimates(case: dict, method: str):
 
 def _close(got: np.ndarray, expected: np.ndarray, rel: float, scale: np.ndarray | float = 0.0) -> None:
     """|got − expected| ≤ rel × max(|expected|, scale): a bound or a difference near zero is compared on the
-    scale of its standard error, where a relative tolerance would ask for digits neither fit has."""
+    scale of its standard error, where a relative tolerance would ask for digits neither fit has. NaN matches
+    only NaN: a row emmeans reports as nonEst (null) must be NaN here, and only such a row."""
     got, expected = np.asarray(got, dtype=float), np.asarray(expected, dtype=float)
     with np.errstate(invalid="ignore"):  # inf - inf where both df are infinite
         same = (got == expected) | (np.abs(got - expected) <= rel * np.maximum(np.abs(expected), scale))
+    same |= np.isnan(got) & np.isnan(expected)  # emmeans' nonEst (null in the JSON): NaN here
     assert same.all(), f"got {got[~same]}, emmeans {expected[~same]} (rel {rel})"
+
+
+def _column(rows: list[dict], key: str, missing: float = math.nan) -> np.ndarray:
+    """One emmeans column; a null (nonEst) is NaN, an absent key (an infinite df, left out) ``missing``."""
+    return np.array([row.get(key, missing) for row in rows], dtype=float)
 
 
 @pytest.mark.parametrize(("case", "method"), BLOCKS, ids=[f"{c['name']}-{m}" for c, m in BLOCKS])
@@ -373,12 +426,12 @@ def test_marginal_means_equal_emmeans(case: dict, method: str) -> None:
     means = estimates.means
     assert list(means[spec["by"]]) == [row["level"] for row in rows]
     assert list(means[spec["time"]]) == [float(row["time"]) for row in rows]
-    se = np.array([row["SE"] for row in rows])
-    _close(means["estimate"].to_numpy(), np.array([row[estimate_key] for row in rows]), 1e-4, se)
+    se = _column(rows, "SE")
+    _close(means["estimate"].to_numpy(), _column(rows, estimate_key), 1e-4, se)
     _close(means["se"].to_numpy(), se, 1e-3)
-    _close(means["df"].to_numpy(), np.array([row.get("df", math.inf) for row in rows]), 1e-2)
-    _close(means["ci_low"].to_numpy(), np.array([row[low] for row in rows]), 1e-3, se)
-    _close(means["ci_high"].to_numpy(), np.array([row[high] for row in rows]), 1e-3, se)
+    _close(means["df"].to_numpy(), _column(rows, "df", math.inf), 1e-2)
+    _close(means["ci_low"].to_numpy(), _column(rows, low), 1e-3, se)
+    _close(means["ci_high"].to_numpy(), _column(rows, high), 1e-3, se)
 
 
 @pytest.mark.parametrize(("case", "method"), BLOCKS, ids=[f"{c['name']}-{m}" for c, m in BLOCKS])
@@ -392,14 +445,14 @@ def test_contrasts_equal_emmeans(case: dict, method: str) -> None:
     assert list(contrasts["contrast"]) == [row["contrast"] for row in rows]
     assert list(contrasts[spec["time"]]) == [float(row["time"]) for row in rows]
     assert (contrasts["adjustment"] == block["adjust"]).all()
-    se = np.array([row["SE"] for row in rows])
-    _close(contrasts["estimate"].to_numpy(), np.array([row[estimate_key] for row in rows]), 1e-4, se)
+    se = _column(rows, "SE")
+    _close(contrasts["estimate"].to_numpy(), _column(rows, estimate_key), 1e-4, se)
     _close(contrasts["se"].to_numpy(), se, 1e-3)
-    _close(contrasts["df"].to_numpy(), np.array([row.get("df", math.inf) for row in rows]), 1e-2)
-    _close(contrasts["ci_low"].to_numpy(), np.array([row[low] for row in rows]), 1e-3, se)
-    _close(contrasts["ci_high"].to_numpy(), np.array([row[high] for row in rows]), 1e-3, se)
+    _close(contrasts["df"].to_numpy(), _column(rows, "df", math.inf), 1e-2)
+    _close(contrasts["ci_low"].to_numpy(), _column(rows, low), 1e-3, se)
+    _close(contrasts["ci_high"].to_numpy(), _column(rows, high), 1e-3, se)
     # Below 1e-10 emmeans' 1 - .pdunnx (and R's pt) carry no relative precision.
-    _close(contrasts["p_value"].to_numpy(), np.array([row["p.value"] for row in rows]), 1e-2, 1e-8)
+    _close(contrasts["p_value"].to_numpy(), _column(rows, "p.value"), 1e-2, 1e-8)
 
 
 @pytest.mark.parametrize("case", _reference_cases(), ids=[case["name"] for case in _reference_cases()])
@@ -415,8 +468,35 @@ def test_reference_grid_equals_emmeans(case: dict) -> None:
     assert set(grid.averaged) == set(spec["averaged_over"])
     for column, levels in grid.averaged.items():
         assert levels == tuple(expected[column])
+    assert dict(grid.nests) == {column: tuple(within) for column, within in spec.get("nesting", {}).items()}
     held = spec["held_at"] or {}
     assert set(grid.held) == set(held)
     for column, value in grid.held.items():
         # emmeans keeps the mean to 6 significant digits in the JSON's reference_grid
         assert value == pytest.approx(held[column][0], rel=1e-5)
+
+
+def _development_case(name: str) -> dict:
+    return next(case for case in _reference_cases() if case["name"] == name)
+
+
+def test_nested_centre_is_averaged_within_its_arm() -> None:
+    # emmeans: "NOTE: A nesting structure was detected in the fitted model: centre %in% arm"; lme4 drops
+    # the centre column aliased with arm. Averaging over all four centres gave a control mean 0.8 off at week 8.
+    case = _development_case("sim_centres_nested")
+    fit, _ = _case_fit(case)
+    assert fit.dropped_terms
+    estimates, _ = _case_estimates(case, "satterthwaite")
+    nesting = "centre is nested in arm: averaged within each arm over its own levels (emmeans' nesting)."
+    assert nesting in estimates.notes
+    assert not any("Not estimable" in note for note in estimates.notes)
+
+
+def test_collinear_covariate_leaves_means_blank_as_emmeans_nonest() -> None:
+    # age2 = 2 age + 1 (lme4 drops age2): at age = 40 with age2 at its mean the means are not estimable
+    # (emmeans prints nonEst); the differences between arms do not involve age and are estimated.
+    estimates, _ = _case_estimates(_development_case("sim_centres_collinear_age"), "satterthwaite")
+    assert estimates.means[list(MEAN_COLUMNS)].isna().all().all()
+    assert estimates.contrasts[["estimate", "se", "df", "p_value"]].notna().all().all()
+    note = next(note for note in estimates.notes if note.startswith("Not estimable"))
+    assert "4 of 4 means" in note and "drops age2" in note and "arm = control, age = 40" in note

@@ -72,8 +72,20 @@ sitka <- MASS::Sitka
 sitka$weeks <- (sitka$Time - 152) / 7  # weeks since the first measurement: Time in days makes lme4 warn
 data(calcium, package = "lava")
 
+# The same trial in four centres, two per arm (centre nested in arm: lme4 drops the arm-aliased centre column),
+# and age2 = 2 age + 1, a covariate collinear with age (lme4 drops age2): emmeans averages a nested factor only
+# over the levels present within each level of its nesting factor, and reports a mean that is not estimable
+# from the full design (age2 held at its mean while age moves) as nonEst.
+simulate_centres <- function(trial) {
+  number <- as.integer(substr(trial$id, 2, 3))
+  trial$centre <- ifelse(trial$arm == "control", ifelse(number %% 2 == 1, "A", "B"), ifelse(number %% 2 == 1, "C", "D"))
+  trial$age2 <- 2 * trial$age + 1
+  trial
+}
+
 exported <- list(
   inf_sim_trial = simulate_trial(),
+  inf_sim_centres = simulate_centres(simulate_trial()),
   inf_sitka = as_plain(sitka, c("tree", "treat", "Time", "weeks", "size")),
   inf_dietox = as_plain(dietox, c("Pig", "Evit", "Cu", "Time", "Weight")),
   inf_calcium = as_plain(calcium, c("person", "group", "visit", "age", "bmd")),
@@ -89,6 +101,7 @@ sources <- list(
   sleepstudy = "lme4::sleepstudy (shared with make_reference.R)",
   bodyweight = "nlme::BodyWeight (shared with make_reference_units.R)",
   inf_sim_trial = "make_reference_inference.R: simulate_trial() (set.seed(1501))",
+  inf_sim_centres = "make_reference_inference.R: simulate_centres(simulate_trial()) (set.seed(1501))",
   inf_sitka = "MASS::Sitka, weeks = (Time - 152) / 7",
   inf_dietox = "geepack::dietox",
   inf_calcium = "lava::calcium (bone mineral density, calcium supplement C vs placebo P, 5 visits)",
@@ -114,6 +127,12 @@ cases <- list(
   list(name = "sim_trial_slopes_age", data = "inf_sim_trial", formula = "y ~ week * arm + age + (week | id)",
        factors = c("id", "arm"), heldout = FALSE,
        emmeans = list(by = "arm", time = "week", at = c(0, 2, 4, 8))),
+  list(name = "sim_centres_nested", data = "inf_sim_centres", formula = "y ~ week * arm + centre + (1 | id)",
+       factors = c("id", "arm", "centre"), heldout = FALSE,
+       emmeans = list(by = "arm", time = "week", at = c(0, 2, 4, 8))),
+  list(name = "sim_centres_collinear_age", data = "inf_sim_centres",
+       formula = "y ~ week * arm + age + age2 + (1 | id)", factors = c("id", "arm", "centre"), heldout = FALSE,
+       emmeans = list(by = "arm", time = "age", at = c(40, 60))),
   list(name = "sitka_slopes", data = "inf_sitka", formula = "size ~ weeks * treat + (weeks | tree)",
        factors = c("tree", "treat"), heldout = TRUE,
        emmeans = list(by = "treat", time = "weeks", at = c(0, 7, 15))),
@@ -331,6 +350,8 @@ emmeans_section <- function(fit, spec, family) {
                                   names = others[!vapply(grid[others], is.character, logical(1))]))
   out$reference_grid_default <- lapply(ref_grid(fit)@levels,
                                        function(values) I(if (is.factor(values)) as.character(values) else values))
+  nesting <- ref_grid(fit)@model.info$nesting  # factor -> the factors it is nested in, as .find_nests() detects
+  if (length(nesting) > 0) out$nesting <- lapply(nesting, I)
   if (grepl(sprintf("factor(%s)", spec$time), paste(deparse(formula(fit)), collapse = " "), fixed = TRUE)) {
     # emmeans keeps only the `at` values that are levels of factor(time), silently: record which survive.
     off_level <- c(spec$at[1], spec$at[1] + 1)
