@@ -32,7 +32,7 @@ import pandas as pd
 
 from longitudinal.config import DF_METHODS, FAMILIES, LINKS
 from longitudinal.data.ingest import to_text
-from longitudinal.errors import ConfigError, DataError, FitError
+from longitudinal.errors import ConfigError, DataError, FitError, FormulaError
 from longitudinal.fit.candidate import fit_candidate
 from longitudinal.fit.glmm.families import family_named
 from longitudinal.inference.ddf import DF_METHOD_NAMES, fixed_effect_inference
@@ -386,8 +386,11 @@ class MixedModel:
         typed = type_columns(frame, {c: self.column_kinds[c] for c in needed}, where="newdata")
         complete = typed.notna().all(axis=1).to_numpy()
         rows = typed[complete]
-        X, names = fixed_effects_matrix(rows, self.parsed, transforms=self.transforms,
-                                        dropped=self.record.dropped_terms)
+        try:
+            X, names = fixed_effects_matrix(rows, self.parsed, transforms=self.transforms,
+                                            dropped=self.record.dropped_terms)
+        except FormulaError as exc:  # a level the fit never saw: a problem of the new data, not of the formula
+            raise DataError(f"newdata: {exc}") from None
         eta = X @ self.coefficients.reindex(list(names)).to_numpy()
         if random_effects:
             eta = eta + self._random_part(rows)

@@ -234,7 +234,7 @@ def test_integer_and_text_columns_are_read_as_the_pipeline_reads_them(sleep: pd.
     assert set(m.ranef()["level"]) == {"1", "2", "3", "4"}
     new = pd.DataFrame({"week": [1.0], "arm": ["treated"], "id": ["3"]})
     assert m.predict(new).iloc[0] == pytest.approx(m.fitted.iloc[7], rel=1e-12)
-    with pytest.raises(FormulaError, match="'arm' has the level 'placebo', which the fitted data did not have"):
+    with pytest.raises(DataError, match="newdata: .*'arm' has the level 'placebo', which the fitted data did not have"):
         m.predict(new.assign(arm="placebo"))
 
 
