@@ -11,7 +11,8 @@ fitted design's transforms (factor levels, poly and spline bases), so a ``poly(w
 term is evaluated at the grid's values, not averaged column by column.
 
 Nesting and estimability, as emmeans. A factor whose every level occurs with only one level of another grid
-factor (centres within arms) is nested in it (emmeans' ``.find_nests``, read from the data): it is averaged,
+factor (centres within arms), or that the model has only in interactions (``arm/site``), is nested in it
+(emmeans' ``.find_nests``, from the data and from the terms): it is averaged,
 within each level of its nesting factor, over the levels present there, not over the full product of levels,
 and a note names the nesting. L is built on the full design, the columns lme4 dropped as collinear
 included; a row with |L N|² ≥ 1e-8 |L|², N a basis of the null space of the full fixed-effects matrix
@@ -48,7 +49,7 @@ from longitudinal.errors import ConfigError
 from longitudinal.fit.glmm.families import Family, family_named
 from longitudinal.inference.ddf import LEVEL, FixedEffectInference, t_interval
 from longitudinal.model.design import build_design, fixed_effects_matrix
-from longitudinal.model.formula import Call, ModelFormula, Name, expression_columns, parse_formula
+from longitudinal.model.formula import Call, Expr, ModelFormula, Name, deparse, expression_columns, parse_formula
 from longitudinal.model.transforms import FactorLevels, Transform
 from longitudinal.records import Fit, MarginalEstimates
 
@@ -128,7 +129,7 @@ def check_reference_grid(
         try:
             reference_grid(visits, formula, build_design(visits, formula).transforms, estimates)
         except ConfigError as exc:
-            raise ConfigError(f"candidate {name!r}: {exc}; or change the candidate's formula") from exc
+            raise ConfigError(f"candidate {name!r}: {exc}") from exc
 
 
 # ------------------------------------------------------------------------------------- the reference grid
@@ -200,7 +201,7 @@ def reference_grid(
     averaged = {name: factor for name, factor in factors.items() if name != by and name not in at_values}
     held = {column: float(visits[column].mean()) for column in numeric if column not in at_values}
     grid_levels = {name: (by_values if name == by else at_values.get(name, factors[name].values)) for name in factors}
-    nests = find_nests(visits, grid_levels)
+    nests = find_nests(visits, grid_levels, _factor_terms(formula, factors), intercept=formula.fixed_terms.intercept)
     notes.extend(_grid_notes(estimates.at, held, averaged, nests))
     observed = {name: _observed(visits, grid_levels, name, within) for name, within in nests.items()}
 
@@ -236,15 +237,20 @@ def reference_grid(
     )
 
 
-def find_nests(visits: pd.DataFrame, grid_levels: Mapping[str, Sequence[object]]) -> dict[str, tuple[str, ...]]:
-    """Which factors of the grid are nested in which, as emmeans' ``.find_nests`` detects it from the data:
-    among the factors with more than one level in the grid (``grid_levels``: factor -> its values there), and
-    the rows of ``visits`` whose values are all in the grid, a factor is nested in another when each of its
-    levels occurs with only one level of the other (one not already found nested in it); the factors a
-    nesting factor is itself nested in are added, and a factor nested in itself dropped.
+def find_nests(
+    visits: pd.DataFrame, grid_levels: Mapping[str, Sequence[object]], terms: Sequence[frozenset[str]] = (),
+    *, intercept: bool = True,
+) -> dict[str, tuple[str, ...]]:
+    """Which factors of the grid are nested in which, as emmeans' ``.find_nests``, among the factors with more
+    than one level in the grid (``grid_levels``: factor -> its values there).
 
-    ``.find_nests`` also reads nesting from the terms (a factor appearing only in interactions, ``arm/centre``);
-    that is not done here: such a factor's levels must be labelled distinctly across the nesting factor's.
+    From the data (the rows of ``visits`` whose values are all in the grid): a factor is nested in another
+    when each of its levels occurs with only one level of the other (one not already found nested in it).
+    From the model's ``terms`` (each the set of its variables, a factor by its column name, and
+    ``intercept``): a factor without a main effect (``arm/site``, ``arm:site``) is nested in the factors its
+    interactions code without contrasts (R's ``factors`` attribute: v is coded so in a term when the term
+    without v is not in the model). Then the factors a nesting factor is itself nested in are added, and a
+    factor nested in itself dropped.
     """
     names = [name for name, values in grid_levels.items() if len(values) > 1]
     if len(names) < 2:
@@ -258,9 +264,45 @@ def find_nests(visits: pd.DataFrame, grid_levels: Mapping[str, Sequence[object]]
         within = [other for other in others if present.groupby(name)[other].nunique().max() == 1]
         if within:
             nests[name] = within
+    for name, within in _nests_from_terms(names, terms, intercept).items():
+        nests[name] = list(dict.fromkeys([*nests.get(name, []), *within]))
     for name in list(nests):
         nests[name] = list(dict.fromkeys([*(f for w in nests[name] for f in nests.get(w, [])), *nests[name]]))
     return {name: tuple(within) for name, within in nests.items() if name not in within}
+
+
+def _nests_from_terms(names: Sequence[str], terms: Sequence[frozenset[str]], intercept: bool) -> dict[str, list[str]]:
+    """The term-based half of ``.find_nests``: each factor of ``names`` without a main effect, nested in the
+    factors coded without contrasts in the terms where it is coded with them (the smallest such sets)."""
+    in_model: set[frozenset[str]] = set(terms) | ({frozenset()} if intercept else set())
+
+    def full_dummies(term: frozenset[str], variable: str) -> bool:
+        return term - {variable} not in in_model
+
+    nests: dict[str, list[str]] = {}
+    for name in names:
+        containing = [term for term in terms if name in term]
+        if not containing or frozenset({name}) in in_model:
+            continue
+        coded = [term for term in containing if not full_dummies(term, name)] or containing
+        groups = [frozenset(v for v in term if v in names and v != name and full_dummies(term, v)) for term in coded]
+        minimal = [group for group in groups if not any(other < group for other in groups)]
+        within = [v for v in names if any(v in group for group in minimal)]
+        if within and all(minimal):
+            nests[name] = within
+    return nests
+
+
+def _factor_terms(formula: ModelFormula, factors: Mapping[str, _Factor]) -> list[frozenset[str]]:
+    """The fixed terms as sets of their variables: a factor by its column, any other variable by its label."""
+    def key(variable: Expr) -> str:
+        if isinstance(variable, Call) and variable.function == "factor" and isinstance(variable.args[0], Name):
+            return variable.args[0].id
+        if isinstance(variable, Name) and variable.id in factors:
+            return variable.id
+        return deparse(variable)
+
+    return [frozenset(key(variable) for variable in term.variables) for term in formula.fixed_terms.terms]
 
 
 def _observed(

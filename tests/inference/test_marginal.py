@@ -314,6 +314,19 @@ def test_find_nests_reads_nesting_from_the_data() -> None:
     assert find_nests(visits, {"arm": ("c",), "centre": ("A", "B", "C", "D")}) == {}
 
 
+def test_find_nests_reads_nesting_from_the_terms() -> None:
+    # site 1, 2 in both arms: not nested in the data, but y ~ arm + arm:site has no site main effect, so
+    # site is coded without contrasts within arm (R's factors attribute) and emmeans nests it in arm
+    visits = pd.DataFrame({"arm": ["c", "c", "t", "t", "t"], "site": ["1", "2", "1", "2", "3"]})
+    levels = {"arm": ("c", "t"), "site": ("1", "2", "3")}
+    arm, site, both = frozenset({"arm"}), frozenset({"site"}), frozenset({"arm", "site"})
+    assert find_nests(visits, levels, [arm, both]) == {"site": ("arm",)}
+    # y ~ arm:site alone: each is coded without contrasts in the other, so each would be nested in itself;
+    # emmeans drops such entries ("we get such in a model like y ~ A : B")
+    assert find_nests(visits, levels, [both]) == {}
+    assert find_nests(visits, levels, [arm, site, both]) == {}
+
+
 def test_a_row_off_the_design_is_not_estimable() -> None:
     # age2 = 2 age + 1: the null space is spanned by (1, 2, -1) / sqrt(6), as estimability's nonest.basis
     age = np.array([30.0, 41.0, 52.0, 67.0])

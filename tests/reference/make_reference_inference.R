@@ -73,13 +73,16 @@ sitka$weeks <- (sitka$Time - 152) / 7  # weeks since the first measurement: Time
 data(calcium, package = "lava")
 
 # The same trial in four centres, two per arm (centre nested in arm: lme4 drops the arm-aliased centre column),
-# and age2 = 2 age + 1, a covariate collinear with age (lme4 drops age2): emmeans averages a nested factor only
-# over the levels present within each level of its nesting factor, and reports a mean that is not estimable
-# from the full design (age2 held at its mean while age moves) as nonEst.
+# age2 = 2 age + 1, a covariate collinear with age (lme4 drops age2), and a site numbered within arm: emmeans
+# averages a nested factor only over the levels present within each level of its nesting factor, and reports
+# a mean that is not estimable from the full design (age2 held at its mean while age moves) as nonEst.
 simulate_centres <- function(trial) {
   number <- as.integer(substr(trial$id, 2, 3))
   trial$centre <- ifelse(trial$arm == "control", ifelse(number %% 2 == 1, "A", "B"), ifelse(number %% 2 == 1, "C", "D"))
   trial$age2 <- 2 * trial$age + 1
+  # site 1, 2 in both arms, site 3 in treatment only: site %in% arm from the terms (arm:site, no site main
+  # effect), not from the data
+  trial$site <- ifelse(number %in% c(21, 23), 3, 1 + number %% 2)
   trial
 }
 
@@ -133,6 +136,9 @@ cases <- list(
   list(name = "sim_centres_collinear_age", data = "inf_sim_centres",
        formula = "y ~ week * arm + age + age2 + (1 | id)", factors = c("id", "arm", "centre"), heldout = FALSE,
        emmeans = list(by = "arm", time = "age", at = c(40, 60))),
+  list(name = "sim_centres_site_terms", data = "inf_sim_centres", formula = "y ~ week * arm + arm:site + (1 | id)",
+       factors = c("id", "arm", "centre", "site"), heldout = FALSE,
+       emmeans = list(by = "arm", time = "week", at = c(0, 2, 4, 8))),
   list(name = "sitka_slopes", data = "inf_sitka", formula = "size ~ weeks * treat + (weeks | tree)",
        factors = c("tree", "treat"), heldout = TRUE,
        emmeans = list(by = "treat", time = "weeks", at = c(0, 7, 15))),
