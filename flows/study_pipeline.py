@@ -82,7 +82,7 @@ def _run_stages(config: StudyConfig, config_path: Path, formulas: dict, staging:
 
     covariates = check_candidates(formulas, config.data.roles, list(ingested.raw.columns))
     validated = validate(ingested, config, covariates)
-    check_estimates(config, validated.visits)
+    check_estimates(config, validated.visits, formulas)
     clock = _stage_done(stages, "validate", clock)
 
     names = list(formulas)

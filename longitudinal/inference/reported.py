@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 
 import pandas as pd
 
@@ -33,6 +34,7 @@ from longitudinal.config import StudyConfig
 from longitudinal.errors import ConfigError, LongitudinalError
 from longitudinal.inference.ddf import DF_METHOD_NAMES, FixedEffectInference, fixed_effect_inference
 from longitudinal.inference.variance import explained_variance
+from longitudinal.model.formula import ModelFormula
 from longitudinal.records import Fit, ReportedModel
 
 def report_inference(fit: Fit, visits: pd.DataFrame, config: StudyConfig) -> ReportedModel:
@@ -66,10 +68,12 @@ def _with_notes(fit: Fit, notes: list[str]) -> Fit:
     return dataclasses.replace(fit, message="; ".join(m for m in (fit.message, *notes) if m))
 
 
-def check_estimates(config: StudyConfig, visits: pd.DataFrame) -> None:
+def check_estimates(config: StudyConfig, visits: pd.DataFrame, formulas: Mapping[str, ModelFormula]) -> None:
     """Refuse, before any fit, an ``estimates`` section the analysed rows cannot answer: a ``by`` column that is
     missing or not categorical (text, or listed in ``data.categorical``), an ``at`` column that is missing or
-    not numeric. Raises ``ConfigError`` naming the column and the fix."""
+    not numeric, and, for every candidate (``formulas``, parsed), what its reference grid would refuse after
+    the fits (``marginal.check_reference_grid``: an ``at`` value that is not a level of ``factor(week)``, a
+    ``by`` column the candidate reads as a number). Raises ``ConfigError`` naming the column and the fix."""
     estimates = config.estimates
     if estimates is None:
         return
@@ -87,6 +91,9 @@ def check_estimates(config: StudyConfig, visits: pd.DataFrame) -> None:
         if not pd.api.types.is_numeric_dtype(visits[column]) or column in config.data.categorical:
             raise ConfigError(f"estimates.at: {column!r} is categorical; give values of a numeric column (the "
                               "time, a numeric covariate), or name it in estimates.by")
+    from longitudinal.inference.marginal import check_reference_grid
+
+    check_reference_grid(estimates, formulas, visits)
 
 
 def _fixed_effect_inference(fit: Fit, visits: pd.DataFrame, method: str, notes: list[str]) -> FixedEffectInference:

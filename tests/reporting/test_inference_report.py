@@ -24,6 +24,7 @@ from longitudinal.errors import ConfigError
 from longitudinal.fit.candidate import fit_candidate
 from longitudinal.inference.criteria import select_model
 from longitudinal.inference.reported import check_estimates, report_inference
+from longitudinal.model.formula import parse_candidates
 from longitudinal.records import ReportInputs, Validated, failed_fit
 from longitudinal.reporting.html import render_report
 from longitudinal.reporting.run_folder import selected_model_summary, write_run_files
@@ -151,7 +152,19 @@ def test_estimates_the_data_cannot_answer_are_refused_before_any_fit(estimates: 
                            "models": {"candidates": {"a": "score ~ week + (1 | pid)"}}, "estimates": estimates})
     visits = make_trial().assign(age=40.0, site="A")
     with pytest.raises(ConfigError, match=message):
-        check_estimates(config, visits)
+        check_estimates(config, visits, parse_candidates(config.models.candidates))
+
+
+def test_an_at_value_no_candidate_can_estimate_is_refused_before_any_fit() -> None:
+    # a week that is not a level of factor(week) in one candidate: refused with the candidate named, not after
+    # every fit
+    config = parse_config({"study": "s", "data": {"source": "x.csv", "subject": "pid", "time": "week",
+                                                  "outcome": "score"},
+                           "models": {"candidates": {"slope": "score ~ week * arm + (1 | pid)",
+                                                     "visits": "score ~ factor(week) * arm + (1 | pid)"}},
+                           "estimates": {"by": "arm", "at": {"week": [0, 2.5]}}})
+    with pytest.raises(ConfigError, match=r"candidate 'visits'.*2\.5 is not a level of factor\(week\)"):
+        check_estimates(config, make_trial(), parse_candidates(config.models.candidates))
 
 
 def test_a_df_method_that_cannot_be_computed_falls_back_to_the_normal_and_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
