@@ -45,6 +45,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.pipeline --server --sizes 200k,2M --no-example --out benchmarks/results/server
 	$(BIN)/python benchmarks/bench_covariance.py --case all
 	$(BIN)/python benchmarks/bench_glmm.py --case all
+	$(BIN)/python benchmarks/bench_report.py
 
 # Regenerate the bundled example study (fixed seed: the file changes only if the simulator does).
 example-data: $(STAMP)

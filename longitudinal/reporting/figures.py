@@ -6,7 +6,8 @@ and uses constrained layout so that labels do not overlap. Large studies stay fa
 and subject panels draw a seeded sample of subjects (their means use every row), dense scatters
 become hexagonal bins over every row, the QQ plot draws at most a few thousand quantiles, and
 rows are selected through integer codes rather than string comparisons. Drawing, matplotlib's
-per-text work, is most of the remaining cost.
+per-text work, is most of the remaining cost: :func:`render_pngs` shares it between this process and one
+forked helper where two CPUs are available.
 
 User-provided text (column, candidate and subject names) goes through :func:`_plain`, so a ``$`` in
 a name is shown as written instead of starting matplotlib's math mode.
@@ -14,10 +15,15 @@ a name is shown as written instead of starting matplotlib's math mode.
 
 from __future__ import annotations
 
+import gc
 import io
 import math
+import os
+import pickle
 import re
-from collections.abc import Callable, Iterator, Sequence
+import signal
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Literal, TypeVar
 
@@ -206,6 +212,97 @@ def figure_to_png(fig: Figure, dpi: int = 110) -> bytes:
         fig.dpi = original_dpi
         fig.set_canvas(canvas)
     return buffer.getvalue()
+
+
+def render_pngs(builders: Mapping[str, Callable[[], Figure]], processes: int | None = None) -> dict[str, bytes]:
+    """Build every figure of ``builders`` and render it as PNG (:func:`figure_to_png`), keyed in their order.
+
+    With ``processes`` > 1 (default: 2 where ``fork`` is safe to use, Linux, and two CPUs are free for this
+    process) one forked helper takes figures from a shared queue while this process takes the others: a report's
+    figures are independent, and drawing them is pure Python, so a thread would not help. The helper inherits the
+    builders and the data (nothing is pickled but the PNG bytes it sends back) and always ends with this call.
+    Rendering is deterministic, so the bytes do not depend on which process drew a figure; a figure the helper
+    did not deliver (it failed, or was killed) is drawn here, where its error, if any, is raised.
+    """
+    stems = list(builders)
+    workers = _default_processes() if processes is None else processes
+    if workers < 2 or len(stems) < 2:
+        return {stem: figure_to_png(builders[stem]()) for stem in stems}
+    done = _render_with_helper(builders, stems)
+    return {stem: done[stem] if stem in done else figure_to_png(builders[stem]()) for stem in stems}
+
+
+def _default_processes() -> int:
+    if sys.platform != "linux" or not hasattr(os, "fork"):
+        return 1  # macOS and Windows: fork after threads (Prefect's) is unsafe or missing
+    return min(2, len(os.sched_getaffinity(0)))
+
+
+_DRAWN_FIRST = ("caterpillar", "observed_vs_fitted", "residual_correlation")
+"""The figures with the most axes and tick labels, the slowest to draw: started first, so that the two
+processes of :func:`render_pngs` finish at about the same time."""
+
+
+def _render_with_helper(builders: Mapping[str, Callable[[], Figure]], stems: Sequence[str]) -> dict[str, bytes]:
+    """Render ``stems`` in this process and one forked helper, each taking the next figure from a pipe of
+    indices (one byte each: a read of one byte from a pipe is atomic); the helper's PNGs come back pickled."""
+    queue_read, queue_write = os.pipe()
+    result_read, result_write = os.pipe()
+    order = sorted(range(len(stems)), key=lambda i: stems[i] not in _DRAWN_FIRST)
+    os.write(queue_write, bytes(order))  # at most 255 figures, far below a pipe's buffer
+    os.close(queue_write)
+    gc.freeze()  # the helper's garbage collections then leave the inherited objects, and their pages, alone
+    try:
+        pid = os.fork()
+    except OSError:  # no process to spare (a limit, memory): everything is drawn here
+        gc.unfreeze()
+        for descriptor in (queue_read, result_read, result_write):
+            os.close(descriptor)
+        return {}
+    if pid == 0:  # the helper: never returns into the caller's code
+        status = 1
+        try:
+            os.close(result_read)
+            mine = _take_figures(builders, stems, queue_read, keep_going=True)
+            with os.fdopen(result_write, "wb") as out:
+                pickle.dump(mine, out, protocol=pickle.HIGHEST_PROTOCOL)
+            status = 0
+        finally:
+            os._exit(status)
+    gc.unfreeze()
+    os.close(result_write)
+    incoming = os.fdopen(result_read, "rb")
+    try:
+        done = _take_figures(builders, stems, queue_read, keep_going=False)
+        received = incoming.read()
+        os.waitpid(pid, 0)
+        pid = 0
+    finally:
+        incoming.close()
+        os.close(queue_read)
+        if pid:  # an error or an interruption here: stop the helper and reap it
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    try:
+        helped: dict[str, bytes] = pickle.loads(received)
+    except Exception:  # the helper died before sending everything: what it drew is drawn again here
+        helped = {}
+    return done | helped
+
+
+def _take_figures(builders: Mapping[str, Callable[[], Figure]], stems: Sequence[str], queue: int, *,
+                  keep_going: bool) -> dict[str, bytes]:
+    """Render figures whose indices this process reads from ``queue`` until it is empty. The helper
+    (``keep_going``) skips a figure that raises, which the caller then draws and raises itself."""
+    done: dict[str, bytes] = {}
+    while (index := os.read(queue, 1)):
+        stem = stems[index[0]]
+        try:
+            done[stem] = figure_to_png(builders[stem]())
+        except Exception:
+            if not keep_going:
+                raise
+    return done
 
 
 def _message_figure(title: str, message: str) -> Figure:

@@ -60,7 +60,7 @@ from longitudinal.records import (
     Validated,
 )
 from longitudinal.inference.residuals import ratio_effects
-from longitudinal.reporting.figures import build_figures, figure_to_png
+from longitudinal.reporting.figures import figure_builders, render_pngs
 from longitudinal.reporting.html import dispersion_of, overdispersion_advice, render_report
 
 STAGING_PREFIX = ".staging-"
@@ -546,12 +546,11 @@ def _write_run_files(folder: Path, inputs: ReportInputs) -> Path:
     write_json(validation_summary(inputs.validated), folder / "validation.json")
     write_quarantine(inputs.validated, folder)
     write_data(inputs.validated, folder)
-    pngs = {}
-    figures = build_figures(inputs.validated.visits, inputs.config, inputs.selection, inputs.selected, fits=inputs.fits,
-                            estimates=inputs.estimates)
-    for stem, figure in figures.items():
-        pngs[stem] = figure_to_png(figure)
-        (folder / "figures" / f"{stem}.png").write_bytes(pngs[stem])
+    builders = figure_builders(inputs.validated.visits, inputs.config, inputs.selection, inputs.selected,
+                               fits=inputs.fits, estimates=inputs.estimates)
+    pngs = render_pngs(builders)
+    for stem, png in pngs.items():
+        (folder / "figures" / f"{stem}.png").write_bytes(png)
     report = folder / "report.html"
     report.write_text(printable(render_report(inputs, pngs)), encoding="utf-8")
     return report

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
@@ -29,6 +31,7 @@ from longitudinal.reporting.figures import (
     build_figures,
     caterpillar_rows,
     choose_group_column,
+    figure_builders,
     figure_to_png,
     plot_caterpillar,
     plot_coefficients,
@@ -39,6 +42,7 @@ from longitudinal.reporting.figures import (
     plot_residuals_over_time,
     plot_residuals_vs_fitted,
     plot_trajectories,
+    render_pngs,
 )
 
 FORMULA = "score ~ week * arm + (week | pid)"
@@ -381,6 +385,39 @@ def test_figure_to_png_renders_names_with_dollar_signs_literally() -> None:
     fig = plot_observed_vs_fitted(visits, make_fit(visits), "pid", "week", "score")
     png = figure_to_png(fig)  # an unescaped "$\frac$" would fail to parse as mathtext here
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_render_pngs_gives_the_same_bytes_in_one_process_or_two(fit: Fit, visits: pd.DataFrame) -> None:
+    builders = figure_builders(visits, make_config(), make_selection(), fit)
+    serial = render_pngs(builders, processes=1)
+    assert list(serial) == list(FIGURE_KEYS)
+    assert serial["qq"] == figure_to_png(builders["qq"]())
+    assert render_pngs(builders, processes=2) == serial
+    assert list(render_pngs(builders, processes=2)) == list(FIGURE_KEYS)
+
+
+def test_render_pngs_raises_a_figure_error_in_the_caller(fit: Fit, visits: pd.DataFrame) -> None:
+    def broken() -> Figure:
+        raise ValueError("no such column 'dose'")
+
+    builders = figure_builders(visits, make_config(), make_selection(), fit) | {"broken": broken}
+    with pytest.raises(ValueError, match="no such column 'dose'"):
+        render_pngs(builders, processes=2)
+
+
+def test_render_pngs_draws_what_a_dead_helper_did_not_deliver(fit: Fit, visits: pd.DataFrame) -> None:
+    caller = os.getpid()
+    builders = figure_builders(visits, make_config(), make_selection(), fit)
+
+    def dying_in_the_helper(build: Callable[[], Figure]) -> Callable[[], Figure]:
+        def guarded() -> Figure:
+            if os.getpid() != caller:
+                os._exit(9)  # the helper dies at its first figure, as if killed, having sent nothing
+            return build()
+        return guarded
+
+    pngs = render_pngs({stem: dying_in_the_helper(build) for stem, build in builders.items()}, processes=2)
+    assert pngs == render_pngs(builders, processes=1)
 
 
 def test_build_figures_follows_a_subject_made_of_several_columns(fit: Fit, visits: pd.DataFrame) -> None:
