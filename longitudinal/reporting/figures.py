@@ -217,8 +217,8 @@ def figure_to_png(fig: Figure, dpi: int = 110) -> bytes:
 def render_pngs(builders: Mapping[str, Callable[[], Figure]], processes: int | None = None) -> dict[str, bytes]:
     """Build every figure of ``builders`` and render it as PNG (:func:`figure_to_png`), keyed in their order.
 
-    With ``processes`` > 1 (default: 2 where ``fork`` is safe to use, Linux, and two CPUs are free for this
-    process) one forked helper takes figures from a shared queue while this process takes the others: a report's
+    With ``processes`` > 1 (default: 2 on Linux, where ``fork`` is safe to use, when this process may run on two
+    CPUs) one forked helper takes figures from a shared queue while this process takes the others: a report's
     figures are independent, and drawing them is pure Python, so a thread would not help. The helper inherits the
     builders and the data (nothing is pickled but the PNG bytes it sends back) and always ends with this call.
     Rendering is deterministic, so the bytes do not depend on which process drew a figure; a figure the helper
