@@ -226,7 +226,7 @@ def render_pngs(builders: Mapping[str, Callable[[], Figure]], processes: int | N
     """
     stems = list(builders)
     workers = _default_processes() if processes is None else processes
-    if workers < 2 or len(stems) < 2:
+    if workers < 2 or not 2 <= len(stems) <= 255:  # the helper's queue holds one byte per figure
         return {stem: figure_to_png(builders[stem]()) for stem in stems}
     done = _render_with_helper(builders, stems)
     return {stem: done[stem] if stem in done else figure_to_png(builders[stem]()) for stem in stems}
@@ -249,7 +249,7 @@ def _render_with_helper(builders: Mapping[str, Callable[[], Figure]], stems: Seq
     queue_read, queue_write = os.pipe()
     result_read, result_write = os.pipe()
     order = sorted(range(len(stems)), key=lambda i: stems[i] not in _DRAWN_FIRST)
-    os.write(queue_write, bytes(order))  # at most 255 figures, far below a pipe's buffer
+    os.write(queue_write, bytes(order))  # far below a pipe's buffer
     os.close(queue_write)
     gc.freeze()  # the helper's garbage collections then leave the inherited objects, and their pages, alone
     try:
