@@ -21,8 +21,10 @@ import math
 import os
 import pickle
 import re
+import select
 import signal
 import sys
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Literal, TypeVar
@@ -243,9 +245,18 @@ _DRAWN_FIRST = ("caterpillar", "observed_vs_fitted", "residual_correlation")
 processes of :func:`render_pngs` finish at about the same time."""
 
 
-def _render_with_helper(builders: Mapping[str, Callable[[], Figure]], stems: Sequence[str]) -> dict[str, bytes]:
+HELPER_GRACE_SECONDS = 30.0
+"""How long, at least, this process waits for the forked helper after drawing its own share of the figures (or
+four times what its share took, if longer). A helper that has not delivered by then — stalled on a lock that
+another thread held when it was forked, say — is killed and its figures are drawn here: a run is never stuck
+on it."""
+
+
+def _render_with_helper(builders: Mapping[str, Callable[[], Figure]], stems: Sequence[str], *,
+                        grace: float = HELPER_GRACE_SECONDS) -> dict[str, bytes]:
     """Render ``stems`` in this process and one forked helper, each taking the next figure from a pipe of
-    indices (one byte each: a read of one byte from a pipe is atomic); the helper's PNGs come back pickled."""
+    indices (one byte each: a read of one byte from a pipe is atomic); the helper's PNGs come back pickled,
+    within ``grace`` seconds of this process finishing its share (see :data:`HELPER_GRACE_SECONDS`)."""
     queue_read, queue_write = os.pipe()
     result_read, result_write = os.pipe()
     order = sorted(range(len(stems)), key=lambda i: stems[i] not in _DRAWN_FIRST)
@@ -271,23 +282,39 @@ def _render_with_helper(builders: Mapping[str, Callable[[], Figure]], stems: Seq
             os._exit(status)
     gc.unfreeze()
     os.close(result_write)
-    incoming = os.fdopen(result_read, "rb")
+    began = time.perf_counter()
     try:
         done = _take_figures(builders, stems, queue_read, keep_going=False)
-        received = incoming.read()
-        os.waitpid(pid, 0)
-        pid = 0
+        received = _read_all(result_read, max(grace, 4.0 * (time.perf_counter() - began)))
+        if received is not None:
+            os.waitpid(pid, 0)
+            pid = 0
     finally:
-        incoming.close()
+        os.close(result_read)
         os.close(queue_read)
         if pid:  # an error or an interruption here: stop the helper and reap it
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
     try:
-        helped: dict[str, bytes] = pickle.loads(received)
+        helped: dict[str, bytes] = pickle.loads(received) if received is not None else {}
     except Exception:  # the helper died before sending everything: what it drew is drawn again here
         helped = {}
     return done | helped
+
+
+def _read_all(descriptor: int, seconds: float) -> bytes | None:
+    """Everything written to the pipe ``descriptor`` until its writer closes it; None if that takes longer than
+    ``seconds``."""
+    deadline = time.monotonic() + seconds
+    chunks: list[bytes] = []
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([descriptor], [], [], left)[0]:
+            return None
+        chunk = os.read(descriptor, 1 << 16)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
 
 
 def _take_figures(builders: Mapping[str, Callable[[], Figure]], stems: Sequence[str], queue: int, *,

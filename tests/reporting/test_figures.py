@@ -420,6 +420,33 @@ def test_render_pngs_draws_what_a_dead_helper_did_not_deliver(fit: Fit, visits: 
     assert pngs == render_pngs(builders, processes=1)
 
 
+def test_render_pngs_never_waits_on_a_stalled_helper(fit: Fit, visits: pd.DataFrame) -> None:
+    # A helper stuck (say on a lock another thread held when it was forked) is killed after the grace period
+    # and its figures are drawn here: the run goes on.
+    import time
+
+    from longitudinal.reporting.figures import _render_with_helper
+
+    caller = os.getpid()
+    builders = figure_builders(visits, make_config(), make_selection(), fit)
+
+    def stalling_in_the_helper(build: Callable[[], Figure]) -> Callable[[], Figure]:
+        def guarded() -> Figure:
+            if os.getpid() != caller:
+                time.sleep(600)
+            return build()
+        return guarded
+
+    stalling = {stem: stalling_in_the_helper(build) for stem, build in builders.items()}
+    began = time.perf_counter()
+    drawn_here = _render_with_helper(stalling, list(stalling), grace=1.0)
+    assert time.perf_counter() - began < 60
+    assert 0 < len(drawn_here) < len(builders)  # the helper took one figure and delivered nothing
+    missing = [stem for stem in builders if stem not in drawn_here]
+    assert len(missing) == 1
+    assert drawn_here | {missing[0]: figure_to_png(builders[missing[0]]())} == render_pngs(builders, processes=1)
+
+
 def test_build_figures_follows_a_subject_made_of_several_columns(fit: Fit, visits: pd.DataFrame) -> None:
     # data.subject: [site, pid]: validation adds the combined column "site:pid" ("A:p0") to the visits.
     config = parse_config({
