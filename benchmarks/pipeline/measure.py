@@ -1,5 +1,6 @@
-"""Measuring one subprocess (wall time, peak memory of its tree and of its largest process) and the
-environment it runs in (its own Prefect home; the working tree, or a committed snapshot of it).
+"""Measuring one subprocess (wall time, peak memory of its tree — proportional, shared pages split — and of
+its largest process) and the environment it runs in (its own Prefect home; the working tree, or a committed
+snapshot of it).
 
 Only the standard library and the shared Prefect-process environment (``flows.local_server``): no
 library code is imported here, so a ``--snapshot`` measures the snapshot's code.
@@ -48,7 +49,10 @@ def find_time_tool(*, install: bool) -> str | None:
 
 
 def read_tree_rss(root_pid: int) -> int:
-    """Resident bytes summed over ``root_pid`` and all its descendants, read from /proc (0 if unreadable)."""
+    """Bytes in memory of ``root_pid`` and all its descendants, read from /proc (0 if unreadable): each
+    process's proportional set size (``Pss`` of ``/proc/<pid>/smaps_rollup``: a page shared by n processes
+    counts 1/n in each), so that a forked helper's copy-on-write pages (the report's figure helper) are not
+    counted twice; its resident set size where ``smaps_rollup`` cannot be read."""
     children: dict[int, list[int]] = {}
     rss_pages: dict[int, int] = {}
     for entry in os.scandir("/proc"):
@@ -65,11 +69,24 @@ def read_tree_rss(root_pid: int) -> int:
         except (OSError, ValueError, IndexError):
             continue
     total, stack = 0, [root_pid]
+    page = os.sysconf("SC_PAGE_SIZE")
     while stack:
         pid = stack.pop()
-        total += rss_pages.get(pid, 0)
+        total += _proportional_bytes(pid, rss_pages.get(pid, 0) * page)
         stack.extend(children.get(pid, ()))
-    return total * os.sysconf("SC_PAGE_SIZE")
+    return total
+
+
+def _proportional_bytes(pid: int, resident: int) -> int:
+    """``Pss`` of ``pid`` in bytes, or ``resident`` when the kernel does not say (no smaps_rollup, no access)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as handle:
+            for line in handle:
+                if line.startswith(b"Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return resident
 
 
 def run_measured(command: Sequence[str], *, env: dict[str, str], cwd: Path, time_tool: str | None,
