@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from longitudinal.fit.failure import FitFailure
+from longitudinal.fit.linalg import GroupFactorBuffers, factor_groups
 from longitudinal.fit.lmm import fit_lmm, profiled_deviance
 from longitudinal.fit.lmm.crossproducts import CrossProducts, compute_crossproducts, group_patterns
 from longitudinal.fit.theta import layout_theta
@@ -672,3 +673,23 @@ def test_an_unidentified_parameter_at_bobyqas_stop_is_noted_on_the_attempt() -> 
     assert attempt.message == best.message == (
         "unable to evaluate the scaled gradient (Hessian not positive definite); "
         "Hessian is numerically singular: parameters are not uniquely determined")
+
+
+@pytest.mark.parametrize("formula", [
+    "y ~ x + w + (x | g)", "y ~ x + w + (1 | g) + (0 + x | g)", "y ~ x + w + (0 + x | g)",
+])
+def test_the_optimizers_buffered_factors_are_factor_groups_bit_for_bit(small: pd.DataFrame, formula: str) -> None:
+    # The optimizer's evaluations (GroupFactorBuffers) must not move its path: same bits as factor_groups,
+    # call after call into the same buffers, with and without a random-effect correlation.
+    products = compute_crossproducts(design_of(small, formula))
+    q = products.n_random
+    buffers = GroupFactorBuffers(products.ZtZ, products.ZtXy)
+    rng = np.random.default_rng(3)
+    for k in range(30):
+        lam = np.tril(rng.normal(size=(q, q)) * 10.0 ** rng.uniform(-3, 1))
+        lam[np.diag_indices(q)] = np.abs(np.diagonal(lam))
+        if k % 3 == 0 and q == 2:
+            lam[1, 0] = 0.0
+        chol, R, logdet = factor_groups(products.ZtZ, products.ZtXy, lam)
+        chol_b, R_b, logdet_b = buffers.at(lam)
+        assert np.array_equal(chol, chol_b) and np.array_equal(R, R_b) and logdet == logdet_b

@@ -23,7 +23,8 @@ dense [X y]'[X y]. For a given θ, per group::
     REML criterion = log|M| + log|A| + (n − p)(1 + log(2π r² / (n − p)))
 
 Each evaluation costs O(G q³ + G q p² + p³) and never touches the n rows: the 1×1 and 2×2 Cholesky factors
-are written out as array arithmetic over the groups (batched ``np.linalg.cholesky`` only for q ≥ 3).
+are written out as array arithmetic over the groups (batched ``np.linalg.cholesky`` only for q ≥ 3); for
+q ≤ 2 the optimizer's evaluations write them into buffers allocated once (``GroupFactorBuffers``, the same bits).
 Groups with identical Z_g'Z_g (subjects seen at the same visit times) share M_g and L_g, and Σ_g R_g'R_g
 needs only the sums of W_g[i]'W_g[j] over such a *pattern* (``group_patterns``): when the patterns are few,
 the optimizer's evaluations cost O(P q² p²) for P patterns, whatever the number of subjects. This is exact
@@ -52,7 +53,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from longitudinal.fit.failure import FitFailure
-from longitudinal.fit.linalg import LOG_2PI, backward_groups, factor_groups, forward_groups
+from longitudinal.fit.linalg import LOG_2PI, GroupFactorBuffers, backward_groups, factor_groups, forward_groups
 from longitudinal.fit.lmm.checks import check_identifiable, exact_fit_failure
 from longitudinal.fit.lmm.crossproducts import CrossProducts, PatternProducts, compute_crossproducts, group_patterns
 from longitudinal.fit.optimize import minimize_deviance
@@ -89,13 +90,20 @@ def one_factor_deviance(
     return solution.deviance if solution is not None else math.inf
 
 
-def solve_at(products: CrossProducts, lam: np.ndarray, reml: bool) -> _Solution | None:
+def solve_at(
+    products: CrossProducts, lam: np.ndarray, reml: bool, buffers: GroupFactorBuffers | None = None,
+) -> _Solution | None:
     """Penalized least squares at Λ; None where r² ≤ 0 or a factorization fails.
 
     The Cholesky factor of the augmented S = [A b; b' c] holds everything: its leading p × p block is
-    RX (A = RX RX'), its last row (w', r) with RX w = b and r² = c − w'w, the penalized RSS.
+    RX (A = RX RX'), its last row (w', r) with RX w = b and r² = c − w'w, the penalized RSS. With
+    ``buffers`` (an optimizer's evaluations) the per-group factors are computed into them, bit for bit the
+    same; the solution then shares them and is valid until the next call.
     """
-    chol_M, R, logdet_M = factor_groups(products.ZtZ, products.ZtXy, lam)
+    if buffers is not None:
+        chol_M, R, logdet_M = buffers.at(lam)
+    else:
+        chol_M, R, logdet_M = factor_groups(products.ZtZ, products.ZtXy, lam)
     q, G, k = R.shape
     flat = R.reshape(q * G, k)
     profiled = _profile(products.XytXy - flat.T @ flat, logdet_M, products.n_obs, reml)
@@ -150,11 +158,12 @@ def fit_one_factor(design: Design, *, reml: bool, ranef_map: np.ndarray) -> Engi
     products = compute_crossproducts(design)
     layout = layout_theta(products.block_sizes)
     patterns = group_patterns(products)
+    buffers = GroupFactorBuffers(products.ZtZ, products.ZtXy) if patterns is None and products.n_random <= 2 else None
 
     def deviance(theta: np.ndarray) -> float:
         if patterns is not None:  # subjects sharing their visit pattern share their factorization
             return _pattern_deviance(patterns, layout.lambda_matrix(theta), reml)
-        solution = solve_at(products, layout.lambda_matrix(theta), reml)
+        solution = solve_at(products, layout.lambda_matrix(theta), reml, buffers)
         return solution.deviance if solution is not None else math.inf
 
     best, attempts = minimize_deviance(deviance, layout)
