@@ -346,3 +346,23 @@ def test_a_singular_fit_warns_as_lme4_says_boundary_singular_fit() -> None:
         m = longitudinal.fit("y ~ 1 + (1 | g)", frame)
     assert m.singular
     assert m.random_effects["sd"].tolist() == pytest.approx([0.0, 0.60553], abs=1e-5)
+
+
+def test_scale_is_evaluated_with_the_training_mean_and_sd_as_r_does(sleep: pd.DataFrame) -> None:
+    # R: m <- lmer(Reaction ~ scale(Days) + (scale(Days) | Subject), sleepstudy,
+    #              control = lmerControl(optimizer = "bobyqa", optCtrl = list(rhoend = 1e-12)))
+    # fixef(m); sqrt(diag(vcov(m))); REMLcrit(m)
+    # predict(m, data.frame(Days = c(0, 4.5, 12), Subject = c("308", "309", "999")), allow.new.levels = TRUE)
+    m = longitudinal.fit("Reaction ~ scale(Days) + (scale(Days) | Subject)", sleep)
+    np.testing.assert_allclose(m.fixed_effects["estimate"], [298.507891666667, 30.1488534213674], rtol=1e-5)
+    np.testing.assert_allclose(m.fixed_effects["std_error"], [9.04993587706027, 4.45232551379759], rtol=1e-3)
+    assert list(m.fixed_effects.index) == ["(Intercept)", "scale(Days)"]
+    # the REML criterion is not invariant to rescaling a fixed-effect column: R's is 1741.51, not Days' 1743.63
+    assert m.reml_criterion == pytest.approx(1741.51248771309, abs=1e-3)
+    new = pd.DataFrame({"Days": [0, 4.5, 12], "Subject": ["308", "309", "999"]})  # scale(12) uses Days' mean, sd
+    np.testing.assert_allclose(m.predict(new), [253.663670791548, 219.320650315954, 377.012536363637], rtol=1e-6)
+
+
+def test_scale_of_a_constant_is_refused_naming_the_term(sleep: pd.DataFrame) -> None:
+    with pytest.raises(FormulaError, match=r"scale\(one\): the variable is constant"):
+        longitudinal.fit("Reaction ~ Days + scale(one) + (1 | Subject)", sleep.assign(one=1.0))

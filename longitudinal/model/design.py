@@ -49,9 +49,11 @@ from longitudinal.model.formula import (
 from longitudinal.model.transforms import (
     FactorLevels,
     PolyBasis,
+    ScaleParameters,
     SplineBasis,
     Transform,
     fit_poly,
+    fit_scale,
     fit_spline,
     poly_basis,
     spline_basis,
@@ -323,6 +325,8 @@ class _Evaluator:
             return self._poly(expr, key)
         if expr.function in ("ns", "bs"):
             return self._spline(expr, key)
+        if expr.function == "scale":
+            return self._scale(expr, key)
         return _Numeric(self.arithmetic(expr).reshape(-1, 1), ("",))
 
     def _recorded(self, key: str, kind: type) -> Transform | None:
@@ -379,6 +383,15 @@ class _Evaluator:
             spline = recorded
         self.fitted[key] = spline
         return _Numeric(spline_basis(x, spline), tuple(str(i) for i in range(1, spline.df + 1)))
+
+    def _scale(self, expr: Call, key: str) -> _Numeric:
+        x = self.arithmetic(expr.args[0])
+        recorded = self._recorded(key, ScaleParameters)
+        if recorded is None:
+            recorded = fit_scale(x, shown=f"formula {self.text!r}: {key}")
+        assert isinstance(recorded, ScaleParameters)
+        self.fitted[key] = recorded
+        return _Numeric(((x - recorded.center) / recorded.scale).reshape(-1, 1), ("",))
 
     def arithmetic(self, expr: Expr) -> np.ndarray:
         """An arithmetic expression as a float vector (one value per row); ``^`` is a power here."""

@@ -46,8 +46,9 @@ FUNCTIONS = {
     "sin": "sin", "cos": "cos",
 }
 #: Functions that make a variable of their own: ``I(expr)``, ``factor(x)``, ``poly(x, d)``, ``ns(x, df)``,
-#: ``bs(x, df)`` (the last three with data-dependent parameters, see ``longitudinal.model.transforms``).
-TERM_FUNCTIONS = ("I", "factor", "poly", "ns", "bs")
+#: ``bs(x, df)``, ``scale(x)`` (the last four with data-dependent parameters, see
+#: ``longitudinal.model.transforms``).
+TERM_FUNCTIONS = ("I", "factor", "poly", "ns", "bs", "scale")
 #: Names that are constants, never columns.
 CONSTANTS = {"pi": math.pi}
 #: Residual covariance structures, named as mmrm names them: unstructured, compound symmetry, AR(1), Toeplitz,

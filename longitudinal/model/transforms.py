@@ -1,7 +1,8 @@
-"""Term functions whose values depend on the analysed data: ``factor``, ``poly``, ``ns``, ``bs``.
+"""Term functions whose values depend on the analysed data: ``factor``, ``poly``, ``ns``, ``bs``, ``scale``.
 
 Each is computed in two steps, as R does: its parameters are fitted once on the analysed data (factor
-levels; poly's ``alpha`` and ``norm2``; the splines' interior and boundary knots), then the basis is
+levels; poly's ``alpha`` and ``norm2``; the splines' interior and boundary knots; scale's mean and SD), then the
+basis is
 evaluated from those parameters. The parameters are recorded in the design so that new data (a later
 prediction) are evaluated with the same basis, as R's ``predict`` does through ``makepredictcall``.
 
@@ -54,7 +55,26 @@ class SplineBasis:
         return len(self.knots) + (1 if self.kind == "ns" else self.degree)
 
 
-Transform = FactorLevels | PolyBasis | SplineBasis
+@dataclass(frozen=True)
+class ScaleParameters:
+    """R's ``scale(x)``: ``(x − center) / scale`` with the mean and the SD (denominator n − 1) of the fitted data
+    (``attr(, "scaled:center")`` and ``attr(, "scaled:scale")``)."""
+
+    center: float
+    scale: float
+
+
+Transform = FactorLevels | PolyBasis | SplineBasis | ScaleParameters
+
+
+def fit_scale(x: np.ndarray, *, shown: str) -> ScaleParameters:
+    """The parameters of ``scale(x)`` on the fitted data; ``FormulaError`` when ``x`` is constant (R would divide
+    by zero and give NaN)."""
+    center = float(np.mean(x))
+    scale = float(np.std(x, ddof=1)) if x.size > 1 else 0.0
+    if not (scale > 0.0 and np.isfinite(scale)):
+        raise FormulaError(f"{shown}: the variable is constant on the analysed rows, so scale() would divide by zero")
+    return ScaleParameters(center=center, scale=scale)
 
 
 # ---------------------------------------------------------------------------------------------- poly
