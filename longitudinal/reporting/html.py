@@ -783,21 +783,9 @@ def _selected_section(inputs: ReportInputs, figures: Mapping[str, bytes]) -> str
     parts.append(_figure(figures, "coefficients", f"Fixed-effect estimates with {interval_name(fit)} 95% "
                          "confidence intervals; the dashed line marks zero."))
     parts.append(_estimates_block(inputs, figures))
-    profiled = _has_profile(fit)
-    random_rows = [[_txt(vc.group), _code(vc.term), _num(format_number(vc.sd)),
-                    *([_num(_interval(vc.ci_low, vc.ci_high))] if profiled else []), _num(format_number(vc.sd ** 2))]
-                   for vc in fit.random_effects]
-    if fit.covariance is None:
-        low, high = fit.residual_sd_ci if fit.residual_sd_ci is not None else (math.nan, math.nan)
-        random_rows.append([_txt("Residual"), _txt(""), _num(format_number(fit.residual_sd)),
-                            *([_num(_interval(low, high))] if profiled else []),
-                            _num(format_number(fit.residual_sd ** 2))])
     parts.append("<h3>Random effects</h3>")
-    if random_rows:
-        parts.append(_table(["Group", "Term", "SD", *(["95% CI (profile)"] if profiled else []), "Variance"],
-                            random_rows))
-        if profiled:
-            parts.append(f'<p class="note">{esc(profile_note(fit))}</p>')
+    if fit.random_effects or fit.covariance is None:
+        parts.append(_variance_components_table(fit, "SD"))
     else:
         parts.append('<p class="note">None: a subject\'s measurements are correlated through the residual '
                      "covariance alone (below).</p>")
@@ -886,6 +874,21 @@ def _grid_value(value: object) -> str:
 
 def _interval(low: float, high: float) -> str:
     return f"{format_number(low)} to {format_number(high)}" if math.isfinite(low) and math.isfinite(high) else "–"
+
+
+def _variance_components_table(fit: Fit, sd_header: str) -> str:
+    """The random-effect SDs and variances (and a Gaussian model's residual, unless a covariance structure takes
+    its place), with their profile intervals and the note on them when they were computed."""
+    profiled = _has_profile(fit)
+    entries = [(vc.group, vc.term, vc.sd, vc.ci_low, vc.ci_high) for vc in fit.random_effects]
+    if fit.family == "gaussian" and fit.covariance is None:
+        low, high = fit.residual_sd_ci if fit.residual_sd_ci is not None else (math.nan, math.nan)
+        entries.append(("Residual", "", fit.residual_sd, low, high))
+    rows = [[_txt(group), _code(term) if term else _txt(""), _num(format_number(sd)),
+             *([_num(_interval(low, high))] if profiled else []), _num(format_number(sd ** 2))]
+            for group, term, sd, low, high in entries]
+    table = _table(["Group", "Term", sd_header, *(["95% CI (profile)"] if profiled else []), "Variance"], rows)
+    return table + (f'\n<p class="note">{esc(profile_note(fit))}</p>' if profiled else "")
 
 
 def _has_profile(fit: Fit) -> bool:
@@ -1040,14 +1043,7 @@ def _glmm_selected_block(inputs: ReportInputs, fit: Fit, figures: Mapping[str, b
                          f"{baseline}."))
     parts.append(_estimates_block(inputs, figures))
     parts.append("<h3>Random effects</h3>")
-    profiled = _has_profile(fit)
-    random_rows = [[_txt(vc.group), _code(vc.term), _num(format_number(vc.sd)),
-                    *([_num(_interval(vc.ci_low, vc.ci_high))] if profiled else []), _num(format_number(vc.sd ** 2))]
-                   for vc in fit.random_effects]
-    parts.append(_table(["Group", "Term", f"SD ({scale})", *(["95% CI (profile)"] if profiled else []), "Variance"],
-                        random_rows))
-    if profiled:
-        parts.append(f'<p class="note">{esc(profile_note(fit))}</p>')
+    parts.append(_variance_components_table(fit, f"SD ({scale})"))
     parts.append(f'<p class="note">On the {scale} scale. There is no residual variance: a {family} outcome\'s '
                  "variance is set by its mean, " + ("μ(1 − μ)." if family == "binomial" else "μ.") + "</p>")
     parts.append(_correlations_table(fit))
