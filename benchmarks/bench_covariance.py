@@ -28,9 +28,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 import pandas as pd
@@ -38,25 +36,14 @@ import pandas as pd
 from longitudinal.fit.candidate import fit_candidate
 from longitudinal.fit.covariance import CovarianceFit, CovarianceStructure, fit_covariance, group_by_pattern
 
+from timing import best_of
+
 R_SCRIPT = r"""
 suppressPackageStartupMessages(library(glmmTMB))
 d <- read.csv(commandArgs(TRUE)[1]); d$visit <- factor(d$visit); d$arm <- factor(d$arm); d$id <- factor(d$id)
 t <- system.time(m <- glmmTMB(y ~ visit * arm + us(visit + 0 | id), data = d, dispformula = ~0, REML = FALSE))
 cat(jsonlite::toJSON(list(seconds = unname(t["elapsed"]), logLik = as.numeric(logLik(m))), digits = NA), "\n")
 """
-
-T = TypeVar("T")
-
-
-def best_of(repeats: int, call: Callable[[], T]) -> tuple[float, T]:
-    """The shortest wall time of ``repeats`` calls, and the last call's result."""
-    times, result = [], None
-    for _ in range(repeats):
-        began = time.perf_counter()
-        result = call()
-        times.append(time.perf_counter() - began)
-    assert result is not None
-    return min(times), result
 
 
 def describe(fit: CovarianceFit) -> str:

@@ -36,17 +36,17 @@ import json
 import shutil
 import subprocess
 import tempfile
-import time
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from longitudinal.fit.candidate import fit_candidate
 from longitudinal.records import Fit
+
+from timing import best_of
 
 CASES = {
     "goal": {"ri": "y ~ t * arm + (1 | id)", "ris": "y ~ t * arm + (t | id)"},
@@ -73,19 +73,6 @@ fits <- lapply(ours, function(o) {
 })
 cat(jsonlite::toJSON(fits, auto_unbox = TRUE, digits = NA), "\n")
 """
-
-T = TypeVar("T")
-
-
-def best_of(repeats: int, call: Callable[[], T]) -> tuple[float, T]:
-    """The shortest wall time of ``repeats`` calls, and the last call's result."""
-    times, result = [], None
-    for _ in range(repeats):
-        began = time.perf_counter()
-        result = call()
-        times.append(time.perf_counter() - began)
-    assert result is not None
-    return min(times), result
 
 
 def simulate_binary_trial(subjects: int, visits: int, seed: int, x_effect: float) -> pd.DataFrame:

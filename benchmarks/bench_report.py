@@ -26,10 +26,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
+
+from timing import least_time
 
 matplotlib.use("Agg")
 
@@ -109,15 +110,6 @@ def write_tables(inputs, folder: Path) -> None:
     files.write_data(inputs.validated, folder)
 
 
-def best_of(repeats: int, work: Callable[[], object]) -> float:
-    seconds = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        work()
-        seconds.append(time.perf_counter() - began)
-    return min(seconds)
-
-
 def measure(size: str, repeats: int) -> dict[str, float]:
     """Seconds per item of the report stage at ``size``: ``report stage, first`` (``write_run_files``, whole, the
     first time in this process, as the flow's report stage runs it), ``report stage, again`` (best of ``repeats``),
@@ -138,21 +130,21 @@ def measure(size: str, repeats: int) -> dict[str, float]:
             (run / "figures").mkdir(parents=True)
             write_run_files(run, inputs)
 
-        result["report stage, first"] = best_of(1, whole)  # what a fresh process pays: fonts, caches
-        result["report stage, again"] = best_of(repeats, whole)
+        result["report stage, first"] = least_time(1, whole)  # what a fresh process pays: fonts, caches
+        result["report stage, again"] = least_time(repeats, whole)
         builders = figure_module.figure_builders(visits, config, inputs.selection, inputs.selected, fits=inputs.fits,
                                                  estimates=inputs.estimates)
         pngs: dict[str, bytes] = {}
         for stem, build in builders.items():
-            result[f"build {stem}"] = best_of(repeats, build)
+            result[f"build {stem}"] = least_time(repeats, build)
             figure = build()
-            result[f"png {stem}"] = best_of(repeats, lambda: figure_module.figure_to_png(figure))
+            result[f"png {stem}"] = least_time(repeats, lambda: figure_module.figure_to_png(figure))
             pngs[stem] = figure_module.figure_to_png(figure)
         render = getattr(figure_module, "render_pngs", None)  # older trees drew each figure in turn
-        result["all figures"] = best_of(repeats, lambda: render(builders) if render else {
+        result["all figures"] = least_time(repeats, lambda: render(builders) if render else {
             stem: figure_module.figure_to_png(build()) for stem, build in builders.items()})
-        result["html"] = best_of(repeats, lambda: render_report(inputs, pngs))
-        result["tables and data"] = best_of(repeats, lambda: write_tables(inputs, folder))
+        result["html"] = least_time(repeats, lambda: render_report(inputs, pngs))
+        result["tables and data"] = least_time(repeats, lambda: write_tables(inputs, folder))
         result["PNG bytes"] = float(sum(len(p) for p in pngs.values()))
     return result
 

@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
-import time
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -34,6 +32,8 @@ from longitudinal.fit.scaling import standardize
 from longitudinal.fit.theta import layout_theta
 from longitudinal.model.design import build_design
 from longitudinal.model.formula import parse_formula
+
+from timing import least_time
 
 CANDIDATES = {
     "(1|id)": "y ~ t + (1 | id)",
@@ -52,16 +52,6 @@ def simulate_unbalanced(n_subjects: int = 27_000, seed: int = 17) -> pd.DataFram
     b1 = rng.normal(0.0, 0.3, n_subjects)[ids]
     y = 10.0 + 0.5 * t + b0 + b1 * t + rng.normal(0.0, 1.0, len(ids))
     return pd.DataFrame({"id": np.char.add("s", ids.astype(str)), "t": t, "y": y})
-
-
-def best_of(call: Callable[[], object], repeats: int) -> float:
-    """Least wall time of ``repeats`` calls, in seconds (the machine is noisy: the minimum is the signal)."""
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - began)
-    return min(times)
 
 
 def main() -> None:
@@ -83,16 +73,16 @@ def main() -> None:
         products = compute_crossproducts(design)
         layout = layout_theta(products.block_sizes)
         theta0 = layout.start()
-        evaluation = best_of(lambda: profiled_deviance(products, theta0, False), 20 * args.repeats)
+        evaluation = least_time(20 * args.repeats, lambda: profiled_deviance(products, theta0, False))
         buffers = GroupFactorBuffers(products.ZtZ, products.ZtXy)
         lam0 = layout.lambda_matrix(theta0)
-        buffered = best_of(lambda: solve_at(products, lam0, False, buffers), 20 * args.repeats)
+        buffered = least_time(20 * args.repeats, lambda: solve_at(products, lam0, False, buffers))
         solution = solve_at(products, lam0, False)
         assert solution is not None
         flat = solution.R.reshape(-1, solution.R.shape[2])
-        gram = best_of(lambda: flat.T @ flat, 20 * args.repeats)
+        gram = least_time(20 * args.repeats, lambda: flat.T @ flat)
         fit = fit_candidate(visits, label, formula, method="ML")
-        fit_seconds = best_of(lambda: fit_candidate(visits, label, formula, method="ML"), args.repeats)
+        fit_seconds = least_time(args.repeats, lambda: fit_candidate(visits, label, formula, method="ML"))
         evals = fit.iterations
         print(
             f"{label:10} {fit_seconds:8.3f} {evals:6d} {1e3 * evaluation:8.3f} {1e3 * buffered:12.3f} "
