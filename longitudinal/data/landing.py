@@ -1,8 +1,10 @@
 """Watch a study's landing folder and report batches of complete, new data files.
 
 A site's export lands as a file that grows for a while; it is reported only once its size and
-modification time have stopped changing for ``settle_seconds``. Files that settle close together are
-reported as one batch (one pipeline run for a burst of arrivals). A periodic rescan backs up the
+modification time have stopped changing for ``settle_seconds``. A file renamed into the folder (written
+aside, then moved into place, as careful exports and ``rsync`` do) is complete when it appears: it waits
+only ``MOVED_SETTLE_SECONDS``, so that files moved in together still form one batch. Files that settle
+close together are reported as one batch (one pipeline run for a burst of arrivals). A periodic rescan backs up the
 file-system notifications, which can be missed (network file systems, a watcher restarted while files
 landed). What counts as "new" is decided by the caller (e.g. a content hash not yet ingested).
 
@@ -25,6 +27,7 @@ from typing import Callable
 from longitudinal.data.durable import printable
 
 DATA_SUFFIXES = (".csv", ".parquet")
+MOVED_SETTLE_SECONDS = 0.3
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +53,7 @@ class LandingWatcher:
         is_new: Callable[[Path], bool] | None = None,
         settle_seconds: float = 2.0,
         rescan_seconds: float = 60.0,
-        poll_seconds: float = 0.5,
+        poll_seconds: float = 0.1,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.folder = folder
@@ -81,11 +84,12 @@ class LandingWatcher:
             def on_any_event(self, event: FileSystemEvent) -> None:
                 if event.is_directory:
                     return
-                for raw in (event.src_path, getattr(event, "dest_path", "")):
+                moved = event.event_type == "moved"
+                for raw, complete in ((event.src_path, False), (getattr(event, "dest_path", ""), moved)):
                     if not raw:
                         continue
                     try:
-                        watcher.notice(Path(os.fsdecode(raw)))  # bytes that are not UTF-8 stay escaped
+                        watcher.notice(Path(os.fsdecode(raw)), complete=complete)  # non-UTF-8 bytes stay escaped
                     except Exception:  # an exception here would end watchdog's thread; the rescan covers it
                         log.exception("cannot look at %s", printable(raw))
 
@@ -108,8 +112,9 @@ class LandingWatcher:
 
     # -------------------------------------------------------------------------------------- the work
 
-    def notice(self, path: Path) -> None:
-        """A file changed (from a notification or a rescan): (re)start its settling clock."""
+    def notice(self, path: Path, *, complete: bool = False) -> None:
+        """A file changed (from a notification or a rescan): (re)start its settling clock. A ``complete``
+        file (renamed into the folder) settles after ``MOVED_SETTLE_SECONDS``, unless it changes again."""
         if path.suffix.lower() not in DATA_SUFFIXES or path.name.startswith("."):
             return
         signature = _signature(path)
@@ -122,7 +127,8 @@ class LandingWatcher:
                 return
             current = self._pending.get(path)
             if current is None or current.signature != signature:
-                self._pending[path] = _Pending(signature, self.clock())
+                waited = max(self.settle_seconds - MOVED_SETTLE_SECONDS, 0.0) if complete else 0.0
+                self._pending[path] = _Pending(signature, self.clock() - waited)
 
     def rescan(self) -> None:
         """Look at every file of the folder (the backstop for missed notifications).

@@ -50,6 +50,31 @@ def test_a_file_is_reported_once_it_stops_growing(tmp_path: Path) -> None:
     assert watcher.tick() == []  # reported once
 
 
+def test_a_file_moved_into_place_is_reported_at_once_unless_it_changes_again(tmp_path: Path) -> None:
+    """A rename into the folder means the writer has finished: no two-second wait (file arrival to
+    report is what `serve` is judged by). Files moved in together still make one batch, and a file that
+    changes after its move settles as any other."""
+    batches: list[list[str]] = []
+    clock = Clock()
+    watcher = _watcher(tmp_path, batches, clock)
+    first, second, appended = tmp_path / "a.csv", tmp_path / "b.csv", tmp_path / "c.csv"
+    for path in (first, second, appended):
+        _grow(path, "id,t,y\n")
+    watcher.notice(first, complete=True)
+    clock.now += 0.1
+    watcher.notice(second, complete=True)
+    assert watcher.tick() == []  # the second one moved in 0 s ago: the burst is still landing
+    clock.now += 0.35
+    assert watcher.tick() == [first, second]
+    assert batches == [["a.csv", "b.csv"]]
+    watcher.notice(appended, complete=True)
+    _grow(appended, "a,0,1\n")  # written to after its move: wait for it to settle
+    clock.now += 0.5
+    assert watcher.tick() == []
+    clock.now += 2.0
+    assert watcher.tick() == [appended]
+
+
 def test_a_burst_of_files_is_one_batch(tmp_path: Path) -> None:
     batches: list[list[str]] = []
     clock = Clock()
