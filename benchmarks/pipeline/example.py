@@ -1,5 +1,5 @@
-"""Fixed costs: the bundled example end to end (cold and warm Prefect home, validate alone) and the import
-time of the heavy libraries."""
+"""Fixed costs: the bundled example end to end (a first run in a new Prefect home, then second runs with a
+changed candidate, validate alone) and the import time of the heavy libraries."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from benchmarks.pipeline.measure import ROOT, code_dir, longitudinal_command, prefect_env, python_wall, run_measured
+from benchmarks.pipeline.measure import ROOT, code_dir, longitudinal_command, python_wall, run_measured
 from benchmarks.pipeline.study import run_pipeline
 
 EXAMPLE_CONFIG = ROOT / "config" / "example.yaml"
@@ -56,29 +56,81 @@ def modules_loaded_at_import(entry: str, env: dict[str, str]) -> list[str]:
     return done.stdout.split() if done.returncode == 0 else [f"(failed: {done.stderr.strip()[-200:]})"]
 
 
-def measure_example(workdir: Path, *, time_tool: str | None, source: Path | None) -> dict[str, Any]:
-    """The bundled example end to end: a cold Prefect home (database created), then warm, then validate only.
+# The second run changes candidate `ri` as a statistician iterating on formulas would: each variant is new to
+# the Prefect home, so its fit is not cached (the other candidates' are, and so is the REML refit while the
+# selection stays the same).
+RI_VARIANTS: tuple[str, ...] = (
+    "score ~ week * arm + (1 | patient_id)",
+    "score ~ week * arm + age + site + (1 | patient_id)",
+    "score ~ week * arm + site + (1 | patient_id)",
+    "score ~ week + arm + age + (1 | patient_id)",
+    "score ~ week + arm + (1 | patient_id)",
+)
+
+
+def example_config_text(source: Path | None, *, data_source: str | None = None, output: str,
+                        study: str | None = None, ri: str | None = None) -> str:
+    """config/example.yaml (of the snapshot, if any) with its data source and output folder replaced.
+
+    ``data_source`` None keeps the example's CSV (as an absolute path); ``study`` renames the study; ``ri``
+    replaces candidate ``ri``'s formula. Text edits, so the example's comments and order stay.
+    """
+    example_config = (source or ROOT) / EXAMPLE_CONFIG.relative_to(ROOT)
+    text = example_config.read_text()
+    if data_source is None:
+        found = re.search(r"^\s*source:\s*(\S+)", text, re.MULTILINE)
+        data_source = json.dumps(str((example_config.parent / found.group(1)).resolve())) if found else '""'
+    replacements = {r"^(\s*source:\s*)\S+": data_source, r"^(\s*directory:\s*)\S+": output}
+    if study is not None:
+        replacements[r"^(study:\s*)\S+"] = study
+    if ri is not None:
+        replacements[r"^(\s*ri:\s*).*$"] = json.dumps(ri)
+    for pattern, value in replacements.items():
+        text, count = re.subn(pattern, _keep_key(value), text, count=1, flags=re.MULTILINE)
+        if count != 1:
+            raise SystemExit(f"config/example.yaml: no line matches {pattern!r}; the benchmark needs updating")
+    return text
+
+
+def _keep_key(value: str) -> Callable[[re.Match[str]], str]:
+    """A substitution keeping the line's key (group 1) and putting ``value`` after it."""
+    return lambda match: f"{match.group(1)}{value}"
+
+
+def example_data(source: Path | None) -> Path:
+    """The bundled example's CSV (of the snapshot, if any)."""
+    example_config = (source or ROOT) / EXAMPLE_CONFIG.relative_to(ROOT)
+    found = re.search(r"^\s*source:\s*(\S+)", example_config.read_text(), re.MULTILINE)
+    if found is None:
+        raise SystemExit("config/example.yaml: no data source line; the benchmark needs updating")
+    return (example_config.parent / found.group(1)).resolve()
+
+
+def measure_example(workdir: Path, *, env: dict[str, str], time_tool: str | None, source: Path | None,
+                    repeats: int = 3) -> dict[str, Any]:
+    """The bundled example: a first run in a new Prefect home, then ``repeats`` second runs, each with
+    candidate ``ri`` changed (so its fit is not cached), then ``longitudinal validate`` and import times.
 
     The config is copied with an absolute data path and an output folder in ``workdir``, so the repo's
-    ``reports/`` is untouched.
+    ``reports/`` is untouched. Each second run is a fresh ``longitudinal run`` process timed to its exit
+    (it prints the report path last).
     """
     folder = workdir / "example"
     folder.mkdir(parents=True, exist_ok=True)
-    example_config = (source or ROOT) / EXAMPLE_CONFIG.relative_to(ROOT)
-    text = example_config.read_text()
-    data_source = re.search(r"^\s*source:\s*(\S+)", text, re.MULTILINE)
-    data_path = (example_config.parent / data_source.group(1)).resolve() if data_source else None
-    text = re.sub(r"^(\s*source:\s*)\S+", lambda m: f"{m.group(1)}{json.dumps(str(data_path))}", text,
-                  flags=re.MULTILINE)
-    text = re.sub(r"^(\s*directory:\s*)\S+", lambda m: f"{m.group(1)}{json.dumps(str(folder / 'reports'))}",
-                  text, flags=re.MULTILINE)
+    output = json.dumps(str(folder / "reports"))
     config = folder / "example.yaml"
-    config.write_text(text)
-    env = prefect_env(folder / "prefect-home", source)
-    out: dict[str, Any] = {}
-    for label in ("cold", "warm"):
-        print(f"  example ({label} Prefect home) ...", flush=True)
-        out[label] = run_pipeline(config, env=env, time_tool=time_tool, log_dir=folder / f"logs-{label}")
+    config.write_text(example_config_text(source, output=output))
+    out: dict[str, Any] = {"second": [], "changes": []}
+    print("  example: first run (new Prefect home) ...", flush=True)
+    out["first"] = run_pipeline(config, env=env, time_tool=time_tool, log_dir=folder / "logs-first")
+    for k, formula in enumerate(RI_VARIANTS[:repeats], start=1):
+        config.write_text(example_config_text(source, output=output, ri=formula))
+        run = run_pipeline(config, env=env, time_tool=time_tool, log_dir=folder / f"logs-second-{k}")
+        print(f"  example: second run {k} (ri: {formula}): "
+              + (f"{run.measured.seconds:.2f} s" if not run.error else f"FAILED {run.error[:200]}"), flush=True)
+        out["second"].append(run)
+        out["changes"].append(formula)
+    config.write_text(example_config_text(source, output=output))
     print("  example: validate only (no Prefect) ...", flush=True)
     out["validate_only"] = run_measured(
         [*longitudinal_command(), "validate", "--config", str(config)], env=env, cwd=code_dir(env),
@@ -90,4 +142,22 @@ def measure_example(workdir: Path, *, time_tool: str | None, source: Path | None
     out["imports"] = measure_imports(env)
     out["loaded_by_flow"] = modules_loaded_at_import("flows.study_pipeline", env)
     out["loaded_by_engine"] = modules_loaded_at_import("longitudinal.fit.lmm", env)
+    return out
+
+
+def example_rows(example: dict[str, Any], measured_at: str) -> list[dict[str, Any]]:
+    """results.csv rows of the example: the first run, and each second run (design ``example``)."""
+    first = example["first"]
+    rows_analysed = first.rows_analysed or 0
+    base = {"design": "example", "rows": rows_analysed, "measured_at": measured_at}
+    out = [base | {"kind": "run", "name": "first run (new Prefect home)", "seconds": first.measured.seconds,
+                   "stages_seconds": sum(first.stages.values()) if first.stages else None,
+                   "peak_tree_mb": first.measured.peak_tree_mb, "selected": first.selected}]
+    for k, (run, formula) in enumerate(zip(example["second"], example["changes"]), start=1):
+        out.append(base | {
+            "kind": "second run", "name": f"second run {k} (ri: {formula})",
+            "seconds": None if run.error else run.measured.seconds,
+            "stages_seconds": sum(run.stages.values()) if run.stages else None,
+            "peak_tree_mb": run.measured.peak_tree_mb, "selected": run.selected,
+        })
     return out

@@ -1,4 +1,8 @@
-"""results.csv: one row per size × item, read back to keep the sizes an invocation did not measure."""
+"""results.csv: one row per design × size × item, read back to keep the studies an invocation did not measure.
+
+``design`` is ``balanced`` or ``unbalanced`` (a simulated study at ``rows`` rows), ``example`` (the bundled
+example: its second runs) or ``serve`` (the bundled example under ``longitudinal serve``: arrival to report).
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 CSV_FIELDS = (
-    "rows", "subjects", "kind", "name", "seconds", "lme4_seconds", "ratio_to_lme4", "loglik", "lme4_loglik",
-    "delta_loglik", "peak_tree_mb", "peak_process_mb", "selected", "lme4_selected", "measured_at",
+    "design", "rows", "subjects", "kind", "name", "seconds", "stages_seconds", "lme4_seconds", "ratio_to_lme4",
+    "loglik", "lme4_loglik", "delta_loglik", "peak_tree_mb", "peak_process_mb", "selected", "lme4_selected",
+    "measured_at",
 )
 
 
@@ -18,7 +23,8 @@ def read_previous(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     with path.open() as handle:
-        return list(csv.DictReader(handle))
+        rows = list(csv.DictReader(handle))
+    return [{**row, "design": row.get("design") or "balanced"} for row in rows]  # files before designs
 
 
 def write_results_csv(rows: list[dict[str, Any]], path: Path) -> None:
@@ -48,9 +54,15 @@ def number(value: Any) -> float | None:
     return parsed if math.isfinite(parsed) else None
 
 
-def pick(rows: list[dict[str, Any]], size: int, kind: str, name: str) -> dict[str, Any] | None:
-    """The row of ``size`` rows with this kind and name, if any."""
+def pick(rows: list[dict[str, Any]], size: int, kind: str, name: str,
+         design: str = "balanced") -> dict[str, Any] | None:
+    """The row of this design at ``size`` rows with this kind and name, if any."""
     for row in rows:
-        if int(row["rows"]) == size and row["kind"] == kind and row["name"] == name:
+        if row["design"] == design and int(row["rows"]) == size and row["kind"] == kind and row["name"] == name:
             return row
     return None
+
+
+def pick_all(rows: list[dict[str, Any]], design: str, kind: str) -> list[dict[str, Any]]:
+    """Every row of this design and kind, in file order."""
+    return [row for row in rows if row["design"] == design and row["kind"] == kind]

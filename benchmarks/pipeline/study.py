@@ -1,7 +1,10 @@
-"""The benchmarked study at one size: simulate it, run ``longitudinal run`` on it, then lme4 on the same CSV.
+"""The benchmarked study at one design and size: simulate it, run ``longitudinal run`` on it, then lme4 on
+the same CSV.
 
-The one place that imports the library (the simulator, lazily: under ``--snapshot`` it comes from the
-snapshot, put on ``sys.path`` first).
+Two designs: ``balanced`` (rows/10 subjects × 10 weekly visits, the library's simulator) and ``unbalanced``
+(about rows/7.5 subjects with 3-12 visits at irregular times, every subject its own pattern:
+``unbalanced.py``). The one place that imports the library (the balanced simulator, lazily: under
+``--snapshot`` it comes from the snapshot, put on ``sys.path`` first).
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ from typing import Any
 
 from benchmarks.pipeline.measure import Measured, code_dir, longitudinal_command, run_measured
 from benchmarks.pipeline.reference import run_lme4
+from benchmarks.pipeline.unbalanced import write_unbalanced
 
-VISITS_PER_SUBJECT = 10
+DESIGNS: tuple[str, ...] = ("balanced", "unbalanced")
+VISITS_PER_SUBJECT = 10  # balanced
 SEED = 20240601
 CRITERION = "bic"
 CANDIDATES: dict[str, str] = {
@@ -40,15 +45,23 @@ class PipelineRun:
     error: str | None = None
 
 
-def simulate_study(rows: int, folder: Path) -> Path:
-    """A balanced study of ``rows`` rows (rows/10 subjects × 10 visits, no dropout, no bad rows), as CSV."""
+def simulate_study(design: str, rows: int, folder: Path) -> tuple[Path, int]:
+    """The study as CSV, and its number of subjects.
+
+    ``balanced``: rows/10 subjects × 10 weekly visits, no dropout, no bad rows (``longitudinal.simulate``);
+    ``unbalanced``: exactly ``rows`` rows, 3-12 visits per subject at irregular weeks (``unbalanced.py``).
+    """
+    if design == "unbalanced":
+        return write_unbalanced(rows, folder / "data.csv")
+    if design != "balanced":
+        raise ValueError(f"unknown design {design!r}; designs are {', '.join(DESIGNS)}")
     from longitudinal.simulate import SimulationSpec, simulate_trial, write_table
 
     spec = SimulationSpec(
         n_subjects=max(1, rows // VISITS_PER_SUBJECT), min_visits=VISITS_PER_SUBJECT,
         max_visits=VISITS_PER_SUBJECT, dropout_probability=0.0, seed=SEED,
     )
-    return write_table(simulate_trial(spec), folder / "data.csv")
+    return write_table(simulate_trial(spec), folder / "data.csv"), spec.n_subjects
 
 
 def write_study_config(data_path: Path, folder: Path, study: str) -> Path:
@@ -76,10 +89,14 @@ def write_study_config(data_path: Path, folder: Path, study: str) -> Path:
 
 
 def run_pipeline(config: Path, *, env: dict[str, str], time_tool: str | None, log_dir: Path) -> PipelineRun:
-    """Run ``longitudinal run --config`` and collect manifest timings, logLiks and the selection."""
+    """Run ``longitudinal run --config`` and collect manifest timings, logLiks and the selection.
+
+    Without ``PREFECT_API_URL`` the run's memory includes the processes a background daemon of its Prefect
+    home forks for it (``measure.RunProcesses``)."""
+    home = None if env.get("PREFECT_API_URL") else Path(env["PREFECT_HOME"])
     measured = run_measured(
         [*longitudinal_command(), "run", "--config", str(config)], env=env, cwd=code_dir(env), time_tool=time_tool,
-        log_dir=log_dir,
+        log_dir=log_dir, prefect_home=home,
     )
     lines = [line for line in measured.stdout.splitlines() if line.strip()]
     run_dir = Path(lines[-1].strip()) if lines else None
@@ -109,8 +126,9 @@ def run_pipeline(config: Path, *, env: dict[str, str], time_tool: str | None, lo
 
 @dataclass
 class SizeResult:
-    """Everything measured at one size."""
+    """Everything measured at one design and size."""
 
+    design: str
     rows: int
     subjects: int
     simulate_seconds: float
@@ -119,17 +137,24 @@ class SizeResult:
     lme4_note: str | None
     measured_at: str
 
+    @property
+    def data_rows(self) -> int:
+        """Rows in the CSV: a balanced study has whole subjects of 10 visits, an unbalanced one exactly ``rows``."""
+        return self.subjects * VISITS_PER_SUBJECT if self.design == "balanced" else self.rows
 
-def measure_size(rows: int, workdir: Path, *, env: dict[str, str], time_tool: str | None,
+
+def measure_size(design: str, rows: int, workdir: Path, *, env: dict[str, str], time_tool: str | None,
                  lme4_problem: str | None, measured_at: str) -> SizeResult:
-    """Simulate one study, run the pipeline on it, then lme4 on the same CSV."""
-    folder = workdir / f"rows_{rows}"
+    """Simulate one study, run the pipeline on it, then lme4 on the same CSV (unless ``lme4_problem`` says
+    why not)."""
+    folder = workdir / f"{design}_{rows}"
     folder.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
-    data_path = simulate_study(rows, folder)
+    data_path, subjects = simulate_study(design, rows, folder)
     simulate_seconds = time.perf_counter() - began
-    config = write_study_config(data_path, folder, f"bench-{rows}")
-    print(f"  {rows:,} rows: data written in {simulate_seconds:.1f} s; longitudinal run ...", flush=True)
+    config = write_study_config(data_path, folder, f"bench-{design}-{rows}")
+    print(f"  {design} {rows:,} rows ({subjects:,} subjects): data written in {simulate_seconds:.1f} s; "
+          "longitudinal run ...", flush=True)
     pipeline = run_pipeline(config, env=env, time_tool=time_tool, log_dir=folder / "logs")
     if pipeline.error:
         print(f"  pipeline FAILED: {pipeline.error}", flush=True)
@@ -151,16 +176,17 @@ def measure_size(rows: int, workdir: Path, *, env: dict[str, str], time_tool: st
         else:
             print(f"  lme4 fits {lme4['fit_seconds_total']:.2f} s (process {measured.seconds:.1f} s)", flush=True)
     return SizeResult(
-        rows=rows, subjects=max(1, rows // VISITS_PER_SUBJECT), simulate_seconds=simulate_seconds,
+        design=design, rows=rows, subjects=subjects, simulate_seconds=simulate_seconds,
         pipeline=pipeline, lme4=lme4, lme4_note=note,
         measured_at=measured_at,
     )
 
 
 def result_rows(result: SizeResult) -> list[dict[str, Any]]:
-    """The results.csv rows of one size: the whole run, each stage, each fit, lme4's totals."""
+    """The results.csv rows of one design and size: the whole run, each stage, each fit, lme4's totals."""
     p, lme4 = result.pipeline, result.lme4
-    base = {"rows": result.rows, "subjects": result.subjects, "measured_at": result.measured_at}
+    base = {"design": result.design, "rows": result.rows, "subjects": result.subjects,
+            "measured_at": result.measured_at}
     lme4_fits: dict[str, dict[str, Any]] = {}
     if lme4:
         lme4_fits = dict(lme4["fits"]) | {f"{lme4['selected']} (REML)": lme4["refit"]}
@@ -171,7 +197,8 @@ def result_rows(result: SizeResult) -> list[dict[str, Any]]:
         return ours / theirs if ours is not None and theirs else None
 
     out.append(base | {
-        "kind": "run", "name": "whole run (wall)", "seconds": p.measured.seconds, "lme4_seconds": lme4_total,
+        "kind": "run", "name": "whole run (wall)", "seconds": p.measured.seconds,
+        "stages_seconds": sum(p.stages.values()) if p.stages else None, "lme4_seconds": lme4_total,
         "ratio_to_lme4": ratio(p.measured.seconds, lme4_total), "peak_tree_mb": p.measured.peak_tree_mb,
         "peak_process_mb": p.measured.peak_process_mb, "selected": p.selected,
         "lme4_selected": lme4["selected"] if lme4 else None,

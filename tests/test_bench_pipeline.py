@@ -1,0 +1,65 @@
+"""The pipeline benchmark's pure helpers: the unbalanced study's shape, the plan of studies, the goals' verdicts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from benchmarks.pipeline.__main__ import parse_skips, plan_studies
+from benchmarks.pipeline.goals import evaluate_goals
+from benchmarks.pipeline.unbalanced import simulate_unbalanced, visits_per_subject
+
+
+@pytest.mark.parametrize("rows", [3, 4, 10, 11, 2_000, 20_001])
+def test_visit_counts_sum_to_the_rows_asked_each_within_3_to_12(rows: int) -> None:
+    counts = visits_per_subject(rows, np.random.default_rng(rows))
+    assert counts.sum() == rows
+    assert counts.min() >= 3 and counts.max() <= 12
+
+
+def test_every_subject_of_the_unbalanced_study_has_its_own_visit_times() -> None:
+    frame = simulate_unbalanced(5_000)
+    assert list(frame.columns) == ["patient_id", "week", "arm", "age", "site", "score"]
+    assert len(frame) == 5_000
+    patterns = frame.groupby("patient_id")["week"].apply(tuple)
+    assert patterns.nunique() == len(patterns)
+    assert (frame.groupby("patient_id")["week"].diff().dropna() > 0).all()
+    assert simulate_unbalanced(5_000).equals(frame)  # a fixed seed
+
+
+def test_studies_run_by_size_with_lme4_skipped_where_asked() -> None:
+    planned = plan_studies(("balanced", "unbalanced"), None)
+    assert planned == [("balanced", 2_000), ("balanced", 20_000), ("balanced", 200_000), ("unbalanced", 200_000),
+                       ("balanced", 2_000_000), ("unbalanced", 2_000_000)]
+    assert plan_studies(("unbalanced",), (2_000,)) == [("unbalanced", 2_000)]
+    assert parse_skips("balanced:2M") == {("balanced", 2_000_000)}
+    assert parse_skips("none") == frozenset()
+
+
+def _row(design: str, rows: int, kind: str, name: str, **cells: object) -> dict[str, object]:
+    return {"design": design, "rows": str(rows), "kind": kind, "name": name, **{k: str(v) for k, v in cells.items()}}
+
+
+def test_goals_read_ratios_of_one_design_and_medians_of_the_repeats() -> None:
+    rows = [
+        _row("balanced", 200_000, "stage", "fit", seconds=0.2, lme4_seconds=8.0),
+        _row("unbalanced", 200_000, "stage", "fit", seconds=0.5, lme4_seconds=10.0),
+        _row("balanced", 200_000, "run", "whole run (wall)", seconds=7.0, lme4_seconds=8.0, selected="ris",
+             lme4_selected="ris"),
+        _row("example", 2_016, "second run", "second run 1", seconds=3.0),
+        _row("example", 2_016, "second run", "second run 2", seconds=9.0),
+        _row("example", 2_016, "second run", "second run 3", seconds=4.0),
+        _row("unbalanced", 2_000_000, "stage", "fit", seconds=7.0),
+        _row("unbalanced", 2_000_000, "run", "whole run (wall)", seconds=30.0, peak_tree_mb=1100),
+        _row("unbalanced", 200_000, "fit", "ris", delta_loglik=-0.06),
+    ]
+    verdicts = {goal: (measured, verdict) for goal, _, measured, verdict in evaluate_goals(rows)}
+    by_start = {goal.split(":")[0]: value for goal, value in verdicts.items()}
+    assert by_start["200k rows balanced"][1] == "met"  # 1/40
+    assert by_start["200k rows unbalanced"][1] == "**not met**"  # 1/20
+    assert by_start["bundled example"][0].startswith("median 4.00 s, min 3.00 s")
+    assert by_start["bundled example"][1] == "met"
+    assert by_start["2M rows unbalanced"] == ("7.00 s / 0.50 s = 14.0", "**not met**")
+    assert by_start["2M rows"][1] == "**not met**"  # 1.07 GB
+    assert verdicts["|ΔlogLik| vs lme4, every fit (ML candidates and the REML refit)"][1] == "**not met**"
+    assert by_start["bundled example under `longitudinal serve`"][1] == "n/a"
