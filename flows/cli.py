@@ -30,10 +30,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(stream, io.TextIOWrapper):
             stream.reconfigure(errors="replace")
     parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse has printed its usage line already
         return int(exc.code or 0)
+    args.argv = argv
     try:
         return int(args.handler(args))
     except LongitudinalError as exc:
@@ -81,6 +83,17 @@ def _parser() -> argparse.ArgumentParser:
                        help="how often the landing folders are rescanned as a backstop (default 60)")
     serve.set_defaults(handler=_serve)
 
+    server = commands.add_parser(
+        "server", help="the background Prefect server that 'run' starts and reuses: status or stop",
+        description="'longitudinal run' without a PREFECT_API_URL of your own starts a Prefect server (with "
+                    "its UI) and a warm process in the background on first use, in $PREFECT_HOME (~/.prefect), "
+                    "and reuses them: later runs skip the start-up. They stop after "
+                    "LONGITUDINAL_BACKGROUND_IDLE_MINUTES (60) minutes without a run, or with 'stop'. "
+                    "LONGITUDINAL_BACKGROUND=off runs each 'run' with Prefect's temporary server instead.",
+    )
+    server.add_argument("action", choices=("status", "stop"), help="status: where it is; stop: stop it and its server")
+    server.set_defaults(handler=_server)
+
     repair = commands.add_parser(
         "repair", help="rebuild the study's curated registry from its parts (damaged files are set aside, never deleted)",
     )
@@ -103,12 +116,18 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument("--bad-rows", type=int, default=0, help="deliberately bad rows to inject")
     simulate.set_defaults(handler=_simulate)
 
-    for sub in (run, validate, serve, repair, simulate):
+    for sub in (run, validate, serve, server, repair, simulate):
         sub.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
 
 def _run(args: argparse.Namespace) -> int:
+    if not args.debug and not os.environ.get("LONGITUDINAL_WARM_CHILD"):
+        from flows.background import run_in_background
+
+        code = run_in_background(args.argv, check=lambda: _check_before_prefect(args.config))
+        if code is not None:
+            return code
     _check_before_prefect(args.config)  # a config, formula or column error exits 2 in about a second
     from longitudinal.data.validation import preload_great_expectations
 
@@ -175,6 +194,26 @@ def _serve(args: argparse.Namespace) -> int:
 
     _strip_prefect_tracebacks(debug=args.debug)
     serve_studies(list(args.config), settle_seconds=args.settle_seconds, rescan_seconds=args.rescan_seconds)
+    return 0
+
+
+def _server(args: argparse.Namespace) -> int:
+    from flows.background import background_status, stop_background
+
+    paths, daemon = background_status()
+    if args.action == "status":
+        if daemon is None:
+            print(f"no background server for Prefect home {paths.home} ('longitudinal run' starts one)")
+            return 0
+        print(f"background Prefect server: {daemon.ui_url} (API {daemon.api_url}), since {daemon.started}\n"
+              f"process {daemon.pid}, server process {daemon.server_pid}, Prefect home {paths.home}\n"
+              f"log: {paths.log}")
+        return 0
+    stopped = stop_background(paths.home)
+    if stopped is None:
+        print(f"no background server for Prefect home {paths.home}")
+    else:
+        print(f"stopped the background Prefect server at {stopped.ui_url} (Prefect home {paths.home})")
     return 0
 
 

@@ -13,11 +13,14 @@ what that run registered would wait for the next arrival or the next scheduled r
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 from typing import Any
 
-from prefect import serve
+from prefect.exceptions import TerminationSignal
+from prefect.runner import Runner
+from prefect.settings import PREFECT_UI_URL
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.events import DeploymentEventTrigger, emit_event
 from prefect.schedules import Cron
@@ -30,6 +33,7 @@ from longitudinal.data.landing import LandingWatcher
 from longitudinal.reporting.run_folder import read_needs_run
 
 ARRIVAL_EVENT = "longitudinal.data.arrived"
+RUNNER_POLL_SECONDS = 1
 log = logging.getLogger("longitudinal.serve")
 
 
@@ -37,8 +41,9 @@ def study_resource(study: str) -> str:
     return f"longitudinal.study.{study}"
 
 
-def build_deployment(config_path: Path, config: StudyConfig) -> Any:
-    """The study's deployment: its schedule, its arrival trigger and its concurrency limit."""
+def deployment_options(config_path: Path, config: StudyConfig) -> dict[str, Any]:
+    """The study's deployment: its name, schedule, arrival trigger and concurrency limit (the keyword
+    arguments of ``Flow.to_deployment`` and ``Runner.add_flow``)."""
     schedules = []
     if config.schedule is not None:
         schedules.append(Cron(config.schedule.cron, timezone=config.schedule.timezone))
@@ -50,7 +55,7 @@ def build_deployment(config_path: Path, config: StudyConfig) -> Any:
             match={"prefect.resource.id": study_resource(config.study)},
             parameters={"config_path": str(config_path)},
         ))
-    return study_pipeline.to_deployment(
+    return dict(
         name=config.study,
         parameters={"config_path": str(config_path)},
         schedules=schedules,
@@ -59,6 +64,11 @@ def build_deployment(config_path: Path, config: StudyConfig) -> Any:
         tags=["longitudinal", config.study],
         description=f"longitudinal pipeline for study {config.study} ({config_path})",
     )
+
+
+def build_deployment(config_path: Path, config: StudyConfig) -> Any:
+    """The study's deployment, as registered on the server."""
+    return study_pipeline.to_deployment(**deployment_options(config_path, config))
 
 
 def announce_arrival(config: StudyConfig, files: list[Path]) -> None:
@@ -112,6 +122,44 @@ def _log_to_console(*names: str) -> None:
         logging.getLogger(name).setLevel(logging.INFO)
 
 
+def warm_flow_runs() -> None:
+    """Start each flow run as a fork of a warm process instead of a cold interpreter.
+
+    Prefect's runner starts a served flow's run with ``multiprocessing``'s ``spawn``: a new interpreter
+    that imports Prefect, great-expectations and the pipeline again (3-6 s) before any work. Here its
+    context is ``forkserver``, whose server process (single-threaded, started now) has imported all that
+    once (``flows.background``'s list); each run is a fresh fork of it, with the same isolation and the
+    same environment handling as spawn (Prefect passes the settings and environment to the child itself).
+    """
+    import multiprocessing
+    import multiprocessing.forkserver
+
+    import prefect.flow_engine
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["flows.preloaded"])
+    multiprocessing.forkserver.ensure_running()
+    prefect.flow_engine.multiprocessing = _SpawnAsForkserver(context)  # type: ignore[assignment]
+
+
+class _SpawnAsForkserver:
+    """``multiprocessing`` as ``prefect.flow_engine`` sees it, with ``get_context("spawn")`` answered by a
+    forkserver context (the module's only use of it: ``run_flow_in_subprocess``)."""
+
+    def __init__(self, context: Any):
+        self._context = context
+
+    def get_context(self, method: str | None = None) -> Any:
+        import multiprocessing
+
+        return self._context if method == "spawn" else multiprocessing.get_context(method)
+
+    def __getattr__(self, name: str) -> Any:
+        import multiprocessing
+
+        return getattr(multiprocessing, name)
+
+
 def serve_studies(config_paths: list[Path], *, settle_seconds: float = 2.0, rescan_seconds: float = 60.0) -> None:
     """Register and serve every study's deployment until interrupted; watch each landing folder."""
     configs = [(path.resolve(), load_config(path)) for path in config_paths]
@@ -123,9 +171,21 @@ def serve_studies(config_paths: list[Path], *, settle_seconds: float = 2.0, resc
     deployments = [build_deployment(path, config) for path, config in configs]
     _log_to_console("longitudinal.serve", "longitudinal.data.landing", "longitudinal.reporting.run_folder")
     start_runs_that_were_not_published([(config, d) for (_, config), d in zip(configs, deployments)])
+    warm_flow_runs()
+    # What prefect.serve(*deployments) does, except that the runner is given the flow itself (add_flow), so
+    # that it starts each run from it in a forked process (see warm_flow_runs) rather than as
+    # ``python -m prefect.engine``, which imports everything again. It looks for runs to start every second
+    # (Prefect's default: 10 s), so a triggered or scheduled run starts about a second after it is created.
+    runner = Runner(pause_on_shutdown=False, query_seconds=RUNNER_POLL_SECONDS)
+    for path, config in configs:
+        runner.add_flow(study_pipeline, **deployment_options(path, config))
     watchers = [_watch(config, settle_seconds, rescan_seconds) for _, config in configs if config.source_path.is_dir()]
+    log.info("serving %s; runs start on their schedule, on new data, or from the UI (%s/deployments)",
+             ", ".join(studies), PREFECT_UI_URL.value())
     try:
-        serve(*deployments, pause_on_shutdown=False)
+        asyncio.run(runner.start())
+    except (KeyboardInterrupt, TerminationSignal):
+        log.info("stopping")
     finally:
         for watcher in watchers:
             watcher.stop()

@@ -11,6 +11,9 @@ EXAMPLE_CONFIG = ROOT / "config" / "example.yaml"
 # Prefect must never phone home or share a home with the developer's own runs.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+# `longitudinal run` in a test runs as before, with Prefect's temporary server: a background server per test's
+# Prefect home would outlive the test. tests/test_background.py turns it on for its own home and stops it.
+os.environ["LONGITUDINAL_BACKGROUND"] = "off"
 
 
 @pytest.fixture(scope="session")
