@@ -39,10 +39,10 @@ server: $(STAMP)
 		$(BIN)/prefect server start --host 127.0.0.1 --port 4200 --ui --analytics-off
 
 # Speed and memory at 2,000 to 2,000,000 rows against lme4 (see benchmarks/README.md); not a test.
-# Each run with Prefect's embedded server, then 200k and 2M against a running server (as `serve` runs).
+# Issue 17's goals side by side with lme4 (both designs, the example, serve), then 200k against a running server.
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.pipeline
-	$(BIN)/python -m benchmarks.pipeline --server --sizes 200k,2M --no-example --out benchmarks/results/server
+	$(BIN)/python -m benchmarks.pipeline --server --sizes 200k --no-example --no-serve --out benchmarks/results/server
 	$(BIN)/python benchmarks/bench_covariance.py --case all
 	$(BIN)/python benchmarks/bench_glmm.py --case all
 	$(BIN)/python benchmarks/bench_report.py

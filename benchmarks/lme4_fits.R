@@ -1,4 +1,4 @@
-# lme4's side of the pipeline benchmark (benchmarks/bench_pipeline.py): the same fits on the same CSV.
+# lme4's side of the pipeline benchmark (benchmarks/pipeline, make bench): the same fits on the same CSV.
 #
 #   Rscript benchmarks/lme4_fits.R data.csv [criterion] [name=formula ...]
 #

@@ -112,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         notes.append("GNU time not available: peak process MB is ru_maxrss of children (an upper bound).")
     lme4_problem = "skipped (--no-lme4)" if args.no_lme4 else find_lme4(install=not args.no_install)
     if lme4_problem:
-        notes.append(f"lme4 comparison skipped: {lme4_problem}.")
+        notes.append(f"lme4 comparison: {lme4_problem}.")
     skipped = [f"{d} {s:,}" for d, s in planned if (d, s) in args.lme4_skip]
     if skipped and not lme4_problem:
         notes.append(f"lme4 not run at {', '.join(skipped)} (--lme4-skip; it takes minutes there).")

@@ -106,7 +106,7 @@ def _example_lines(rows: list[dict[str, Any]], example: dict[str, Any] | None) -
     for r in runs:
         wall, stages = number(r.get("seconds")), number(r.get("stages_seconds"))
         outside = wall - stages if wall is not None and stages is not None else None
-        lines.append(f"| {r['name']} | {_fmt(wall) or 'failed'} | {_fmt(stages)} | {_fmt(outside)} | "
+        lines.append(f"| {_cell(r['name'])} | {_fmt(wall) or 'failed'} | {_fmt(stages)} | {_fmt(outside)} | "
                      f"{_fmt(r.get('peak_tree_mb'), 0)} | {r.get('selected') or ''} |")
     seconds = [v for r in pick_all(rows, "example", "second run") if (v := number(r.get("seconds"))) is not None]
     if seconds:
@@ -148,6 +148,11 @@ def _serve_lines(rows: list[dict[str, Any]], serve: dict[str, Any] | None) -> li
     if serve and serve.get("error"):
         lines += ["", "Serve failed:", "", "```", serve["error"], "```"]
     return lines
+
+
+def _cell(text: str) -> str:
+    """Text for a Markdown table cell: a formula's ``|`` escaped."""
+    return text.replace("|", "\\|")
 
 
 def ratio_text(ratio: float | None) -> str:
