@@ -6,9 +6,9 @@ nominal weeks), so no two subjects share Z_g'Z_g for ``(t | id)`` and the per-pa
 For ``y ~ t + (1 | id)`` and ``y ~ t + (t | id)`` prints the best of ``--repeats`` timings of one
 ``fit_candidate(..., method="ML")``, of one deviance evaluation at lme4's start θ on the standardized
 design's precomputed ``CrossProducts`` as ``profiled_deviance`` computes it (every group's factor L_g and
-R_g by ``fit.linalg.factor_groups``) and as the optimizer does when no visit patterns are shared (the same
-arithmetic into ``GroupFactorBuffers``), the part of it that forms Σ_g R_g'R_g (the (p + 1)² · q · G
-product), the optimizer's evaluations in the fit (the convergence
+R_g by ``fit.linalg.factor_groups``) and as the optimizer does when no visit patterns are shared (log|M|
+and Σ_g R_g'R_g block by block of groups, ``fit.linalg.GroupGram``), the part of the first that forms
+Σ_g R_g'R_g (the (p + 1)² · q · G product), the optimizer's evaluations in the fit (the convergence
 check adds about 20 more), and with ``--profile`` the top functions of one fit under cProfile.
 ``--csv PATH`` writes the data (columns id, t, y) for timing lme4 on the same rows.
 Not a test: run ``.venv/bin/python benchmarks/bench_unbalanced.py [--repeats 5] [--profile] [--csv PATH]``.
@@ -25,9 +25,9 @@ import pandas as pd
 
 from longitudinal.fit.candidate import fit_candidate
 from longitudinal.fit.lmm import profiled_deviance
-from longitudinal.fit.linalg import GroupFactorBuffers
+from longitudinal.fit.linalg import GroupGram
 from longitudinal.fit.lmm.crossproducts import compute_crossproducts
-from longitudinal.fit.lmm.onefactor import solve_at
+from longitudinal.fit.lmm.onefactor import gram_deviance, solve_at
 from longitudinal.fit.scaling import standardize
 from longitudinal.fit.theta import layout_theta
 from longitudinal.model.design import build_design
@@ -65,8 +65,8 @@ def main() -> None:
         visits.to_csv(args.csv, index=False)
     print(f"{len(visits):,} rows, {visits['id'].nunique():,} subjects, ML, best of {args.repeats}")
     print(
-        f"{'candidate':10} {'fit s':>8} {'evals':>6} {'eval ms':>8} {'buffered ms':>12} {'of which RtR ms':>16} "
-        f"{'evals x buffered s':>19} {'deviance':>20}"
+        f"{'candidate':10} {'fit s':>8} {'evals':>6} {'eval ms':>8} {'blocked ms':>12} {'of which RtR ms':>16} "
+        f"{'evals x blocked s':>19} {'deviance':>20}"
     )
     for label, formula in CANDIDATES.items():
         design, _ = standardize(build_design(visits, parse_formula(formula)))
@@ -74,9 +74,9 @@ def main() -> None:
         layout = layout_theta(products.block_sizes)
         theta0 = layout.start()
         evaluation = least_time(20 * args.repeats, lambda: profiled_deviance(products, theta0, False))
-        buffers = GroupFactorBuffers(products.ZtZ, products.ZtXy)
+        gram = GroupGram(products.ZtZ, products.ZtXy)
         lam0 = layout.lambda_matrix(theta0)
-        buffered = least_time(20 * args.repeats, lambda: solve_at(products, lam0, False, buffers))
+        buffered = least_time(20 * args.repeats, lambda: gram_deviance(products, gram, lam0, False))
         solution = solve_at(products, lam0, False)
         assert solution is not None
         flat = solution.R.reshape(-1, solution.R.shape[2])

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from longitudinal.fit.failure import FitFailure
-from longitudinal.fit.linalg import GroupFactorBuffers, factor_groups
+from longitudinal.fit.linalg import GroupGram, factor_groups
 from longitudinal.fit.lmm import fit_lmm, profiled_deviance
 from longitudinal.fit.lmm.crossproducts import CrossProducts, compute_crossproducts, group_patterns
 from longitudinal.fit.theta import layout_theta
@@ -675,21 +675,59 @@ def test_an_unidentified_parameter_at_bobyqas_stop_is_noted_on_the_attempt() -> 
         "Hessian is numerically singular: parameters are not uniquely determined")
 
 
+@pytest.fixture(scope="module")
+def irregular() -> pd.DataFrame:
+    """500 subjects with 2-9 visits at irregular times (no two share Z_g'Z_g) and three covariates."""
+    rng = np.random.default_rng(11)
+    sizes = rng.integers(2, 10, size=500)
+    g = np.repeat([f"s{i:03d}" for i in range(sizes.size)], sizes)
+    t = np.concatenate([np.sort(rng.uniform(0, 12, size=k)) for k in sizes])
+    x, w = rng.normal(size=g.size), rng.uniform(0, 2, size=g.size)
+    b = rng.normal(size=(sizes.size, 2)).repeat(sizes, axis=0)
+    y = 1.0 + 0.5 * x - w + 0.3 * t + b[:, 0] + 0.2 * b[:, 1] * t + rng.normal(size=g.size)
+    return pd.DataFrame({"y": y, "x": x, "w": w, "t": t, "g": g})
+
+
 @pytest.mark.parametrize("formula", [
-    "y ~ x + w + (x | g)", "y ~ x + w + (1 | g) + (0 + x | g)", "y ~ x + w + (0 + x | g)",
+    "y ~ x + w + t + (t | g)", "y ~ x + w + (1 | g) + (0 + t | g)", "y ~ x + w + (0 + t | g)", "y ~ x * t + (1 | g)",
 ])
-def test_the_optimizers_buffered_factors_are_factor_groups_bit_for_bit(small: pd.DataFrame, formula: str) -> None:
-    # The optimizer's evaluations (GroupFactorBuffers) must not move its path: same bits as factor_groups,
-    # call after call into the same buffers, with and without a random-effect correlation.
-    products = compute_crossproducts(design_of(small, formula))
+@pytest.mark.parametrize("block", [1, 7, 64, 10_000])
+def test_the_optimizers_blocked_sums_are_factor_groups(irregular: pd.DataFrame, formula: str, block: int) -> None:
+    # The optimizer's evaluations (GroupGram) give factor_groups' log|M| and Σ R_g'R_g with the sums in
+    # another order: blocks of one group, several with a remainder (500 = 7 · 71 + 3), one for all; call
+    # after call into the same buffers, with and without a random-effect correlation, Λ over four decades.
+    products = compute_crossproducts(design_of(irregular, formula))
     q = products.n_random
-    buffers = GroupFactorBuffers(products.ZtZ, products.ZtXy)
+    gram = GroupGram(products.ZtZ, products.ZtXy, block=block)
     rng = np.random.default_rng(3)
     for k in range(30):
         lam = np.tril(rng.normal(size=(q, q)) * 10.0 ** rng.uniform(-3, 1))
         lam[np.diag_indices(q)] = np.abs(np.diagonal(lam))
         if k % 3 == 0 and q == 2:
             lam[1, 0] = 0.0
-        chol, R, logdet = factor_groups(products.ZtZ, products.ZtXy, lam)
-        chol_b, R_b, logdet_b = buffers.at(lam)
-        assert np.array_equal(chol, chol_b) and np.array_equal(R, R_b) and logdet == logdet_b
+        _, R, logdet = factor_groups(products.ZtZ, products.ZtXy, lam)
+        flat = R.reshape(-1, R.shape[2])
+        logdet_b, RtR_b = gram.at(lam)
+        assert logdet_b == pytest.approx(logdet, rel=1e-13, abs=1e-12)
+        np.testing.assert_allclose(RtR_b, flat.T @ flat, rtol=1e-12, atol=1e-12 * np.abs(flat.T @ flat).max())
+
+
+def test_blocked_sums_take_one_or_two_random_effects() -> None:
+    with pytest.raises(ValueError, match="1 or 2 random effects per group, not 3"):
+        GroupGram(np.zeros((3, 3, 4)), np.zeros((3, 4, 2)))
+
+
+@pytest.mark.parametrize("formula", ["y ~ x + w + t + (t | g)", "y ~ x + w + (t || g)", "y ~ x + t + (1 | g)"])
+def test_fits_with_blocked_sums_are_those_of_the_per_group_solve(irregular: pd.DataFrame, formula: str) -> None:
+    # The deviance the optimizer minimizes (blocked) and the one of the estimates (per group) are one function.
+    from longitudinal.fit.lmm.onefactor import gram_deviance, solve_at
+
+    products = compute_crossproducts(design_of(irregular, formula))
+    layout = layout_theta(products.block_sizes)
+    gram = GroupGram(products.ZtZ, products.ZtXy, block=64)
+    for reml in (False, True):
+        for theta in (layout.start(), 0.3 * layout.start() + 0.05):
+            lam = layout.lambda_matrix(theta)
+            solution = solve_at(products, lam, reml)
+            assert solution is not None
+            assert gram_deviance(products, gram, lam, reml) == pytest.approx(solution.deviance, rel=1e-13)

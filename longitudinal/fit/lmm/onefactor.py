@@ -24,7 +24,8 @@ dense [X y]'[X y]. For a given θ, per group::
 
 Each evaluation costs O(G q³ + G q p² + p³) and never touches the n rows: the 1×1 and 2×2 Cholesky factors
 are written out as array arithmetic over the groups (batched ``np.linalg.cholesky`` only for q ≥ 3); for
-q ≤ 2 the optimizer's evaluations write them into buffers allocated once (``GroupFactorBuffers``, the same bits).
+q ≤ 2 the optimizer's evaluations need only log|M| and Σ_g R_g'R_g, formed block by block of groups in buffers
+allocated once (``fit.linalg.GroupGram``: the same arithmetic, the sums in another order).
 Groups with identical Z_g'Z_g (subjects seen at the same visit times) share M_g and L_g, and Σ_g R_g'R_g
 needs only the sums of W_g[i]'W_g[j] over such a *pattern* (``group_patterns``): when the patterns are few,
 the optimizer's evaluations cost O(P q² p²) for P patterns, whatever the number of subjects. This is exact
@@ -53,7 +54,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from longitudinal.fit.failure import FitFailure
-from longitudinal.fit.linalg import LOG_2PI, GroupFactorBuffers, backward_groups, factor_groups, forward_groups
+from longitudinal.fit.linalg import LOG_2PI, GroupGram, backward_groups, factor_groups, forward_groups
 from longitudinal.fit.lmm.checks import check_identifiable, exact_fit_failure
 from longitudinal.fit.lmm.crossproducts import CrossProducts, PatternProducts, compute_crossproducts, group_patterns
 from longitudinal.fit.optimize import minimize_deviance
@@ -90,20 +91,13 @@ def one_factor_deviance(
     return solution.deviance if solution is not None else math.inf
 
 
-def solve_at(
-    products: CrossProducts, lam: np.ndarray, reml: bool, buffers: GroupFactorBuffers | None = None,
-) -> _Solution | None:
+def solve_at(products: CrossProducts, lam: np.ndarray, reml: bool) -> _Solution | None:
     """Penalized least squares at Λ; None where r² ≤ 0 or a factorization fails.
 
     The Cholesky factor of the augmented S = [A b; b' c] holds everything: its leading p × p block is
-    RX (A = RX RX'), its last row (w', r) with RX w = b and r² = c − w'w, the penalized RSS. With
-    ``buffers`` (an optimizer's evaluations) the per-group factors are computed into them, bit for bit the
-    same; the solution then shares them and is valid until the next call.
+    RX (A = RX RX'), its last row (w', r) with RX w = b and r² = c − w'w, the penalized RSS.
     """
-    if buffers is not None:
-        chol_M, R, logdet_M = buffers.at(lam)
-    else:
-        chol_M, R, logdet_M = factor_groups(products.ZtZ, products.ZtXy, lam)
+    chol_M, R, logdet_M = factor_groups(products.ZtZ, products.ZtXy, lam)
     q, G, k = R.shape
     flat = R.reshape(q * G, k)
     profiled = _profile(products.XytXy - flat.T @ flat, logdet_M, products.n_obs, reml)
@@ -111,6 +105,13 @@ def solve_at(
         return None
     deviance, r2, chol_S = profiled
     return _Solution(deviance=deviance, r2=r2, logdet_M=logdet_M, chol_S=chol_S, chol_M=chol_M, R=R, lam=lam)
+
+
+def gram_deviance(products: CrossProducts, gram: GroupGram, lam: np.ndarray, reml: bool) -> float:
+    """``solve_at``'s deviance at Λ from ``gram`` (``products``' groups, q ≤ 2); inf where undefined."""
+    logdet_M, RtR = gram.at(lam)
+    profiled = _profile(products.XytXy - RtR, logdet_M, products.n_obs, reml)
+    return profiled[0] if profiled is not None else math.inf
 
 
 def _pattern_deviance(patterns: PatternProducts, lam: np.ndarray, reml: bool) -> float:
@@ -158,12 +159,14 @@ def fit_one_factor(design: Design, *, reml: bool, ranef_map: np.ndarray) -> Engi
     products = compute_crossproducts(design)
     layout = layout_theta(products.block_sizes)
     patterns = group_patterns(products)
-    buffers = GroupFactorBuffers(products.ZtZ, products.ZtXy) if patterns is None and products.n_random <= 2 else None
+    gram = GroupGram(products.ZtZ, products.ZtXy) if patterns is None and products.n_random <= 2 else None
 
     def deviance(theta: np.ndarray) -> float:
         if patterns is not None:  # subjects sharing their visit pattern share their factorization
             return _pattern_deviance(patterns, layout.lambda_matrix(theta), reml)
-        solution = solve_at(products, layout.lambda_matrix(theta), reml, buffers)
+        if gram is not None:
+            return gram_deviance(products, gram, layout.lambda_matrix(theta), reml)
+        solution = solve_at(products, layout.lambda_matrix(theta), reml)
         return solution.deviance if solution is not None else math.inf
 
     best, attempts = minimize_deviance(deviance, layout)
