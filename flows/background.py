@@ -310,6 +310,38 @@ def _forward_signals(child: int) -> dict[int, Any]:
     return {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
 
 
+def background_server_for_serve() -> str | None:
+    """The background server's API URL for ``longitudinal serve`` (the daemon started if needed), held
+    against the idle stop for as long as this process lives; None where there is none to use (disabled,
+    a ``PREFECT_API_URL`` of the user's own, or it could not start: the reason is printed)."""
+    import threading
+
+    paths = Paths(prefect_home())
+    if not enabled() or configured_api_url(paths.home):
+        return None
+    daemon = _ready_daemon(paths, lambda: None)
+    if daemon is None:
+        return None
+
+    def hold() -> None:
+        """Keep a lease open; take a new one when the daemon reloads (its sockets close at exec)."""
+        while True:
+            current = Daemon.read(paths)
+            if current is None or not _alive(current.pid):
+                return  # stopped ('longitudinal server stop'): the server is gone too, and serve says so
+            try:
+                with _connect(current.socket) as connection:
+                    _send(connection, {"op": "lease"})
+                    while connection.recv(1):
+                        pass
+            except OSError:
+                pass
+            time.sleep(1.0)
+
+    threading.Thread(target=hold, name="background-server-lease", daemon=True).start()
+    return daemon.api_url
+
+
 def stop_background(home: Path | None = None, *, seconds: float = 30.0) -> Daemon | None:
     """Stop the home's daemon and its server (runs in flight are interrupted); the daemon that was running."""
     paths = Paths(home or prefect_home())
@@ -437,6 +469,7 @@ class _Daemon:
         self.server_pid = server_pid
         self.api_url = api_url
         self.runs: dict[int, socket.socket] = {}
+        self.leases: list[socket.socket] = []  # `longitudinal serve` processes using the server: never idle
         self.last_active = time.monotonic()
         self.stopping = False
 
@@ -465,13 +498,17 @@ class _Daemon:
         self.listener = listener
         print(f"ready: {self.api_url}, socket {socket_path}", flush=True)
         while not self.stopping:
-            ready, _, _ = select.select([listener, wake_read], [], [], 10.0)
+            ready, _, _ = select.select([listener, wake_read, *self.leases], [], [], min(10.0, idle_seconds() / 2))
             with contextlib.suppress(BlockingIOError):
                 os.read(wake_read, 4096)
             self._reap()
+            for lease in [sock for sock in self.leases if sock in ready]:  # readable: its holder is gone
+                self.leases.remove(lease)
+                lease.close()
+                self.last_active = time.monotonic()
             if listener in ready:
                 self._accept()
-            if not self.runs and time.monotonic() - self.last_active > idle_seconds():
+            if not self.runs and not self.leases and time.monotonic() - self.last_active > idle_seconds():
                 print(f"idle for {idle_seconds() / 60:g} minutes: stopping", flush=True)
                 self.stopping = True
         self.shutdown()
@@ -495,6 +532,11 @@ class _Daemon:
             return
         for fd in fds:
             os.close(fd)
+        if op == "lease":
+            _reply(connection, {"ok": True})
+            connection.settimeout(None)
+            self.leases.append(connection)
+            return
         if op == "stop":
             _reply(connection, {"ok": True})
             self.stopping = True

@@ -181,13 +181,20 @@ def _serve(args: argparse.Namespace) -> int:
     for path in args.config:
         load_config(path)
     if not os.environ.get("PREFECT_API_URL"):
+        from flows.background import background_server_for_serve
+
+        api_url = background_server_for_serve()  # the one 'run' uses, started if needed
+        if api_url is not None:
+            os.environ["PREFECT_API_URL"] = api_url
+    if not os.environ.get("PREFECT_API_URL"):
         _quiet_prefect(debug=args.debug)
         from prefect.settings import PREFECT_API_URL
 
         if not PREFECT_API_URL.value():
             raise ConfigError(
                 "serve needs a running Prefect server: start one with 'make server' and set "
-                "PREFECT_API_URL=http://127.0.0.1:4200/api"
+                "PREFECT_API_URL=http://127.0.0.1:4200/api (or let serve start one in the background: "
+                "unset LONGITUDINAL_BACKGROUND=off)"
             )
     _quiet_prefect(debug=args.debug)
     from flows.serve import serve_studies

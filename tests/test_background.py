@@ -141,6 +141,37 @@ def test_a_changed_environment_reloads_the_warm_process_and_keeps_the_server(hom
     assert "reloading" in Paths(home.path).log.read_text()
 
 
+def test_serve_without_a_server_of_its_own_uses_the_background_server(home: Home, tmp_path: Path) -> None:
+    from flows.local_server import start_group, stop_group
+
+    daemon = home.daemon()
+    landing = tmp_path / "incoming"
+    landing.mkdir()
+    import yaml
+
+    document = yaml.safe_load(home.study.read_text())
+    document["study"] = "served-trial"
+    document["data"]["source"] = str(landing)
+    config = tmp_path / "served.yaml"
+    config.write_text(yaml.safe_dump(document))
+    log = tmp_path / "serve.log"
+    process = start_group([str(BIN / "longitudinal"), "serve", "--config", str(config)], env=home.env, log=log,
+                          cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 120
+        names: list[str] = []
+        while "served-trial" not in names and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(1)
+            request = urllib.request.Request(f"{daemon.api_url}/deployments/filter", data=b"{}", method="POST",
+                                             headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=30) as response:
+                names = [deployment["name"] for deployment in json.loads(response.read())]
+        assert "served-trial" in names, log.read_text()
+    finally:
+        stop_group(process)
+    assert home.daemon().pid == daemon.pid
+
+
 def test_server_stop_leaves_no_process_behind(home: Home) -> None:
     daemon = home.daemon()
     result = home.run("server", "stop")
