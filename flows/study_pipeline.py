@@ -77,11 +77,13 @@ def _run_stages(config: StudyConfig, config_path: Path, formulas: dict, staging:
     clock = time.perf_counter()
 
     curated = ingest(config)
-    ingested = curated.ingested
+    ingested, files = curated.ingested, curated.ingested.files
+    del curated  # the rows as read and as typed are validation's input only: not held while the models fit
     clock = _stage_done(stages, "ingest", clock)
 
     covariates = check_candidates(formulas, config.data.roles, list(ingested.raw.columns))
     validated = validate(ingested, config, covariates)
+    del ingested
     check_estimates(config, validated.visits, formulas)
     clock = _stage_done(stages, "validate", clock)
 
@@ -120,7 +122,7 @@ def _run_stages(config: StudyConfig, config_path: Path, formulas: dict, staging:
     timings: dict[str, Any] = {"stages": stages, "fits": fit_seconds}
     inputs = ReportInputs(
         study=config.study, run_id=run_id, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        config=config, files=ingested.files, validated=validated, selection=selection, fits=tuple(fits),
+        config=config, files=files, validated=validated, selection=selection, fits=tuple(fits),
         selected=reported.fit, timings=timings, versions=package_versions(), estimates=reported.estimates,
         explained=reported.explained, df_method=reported.df_method,
     )
@@ -131,11 +133,11 @@ def _run_stages(config: StudyConfig, config_path: Path, formulas: dict, staging:
               "quarantined": validated.rows_quarantined}
     manifest = build_manifest(
         config_path=config_path.resolve(), config=config.model_dump(mode="json", exclude={"base_dir"}),
-        files=ingested.files, run_id=run_id, flow_run_id=str(flow_run.id) if flow_run.id else None,
+        files=files, run_id=run_id, flow_run_id=str(flow_run.id) if flow_run.id else None,
         timings={"stages": {k: round(v, 4) for k, v in stages.items()}, "fits": timings["fits"]},
         counts=counts, selected=chosen,
     )
-    summary = _summary_markdown(config, selection, counts, run_id, ingested.files)
+    summary = _summary_markdown(config, selection, counts, run_id, files)
     return publish(staging, run_id, manifest, config.study, summary)
 
 

@@ -90,8 +90,9 @@ _CHECKS = {
 
 @dataclass(frozen=True)
 class _Rule:
-    """A row rule: where it fails (positions), the reason text for each failing row, and that reason
-    without the values (``label``: what the run's error names when the rule emptied the data)."""
+    """A row rule: where it fails (positions), the reason text for each failing row (indexed by its position:
+    only the failing rows, so that a dozen rules over millions of rows do not hold a dozen columns of NaN), and
+    that reason without the values (``label``: what the run's error names when the rule emptied the data)."""
 
     name: str
     column: str | None
@@ -328,7 +329,11 @@ def _count_subject_rows(v: _Visits, survivor: np.ndarray) -> _SubjectRows:
     kept = survivor & ~too_few
     stage = _Stage()
     if survivor.any():
-        frame = pd.DataFrame({_KEY: v.key, _SUBJECT_ROWS: subject_rows, _SURVIVOR: survivor, _KEPT: kept})
+        # The subject as a number per distinct id (NaN without one): the same unique count, without handing
+        # great-expectations millions of strings.
+        codes = pd.factorize(v.key)[0].astype(np.float64)
+        codes[codes < 0] = np.nan
+        frame = pd.DataFrame({_KEY: codes, _SUBJECT_ROWS: subject_rows, _SURVIVOR: survivor, _KEPT: kept})
         stage.expect(
             "min_observations_per_subject", key_label, "ExpectColumnValuesToBeBetween", column=_SUBJECT_ROWS,
             min_value=minimum, only_where=_SURVIVOR,
@@ -452,8 +457,7 @@ def _duplicate_visits(v: _Visits, groups: _Stage, eligible: np.ndarray) -> list[
     in_group = groups.failing("unique_subject_time", None, n) & eligible
     exact = np.zeros(n, dtype=bool)
     conflicting = np.zeros(n, dtype=bool)
-    exact_reasons = pd.Series(np.nan, index=range(n), dtype=object)
-    conflict_reasons = pd.Series(np.nan, index=range(n), dtype=object)
+    exact_reasons = conflict_reasons = _NO_REASONS
     if in_group.any():
         rows = typed.loc[in_group]
         keys = [rows[column] for column in (*subjects, time)]
@@ -466,14 +470,14 @@ def _duplicate_visits(v: _Visits, groups: _Stage, eligible: np.ndarray) -> list[
         conflicting[positions[is_conflict]] = True
         first_file = rows.groupby(keys)["source_file"].transform("first")
         first_line = rows.groupby(keys)["source_line"].transform("first")
-        exact_reasons[exact] = (
+        exact_reasons = _reasons_at(exact, (
             "exact duplicate of " + first_file[is_extra_copy].astype(str) + " line " + first_line[is_extra_copy].astype(str)
-        ).to_numpy(dtype=object)
-        conflict_reasons[conflicting] = (
+        ))
+        conflict_reasons = _reasons_at(conflicting, (
             "conflicting duplicate visit: subject " + key[in_group][is_conflict].astype(str)
             + " at time " + _format_numbers(rows.loc[is_conflict, time]) + " appears "
             + size[is_conflict].astype(str) + " times with different values"
-        ).to_numpy(dtype=object)
+        ))
     return [
         _Rule("no_exact_duplicates", None, "no exact duplicate row of a (subject, time) visit (the first copy is kept)",
               exact, exact_reasons, "exact duplicate of an earlier row"),
@@ -509,16 +513,15 @@ def _constant_changes_within_subject(v: _Visits, groups: _Stage) -> list[_Rule]:
 
 def _changing_rule(column: str, values: pd.Series, key: pd.Series, failing: np.ndarray) -> _Rule:
     """Every row of a subject whose ``data.constant`` column takes more than one value: which copy is right is unknown."""
-    n = len(values)
-    reasons = pd.Series(np.nan, index=range(n), dtype=object)
+    reasons = _NO_REASONS
     if failing.any():
         shown = _format_numbers(values) if values.dtype.kind == "f" else values.astype(object)
         rows = pd.DataFrame({"key": key[failing], "value": shown[failing].where(values[failing].notna())})
         listed = rows.dropna().groupby("key")["value"].agg(lambda v: ", ".join(repr(str(x)) for x in sorted(set(v))))
-        reasons[failing] = (
+        reasons = _reasons_at(failing, (
             f"column {column!r} changes within subject " + rows["key"].astype(str) + " ("
             + rows["key"].map(listed).astype(str) + "); data.constant says it does not"
-        ).to_numpy(dtype=object)
+        ))
     return _Rule(
         "constant_within_subject", column, f"{column!r} takes one value within each subject (data.constant)",
         failing, reasons, f"column {column!r} changes within a subject; data.constant says it does not",
@@ -529,13 +532,13 @@ def _too_few_rows(v: _Visits, counts: _SubjectRows) -> _Rule:
     """Subjects left with fewer than ``validation.min_observations_per_subject`` rows: all their rows go."""
     minimum = v.config.validation.min_observations_per_subject
     too_few = counts.too_few
-    reasons = pd.Series(np.nan, index=range(v.n), dtype=object)
+    reasons = _NO_REASONS
     if too_few.any():
         left = pd.Series(counts.rows[too_few], index=v.typed.index[too_few])
-        reasons[too_few] = (
+        reasons = _reasons_at(too_few, (
             "subject " + v.key[too_few].astype(str) + " has " + left.astype(str)
             + np.where(left == 1, " row", " rows") + f", fewer than min_observations_per_subject = {minimum}"
-        ).to_numpy(dtype=object)
+        ))
     return _Rule(
         "min_observations_per_subject", v.config.data.subject_key,
         f"every subject keeps at least {minimum} rows after the other checks", too_few, reasons,
@@ -634,10 +637,13 @@ def _outcome_text(v: _Visits, value: float) -> str:
 
 def _split_rows(v: _Visits, reason_texts: pd.Series, kept: np.ndarray) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The visits (typed, sorted, with the combined subject column) and the quarantine (as read, with reasons)."""
-    visits = v.typed.loc[kept]
+    kept_rows = np.flatnonzero(kept)
+    ordering = [c for c in (*v.subjects, v.time) if c in v.typed.columns]  # all of them when a row is kept
+    rows = kept_rows[_visit_order(v.typed[ordering].iloc[kept_rows], v.subjects, v.time)]
+    visits = v.typed.take(rows)  # the one copy of the rows analysed, already in order
     if len(v.subjects) > 1:
-        visits = _with_subject_key(visits, v.key[kept], v.config)
-    visits = _sort_visits(visits.set_axis(v.labels[kept]), v.subjects, v.time)
+        visits = _with_subject_key(visits, v.key.take(rows), v.config)
+    visits = visits.set_axis(v.labels[rows])
     quarantined = ~kept
     quarantine = v.raw.loc[quarantined].assign(reason=reason_texts[quarantined].to_numpy(dtype=object))
     return visits, quarantine.set_axis(v.labels[quarantined])
@@ -744,11 +750,14 @@ def _why_no_rows(ingested: Ingested, data_columns: list[str]) -> str:
 
 
 def _subject_key(frame: pd.DataFrame, subjects: tuple[str, ...]) -> pd.Series:
-    """The subject of each row as text: the subject column, or the parts joined by ":"; NaN when a part is missing."""
+    """The subject of each row as text: the subject column, or the parts joined by ":"; NaN when a part is missing.
+
+    One subject column is used as it is (text already, Arrow-backed from a CSV file): a copy as Python
+    objects would cost about 50 bytes a row."""
     if any(column not in frame.columns for column in subjects):
         return pd.Series(np.nan, index=frame.index, dtype=object)
     if len(subjects) == 1:
-        return frame[subjects[0]].astype(object)
+        return frame[subjects[0]]
     parts = [frame[column].astype(object) for column in subjects]
     known = np.logical_and.reduce([part.notna().to_numpy(dtype=bool) for part in parts])
     joined = parts[0].astype(str)
@@ -800,7 +809,7 @@ def _distinct(column: str) -> str:
 
 def _distinct_within(values: pd.Series, key: pd.Series) -> np.ndarray:
     """For each row, how many distinct non-missing values of ``values`` its subject has (NaN without a subject)."""
-    counts = values.groupby(key.to_numpy(), dropna=True).nunique(dropna=True)
+    counts = values.groupby(key, dropna=True).nunique(dropna=True)
     return key.map(counts).to_numpy(dtype=np.float64)
 
 
@@ -849,9 +858,16 @@ def _numeric_covariates(typed: pd.DataFrame, covariates: tuple[str, ...], config
 
 
 def _constant_rule(name: str, column: str | None, description: str, failing: np.ndarray, reason: str, n: int) -> _Rule:
-    reasons = pd.Series(np.nan, index=range(n), dtype=object)
-    reasons[failing] = reason
-    return _Rule(name, column, description, failing, reasons, reason)
+    positions = np.flatnonzero(failing)
+    return _Rule(name, column, description, failing, pd.Series(reason, index=positions, dtype=object), reason)
+
+
+_NO_REASONS = pd.Series([], dtype=object)
+
+
+def _reasons_at(failing: np.ndarray, texts: pd.Series) -> pd.Series:
+    """``texts`` (one per failing row, in row order) indexed by the failing rows' positions."""
+    return pd.Series(texts.to_numpy(dtype=object), index=np.flatnonzero(failing), dtype=object)
 
 
 def _value_rule(
@@ -863,7 +879,7 @@ def _value_rule(
     With ``decimal_comma_hint``, a value like "10,3" (a decimal comma where the file's delimiter is not
     ';', so it was not read as 10.3) gets the fix appended to its reason.
     """
-    reasons = pd.Series(np.nan, index=range(n), dtype=object)
+    reasons = _NO_REASONS
     if failing.any() and raw_text is not None:
         before, after = template.split("{}", 1)
         shown = raw_text[failing].astype(object).astype(str).str.strip()
@@ -872,7 +888,7 @@ def _value_rule(
             comma = shown.str.fullmatch(_DECIMAL_COMMA_VALUE).fillna(False).to_numpy(dtype=bool)
             if comma.any():
                 text[comma] = text[comma] + "; " + shown[comma].map(decimal_comma_hint_for)
-        reasons[failing] = text.to_numpy(dtype=object)
+        reasons = _reasons_at(failing, text)
     label = re.sub(r":? ?'?\{\}'?", "", template).replace("  ", " ")
     return _Rule(name, column, description, failing, reasons, label)
 
@@ -962,17 +978,19 @@ def _assign_reasons(rules: list[_Rule], n: int) -> np.ndarray:
 
 
 def _reason_texts(rules: list[_Rule], reason: np.ndarray, n: int) -> pd.Series:
-    texts = pd.Series(np.nan, index=range(n), dtype=object)
+    texts = np.full(n, np.nan, dtype=object)
     for index, rule in enumerate(rules):
-        mine = reason == index
-        texts[mine] = rule.reasons[mine].to_numpy(dtype=object)
-    return texts
+        mine = np.flatnonzero(reason == index)
+        if len(mine):
+            texts[mine] = rule.reasons.reindex(mine).to_numpy(dtype=object)
+    return pd.Series(texts, dtype=object)
 
 
-def _sort_visits(visits: pd.DataFrame, subjects: tuple[str, ...], time: str) -> pd.DataFrame:
-    """Rows by subject (outermost column first; numerically when every id is a number), then time."""
+def _visit_order(visits: pd.DataFrame, subjects: tuple[str, ...], time: str) -> np.ndarray:
+    """The positions that sort ``visits`` by subject (outermost column first; numerically when every id is a
+    number), then time; stable, so equal keys keep their order."""
     if visits.empty:
-        return visits
+        return np.arange(0)
     keys = [visits[time].to_numpy(dtype=np.float64)]
     for column in reversed(subjects):
         ids = visits[column]
@@ -982,7 +1000,7 @@ def _sort_visits(visits: pd.DataFrame, subjects: tuple[str, ...], time: str) -> 
         as_numbers = pd.to_numeric(ids, errors="coerce") if numeric else None
         key = as_numbers if as_numbers is not None and bool(as_numbers.notna().all()) else ids
         keys.append(pd.factorize(key, sort=True)[0])
-    return visits.iloc[np.lexsort(keys)]
+    return np.lexsort(keys)
 
 
 def _format_numbers(values: pd.Series) -> pd.Series:
@@ -1036,8 +1054,11 @@ class _Stage:
                 if only_where is not None:
                     arguments["row_condition"] = Column(only_where) == True  # noqa: E712 (builds a condition)
                 suite.add_expectation(getattr(gxe, kind)(**arguments, meta={"index": index}))
-            batch = batch_definition.get_batch(batch_parameters={"dataframe": frame})
-            result = batch.validate(suite, result_format="COMPLETE")
+            try:
+                batch = batch_definition.get_batch(batch_parameters={"dataframe": frame})
+                result = batch.validate(suite, result_format="COMPLETE")
+            finally:
+                _forget_batches(batch_definition)
         for item in result.results:
             index = int(item.expectation_config.meta["index"])
             name, column, kind, _ = self._expectations[index]
@@ -1096,6 +1117,19 @@ def preload_great_expectations() -> threading.Thread:
     thread = threading.Thread(target=load, name="preload-great-expectations", daemon=True)
     thread.start()
     return thread
+
+
+def _forget_batches(batch_definition: Any) -> None:
+    """Drop what great-expectations keeps after a validation: the batch's frame and every metric computed
+    on it (row masks and index lists as long as the data). Its execution engine lives as long as the
+    process's context and would otherwise hold the last frame and the metrics of every validation run in
+    this process (a run's three frames; in ``longitudinal serve``, every run's)."""
+    engine = batch_definition.data_asset.datasource.get_execution_engine()
+    engine.batch_manager.reset_batch_cache()
+    engine.batch_manager.batch_data_cache.clear()
+    metrics = getattr(engine, "_metric_cache", None)  # no public way to empty it (great-expectations 1.x)
+    if isinstance(metrics, dict):
+        metrics.clear()
 
 
 def _batch_definition() -> Any:
