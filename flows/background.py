@@ -44,6 +44,7 @@ from typing import Any, Callable, Iterator
 from flows.local_server import api_healthy, find_free_port, log_tail
 
 STARTUP_SECONDS = 120.0
+LOG_BYTES = 10_000_000
 IDLE_MINUTES = 60.0
 # The environment a daemon's imports depend on: a caller whose values differ gets a daemon reloaded under its own.
 IMPORT_ENV_PREFIXES = ("PREFECT_", "PYTHON", "OPENBLAS_", "OMP_", "MKL_", "MPL", "GX_", "LONGITUDINAL_", "DO_NOT_TRACK")
@@ -165,6 +166,11 @@ class Daemon:
     def ui_url(self) -> str:
         return self.api_url.removesuffix("/api")
 
+    def running(self) -> bool:
+        """Both processes there, and the daemon's pid still this daemon's (a state file read after a
+        reboot may name pids that other processes now have)."""
+        return _alive(self.pid) and _is_ours(self.pid) and _alive(self.server_pid)
+
     @classmethod
     def read(cls, paths: Paths) -> Daemon | None:
         try:
@@ -207,12 +213,12 @@ def _ready_daemon(paths: Paths, check: Callable[[], None]) -> Daemon | None:
     code = code_fingerprint(env)
     paths.folder.mkdir(parents=True, exist_ok=True)
     daemon = Daemon.read(paths)
-    if daemon is not None and daemon.code == code and _alive(daemon.pid) and _alive(daemon.server_pid):
+    if daemon is not None and daemon.code == code and daemon.running():
         return daemon
     check()
     with _locked(paths.lock):
         daemon = Daemon.read(paths)
-        if daemon is not None and _alive(daemon.pid) and _alive(daemon.server_pid):
+        if daemon is not None and daemon.running():
             if daemon.code == code:  # started by a concurrent run while this one waited for the lock
                 return daemon
             try:
@@ -237,6 +243,9 @@ def _ready_daemon(paths: Paths, check: Callable[[], None]) -> Daemon | None:
 
 def _start_daemon(paths: Paths, env: dict[str, str]) -> None:
     paths.socket.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with contextlib.suppress(OSError):
+        if paths.log.stat().st_size > LOG_BYTES:  # one older log kept
+            os.replace(paths.log, paths.log.with_suffix(".log.1"))
     with paths.log.open("ab") as log:
         subprocess.Popen(
             [sys.executable, "-P", "-m", "flows.background", "--home", str(paths.home)],
@@ -362,7 +371,7 @@ def stop_background(home: Path | None = None, *, seconds: float = 30.0) -> Daemo
 def background_status(home: Path | None = None) -> tuple[Paths, Daemon | None]:
     paths = Paths(home or prefect_home())
     daemon = Daemon.read(paths)
-    if daemon is not None and not (_alive(daemon.pid) and _alive(daemon.server_pid)):
+    if daemon is not None and not daemon.running():
         daemon = None
     return paths, daemon
 
@@ -470,6 +479,7 @@ class _Daemon:
         self.api_url = api_url
         self.runs: dict[int, socket.socket] = {}
         self.leases: list[socket.socket] = []  # `longitudinal serve` processes using the server: never idle
+        self.abandoned: set[int] = set()  # runs whose caller went away, sent SIGTERM
         self.last_active = time.monotonic()
         self.stopping = False
 
@@ -498,10 +508,18 @@ class _Daemon:
         self.listener = listener
         print(f"ready: {self.api_url}, socket {socket_path}", flush=True)
         while not self.stopping:
-            ready, _, _ = select.select([listener, wake_read, *self.leases], [], [], min(10.0, idle_seconds() / 2))
+            callers = [conn for pid, conn in self.runs.items() if pid not in self.abandoned]
+            watched = [listener, wake_read, *self.leases, *callers]
+            ready, _, _ = select.select(watched, [], [], min(10.0, idle_seconds() / 2))
             with contextlib.suppress(BlockingIOError):
                 os.read(wake_read, 4096)
             self._reap()
+            for pid, connection in list(self.runs.items()):
+                if connection in ready and pid not in self.abandoned:  # the caller is gone (killed): its run
+                    self.abandoned.add(pid)                              # stops too, as it would in it
+                    print(f"run {pid}: its caller is gone: stopping it", flush=True)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(pid, signal.SIGTERM)
             for lease in [sock for sock in self.leases if sock in ready]:  # readable: its holder is gone
                 self.leases.remove(lease)
                 lease.close()
@@ -578,6 +596,7 @@ class _Daemon:
                 self.stopping = True
                 continue
             connection = self.runs.pop(pid, None)
+            self.abandoned.discard(pid)
             self.last_active = time.monotonic()
             if connection is not None:
                 code = os.waitstatus_to_exitcode(status)
