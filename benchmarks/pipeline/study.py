@@ -45,21 +45,21 @@ class PipelineRun:
     error: str | None = None
 
 
-def simulate_study(design: str, rows: int, folder: Path) -> tuple[Path, int]:
-    """The study as CSV, and its number of subjects.
+def simulate_study(design: str, rows: int, folder: Path, seed: int | None = None) -> tuple[Path, int]:
+    """The study as CSV, and its number of subjects (``seed`` None: the design's own).
 
     ``balanced``: rows/10 subjects × 10 weekly visits, no dropout, no bad rows (``longitudinal.simulate``);
     ``unbalanced``: exactly ``rows`` rows, 3-12 visits per subject at irregular weeks (``unbalanced.py``).
     """
     if design == "unbalanced":
-        return write_unbalanced(rows, folder / "data.csv")
+        return write_unbalanced(rows, folder / "data.csv", *(() if seed is None else (seed,)))
     if design != "balanced":
         raise ValueError(f"unknown design {design!r}; designs are {', '.join(DESIGNS)}")
     from longitudinal.simulate import SimulationSpec, simulate_trial, write_table
 
     spec = SimulationSpec(
         n_subjects=max(1, rows // VISITS_PER_SUBJECT), min_visits=VISITS_PER_SUBJECT,
-        max_visits=VISITS_PER_SUBJECT, dropout_probability=0.0, seed=SEED,
+        max_visits=VISITS_PER_SUBJECT, dropout_probability=0.0, seed=SEED if seed is None else seed,
     )
     return write_table(simulate_trial(spec), folder / "data.csv"), spec.n_subjects
 
@@ -144,13 +144,14 @@ class SizeResult:
 
 
 def measure_size(design: str, rows: int, workdir: Path, *, env: dict[str, str], time_tool: str | None,
-                 lme4_problem: str | None, measured_at: str) -> SizeResult:
+                 lme4_problem: str | None, measured_at: str, seed: int | None = None) -> SizeResult:
     """Simulate one study, run the pipeline on it, then lme4 on the same CSV (unless ``lme4_problem`` says
-    why not)."""
+    why not). ``seed`` other than the design's own gives other data (the warm-up's, whose fits must not
+    be in the fit cache when a measured study runs)."""
     folder = workdir / f"{design}_{rows}"
     folder.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
-    data_path, subjects = simulate_study(design, rows, folder)
+    data_path, subjects = simulate_study(design, rows, folder, seed)
     simulate_seconds = time.perf_counter() - began
     config = write_study_config(data_path, folder, f"bench-{design}-{rows}")
     print(f"  {design} {rows:,} rows ({subjects:,} subjects): data written in {simulate_seconds:.1f} s; "
