@@ -400,3 +400,17 @@ def test_an_all_zero_column_is_dropped(visits: pd.DataFrame) -> None:
 def test_a_large_time_scale_keeps_the_intercept(visits: pd.DataFrame) -> None:
     design = build_design(visits.assign(t=visits["t"] * 1e8 + 1.7e9), parse_formula("y ~ t + (1 | g)"))
     assert design.fixed_names == ("(Intercept)", "t") and design.dropped == ()
+
+
+@pytest.mark.parametrize("dtype", ["str", object, "string[python]"])
+@pytest.mark.parametrize("values", [
+    ["a", "a", "b", "é", "é", "z"],  # sorted rows (validated visits): coded by runs when Arrow stores them
+    ["s1", "s1", "s10", "s2", "s2"], ["b", "a", "a", "c"], ["2", "10", "10"], ["x"], ["B", "a", "b"],
+])
+def test_a_grouping_factor_is_coded_in_sorted_text_order_whatever_the_storage(values: list[str], dtype: object) -> None:
+    from longitudinal.model.design import code_factor
+
+    frame = pd.DataFrame({"id": pd.Series(values, dtype=dtype)})  # type: ignore[call-overload]
+    codes, levels = code_factor(frame, ["id"])
+    assert list(levels) == sorted(set(values)) and all(type(level) is str for level in levels)
+    assert [levels[c] for c in codes] == values and codes.dtype == np.int64

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 from scipy import sparse
 
 from longitudinal.model.design import Design
@@ -117,11 +118,16 @@ def group_patterns(products: CrossProducts, *, max_share: float = PATTERN_SHARE)
     q, G, k = products.ZtXy.shape
     rows, cols = np.tril_indices(q)
     keys = products.ZtZ[rows, cols]  # (q(q+1)/2, G)
+    limit = max(1.0, max_share * G)
+    # Patterns are at least as many as the distinct values of any one entry: at irregular visit times Σ t²
+    # alone tells nearly every subject apart, and counting it (hashing, O(G)) spares the sort.
+    if any(pd.unique(key).size > limit for key in keys[::-1]):
+        return None
     order = np.lexsort(keys)  # np.unique(axis=0) sorts structured rows, several times slower
     ordered = keys[:, order]
     starts = np.concatenate(([True], np.any(ordered[:, 1:] != ordered[:, :-1], axis=0)))
     P = int(starts.sum())
-    if P > max(1.0, max_share * G):
+    if P > limit:
         return None
     inverse = np.empty(G, dtype=np.int64)
     inverse[order] = np.cumsum(starts) - 1
