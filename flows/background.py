@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from flows.local_server import api_healthy, find_free_port, log_tail
+from flows.local_server import api_healthy, find_free_port, log_tail, process_alive
 
 STARTUP_SECONDS = 120.0
 LOG_BYTES = 10_000_000
@@ -169,7 +169,7 @@ class Daemon:
     def running(self) -> bool:
         """Both processes there, and the daemon's pid still this daemon's (a state file read after a
         reboot may name pids that other processes now have)."""
-        return _alive(self.pid) and _is_ours(self.pid) and _alive(self.server_pid)
+        return process_alive(self.pid) and _is_ours(self.pid) and process_alive(self.server_pid)
 
     @classmethod
     def read(cls, paths: Paths) -> Daemon | None:
@@ -259,7 +259,7 @@ def _wait_ready(paths: Paths, code: str, *, server_pid: int | None) -> Daemon | 
     deadline = time.monotonic() + STARTUP_SECONDS
     while time.monotonic() < deadline:
         daemon = Daemon.read(paths)
-        if daemon is not None and daemon.code == code and _alive(daemon.pid):
+        if daemon is not None and daemon.code == code and process_alive(daemon.pid):
             print(f"longitudinal: background Prefect server at {daemon.ui_url}", flush=True)
             return daemon
         failure = _failure(paths)
@@ -336,7 +336,7 @@ def background_server_for_serve() -> str | None:
         """Keep a lease open; take a new one when the daemon reloads (its sockets close at exec)."""
         while True:
             current = Daemon.read(paths)
-            if current is None or not _alive(current.pid):
+            if current is None or not process_alive(current.pid):
                 return  # stopped ('longitudinal server stop'): the server is gone too, and serve says so
             try:
                 with _connect(current.socket) as connection:
@@ -360,7 +360,7 @@ def stop_background(home: Path | None = None, *, seconds: float = 30.0) -> Daemo
     with contextlib.suppress(OSError):
         _request(daemon.socket, {"op": "stop"})
     deadline = time.monotonic() + seconds
-    while (_alive(daemon.pid) or _alive(daemon.server_pid)) and time.monotonic() < deadline:
+    while (process_alive(daemon.pid) or process_alive(daemon.server_pid)) and time.monotonic() < deadline:
         time.sleep(0.1)
     _stop_leftovers(daemon)
     with contextlib.suppress(FileNotFoundError):
@@ -379,7 +379,7 @@ def background_status(home: Path | None = None) -> tuple[Paths, Daemon | None]:
 def _stop_leftovers(daemon: Daemon) -> None:
     """SIGKILL a daemon and server that are still there (a daemon killed without its handlers, say)."""
     for pid in (daemon.pid, daemon.server_pid):
-        if _alive(pid) and _is_ours(pid):
+        if process_alive(pid) and _is_ours(pid):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
     with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -458,12 +458,6 @@ def _locked(path: Path) -> Iterator[None]:
         fcntl.flock(handle, fcntl.LOCK_EX)
         yield
 
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
 
 
 # ------------------------------------------------------------------------------------------ the daemon
@@ -648,7 +642,7 @@ def _terminate(pid: int, grace: float = 20.0) -> None:
         with contextlib.suppress(ChildProcessError):
             if os.waitpid(pid, os.WNOHANG)[0] == pid:
                 return
-        if not _alive(pid):
+        if not process_alive(pid):
             return
         time.sleep(0.1)
     with contextlib.suppress(ProcessLookupError):
@@ -778,7 +772,7 @@ def daemon_main(argv: list[str]) -> int:
     server: subprocess.Popen[bytes] | None = None
     daemon = None
     try:
-        if args.server_pid and args.api_url and _alive(args.server_pid):
+        if args.server_pid and args.api_url and process_alive(args.server_pid):
             server_pid, api_url = args.server_pid, args.api_url
         else:
             server, api_url = _start_server(paths)

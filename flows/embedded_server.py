@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from flows.local_server import process_alive
+
 REAPER_POLL_SECONDS = 0.3
 
 
@@ -59,23 +61,17 @@ def stop_servers_with_this_process() -> subprocess.Popen[bytes]:
 def reap_servers_of(parent: int) -> None:
     """While ``parent`` lives, note its uvicorn (Prefect server) children; once it is gone, SIGTERM them."""
     seen: set[int] = set()
-    while _alive(parent):
+    while process_alive(parent):
         try:
             seen |= _server_children(parent)
         except OSError:
             pass
         time.sleep(REAPER_POLL_SECONDS)
     for pid in seen:
-        if _alive(pid):
+        if process_alive(pid):
             with contextlib.suppress(ProcessLookupError):  # gone between the check and the signal
                 os.kill(pid, signal.SIGTERM)
 
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
 
 
 def _server_children(pid: int) -> set[int]:

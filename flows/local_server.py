@@ -87,6 +87,14 @@ def stop_group(process: subprocess.Popen[bytes], *, grace_seconds: float = 20.0)
         process.wait(timeout=10)
 
 
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and has not exited (a zombie waiting to be reaped has)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
 def _signal_group(group: int, sig: signal.Signals) -> None:
     try:
         os.killpg(group, sig)

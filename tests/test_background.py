@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from flows.background import Daemon, Paths, configured_api_url
-from flows.local_server import quiet_prefect_env
+from flows.local_server import process_alive, quiet_prefect_env
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -44,12 +44,6 @@ class Home:
         return daemon
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
-
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory: pytest.TempPathFactory, copy_example_study) -> Iterator[Home]:
@@ -66,7 +60,7 @@ def home(tmp_path_factory: pytest.TempPathFactory, copy_example_study) -> Iterat
         leftover = Daemon.read(Paths(prefect_home))
         if leftover is not None:  # a failed stop must not leave processes behind
             for pid in (leftover.pid, leftover.server_pid):
-                if _alive(pid):
+                if process_alive(pid):
                     os.kill(pid, signal.SIGKILL)
 
 
@@ -177,7 +171,7 @@ def test_server_stop_leaves_no_process_behind(home: Home) -> None:
     result = home.run("server", "stop")
     assert result.returncode == 0, result.stderr
     assert f"stopped the background Prefect server at {daemon.ui_url}" in result.stdout
-    assert not _alive(daemon.pid) and not _alive(daemon.server_pid)
+    assert not process_alive(daemon.pid) and not process_alive(daemon.server_pid)
     assert not Paths(home.path).state.exists() and not daemon.socket.exists()
     assert "no background server" in home.run("server", "status").stdout
 
