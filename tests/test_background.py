@@ -193,3 +193,26 @@ def test_the_socket_path_fits_however_long_the_prefect_home(tmp_path: Path) -> N
     deep = tmp_path.joinpath(*["a-rather-long-folder-name"] * 8)
     assert len(str(Paths(deep).socket)) < 100
     assert Paths(deep).socket != Paths(tmp_path).socket
+
+
+def test_served_runs_start_as_forks_of_the_warm_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`serve` hands Prefect's runner a flow; Prefect starts its run with run_flow_in_subprocess, which
+    warm_flow_runs turns from a spawned interpreter (imports everything again) into a fork of the
+    preloaded forkserver. This guards the point where the two meet, should Prefect change it."""
+    import multiprocessing.forkserver
+
+    import prefect.flow_engine
+
+    from flows.serve import warm_flow_runs
+    from flows.study_pipeline import study_pipeline
+
+    monkeypatch.setattr(prefect.flow_engine, "multiprocessing", prefect.flow_engine.multiprocessing)  # restored after
+    warm_flow_runs()
+    process = prefect.flow_engine.run_flow_in_subprocess(study_pipeline, parameters={"config_path": "/nonexistent"})
+    try:
+        assert type(process).__name__ == "ForkServerProcess"
+        assert multiprocessing.forkserver._forkserver._preload_modules == ["flows.preloaded"]  # type: ignore[attr-defined]
+    finally:
+        process.kill()
+        process.join(timeout=30)
+        multiprocessing.forkserver._forkserver._stop()  # type: ignore[attr-defined]
