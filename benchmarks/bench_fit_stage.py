@@ -10,7 +10,8 @@ What the flow's fit stage runs, each timed (least of ``--repeats``): ``fingerpri
 cache's key), then the three ML candidates and the REML refit of the selected one by ``fit_candidate``,
 each broken into its pieces (design, standardization, cross-products, optimizer with lme4's checks,
 estimates at the optimum; the rest of ``fit_candidate``: the record). ``--lme4`` times lmer on the same rows (``lme4_fits.R``), once.
-``--profile`` prints the top functions of one whole stage under cProfile.
+``--profile`` prints the top functions of one whole stage under cProfile. ``--cpu`` times this process's
+CPU time instead of wall time (steadier when other jobs share the cores; it counts BLAS threads too).
 
 Not a test: ``.venv/bin/python benchmarks/bench_fit_stage.py [--sizes 200k,2M] [--repeats 3] [--lme4]
 [--profile]``.
@@ -124,7 +125,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--lme4", action="store_true")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--cpu", action="store_true")
     args = parser.parse_args()
+    if args.cpu:
+        time.perf_counter = time.process_time  # type: ignore[assignment]  # the clock of timing.best_of and of the laps here
     sizes = [int(float(s[:-1]) * (1e3 if s[-1] == "k" else 1e6)) if s[-1] in "kM" else int(s)
              for s in args.sizes.split(",")]
     stage_by_size = {}

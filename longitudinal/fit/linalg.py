@@ -70,6 +70,20 @@ def forward_groups(chol: np.ndarray, B: np.ndarray) -> np.ndarray:
     return X
 
 
+def forward_shared(chol: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """Solve L_g X_g = B for all groups at once, B (q, m) the same for every group: chol (q, q, G) → (q, m, G),
+    each X[i, j] a contiguous vector over the groups (no per-group copy of B)."""
+    q, m = B.shape
+    X = np.empty((q, m, chol.shape[2]))
+    for j in range(m):
+        for i in range(q):
+            acc = np.full(chol.shape[2], B[i, j])
+            for l in range(i):
+                acc -= chol[i, l] * X[l, j]
+            np.divide(acc, chol[i, i], out=X[i, j])
+    return X
+
+
 def backward_groups(chol: np.ndarray, B: np.ndarray) -> np.ndarray:
     """Solve L_g' X_g = B_g for all groups at once: chol (q, q, G), B (q, G) or (q, G, k) → like B."""
     q, lift = chol.shape[0], _per_group(B)

@@ -54,7 +54,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from longitudinal.fit.failure import FitFailure
-from longitudinal.fit.linalg import LOG_2PI, GroupGram, backward_groups, factor_groups, forward_groups
+from longitudinal.fit.linalg import LOG_2PI, GroupGram, backward_groups, factor_groups, forward_shared
 from longitudinal.fit.lmm.checks import check_identifiable, exact_fit_failure
 from longitudinal.fit.lmm.crossproducts import CrossProducts, PatternProducts, compute_crossproducts, group_patterns
 from longitudinal.fit.optimize import minimize_deviance
@@ -198,16 +198,15 @@ def _assemble(
     RX_inv = np.linalg.solve(RX, np.eye(p))  # small p × p; triangular, but LAPACK's general solve is exact enough
     beta = RX_inv.T @ solution.chol_S[p, :p]
     vcov = sigma2 * (RX_inv.T @ RX_inv)
-    R = solution.R
-    v = R[:, :, p] - R[:, :, :p] @ beta  # cu_g − RZX_g β, (q, G)
+    v = solution.R @ np.append(-beta, 1.0)  # cu_g − RZX_g β, (q, G): one contiguous product
     u = backward_groups(solution.chol_M, v)
-    fitted = design.X @ beta + _random_part(design, (lam @ u).T)  # b_g = Λ u_g
-    residuals = design.y - fitted
+    fitted = design.X @ beta
+    fitted += _random_part(design, (lam @ u).T)  # b_g = Λ u_g
+    residuals = np.subtract(design.y, fitted)
     lam_out = ranef_map @ lam
     modes = (lam_out @ u).T  # (G, q)
-    q, G = u.shape
-    T = forward_groups(solution.chol_M, np.broadcast_to(lam_out.T[:, None, :], (q, G, q)))  # L_g⁻¹ (BΛ)'
-    cond_sd = np.sqrt(sigma2 * np.einsum("igj,igj->gj", T, T))
+    T = forward_shared(solution.chol_M, lam_out.T)  # L_g⁻¹ (BΛ)', (q, q, G)
+    cond_sd = np.sqrt(sigma2 * np.einsum("ijg,ijg->gj", T, T))
 
     # r² recomputed from the residuals (no cancellation): rounding noise in the profiled r² can look like
     # a tiny but positive residual variance when the model reproduces the outcome exactly.
