@@ -36,7 +36,7 @@ def write_summary(rows: list[dict[str, Any]], extras: dict[str, Any], notes: lis
         lines += [f"Rows come from more than one invocation ({', '.join(stamps)}): ratios across them mix "
                   "machine states.", ""]
     lines += ["## Goals (issue 17)", "", "| goal | target | measured | verdict |", "|---|---|---|---|"]
-    lines += [f"| {g} | {t} | {m} | {v} |" for g, t, m, v in evaluate_goals(rows)]
+    lines += [f"| {_cell(g)} | {t} | {_cell(m)} | {v} |" for g, t, m, v in evaluate_goals(rows)]
     lines += _study_lines(rows) + _fit_lines(rows)
     lines += _example_lines(rows, extras.get("example")) + _serve_lines(rows, extras.get("serve"))
     background = extras.get("background")
@@ -64,7 +64,9 @@ def _study_lines(rows: list[dict[str, Any]]) -> list[str]:
         run = pick(rows, size, "run", "whole run (wall)", design) or {}
         outside = pick(rows, size, "run", "outside stages (start-up, Prefect, exit)", design) or {}
         fit = pick(rows, size, "stage", "fit", design) or {}
-        cells = [design, f"{size:,}", run.get("subjects", ""), _fmt(run.get("seconds")), _fmt(outside.get("seconds"))]
+        subjects = number(run.get("subjects"))
+        cells = [design, f"{size:,}", f"{subjects:,.0f}" if subjects else "", _fmt(run.get("seconds")),
+                 _fmt(outside.get("seconds"))]
         cells += [_fmt((pick(rows, size, "stage", s, design) or {}).get("seconds")) for s in stage_names]
         cells += [
             _fmt(run.get("lme4_seconds")) or "-",
@@ -156,10 +158,12 @@ def _cell(text: str) -> str:
 
 
 def ratio_text(ratio: float | None) -> str:
-    """0.02 as '1/50', 2.5 as '2.5×'."""
+    """0.02 as '1/50', 0.78 as '0.78×', 2.5 as '2.5×'."""
     if ratio is None:
         return ""
-    return f"1/{1 / ratio:.0f}" if ratio < 1 else f"{ratio:.1f}×"
+    if ratio <= 0.5:
+        return f"1/{1 / ratio:.0f}"
+    return f"{ratio:.2f}×" if ratio < 1 else f"{ratio:.1f}×"
 
 
 def _fmt(value: Any, digits: int = 2) -> str:
@@ -220,7 +224,7 @@ def write_readme_draft(rows: list[dict[str, Any]], path: Path) -> None:
              "`benchmarks/README.md`; full tables: `benchmarks/results/summary.md`). "
              f"Last run ({', '.join(stamps)}), on this project's 2-core shared machine (compare ratios, not seconds):",
              "", "| goal (issue 17) | target | measured | |", "|---|---|---|---|"]
-    lines += [f"| {g} | {t} | {m} | {v} |" for g, t, m, v in evaluate_goals(rows)]
+    lines += [f"| {_cell(g)} | {t} | {_cell(m)} | {v} |" for g, t, m, v in evaluate_goals(rows)]
     lines += ["", "| study | rows | subjects | whole run | fit stage | lme4's fits | fit / lme4 | peak memory |",
               "|---|---|---|---|---|---|---|---|"]
     for design, size in studies(rows):
@@ -231,5 +235,27 @@ def write_readme_draft(rows: list[dict[str, Any]], path: Path) -> None:
             f"| {design} | {size:,} | {int(number(run.get('subjects')) or 0):,} | {_fmt(run.get('seconds'), 1)} s | "
             f"{_fmt(fit.get('seconds'))} s | {f'{theirs:.1f} s' if theirs else '-'} | "
             f"{ratio_text(number(fit.get('ratio_to_lme4'))) or '-'} | {f'{peak / 1024:.2f} GB' if peak else ''} |")
-    lines += ["", "![time against rows](benchmarks/results/scaling.png)", ""]
+    lines += ["", *_slowest_stages(rows), "", "![time against rows](benchmarks/results/scaling.png)", ""]
     path.write_text("\n".join(lines))
+
+
+def _slowest_stages(rows: list[dict[str, Any]]) -> list[str]:
+    """Where the time of each design's largest run went: its slowest stage and the time outside the stages."""
+    out = []
+    for design in STUDY_DESIGNS:
+        sizes = [s for d, s in studies(rows) if d == design]
+        if not sizes:
+            continue
+        size = max(sizes)
+        run = number((pick(rows, size, "run", "whole run (wall)", design) or {}).get("seconds"))
+        stages = [(r["name"], v) for r in rows if r["design"] == design and int(r["rows"]) == size
+                  and r["kind"] == "stage" and (v := number(r.get("seconds"))) is not None]
+        outside = number((pick(rows, size, "run", "outside stages (start-up, Prefect, exit)", design) or {})
+                         .get("seconds"))
+        if run and stages:
+            name, seconds = max(stages, key=lambda item: item[1])
+            out.append(f"{design.capitalize()}, {size:,} rows: the run took {run:.1f} s, of which the slowest "
+                       f"stage, `{name}`, {seconds:.1f} s, the fit stage "
+                       f"{dict(stages).get('fit', float('nan')):.1f} s and everything outside the stages "
+                       f"(start-up, Prefect, exit) {outside or 0:.1f} s.")
+    return out
