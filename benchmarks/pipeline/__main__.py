@@ -137,7 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_results_csv(rows, csv_path)
         write_summary(rows, extras, notes, args.out / "summary.md")
         write_plot(rows, args.out / "scaling.png")
-        write_readme_draft(rows, args.out / "readme_performance.md")
+        if not args.server:  # the README shows the runs as a user makes them
+            write_readme_draft(rows, args.out / "readme_performance.md")
 
     try:
         source = None
@@ -227,8 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"kept {workdir}", flush=True)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
-    print(f"wrote {csv_path}, {args.out / 'summary.md'}, {args.out / 'scaling.png'}, "
-          f"{args.out / 'readme_performance.md'}", flush=True)
+    print(f"wrote {csv_path}, {args.out / 'summary.md'}, {args.out / 'scaling.png'}"
+          + ("" if args.server else f", {args.out / 'readme_performance.md'}"), flush=True)
     print((args.out / "summary.md").read_text())
     return 0
 
