@@ -12,6 +12,7 @@ each broken into its pieces (design, standardization, cross-products, optimizer 
 estimates at the optimum; the rest of ``fit_candidate``: the record). ``--lme4`` times lmer on the same rows (``lme4_fits.R``), once.
 ``--profile`` prints the top functions of one whole stage under cProfile. ``--cpu`` times this process's
 CPU time instead of wall time (steadier when other jobs share the cores; it counts BLAS threads too).
+OpenBLAS gets one thread, as in the pipeline (``tasks/fitting.py``); ``--blas-threads N`` sets another count.
 
 Not a test: ``.venv/bin/python benchmarks/bench_fit_stage.py [--sizes 200k,2M] [--repeats 3] [--lme4]
 [--profile]``.
@@ -35,6 +36,7 @@ import pandas as pd
 from longitudinal.config import load_config
 from longitudinal.data.curation import curate, fingerprint
 from longitudinal.data.validation import validate_visits
+from longitudinal.fit.blas import limit_blas_threads
 from longitudinal.fit.candidate import fit_candidate
 from longitudinal.fit.lmm import fit_lmm
 from longitudinal.fit.lmm.crossproducts import compute_crossproducts
@@ -126,7 +128,9 @@ def main() -> None:
     parser.add_argument("--lme4", action="store_true")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--cpu", action="store_true")
+    parser.add_argument("--blas-threads", type=int, default=1)
     args = parser.parse_args()
+    limit_blas_threads(args.blas_threads)
     if args.cpu:
         time.perf_counter = time.process_time  # type: ignore[assignment]  # the clock of timing.best_of and of the laps here
     sizes = [int(float(s[:-1]) * (1e3 if s[-1] == "k" else 1e6)) if s[-1] in "kM" else int(s)

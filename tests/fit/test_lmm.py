@@ -731,3 +731,17 @@ def test_fits_with_blocked_sums_are_those_of_the_per_group_solve(irregular: pd.D
             solution = solve_at(products, lam, reml)
             assert solution is not None
             assert gram_deviance(products, gram, lam, reml) == pytest.approx(solution.deviance, rel=1e-13)
+
+
+def test_the_blas_thread_limit_reaches_numpys_openblas() -> None:
+    import ctypes
+    from pathlib import Path
+
+    from longitudinal.fit.blas import limit_blas_threads
+
+    mapped = [line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines()
+              if "openblas" in line.lower() and "numpy" in line]
+    if not mapped:
+        pytest.skip("numpy is not linked to a bundled OpenBLAS here")
+    getter = ctypes.CDLL(mapped[0]).scipy_openblas_get_num_threads64_
+    assert limit_blas_threads(1) and getter() == 1
