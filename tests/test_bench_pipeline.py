@@ -63,3 +63,12 @@ def test_goals_read_ratios_of_one_design_and_medians_of_the_repeats() -> None:
     assert by_start["2M rows"][1] == "**not met**"  # 1.07 GB
     assert verdicts["|ΔlogLik| vs lme4, every fit (ML candidates and the REML refit)"][1] == "**not met**"
     assert by_start["bundled example under `longitudinal serve`"][1] == "n/a"
+
+
+def test_the_prefect_server_is_told_from_the_daemon_by_its_arguments() -> None:
+    from benchmarks.pipeline.measure import is_prefect_server_command
+
+    assert is_prefect_server_command(["/v/bin/python", "/v/bin/prefect", "server", "start", "--port", "4200"])
+    assert is_prefect_server_command(["/v/bin/python", "-m", "uvicorn", "--factory", "prefect.server.api.server"])
+    daemon = ["/v/bin/python", "-P", "-m", "flows.background", "--home", "/tmp/b/prefect-home", "--server-pid", "7"]
+    assert not is_prefect_server_command(daemon)

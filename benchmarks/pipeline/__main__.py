@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
@@ -79,7 +80,7 @@ def plan_studies(designs: tuple[str, ...], sizes: tuple[int, ...] | None) -> lis
     return sorted(dict.fromkeys(chosen), key=lambda key: (key[1], designs.index(key[0])))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=(DESCRIPTION or "").split("\n\n")[0])
     parser.add_argument("--designs", type=parse_designs, default=DESIGNS,
                         help="balanced, unbalanced or both (default both)")
@@ -103,132 +104,169 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "starts itself")
     parser.add_argument("--snapshot", metavar="REV", help="measure the committed tree at REV (e.g. HEAD) instead "
                         "of the working tree (git archive into the temporary folder)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+@dataclass
+class Invocation:
+    """One run of the benchmark: its options, folders and everything measured so far."""
+
+    args: argparse.Namespace
+    workdir: Path
+    time_tool: str | None
+    started: str
+    previous: list[dict[str, Any]]  # rows of results.csv this invocation does not measure again
+    source: Path | None = None  # a --snapshot's code
+    notes: list[str] = field(default_factory=list)
+    measured: list[dict[str, Any]] = field(default_factory=list)
+    extras: dict[str, Any] = field(default_factory=dict)
+    homes: list[dict[str, str]] = field(default_factory=list)  # Prefect homes where a background server may run
+
+    def write_all(self) -> None:
+        """results.csv, summary.md, scaling.png and the README draft, after every step: a long run
+        interrupted later still leaves its numbers."""
+        out = self.args.out
+        rows = self.previous + [{k: cell(v) for k, v in r.items()} for r in self.measured]
+        write_results_csv(rows, out / "results.csv")
+        write_summary(rows, self.extras, self.notes, out / "summary.md")
+        write_plot(rows, out / "scaling.png")
+        if not self.args.server:  # the README shows the runs as a user makes them
+            write_readme_draft(rows, out / "readme_performance.md")
+
+
+def measure_fixed_costs(bench: Invocation) -> None:
+    """The bundled example (first and second runs, validate, imports) and the example under serve."""
+    args = bench.args
+    if not args.no_example:
+        print("bundled example and fixed costs:", flush=True)
+        env = prefect_env(bench.workdir / "example" / "prefect-home", bench.source)
+        bench.homes.append(env)
+        example = measure_example(bench.workdir, env=env, time_tool=bench.time_tool, source=bench.source,
+                                  repeats=args.second_runs)
+        bench.extras["example"] = example
+        bench.measured += example_rows(example, bench.started)
+        for run, formula in zip(example["second"], example["changes"]):
+            if run.measured.daemon_reloads:
+                bench.notes.append(f"Example, second run with ri: {formula}: {RELOADED}")
+        bench.write_all()
+    if not args.no_serve:
+        print("bundled example under `longitudinal serve`:", flush=True)
+        bench.extras["serve"] = measure_serve(bench.workdir, source=bench.source, arrivals=args.arrivals)
+        bench.measured += serve_rows(bench.extras["serve"], bench.started)
+        bench.write_all()
+
+
+RELOADED = ("the background daemon reloaded during the run (the code or the environment changed since the "
+            "previous run), and the run paid for its imports.")
+
+
+def measure_studies(bench: Invocation, planned: list[tuple[str, int]], env: dict[str, str],
+                    lme4_problem: str | None) -> None:
+    """A warm-up run, then every planned study with lme4 beside it; the background daemon's memory after."""
+    args = bench.args
+    # The Prefect home (and a background server, where `longitudinal run` starts one) is made once here, so
+    # that every study pays the start-up a repeated run pays; the first run's is in the example. Its data
+    # (another seed) are no study's: no measured fit comes from the fit cache.
+    design = planned[0][0]
+    print(f"warming the Prefect home with {design} {WARMUP_ROWS:,} rows, seed {WARMUP_SEED} (not recorded) ...",
+          flush=True)
+    measure_size(design, WARMUP_ROWS, bench.workdir / "warmup", env=env, time_tool=bench.time_tool,
+                 lme4_problem="warm-up", measured_at=bench.started, seed=WARMUP_SEED)
+    daemon = None if args.server else background_daemon(Path(env["PREFECT_HOME"]))
+    if not args.server:
+        bench.notes.append(
+            f"`longitudinal run` kept a background daemon (pid {daemon}) and its Prefect server between runs; each "
+            "run's memory includes the processes the daemon forked for it." if daemon else
+            "`longitudinal run` started Prefect's temporary server itself in every run (no background daemon "
+            "recorded in the Prefect home); its memory is the CLI's process tree.")
+    for design, size in planned:
+        print(f"{design}, {size:,} rows:", flush=True)
+        problem = lme4_problem or ("skipped (--lme4-skip)" if (design, size) in args.lme4_skip else None)
+        result = measure_size(design, size, bench.workdir, env=env, time_tool=bench.time_tool, lme4_problem=problem,
+                              measured_at=bench.started)
+        label = f"{design} {size:,} rows"
+        if result.pipeline.error:
+            bench.notes.append(f"{label}: the pipeline failed: {result.pipeline.error[:300]}")
+        if result.lme4_note and result.lme4_note != problem:
+            bench.notes.append(f"{label}: {result.lme4_note}")
+        if result.pipeline.rows_analysed is not None and result.pipeline.rows_analysed != result.data_rows:
+            bench.notes.append(f"{label}: the pipeline analysed {result.pipeline.rows_analysed:,} of "
+                               f"{result.data_rows:,} rows, lme4 all of them: the comparison is not like for like.")
+        if result.pipeline.measured.daemon_reloads:
+            bench.notes.append(f"{label}: {RELOADED}")
+        bench.measured += result_rows(result)
+        bench.write_all()
+    if daemon and background_daemon(Path(env["PREFECT_HOME"])) == daemon:
+        bench.extras["background"] = background_memory(daemon)
+        bench.write_all()
+
+
+def stop_backgrounds(homes: list[dict[str, str]]) -> None:
+    """``longitudinal server stop`` in every Prefect home the benchmark used; one failing stops no other."""
+    for env in homes:
+        try:
+            outcome = stop_background(env, cwd=code_dir(env))
+        except (OSError, subprocess.SubprocessError) as exc:
+            outcome = f"could not stop it: {exc}"
+        if outcome:
+            print(f"background server of {env['PREFECT_HOME']}: {outcome}", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     planned = plan_studies(args.designs, QUICK_SIZES if args.quick else args.sizes)
     args.out.mkdir(parents=True, exist_ok=True)
-
-    notes: list[str] = []
-    time_tool = find_time_tool(install=not args.no_install)
-    if time_tool is None:
-        notes.append("GNU time not available: peak process MB is ru_maxrss of children (an upper bound).")
-    lme4_problem = "skipped (--no-lme4)" if args.no_lme4 else find_lme4(install=not args.no_install)
-    if lme4_problem:
-        notes.append(f"lme4 comparison: {lme4_problem}.")
-    skipped = [f"{d} {s:,}" for d, s in planned if (d, s) in args.lme4_skip]
-    if skipped and not lme4_problem:
-        notes.append(f"lme4 not run at {', '.join(skipped)} (--lme4-skip; it takes minutes there).")
-
-    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    workdir = Path(tempfile.mkdtemp(prefix="longitudinal-bench-"))
-    print(f"benchmark folder: {workdir}", flush=True)
-    csv_path = args.out / "results.csv"
     replaced: set[tuple[str, int | None]] = set(planned)
     replaced |= {(design, None) for design, off in (("example", args.no_example), ("serve", args.no_serve)) if not off}
-    previous = [r for r in read_previous(csv_path)
+    previous = [r for r in read_previous(args.out / "results.csv")
                 if (r["design"], int(r["rows"])) not in replaced and (r["design"], None) not in replaced]
-    measured: list[dict[str, Any]] = []
-    extras: dict[str, Any] = {}
-    homes: list[dict[str, str]] = []  # Prefect homes whose background server the benchmark's runs may start
+    bench = Invocation(args=args, workdir=Path(tempfile.mkdtemp(prefix="longitudinal-bench-")),
+                       time_tool=find_time_tool(install=not args.no_install),
+                       started=datetime.now(timezone.utc).isoformat(timespec="seconds"), previous=previous)
+    print(f"benchmark folder: {bench.workdir}", flush=True)
+    if bench.time_tool is None:
+        bench.notes.append("GNU time not available: peak process MB is ru_maxrss of children (an upper bound).")
+    lme4_problem = "skipped (--no-lme4)" if args.no_lme4 else find_lme4(install=not args.no_install)
+    if lme4_problem:
+        bench.notes.append(f"lme4 comparison: {lme4_problem}.")
+    skipped = [f"{d} {s:,}" for d, s in planned if (d, s) in args.lme4_skip]
+    if skipped and not lme4_problem:
+        bench.notes.append(f"lme4 not run at {', '.join(skipped)} (--lme4-skip; it takes minutes there).")
     server: PrefectServer | None = None
-
-    def write_all() -> None:
-        # After every step: a long run interrupted later still leaves its numbers.
-        rows = previous + [{k: cell(v) for k, v in r.items()} for r in measured]
-        write_results_csv(rows, csv_path)
-        write_summary(rows, extras, notes, args.out / "summary.md")
-        write_plot(rows, args.out / "scaling.png")
-        if not args.server:  # the README shows the runs as a user makes them
-            write_readme_draft(rows, args.out / "readme_performance.md")
-
     try:
-        source = None
         if args.snapshot:
-            source = export_snapshot(args.snapshot, workdir / "source")
-            sys.path.insert(0, str(source))  # the simulator too comes from the snapshot
+            bench.source = export_snapshot(args.snapshot, bench.workdir / "source")
+            sys.path.insert(0, str(bench.source))  # the simulator too comes from the snapshot
             commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", args.snapshot],
                                     capture_output=True, text=True, check=False).stdout.strip()
-            notes.append(f"Measured the committed tree at {args.snapshot} ({commit}), not the working tree.")
-        probe_env = prefect_env(workdir / "probe", source)
+            bench.notes.append(f"Measured the committed tree at {args.snapshot} ({commit}), not the working tree.")
+        probe_env = prefect_env(bench.workdir / "probe", bench.source)
         probe = subprocess.run(
             [sys.executable, "-c", "import longitudinal, flows.cli; print(longitudinal.__file__)"], env=probe_env,
             cwd=code_dir(probe_env), capture_output=True, text=True, check=False,
         )
-        notes.append(f"Code measured: {probe.stdout.strip() or probe.stderr.strip()[-200:]}.")
-        if not args.no_example:
-            print("bundled example and fixed costs:", flush=True)
-            example_env = prefect_env(workdir / "example" / "prefect-home", source)
-            homes.append(example_env)
-            extras["example"] = measure_example(workdir, env=example_env, time_tool=time_tool, source=source,
-                                                repeats=args.second_runs)
-            measured += example_rows(extras["example"], started)
-            for run, formula in zip(extras["example"]["second"], extras["example"]["changes"]):
-                if run.measured.daemon_reloads:
-                    notes.append(f"Example, second run with ri: {formula}: the background daemon reloaded during "
-                                 "the run (the code or the environment changed), and the run paid for its imports.")
-            write_all()
-        if not args.no_serve:
-            print("bundled example under `longitudinal serve`:", flush=True)
-            extras["serve"] = measure_serve(workdir, source=source, arrivals=args.arrivals)
-            measured += serve_rows(extras["serve"], started)
-            write_all()
-        env = prefect_env(workdir / "prefect-home", source)
+        bench.notes.append(f"Code measured: {probe.stdout.strip() or probe.stderr.strip()[-200:]}.")
+        measure_fixed_costs(bench)
+        env = prefect_env(bench.workdir / "prefect-home", bench.source)
         if args.server:
-            server = start_prefect_server(env, log=workdir / "server.log", ui=False, seconds=120.0)
+            server = start_prefect_server(env, log=bench.workdir / "server.log", ui=False, seconds=120.0)
             env["PREFECT_API_URL"] = server.api_url
-            notes.append("Studies run against a Prefect server started once for the benchmark (PREFECT_API_URL), "
-                         "as scheduled and triggered runs are.")
+            bench.notes.append("Studies run against a Prefect server started once for the benchmark "
+                               "(PREFECT_API_URL), as scheduled and triggered runs are.")
         else:
-            homes.append(env)
-        daemon = None
+            bench.homes.append(env)
         if planned:
-            # The Prefect home (and a background server, where `longitudinal run` starts one) is made once
-            # here, so that every study pays the start-up a repeated run pays; the first run's is in the example.
-            # Its data (another seed) are no study's: no measured fit comes from the fit cache.
-            design = planned[0][0]
-            print(f"warming the Prefect home with {design} {WARMUP_ROWS:,} rows, seed {WARMUP_SEED} (not recorded) "
-                  "...", flush=True)
-            measure_size(design, WARMUP_ROWS, workdir / "warmup", env=env, time_tool=time_tool,
-                         lme4_problem="warm-up", measured_at=started, seed=WARMUP_SEED)
-            daemon = None if args.server else background_daemon(Path(env["PREFECT_HOME"]))
-            if not args.server:
-                notes.append(
-                    f"`longitudinal run` kept a background daemon (pid {daemon}) and its Prefect server between runs; "
-                    "each run's memory includes the processes the daemon forked for it." if daemon else
-                    "`longitudinal run` started Prefect's temporary server itself in every run (no background "
-                    "daemon recorded in the Prefect home); its memory is the CLI's process tree.")
-        for design, size in planned:
-            print(f"{design}, {size:,} rows:", flush=True)
-            problem = lme4_problem or ("skipped (--lme4-skip)" if (design, size) in args.lme4_skip else None)
-            result = measure_size(design, size, workdir, env=env, time_tool=time_tool, lme4_problem=problem,
-                                  measured_at=started)
-            label = f"{design} {size:,} rows"
-            if result.pipeline.error:
-                notes.append(f"{label}: the pipeline failed: {result.pipeline.error[:300]}")
-            if result.lme4_note and result.lme4_note != problem:
-                notes.append(f"{label}: {result.lme4_note}")
-            if result.pipeline.rows_analysed is not None and result.pipeline.rows_analysed != result.data_rows:
-                notes.append(f"{label}: the pipeline analysed {result.pipeline.rows_analysed:,} of "
-                             f"{result.data_rows:,} rows, lme4 all of them: the comparison is not like for like.")
-            if result.pipeline.measured.daemon_reloads:
-                notes.append(f"{label}: the background daemon reloaded during the run (the code or the environment "
-                             "changed since the previous run), and the run paid for its imports.")
-            measured += result_rows(result)
-            write_all()
-        if daemon and background_daemon(Path(env["PREFECT_HOME"])) == daemon:
-            extras["background"] = background_memory(daemon)
-        write_all()
+            measure_studies(bench, planned, env, lme4_problem)
+        bench.write_all()
     finally:
-        for home_env in homes:
-            outcome = stop_background(home_env, cwd=code_dir(home_env))
-            if outcome:
-                print(f"background server of {home_env['PREFECT_HOME']}: {outcome}", flush=True)
+        stop_backgrounds(bench.homes)
         if server is not None:
             server.stop()
         if args.keep:
-            print(f"kept {workdir}", flush=True)
+            print(f"kept {bench.workdir}", flush=True)
         else:
-            shutil.rmtree(workdir, ignore_errors=True)
-    print(f"wrote {csv_path}, {args.out / 'summary.md'}, {args.out / 'scaling.png'}"
+            shutil.rmtree(bench.workdir, ignore_errors=True)
+    print(f"wrote {args.out / 'results.csv'}, {args.out / 'summary.md'}, {args.out / 'scaling.png'}"
           + ("" if args.server else f", {args.out / 'readme_performance.md'}"), flush=True)
     print((args.out / "summary.md").read_text())
     return 0

@@ -109,12 +109,6 @@ class ProcessTable:
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
-def read_tree_rss(root_pid: int) -> int:
-    """Bytes in memory (proportional set sizes) of ``root_pid`` and all its descendants, from /proc."""
-    table = ProcessTable.scan()
-    return sum(table.proportional_bytes(pid) for pid in table.tree(root_pid))
-
-
 def command_line(pid: int) -> list[str]:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
@@ -123,9 +117,13 @@ def command_line(pid: int) -> list[str]:
 
 
 def is_prefect_server(pid: int) -> bool:
-    """A Prefect server process: ``prefect server start`` or uvicorn (by its arguments, not by any path in
-    them: a Prefect home's path may well hold the word ``prefect``)."""
-    argv = command_line(pid)
+    """Whether process ``pid`` is a Prefect server (:func:`is_prefect_server_command`)."""
+    return is_prefect_server_command(command_line(pid))
+
+
+def is_prefect_server_command(argv: list[str]) -> bool:
+    """``prefect server start ...`` or uvicorn, by the arguments themselves, not by any path among them: a
+    Prefect home's path may well hold the word ``prefect``, and a daemon's ``--server-pid`` the word server."""
     names = [Path(arg).name for arg in argv]
     for i, name in enumerate(names[:-2]):
         if name == "prefect" and names[i + 1:i + 3] == ["server", "start"]:
