@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -72,3 +81,55 @@ def test_the_prefect_server_is_told_from_the_daemon_by_its_arguments() -> None:
     assert is_prefect_server_command(["/v/bin/python", "-m", "uvicorn", "--factory", "prefect.server.api.server"])
     daemon = ["/v/bin/python", "-P", "-m", "flows.background", "--home", "/tmp/b/prefect-home", "--server-pid", "7"]
     assert not is_prefect_server_command(daemon)
+
+
+def test_a_run_counts_what_the_background_daemon_forks_for_it_not_the_daemon_or_its_server(tmp_path: Path) -> None:
+    """A stand-in daemon (its state file as `longitudinal run` writes it) with a 'prefect server start' child of
+    200 MB; the measured command asks it for a run, which it forks: a child of 80 MB. The run's memory holds
+    the fork's 80 MB and neither the server's 200 MB nor the daemon's own."""
+    from benchmarks.pipeline.measure import background_memory, run_measured
+
+    home = tmp_path / "home"
+    (home / "longitudinal").mkdir(parents=True)
+    hold = "import sys, time; block = bytearray(int(sys.argv[1]) * 2**20); time.sleep(float(sys.argv[2]))"
+    daemon_code = f"""
+import json, os, subprocess, sys, time
+from pathlib import Path
+home = Path(sys.argv[1])
+server = subprocess.Popen([sys.executable, "-c", {hold!r}, "200", "60", "prefect", "server", "start"])
+(home / "longitudinal" / "background.json").write_text(json.dumps({{"pid": os.getpid(), "server_pid": server.pid}}))
+request = home / "run-request"
+while not request.exists():
+    time.sleep(0.02)
+child = os.fork()
+if child == 0:
+    block = bytearray(80 * 2**20)
+    time.sleep(1.5)
+    os._exit(0)
+os.waitpid(child, 0)
+(home / "run-done").touch()
+time.sleep(60)
+"""
+    daemon = subprocess.Popen([sys.executable, "-c", daemon_code, str(home)])
+    try:
+        deadline = time.monotonic() + 20
+        while not (home / "longitudinal" / "background.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # the server's 200 MB allocated
+        run = ("import pathlib, sys, time; home = pathlib.Path(sys.argv[1]); (home / 'run-request').touch()\n"
+               "while not (home / 'run-done').exists(): time.sleep(0.02)")
+        measured = run_measured([sys.executable, "-c", run, str(home)], env=dict(os.environ), cwd=tmp_path,
+                                time_tool=None, log_dir=tmp_path / "logs", prefect_home=home)
+        assert measured.returncode == 0
+        assert measured.daemon == daemon.pid
+        assert measured.peak_tree_mb is not None and 80 <= measured.peak_tree_mb < 150
+        held = background_memory(daemon.pid)
+        assert held["prefect_server_mb"] >= 200 and held["other_children_mb"] == 0
+    finally:
+        state = home / "longitudinal" / "background.json"
+        server = json.loads(state.read_text())["server_pid"] if state.exists() else None
+        daemon.kill()
+        daemon.wait()
+        if server is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(server, signal.SIGKILL)
