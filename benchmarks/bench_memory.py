@@ -19,6 +19,7 @@ output folder, as a second run reads the curated Parquet parts instead of the CS
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import sys
@@ -95,12 +96,17 @@ def _reset_peak() -> None:
 class Stages:
     """Runs stages one after another, recording each one's peak and final resident set (MB)."""
 
-    def __init__(self, trace: bool, top: int) -> None:
-        self.trace, self.top = trace, top
+    def __init__(self, trace: bool, top: int, trim: bool = False) -> None:
+        self.trace, self.top, self.trim = trace, top, trim
         self.rows: list[tuple[str, float, float, float]] = []
 
     def run(self, name: str, call: Callable[[], Any]) -> Any:
         gc.collect()
+        if self.trim:
+            import pyarrow
+
+            pyarrow.default_memory_pool().release_unused()
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
         _reset_peak()
         if self.trace:
             tracemalloc.start(25)
@@ -114,7 +120,9 @@ class Stages:
             tracemalloc.stop()
             self._print_top(name, snapshot, traced_peak)
         self.rows.append((name, seconds, peak, now))
-        print(f"{name:<22} {seconds:7.1f} s   peak {peak:7.0f} MB   after {now:7.0f} MB", flush=True)
+        arrow = sys.modules["pyarrow"].total_allocated_bytes() / 2**20 if "pyarrow" in sys.modules else 0.0
+        print(f"{name:<22} {seconds:7.1f} s   peak {peak:7.0f} MB   after {now:7.0f} MB   (Arrow holds {arrow:.0f} MB)",
+              flush=True)
         return result
 
     def _print_top(self, name: str, snapshot: tracemalloc.Snapshot, traced_peak: float) -> None:
@@ -145,7 +153,7 @@ def run_stages(config_path: Path, stages: Stages) -> None:
     from longitudinal.inference.reported import check_estimates, report_inference
     from longitudinal.model.formula import check_candidates, parse_candidates
     from longitudinal.records import ReportInputs
-    from longitudinal.reporting.run_folder import package_versions, start_run, write_run_files
+    from longitudinal.reporting.run_folder import package_versions, report_fits, start_run, write_run_files
 
     config = load_config(config_path)
     formulas = parse_candidates(config.models.candidates)
@@ -171,6 +179,7 @@ def run_stages(config_path: Path, stages: Stages) -> None:
     chosen = selection.selected
     selected = stages.run(f"fit {chosen} REML",
                           lambda: fit_candidate(visits, chosen, config.models.candidates[chosen], method="REML"))
+    fits = list(report_fits(fits, selected))
     reported = stages.run("infer", lambda: report_inference(selected, visits, config))
     inputs = ReportInputs(
         study=config.study, run_id=staging.name, created="2026-11-30T00:00:00+00:00", config=config, files=files,
@@ -191,6 +200,8 @@ def main() -> None:
     parser.add_argument("--estimates", action="store_true", help="marginal means by arm at weeks 0, 3, 7")
     parser.add_argument("--repeat-run", action="store_true", help="run again, reading the curated parts")
     parser.add_argument("--trace", action="store_true", help="tracemalloc: what each stage allocated")
+    parser.add_argument("--trim", action="store_true",
+                        help="before each stage, Arrow's pool and glibc's heap give freed memory back to the system")
     parser.add_argument("--top", type=int, default=6, help="with --trace: lines shown per stage")
     parser.add_argument("--keep", type=Path, help="simulate into this folder and keep it (else a temporary one)")
     options = parser.parse_args()
@@ -203,7 +214,7 @@ def main() -> None:
               f"{_status_kib('VmRSS') / 1024:.0f} MB (the simulation's peak: {_status_kib('VmHWM') / 1024:.0f} MB)",
               flush=True)
         for attempt in range(2 if options.repeat_run else 1):
-            stages = Stages(options.trace, options.top)
+            stages = Stages(options.trace, options.top, options.trim)
             if attempt:
                 print("\nsecond run (the curated parts):")
             run_stages(config, stages)

@@ -27,6 +27,7 @@ from longitudinal.reporting.run_folder import (
     discard_run,
     markdown_text,
     package_versions,
+    report_fits,
     run_id_of,
     start_run,
 )
@@ -116,6 +117,7 @@ def _run_stages(config: StudyConfig, config_path: Path, formulas: dict, staging:
         # A GLMM has no REML (glmer fits by ML only): the selected model is reported as its ML fit.
         selected = next(f for f in fits if f.name == chosen)
 
+    fits = list(report_fits(fits, selected))  # the candidates' per-row arrays are not held while inferring
     reported = infer(selected, validated.visits, config)
     clock = _stage_done(stages, "infer", clock)
 

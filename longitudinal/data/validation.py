@@ -321,19 +321,19 @@ def _count_subject_rows(v: _Visits, survivor: np.ndarray) -> _SubjectRows:
     kept varies)."""
     minimum = v.config.validation.min_observations_per_subject
     key_label = v.config.data.subject_key
+    # Each subject as a number (-1 without one): counted and handed to great-expectations as numbers, not as
+    # millions of strings (mapping text ids to their counts made a Python object per row).
+    codes, ids = pd.factorize(v.key)
     subject_rows = np.zeros(v.n, dtype=np.int64)
-    if survivor.any():
-        counts = v.key[survivor].value_counts()
-        subject_rows[survivor] = v.key[survivor].map(counts).to_numpy(dtype=np.int64)
+    if survivor.any():  # a survivor has a subject: "subject missing" quarantined the others
+        counts = np.bincount(codes[survivor], minlength=len(ids))
+        subject_rows[survivor] = counts[codes[survivor]]
     too_few = survivor & (subject_rows < minimum)
     kept = survivor & ~too_few
     stage = _Stage()
     if survivor.any():
-        # The subject as a number per distinct id (NaN without one): the same unique count, without handing
-        # great-expectations millions of strings.
-        codes = pd.factorize(v.key)[0].astype(np.float64)
-        codes[codes < 0] = np.nan
-        frame = pd.DataFrame({_KEY: codes, _SUBJECT_ROWS: subject_rows, _SURVIVOR: survivor, _KEPT: kept})
+        subject = np.where(codes < 0, np.nan, codes.astype(np.float64))
+        frame = pd.DataFrame({_KEY: subject, _SUBJECT_ROWS: subject_rows, _SURVIVOR: survivor, _KEPT: kept})
         stage.expect(
             "min_observations_per_subject", key_label, "ExpectColumnValuesToBeBetween", column=_SUBJECT_ROWS,
             min_value=minimum, only_where=_SURVIVOR,

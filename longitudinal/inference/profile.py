@@ -81,6 +81,11 @@ LOWER_DEVIANCE_TOL = 1e-6
 LIFT = 1e-3
 #: A correlation beyond this in absolute value gets a second, reflected start (``_Parametrization.starts``).
 NEAR_ONE = 0.99
+#: The search's first step goes this far beyond where the profile's local quadratic puts the end, so that it
+#: usually brackets the end at once.
+OVERSHOOT = 1.1
+#: An end is taken where |ζ − z| is below this: Brent's further steps would move it by less than this / ζ′.
+ZETA_TOL = 1e-7
 
 
 @dataclass(frozen=True)
@@ -515,8 +520,39 @@ class _Profile:
         self.base = base
         self.label = label
         self.notes = notes
-        self.points = [_Point(x_hat, base, v_hat)]
         self.lowest = base
+        hess_inv, self.slope = (None, None) if self.target.on_bound(x_hat) else self._quadratic(v_hat)
+        self.points = [_Point(x_hat, base, v_hat, hess_inv)]
+
+    def _quadratic(self, v_hat: np.ndarray) -> tuple[np.ndarray | None, float | None]:
+        """The criterion's local quadratic at the estimate, from its Hessian H in (x, v) by central differences
+        (steps 1e-4 of each parameter's size): H_vv⁻¹, BFGS's inverse Hessian for the path's first points (else
+        they start cold from the estimate), and dζ/dx = √(s / 2), s = H_xx − H_xv H_vv⁻¹ H_vx the profile's
+        curvature (D(x) − D̂ ≈ s (x − x̂)² / 2), for the search's first step. None for either where H_vv is not
+        positive definite or s not positive."""
+        w0 = np.concatenate([[self.x_hat], v_hat])
+        h = 1e-4 * np.maximum(np.abs(w0), 1.0)
+        h[0] = 1e-4 * (1.0 if self.target.kind == "cor" else abs(self.x_hat))
+
+        def f(w: np.ndarray) -> float:
+            return self.criterion(*self.param.unpack(w[1:], float(w[0])))
+
+        steps = h[:, None] * np.eye(w0.size)
+        H = np.empty((w0.size, w0.size))
+        for i, di in enumerate(steps):
+            H[i, i] = (f(w0 + di) - 2.0 * self.base + f(w0 - di)) / h[i] ** 2
+            for j, dj in enumerate(steps[:i]):
+                H[i, j] = H[j, i] = (f(w0 + di + dj) - f(w0 + di - dj) - f(w0 - di + dj) + f(w0 - di - dj)) / (
+                    4.0 * h[i] * h[j])
+        if not np.all(np.isfinite(H)):
+            return None, None
+        try:
+            chol = np.linalg.cholesky(H[1:, 1:])
+        except np.linalg.LinAlgError:
+            return None, None
+        c = np.linalg.solve(chol, H[1:, 0])
+        s = float(H[0, 0] - c @ c)
+        return np.linalg.inv(H[1:, 1:]), (math.sqrt(0.5 * s) if s > 0.0 else None)
 
     def deviance(self, x: float) -> float:
         for point in self.points:
@@ -566,6 +602,10 @@ class _Profile:
             return direction * self.zeta(x) - z
 
         t_prev, f_prev, step = target.to_t(self.x_hat), -z, 0.05
+        if self.slope is not None:  # the local quadratic's end, a little beyond
+            x_end = self.x_hat + direction * z / self.slope
+            if abs(x_end) < 1.0 if target.kind == "cor" else x_end > 0.0:
+                step = min(max(OVERSHOOT * abs(target.to_t(x_end) - t_prev), 1e-6), 1.0)
         if target.on_bound(self.x_hat) or not math.isfinite(t_prev):
             # the estimate is on the bound behind the search: start a step off it
             x_start = 0.01 * target.scale if target.kind == "sd" else -direction * (1.0 - 1e-3)
@@ -595,12 +635,30 @@ class _Profile:
         return math.nan
 
 
+class _Reached(Exception):
+    """Raised by ``_root``'s function at a point where |excess| is within ``ZETA_TOL``: the root, for Brent."""
+
+    def __init__(self, x: float) -> None:
+        super().__init__(x)
+        self.x = x
+
+
 def _root(excess: Callable[[float], float], inside: float, outside: float) -> float:
-    """The root of ``excess`` between a point where it is negative and one where it is not (Brent)."""
+    """The root of ``excess`` between a point where it is negative and one where it is not (Brent), or the first
+    point Brent's method evaluates where |excess| ≤ ``ZETA_TOL`` (each evaluation is an inner minimization)."""
     from scipy.optimize import brentq
 
+    def stopping(x: float) -> float:
+        found = excess(x)
+        if abs(found) <= ZETA_TOL:
+            raise _Reached(x)
+        return found
+
     width = abs(outside - inside)
-    return float(brentq(excess, inside, outside, xtol=1e-9 * max(width, 1e-300), rtol=1e-8))
+    try:
+        return float(brentq(stopping, inside, outside, xtol=1e-9 * max(width, 1e-300), rtol=1e-8))
+    except _Reached as reached:
+        return reached.x
 
 
 def _minimize(objective: Callable[[np.ndarray], float], start: np.ndarray,  # type: ignore[no-untyped-def]
