@@ -225,17 +225,21 @@ def _standardize_columns(M: np.ndarray, *, centre_with_intercept: bool) -> _Colu
     centre = intercept is not None and centre_with_intercept
     if binary.all():  # nothing to standardize (a random intercept's Z, indicator columns): no copy
         return _Columns(values=M, map=np.eye(k), intercept=intercept, binary=binary, sd=np.full(k, np.nan))
-    tried = np.where(binary | (not centre), 0.0, columns.mean(axis=1))  # the intercept is binary: never shifted
-    work = columns
-    work -= tried[:, None]
-    mean_square = np.einsum("ij,ij->i", work, work) / max(n, 1)
-    spread = np.sqrt(mean_square)
-    usable = ~binary & np.isfinite(spread) & (spread > 0.0)
-    shift = np.where(usable, tried, 0.0)
-    scale = np.where(usable, spread, 1.0)
-    work += (tried - shift)[:, None]  # a constant column centred to zero back to its value (c − c + c = c)
-    work /= scale[:, None]
-    values = np.ascontiguousarray(work.T)
+    # Only the continuous rows are touched: 0/1 columns keep their values (shift 0, scale 1), row by row
+    # (a fancy-indexed block of rows would be a copy).
+    shift, scale, mean_square = np.zeros(k), np.ones(k), np.full(k, np.nan)
+    for j in np.flatnonzero(~binary):
+        row = columns[j]
+        tried = float(row.mean()) if centre else 0.0
+        row -= tried
+        mean_square[j] = float(row @ row) / max(n, 1)
+        spread = math.sqrt(mean_square[j])
+        if math.isfinite(spread) and spread > 0.0:
+            shift[j], scale[j] = tried, spread
+            row /= spread
+        else:  # no spread: the column is left as it is (a constant centred to zero back to its value)
+            row += tried
+    values = np.ascontiguousarray(columns.T)
     # SD (n − 1) for lme4's scale check: from the centred sums where the columns were centred.
     variance = mean_square * n / max(n - 1, 1) if centre else np.full(k, np.nan)
     return _Columns(values=values, map=_column_map(shift, scale, intercept), intercept=intercept, binary=binary,
