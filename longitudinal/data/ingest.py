@@ -399,7 +399,9 @@ def read_snapshot(path: Path, config: StudyConfig) -> Snapshot:
             if not stat.S_ISREG(before.st_mode):
                 raise DataError(f"{shown}: is {_kind(before.st_mode)}, not a data file; it is not read")
             _check_size(shown, before.st_size, config)
-            content = _read_all(handle, config.validation.max_file_bytes)
+            # At most one byte more than the file holds now (or than the limit): a growing file shows, and a
+            # read is never asked for max_file_bytes (Python allocates what it is asked for, then shrinks).
+            content = _read_all(handle, min(before.st_size, config.validation.max_file_bytes))
             after = os.fstat(descriptor)
         _check_size(shown, len(content), config)
         if len(content) == after.st_size and (before.st_size, before.st_mtime_ns) == (after.st_size, after.st_mtime_ns):
@@ -469,8 +471,11 @@ def _parse_csv(content: bytes, shown: str) -> tuple[pd.DataFrame, np.ndarray, bo
     first_line = text.lstrip("\r\n")[:65536].splitlines()[0]  # not the whole file: splitlines copies every line
     sep = _delimiter(first_line)
     try:
+        # From the bytes (decoded above, so known to be UTF-8): a StringIO of the text would hold it as four
+        # bytes a character, and the parser encodes it back to UTF-8 anyway.
         frame = pd.read_csv(
-            io.StringIO(text), sep=sep, dtype=str, keep_default_na=False, skip_blank_lines=False,
+            io.BytesIO(content), encoding="utf-8-sig", sep=sep, dtype=str, keep_default_na=False,
+            skip_blank_lines=False,
         )
     except (pd.errors.ParserError, ValueError) as exc:
         hint = _decimal_comma_hint(text, str(exc)) if sep == "," else ""
