@@ -25,13 +25,15 @@ inner minimization is an unconstrained BFGS, and every covariance matrix is reac
 the cross-products (O(groups), never O(rows); O(visit patterns) when the subjects share few).
 
 Following the profile. Each end is approached from the estimate outward, each inner minimization starting
-from the point before it (lme4's ``startmethod = "prev"``) with that point's BFGS inverse Hessian; the
-parameter's bound is evaluated last. Two places where the minimum over the other parameters is not where the
+from the point before it (lme4's ``startmethod = "prev"``) with that point's BFGS inverse Hessian (at the
+estimate, that of a finite-difference Hessian, which also gives the profile's curvature there and so the
+search's first step: just beyond the end of the local quadratic); the parameter's bound is evaluated last. Two places where the minimum over the other parameters is not where the
 neighbour's solution leads: a factor's diagonal entry at 0 is a stationary point by symmetry (it is lifted off
 0), and next to a correlation of ±1 the profile may continue on the branch of the opposite sign (a second
 start, reflected). lme4 misses both: on a singular random slope, and on a 3 × 3 bar whose inner bobyqa runs
 out of evaluations, its ends are off by up to 20% — there its own ``devfun2``, minimized by restarts, agrees
-with the minima found here (``tests/inference/test_profile.py``). About 8–15 inner minimizations per end.
+with the minima found here (``tests/inference/test_profile.py``). About 3–5 inner minimizations per end on a
+well-determined profile (each 4–30 evaluations), more where the quadratic is a poor guide.
 
 A GLMM (binomial, Poisson) is profiled as lme4 profiles a glmer fit: glmer's deviance (Laplace, or adaptive
 Gauss–Hermite with the fit's nAGQ) as a function of the SDs and correlations (link scale) and β, each profile
@@ -588,8 +590,9 @@ class _Profile:
         the parameter's bound when the profile stays within z up to it; NaN (with a note) when not found.
 
         The search follows the profile outward from the estimate (each point starts from the one before, as
-        lme4's), on the scale of ``_Target.to_t``, with secant steps that overshoot the cut-off a little so
-        that Brent's method then has a bracket. The bound itself is evaluated last, from the path's end: a
+        lme4's), on the scale of ``_Target.to_t``, the first step to just beyond the end of the local quadratic
+        (``_quadratic``; 0.05 without one), then secant steps that overshoot the cut-off a little so that
+        Brent's method then has a bracket. The bound itself is evaluated last, from the path's end: a
         jump there straight from the estimate can land on another branch (an SD of 0, where the other
         parameters of its bar no longer matter) and would then seed the search from the wrong place.
         """
