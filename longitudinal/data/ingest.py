@@ -828,9 +828,16 @@ def _text_of(values: pd.Series, part: FilePart) -> pd.Series:
     """
     if _is_arrow_text(values):
         canonical = _canonical_text(values)
+        if values.dtype == _STR and canonical.null_count == 0 and canonical.equals(_arrow_of(values)):
+            return values  # already canonical (the usual case): typed shares raw's text instead of a copy
         if canonical.null_count < len(canonical):
             return pd.Series(canonical, index=values.index, dtype=_STR)
     return to_text(values)
+
+
+def _arrow_of(values: pd.Series) -> pa.Array:
+    arrow = pa.array(values.array)
+    return arrow.combine_chunks() if isinstance(arrow, pa.ChunkedArray) else arrow
 
 
 def _numbers_of(values: pd.Series, part: FilePart) -> pd.Series:
