@@ -523,15 +523,19 @@ class _Profile:
         self.label = label
         self.notes = notes
         self.lowest = base
-        hess_inv, self.slope = (None, None) if self.target.on_bound(x_hat) else self._quadratic(v_hat)
+        #: dζ/dx and dv/dx (the profile's path) at the estimate, from ``_quadratic``; None where unknown
+        self.slope: float | None = None
+        self.tangent: np.ndarray | None = None
+        hess_inv = None if self.target.on_bound(x_hat) else self._quadratic(v_hat)
         self.points = [_Point(x_hat, base, v_hat, hess_inv)]
 
-    def _quadratic(self, v_hat: np.ndarray) -> tuple[np.ndarray | None, float | None]:
+    def _quadratic(self, v_hat: np.ndarray) -> np.ndarray | None:
         """The criterion's local quadratic at the estimate, from its Hessian H in (x, v) by central differences
-        (steps 1e-4 of each parameter's size): H_vv⁻¹, BFGS's inverse Hessian for the path's first points (else
-        they start cold from the estimate), and dζ/dx = √(s / 2), s = H_xx − H_xv H_vv⁻¹ H_vx the profile's
-        curvature (D(x) − D̂ ≈ s (x − x̂)² / 2), for the search's first step. None for either where H_vv is not
-        positive definite or s not positive."""
+        (steps 1e-4 of each parameter's size). Returns H_vv⁻¹, BFGS's inverse Hessian for the path's first points
+        (else they start cold), and sets ``tangent`` = −H_vv⁻¹ H_vx, the path's direction (they start at
+        v̂ + (x − x̂) tangent), and ``slope`` = dζ/dx = √(s / 2), s = H_xx − H_xv H_vv⁻¹ H_vx the profile's
+        curvature (D(x) − D̂ ≈ s (x − x̂)² / 2), for the search's first step. None (and nothing set) where H_vv
+        is not positive definite; no slope where s is not positive."""
         w0 = np.concatenate([[self.x_hat], v_hat])
         h = 1e-4 * np.maximum(np.abs(w0), 1.0)
         h[0] = 1e-4 * (1.0 if self.target.kind == "cor" else abs(self.x_hat))
@@ -547,14 +551,17 @@ class _Profile:
                 H[i, j] = H[j, i] = (f(w0 + di + dj) - f(w0 + di - dj) - f(w0 - di + dj) + f(w0 - di - dj)) / (
                     4.0 * h[i] * h[j])
         if not np.all(np.isfinite(H)):
-            return None, None
+            return None
         try:
             chol = np.linalg.cholesky(H[1:, 1:])
         except np.linalg.LinAlgError:
-            return None, None
-        c = np.linalg.solve(chol, H[1:, 0])
+            return None
+        c = np.linalg.solve(chol, H[1:, 0])  # L⁻¹ H_vx, H_vv = L Lᵀ
         s = float(H[0, 0] - c @ c)
-        return np.linalg.inv(H[1:, 1:]), (math.sqrt(0.5 * s) if s > 0.0 else None)
+        self.slope = math.sqrt(0.5 * s) if s > 0.0 else None
+        self.tangent = -np.linalg.solve(chol.T, c)
+        inverse: np.ndarray = np.linalg.inv(H[1:, 1:])
+        return inverse
 
     def deviance(self, x: float) -> float:
         for point in self.points:
@@ -568,7 +575,10 @@ class _Profile:
         def objective(v: np.ndarray) -> float:
             return self.criterion(*self.param.unpack(v, x))
 
-        starts = self.param.starts(nearest.v, x)
+        v = nearest.v
+        if nearest is self.points[0] and self.tangent is not None:  # along the path's direction at the estimate
+            v = v + (x - nearest.x) * self.tangent
+        starts = self.param.starts(v, x)
         # the neighbour's inverse Hessian, for the start near its solution: BFGS then needs a few steps only
         gtol = _gradient_tolerance(self.base)
         found = min((_minimize(objective, start, gtol, nearest.hess_inv if i == 0 else None)
