@@ -30,7 +30,7 @@ def write_summary(rows: list[dict[str, Any]], extras: dict[str, Any], notes: lis
     and import times), ``serve`` (its start-up, an error) and ``background`` (memory of the processes that
     persist across runs)."""
     lines = ["# Pipeline benchmark", "", f"Generated {datetime.now(timezone.utc).isoformat(timespec='seconds')} "
-             f"on {os.cpu_count()} cores; `{sys.executable} -m benchmarks.pipeline`.", ""]
+             f"on {os.cpu_count()} cores; `{' '.join([sys.executable, '-m', 'benchmarks.pipeline', *sys.argv[1:]])}`.", ""]
     stamps = sorted({r["measured_at"] for r in rows if r.get("measured_at")})
     if len(stamps) > 1:
         lines += [f"Rows come from more than one invocation ({', '.join(stamps)}): ratios across them mix "
