@@ -29,8 +29,9 @@ def write_summary(rows: list[dict[str, Any]], extras: dict[str, Any], notes: lis
     ``extras`` holds what only this invocation measured and results.csv does not keep: ``example`` (validate
     and import times), ``serve`` (its start-up, an error) and ``background`` (memory of the processes that
     persist across runs)."""
+    command = " ".join([sys.executable, "-m", "benchmarks.pipeline", *sys.argv[1:]])
     lines = ["# Pipeline benchmark", "", f"Generated {datetime.now(timezone.utc).isoformat(timespec='seconds')} "
-             f"on {os.cpu_count()} cores; `{' '.join([sys.executable, '-m', 'benchmarks.pipeline', *sys.argv[1:]])}`.", ""]
+             f"on {os.cpu_count()} cores; `{command}`.", ""]
     stamps = sorted({r["measured_at"] for r in rows if r.get("measured_at")})
     if len(stamps) > 1:
         lines += [f"Rows come from more than one invocation ({', '.join(stamps)}): ratios across them mix "
