@@ -236,8 +236,21 @@ def write_readme_draft(rows: list[dict[str, Any]], path: Path) -> None:
             f"| {design} | {size:,} | {int(number(run.get('subjects')) or 0):,} | {_fmt(run.get('seconds'), 1)} s | "
             f"{_fmt(fit.get('seconds'))} s | {f'{theirs:.1f} s' if theirs else '-'} | "
             f"{ratio_text(number(fit.get('ratio_to_lme4'))) or '-'} | {f'{peak / 1024:.2f} GB' if peak else ''} |")
-    lines += ["", *_slowest_stages(rows), "", "![time against rows](benchmarks/results/scaling.png)", ""]
+    lines += ["", *_slowest_stages(rows), "", *HOW_MEASURED, "", "![time against rows](benchmarks/results/scaling.png)",
+              ""]
     path.write_text("\n".join(lines))
+
+
+HOW_MEASURED = (
+    "How each number is measured (`benchmarks/README.md`): the fit stage is the manifest's `timings.stages.fit` "
+    "(three ML fits and the REML refit); lme4's are the same four `lmer` fits timed inside R on the same CSV. The "
+    "whole run is a fresh `longitudinal run` process, start-up to exit; without `PREFECT_API_URL` it reuses the "
+    "background Prefect server and warm process an earlier run started, and its memory counts the processes that "
+    "warm process forks for the run (the warm process and the server, which stay between runs, are in "
+    "`summary.md`). The example's second run changes a candidate's formula each time, so its fit is not cached; "
+    "serve's latency runs from a file's arrival in the landing folder to the published `report.html`, serve's "
+    "default 2 s settle time included.",
+)
 
 
 def _slowest_stages(rows: list[dict[str, Any]]) -> list[str]:
