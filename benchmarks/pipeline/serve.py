@@ -3,9 +3,9 @@ its published report.
 
 A Prefect server is started for this (``flows.local_server``, the one the integration tests and
 ``--server`` start), then ``longitudinal serve`` on a copy of the example study whose ``data.source`` is a
-landing folder, with serve's defaults (a file counts once unchanged for ``--settle-seconds`` 2). Each
-arrival is a new file with new content (the example's rows under new subject ids), moved into the
-folder at once, as an export should be; the clock stops when the study's ``latest`` link points at a new
+landing folder, with serve's defaults (a file written in place counts once unchanged for
+``--settle-seconds`` 2; one renamed in, as here, after 0.3 s). Each arrival is a new file with new content
+(the example's rows under new subject ids), moved into the folder at once, as an export should be; the clock stops when the study's ``latest`` link points at a new
 run folder holding ``report.html`` (``longitudinal/reporting/run_folder.py`` publishes a run by moving
 its folder into place, then the link). Every process started here is stopped with its whole group.
 """

@@ -134,7 +134,7 @@ def _serve_lines(rows: list[dict[str, Any]], serve: dict[str, Any] | None) -> li
     if not arrivals and not serve:
         return []
     lines = ["", "## The bundled example under `longitudinal serve`", "",
-             "A Prefect server, `longitudinal serve` (default `--settle-seconds` 2) on a copy of the example whose "
+             "A Prefect server, `longitudinal serve` (its defaults: a file renamed in counts after 0.3 s) on a copy of the example whose "
              "`data.source` is a landing folder; each arrival is the example's rows under new subject ids, moved "
              "into the folder at once, timed until the study's `latest` link points at a new run folder with "
              "`report.html`. Each run analyses every file landed so far.", "",
@@ -248,8 +248,8 @@ HOW_MEASURED = (
     "background Prefect server and warm process an earlier run started, and its memory counts the processes that "
     "warm process forks for the run (the warm process and the server, which stay between runs, are in "
     "`summary.md`). The example's second run changes a candidate's formula each time, so its fit is not cached; "
-    "serve's latency runs from a file's arrival in the landing folder to the published `report.html`, serve's "
-    "default 2 s settle time included.",
+    "serve's latency runs from a file's rename into the landing folder to the published `report.html` (serve "
+    "counts a renamed-in file as landed after 0.3 s; one written in place, after 2 s unchanged).",
 )
 
 
