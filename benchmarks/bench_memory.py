@@ -177,6 +177,7 @@ def run_stages(config_path: Path, stages: Stages) -> None:
             for name, text in config.models.candidates.items()]
     selection = stages.run("select", lambda: select_model(fits, config.models.criterion))
     chosen = selection.selected
+    fits = list(report_fits(fits, next(f for f in fits if f.name == chosen)))  # as the flow does
     selected = stages.run(f"fit {chosen} REML",
                           lambda: fit_candidate(visits, chosen, config.models.candidates[chosen], method="REML"))
     fits = list(report_fits(fits, selected))

@@ -108,6 +108,9 @@ def _run_stages(config: StudyConfig, config_path: Path, formulas: dict, staging:
 
     chosen = selection.selected
     fit_seconds = {f.name: round(f.seconds, 4) for f in fits}
+    # The report reads per-row arrays of the selected model only (run_folder.report_fits): the other candidates'
+    # are not held through the REML refit, the inference and the report (32 MB each at 2 million rows).
+    fits = list(report_fits(fits, next(f for f in fits if f.name == chosen)))
     if family == "gaussian":
         refit = fit.with_options(task_run_name=f"refit-{chosen}-REML")
         selected = refit(validated.visits, chosen, models.candidates[chosen], "REML", engine, data_hash, family, nagq)
@@ -117,7 +120,7 @@ def _run_stages(config: StudyConfig, config_path: Path, formulas: dict, staging:
         # A GLMM has no REML (glmer fits by ML only): the selected model is reported as its ML fit.
         selected = next(f for f in fits if f.name == chosen)
 
-    fits = list(report_fits(fits, selected))  # the candidates' per-row arrays are not held while inferring
+    fits = list(report_fits(fits, selected))  # the chosen candidate's ML arrays too, when its refit has its own
     reported = infer(selected, validated.visits, config)
     clock = _stage_done(stages, "infer", clock)
 

@@ -67,13 +67,9 @@ def summarize_visits(visits: pd.DataFrame, subject: str | Sequence[str], time: s
     times = pd.to_numeric(visits[time], errors="coerce").to_numpy(dtype=float) if time in visits else \
         np.full(len(visits), np.nan)
     values = _numeric(visits[outcome]) if outcome in visits else np.full(len(visits), np.nan)
-    if group is None:
-        labels = pd.Series(ALL_SUBJECTS, index=visits.index, dtype=object)
-    else:
-        labels = visits[group].astype(object).where(visits[group].notna(), MISSING_GROUP).astype(str)
     keep = (subjects >= 0) & np.isfinite(times) & np.isfinite(values)
     rows = pd.DataFrame({"subject": subjects[keep], "time": times[keep], "y": values[keep],
-                         "group": labels.to_numpy(dtype=object)[keep]})
+                         "group": _group_labels(visits, group)[keep]})
     codes, n_times, binned = _visit_codes(rows["time"].to_numpy(dtype=float))
     rows = rows.assign(visit=codes)
     groups = tuple(sorted(rows["group"].unique(), key=str)) if len(rows) else (
@@ -85,7 +81,7 @@ def summarize_visits(visits: pd.DataFrame, subject: str | Sequence[str], time: s
 
 
 def _per_visit(rows: pd.DataFrame, every: pd.MultiIndex) -> pd.DataFrame:
-    cells = rows.groupby(["visit", "group"])
+    cells = rows.groupby(["visit", "group"], observed=True)
     table = pd.DataFrame({
         "subjects": cells["subject"].nunique(),
         "rows": cells.size(),
@@ -98,13 +94,25 @@ def _per_visit(rows: pd.DataFrame, every: pd.MultiIndex) -> pd.DataFrame:
 
 def _dropout(rows: pd.DataFrame, every: pd.MultiIndex) -> pd.DataFrame:
     last = rows.sort_values(["subject", "visit"], kind="stable").groupby("subject").tail(1)
-    seen = last.groupby(["visit", "group"]).size().reindex(every, fill_value=0).astype(int)
+    seen = last.groupby(["visit", "group"], observed=True).size().reindex(every, fill_value=0).astype(int)
     table = seen.rename("last_seen").reset_index()
     # Subjects still observed at a visit: those last seen there or later, a cumulative sum from the last visit.
     still = table.iloc[::-1].groupby("group", sort=False)["last_seen"].cumsum().iloc[::-1]
     totals = table.groupby("group")["last_seen"].transform("sum")
     return table.assign(still_observed=still.astype(int),
                         share_still_observed=still / totals.where(totals > 0, np.nan))
+
+
+def _group_labels(visits: pd.DataFrame, group: str | None) -> np.ndarray | pd.Categorical:
+    """Each row's group as text (:data:`MISSING_GROUP` where missing, :data:`ALL_SUBJECTS` without ``group``),
+    coded: a text object per row would cost some 60 bytes a row (a few hundred MB at 2 million rows)."""
+    if group is None or not len(visits):
+        return np.full(len(visits), ALL_SUBJECTS if group is None else MISSING_GROUP, dtype=object)
+    codes, uniques = pd.factorize(visits[group], use_na_sentinel=True)
+    names = np.array([str(value) for value in uniques] + [MISSING_GROUP], dtype=object)
+    merged, categories = pd.factorize(names)  # values shown alike are one group, as their text is
+    return pd.Categorical.from_codes(merged[np.where(codes < 0, len(names) - 1, codes)],
+                                     categories=categories.astype(object))
 
 
 def _subject_codes(visits: pd.DataFrame, columns: list[str]) -> np.ndarray:
