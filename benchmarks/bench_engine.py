@@ -12,7 +12,8 @@ With ``--scaling``: the fit stage's four fits (three candidates by ML, the REML 
 at 200,000 and 2,000,000 rows, typed as the pipeline types them (identifiers as text, numbers as floats),
 each step timed once as the pipeline pays it (fresh memory), the ratio of the two sizes (the goal: at most
 12 for 10× the rows) and the size and time of pickling each ``Fit`` (what the fit cache persists).
-Not a test: run ``.venv/bin/python benchmarks/bench_engine.py [--scaling]``.
+OpenBLAS runs one thread, as in the pipeline. Not a test: run ``.venv/bin/python benchmarks/bench_engine.py
+[--scaling]``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from longitudinal.fit.blas import limit_blas_threads
 from longitudinal.fit.candidate import fit_candidate
 from longitudinal.fit.lmm import fit_lmm, profiled_deviance
 from longitudinal.fit.lmm.crossproducts import compute_crossproducts, group_patterns
@@ -186,6 +188,7 @@ def main_scaling() -> None:
 
 
 if __name__ == "__main__":
+    limit_blas_threads(1)  # as the pipeline's fit task module does (longitudinal.fit.blas)
     if "--scaling" in sys.argv[1:]:
         main_scaling()
     else:

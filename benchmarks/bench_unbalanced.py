@@ -23,6 +23,7 @@ import pstats
 import numpy as np
 import pandas as pd
 
+from longitudinal.fit.blas import limit_blas_threads
 from longitudinal.fit.candidate import fit_candidate
 from longitudinal.fit.lmm import profiled_deviance
 from longitudinal.fit.linalg import GroupGram
@@ -60,6 +61,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--csv", default=None)
     args = parser.parse_args()
+    limit_blas_threads(1)  # as the pipeline's fit task module does (longitudinal.fit.blas)
     visits = simulate_unbalanced()
     if args.csv:
         visits.to_csv(args.csv, index=False)
