@@ -243,7 +243,7 @@ def _check_rows(v: _Visits) -> _Stage:
         stage.expect("column_exists", column, "ExpectColumnToExist", column=column)
     stage.expect("table_has_rows", None, "ExpectTableRowCountToBeBetween", min_value=1)
     present = [c for c in v.required if c in v.present]
-    frame = v.typed[present].copy()
+    frame = v.typed[present]  # a new frame sharing the columns (copy on write): the flags below are added to it alone
     for column in present:
         if column not in v.subjects:
             # "Was a value read?" as 1.0 / NaN: the same null check as on the raw text, without handing
