@@ -544,12 +544,14 @@ class _Profile:
             return self.criterion(*self.param.unpack(w[1:], float(w[0])))
 
         steps = h[:, None] * np.eye(w0.size)
-        H = np.empty((w0.size, w0.size))
-        for i, di in enumerate(steps):
-            H[i, i] = (f(w0 + di) - 2.0 * self.base + f(w0 - di)) / h[i] ** 2
+        plus = np.array([f(w0 + d) for d in steps])
+        minus = np.array([f(w0 - d) for d in steps])
+        H = np.diag((plus - 2.0 * self.base + minus) / h ** 2)
+        for i, di in enumerate(steps):  # the mixed differences along the diagonal of two axes (numDeriv's genD)
             for j, dj in enumerate(steps[:i]):
-                H[i, j] = H[j, i] = (f(w0 + di + dj) - f(w0 + di - dj) - f(w0 - di + dj) + f(w0 - di - dj)) / (
-                    4.0 * h[i] * h[j])
+                both = f(w0 + di + dj) + f(w0 - di - dj)
+                H[i, j] = H[j, i] = (both - plus[i] - minus[i] - plus[j] - minus[j] + 2.0 * self.base) / (
+                    2.0 * h[i] * h[j])
         if not np.all(np.isfinite(H)):
             return None
         try:
