@@ -13,6 +13,9 @@ estimates at the optimum; the rest of ``fit_candidate``: the record). ``--lme4``
 ``--profile`` prints the top functions of one whole stage under cProfile. ``--cpu`` times this process's
 CPU time instead of wall time (steadier when other jobs share the cores; it counts BLAS threads too).
 OpenBLAS gets one thread, as in the pipeline (``tasks/fitting.py``); ``--blas-threads N`` sets another count.
+``--prefect`` also times the stage as the flow runs it: ``fingerprint`` and the pipeline's ``fit`` task four
+times (three ML, the REML refit) in a flow under ``prefect_test_harness``, each repeat with a fresh cache key,
+then once more with the same key (every fit cached); results go to a temporary folder, not ~/.prefect.
 
 Not a test: ``.venv/bin/python benchmarks/bench_fit_stage.py [--sizes 200k,2M] [--repeats 3] [--lme4]
 [--profile]``.
@@ -121,6 +124,35 @@ def pieces(visits: pd.DataFrame, formula: str, method: str) -> dict[str, float]:
     return out
 
 
+def time_in_flow(visits: pd.DataFrame, chosen: str, repeats: int) -> None:
+    """The fit stage as ``flows/study_pipeline.py`` runs it (tasks in turn in the flow's thread), wall time."""
+    import os
+
+    from prefect import flow
+    from prefect.testing.utilities import prefect_test_harness
+
+    from tasks.fitting import fit
+
+    @flow(name="bench-fit-stage")
+    def stage(tag: str) -> tuple[float, float]:
+        began = time.perf_counter()
+        data_hash = tag + fingerprint(visits)  # a fresh cache key per tag (the key reads its first 32 characters)
+        fits = [fit(visits, n, f, "ML", "lme4-style", data_hash, "gaussian", 1) for n, f in CANDIDATES.items()]
+        refit = fit.with_options(task_run_name=f"refit-{chosen}-REML")
+        fits.append(refit(visits, chosen, CANDIDATES[chosen], "REML", "lme4-style", data_hash, "gaussian", 1))
+        return time.perf_counter() - began, sum(f.seconds for f in fits)
+
+    with tempfile.TemporaryDirectory() as storage:
+        os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = storage
+        with prefect_test_harness():
+            stage("warm-up-")
+            for repeat in range(repeats):
+                tag = f"{time.time():.4f}"[-10:]
+                total, own = stage(tag)
+                cached, _ = stage(tag)
+                print(f"  in a flow: stage {total:.3f} s (the fits' own {own:.3f} s), cached re-run {cached:.3f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", default="200k,2M")
@@ -129,6 +161,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--cpu", action="store_true")
     parser.add_argument("--blas-threads", type=int, default=1)
+    parser.add_argument("--prefect", action="store_true")
     args = parser.parse_args()
     limit_blas_threads(args.blas_threads)
     if args.cpu:
@@ -163,6 +196,8 @@ def main() -> None:
                     for key, value in pieces(visits, formula, "ML").items():
                         best[key] = min(best.get(key, np.inf), value)
                 print(f"  {name:18} " + "  ".join(f"{k} {v:.4f}" for k, v in best.items()))
+            if args.prefect:
+                time_in_flow(visits, chosen, args.repeats)
             if args.profile:
                 profiler = cProfile.Profile()
                 profiler.enable()
