@@ -4,7 +4,8 @@ piece, in process and without Prefect.
 The study is ``make bench``'s balanced design (rows/10 subjects × 10 visits, ``longitudinal.simulate``, seed
 20240601, no dropout) or, with ``--design unbalanced``, ``bench_fit_stage.py``'s (3-12 visits at irregular
 times: every subject its own visit pattern). The selected model is fitted once by REML, ``score ~ week * arm +
-age + (week | patient_id)``, then each piece of the infer stage is timed (least of ``--repeats``):
+age + (week | patient_id)`` (timed once, ``REML fit``: for scale, one of the fit stage's four fits), then each
+piece of the infer stage is timed (least of ``--repeats``):
 
 - ``ddf``: ``fixed_effect_inference`` with Satterthwaite's df (lmerTest's);
 - ``profile``: ``profile_intervals`` of the REML criterion (what ``report_inference`` asks for a REML fit), with
@@ -38,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SEED = 20240601
 VISITS = 10
 FORMULA = "score ~ week * arm + age + (week | patient_id)"
-PIECES = ("ddf", "profile", "marginal", "variance", "report_inference")
+PIECES = ("REML fit", "ddf", "profile", "marginal", "variance", "report_inference")
 
 
 def rows_of(size: str) -> int:
@@ -70,11 +71,14 @@ def measure(size: str, design: str, repeats: int) -> dict[str, float]:
     from longitudinal.inference.variance import explained_variance
 
     visits = simulate(rows_of(size), design).dropna()
+    began = time.perf_counter()
     fit = fit_candidate(visits, "ris", FORMULA, method="REML")
+    fitting = time.perf_counter() - began
     config = load_config(ROOT / "config" / "example.yaml")
     estimates = config.estimates
     assert isinstance(estimates, EstimatesConfig)
-    result: dict[str, float] = {"rows": float(len(visits)), "subjects": float(visits["patient_id"].nunique())}
+    result: dict[str, float] = {"rows": float(len(visits)), "subjects": float(visits["patient_id"].nunique()),
+                                "REML fit": fitting}
 
     seconds, inference = best_of(repeats, lambda: fixed_effect_inference(fit, visits, "satterthwaite"))
     result["ddf"] = seconds
