@@ -14,9 +14,10 @@ piece of the infer stage is timed (least of ``--repeats``):
 - ``variance``: ``explained_variance`` (ICC, R²);
 - ``report_inference``: the whole stage, as the flow runs it.
 
-``--cpu`` times this process's CPU time instead of wall time (steadier when other jobs share the cores).
-OpenBLAS gets one thread, as in the pipeline (``--blas-threads N`` sets another count). ``--baseline REV`` measures the same in a second process on
-``git archive REV`` (through ``PYTHONPATH``; git state is not touched) and prints both side by side.
+``--cpu`` times this process's CPU time instead of wall time (steadier when other jobs share the cores). OpenBLAS
+gets one thread, as in the pipeline (``--blas-threads N`` sets another count). ``--baseline REV`` measures the
+same in a second process on ``git archive REV`` (through ``PYTHONPATH``; git state is not touched) and prints
+both side by side.
 
 Not a test: ``.venv/bin/python benchmarks/bench_infer.py [--sizes 200k,2M] [--design unbalanced] [--cpu]
 [--baseline HEAD]``. 2M rows need about 2 GB and a few minutes.
@@ -146,7 +147,8 @@ def main() -> None:
     parser.add_argument("--baseline", metavar="REV", help="also measure git archive REV, side by side")
     parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     options = parser.parse_args()
-    os.environ["OPENBLAS_NUM_THREADS"] = str(options.blas_threads)  # before numpy loads OpenBLAS, here and in --baseline's
+    # before numpy loads OpenBLAS, in this process and in --baseline's
+    os.environ["OPENBLAS_NUM_THREADS"] = str(options.blas_threads)
     if options.cpu:
         time.perf_counter = time.process_time  # type: ignore[assignment]  # timing.best_of's clock
     sizes = [s.strip() for s in options.sizes.split(",") if s.strip()]

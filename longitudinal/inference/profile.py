@@ -15,25 +15,27 @@ method), so the two agree to the accuracy of lme4's spline. An end the profile d
 parameter's bound is that bound, as lme4 reports it: 0 for an SD (the lower end of a singular fit's SD), −1 or
 +1 for a correlation.
 
-Parametrization. The criterion is evaluated on the standardized design (``fit.scaling``) from log|M| and
-the penalized least-squares system S (``_evaluation_solver``: the fit's optimizer's evaluation). The free parameters are, per bar, the entries of a lower-triangular factor L of
-the bar's covariance Σ (data's units, terms permuted so that the profiled ones come first), and log σ. Fixing
-an SD is fixing L₁₁ = x; fixing a correlation ρ is L₂₁ = s₂ρ, L₂₂ = s₂√(1 − ρ²) with L₁₁ = |s₁| and |s₂|
-free. Every other entry is unconstrained (a factor with negative diagonal entries gives the same Σ), so each
-inner minimization is an unconstrained BFGS, and every covariance matrix is reachable, boundaries (an SD of 0,
-|ρ| = 1) included: a singular fit profiles as any other. Each evaluation is one penalized least-squares solve on
-the cross-products (O(groups), never O(rows); O(visit patterns) when the subjects share few).
+Parametrization. The criterion is evaluated on the standardized design (``fit.scaling``) from log|M| and the
+penalized least-squares system S (``_evaluation_solver``: the fit's optimizer's evaluation). The free parameters
+are, per bar, the entries of a lower-triangular factor L of the bar's covariance Σ (data's units, terms permuted
+so that the profiled ones come first), and log σ. Fixing an SD is fixing L₁₁ = x; fixing a correlation ρ is L₂₁ =
+s₂ρ, L₂₂ = s₂√(1 − ρ²) with L₁₁ = |s₁| and |s₂| free. Every other entry is unconstrained (a factor with negative
+diagonal entries gives the same Σ), so each inner minimization is an unconstrained BFGS, and every covariance
+matrix is reachable, boundaries (an SD of 0, |ρ| = 1) included: a singular fit profiles as any other. Each
+evaluation is one penalized least-squares solve on the cross-products (O(groups), never O(rows); O(visit
+patterns) when the subjects share few).
 
-Following the profile. Each end is approached from the estimate outward, each inner minimization starting
-from the point before it (lme4's ``startmethod = "prev"``) with that point's BFGS inverse Hessian (at the
-estimate, that of a finite-difference Hessian, which also gives the profile's curvature there and so the
-search's first step: just beyond the end of the local quadratic); the parameter's bound is evaluated last. Two places where the minimum over the other parameters is not where the
-neighbour's solution leads: a factor's diagonal entry at 0 is a stationary point by symmetry (it is lifted off
-0), and next to a correlation of ±1 the profile may continue on the branch of the opposite sign (a second
-start, reflected). lme4 misses both: on a singular random slope, and on a 3 × 3 bar whose inner bobyqa runs
-out of evaluations, its ends are off by up to 20% — there its own ``devfun2``, minimized by restarts, agrees
-with the minima found here (``tests/inference/test_profile.py``). About 3–5 inner minimizations per end on a
-well-determined profile (each 4–30 evaluations), more where the quadratic is a poor guide.
+Following the profile. Each end is approached from the estimate outward, each inner minimization starting from
+the point before it (lme4's ``startmethod = "prev"``) with that point's BFGS inverse Hessian (at the estimate,
+that of a finite-difference Hessian, which also gives the profile's curvature there and so the search's first
+step: just beyond the end of the local quadratic); the parameter's bound is evaluated last. Two places where the
+minimum over the other parameters is not where the neighbour's solution leads: a factor's diagonal entry at 0 is
+a stationary point by symmetry (it is lifted off 0), and next to a correlation of ±1 the profile may continue on
+the branch of the opposite sign (a second start, reflected). lme4 misses both: on a singular random slope, and on
+a 3 × 3 bar whose inner bobyqa runs out of evaluations, its ends are off by up to 20% — there its own
+``devfun2``, minimized by restarts, agrees with the minima found here (``tests/inference/test_profile.py``).
+About 3–5 inner minimizations per end on a well-determined profile (7–30 evaluations each for a 2 × 2 bar), more
+where the quadratic is a poor guide.
 
 A GLMM (binomial, Poisson) is profiled as lme4 profiles a glmer fit: glmer's deviance (Laplace, or adaptive
 Gauss–Hermite with the fit's nAGQ) as a function of the SDs and correlations (link scale) and β, each profile
