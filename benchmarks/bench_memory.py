@@ -153,7 +153,9 @@ def run_stages(config_path: Path, stages: Stages) -> None:
     from longitudinal.inference.reported import check_estimates, report_inference
     from longitudinal.model.formula import check_candidates, parse_candidates
     from longitudinal.records import ReportInputs
-    from longitudinal.reporting.run_folder import package_versions, report_fits, start_run, write_run_files
+    from longitudinal.reporting.run_folder import (
+        package_versions, publish_run, report_fits, run_id_of, start_run, write_run_files,
+    )
 
     config = load_config(config_path)
     formulas = parse_candidates(config.models.candidates)
@@ -183,12 +185,13 @@ def run_stages(config_path: Path, stages: Stages) -> None:
     fits = list(report_fits(fits, selected))
     reported = stages.run("infer", lambda: report_inference(selected, visits, config))
     inputs = ReportInputs(
-        study=config.study, run_id=staging.name, created="2026-11-30T00:00:00+00:00", config=config, files=files,
-        validated=validated, selection=selection, fits=tuple(fits), selected=reported.fit,
+        study=config.study, run_id=run_id_of(staging), created="2026-11-30T00:00:00+00:00", config=config,
+        files=files, validated=validated, selection=selection, fits=tuple(fits), selected=reported.fit,
         timings={"stages": {}, "fits": {}}, versions=package_versions(), estimates=reported.estimates,
         explained=reported.explained, df_method=reported.df_method,
     )
     stages.run("report", lambda: write_run_files(staging, inputs))
+    publish_run(staging, run_id_of(staging))  # releases the study's run lock (a second run waits for it)
     print(f"data hash {data_hash[:12]}; selected {chosen}; rows read {validated.rows_read} = analysed "
           f"{validated.rows_analysed} + quarantined {validated.rows_quarantined}")
 
