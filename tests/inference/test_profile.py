@@ -226,6 +226,22 @@ def test_three_correlated_terms_where_lme4_inner_optimizations_stop_short() -> N
     assert found.residual_sd == pytest.approx((20.2175908359, 25.8912122095), rel=TOLERANCE)
 
 
+def test_intervals_do_not_depend_on_how_the_criterion_is_evaluated() -> None:
+    """Subjects seen at the same times are evaluated by visit pattern, others group by group: sleepstudy's Days
+    moved by 1e-9 per subject leave no two subjects alike, and the intervals move by about that much."""
+    visits = read_sleepstudy()
+    shifted = visits.assign(Days=visits["Days"] + 1e-9 * pd.factorize(visits["Subject"])[0])
+    for method in ("REML", "ML"):
+        found = [profile_intervals(fit_candidate(frame, "ris", "Reaction ~ Days + (Days | Subject)", method=method),
+                                   frame, reml=method == "REML") for frame in (visits, shifted)]
+        assert found[0] is not None and found[1] is not None
+        for key, interval in found[0].sds.items():
+            assert found[1].sds[key] == pytest.approx(interval, rel=1e-6), key
+        for pair, interval in found[0].correlations.items():
+            assert found[1].correlations[pair] == pytest.approx(interval, rel=1e-6), pair
+        assert found[1].residual_sd == pytest.approx(found[0].residual_sd, rel=1e-6)
+
+
 def test_intervals_follow_the_units_of_the_data() -> None:
     """Days × 1e8 (where lmer stops: "Downdated VtV is not positive definite") and Reaction × 1000: the SDs
     and σ move with the units, the correlation not at all."""
