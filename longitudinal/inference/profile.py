@@ -88,6 +88,8 @@ NEAR_ONE = 0.99
 #: The search's first step goes this far beyond where the profile's local quadratic puts the end, so that it
 #: usually brackets the end at once.
 OVERSHOOT = 1.1
+#: A bar's covariance with an eigenvalue below this fraction of its trace is singular for ``_FullCurvature``.
+SINGULAR_EIGENVALUE = 1e-8
 #: An end is taken where |ζ − z| is below this: Brent's further steps would move it by less than this / ζ′.
 ZETA_TOL = 1e-7
 
@@ -149,12 +151,19 @@ def profile_intervals(fit: Fit, visits: pd.DataFrame, level: float = 0.95, *, re
     optimum = _minimize(lambda v: criterion(*free.unpack(v, math.nan)), start, gtol)
     factors, extra = free.unpack(optimum.x, math.nan)
     estimates = [A @ A.T for A in factors]
+    # the criterion's Hessian at the optimum, once: each profile's local quadratic is this one reparametrized
+    # (``_Profile._quadratic``), which needs the map to the full parameters smooth there (no singular bar)
+    curvature = None
+    if all(np.linalg.eigvalsh(cov)[0] > SINGULAR_EIGENVALUE * np.trace(cov) for cov in estimates):
+        curvature = _FullCurvature(free, _hessian(lambda u: criterion(*free.unpack(u, math.nan)), optimum.x,
+                                                  float(optimum.fun)))
     z = float(ndtri(0.5 * (1.0 + level)))
 
     def interval(target: _Target, label: str) -> tuple[float, float]:
         x_hat = criterion.sigma_of(extra) if target.kind == "sigma" else target.estimate(estimates)
         param = _Parametrization(criterion, target)
-        profile = _Profile(criterion, param, x_hat, param.pack(estimates, extra), float(optimum.fun), label, notes)
+        profile = _Profile(criterion, param, x_hat, param.pack(estimates, extra), float(optimum.fun), label, notes,
+                           curvature)
         return profile.end(-1, z), profile.end(+1, z)
 
     sds: dict[tuple[str, str], tuple[float, float]] = {}
@@ -502,6 +511,14 @@ class _Parametrization:
         return np.array(out)
 
 
+@dataclass(frozen=True, eq=False)
+class _FullCurvature:
+    """The criterion's Hessian ``hessian`` at its optimum in the free parameters of ``free`` (every parameter)."""
+
+    free: _Parametrization
+    hessian: np.ndarray
+
+
 @dataclass(frozen=True)
 class _Point:
     x: float
@@ -515,8 +532,9 @@ class _Profile:
     evaluated, ζ(x), and each end of the interval."""
 
     def __init__(self, criterion: _Criterion, param: _Parametrization, x_hat: float, v_hat: np.ndarray,
-                 base: float, label: str, notes: list[str]) -> None:
+                 base: float, label: str, notes: list[str], curvature: _FullCurvature | None = None) -> None:
         assert param.target is not None
+        self.curvature = curvature
         self.criterion = criterion
         self.param = param
         self.target = param.target
@@ -532,8 +550,10 @@ class _Profile:
         self.points = [_Point(x_hat, base, v_hat, hess_inv)]
 
     def _quadratic(self, v_hat: np.ndarray) -> np.ndarray | None:
-        """The criterion's local quadratic at the estimate, from its Hessian H in (x, v) by central differences
-        (steps 1e-4 of each parameter's size). Returns H_vv⁻¹, BFGS's inverse Hessian for the path's first points
+        """The criterion's local quadratic at the estimate, from its Hessian H in (x, v): Jᵀ H_full J with J the
+        Jacobian of the full parameters in (x, v) (exact at a minimum, where the gradient vanishes; by central
+        differences, which cost no evaluation of the criterion) where the full Hessian is given, else by central
+        differences of the criterion (``_hessian``). Returns H_vv⁻¹, BFGS's inverse Hessian for the path's first points
         (else they start cold), and sets ``tangent`` = −H_vv⁻¹ H_vx, the path's direction (they start at
         v̂ + (x − x̂) tangent), and ``slope`` = dζ/dx = √(s / 2), s = H_xx − H_xv H_vv⁻¹ H_vx the profile's
         curvature (D(x) − D̂ ≈ s (x − x̂)² / 2), for the search's first step. None (and nothing set) where H_vv
@@ -541,19 +561,17 @@ class _Profile:
         w0 = np.concatenate([[self.x_hat], v_hat])
         h = 1e-4 * np.maximum(np.abs(w0), 1.0)
         h[0] = 1e-4 * (1.0 if self.target.kind == "cor" else abs(self.x_hat))
+        if self.curvature is not None:
+            free = self.curvature.free
 
-        def f(w: np.ndarray) -> float:
-            return self.criterion(*self.param.unpack(w[1:], float(w[0])))
+            def full(w: np.ndarray) -> np.ndarray:
+                factors, extra = self.param.unpack(w[1:], float(w[0]))
+                return free.pack([A @ A.T for A in factors], extra)
 
-        steps = h[:, None] * np.eye(w0.size)
-        plus = np.array([f(w0 + d) for d in steps])
-        minus = np.array([f(w0 - d) for d in steps])
-        H = np.diag((plus - 2.0 * self.base + minus) / h ** 2)
-        for i, di in enumerate(steps):  # the mixed differences along the diagonal of two axes (numDeriv's genD)
-            for j, dj in enumerate(steps[:i]):
-                both = f(w0 + di + dj) + f(w0 - di - dj)
-                H[i, j] = H[j, i] = (both - plus[i] - minus[i] - plus[j] - minus[j] + 2.0 * self.base) / (
-                    2.0 * h[i] * h[j])
+            J = np.column_stack([(full(w0 + d) - full(w0 - d)) / (2.0 * d[i]) for i, d in enumerate(np.diag(h))])
+            H = J.T @ self.curvature.hessian @ J
+        else:
+            H = _hessian(lambda w: self.criterion(*self.param.unpack(w[1:], float(w[0]))), w0, self.base, h)
         if not np.all(np.isfinite(H)):
             return None
         try:
@@ -650,6 +668,23 @@ class _Profile:
         self.notes.append(f"{self.label}: no {side} end found (the profile stays within the {side} cut-off up to "
                           f"{target.from_t(t_prev):.6g})")
         return math.nan
+
+
+def _hessian(f: Callable[[np.ndarray], float], w0: np.ndarray, f0: float, h: np.ndarray | None = None) -> np.ndarray:
+    """The Hessian of ``f`` at ``w0`` (where it is ``f0``) by central differences with steps ``h`` (1e-4 of each
+    parameter's size, at least 1e-4, by default), the mixed ones along the diagonal of two axes (numDeriv's
+    ``genD``): 2 evaluations per parameter and 2 per pair."""
+    if h is None:
+        h = 1e-4 * np.maximum(np.abs(w0), 1.0)
+    steps = h[:, None] * np.eye(w0.size)
+    plus = np.array([f(w0 + d) for d in steps])
+    minus = np.array([f(w0 - d) for d in steps])
+    H = np.diag((plus - 2.0 * f0 + minus) / h ** 2)
+    for i, di in enumerate(steps):
+        for j, dj in enumerate(steps[:i]):
+            both = f(w0 + di + dj) + f(w0 - di - dj)
+            H[i, j] = H[j, i] = (both - plus[i] - minus[i] - plus[j] - minus[j] + 2.0 * f0) / (2.0 * h[i] * h[j])
+    return H
 
 
 class _Reached(Exception):
