@@ -60,7 +60,7 @@ from longitudinal.records import (
     Validated,
 )
 from longitudinal.inference.residuals import ratio_effects
-from longitudinal.reporting.figures import figure_builders, render_pngs
+from longitudinal.reporting.figures import HELPER_MAX_ROWS, figure_builders, render_pngs
 from longitudinal.reporting.html import dispersion_of, overdispersion_advice, render_report
 
 STAGING_PREFIX = ".staging-"
@@ -569,7 +569,7 @@ def _write_run_files(folder: Path, inputs: ReportInputs) -> Path:
     write_data(inputs.validated, folder)
     builders = figure_builders(inputs.validated.visits, inputs.config, inputs.selection, inputs.selected,
                                fits=inputs.fits, estimates=inputs.estimates)
-    pngs = render_pngs(builders)
+    pngs = render_pngs(builders, processes=1 if len(inputs.validated.visits) > HELPER_MAX_ROWS else None)
     for stem, png in pngs.items():
         (folder / "figures" / f"{stem}.png").write_bytes(png)
     report = folder / "report.html"

@@ -51,3 +51,25 @@ def test_covariance_structures_keep_every_fit_for_the_serial_diagnostic() -> Non
     fits = [replace(_fit("ar1"), covariance=structure), _fit("ri")]
     kept = report_fits(fits, _fit("ri", "REML"))
     assert all(k is f for k, f in zip(kept, fits))
+
+
+def test_large_data_draw_the_figures_in_one_process(tmp_path, monkeypatch) -> None:
+    """Above ``HELPER_MAX_ROWS`` no helper is forked: its copy-on-write pages cost hundreds of MB at 2M rows."""
+    from test_html import make_inputs
+
+    from longitudinal.reporting import run_folder
+
+    asked: list[int | None] = []
+
+    def recording(builders, processes=None):
+        asked.append(processes)
+        return {}
+
+    monkeypatch.setattr(run_folder, "render_pngs", recording)
+    inputs = make_inputs()
+    for limit in (len(inputs.validated.visits), len(inputs.validated.visits) - 1):
+        monkeypatch.setattr(run_folder, "HELPER_MAX_ROWS", limit)
+        run = tmp_path / f"run-{limit}"
+        (run / "figures").mkdir(parents=True)
+        run_folder.write_run_files(run, inputs)
+    assert asked == [None, 1]
