@@ -83,7 +83,7 @@ def plan_studies(designs: tuple[str, ...], sizes: tuple[int, ...] | None) -> lis
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=(DESCRIPTION or "").split("\n\n")[0])
     parser.add_argument("--designs", type=parse_designs, default=DESIGNS,
-                        help="balanced, unbalanced or both (default both)")
+                        help="comma-separated: balanced, unbalanced (default: balanced,unbalanced)")
     parser.add_argument("--sizes", type=parse_sizes, default=None,
                         help="row counts for every design, e.g. 2000,20000,200k,2M (default: balanced "
                              "2k,20k,200k,2M; unbalanced 200k,2M)")
