@@ -236,17 +236,17 @@ def _standardize_columns(M: np.ndarray, *, centre_with_intercept: bool) -> _Colu
         return _Columns(values=M, map=np.eye(k), intercept=intercept, binary=binary, sd=np.full(k, np.nan))
     # 0/1 columns keep their values (shift 0, scale 1); so does a continuous column without spread.
     shift, scale, mean_square = np.zeros(k), np.ones(k), np.full(k, np.nan)
-    for j in np.flatnonzero(~binary):
-        tried = means[j] if centre else 0.0
-        mean_square[j] = centred_square[j] if centre else raw_square[j]
-        spread = math.sqrt(mean_square[j])
+    for c in np.flatnonzero(~binary):
+        tried = means[c] if centre else 0.0
+        mean_square[c] = centred_square[c] if centre else raw_square[c]
+        spread = math.sqrt(mean_square[c])
         if math.isfinite(spread) and spread > 0.0:
-            shift[j], scale[j] = tried, spread
+            shift[c], scale[c] = tried, spread
     values = M.copy()
-    for j in np.flatnonzero((shift != 0.0) | (scale != 1.0)):
-        column = values[:, j]
-        column -= shift[j]
-        column /= scale[j]
+    for c in np.flatnonzero((shift != 0.0) | (scale != 1.0)):
+        transformed = values[:, c]
+        transformed -= shift[c]
+        transformed /= scale[c]
     # SD (n − 1) for lme4's scale check: from the centred sums where the columns were centred.
     variance = mean_square * n / max(n - 1, 1) if centre else np.full(k, np.nan)
     return _Columns(values=values, map=_column_map(shift, scale, intercept), intercept=intercept, binary=binary,
