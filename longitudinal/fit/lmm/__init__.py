@@ -16,7 +16,8 @@ import numpy as np
 
 from longitudinal.fit.failure import FitFailure
 from longitudinal.fit.lmm import multifactor, onefactor
-from longitudinal.fit.lmm.crossproducts import CrossProducts, PatternProducts, compute_crossproducts
+from longitudinal.fit.linalg import GroupGram
+from longitudinal.fit.lmm.crossproducts import CrossProducts, PatternProducts, compute_crossproducts, group_patterns
 from longitudinal.fit.lmm.multifactor import compute_multiproducts, fit_multilevel, multilevel_deviance
 from longitudinal.fit.lmm.onefactor import fit_one_factor, one_factor_deviance
 from longitudinal.fit.scaling import Standardization, standardize
@@ -78,9 +79,16 @@ class PenalizedSolution:
 def penalized_solver(design: Design) -> Callable[[np.ndarray], PenalizedSolution | None]:
     """A function of θ (lme4's layout, for ``design`` as given: no standardization) returning the
     ``PenalizedSolution`` there, None where the factorization fails. The cross-products are computed once
-    here, so each call costs what one evaluation of the deviance costs (small-sample df, profiles)."""
+    here, so each call costs what one evaluation of the deviance costs (small-sample df, profiles).
+
+    With one grouping factor a solution needs of the groups only log|M| and Σ_g R_g'R_g, which the optimizer's
+    evaluation gives without forming every group's factors (``_gram_solver``); else (q ≥ 3 at irregular
+    visit times, several factors) the engines' ``solve_at``."""
     if design.single_factor:
         products = compute_crossproducts(design)
+        patterns = group_patterns(products)
+        if patterns is not None or products.n_random <= 2:
+            return _gram_solver(products, patterns, design.n_obs)
 
         def one(theta: np.ndarray) -> PenalizedSolution | None:
             found = onefactor.solve_at(products, lambda_at(products.block_sizes, theta), False)
@@ -92,6 +100,50 @@ def penalized_solver(design: Design) -> Callable[[np.ndarray], PenalizedSolution
         found = multifactor.solve_at(multi, lambda_at(multi.block_sizes, theta), False)
         return None if found is None else _penalized(found.logdet_M, found.r2, found.chol_S, design.n_obs)
     return several
+
+
+def _gram_solver(products: CrossProducts, patterns: PatternProducts | None,
+                 n_obs: int) -> Callable[[np.ndarray], PenalizedSolution | None]:
+    """``penalized_solver`` for one grouping factor on the optimizer's evaluation (``fit.lmm.onefactor``): log|M|
+    and Σ_g R_g'R_g by visit pattern when the subjects share few (``patterns``), else block by block of groups
+    (``fit.linalg.GroupGram``, q ≤ 2); S = [X y]'[X y] − Σ_g R_g'R_g then gives RX, β and r² as ``solve_at``'s
+    does. The same values up to the order of the sums (a profile's intervals within 1e-11 relative)."""
+    gram = GroupGram(products.ZtZ, products.ZtXy) if patterns is None else None
+
+    def solve(theta: np.ndarray) -> PenalizedSolution | None:
+        lam = lambda_at(products.block_sizes, theta)
+        if patterns is not None:
+            found = _pattern_gram(patterns, lam)
+            if found is None:
+                return None
+            logdet_M, RtR = found
+        else:
+            assert gram is not None
+            logdet_M, RtR = gram.at(lam)
+        try:
+            chol_S = np.linalg.cholesky(products.XytXy - RtR)
+        except np.linalg.LinAlgError:
+            return None
+        r2 = float(chol_S[-1, -1]) ** 2
+        if not (r2 > 0.0 and np.isfinite(r2) and np.isfinite(logdet_M)):
+            return None
+        return _penalized(logdet_M, r2, chol_S, n_obs)
+    return solve
+
+
+def _pattern_gram(patterns: PatternProducts, lam: np.ndarray) -> tuple[float, np.ndarray] | None:
+    """log|M| and Σ_g R_g'R_g at Λ from the pattern sums: with C_P = Λ M_P⁻¹ Λ', Σ_g R_g'R_g = Σ_P Σ_ij C_P[i, j]
+    Σ_{g ∈ P} W_g[i]'W_g[j] (``onefactor._pattern_deviance``'s arithmetic). None where an M_P is not factorable."""
+    M = lam.T @ patterns.ZtZ @ lam + np.eye(lam.shape[0])  # (P, q, q)
+    try:
+        L = np.linalg.cholesky(M)
+    except np.linalg.LinAlgError:
+        return None
+    logdet_M = 2.0 * float(patterns.counts @ np.log(np.diagonal(L, axis1=1, axis2=2)).sum(axis=1))
+    T = np.linalg.solve(L, np.broadcast_to(lam.T, M.shape))  # L_P⁻¹ Λ'
+    C = np.swapaxes(T, 1, 2) @ T
+    k = patterns.XytXy.shape[0]
+    return logdet_M, (C.reshape(-1) @ patterns.WtW).reshape(k, k)
 
 
 def _penalized(logdet_M: float, r2: float, chol_S: np.ndarray, n_obs: int) -> PenalizedSolution:
