@@ -16,14 +16,14 @@ parameter's bound is that bound, as lme4 reports it: 0 for an SD (the lower end 
 +1 for a correlation.
 
 Parametrization. The criterion is evaluated on the standardized design (``fit.scaling``) from log|M| and the
-penalized least-squares system S (``_evaluation_solver``: the fit's optimizer's evaluation). The free parameters
-are, per bar, the entries of a lower-triangular factor L of the bar's covariance Σ (data's units, terms permuted
-so that the profiled ones come first), and log σ. Fixing an SD is fixing L₁₁ = x; fixing a correlation ρ is L₂₁ =
-s₂ρ, L₂₂ = s₂√(1 − ρ²) with L₁₁ = |s₁| and |s₂| free. Every other entry is unconstrained (a factor with negative
-diagonal entries gives the same Σ), so each inner minimization is an unconstrained BFGS, and every covariance
-matrix is reachable, boundaries (an SD of 0, |ρ| = 1) included: a singular fit profiles as any other. Each
-evaluation is one penalized least-squares solve on the cross-products (O(groups), never O(rows); O(visit
-patterns) when the subjects share few).
+penalized least-squares system S (``fit.lmm.penalized_solver``: the fit's optimizer's evaluation). The free
+parameters are, per bar, the entries of a lower-triangular factor L of the bar's covariance Σ (data's units,
+terms permuted so that the profiled ones come first), and log σ. Fixing an SD is fixing L₁₁ = x; fixing a
+correlation ρ is L₂₁ = s₂ρ, L₂₂ = s₂√(1 − ρ²) with L₁₁ = |s₁| and |s₂| free. Every other entry is unconstrained
+(a factor with negative diagonal entries gives the same Σ), so each inner minimization is an unconstrained BFGS,
+and every covariance matrix is reachable, boundaries (an SD of 0, |ρ| = 1) included: a singular fit profiles as
+any other. Each evaluation is one penalized least-squares solve on the cross-products (O(groups), never O(rows);
+O(visit patterns) when the subjects share few).
 
 Following the profile. Each end is approached from the estimate outward, each inner minimization starting from
 the point before it (lme4's ``startmethod = "prev"``) with that point's BFGS inverse Hessian (at the estimate,
@@ -62,11 +62,9 @@ from longitudinal.fit.glmm.multifactor import SparseLaplace
 from longitudinal.fit.glmm.onefactor import OneFactorLaplace, compress_subjects
 from longitudinal.fit.glmm.problem import LaplaceProblem
 from longitudinal.fit.glmm.quadrature import gauss_hermite
-from longitudinal.fit.linalg import GroupGram
-from longitudinal.fit.lmm import PenalizedSolution, penalized_solver
-from longitudinal.fit.lmm.crossproducts import PatternProducts, compute_crossproducts, group_patterns
+from longitudinal.fit.lmm import penalized_solver
 from longitudinal.fit.scaling import Standardization, lower_factor_of, standardize
-from longitudinal.fit.theta import lambda_at, layout_theta
+from longitudinal.fit.theta import layout_theta
 from longitudinal.inference.variance import block_covariances
 from longitudinal.model.design import Design, build_design
 from longitudinal.model.formula import parse_formula
@@ -264,7 +262,7 @@ class _LinearCriterion:
 
     def __init__(self, standardized: Design, standardization: Standardization, reml: bool) -> None:
         """``standardized`` and ``standardization``: ``fit.scaling.standardize`` of the fit's design."""
-        self.solve = _evaluation_solver(standardized)
+        self.solve = penalized_solver(standardized)
         self.reml = reml
         self.y_scale = standardization.y_scale
         self.sizes = tuple(len(block.terms) for block in standardized.blocks)
@@ -294,65 +292,6 @@ class _LinearCriterion:
             return math.inf
         deviance = solution.deviance(sigma / self.y_scale, reml=self.reml)
         return deviance if math.isfinite(deviance) else math.inf
-
-
-def _evaluation_solver(design: Design) -> Callable[[np.ndarray], PenalizedSolution | None]:
-    """``fit.lmm.penalized_solver``'s function of θ on the optimizer's cheaper evaluation for one grouping factor.
-
-    The criterion needs of the penalized least-squares solution only log|M| and S = [X y]'[X y] − Σ_g R_g'R_g
-    (its Cholesky factor gives RX, β and r²), not the per-group factors that ``penalized_solver`` forms for
-    the estimates. As the fit's optimizer (``fit.lmm.onefactor``): by visit pattern when the subjects share
-    few (the sums of W_g'W_g per pattern computed once, an evaluation then independent of the subjects), else
-    for q ≤ 2 block by block of groups (``fit.linalg.GroupGram``); the same values up to the order of the sums.
-    Several grouping factors, or q ≥ 3 without shared patterns, go to ``penalized_solver`` itself.
-    """
-    if not design.single_factor:
-        return penalized_solver(design)
-    products = compute_crossproducts(design)
-    patterns = group_patterns(products)
-    if patterns is None and products.n_random > 2:
-        return penalized_solver(design)
-    n, sizes, XytXy = products.n_obs, products.block_sizes, products.XytXy
-    gram = GroupGram(products.ZtZ, products.ZtXy) if patterns is None else None
-
-    def solve(theta: np.ndarray) -> PenalizedSolution | None:
-        lam = lambda_at(sizes, theta)
-        if patterns is not None:
-            found = _pattern_gram(patterns, lam)
-            if found is None:
-                return None
-            logdet_M, RtR = found
-        else:
-            assert gram is not None
-            logdet_M, RtR = gram.at(lam)
-        try:
-            chol_S = np.linalg.cholesky(XytXy - RtR)
-        except np.linalg.LinAlgError:
-            return None
-        p = chol_S.shape[0] - 1
-        r2 = float(chol_S[p, p]) ** 2
-        if not (r2 > 0.0 and math.isfinite(r2) and math.isfinite(logdet_M)):
-            return None
-        RX = chol_S[:p, :p].T.copy()
-        beta = np.linalg.solve(RX, chol_S[p, :p]) if p else np.zeros(0)
-        return PenalizedSolution(logdet_M=logdet_M, r2=r2, RX=RX, beta=beta, n_obs=n)
-    return solve
-
-
-def _pattern_gram(patterns: PatternProducts, lam: np.ndarray) -> tuple[float, np.ndarray] | None:
-    """log|M| and Σ_g R_g'R_g at Λ from the pattern sums (``fit.lmm.crossproducts.PatternProducts``): with
-    C_P = Λ M_P⁻¹ Λ', Σ_g R_g'R_g = Σ_P Σ_ij C_P[i, j] Σ_{g ∈ P} W_g[i]'W_g[j]. None where an M_P is not
-    positive definite."""
-    M = lam.T @ patterns.ZtZ @ lam + np.eye(lam.shape[0])  # (P, q, q)
-    try:
-        L = np.linalg.cholesky(M)
-    except np.linalg.LinAlgError:
-        return None
-    logdet_M = 2.0 * float(patterns.counts @ np.log(np.diagonal(L, axis1=1, axis2=2)).sum(axis=1))
-    T = np.linalg.solve(L, np.broadcast_to(lam.T, M.shape))  # L_P⁻¹ Λ'
-    C = np.swapaxes(T, 1, 2) @ T
-    k = patterns.XytXy.shape[0]
-    return logdet_M, (C.reshape(-1) @ patterns.WtW).reshape(k, k)
 
 
 class _GeneralizedCriterion:
