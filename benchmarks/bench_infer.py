@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from timing import best_of
+from timing import best_of, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 20240601
@@ -112,12 +112,6 @@ def measure_in(tree: Path, sizes: list[str], design: str, repeats: int, cpu: boo
                "--sizes", ",".join(sizes), "--design", design, *(["--cpu"] if cpu else [])]
     done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def snapshot(rev: str, folder: Path) -> Path:
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], capture_output=True, check=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
-    return folder
 
 
 def print_table(results: dict[str, dict[str, float]], baseline: dict[str, dict[str, float]] | None,

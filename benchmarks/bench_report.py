@@ -30,7 +30,7 @@ from pathlib import Path
 
 import matplotlib
 
-from timing import least_time
+from timing import least_time, snapshot
 
 matplotlib.use("Agg")
 
@@ -156,12 +156,6 @@ def measure_in(tree: Path, sizes: list[str], repeats: int) -> dict[str, dict[str
                "--sizes", ",".join(sizes)]
     done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def snapshot(rev: str, folder: Path) -> Path:
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], capture_output=True, check=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
-    return folder
 
 
 def print_table(results: dict[str, dict[str, float]], baseline: dict[str, dict[str, float]] | None,
