@@ -229,7 +229,7 @@ def _ready_daemon(paths: Paths, check: Callable[[], None]) -> Daemon | None:
                 os.environ["PREFECT_API_URL"] = daemon.api_url
                 return None
             if reply.get("ok"):
-                return _wait_ready(paths, code, server_pid=daemon.server_pid)
+                return _wait_ready(paths, code, process=None)
         if daemon is not None:
             _stop_leftovers(daemon)
         with contextlib.suppress(FileNotFoundError):
@@ -237,25 +237,26 @@ def _ready_daemon(paths: Paths, check: Callable[[], None]) -> Daemon | None:
         print("longitudinal: starting a background Prefect server for this and later runs "
               f"(Prefect home {paths.home}; it stays up, with its UI, until 'longitudinal server stop' or "
               f"{idle_seconds() / 60:g} idle minutes)", flush=True)
-        _start_daemon(paths, env)
-        return _wait_ready(paths, code, server_pid=None)
+        started = _start_daemon(paths, env)
+        return _wait_ready(paths, code, process=started)
 
 
-def _start_daemon(paths: Paths, env: dict[str, str]) -> None:
+def _start_daemon(paths: Paths, env: dict[str, str]) -> subprocess.Popen[bytes]:
     paths.socket.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     with contextlib.suppress(OSError):
         if paths.log.stat().st_size > LOG_BYTES:  # one older log kept
             os.replace(paths.log, paths.log.with_suffix(".log.1"))
     with paths.log.open("ab") as log:
-        subprocess.Popen(
+        return subprocess.Popen(
             [sys.executable, "-P", "-m", "flows.background", "--home", str(paths.home)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=paths.folder, env=env,
             start_new_session=True,
         )
 
 
-def _wait_ready(paths: Paths, code: str, *, server_pid: int | None) -> Daemon | None:
-    """The daemon once its state names this code; None (why printed) if it exits or takes too long."""
+def _wait_ready(paths: Paths, code: str, *, process: subprocess.Popen[bytes] | None) -> Daemon | None:
+    """The daemon once its state names this code; None (why printed) if it fails, exits (``process``, the
+    daemon just started; else the pid in its state) or takes too long."""
     deadline = time.monotonic() + STARTUP_SECONDS
     while time.monotonic() < deadline:
         daemon = Daemon.read(paths)
@@ -264,6 +265,12 @@ def _wait_ready(paths: Paths, code: str, *, server_pid: int | None) -> Daemon | 
             return daemon
         failure = _failure(paths)
         if failure:
+            break
+        if process is not None and process.poll() is not None:
+            failure = f"it exited with {process.returncode}"
+            break
+        if process is None and daemon is not None and not process_alive(daemon.pid):
+            failure = "it exited while reloading"
             break
         time.sleep(0.1)
     else:
@@ -568,7 +575,8 @@ class _Daemon:
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:  # the run: never returns
-            _run_child(request, fds, close=[self.listener, connection], pipe=self.wake)
+            _run_child(request, fds, close=[self.listener, connection, *self.runs.values(), *self.leases],
+                       pipe=self.wake)
         for fd in fds:
             os.close(fd)
         connection.settimeout(None)
