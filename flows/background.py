@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from flows.local_server import api_healthy, find_free_port, log_tail, process_alive
+from flows.local_server import log_tail, process_alive, start_prefect_server, stop_group
 
 STARTUP_SECONDS = 120.0
 LOG_BYTES = 10_000_000
@@ -51,7 +51,7 @@ IMPORT_ENV_PREFIXES = ("PREFECT_", "PYTHON", "OPENBLAS_", "OMP_", "MKL_", "MPL",
 NOT_IMPORT_ENV = ("PREFECT_API_URL", "LONGITUDINAL_BACKGROUND_IDLE_MINUTES", "LONGITUDINAL_WARM_CHILD")
 PACKAGES = ("flows", "tasks", "longitudinal")
 # Modules a run imports on the way that the pipeline's own imports do not (measured: sys.modules after a run
-# of the example, less those after _preload's imports); each is imported if this environment has it.
+# of the example, less those after preload's imports); each is imported if this environment has it.
 RUN_MODULES = (
     "PIL.BmpImagePlugin", "PIL.GifImagePlugin", "PIL.JpegImagePlugin", "PIL.PpmImagePlugin",
     "anyio._backends._asyncio", "anyio.streams.memory", "anyio.streams.stapled", "anyio.streams.tls",
@@ -434,19 +434,19 @@ def _send(connection: socket.socket, message: dict[str, Any], fds: list[int] | N
 
 def _receive_request(connection: socket.socket) -> tuple[dict[str, Any], list[int]]:
     header, fds, _flags, _address = socket.recv_fds(connection, 8, 3)
-    while len(header) < 8:
-        more = connection.recv(8 - len(header))
+    (size,) = struct.unpack("!Q", _read_exactly(connection, 8, header))
+    return json.loads(_read_exactly(connection, size)), list(fds)
+
+
+def _read_exactly(connection: socket.socket, size: int, start: bytes = b"") -> bytes:
+    """``start`` and what follows it on ``connection`` up to ``size`` bytes; ConnectionError if cut short."""
+    data = start
+    while len(data) < size:
+        more = connection.recv(min(size - len(data), 1 << 20))
         if not more:
             raise ConnectionError("request cut short")
-        header += more
-    (size,) = struct.unpack("!Q", header)
-    body = b""
-    while len(body) < size:
-        more = connection.recv(min(size - len(body), 1 << 20))
-        if not more:
-            raise ConnectionError("request cut short")
-        body += more
-    return json.loads(body), list(fds)
+        data += more
+    return data
 
 
 def _receive(reader: Any) -> dict[str, Any]:
@@ -473,9 +473,8 @@ def _locked(path: Path) -> Iterator[None]:
 class _Daemon:
     """The daemon's loop: accept requests, fork runs, reap them, stop when idle or told."""
 
-    def __init__(self, paths: Paths, server: subprocess.Popen[bytes] | None, server_pid: int, api_url: str):
+    def __init__(self, paths: Paths, server_pid: int, api_url: str):
         self.paths = paths
-        self.server = server
         self.server_pid = server_pid
         self.api_url = api_url
         self.runs: dict[int, socket.socket] = {}
@@ -633,28 +632,12 @@ class _Daemon:
             self._reap()
             time.sleep(0.1)
         if self.server_pid > 0:
-            _terminate(self.server_pid)
+            stop_group(self.server_pid)
         with contextlib.suppress(FileNotFoundError):
             self.paths.socket.unlink()
         with contextlib.suppress(FileNotFoundError):
             self.paths.state.unlink()
         print("stopped", flush=True)
-
-
-def _terminate(pid: int, grace: float = 20.0) -> None:
-    """SIGTERM the process group ``pid`` leads, SIGKILL after ``grace`` seconds."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        with contextlib.suppress(ChildProcessError):
-            if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                return
-        if not process_alive(pid):
-            return
-        time.sleep(0.1)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGKILL)
 
 
 def _run_child(request: dict[str, Any], fds: list[int], *, close: list[socket.socket], pipe: tuple[int, int]) -> None:
@@ -717,27 +700,6 @@ _RUN_ENV: dict[str, str] = {
 }
 
 
-def _start_server(paths: Paths) -> tuple[subprocess.Popen[bytes], str]:
-    """``prefect server start`` on a free loopback port, leading its own process group; its API URL once healthy."""
-    port = find_free_port()
-    api_url = f"http://127.0.0.1:{port}/api"
-    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
-    env["PREFECT_SERVER_UI_API_URL"] = api_url  # or the UI calls port 4200
-    env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    prefect = Path(sys.executable).parent / "prefect"
-    command = [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--analytics-off"]
-    server = subprocess.Popen(command, env=env, cwd=paths.folder, stdin=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + STARTUP_SECONDS
-    while not api_healthy(api_url):
-        if server.poll() is not None:
-            raise RuntimeError(f"prefect server start exited with {server.returncode}")
-        if time.monotonic() > deadline:
-            _terminate(server.pid)
-            raise RuntimeError(f"the Prefect server did not answer within {STARTUP_SECONDS:.0f} s")
-        time.sleep(0.3)
-    return server, api_url
-
-
 def preload() -> None:
     """Import what a run uses, so that every fork starts warm. No threads may be left running: the
     daemon forks."""
@@ -754,9 +716,9 @@ def preload() -> None:
     for name in PACKAGES:
         package = importlib.import_module(name)
         for module in pkgutil.walk_packages(package.__path__, f"{name}."):
-            if module.name not in ("flows.background", "flows.cli", "flows.preloaded") and not module.name.endswith("__main__"):
+            # this module (the daemon runs it as __main__) and the one whose import calls this function
+            if module.name not in ("flows.background", "flows.preloaded") and not module.name.endswith("__main__"):
                 importlib.import_module(module.name)
-    importlib.import_module("flows.cli")
     for name in RUN_MODULES:
         with contextlib.suppress(ImportError):
             importlib.import_module(name)
@@ -777,15 +739,15 @@ def daemon_main(argv: list[str]) -> int:
     paths.folder.mkdir(parents=True, exist_ok=True)
     code = code_fingerprint(dict(os.environ))  # of the caller's environment, before the run's settings
     os.environ["PREFECT_HOME"] = str(args.home)
-    server: subprocess.Popen[bytes] | None = None
     daemon = None
     try:
         if args.server_pid and args.api_url and process_alive(args.server_pid):
             server_pid, api_url = args.server_pid, args.api_url
-        else:
-            server, api_url = _start_server(paths)
-            server_pid = server.pid
-        daemon = _Daemon(paths, server, server_pid, api_url)
+        else:  # its own process group, its output in this daemon's log
+            server_env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
+            server = start_prefect_server(server_env, log=paths.log, cwd=paths.folder, seconds=STARTUP_SECONDS)
+            server_pid, api_url = server.process.pid, server.api_url
+        daemon = _Daemon(paths, server_pid, api_url)
         daemon._write_state(code="starting", socket="")
         os.environ.update(_RUN_ENV)
         os.environ["PREFECT_API_URL"] = api_url
@@ -799,9 +761,7 @@ def daemon_main(argv: list[str]) -> int:
         with contextlib.suppress(OSError):
             paths.state.write_text(json.dumps({"failed": f"{type(exc).__name__}: {exc}"}))
         if daemon is not None and daemon.server_pid > 0:
-            _terminate(daemon.server_pid)
-        elif server is not None:
-            _terminate(server.pid)
+            stop_group(daemon.server_pid)
         return 1
 
 

@@ -67,16 +67,23 @@ def start_group(command: list[str], *, env: Mapping[str, str], log: Path, cwd: P
         )
 
 
-def stop_group(process: subprocess.Popen[bytes], *, grace_seconds: float = 20.0) -> None:
+def stop_group(process: subprocess.Popen[bytes] | int, *, grace_seconds: float = 20.0) -> None:
     """Stop ``process`` and every process of its group: SIGTERM, then SIGKILL after ``grace_seconds``.
 
-    The group is signalled even when the leader has already exited, since its children (uvicorn,
-    a flow-run subprocess) may still be alive.
+    ``process`` is the group's leader: its ``Popen``, or its pid (a leader started by another process, or
+    by this one before an exec, as the background daemon's Prefect server). The group is signalled even
+    when the leader has already exited, since its children (uvicorn, a flow-run subprocess) may still be alive.
     """
-    group = process.pid
+    group = process if isinstance(process, int) else process.pid
+
+    def wait(timeout: float) -> None:
+        if isinstance(process, int):
+            _wait_pid(process, timeout)
+        else:
+            process.wait(timeout=timeout)
     _signal_group(group, signal.SIGTERM)
     try:
-        process.wait(timeout=grace_seconds)
+        wait(timeout=grace_seconds)
     except subprocess.TimeoutExpired:
         pass
     deadline = time.monotonic() + grace_seconds
@@ -84,7 +91,22 @@ def stop_group(process: subprocess.Popen[bytes], *, grace_seconds: float = 20.0)
         time.sleep(0.2)
     if _group_alive(group):
         _signal_group(group, signal.SIGKILL)
-        process.wait(timeout=10)
+        wait(timeout=10)
+
+
+def _wait_pid(pid: int, timeout: float) -> None:
+    """Wait for ``pid`` to exit, reaping it when it is this process's child; TimeoutExpired after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return
+        except ChildProcessError:  # not a child of this process (or reaped already): watch it
+            if not process_alive(pid):
+                return
+        if time.monotonic() > deadline:
+            raise subprocess.TimeoutExpired(str(pid), timeout)
+        time.sleep(0.1)
 
 
 def process_alive(pid: int) -> bool:
