@@ -66,11 +66,6 @@ def deployment_options(config_path: Path, config: StudyConfig) -> dict[str, Any]
     )
 
 
-def build_deployment(config_path: Path, config: StudyConfig) -> Any:
-    """The study's deployment, as registered on the server."""
-    return study_pipeline.to_deployment(**deployment_options(config_path, config))
-
-
 def announce_arrival(config: StudyConfig, files: list[Path]) -> None:
     """Emit the event that starts the study's deployment (one event per settled batch).
 
@@ -91,19 +86,17 @@ def announce_arrival(config: StudyConfig, files: list[Path]) -> None:
 def start_runs_that_were_not_published(deployments: list[tuple[StudyConfig, Any]]) -> list[str]:
     """Start a run of each study whose needs-run marker is set; returns those studies.
 
-    Each deployment is registered first (``serve`` registers it again, keeping its id), and the run is
-    created scheduled to start now: the runner picks it up once it serves, within the study's
-    concurrency limit. A failure here is logged, not raised: serving the schedule and the arrivals
-    matters more."""
+    ``deployments`` pairs each study with its registered deployment's id. The run is created scheduled to
+    start now: the runner picks it up once it serves, within the study's concurrency limit. A failure
+    here is logged, not raised: serving the schedule and the arrivals matters more."""
     from prefect.deployments import run_deployment
 
     started = []
-    for config, deployment in deployments:
+    for config, deployment_id in deployments:
         marker = read_needs_run(config.output_dir)
         if marker is None:
             continue
         try:
-            deployment_id = deployment.apply()
             run_deployment(deployment_id, timeout=0, tags=["needs-run"])
         except Exception as exc:
             log.error("%s: data received since %s were never published, and a run could not be started: %s",
@@ -168,17 +161,16 @@ def serve_studies(config_paths: list[Path], *, settle_seconds: float = 2.0, resc
         from longitudinal.errors import ConfigError
 
         raise ConfigError(f"two configs name the same study ({', '.join(studies)}); each study needs its own name")
-    deployments = [build_deployment(path, config) for path, config in configs]
     _log_to_console("longitudinal.serve", "longitudinal.data.landing", "longitudinal.reporting.run_folder")
-    start_runs_that_were_not_published([(config, d) for (_, config), d in zip(configs, deployments)])
-    warm_flow_runs()
-    # What prefect.serve(*deployments) does, except that the runner is given the flow itself (add_flow), so
-    # that it starts each run from it in a forked process (see warm_flow_runs) rather than as
-    # ``python -m prefect.engine``, which imports everything again. It looks for runs to start every second
-    # (Prefect's default: 10 s), so a triggered or scheduled run starts about a second after it is created.
+    # What prefect.serve(*deployments) does, except that the runner is given the flow itself (add_flow, which
+    # registers the deployment), so that it starts each run from it in a forked process (see warm_flow_runs)
+    # rather than as ``python -m prefect.engine``, which imports everything again. It looks for runs to start
+    # every second (Prefect's default: 10 s), so a triggered or scheduled run starts about a second after
+    # it is created.
     runner = Runner(pause_on_shutdown=False, query_seconds=RUNNER_POLL_SECONDS)
-    for path, config in configs:
-        runner.add_flow(study_pipeline, **deployment_options(path, config))
+    deployment_ids = [runner.add_flow(study_pipeline, **deployment_options(path, config)) for path, config in configs]
+    start_runs_that_were_not_published([(config, d) for (_, config), d in zip(configs, deployment_ids)])
+    warm_flow_runs()
     watchers = [_watch(config, settle_seconds, rescan_seconds) for _, config in configs if config.source_path.is_dir()]
     log.info("serving %s; runs start on their schedule, on new data, or from the UI (%s/deployments)",
              ", ".join(studies), PREFECT_UI_URL.value())
@@ -189,7 +181,6 @@ def serve_studies(config_paths: list[Path], *, settle_seconds: float = 2.0, resc
     finally:
         for watcher in watchers:
             watcher.stop()
-
 
 
 def _watch(config: StudyConfig, settle_seconds: float, rescan_seconds: float) -> LandingWatcher:
