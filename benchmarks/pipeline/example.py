@@ -151,13 +151,13 @@ def example_rows(example: dict[str, Any], measured_at: str) -> list[dict[str, An
     rows_analysed = first.rows_analysed or 0
     base = {"design": "example", "rows": rows_analysed, "measured_at": measured_at}
     out = [base | {"kind": "run", "name": "first run (new Prefect home)", "seconds": first.measured.seconds,
-                   "stages_seconds": sum(first.stages.values()) if first.stages else None,
+                   "stages_seconds": first.stages_seconds,
                    "peak_tree_mb": first.measured.peak_tree_mb, "selected": first.selected}]
     for k, (run, formula) in enumerate(zip(example["second"], example["changes"]), start=1):
         out.append(base | {
             "kind": "second run", "name": f"second run {k} (ri: {formula})",
             "seconds": None if run.error else run.measured.seconds,
-            "stages_seconds": sum(run.stages.values()) if run.stages else None,
+            "stages_seconds": run.stages_seconds,
             "peak_tree_mb": run.measured.peak_tree_mb, "selected": run.selected,
         })
     return out

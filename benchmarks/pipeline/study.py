@@ -44,6 +44,11 @@ class PipelineRun:
     rows_analysed: int | None = None
     error: str | None = None
 
+    @property
+    def stages_seconds(self) -> float | None:
+        """The seconds of the run's stages together (from its manifest); None when it has none."""
+        return sum(self.stages.values()) if self.stages else None
+
 
 def simulate_study(design: str, rows: int, folder: Path, seed: int | None = None) -> tuple[Path, int]:
     """The study as CSV, and its number of subjects (``seed`` None: the design's own).
@@ -199,7 +204,7 @@ def result_rows(result: SizeResult) -> list[dict[str, Any]]:
 
     out.append(base | {
         "kind": "run", "name": "whole run (wall)", "seconds": p.measured.seconds,
-        "stages_seconds": sum(p.stages.values()) if p.stages else None, "lme4_seconds": lme4_total,
+        "stages_seconds": p.stages_seconds, "lme4_seconds": lme4_total,
         "ratio_to_lme4": ratio(p.measured.seconds, lme4_total), "peak_tree_mb": p.measured.peak_tree_mb,
         "peak_process_mb": p.measured.peak_process_mb, "selected": p.selected,
         "lme4_selected": lme4["selected"] if lme4 else None,

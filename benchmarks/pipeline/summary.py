@@ -97,6 +97,12 @@ def _fit_lines(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _wall_stages_outside(row: dict[str, Any]) -> tuple[float | None, float | None, float | None]:
+    """A row's wall seconds, its stages' seconds and the difference (the time outside the stages)."""
+    wall, stages = number(row.get("seconds")), number(row.get("stages_seconds"))
+    return wall, stages, (wall - stages if wall is not None and stages is not None else None)
+
+
 def _example_lines(rows: list[dict[str, Any]], example: dict[str, Any] | None) -> list[str]:
     runs = pick_all(rows, "example", "run") + pick_all(rows, "example", "second run")
     if not runs:
@@ -107,8 +113,7 @@ def _example_lines(rows: list[dict[str, Any]], example: dict[str, Any] | None) -
              "timed to its exit.", "",
              "| run | wall s | stages s | outside stages s | peak MB | selected |", "|---|---|---|---|---|---|"]
     for r in runs:
-        wall, stages = number(r.get("seconds")), number(r.get("stages_seconds"))
-        outside = wall - stages if wall is not None and stages is not None else None
+        wall, stages, outside = _wall_stages_outside(r)
         lines.append(f"| {_cell(r['name'])} | {_fmt(wall) or 'failed'} | {_fmt(stages)} | {_fmt(outside)} | "
                      f"{_fmt(r.get('peak_tree_mb'), 0)} | {r.get('selected') or ''} |")
     seconds = [v for r in pick_all(rows, "example", "second run") if (v := number(r.get("seconds"))) is not None]
@@ -140,8 +145,7 @@ def _serve_lines(rows: list[dict[str, Any]], serve: dict[str, Any] | None) -> li
              "`report.html`. Each run analyses every file landed so far.", "",
              "| arrival | rows analysed | file to report s | stages s | outside stages s |", "|---|---|---|---|---|"]
     for r in arrivals:
-        wall, stages = number(r.get("seconds")), number(r.get("stages_seconds"))
-        outside = wall - stages if wall is not None and stages is not None else None
+        wall, stages, outside = _wall_stages_outside(r)
         lines.append(f"| {r['name']} | {int(r['rows']):,} | {_fmt(wall)} | {_fmt(stages)} | {_fmt(outside)} |")
     seconds = [v for r in arrivals if (v := number(r.get("seconds"))) is not None]
     if seconds:
