@@ -464,6 +464,38 @@ def _quadratic(optimum: np.ndarray, slope: np.ndarray):  # type: ignore[no-untyp
     return lambda theta: float(np.sum((theta - optimum) ** 2) + slope @ (theta - optimum))
 
 
+def test_the_convergence_check_s_hessian_costs_two_evaluations_a_pair_and_matches_deriv12() -> None:
+    from longitudinal.fit.optimize import derivatives
+
+    # A smooth non-quadratic function: both formulas have an O(h²) error; the shared-axes one spends
+    # 2k + k(k − 1) evaluations (12 for k = 3) where lme4's deriv12 spends 2k + 2k(k − 1) (18).
+    def f(x: np.ndarray) -> float:
+        calls.append(1)
+        return float(np.exp(0.3 * x[0] - 0.2 * x[1] + 0.1 * x[2]) + x[0] ** 2 * x[1] + np.sin(x[1] * x[2]))
+
+    x = np.array([0.4, -0.7, 1.3])
+    e = math.exp(0.3 * x[0] - 0.2 * x[1] + 0.1 * x[2])
+    w = np.array([0.3, -0.2, 0.1])
+    exact = e * np.outer(w, w)
+    exact[0, 0] += 2 * x[1]
+    exact[0, 1] += 2 * x[0]
+    exact[1, 0] += 2 * x[0]
+    s, c = math.sin(x[1] * x[2]), math.cos(x[1] * x[2])
+    exact[1, 1] += -s * x[2] ** 2
+    exact[2, 2] += -s * x[1] ** 2
+    exact[1, 2] += c - s * x[1] * x[2]
+    exact[2, 1] = exact[1, 2]
+    calls: list[int] = []
+    value = f(x)
+    results = {}
+    for shared in (False, True):
+        calls.clear()
+        results[shared] = derivatives(f, x, value, shared_axes=shared)
+        assert len(calls) == (12 if shared else 18)
+        assert results[shared][1] == pytest.approx(exact, abs=1e-6)
+    assert results[True][0] == pytest.approx(results[False][0], rel=1e-12)  # the same gradient points
+
+
 def test_the_gradient_test_does_not_apply_to_a_singular_optimum() -> None:
     from longitudinal.fit.optimize import GRADIENT_TOL, _check_convergence
 
