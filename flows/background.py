@@ -55,7 +55,7 @@ PACKAGES = ("flows", "tasks", "longitudinal")
 RUN_MODULES = (
     "PIL.BmpImagePlugin", "PIL.GifImagePlugin", "PIL.JpegImagePlugin", "PIL.PpmImagePlugin",
     "anyio._backends._asyncio", "anyio.streams.memory", "anyio.streams.stapled", "anyio.streams.tls",
-    "encodings.utf_8_sig", "fastapi", "graphviz", "multiprocessing.synchronize", "opentelemetry._logs",
+    "encodings.utf_8_sig", "fastapi", "graphviz", "multiprocessing.synchronize", "nlopt", "opentelemetry._logs",
     "opentelemetry.metrics", "pandas.core.arrays.arrow.extension_types", "pandas.core.methods.to_dict",
     "pandas.io.formats.csvs", "prefect._internal.attempt_control", "prefect._internal.control_listener",
     "prefect._internal.metrics", "prefect._internal.retries", "prefect._internal.states", "prefect.concurrency",

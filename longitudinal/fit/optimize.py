@@ -33,6 +33,9 @@ GRADIENT_TOL = 2e-3
 HESSIAN_TOL = 1e-6
 BOUNDARY_POLISH = 1e-2  # lme4 uses 1e-5: see _snap_to_boundary
 DERIVATIVE_STEP = 1e-4
+#: A warm start's initial BOBYQA steps: this share of each |θ|, at least the floor (see ``minimize_deviance``).
+WARM_STEP = 0.1
+WARM_STEP_FLOOR = 0.01
 #: What the optimizer sees where the deviance cannot be computed; finite so BOBYQA's model stays usable.
 UNDEFINED_DEVIANCE = 1e12
 
@@ -56,18 +59,30 @@ class OptimizerRun:
 
 
 def minimize_deviance(
-    deviance: Callable[[np.ndarray], float], layout: ThetaLayout,
+    deviance: Callable[[np.ndarray], float], layout: ThetaLayout, *, start: np.ndarray | None = None,
 ) -> tuple[OptimizerRun, tuple[OptimizerAttempt, ...]]:
     """BOBYQA from lme4's start with lme4's checks, one restart if not convincing; the best run and all runs.
+
+    ``start``: a θ known to be near the optimum (a REML refit starts from its ML fit's θ): BOBYQA starts there
+    with initial steps of ``WARM_STEP`` × |θ| (at least ``WARM_STEP_FLOOR``) instead of nlopt's default, which
+    is sized for lme4's start. Measured on a correlated random slope at 27,000 subjects: 47 → 27 evaluations,
+    the same optimum within 4e-8 of the criterion. Without it, lme4's start and steps (lme4's path).
 
     Raises ``FitFailure`` when the deviance is not finite anywhere the optimizer went.
     """
     attempts: list[OptimizerAttempt] = []
     runs: list[OptimizerRun] = []
-    start = layout.start()
+    lower = np.asarray(layout.lower)
+    steps = None
+    if start is None:
+        start = layout.start()
+    else:
+        start = np.maximum(np.asarray(start, dtype=float), lower)
+        steps = np.maximum(WARM_STEP * np.abs(start), WARM_STEP_FLOOR)
     for label in ("bobyqa", "bobyqa (restart)"):
         began = time.perf_counter()
-        run = _optimize(deviance, start, layout)
+        run = _optimize(deviance, start, layout, steps)
+        steps = None  # a restart is sized as lme4's
         attempts.append(OptimizerAttempt(
             optimizer=label, loglik=-0.5 * run.deviance if math.isfinite(run.deviance) else math.nan,
             converged=run.converged, iterations=run.evaluations, seconds=time.perf_counter() - began,
@@ -92,10 +107,13 @@ def minimize_deviance(
     return best, tuple(attempts)
 
 
-def _optimize(deviance: Callable[[np.ndarray], float], start: np.ndarray, layout: ThetaLayout) -> OptimizerRun:
-    """BOBYQA from ``start``, then lme4's ``check.boundary`` and ``checkConv`` at the optimum."""
+def _optimize(
+    deviance: Callable[[np.ndarray], float], start: np.ndarray, layout: ThetaLayout, steps: np.ndarray | None = None,
+) -> OptimizerRun:
+    """BOBYQA from ``start`` (initial ``steps``, or nlopt's), then lme4's ``check.boundary`` and ``checkConv``
+    at the optimum."""
     lower = np.asarray(layout.lower)
-    theta, value, evaluations, status = run_bobyqa(deviance, start, lower)
+    theta, value, evaluations, status = run_bobyqa(deviance, start, lower, steps=steps)
     if not math.isfinite(value):
         return OptimizerRun(theta, value, False, False, math.nan, evaluations, "the deviance is not finite at any θ tried")
     theta, value = _snap_to_boundary(deviance, theta, value, lower)

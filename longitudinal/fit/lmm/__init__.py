@@ -20,7 +20,7 @@ from longitudinal.fit.linalg import GroupGram
 from longitudinal.fit.lmm.crossproducts import CrossProducts, PatternProducts, compute_crossproducts, group_patterns
 from longitudinal.fit.lmm.multifactor import compute_multiproducts, fit_multilevel, multilevel_deviance
 from longitudinal.fit.lmm.onefactor import fit_one_factor, one_factor_deviance
-from longitudinal.fit.scaling import Standardization, standardize
+from longitudinal.fit.scaling import Standardization, lower_factor_of, standardize
 from longitudinal.fit.theta import lambda_at, layout_theta, singular_message
 from longitudinal.model.design import Design
 from longitudinal.records import EngineResult, OptimizerAttempt
@@ -227,6 +227,21 @@ def restore_units(result: EngineResult, design: Design, standardization: Standar
             dataclasses.replace(f, modes=f.modes * s.y_scale, cond_sd=f.cond_sd * s.y_scale) for f in result.ranef
         ),
     )
+
+
+def standardized_theta(theta: np.ndarray, design: Design, standardization: Standardization) -> np.ndarray:
+    """θ in the units of ``design`` (as a fit reports it) on the standardized design: ``restore_units``' map
+    inverted bar by bar, Λ_b' = the lower factor of B_b⁻¹ Λ_b (so that B_b Λ_b' Λ_b'ᵀ B_bᵀ = Λ_b Λ_bᵀ)."""
+    layout = layout_theta(tuple(len(block.terms) for block in design.blocks))
+    lam = layout.lambda_matrix(np.asarray(theta, dtype=float))
+    standardized = np.zeros_like(lam)
+    at = 0
+    for k, size in enumerate(layout.block_sizes):
+        window = slice(at, at + size)
+        standardized[window, window] = lower_factor_of(np.linalg.solve(standardization.ranef_maps[k], lam[window, window]))
+        at += size
+    out: np.ndarray = standardized[list(layout.rows), list(layout.cols)]
+    return out
 
 
 def _shift_attempts(attempts: tuple[OptimizerAttempt, ...], deviance_offset: float) -> tuple[OptimizerAttempt, ...]:
