@@ -136,7 +136,9 @@ def standardize(design: Design) -> tuple[Design, Standardization]:
     The outcome is centred when X has an intercept (else only scaled) and scaled by its SD (else its root
     mean square); continuous fixed-effect columns likewise; random-effect columns as the bar allows (see
     the module's docstring). A column with no spread (or not finite) is left as it is. A few contiguous
-    passes over each matrix (no column-by-column strided reads: they cost more than the fit's own sums).
+    passes over each matrix (no column-by-column strided reads: they cost more than the fit's own sums). A
+    bar whose Z is a view of X (``BlockDesign.fixed_columns``) and is standardized as X is (its intercept
+    beside its continuous columns, or no column to centre) gets the same view of the standardized X: no copy.
     """
     fixed = _standardize_columns(design.X, centre_with_intercept=True)
     y = design.y
@@ -150,8 +152,9 @@ def standardize(design: Design) -> tuple[Design, Standardization]:
     blocks: list[BlockDesign] = []
     maps: list[np.ndarray] = []
     for block in design.blocks:
-        bar = _standardize_columns(block.Z, centre_with_intercept=block.Z.shape[1] > 1)
-        blocks.append(dataclasses.replace(block, Z=bar.values))
+        shared = _shared_columns(fixed, block)
+        bar = shared or _standardize_columns(block.Z, centre_with_intercept=block.Z.shape[1] > 1)
+        blocks.append(dataclasses.replace(block, Z=bar.values, fixed_columns=block.fixed_columns if shared else None))
         maps.append(bar.map)
     standardized = dataclasses.replace(design, y=y_centred, X=fixed.values, blocks=tuple(blocks))
     return standardized, Standardization(
@@ -196,12 +199,16 @@ def _origin_notes(design: Design) -> tuple[str, ...]:
 @dataclass(frozen=True, eq=False)
 class _Columns:
     """A matrix M standardized: ``values`` = M T with T = ``map``; per column of M its ``binary`` flag
-    (all values in {0, 1}) and its SD with lme4's n − 1 denominator (NaN where not computed)."""
+    (all values in {0, 1}), ``ones`` flag (all values 1), the ``shift`` and ``scale`` applied
+    (values = (M − shift) / scale) and its SD with lme4's n − 1 denominator (NaN where not computed)."""
 
     values: np.ndarray
     map: np.ndarray
     intercept: int | None
     binary: np.ndarray
+    ones: np.ndarray
+    shift: np.ndarray
+    scale: np.ndarray
     sd: np.ndarray
 
 
@@ -232,10 +239,11 @@ def _standardize_columns(M: np.ndarray, *, centre_with_intercept: bool) -> _Colu
     ones = (low == 1.0) & (high == 1.0)
     intercept = int(np.argmax(ones)) if ones.any() else None
     centre = intercept is not None and centre_with_intercept
-    if binary.all():  # nothing to standardize (a random intercept's Z, indicator columns): no copy
-        return _Columns(values=M, map=np.eye(k), intercept=intercept, binary=binary, sd=np.full(k, np.nan))
-    # 0/1 columns keep their values (shift 0, scale 1); so does a continuous column without spread.
     shift, scale, mean_square = np.zeros(k), np.ones(k), np.full(k, np.nan)
+    if binary.all():  # nothing to standardize (a random intercept's Z, indicator columns): no copy
+        return _Columns(values=M, map=np.eye(k), intercept=intercept, binary=binary, ones=ones, shift=shift,
+                        scale=scale, sd=np.full(k, np.nan))
+    # 0/1 columns keep their values (shift 0, scale 1); so does a continuous column without spread.
     for c in np.flatnonzero(~binary):
         tried = means[c] if centre else 0.0
         mean_square[c] = centred_square[c] if centre else raw_square[c]
@@ -250,7 +258,30 @@ def _standardize_columns(M: np.ndarray, *, centre_with_intercept: bool) -> _Colu
     # SD (n − 1) for lme4's scale check: from the centred sums where the columns were centred.
     variance = mean_square * n / max(n - 1, 1) if centre else np.full(k, np.nan)
     return _Columns(values=values, map=_column_map(shift, scale, intercept), intercept=intercept, binary=binary,
-                    sd=np.sqrt(variance))
+                    ones=ones, shift=shift, scale=scale, sd=np.sqrt(variance))
+
+
+def _shared_columns(fixed: _Columns, block: BlockDesign) -> _Columns | None:
+    """The bar standardized as a view of the standardized X, when its Z is a view of X
+    (``BlockDesign.fixed_columns``) that ``_standardize_columns`` would transform as it transformed X: its
+    continuous columns centred in both (the bar has an intercept, X too) or in neither. None otherwise.
+
+    The bar's map is built from X's shifts and scales as ``_standardize_columns`` builds it from the same
+    statistics of the same columns (with shift 0 and scale 1 it is the identity, as for a bar of 0/1 columns):
+    the same bits as standardizing the bar on its own."""
+    window = block.fixed_columns
+    if window is None:
+        return None
+    ones = fixed.ones[window]
+    centred_bar = bool(ones.any()) and ones.shape[0] > 1
+    if np.any(~fixed.binary[window]) and centred_bar != (fixed.intercept is not None):
+        return None
+    intercept = int(np.argmax(ones)) if ones.any() else None
+    shift, scale = fixed.shift[window], fixed.scale[window]  # 0 and 1 where a column is left as it is
+    return _Columns(
+        values=fixed.values[:, window], map=_column_map(shift, scale, intercept), intercept=intercept,
+        binary=fixed.binary[window], ones=ones, shift=shift, scale=scale, sd=fixed.sd[window],
+    )
 
 
 def _scale_note(X: _Columns) -> str | None:

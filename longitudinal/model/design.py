@@ -68,6 +68,11 @@ class BlockDesign:
 
     ``codes`` maps each row to its level of ``group`` (0..G-1), ``levels`` are the level labels (sorted as
     R sorts them for these labels; bars on the same factor share the same arrays).
+
+    ``fixed_columns``: when the bar's columns are consecutive columns of its design's X (``(week | id)``
+    beside ``1 + week``), Z is the view ``X[:, fixed_columns]`` (read-only like every design array, its rows
+    strided; never written, like every design array), not a copy: 32 MB less per design at 2,000,000 rows.
+    None when Z is its own array.
     """
 
     group: str
@@ -75,6 +80,7 @@ class BlockDesign:
     Z: np.ndarray
     codes: np.ndarray
     levels: np.ndarray
+    fixed_columns: slice | None = None
 
     @property
     def n_levels(self) -> int:
@@ -153,18 +159,25 @@ def build_design(
     _check_frame(data, formula)
     evaluator = _Evaluator(data, formula.text, transforms)
     y = data[formula.response].to_numpy(dtype=float)
-    X_all, names = evaluator.model_matrix(formula.fixed_terms)
+    fixed = evaluator.columns(formula.fixed_terms)
+    names = [column.name for column in fixed]
+    X_all = evaluator.fill(fixed)
     if dropped is None:
         X, kept = _drop_rank_deficient(X_all)
     else:
         kept = [j for j, name in enumerate(names) if name not in set(dropped)]
         X = X_all if len(kept) == len(names) else np.ascontiguousarray(X_all[:, kept])
+    del X_all
+    kept_columns = [fixed[j] for j in kept]
     factors = {group: code_factor(data, group.split(":")) for group in _grouping_factors(formula)}
     blocks = []
     for block in formula.blocks:
-        Z, z_names = evaluator.model_matrix(expand_terms(block.spec, where=f"formula {formula.text!r}"))
+        bar = evaluator.columns(expand_terms(block.spec, where=f"formula {formula.text!r}"))
+        within = _run_of(bar, kept_columns)
+        Z = X[:, within] if within is not None else evaluator.fill(bar)
         codes, levels = factors[block.group]
-        blocks.append(BlockDesign(group=block.group, terms=tuple(z_names), Z=Z, codes=codes, levels=levels))
+        blocks.append(BlockDesign(group=block.group, terms=tuple(c.name for c in bar), Z=Z, codes=codes,
+                                  levels=levels, fixed_columns=within))
     # The primary factor: the one with the most levels, first in formula order on a tie.
     order = list(factors)
     group = max(order, key=lambda name: (factors[name][1].shape[0], -order.index(name)))
@@ -181,6 +194,17 @@ def build_design(
         levels=levels,
         transforms=MappingProxyType(dict(evaluator.fitted)),
     )
+
+
+def _run_of(bar: list[_Column], fixed: list[_Column]) -> slice | None:
+    """Where the bar's columns are consecutive columns of the fixed-effects matrix (the same factors, so the
+    same values): ``(week | id)`` next to ``1 + week + ...``. None otherwise, or for a bar without columns."""
+    wanted = [column.factors for column in bar]
+    have = [column.factors for column in fixed]
+    for start in range(len(have) - len(wanted) + 1 if wanted else 0):
+        if have[start:start + len(wanted)] == wanted:
+            return slice(start, start + len(wanted))
+    return None
 
 
 def _grouping_factors(formula: ModelFormula) -> tuple[str, ...]:
@@ -285,6 +309,16 @@ class _Categorical:
 _Variable = _Numeric | _Categorical
 
 
+@dataclass(frozen=True, eq=False)
+class _Column:
+    """One model-matrix column, not evaluated: its lme4 name and its factors, each (variable key, index): column
+    ``index`` of a numeric variable, or the indicator of level ``index`` of a categorical one. The column is
+    their product, left to right; no factor is the intercept. Equal factors mean equal values, bit for bit."""
+
+    name: str
+    factors: tuple[tuple[str, int], ...]
+
+
 class _Evaluator:
     """Evaluates variables on one data frame, fitting (or reusing) their data-dependent parameters."""
 
@@ -295,40 +329,64 @@ class _Evaluator:
 
     def model_matrix(self, terms: Terms) -> tuple[np.ndarray, list[str]]:
         """R's ``model.matrix`` for ``terms``: columns and their lme4 names."""
-        n = len(self.data)
-        columns: list[np.ndarray] = []
-        names: list[str] = []
-        if terms.intercept:
-            columns.append(np.ones(n))
-            names.append("(Intercept)")
+        columns = self.columns(terms)
+        return self.fill(columns), [column.name for column in columns]
+
+    def columns(self, terms: Terms) -> list[_Column]:
+        """The columns of R's ``model.matrix`` for ``terms``, in R's order, named and described, not evaluated."""
+        columns = [_Column("(Intercept)", ())] if terms.intercept else []
         keys = [frozenset(deparse(v) for v in term.variables) for term in terms.terms]
         full_first = None if terms.intercept else self._first_categorical(terms)
         for t, term in enumerate(terms.terms):
-            term_columns: list[np.ndarray] | None = None
-            term_names: list[str] = [""]
+            term_columns = [_Column("", ())]
             for variable in term.variables:
                 key = deparse(variable)
                 value = self.variable(variable)
                 if isinstance(value, _Numeric):
-                    parts = [(value.values[:, j], key + s) for j, s in enumerate(value.suffixes)]
+                    parts = [(key + s, (key, j)) for j, s in enumerate(value.suffixes)]
                 else:
                     margin = keys[t] - {key}
                     contrasts = (not margin or any(margin <= keys[s] for s in range(t))) and full_first != (t, key)
                     shown = value.levels[1:] if contrasts else value.levels
                     start = 1 if contrasts else 0
-                    parts = [((value.codes == start + j).astype(float), key + level) for j, level in enumerate(shown)]
+                    parts = [(key + level, (key, start + j)) for j, level in enumerate(shown)]
                 # The earlier variables vary fastest, as in R.
-                term_columns = ([right for right, _ in parts] if term_columns is None
-                                else [left * right for right, _ in parts for left in term_columns])
-                term_names = [f"{a}:{b}" if a else b for _, b in parts for a in term_names]
-            columns.extend(term_columns or [])
-            names.extend(term_names)
-        X = np.column_stack(columns) if columns else np.empty((n, 0))
-        if not np.isfinite(X).all():
-            bad = int(np.flatnonzero(~np.isfinite(X).all(axis=0))[0])
-            raise FormulaError(f"formula {self.text!r}: the column {names[bad]!r} has values that are not finite "
+                term_columns = [_Column(f"{left.name}:{name}" if left.name else name, left.factors + (factor,))
+                                for name, factor in parts for left in term_columns]
+            columns.extend(term_columns)
+        return columns
+
+    def fill(self, columns: list[_Column]) -> np.ndarray:
+        """The matrix (n × len(columns), row-major) with each column evaluated straight into its place.
+
+        Each column is the product of its factors taken left to right (as R multiplies them: the same values
+        bit for bit as stacking the products), written where it belongs: no list of n-long columns stacked
+        afterwards (a second copy of the matrix, 58 MB at 2,000,000 rows), no n × p finiteness mask.
+        """
+        X = np.empty((len(self.data), len(columns)))
+        for j, column in enumerate(columns):
+            self._evaluate_column(column, X[:, j])
+        return X
+
+    def _evaluate_column(self, column: _Column, out: np.ndarray) -> None:
+        if not column.factors:
+            out.fill(1.0)
+            return
+        numeric = False
+        for position, (key, index) in enumerate(column.factors):
+            value = self.cache[key]
+            if isinstance(value, _Numeric):
+                numeric = True
+                factor: np.ndarray = value.values[:, index]
+            else:
+                factor = value.codes == index
+            if position == 0:
+                out[...] = factor
+            else:
+                np.multiply(out, factor, out=out)
+        if numeric and not np.isfinite(out).all():
+            raise FormulaError(f"formula {self.text!r}: the column {column.name!r} has values that are not finite "
                                "(a log or square root of a value outside its domain, or a division by zero)")
-        return np.ascontiguousarray(X), names
 
     def _first_categorical(self, terms: Terms) -> tuple[int, str] | None:
         for t, term in enumerate(terms.terms):
@@ -482,6 +540,10 @@ def _is_numeric(column: pd.Series) -> bool:
 #: Rows per block of the rank check's QR (a few MB per block: cache-sized pieces of a tall matrix).
 _QR_BLOCK_ROWS = 65_536
 
+#: The rank check's screen: X is of full rank, far from lme4's tolerance, when the smallest eigenvalue of X'X
+#: with unit diagonal exceeds this (see ``_clearly_full_rank``).
+_SCREEN_EIGENVALUE = 1e-6
+
 
 def _drop_rank_deficient(X: np.ndarray, tol: float = 1e-7) -> tuple[np.ndarray, list[int]]:
     """Keep the columns that are not linear combinations of the kept columns before them, as lme4 does.
@@ -492,10 +554,15 @@ def _drop_rank_deficient(X: np.ndarray, tol: float = 1e-7) -> tuple[np.ndarray, 
     collinear pair the later column goes. The projection runs on R of X = QR (the same geometry in p
     dimensions), computed block by block (tall-skinny QR: the R factors of row blocks, stacked, have the
     same R up to the signs of its rows), several times faster than one LAPACK QR of millions of rows.
+
+    Most designs are far from that tolerance, which one pass over X shows (``_clearly_full_rank``: X'X, 10x
+    cheaper than the QR at 200,000 rows); the QR runs only when that screen cannot tell.
     """
     n, p = X.shape
     if p == 0:
         return X, []
+    if _clearly_full_rank(X):
+        return X, list(range(p))
     R = _r_factor(X)
     norms = np.sqrt(np.einsum("ij,ij->j", R, R))
     basis = np.zeros((R.shape[0], 0))
@@ -510,6 +577,28 @@ def _drop_rank_deficient(X: np.ndarray, tol: float = 1e-7) -> tuple[np.ndarray, 
         kept.append(j)
         basis = np.column_stack([basis, residual / size])
     return (X if len(kept) == p else np.ascontiguousarray(X[:, kept])), kept
+
+
+def _clearly_full_rank(X: np.ndarray) -> bool:
+    """True when every column of X lies at least ~1e-3 of its norm from the span of all the others, so that
+    ``_drop_rank_deficient``'s QR would keep every column (its threshold is 1e-7); False when that is not
+    certain (then the QR decides, as before).
+
+    With D the column norms, C = D⁻¹ X'X D⁻¹ has unit diagonal, and a column's distance from the span of the
+    others, relative to its norm, is at least σ_min(X D⁻¹) = √λ_min(C). Rounding moves each computed entry of
+    C by at most γ_n ≈ n u (u = 2⁻⁵³; sums of n products, bounded by the norms) and the eigenvalue by at most
+    p γ_n + O(p² u): 2e-9 for 2,000,000 rows and 10 columns, far below the screen's 1e-6, whose square root
+    1e-3 is 10⁴ times lme4's tolerance. A zero or non-finite column is not screened.
+    """
+    n, p = X.shape
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is not finite, and not screened
+        gram = X.T @ X
+    norms = np.sqrt(np.diagonal(gram))
+    rounding = p * (n + p) * np.finfo(float).eps
+    if not (np.all(np.isfinite(gram)) and np.all(norms > 0.0)) or rounding > 0.01 * _SCREEN_EIGENVALUE:
+        return False
+    smallest = float(np.linalg.eigvalsh(gram / np.outer(norms, norms))[0])
+    return smallest > _SCREEN_EIGENVALUE + rounding
 
 
 def _r_factor(X: np.ndarray) -> np.ndarray:

@@ -414,3 +414,66 @@ def test_a_grouping_factor_is_coded_in_sorted_text_order_whatever_the_storage(va
     codes, levels = code_factor(frame, ["id"])
     assert list(levels) == sorted(set(values)) and all(type(level) is str for level in levels)
     assert [levels[c] for c in codes] == values and codes.dtype == np.int64
+
+
+# ------------------------------------------------- the rank check's screen: X'X decides only where it is certain
+
+
+@pytest.mark.parametrize("offset, spread", [(0.0, 1.0), (45.0, 12.0), (1.7e9, 1e6), (1.0, 1e-9)])
+def test_the_screen_keeps_every_column_only_where_the_qr_does(
+    offset: float, spread: float, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # An intercept beside a covariate at `offset` ± `spread` (age; epoch seconds; a covariate equal to the
+    # intercept up to 1e-9, which R's qr drops), and a covariate equal to the first up to noise of 1e-9.
+    rng = np.random.default_rng(8)
+    x = offset + spread * rng.normal(size=200)
+    X = np.column_stack([np.ones(200), x, rng.normal(size=200), x + 1e-9 * rng.normal(size=200)])
+    # The screen itself: sure of a well-conditioned X, never of a near-collinear one.
+    assert design_module._clearly_full_rank(X[:, :3]) == (offset / spread < 100)
+    assert not design_module._clearly_full_rank(X)
+    screened = design_module._drop_rank_deficient(X[:, :3])[1], design_module._drop_rank_deficient(X)[1]
+    assert screened[1] == ([0, 1, 2] if spread > 1e-9 else [0, 2])
+    monkeypatch.setattr(design_module, "_SCREEN_EIGENVALUE", np.inf)  # the QR alone, as before the screen
+    assert screened == (design_module._drop_rank_deficient(X[:, :3])[1], design_module._drop_rank_deficient(X)[1])
+
+
+def test_the_screen_leaves_zero_and_non_finite_columns_to_the_qr() -> None:
+    X = np.column_stack([np.ones(5), np.arange(5.0), np.zeros(5)])
+    assert not design_module._clearly_full_rank(X)
+    assert not design_module._clearly_full_rank(np.column_stack([np.ones(3), [1.0, 2.0, 1e200]]))
+
+
+# ------------------------------------------------------- a bar whose columns are fixed-effect columns: a view of X
+
+
+def test_a_bar_of_fixed_effect_columns_is_a_view_of_x_with_the_same_values(visits: pd.DataFrame) -> None:
+    design = build_design(visits, parse_formula("y ~ t * arm + (t | g) + (1 | site)"))
+    slope, site = design.blocks
+    assert slope.fixed_columns == slice(0, 2) and site.fixed_columns == slice(0, 1)
+    assert np.shares_memory(slope.Z, design.X) and np.shares_memory(site.Z, design.X)
+    np.testing.assert_array_equal(slope.Z, np.column_stack([np.ones(16), visits["t"]]))
+    np.testing.assert_array_equal(site.Z, np.ones((16, 1)))
+
+
+@pytest.mark.parametrize("formula", [
+    "y ~ t + (0 + arm | g)",  # full indicator coding: armcontrol is not a column of X
+    "y ~ t + arm + (arm + t | g)",  # the same columns, not side by side in X
+    "y ~ 0 + t + (1 | g)",  # no intercept in X
+    "y ~ t + (I(t^2) | g)",
+])
+def test_a_bar_not_found_side_by_side_in_x_has_its_own_array(visits: pd.DataFrame, formula: str) -> None:
+    design = build_design(visits, parse_formula(formula))
+    bar = design.blocks[0]
+    assert bar.fixed_columns is None and not np.shares_memory(bar.Z, design.X)
+    evaluator = design_module._Evaluator(visits, formula, None)
+    Z, names = evaluator.model_matrix(expand_terms(parse_formula(formula).blocks[0].spec))
+    np.testing.assert_array_equal(bar.Z, Z)
+    assert bar.terms == tuple(names)
+
+
+def test_a_dropped_column_moves_the_view_onto_the_kept_columns(visits: pd.DataFrame) -> None:
+    data = visits.assign(t2=visits["t"] * 2)
+    design = build_design(data, parse_formula("y ~ t2 + t + (t | g)"))  # t2 kept first, t dropped
+    assert design.fixed_names == ("(Intercept)", "t2") and design.dropped == ("t",)
+    assert design.blocks[0].fixed_columns is None
+    np.testing.assert_array_equal(design.blocks[0].Z, np.column_stack([np.ones(16), visits["t"]]))

@@ -72,6 +72,11 @@ class PatternProducts:
         return int(self.ZtZ.shape[0])
 
 
+def sparse_index_type(largest: int) -> type[np.signedinteger]:
+    """The index type scipy's sparse matrices use for indices up to ``largest``: int32 while it fits."""
+    return np.int32 if largest <= np.iinfo(np.int32).max else np.int64
+
+
 #: Patterns are used when there are at most this share of groups as patterns (below it an evaluation
 #: by pattern costs less than one by group; above, storing the pattern sums costs more than it saves).
 PATTERN_SHARE = 0.25
@@ -84,14 +89,19 @@ def compute_crossproducts(design: Design) -> CrossProducts:
     [Z X y] gives Σ_rows z_i [z x y] per group: each row is read once per column of Z, and nothing of size
     n × q × (q + p + 1) is materialized (that temporary cost more than the sums at millions of rows).
     Built column-compressed, one entry per row, so nothing is sorted; sums are in row order per group.
+    The matrices share one set of index arrays, in the index type scipy would pick, and contiguous columns
+    of Z: scipy converts or copies whatever else it is given, on every product (a third of this function's
+    time at 200,000 rows).
     """
-    columns = [block.Z[:, j] for block in design.blocks for j in range(block.Z.shape[1])]
-    n, q, p, G = design.n_obs, len(columns), design.X.shape[1], design.n_groups
-    pointers = np.arange(n + 1)
+    n, q, p, G = design.n_obs, sum(block.Z.shape[1] for block in design.blocks), design.X.shape[1], design.n_groups
+    columns = [np.ascontiguousarray(block.Z[:, j]) for block in design.blocks for j in range(block.Z.shape[1])]
+    index_type = sparse_index_type(max(n + 1, G))
+    codes = design.codes.astype(index_type, copy=False)
+    pointers = np.arange(n + 1, dtype=index_type)
     ZtZ = np.empty((q, q, G))
     ZtXy = np.empty((q, G, p + 1))
     for i, z in enumerate(columns):
-        weighted = sparse.csc_matrix((z, design.codes, pointers), shape=(G, n))
+        weighted = sparse.csc_matrix((z, codes, pointers), shape=(G, n))
         for j in range(i + 1):
             ZtZ[i, j] = weighted @ columns[j]
             ZtZ[j, i] = ZtZ[i, j]

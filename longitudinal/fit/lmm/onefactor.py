@@ -49,6 +49,7 @@ Missing values are not handled here: the design has none (validation removed tho
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -154,10 +155,73 @@ def _profile(S: np.ndarray, logdet_M: float, n: int, reml: bool) -> tuple[float,
 
 def fit_one_factor(design: Design, *, reml: bool, ranef_map: np.ndarray) -> EngineResult:
     """``fit_lmm`` for one grouping factor on a design as given (no standardization); the random effects
-    are reported for Z B⁻¹, B = ``ranef_map`` (see ``_assemble``)."""
+    are reported for Z B⁻¹, B = ``ranef_map`` (see ``_Optimum``)."""
     check_identifiable(design)
+    return _assemble(design, _optimize(design, reml=reml, ranef_map=ranef_map))
+
+
+@dataclass(frozen=True, eq=False)
+class _Optimum:
+    """The fit at the optimum θ, all but what has one value per row: β, σ², vcov(β) and, per group, the
+    spherical modes u_g, the conditional modes b'_g = BΛ u_g and their conditional SDs.
+
+    The conditional modes and SDs are those of the random effects of Z B⁻¹ (B = ``ranef_map`` in
+    ``_optimize``: b' = B b for the modes b of the design's Z), the original design's when the design is its
+    standardized copy: their conditional covariance σ² (BΛ) M⁻¹ (BΛ)' needs B inside, not after.
+    """
+
+    reml: bool
+    layout: ThetaLayout
+    theta: np.ndarray
+    deviance: float
+    lam: np.ndarray
+    sigma2: float
+    beta: np.ndarray
+    vcov: np.ndarray
+    u: np.ndarray  # (q, G)
+    modes: np.ndarray  # (G, q), for Z B⁻¹
+    cond_sd: np.ndarray  # (G, q), for Z B⁻¹
+    converged: bool
+    message: str
+    gradient_max: float
+    attempts: tuple[OptimizerAttempt, ...]
+
+
+def _optimize(design: Design, *, reml: bool, ranef_map: np.ndarray) -> _Optimum:
+    """θ by the optimizer, then the estimates that need the per-group factorization there.
+
+    The cross-products, the optimizer's buffers and the factorization at the optimum (96 MB at 270,000
+    subjects for ``(week | id)``, p = 5) live only in this call, so that they are released before the fitted
+    values and residuals (one value per row) are formed: that is the fit's peak.
+    """
     products = compute_crossproducts(design)
     layout = layout_theta(products.block_sizes)
+    best, attempts = minimize_deviance(_deviance_function(products, layout, reml), layout)
+    theta = best.theta
+    solution = solve_at(products, layout.lambda_matrix(theta), reml)
+    if solution is None:
+        raise FitFailure("the deviance is not finite at the optimum; check the data and the formula", attempts)
+    n, p = products.n_obs, products.n_fixed
+    sigma2 = solution.r2 / (n - p if reml else n)
+    RX = solution.chol_S[:p, :p]
+    RX_inv = np.linalg.solve(RX, np.eye(p))  # small p × p; triangular, but LAPACK's general solve is exact enough
+    beta = RX_inv.T @ solution.chol_S[p, :p]
+    v = solution.R @ np.append(-beta, 1.0)  # cu_g − RZX_g β, (q, G): one contiguous product
+    u = backward_groups(solution.chol_M, v)
+    lam_out = ranef_map @ solution.lam
+    T = forward_shared(solution.chol_M, lam_out.T)  # L_g⁻¹ (BΛ)', (q, q, G)
+    return _Optimum(
+        reml=reml, layout=layout, theta=theta, deviance=solution.deviance, lam=solution.lam, sigma2=sigma2, beta=beta,
+        vcov=sigma2 * (RX_inv.T @ RX_inv), u=u, modes=(lam_out @ u).T,
+        cond_sd=np.sqrt(sigma2 * np.einsum("ijg,ijg->gj", T, T)), converged=best.converged, message=best.message,
+        gradient_max=best.gradient_max, attempts=attempts,
+    )
+
+
+def _deviance_function(products: CrossProducts, layout: ThetaLayout, reml: bool) -> Callable[[np.ndarray], float]:
+    """The optimizer's deviance of θ: by visit pattern when the subjects share few, else block by block of
+    groups for q ≤ 2 (``GroupGram``'s buffers, 26 MB at 270,000 subjects, go with the function), else group by
+    group."""
     patterns = group_patterns(products)
     gram = GroupGram(products.ZtZ, products.ZtXy) if patterns is None and products.n_random <= 2 else None
 
@@ -168,61 +232,32 @@ def fit_one_factor(design: Design, *, reml: bool, ranef_map: np.ndarray) -> Engi
             return gram_deviance(products, gram, layout.lambda_matrix(theta), reml)
         solution = solve_at(products, layout.lambda_matrix(theta), reml)
         return solution.deviance if solution is not None else math.inf
-
-    best, attempts = minimize_deviance(deviance, layout)
-    theta = best.theta
-    solution = solve_at(products, layout.lambda_matrix(theta), reml)
-    if solution is None:
-        raise FitFailure("the deviance is not finite at the optimum; check the data and the formula", attempts)
-    return _assemble(
-        design, products, layout, theta, solution, reml=reml, converged=best.converged, message=best.message,
-        gradient_max=best.gradient_max, attempts=attempts, ranef_map=ranef_map,
-    )
+    return deviance
 
 
-def _assemble(
-    design: Design, products: CrossProducts, layout: ThetaLayout, theta: np.ndarray, solution: _Solution, *,
-    reml: bool, converged: bool, message: str, gradient_max: float, attempts: tuple[OptimizerAttempt, ...],
-    ranef_map: np.ndarray,
-) -> EngineResult:
-    """Estimates at the optimum θ: β, σ, vcov, covariance per bar, conditional modes, fitted values.
-
-    The conditional modes and SDs are reported for the random effects of Z B⁻¹ (B = ``ranef_map``: b = B u'
-    for the modes b' of ``design``'s Z), the original design's when ``design`` is its standardized copy:
-    their conditional covariance σ² (BΛ) M⁻¹ (BΛ)' needs B inside, not after. Fitted values use ``design``'s.
-    """
-    n, p = products.n_obs, products.n_fixed
-    sigma2 = solution.r2 / (n - p if reml else n)
-    lam = solution.lam
-    RX = solution.chol_S[:p, :p]
-    RX_inv = np.linalg.solve(RX, np.eye(p))  # small p × p; triangular, but LAPACK's general solve is exact enough
-    beta = RX_inv.T @ solution.chol_S[p, :p]
-    vcov = sigma2 * (RX_inv.T @ RX_inv)
-    v = solution.R @ np.append(-beta, 1.0)  # cu_g − RZX_g β, (q, G): one contiguous product
-    u = backward_groups(solution.chol_M, v)
-    fitted = design.X @ beta
-    fitted += _random_part(design, (lam @ u).T)  # b_g = Λ u_g
+def _assemble(design: Design, optimum: _Optimum) -> EngineResult:
+    """The engine's result: the optimum's estimates with σ, the covariance per bar, the fitted values and
+    residuals (from ``design``'s X and Z: the standardized ones when it is the standardized copy)."""
+    o = optimum
+    fitted = design.X @ o.beta
+    fitted += _random_part(design, (o.lam @ o.u).T)  # b_g = Λ u_g
     residuals = np.subtract(design.y, fitted)
-    lam_out = ranef_map @ lam
-    modes = (lam_out @ u).T  # (G, q)
-    T = forward_shared(solution.chol_M, lam_out.T)  # L_g⁻¹ (BΛ)', (q, q, G)
-    cond_sd = np.sqrt(sigma2 * np.einsum("ijg,ijg->gj", T, T))
 
     # r² recomputed from the residuals (no cancellation): rounding noise in the profiled r² can look like
     # a tiny but positive residual variance when the model reproduces the outcome exactly.
-    r2_direct = float(residuals @ residuals + np.sum(u * u))
-    sigma = math.sqrt(sigma2)
-    exact_fit_failure(r2_direct, design.y, sigma, attempts)
+    r2_direct = float(residuals @ residuals + np.sum(o.u * o.u))
+    sigma = math.sqrt(o.sigma2)
+    exact_fit_failure(r2_direct, design.y, sigma, o.attempts)
 
-    covariances, singular = block_covariances(layout, theta, sigma2)
+    covariances, singular = block_covariances(o.layout, o.theta, o.sigma2)
     return EngineResult(
-        reml=reml, theta=theta, deviance=solution.deviance, beta=beta, vcov=vcov, sigma=sigma,
-        covariances=tuple(covariances), modes=modes, cond_sd=cond_sd, fitted=fitted, residuals=residuals,
-        converged=converged, singular=singular, messages=tuple(m for m in message.split("; ") if m),
-        gradient_max=gradient_max, evaluations=sum(a.iterations for a in attempts), attempts=attempts,
+        reml=o.reml, theta=o.theta, deviance=o.deviance, beta=o.beta, vcov=o.vcov, sigma=sigma,
+        covariances=tuple(covariances), modes=o.modes, cond_sd=o.cond_sd, fitted=fitted, residuals=residuals,
+        converged=o.converged, singular=singular, messages=tuple(m for m in o.message.split("; ") if m),
+        gradient_max=o.gradient_max, evaluations=sum(a.iterations for a in o.attempts), attempts=o.attempts,
         ranef=(FactorRanef(
             group=design.group, levels=design.levels, terms=tuple(t for b in design.blocks for t in b.terms),
-            modes=modes, cond_sd=cond_sd,
+            modes=o.modes, cond_sd=o.cond_sd,
         ),),
     )
 
