@@ -483,8 +483,18 @@ def _one_line(text: str) -> str:
 
 def fingerprint(frame: pd.DataFrame) -> str:
     """A content hash of a table (values, column names and dtypes; not the index): the identity of the
-    rows a fit sees, used as part of the fit cache key."""
+    rows a fit sees, used as part of the fit cache key.
+
+    A categorical column counts as the values it holds: its dtype is that of its categories (``str`` for
+    the text columns validation holds as categoricals) and pandas hashes each row's value, not its code. So
+    the same rows give the same hash whether their text is held as text or as categories.
+    """
     digest = hashlib.sha256()
-    digest.update(json.dumps([(str(c), str(t)) for c, t in frame.dtypes.items()]).encode())
+    digest.update(json.dumps([(str(c), str(_value_dtype(t))) for c, t in frame.dtypes.items()]).encode())
     digest.update(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
     return digest.hexdigest()
+
+
+def _value_dtype(dtype: Any) -> Any:
+    """The dtype of the values a column holds: a categorical's categories' dtype, else its own."""
+    return dtype.categories.dtype if isinstance(dtype, pd.CategoricalDtype) else dtype

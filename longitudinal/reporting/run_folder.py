@@ -43,6 +43,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from longitudinal.config import LINKS, StudyConfig
 from longitudinal.data.durable import printable, sync_path, sync_tree, writing
@@ -453,11 +455,29 @@ def write_validation(validated: Validated, config: StudyConfig) -> Path:
     return folder
 
 
+#: Rows per row group of ``data.parquet``: pyarrow's default, the groups ``DataFrame.to_parquet`` writes.
+DATA_ROW_GROUP_ROWS = 1024 * 1024
+
+
 def write_data(validated: Validated, folder: Path) -> Path:
-    """The analysed rows as Parquet (pyarrow), with their source file and line."""
+    """The analysed rows as Parquet (pyarrow), with their source file and line.
+
+    Text columns are written as text (Parquet strings that read back as ``str``), also those the run holds
+    as categoricals (validation holds text so, to hold less): the file is the one ``DataFrame.to_parquet``
+    writes for the same rows held as text, same schema and row groups. The text of a categorical column is
+    made from its codes one row group at a time, as it is written, so writing adds one row group's text
+    to what the run holds, not every row's.
+    """
+    visits = validated.visits.reset_index(drop=True)
+    categorical = {c: t.categories.dtype for c, t in visits.dtypes.items() if isinstance(t, pd.CategoricalDtype)}
+    schema = pa.Schema.from_pandas(visits.iloc[:0].astype(categorical), preserve_index=False)
     path = folder / "data.parquet"
-    with path.open("wb") as handle:  # through Python's file, so a refused write keeps its errno
-        validated.visits.reset_index(drop=True).to_parquet(handle, engine="pyarrow", index=False)
+    with path.open("wb") as handle, pq.ParquetWriter(handle, schema) as writer:  # Python's file: a refused write keeps its errno
+        for start in range(0, max(len(visits), 1), DATA_ROW_GROUP_ROWS):
+            rows = pa.Table.from_pandas(visits.iloc[start:start + DATA_ROW_GROUP_ROWS], preserve_index=False)
+            writer.write_table(pa.Table.from_arrays(
+                [rows.column(f.name).cast(f.type) for f in schema], schema=schema,
+            ))
     return path
 
 

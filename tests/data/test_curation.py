@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -254,3 +256,23 @@ def test_dates_read_the_same_from_the_curated_copies(tmp_path: Path) -> None:
     for ingested in (first, again):
         assert ingested.typed["day"].tolist() == pytest.approx(expected, abs=1e-12)
         assert ingested.dates is not None and ingested.dates.origin_date == "2024-01-15"
+
+
+# ---------------------------------------------------------------------------------------------- fingerprint
+
+
+def test_fingerprint_is_the_same_whether_text_is_held_as_text_or_as_categories() -> None:
+    text = pd.DataFrame({
+        "id": pd.Series(["P2", "P1", "P2", None], dtype="str"), "week": [0.0, 0.0, 1.0, 1.0],
+        "arm": pd.Series(["b", "a", "b", "a"], dtype="str"), "source_line": np.arange(2, 6),
+    })
+    held = text.assign(id=pd.Categorical(text["id"].array), arm=pd.Categorical(text["arm"].array))
+    assert curation.fingerprint(held) == curation.fingerprint(text)
+    # ... and the hash of text columns is what it was before categories were held (cached fits stay valid)
+    before = hashlib.sha256()
+    before.update(json.dumps([(str(c), str(t)) for c, t in text.dtypes.items()]).encode())
+    before.update(pd.util.hash_pandas_object(text, index=False).to_numpy().tobytes())
+    assert curation.fingerprint(held) == before.hexdigest()
+    # other values, or a category in another order with the same codes, are other data
+    assert curation.fingerprint(held.assign(arm=held["arm"].cat.rename_categories(["b", "a"]))) != before.hexdigest()
+    assert curation.fingerprint(held.assign(id=held["id"].fillna("P1"))) != before.hexdigest()

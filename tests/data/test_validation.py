@@ -85,6 +85,43 @@ def test_clean_data_pass_and_visits_keep_index_labels_sorted(tmp_path: Path) -> 
     ensure_valid(validated, make_config(tmp_path))
 
 
+def test_text_columns_are_held_as_categories_of_the_values_analysed(tmp_path: Path) -> None:
+    # arm 'C' and id 4 occur only on quarantined rows: they are not categories of the rows analysed
+    text = HEADER + GOOD + "4,0,,40,C\n4,1,,40,C\n1,2,15,31,\n"
+    validated = check(tmp_path, text, covariates=["age"])
+    visits = validated.visits
+    assert validated.rows_quarantined == 2
+    for column in ("id", "arm", "source_file"):
+        assert isinstance(visits[column].dtype, pd.CategoricalDtype), column
+        assert visits[column].cat.categories.dtype == "str"
+    assert visits["id"].cat.categories.tolist() == ["1", "2", "3"]
+    assert visits["arm"].cat.categories.tolist() == ["A", "B"]  # sorted; the missing arm is missing, not a category
+    assert visits["arm"].isna().tolist() == [False, False, True, False, False, False, False]  # subject 1 at week 2
+    assert visits["source_file"].tolist() == ["visits.csv"] * 7
+    assert visits["week"].dtype == np.float64 and visits["source_line"].dtype == np.int64
+    assert validated.quarantine["arm"].dtype == "str"  # the quarantine keeps the rows as read
+
+
+def test_categorical_visits_give_the_design_the_text_gives(tmp_path: Path) -> None:
+    from longitudinal.model.design import build_design
+    from longitudinal.model.formula import parse_formula
+
+    # 'b' sorts before 'B10' as text only by code point: the design's level order, which lme4's is
+    rows = [(s, w, 10 + s + 2 * w + (s % 3), 30 + s, arm) for s, arm in
+            ((12, "b"), (3, "B10"), (7, "B2"), (1, "b"), (30, "B10")) for w in (0, 1, 2)]
+    text = HEADER + "".join(f"{s},{w},{y},{a},{arm}\n" for s, w, y, a, arm in rows)
+    visits = check(tmp_path, text, covariates=["age", "arm"]).visits
+    as_text = visits.astype({c: "str" for c in ("id", "arm", "source_file")})
+    formula = parse_formula("score ~ week * arm + age + (week | id)", name="ris")
+    held, plain = build_design(visits, formula), build_design(as_text, formula)
+    assert held.fixed_names == plain.fixed_names
+    assert [n for n in held.fixed_names if n.startswith("arm")] == ["armB2", "armb"]  # reference level 'B10'
+    np.testing.assert_array_equal(held.X, plain.X)
+    np.testing.assert_array_equal(held.codes, plain.codes)
+    assert held.levels.tolist() == plain.levels.tolist() == ["1", "12", "3", "30", "7"]
+    assert dict(held.transforms) == dict(plain.transforms)
+
+
 # ------------------------------------------------------------------------------------------ row rules
 
 

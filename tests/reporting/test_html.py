@@ -333,6 +333,13 @@ def test_a_subject_of_several_columns_is_counted_by_its_combined_key() -> None:
     assert "subject site × pid" in page
 
 
+def test_the_report_is_the_same_whether_the_visits_hold_text_as_text_or_as_categories(page: str) -> None:
+    validated = make_validated()
+    text = validated.visits
+    held = text.assign(**{c: pd.Categorical(text[c].array) for c in ("pid", "source_file")})
+    assert render_report(make_inputs(validated=replace(validated, visits=held)), {key: PNG for key in FIGURE_KEYS}) == page
+
+
 def test_a_large_share_of_quarantined_rows_is_called_out_in_the_summary_and_the_data_section() -> None:
     # 3 of 19 rows (16%) is counted but not called out; 6 of 22 rows (27%) stands out.
     quiet = render_report(make_inputs(), {key: PNG for key in FIGURE_KEYS})

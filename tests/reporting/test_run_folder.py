@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from longitudinal.errors import DataError, OutputUnwritable, SourceUnavailable
@@ -158,11 +159,11 @@ def test_a_full_disk_while_writing_the_run_leaves_no_trace_and_keeps_latest(
     study = tmp_path / "study"
     publish_run(start_run(study, "r1"), "r1")
 
-    def half_then_full(self: pd.DataFrame, handle: Any, **kwargs: object) -> None:
-        handle.write(b"PAR1 half a file")
+    def half_then_full(self: pq.ParquetWriter, table: Any, **kwargs: object) -> None:
+        self.where.write(b"PAR1 half a file")  # data.parquet's file, opened by write_data
         _no_space()
 
-    monkeypatch.setattr(pd.DataFrame, "to_parquet", half_then_full)
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", half_then_full)
     staging = start_run(study, "r2")
     with pytest.raises(OutputUnwritable) as caught:
         try:
@@ -367,3 +368,33 @@ def test_a_structured_selected_model_writes_its_covariance_figures_and_json_entr
     assert json.loads((plain / "selected_model.json").read_text())["covariance"] is None
     assert not (plain / "figures" / "residual_covariance.png").exists()
     assert not (plain / "figures" / "residual_correlation.png").exists()
+
+
+# ------------------------------------------------------------------------------------------ data.parquet
+
+
+@pytest.mark.parametrize("row_group_rows", [1024 * 1024, 5])
+def test_data_parquet_holds_text_as_text_when_the_run_holds_it_as_categories(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, row_group_rows: int) -> None:
+    import pyarrow as pa
+    from test_html import make_validated
+
+    import longitudinal.reporting.run_folder as run_folder
+
+    monkeypatch.setattr(run_folder, "DATA_ROW_GROUP_ROWS", row_group_rows)
+    validated = make_validated()
+    text = validated.visits.assign(pid=lambda v: v["pid"].where(v["week"] != 1.0))  # a missing value too
+    held = text.assign(pid=pd.Categorical(text["pid"].array), source_file=pd.Categorical(text["source_file"].array))
+    (tmp_path / "held").mkdir()
+    path = run_folder.write_data(replace(validated, visits=held), tmp_path / "held")
+
+    schema = pq.read_schema(path)
+    assert not [f.name for f in schema if pa.types.is_dictionary(f.type)]
+    assert schema.field("pid").type == schema.field("source_file").type == pa.large_string()
+    # the schema (pandas' metadata too) of the file pandas writes for the rows held as text
+    text.to_parquet(tmp_path / "text.parquet", engine="pyarrow", index=False)
+    assert schema.equals(pq.read_schema(tmp_path / "text.parquet"), check_metadata=True)
+    assert pq.ParquetFile(path).metadata.num_row_groups == -(-len(text) // row_group_rows)
+    back = pd.read_parquet(path)
+    assert back["pid"].dtype == back["source_file"].dtype == "str"
+    pd.testing.assert_frame_equal(back, text.reset_index(drop=True))
