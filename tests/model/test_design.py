@@ -402,7 +402,7 @@ def test_a_large_time_scale_keeps_the_intercept(visits: pd.DataFrame) -> None:
     assert design.fixed_names == ("(Intercept)", "t") and design.dropped == ()
 
 
-@pytest.mark.parametrize("dtype", ["str", object, "string[python]"])
+@pytest.mark.parametrize("dtype", ["str", object, "string[python]", "category"])
 @pytest.mark.parametrize("values", [
     ["a", "a", "b", "é", "é", "z"],  # sorted rows (validated visits): coded by runs when Arrow stores them
     ["s1", "s1", "s10", "s2", "s2"], ["b", "a", "a", "c"], ["2", "10", "10"], ["x"], ["B", "a", "b"],
@@ -477,3 +477,26 @@ def test_a_dropped_column_moves_the_view_onto_the_kept_columns(visits: pd.DataFr
     assert design.fixed_names == ("(Intercept)", "t2") and design.dropped == ("t",)
     assert design.blocks[0].fixed_columns is None
     np.testing.assert_array_equal(design.blocks[0].Z, np.column_stack([np.ones(16), visits["t"]]))
+
+
+@pytest.mark.parametrize("categories", [
+    ["a", "b", "c", "é"],  # sorted, "c" unused: dropped, as R's droplevels
+    ["é", "c", "b", "a"],  # not in text order: read as text
+    ["a", "b", "é", "é2"],
+])
+def test_a_categorical_grouping_factor_is_coded_as_its_text(categories: list[str]) -> None:
+    from longitudinal.model.design import code_factor
+
+    values = ["b", "a", "é", "b", "a"] if "é2" not in categories else ["b", "a", "é", "é2"]
+    frame = pd.DataFrame({"id": pd.Categorical(values, categories=categories)})
+    codes, levels = code_factor(frame, ["id"])
+    assert list(levels) == sorted(set(values)) and all(type(level) is str for level in levels)
+    assert [levels[c] for c in codes] == values and codes.dtype == np.int64
+
+
+def test_numbers_as_categories_are_sorted_as_text() -> None:
+    from longitudinal.model.design import code_factor
+
+    frame = pd.DataFrame({"visit": pd.Categorical([10, 2, 2, 1])})
+    codes, levels = code_factor(frame, ["visit"])
+    assert list(levels) == ["1", "10", "2"] and list(codes) == [1, 2, 2, 0]

@@ -139,18 +139,22 @@ def group_patterns(products: CrossProducts, *, max_share: float = PATTERN_SHARE)
     P = int(starts.sum())
     if P > limit:
         return None
-    inverse = np.empty(G, dtype=np.int64)
+    index_type = sparse_index_type(max(G + 1, P))
+    inverse = np.empty(G, dtype=index_type)
     inverse[order] = np.cumsum(starts) - 1
     first = order[starts]
     counts = np.bincount(inverse, minlength=P)
     # Σ_{g ∈ P} W_i[g, a] W_j[g, :] for each column a of W_i: the P × G pattern indicator weighted by that
     # column, times W_j. No G × k² temporary of outer products (it cost more than the sums at 10⁵ groups).
-    pointers = np.arange(G + 1)
+    # Index arrays in scipy's own type and each weight column its own contiguous array, as in
+    # ``compute_crossproducts``: scipy would convert or copy them for every product.
+    pointers = np.arange(G + 1, dtype=index_type)
     WtW = np.empty((P, q, q, k, k))
     for i in range(q):
         for j in range(i + 1):
             for a in range(k):
-                weighted = sparse.csc_matrix((products.ZtXy[i][:, a], inverse, pointers), shape=(P, G))
+                column = np.array(products.ZtXy[i][:, a])
+                weighted = sparse.csc_matrix((column, inverse, pointers), shape=(P, G))
                 WtW[:, i, j, a] = weighted @ products.ZtXy[j]
             if i != j:  # Σ W_j' W_i is the transpose of Σ W_i' W_j
                 WtW[:, j, i] = WtW[:, i, j].transpose(0, 2, 1)
