@@ -60,6 +60,7 @@ _KEY = f"{_PREFIX}subject"
 _HEADER_LINE = f"{_PREFIX}header_line"
 _COUNT = f"{_PREFIX}count"
 _PER_COLUMN_RULES = ("covariate_", "constant_")
+_TEXT = pd.StringDtype("pyarrow", na_value=np.nan)  # pandas' default ``str`` dtype
 #: Joins the parts of a subject given by several columns: lme4 labels the levels of dog:side "D1:L".
 KEY_SEPARATOR = ":"
 #: A binomial outcome's texts without ``data.outcome_levels``: R's logical spellings (``as.logical``'s, less
@@ -804,9 +805,9 @@ def _with_subject_key(visits: pd.DataFrame, key: pd.Series, config: StudyConfig)
     if not set(subjects) <= set(visits.columns):  # a subject column is absent: no row is kept
         return visits.assign(**{name: key.to_numpy(dtype=object)})
     position = visits.columns.get_loc(subjects[-1]) + 1
-    return visits.assign(**{name: key.to_numpy(dtype=object)})[
-        [*visits.columns[:position], name, *visits.columns[position:]]
-    ]
+    # Held as a categorical, as the other text columns (``_take_text_as_categories``).
+    held = pd.Categorical(pd.array(key.to_numpy(dtype=object), dtype=_TEXT))
+    return visits.assign(**{name: held})[[*visits.columns[:position], name, *visits.columns[position:]]]
 
 
 def _repeated_header(raw: pd.DataFrame, columns: list[str]) -> np.ndarray:

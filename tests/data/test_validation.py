@@ -380,6 +380,7 @@ def test_the_combination_of_subject_columns_is_the_subject(tmp_path: Path) -> No
     visits = validated.visits
     assert list(visits.columns[:3]) == ["dog", "side", "dog:side"]
     assert visits["dog:side"].tolist() == ["1:L", "1:L", "1:R", "1:R", "2:L", "2:L", "2:R", "2:R"]
+    assert visits["dog:side"].cat.categories.tolist() == ["1:L", "1:R", "2:L", "2:R"]  # held as the other text
     assert outcome(validated, "enough_subjects").details == "4 subjects left"
     ensure_valid(validated, config)
 
