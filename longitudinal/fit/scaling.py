@@ -226,8 +226,9 @@ def _standardize_columns(M: np.ndarray, *, centre_with_intercept: bool) -> _Colu
     n, k = M.shape
     low, high, binary = np.empty(k), np.empty(k), np.zeros(k, dtype=bool)
     means, raw_square, centred_square = np.zeros(k), np.zeros(k), np.zeros(k)
-    for j in range(k):  # one contiguous copy of a column at a time
-        column = np.array(M[:, j])  # a copy, also where the column is contiguous already (it is edited)
+    column = np.empty(n)  # one contiguous copy of a column at a time, in one buffer (it is edited)
+    for j in range(k):
+        np.copyto(column, M[:, j])
         low[j], high[j] = column.min(), column.max()
         if low[j] in (0.0, 1.0) and high[j] in (0.0, 1.0):
             binary[j] = bool(np.all((column == 0.0) | (column == 1.0)))

@@ -21,6 +21,7 @@ with ``a`` varying slowest, as lme4 builds it (``droplevels(a:b)``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Collection, Literal, Mapping
@@ -417,7 +418,8 @@ class _Evaluator:
                 out[...] = factor
             else:
                 np.multiply(out, factor, out=out)
-        if numeric and not np.isfinite(out).all():
+        # min and max are NaN or infinite exactly when a value is: no n-long mask
+        if numeric and out.size and not (math.isfinite(out.min()) and math.isfinite(out.max())):
             raise FormulaError(f"formula {self.text!r}: the column {column.name!r} has values that are not finite "
                                "(a log or square root of a value outside its domain, or a division by zero)")
 

@@ -240,8 +240,9 @@ def _assemble(design: Design, optimum: _Optimum) -> EngineResult:
     residuals (from ``design``'s X and Z: the standardized ones when it is the standardized copy)."""
     o = optimum
     fitted = design.X @ o.beta
-    fitted += _random_part(design, (o.lam @ o.u).T)  # b_g = Λ u_g
-    residuals = np.subtract(design.y, fitted)
+    random = _random_part(design, (o.lam @ o.u).T)  # b_g = Λ u_g
+    fitted += random
+    residuals = np.subtract(design.y, fitted, out=random)  # the random part's buffer, read already
 
     # r² recomputed from the residuals (no cancellation): rounding noise in the profiled r² can look like
     # a tiny but positive residual variance when the model reproduces the outcome exactly.
