@@ -7,7 +7,9 @@ holding what it holds: ingest (``curate``, into a temporary output folder) -> va
 candidates by ML -> select (BIC) -> REML refit -> infer -> write the run folder.
 
 After each stage it prints the stage's peak resident set (``VmHWM``, reset before the stage through
-``/proc/self/clear_refs``), the resident set left when it ends (what the run still holds) and, with
+``/proc/self/clear_refs``), its rise above the resident set at the stage's start (the stage's own working set,
+as far as it did not reuse memory the process had freed but kept), the resident set left when it ends (what the
+run still holds) and, with
 ``--trace``, the lines that allocated most during the stage (tracemalloc: numpy and Python objects; Arrow's own
 pool is not traced, so compare with the RSS columns). ``--repeat-run`` runs the stages a second time on the same
 output folder, as a second run reads the curated Parquet parts instead of the CSV.
@@ -98,7 +100,7 @@ class Stages:
 
     def __init__(self, trace: bool, top: int, trim: bool = False) -> None:
         self.trace, self.top, self.trim = trace, top, trim
-        self.rows: list[tuple[str, float, float, float]] = []
+        self.rows: list[tuple[str, float, float, float, float]] = []
 
     def run(self, name: str, call: Callable[[], Any]) -> Any:
         gc.collect()
@@ -108,6 +110,7 @@ class Stages:
             pyarrow.default_memory_pool().release_unused()
             ctypes.CDLL("libc.so.6").malloc_trim(0)
         _reset_peak()
+        start = _status_kib("VmRSS") / 1024
         if self.trace:
             tracemalloc.start(25)
         began = time.perf_counter()
@@ -119,10 +122,10 @@ class Stages:
             traced_peak = tracemalloc.get_traced_memory()[1] / 2**20
             tracemalloc.stop()
             self._print_top(name, snapshot, traced_peak)
-        self.rows.append((name, seconds, peak, now))
+        self.rows.append((name, seconds, peak, peak - start, now))
         arrow = sys.modules["pyarrow"].total_allocated_bytes() / 2**20 if "pyarrow" in sys.modules else 0.0
-        print(f"{name:<22} {seconds:7.1f} s   peak {peak:7.0f} MB   after {now:7.0f} MB   (Arrow holds {arrow:.0f} MB)",
-              flush=True)
+        print(f"{name:<22} {seconds:7.1f} s   peak {peak:7.0f} MB (+{peak - start:4.0f})   after {now:7.0f} MB   "
+              f"(Arrow holds {arrow:.0f} MB)", flush=True)
         return result
 
     def _print_top(self, name: str, snapshot: tracemalloc.Snapshot, traced_peak: float) -> None:
@@ -136,10 +139,10 @@ class Stages:
             print(f"    {stat.size / 2**20:8.1f} MB  {Path(where.filename).name}:{where.lineno}")
 
     def table(self) -> str:
-        lines = ["| stage | seconds | peak RSS (MB) | RSS after (MB) |", "|---|---|---|---|"]
-        lines += [f"| {n} | {s:.1f} | {p:.0f} | {a:.0f} |" for n, s, p, a in self.rows]
-        overall = max(p for _, _, p, _ in self.rows)
-        lines.append(f"| **run** | {sum(s for _, s, _, _ in self.rows):.1f} | **{overall:.0f}** | |")
+        lines = ["| stage | seconds | peak RSS (MB) | above its start (MB) | RSS after (MB) |", "|---|---|---|---|---|"]
+        lines += [f"| {n} | {s:.1f} | {p:.0f} | {w:.0f} | {a:.0f} |" for n, s, p, w, a in self.rows]
+        overall = max(p for _, _, p, _, _ in self.rows)
+        lines.append(f"| **run** | {sum(s for _, s, _, _, _ in self.rows):.1f} | **{overall:.0f}** | | |")
         return "\n".join(lines)
 
 
