@@ -409,3 +409,30 @@ def test_quadrature_fits_a_random_intercept_study(harness, tmp_path: Path) -> No
     run = Path(study_pipeline(config_path=str(config)))
     selected = json.loads((run / "selected_model.json").read_text())
     assert (selected["model"], selected["family"], selected["nagq"], selected["method"]) == ("ri", "binomial", 9, "ML")
+
+
+def test_prefect_keeps_no_fit_in_memory_for_the_rest_of_the_flow_run(harness) -> None:
+    # Prefect's default (cache_result_in_memory) keeps every persisted result in the result store's in-memory
+    # cache until the flow run ends: at two million rows the candidates' per-row arrays (48 MB a fit) stayed
+    # through the refit, the inference and the report, however the flow let go of them.
+    import uuid
+
+    from prefect import flow
+    from prefect.results import get_result_store
+
+    from longitudinal.simulate import SimulationSpec, simulate_trial
+    from tasks.fitting import fit
+
+    visits = simulate_trial(SimulationSpec(n_subjects=30, seed=5))
+
+    def held(task: object) -> tuple[bool, bool]:
+        @flow(name="hold-a-fit")
+        def hold() -> tuple[bool, bool]:
+            computed = task(visits, "ri", "score ~ week + (1 | patient_id)", "ML",  # type: ignore[operator]
+                            "lme4-style", uuid.uuid4().hex, "gaussian", 1)
+            cached = [record.result for record in get_result_store().cache.values()]
+            return computed.usable, any(result is computed for result in cached)
+        return hold()
+
+    assert held(fit) == (True, False)
+    assert held(fit.with_options(cache_result_in_memory=True)) == (True, True)  # what the option prevents
