@@ -45,7 +45,7 @@ def engine_version(package: Path = Path(longitudinal.__file__).parent) -> str:
     (``data/``) does not re-fit anything when it changes.
     """
     digest = hashlib.sha256(longitudinal.__version__.encode())
-    paths = set()
+    paths: set[Path] = set()
     for name in FIT_CODE:
         path = package / name
         paths.update(path.rglob("*.py") if path.is_dir() else [path] if path.is_file() else [])
