@@ -26,6 +26,7 @@ from prefect.serializers import Serializer
 from prefect.settings import get_current_settings
 
 import longitudinal
+from longitudinal.fit.allocator import reuse_freed_memory
 from longitudinal.fit.blas import limit_blas_threads
 from longitudinal.fit.candidate import fit_candidate
 from longitudinal.config import LINKS
@@ -58,8 +59,11 @@ def engine_version(package: Path = Path(longitudinal.__file__).parent) -> str:
 ENGINE_VERSION = engine_version()
 
 # The process that runs fits runs them with one BLAS thread, set once before any (``longitudinal.fit.blas``:
-# the engines' products are too thin for two, and a second OpenBLAS thread spins on the core Prefect needs).
+# the engines' products are too thin for two, and a second OpenBLAS thread spins on the core Prefect needs),
+# and keeps freed memory for its next temporaries (``longitudinal.fit.allocator``: page faults were a third
+# of a small fit's CPU time).
 limit_blas_threads(1)
+reuse_freed_memory()
 
 
 def fit_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:

@@ -1,0 +1,42 @@
+"""Freed memory kept for the next temporaries in a process that fits (``reuse_freed_memory``), such as the
+pipeline's.
+
+A fit allocates and frees many n-long temporaries (model-matrix columns, standardized copies, per-row
+products: 1.6 MB each at 200,000 rows). glibc's malloc serves such a chunk by mmap, or from its heap once
+its threshold has risen past the chunk's size, and gives heap memory back to the kernel whenever more than
+its trim threshold is free at the top; either way the next temporary of the same size is faulted in again,
+page by page: 4,300-4,800 minor faults a fit at 200,000 rows, ~8 ms of a 28 ms random-intercept fit's CPU.
+Fixed thresholds keep up to ``TRIM_THRESHOLD`` of freed heap for reuse and serve chunks above
+``MMAP_THRESHOLD`` by mmap, returned whole when freed: at 2,000,000 rows a column is 16 MB, and such chunks
+never fragment the heap (glibc's own adjustment moves them into the heap, where they do).
+
+Like ``fit.blas.limit_blas_threads``, for the rest of the process and decided by the application (the
+pipeline's fit task module), never by the library itself. glibc only: elsewhere nothing changes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+
+#: Chunks above this are mmapped (and unmapped when freed); below, they come from the heap.
+MMAP_THRESHOLD = 4 * 1024 * 1024
+#: Free memory at the top of the heap kept for reuse, not given back to the kernel.
+TRIM_THRESHOLD = 64 * 1024 * 1024
+# mallopt's parameter numbers (glibc's malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+def reuse_freed_memory(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = TRIM_THRESHOLD) -> bool:
+    """Fix glibc malloc's mmap and trim thresholds for this process; whether they were set (False without
+    glibc's ``mallopt``)."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
