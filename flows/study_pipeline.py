@@ -107,13 +107,17 @@ def _run_stages(config: StudyConfig, config_path: Path, formulas: dict, staging:
     clock = _stage_done(stages, "select", clock)
 
     chosen = selection.selected
+    chosen_ml = next(f for f in fits if f.name == chosen)
     fit_seconds = {f.name: round(f.seconds, 4) for f in fits}
     # The report reads per-row arrays of the selected model only (run_folder.report_fits): the other candidates'
     # are not held through the REML refit, the inference and the report (32 MB each at 2 million rows).
-    fits = list(report_fits(fits, next(f for f in fits if f.name == chosen)))
+    fits = list(report_fits(fits, chosen_ml))
     if family == "gaussian":
         refit = fit.with_options(task_run_name=f"refit-{chosen}-REML")
-        selected = refit(validated.visits, chosen, models.candidates[chosen], "REML", engine, data_hash, family, nagq)
+        # From the ML optimum: REML's is near it (measured: 47 -> 27 evaluations for a correlated slope).
+        start = [float(t) for t in chosen_ml.theta] if chosen_ml.theta.size else None
+        selected = refit(validated.visits, chosen, models.candidates[chosen], "REML", engine, data_hash, family, nagq,
+                         start)
         clock = _stage_done(stages, "fit", clock)
         fit_seconds[f"{selected.name} (REML)"] = round(selected.seconds, 4)
     else:

@@ -125,9 +125,12 @@ def describe_family(family: str, nagq: int) -> str:
 )
 def fit(
     visits: pd.DataFrame, name: str, formula: str, method: Method, engine: str, data_hash: str, family: str,
-    nagq: int,
+    nagq: int, start: list[float] | None = None,
 ) -> Fit:
-    result = fit_candidate(visits, name, formula, method=method, engine=engine, family=family, nagq=nagq)
+    """``fit_candidate``; ``start`` (θ of the same formula's ML fit, for a REML refit) is not part of the cache
+    key: it changes the optimizer's path, not the optimum."""
+    result = fit_candidate(visits, name, formula, method=method, engine=engine, family=family, nagq=nagq,
+                           start=start)
     how = method if family == "gaussian" else f"{method}, {family}"  # the optimizer's text names the approximation
     logger = get_run_logger()
     if result.usable:

@@ -612,8 +612,8 @@ def _recording_starts(monkeypatch: pytest.MonkeyPatch) -> list[tuple[np.ndarray,
     runs: list[tuple[np.ndarray, np.ndarray]] = []
     real = optimize.run_bobyqa
 
-    def recorded(deviance, start, lower):  # type: ignore[no-untyped-def]
-        theta, value, evaluations, status = real(deviance, start, lower)
+    def recorded(deviance, start, lower, **options):  # type: ignore[no-untyped-def]
+        theta, value, evaluations, status = real(deviance, start, lower, **options)
         runs.append((start.copy(), theta.copy()))
         return theta, value, evaluations, status
 

@@ -3,6 +3,8 @@ fewer evaluations; θ carried between the data's units and the standardized desi
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -57,3 +59,22 @@ def test_a_warm_start_reaches_the_cold_optimum_in_fewer_evaluations() -> None:
     assert warm.deviance == pytest.approx(cold.deviance, abs=1e-7)
     assert warm.theta == pytest.approx(cold.theta, abs=1e-4)
     assert evaluations["REML"] < cold_evaluations
+
+
+def test_a_refit_from_its_ml_theta_gives_lme4s_reml_fit_in_fewer_evaluations() -> None:
+    from longitudinal.fit.candidate import fit_candidate
+
+    frame = read_sleepstudy()
+    formula = "Reaction ~ Days + (Days | Subject)"
+    ml = fit_candidate(frame, "ris", formula, method="ML")
+    cold = fit_candidate(frame, "ris", formula, method="REML")
+    warm = fit_candidate(frame, "ris", formula, method="REML", start=list(ml.theta))
+    assert warm.reml_criterion == pytest.approx(cold.reml_criterion, abs=1e-6)
+    assert [f.estimate for f in warm.fixed_effects] == pytest.approx([f.estimate for f in cold.fixed_effects], rel=1e-6)
+    assert warm.random_effects[0].sd == pytest.approx(cold.random_effects[0].sd, rel=1e-5)
+    assert warm.attempts[0].iterations < cold.attempts[0].iterations
+    # A start that does not fit the design (another formula's θ, or not finite) is lme4's start again.
+    assert fit_candidate(frame, "ris", formula, method="REML", start=[1.0]).attempts[0].iterations == \
+        cold.attempts[0].iterations
+    assert fit_candidate(frame, "ris", formula, method="REML", start=[math.nan] * 3).attempts[0].iterations == \
+        cold.attempts[0].iterations

@@ -333,13 +333,16 @@ def multilevel_deviance(source: Design | MultiProducts, theta: np.ndarray, reml:
 # ------------------------------------------------------------------------------------------- fitting
 
 
-def fit_multilevel(design: Design, *, reml: bool, ranef_map: np.ndarray | None = None) -> EngineResult:
+def fit_multilevel(
+    design: Design, *, reml: bool, ranef_map: np.ndarray | None = None, start: np.ndarray | None = None,
+) -> EngineResult:
     """Fit a design with several grouping factors (nested or crossed) by ML or REML, on the design as given.
 
     ``engine.fit_lmm`` calls this on its standardized design (use that: it is exact in any units). Same
     optimizer, convergence and singularity checks and failures as the one-factor engine; θ is in the
     formula's bar order (lme4 orders bars by decreasing number of levels: the likelihood is the same). The
     random effects are reported for Z B⁻¹, B = ``ranef_map`` (identity when None; see ``_assemble``).
+    ``start``: θ to start the optimizer from, lme4's start when None.
     """
     _check_identifiable(design)
     products = compute_multiproducts(design)
@@ -349,7 +352,7 @@ def fit_multilevel(design: Design, *, reml: bool, ranef_map: np.ndarray | None =
         solution = solve_at(products, layout.lambda_matrix(theta), reml)
         return solution.deviance if solution is not None else math.inf
 
-    best, attempts = minimize_deviance(deviance, layout)
+    best, attempts = minimize_deviance(deviance, layout, start=start)
     solution = solve_at(products, layout.lambda_matrix(best.theta), reml)
     if solution is None:
         raise FitFailure("the deviance is not finite at the optimum; check the data and the formula", attempts)

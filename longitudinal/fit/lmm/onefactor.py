@@ -153,11 +153,14 @@ def _profile(S: np.ndarray, logdet_M: float, n: int, reml: bool) -> tuple[float,
 # ------------------------------------------------------------------------------------------- fitting
 
 
-def fit_one_factor(design: Design, *, reml: bool, ranef_map: np.ndarray) -> EngineResult:
+def fit_one_factor(
+    design: Design, *, reml: bool, ranef_map: np.ndarray, start: np.ndarray | None = None,
+) -> EngineResult:
     """``fit_lmm`` for one grouping factor on a design as given (no standardization); the random effects
-    are reported for Z B⁻¹, B = ``ranef_map`` (see ``_Optimum``)."""
+    are reported for Z B⁻¹, B = ``ranef_map`` (see ``_Optimum``). ``start``: θ to start the optimizer from
+    (``fit.optimize.minimize_deviance``), lme4's start when None."""
     check_identifiable(design)
-    return _assemble(design, _optimize(design, reml=reml, ranef_map=ranef_map))
+    return _assemble(design, _optimize(design, reml=reml, ranef_map=ranef_map, start=start))
 
 
 @dataclass(frozen=True, eq=False)
@@ -187,7 +190,7 @@ class _Optimum:
     attempts: tuple[OptimizerAttempt, ...]
 
 
-def _optimize(design: Design, *, reml: bool, ranef_map: np.ndarray) -> _Optimum:
+def _optimize(design: Design, *, reml: bool, ranef_map: np.ndarray, start: np.ndarray | None) -> _Optimum:
     """θ by the optimizer, then the estimates that need the per-group factorization there.
 
     The cross-products, the optimizer's buffers and the factorization at the optimum (96 MB at 270,000
@@ -196,7 +199,7 @@ def _optimize(design: Design, *, reml: bool, ranef_map: np.ndarray) -> _Optimum:
     """
     products = compute_crossproducts(design)
     layout = layout_theta(products.block_sizes)
-    best, attempts = minimize_deviance(_deviance_function(products, layout, reml), layout)
+    best, attempts = minimize_deviance(_deviance_function(products, layout, reml), layout, start=start)
     theta = best.theta
     solution = solve_at(products, layout.lambda_matrix(theta), reml)
     if solution is None:
