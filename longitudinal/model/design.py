@@ -71,9 +71,8 @@ class BlockDesign:
     R sorts them for these labels; bars on the same factor share the same arrays).
 
     ``fixed_columns``: when the bar's columns are consecutive columns of its design's X (``(week | id)``
-    beside ``1 + week``), Z is the view ``X[:, fixed_columns]`` (read-only like every design array, its rows
-    strided; never written, like every design array), not a copy: 32 MB less per design at 2,000,000 rows.
-    None when Z is its own array.
+    beside ``1 + week``), Z is the view ``X[:, fixed_columns]`` (its rows strided; never written, like every
+    design array), not a copy: 32 MB less per design at 2,000,000 rows. None when Z is its own array.
     """
 
     group: str
@@ -275,7 +274,8 @@ def _codes_of_categories(values: pd.Series) -> tuple[np.ndarray, np.ndarray] | N
     increasing in code point order (UTF-8 byte order, as Arrow compares): its codes, with the categories no
     row has left out (R's ``droplevels``). None otherwise (numbers as categories sort otherwise as text).
 
-    Measured at 200,000 rows: 0.1 ms for the treatment arm where factorizing its text took 1.9 ms.
+    Measured at 200,000 rows: 0.5 ms for the treatment arm, where reading the categorical as text and
+    factorizing that took 19 ms (factorizing an Arrow text column alone, 1.9 ms).
     """
     if not isinstance(values.dtype, pd.CategoricalDtype) or len(values) == 0:
         return None
@@ -395,7 +395,7 @@ class _Evaluator:
 
         Each column is the product of its factors taken left to right (as R multiplies them: the same values
         bit for bit as stacking the products), written where it belongs: no list of n-long columns stacked
-        afterwards (a second copy of the matrix, 58 MB at 2,000,000 rows), no n × p finiteness mask.
+        afterwards and no n × p finiteness mask (58 MB beside the matrix at 2,000,000 rows).
         """
         X = np.empty((len(self.data), len(columns)))
         for j, column in enumerate(columns):
@@ -590,8 +590,8 @@ def _drop_rank_deficient(X: np.ndarray, tol: float = 1e-7) -> tuple[np.ndarray, 
     dimensions), computed block by block (tall-skinny QR: the R factors of row blocks, stacked, have the
     same R up to the signs of its rows), several times faster than one LAPACK QR of millions of rows.
 
-    Most designs are far from that tolerance, which one pass over X shows (``_clearly_full_rank``: X'X, 10x
-    cheaper than the QR at 200,000 rows); the QR runs only when that screen cannot tell.
+    Most designs are far from that tolerance, which one pass over X shows (``_clearly_full_rank``: X'X, 0.9 ms
+    where the QR took 2.3 ms at 200,000 rows × 5 columns); the QR runs only when that screen cannot tell.
     """
     n, p = X.shape
     if p == 0:
@@ -622,8 +622,9 @@ def _clearly_full_rank(X: np.ndarray) -> bool:
     With D the column norms, C = D⁻¹ X'X D⁻¹ has unit diagonal, and a column's distance from the span of the
     others, relative to its norm, is at least σ_min(X D⁻¹) = √λ_min(C). Rounding moves each computed entry of
     C by at most γ_n ≈ n u (u = 2⁻⁵³; sums of n products, bounded by the norms) and the eigenvalue by at most
-    p γ_n + O(p² u): 2e-9 for 2,000,000 rows and 10 columns, far below the screen's 1e-6, whose square root
-    1e-3 is 10⁴ times lme4's tolerance. A zero or non-finite column is not screened.
+    p γ_n + O(p² u): 4e-9 for 2,000,000 rows and 10 columns, far below the screen's 1e-6, whose square root
+    1e-3 is 10⁴ times lme4's tolerance. Where that bound is not 100 times below the screen (some 45 million
+    rows × columns), and for a zero or non-finite column, the screen is not tried.
     """
     n, p = X.shape
     with np.errstate(over="ignore", invalid="ignore"):  # an overflow is not finite, and not screened

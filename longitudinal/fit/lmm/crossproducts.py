@@ -90,8 +90,8 @@ def compute_crossproducts(design: Design) -> CrossProducts:
     n × q × (q + p + 1) is materialized (that temporary cost more than the sums at millions of rows).
     Built column-compressed, one entry per row, so nothing is sorted; sums are in row order per group.
     The matrices share one set of index arrays, in the index type scipy would pick, and contiguous columns
-    of Z: scipy converts or copies whatever else it is given, on every product (a third of this function's
-    time at 200,000 rows).
+    of Z: scipy converts or copies whatever else it is given, on every product (4.5 -> 3.9 ms for
+    ``(week | id)`` at 200,000 rows).
     """
     n, q, p, G = design.n_obs, sum(block.Z.shape[1] for block in design.blocks), design.X.shape[1], design.n_groups
     columns = [np.ascontiguousarray(block.Z[:, j]) for block in design.blocks for j in range(block.Z.shape[1])]
