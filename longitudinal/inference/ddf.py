@@ -42,8 +42,8 @@ from longitudinal.fit.covariance.grouping import SubjectBatch, VisitPattern
 from longitudinal.fit.covariance.likelihood import CovarianceModel, evaluate
 from longitudinal.fit.covariance.units import Units
 from longitudinal.fit.covariance.units import standardize as standardize_groups
-from longitudinal.fit.lmm import PenalizedSolution, penalized_solver
-from longitudinal.fit.scaling import FixedEffectsMap, Standardization, lower_factor_of, standardize
+from longitudinal.fit.lmm import PenalizedSolution, penalized_solver, standardized_theta
+from longitudinal.fit.scaling import FixedEffectsMap, standardize
 from longitudinal.fit.structured import visit_positions
 from longitudinal.fit.theta import block_covariances, layout_theta
 from longitudinal.model.design import Design, build_design
@@ -147,7 +147,7 @@ def fixed_effect_inference(fit: Fit, visits: pd.DataFrame, method: str) -> Fixed
     # information matrix spans so many orders of magnitude that its inverse is taken as singular. Both
     # methods are invariant to these reparametrizations (of θ, of β by A, of y by its scale).
     standardized, scaling = standardize(design)
-    theta = standardized_theta(design, lme4_theta(fit, design), scaling)
+    theta = standardized_theta(lme4_theta(fit, design), design, scaling)
     del design  # the design in the data's units is not held while the df are computed (2M rows: 112 MB of X)
     sigma = fit.residual_sd / scaling.y_scale
     standardized_vcov = _standardized_vcov(vcov, scaling)
@@ -169,20 +169,6 @@ class InDataUnits:
 
     def __call__(self, L: np.ndarray) -> np.ndarray:
         return self.standardized(np.atleast_2d(np.asarray(L, dtype=float)) @ self.fixed_map)
-
-
-def standardized_theta(design: Design, theta: np.ndarray, scaling: Standardization) -> np.ndarray:
-    """θ of ``design`` (data units) on the standardized design: per bar Λ' = lower factor of B_b⁻¹ Λ_b, the
-    inverse of ``Standardization.relative_factor`` (Λ is relative to σ, so the outcome's scale cancels)."""
-    layout = layout_theta(tuple(len(block.terms) for block in design.blocks))
-    lam = layout.lambda_matrix(np.asarray(theta, dtype=float))
-    out = np.zeros_like(lam)
-    at = 0
-    for k, size in enumerate(layout.block_sizes):
-        window = slice(at, at + size)
-        out[window, window] = lower_factor_of(np.linalg.solve(scaling.ranef_maps[k], lam[window, window]))
-        at += size
-    return np.asarray(out[list(layout.rows), list(layout.cols)])
 
 
 def _standardized_vcov(vcov: np.ndarray, scaling: FixedEffectsMap) -> np.ndarray:
