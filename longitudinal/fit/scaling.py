@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from longitudinal.model.design import BlockDesign, Design
+from longitudinal.model.design import BlockDesign, Design, fixed_view
 
 #: lme4's ``checkScaleX`` tolerance: a continuous column's SD, or the ratio of two such SDs, beyond 1000.
 SCALE_TOL = 1e3
@@ -152,7 +152,7 @@ def standardize(design: Design) -> tuple[Design, Standardization]:
     blocks: list[BlockDesign] = []
     maps: list[np.ndarray] = []
     for block in design.blocks:
-        shared = _shared_columns(fixed, block)
+        shared = _shared_columns(fixed, fixed_view(design, block))
         bar = shared or _standardize_columns(block.Z, centre_with_intercept=block.Z.shape[1] > 1)
         blocks.append(dataclasses.replace(block, Z=bar.values, fixed_columns=block.fixed_columns if shared else None))
         maps.append(bar.map)
@@ -262,15 +262,14 @@ def _standardize_columns(M: np.ndarray, *, centre_with_intercept: bool) -> _Colu
                     ones=ones, shift=shift, scale=scale, sd=np.sqrt(variance))
 
 
-def _shared_columns(fixed: _Columns, block: BlockDesign) -> _Columns | None:
-    """The bar standardized as a view of the standardized X, when its Z is a view of X
-    (``BlockDesign.fixed_columns``) that ``_standardize_columns`` would transform as it transformed X: its
-    continuous columns centred in both (the bar has an intercept, X too) or in neither. None otherwise.
+def _shared_columns(fixed: _Columns, window: slice | None) -> _Columns | None:
+    """The bar standardized as a view of the standardized X, when its Z is the view X[:, window]
+    (``design.fixed_view``) that ``_standardize_columns`` would transform as it transformed X: its continuous
+    columns centred in both (the bar has an intercept, X too) or in neither. None otherwise.
 
     The bar's map is built from X's shifts and scales as ``_standardize_columns`` builds it from the same
     statistics of the same columns (with shift 0 and scale 1 it is the identity, as for a bar of 0/1 columns):
     the same bits as standardizing the bar on its own."""
-    window = block.fixed_columns
     if window is None:
         return None
     ones = fixed.ones[window]

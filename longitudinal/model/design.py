@@ -196,6 +196,18 @@ def build_design(
     )
 
 
+def fixed_view(design: Design, block: BlockDesign) -> slice | None:
+    """``block.fixed_columns`` where ``block.Z`` is exactly that view of ``design.X`` (the same memory, hence the
+    same values), else None: a design whose X was replaced afterwards keeps its bars, not that relation."""
+    window = block.fixed_columns
+    if window is None:
+        return None
+    expected = design.X[:, window]
+    same = (block.Z.shape == expected.shape and block.Z.strides == expected.strides
+            and block.Z.__array_interface__["data"][0] == expected.__array_interface__["data"][0])
+    return window if same else None
+
+
 def _run_of(bar: list[_Column], fixed: list[_Column]) -> slice | None:
     """Where the bar's columns are consecutive columns of the fixed-effects matrix (the same factors, so the
     same values): ``(week | id)`` next to ``1 + week + ...``. None otherwise, or for a bar without columns."""

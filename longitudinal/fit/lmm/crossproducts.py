@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from longitudinal.model.design import Design
+from longitudinal.model.design import Design, fixed_view
 
 
 @dataclass(frozen=True, eq=False)
@@ -72,6 +72,11 @@ class PatternProducts:
         return int(self.ZtZ.shape[0])
 
 
+def _column_of(window: slice | None, j: int) -> int | None:
+    """The column of X that is column ``j`` of a bar viewing X[:, window]; None when the bar is no such view."""
+    return None if window is None else int(window.start) + j
+
+
 def sparse_index_type(largest: int) -> type[np.signedinteger]:
     """The index type scipy's sparse matrices use for indices up to ``largest``: int32 while it fits."""
     return np.int32 if largest <= np.iinfo(np.int32).max else np.int64
@@ -95,6 +100,7 @@ def compute_crossproducts(design: Design) -> CrossProducts:
     """
     n, q, p, G = design.n_obs, sum(block.Z.shape[1] for block in design.blocks), design.X.shape[1], design.n_groups
     columns = [np.ascontiguousarray(block.Z[:, j]) for block in design.blocks for j in range(block.Z.shape[1])]
+    in_X = [_column_of(fixed_view(design, block), j) for block in design.blocks for j in range(block.Z.shape[1])]
     index_type = sparse_index_type(max(n + 1, G))
     codes = design.codes.astype(index_type, copy=False)
     pointers = np.arange(n + 1, dtype=index_type)
@@ -102,11 +108,14 @@ def compute_crossproducts(design: Design) -> CrossProducts:
     ZtXy = np.empty((q, G, p + 1))
     for i, z in enumerate(columns):
         weighted = sparse.csc_matrix((z, codes, pointers), shape=(G, n))
-        for j in range(i + 1):
-            ZtZ[i, j] = weighted @ columns[j]
-            ZtZ[j, i] = ZtZ[i, j]
         ZtXy[i, :, :p] = weighted @ design.X
         ZtXy[i, :, p] = weighted @ design.y
+        for j in range(i + 1):
+            # Σ z_i z_j is in Z'X already where z_j is a column of X: the same products summed in the same
+            # order (row order per group), so the same bits, without another pass over the rows.
+            at = in_X[j]
+            ZtZ[i, j] = ZtXy[i, :, at] if at is not None else weighted @ columns[j]
+            ZtZ[j, i] = ZtZ[i, j]
     XtX = design.X.T @ design.X
     Xty = design.X.T @ design.y
     XytXy = np.empty((p + 1, p + 1))
