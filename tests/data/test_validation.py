@@ -106,16 +106,18 @@ def test_categorical_visits_give_the_design_the_text_gives(tmp_path: Path) -> No
     from longitudinal.model.design import build_design
     from longitudinal.model.formula import parse_formula
 
-    # 'b' sorts before 'B10' as text only by code point: the design's level order, which lme4's is
+    # Levels sort by code point ('B10' < 'B2' < 'b' < 'ä'): the design's level order, which lme4's is
     rows = [(s, w, 10 + s + 2 * w + (s % 3), 30 + s, arm) for s, arm in
-            ((12, "b"), (3, "B10"), (7, "B2"), (1, "b"), (30, "B10")) for w in (0, 1, 2)]
+            ((12, "b"), (3, "B10"), (7, "B2"), (1, "ä"), (30, "B10")) for w in (0, 1, 2)]
     text = HEADER + "".join(f"{s},{w},{y},{a},{arm}\n" for s, w, y, a, arm in rows)
     visits = check(tmp_path, text, covariates=["age", "arm"]).visits
+    # categories in UTF-8 byte order (code point order), as the design reads a categorical's own codes
+    assert visits["arm"].cat.categories.tolist() == ["B10", "B2", "b", "ä"]
     as_text = visits.astype({c: "str" for c in ("id", "arm", "source_file")})
     formula = parse_formula("score ~ week * arm + age + (week | id)", name="ris")
     held, plain = build_design(visits, formula), build_design(as_text, formula)
     assert held.fixed_names == plain.fixed_names
-    assert [n for n in held.fixed_names if n.startswith("arm")] == ["armB2", "armb"]  # reference level 'B10'
+    assert [n for n in held.fixed_names if n.startswith("arm")] == ["armB2", "armb", "armä"]  # reference 'B10'
     np.testing.assert_array_equal(held.X, plain.X)
     np.testing.assert_array_equal(held.codes, plain.codes)
     assert held.levels.tolist() == plain.levels.tolist() == ["1", "12", "3", "30", "7"]
