@@ -255,9 +255,17 @@ def _check_frame(data: pd.DataFrame, formula: ModelFormula) -> None:
     missing = sorted(formula.columns - set(data.columns))
     if missing:
         raise FormulaError(f"formula {formula.text!r} uses column {missing[0]!r}, which the data lack")
-    holes = [c for c in sorted(formula.columns) if data[c].isna().any()]
+    holes = [c for c in sorted(formula.columns) if _has_missing(data[c])]
     if holes:
         raise FormulaError(f"column {holes[0]!r} has missing values; validation should have removed those rows")
+
+
+def _has_missing(column: pd.Series) -> bool:
+    """Whether ``column`` has a missing value; for a numpy float column, from its minimum (NaN exactly when a
+    value is): no n-long mask per column and fit."""
+    if isinstance(column.dtype, np.dtype) and column.dtype.kind == "f" and len(column):
+        return bool(np.isnan(column.to_numpy().min()))
+    return bool(column.isna().any())
 
 
 def _sorted_codes(values: pd.Series, *, sorted_rows: bool = False) -> tuple[np.ndarray, np.ndarray]:
