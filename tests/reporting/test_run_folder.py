@@ -373,7 +373,7 @@ def test_a_structured_selected_model_writes_its_covariance_figures_and_json_entr
 # ------------------------------------------------------------------------------------------ data.parquet
 
 
-@pytest.mark.parametrize("row_group_rows", [1024 * 1024, 5])
+@pytest.mark.parametrize("row_group_rows", [2**17, 5])
 def test_data_parquet_holds_text_as_text_when_the_run_holds_it_as_categories(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, row_group_rows: int) -> None:
     import pyarrow as pa
