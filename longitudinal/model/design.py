@@ -414,34 +414,44 @@ class _Evaluator:
         """The matrix (n × len(columns), row-major) with each column evaluated straight into its place.
 
         Each column is the product of its factors taken left to right (as R multiplies them: the same values
-        bit for bit as stacking the products), written where it belongs: no list of n-long columns stacked
-        afterwards and no n × p finiteness mask (58 MB beside the matrix at 2,000,000 rows).
+        bit for bit as stacking the products), formed in one contiguous buffer (or read where it lies: a plain
+        numeric column) and checked there, then written into its place once: no list of n-long columns stacked
+        afterwards and no n × p finiteness mask (58 MB beside the matrix at 2,000,000 rows), and one strided
+        pass over the matrix per column (a strided pass reads every cache line of the matrix: 80 MB at 2M).
         """
         X = np.empty((len(self.data), len(columns)))
+        scratch = np.empty(len(self.data)) if any(len(column.factors) > 1 for column in columns) else None
         for j, column in enumerate(columns):
-            self._evaluate_column(column, X[:, j])
+            X[:, j] = self._evaluate_column(column, scratch)
         return X
 
-    def _evaluate_column(self, column: _Column, out: np.ndarray) -> None:
+    def _evaluate_column(self, column: _Column, scratch: np.ndarray | None) -> np.ndarray | float:
+        """The column's values, finite where numeric: 1 for the intercept, a factor as it lies when the column
+        is one factor, else the product in ``scratch``."""
         if not column.factors:
-            out.fill(1.0)
-            return
-        numeric = False
-        for position, (key, index) in enumerate(column.factors):
-            value = self.cache[key]
-            if isinstance(value, _Numeric):
-                numeric = True
-                factor: np.ndarray = value.values[:, index]
-            else:
-                factor = value.codes == index
-            if position == 0:
-                out[...] = factor
-            else:
-                np.multiply(out, factor, out=out)
+            return 1.0
+        factors = [self._factor(key, index) for key, index in column.factors]
+        numeric = any(factor.dtype != bool for factor in factors)
+        if len(factors) == 1:
+            values = factors[0]
+        else:
+            assert scratch is not None  # fill allocates it when a column has several factors
+            values = scratch
+            values[...] = factors[0]
+            for factor in factors[1:]:
+                np.multiply(values, factor, out=values)
         # min and max are NaN or infinite exactly when a value is: no n-long mask
-        if numeric and out.size and not (math.isfinite(out.min()) and math.isfinite(out.max())):
+        if numeric and values.size and not (math.isfinite(values.min()) and math.isfinite(values.max())):
             raise FormulaError(f"formula {self.text!r}: the column {column.name!r} has values that are not finite "
                                "(a log or square root of a value outside its domain, or a division by zero)")
+        return values
+
+    def _factor(self, key: str, index: int) -> np.ndarray:
+        """Column ``index`` of numeric variable ``key``, or the indicator (bool) of level ``index`` of a categorical."""
+        value = self.cache[key]
+        if isinstance(value, _Numeric):
+            return value.values[:, index]
+        return value.codes == index
 
     def _first_categorical(self, terms: Terms) -> tuple[int, str] | None:
         for t, term in enumerate(terms.terms):
