@@ -112,8 +112,9 @@ def validate_visits(ingested: Ingested, config: StudyConfig, covariates: Collect
     row where it is not one is quarantined. When ``data.subject`` names several columns, their
     combination is the subject throughout, and ``visits`` gains the text column ``data.subject_key``
     ("dog:side", values "D1:L") next to the original columns. ``visits`` keeps the index labels of
-    ``ingested.typed`` and is sorted by subject (numerically when every id is a number) then time;
-    ``quarantine`` keeps read order and the same index labels.
+    ``ingested.typed`` and is sorted by subject (numerically when every id is a number) then time; its text
+    columns are pandas categoricals of the values analysed (:func:`_take_text_as_categories`: a fraction of
+    the memory). ``quarantine`` keeps read order, the same index labels and the values as read.
 
     The rules are listed in the order that decides each row's reason (module docstring). Three
     great-expectations validations find the failing rows: each row on its own, then groups of rows
