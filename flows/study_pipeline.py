@@ -19,6 +19,7 @@ from longitudinal.config import ExecutionConfig, StudyConfig, load_config
 from longitudinal.data.curation import fingerprint
 from longitudinal.data.durable import printable
 from longitudinal.data.ingest import find_source_files
+from longitudinal.fit.allocator import release_arrow_pool
 from longitudinal.inference.reported import check_estimates
 from longitudinal.model.formula import check_candidates, check_family, check_same_response, parse_candidates
 from longitudinal.records import Fit, ReportInputs, Selection, SourceFile
@@ -85,6 +86,7 @@ def _run_stages(config: StudyConfig, config_path: Path, formulas: dict, staging:
     covariates = check_candidates(formulas, config.data.roles, list(ingested.raw.columns))
     validated = validate(ingested, config, covariates)
     del ingested
+    release_arrow_pool()
     check_estimates(config, validated.visits, formulas)
     clock = _stage_done(stages, "validate", clock)
 
