@@ -6,9 +6,13 @@ products: 1.6 MB each at 200,000 rows). glibc's malloc serves such a chunk by mm
 its threshold has risen past the chunk's size, and gives heap memory back to the kernel whenever more than
 its trim threshold is free at the top; either way the next temporary of the same size is faulted in again,
 page by page: 4,300-4,800 minor faults a fit at 200,000 rows, ~8 ms of a 28 ms random-intercept fit's CPU.
-Fixed thresholds keep up to ``TRIM_THRESHOLD`` of freed heap for reuse and serve chunks above
-``MMAP_THRESHOLD`` by mmap, returned whole when freed: at 2,000,000 rows a column is 16 MB, and such chunks
-never fragment the heap (glibc's own adjustment moves them into the heap, where they do).
+Fixed thresholds keep up to ``TRIM_THRESHOLD`` of freed heap for reuse and serve from the heap every chunk
+up to ``MMAP_THRESHOLD``, so that 2,000,000 rows' 16-32 MB columns and per-group arrays are reused too; larger
+ones (the model matrix, 80 MB there) are mmapped and returned whole when freed. Measured in the pipeline
+(``python -m benchmarks.pipeline --sizes 200k,2M --no-lme4``, one run each, 2M rows): fit stage unbalanced
+2.97-3.09 s with 4 MB / 64 MB, 2.23-2.34 s with 64 MB / 128-256 MB, balanced 1.80 ->
+1.15-1.42 s; the run's peak (proportional set) 894-913 MB -> 941-989 MB, the trim threshold's 128 MB the lower
+end. At 200,000 rows the stage is unchanged (0.23-0.26 s).
 
 Like ``fit.blas.limit_blas_threads``, for the rest of the process and decided by the application (the
 pipeline's fit task module), never by the library itself. glibc only: elsewhere nothing changes.
@@ -22,9 +26,9 @@ import ctypes
 import ctypes.util
 
 #: Chunks above this are mmapped (and unmapped when freed); below, they come from the heap.
-MMAP_THRESHOLD = 4 * 1024 * 1024
+MMAP_THRESHOLD = 64 * 1024 * 1024
 #: Free memory at the top of the heap kept for reuse, not given back to the kernel.
-TRIM_THRESHOLD = 64 * 1024 * 1024
+TRIM_THRESHOLD = 128 * 1024 * 1024
 # mallopt's parameter numbers (glibc's malloc.h).
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
