@@ -19,7 +19,7 @@ from longitudinal.config import ExecutionConfig, StudyConfig, load_config
 from longitudinal.data.curation import fingerprint
 from longitudinal.data.durable import printable
 from longitudinal.data.ingest import find_source_files
-from longitudinal.fit.allocator import release_arrow_pool
+from longitudinal.fit.allocator import release_freed_memory
 from longitudinal.inference.reported import check_estimates
 from longitudinal.model.formula import check_candidates, check_family, check_same_response, parse_candidates
 from longitudinal.records import Fit, ReportInputs, Selection, SourceFile
@@ -86,7 +86,7 @@ def _run_stages(config: StudyConfig, config_path: Path, formulas: dict, staging:
     covariates = check_candidates(formulas, config.data.roles, list(ingested.raw.columns))
     validated = validate(ingested, config, covariates)
     del ingested
-    release_arrow_pool()
+    release_freed_memory()
     check_estimates(config, validated.visits, formulas)
     clock = _stage_done(stages, "validate", clock)
 
@@ -127,7 +127,9 @@ def _run_stages(config: StudyConfig, config_path: Path, formulas: dict, staging:
         selected = next(f for f in fits if f.name == chosen)
 
     fits = list(report_fits(fits, selected))  # the chosen candidate's ML arrays too, when its refit has its own
+    release_freed_memory()
     reported = infer(selected, validated.visits, config)
+    release_freed_memory()
     clock = _stage_done(stages, "infer", clock)
 
     timings: dict[str, Any] = {"stages": stages, "fits": fit_seconds}

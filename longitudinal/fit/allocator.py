@@ -16,14 +16,15 @@ end. At 200,000 rows the stage is unchanged (0.23-0.26 s).
 
 Like ``fit.blas.limit_blas_threads``, for the rest of the process and decided by the application (the
 pipeline's fit task module), never by the library itself. glibc only: elsewhere nothing changes.
-``release_arrow_pool`` is the other allocator's side: the pipeline calls it once validation has let go of the
-rows as read.
+``release_freed_memory`` gives back what a stage freed and the next will not reuse: the pipeline calls it
+between its stages.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 
 #: Chunks above this are mmapped (and unmapped when freed); below, they come from the heap.
 MMAP_THRESHOLD = 64 * 1024 * 1024
@@ -34,24 +35,39 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """The C library (glibc's name first: ``find_library`` runs ``ldconfig``), None where there is none."""
+    for name in ("libc.so.6", ctypes.util.find_library("c")):
+        if name:
+            try:
+                return ctypes.CDLL(name)
+            except OSError:
+                continue
+    return None
+
+
 def reuse_freed_memory(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = TRIM_THRESHOLD) -> bool:
     """Fix glibc malloc's mmap and trim thresholds for this process; whether they were set (False without
     glibc's ``mallopt``)."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    try:
-        mallopt = ctypes.CDLL(name).mallopt
-    except (OSError, AttributeError):
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is None:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
 
 
-def release_arrow_pool() -> None:
-    """Give back what Arrow's memory pool holds freed (its jemalloc or mimalloc keeps freed memory resident
-    until its next allocation, however long that is): after validation, the rows as read and typed, ~168 MB at
-    2,000,000 rows, which were still resident through the first fit, then the run's peak (``bench_memory.py``)."""
+def release_freed_memory() -> None:
+    """Give back, between stages, the memory the stage before freed: Arrow's pool (its jemalloc or mimalloc keeps
+    freed memory resident until its next allocation: after validation, the rows as read and typed, ~168 MB at
+    2,000,000 rows) and glibc's heap (``malloc_trim``: with ``reuse_freed_memory``'s thresholds a stage's freed
+    16-32 MB arrays stay in the heap for reuse, and what the next stage does not reuse would add to the run's
+    peak)."""
     import pyarrow
 
     pyarrow.default_memory_pool().release_unused()
+    malloc_trim = getattr(_libc(), "malloc_trim", None)
+    if malloc_trim is None:
+        return
+    malloc_trim.argtypes, malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+    malloc_trim(0)
