@@ -116,8 +116,10 @@ class Validated:
     """The rows to analyse and the rows set aside, with the reason for each.
 
     ``visits``: typed rows that every candidate is fitted on (same index as in ``Ingested``), with
-    ``source_file`` and ``source_line``. ``quarantine``: every quarantined row as read plus
-    ``source_file``, ``source_line`` and ``reason``. ``rows_read == rows_analysed + rows_quarantined``.
+    ``source_file`` and ``source_line``; its text columns are pandas categoricals of the values analysed (16 MB
+    instead of 107 at 2,000,000 rows; ``data.parquet`` is written with text columns). ``quarantine``: every
+    quarantined row as read plus ``source_file``, ``source_line`` and ``reason``.
+    ``rows_read == rows_analysed + rows_quarantined``.
     """
 
     visits: pd.DataFrame
