@@ -113,37 +113,19 @@ def _gram_solver(products: CrossProducts, patterns: PatternProducts | None,
     def solve(theta: np.ndarray) -> PenalizedSolution | None:
         lam = lambda_at(products.block_sizes, theta)
         if patterns is not None:
-            found = _pattern_gram(patterns, lam)
-            if found is None:
-                return None
-            logdet_M, RtR = found
+            found = onefactor.pattern_gram(patterns, lam)
         else:
             assert gram is not None
-            logdet_M, RtR = gram.at(lam)
-        try:
-            chol_S = np.linalg.cholesky(products.XytXy - RtR)
-        except np.linalg.LinAlgError:
+            found = gram.at(lam)
+        if found is None:
             return None
-        r2 = float(chol_S[-1, -1]) ** 2
-        if not (r2 > 0.0 and np.isfinite(r2) and np.isfinite(logdet_M)):
+        logdet_M, RtR = found
+        profiled = onefactor.profiled_criterion(products.XytXy - RtR, logdet_M, n_obs, False)
+        if profiled is None:
             return None
+        _, r2, chol_S = profiled
         return _penalized(logdet_M, r2, chol_S, n_obs)
     return solve
-
-
-def _pattern_gram(patterns: PatternProducts, lam: np.ndarray) -> tuple[float, np.ndarray] | None:
-    """log|M| and Σ_g R_g'R_g at Λ from the pattern sums: with C_P = Λ M_P⁻¹ Λ', Σ_g R_g'R_g = Σ_P Σ_ij C_P[i, j]
-    Σ_{g ∈ P} W_g[i]'W_g[j] (``onefactor._pattern_deviance``'s arithmetic). None where an M_P is not factorable."""
-    M = lam.T @ patterns.ZtZ @ lam + np.eye(lam.shape[0])  # (P, q, q)
-    try:
-        L = np.linalg.cholesky(M)
-    except np.linalg.LinAlgError:
-        return None
-    logdet_M = 2.0 * float(patterns.counts @ np.log(np.diagonal(L, axis1=1, axis2=2)).sum(axis=1))
-    T = np.linalg.solve(L, np.broadcast_to(lam.T, M.shape))  # L_P⁻¹ Λ'
-    C = np.swapaxes(T, 1, 2) @ T
-    k = patterns.XytXy.shape[0]
-    return logdet_M, (C.reshape(-1) @ patterns.WtW).reshape(k, k)
 
 
 def _penalized(logdet_M: float, r2: float, chol_S: np.ndarray, n_obs: int) -> PenalizedSolution:
@@ -244,7 +226,8 @@ def standardized_theta(theta: np.ndarray, design: Design, standardization: Stand
     at = 0
     for k, size in enumerate(layout.block_sizes):
         window = slice(at, at + size)
-        standardized[window, window] = lower_factor_of(np.linalg.solve(standardization.ranef_maps[k], lam[window, window]))
+        mapped = np.linalg.solve(standardization.ranef_maps[k], lam[window, window])
+        standardized[window, window] = lower_factor_of(mapped)
         at += size
     out: np.ndarray = standardized[list(layout.rows), list(layout.cols)]
     return out

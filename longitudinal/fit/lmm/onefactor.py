@@ -101,7 +101,7 @@ def solve_at(products: CrossProducts, lam: np.ndarray, reml: bool) -> _Solution 
     chol_M, R, logdet_M = factor_groups(products.ZtZ, products.ZtXy, lam)
     q, G, k = R.shape
     flat = R.reshape(q * G, k)
-    profiled = _profile(products.XytXy - flat.T @ flat, logdet_M, products.n_obs, reml)
+    profiled = profiled_criterion(products.XytXy - flat.T @ flat, logdet_M, products.n_obs, reml)
     if profiled is None:
         return None
     deviance, r2, chol_S = profiled
@@ -111,27 +111,36 @@ def solve_at(products: CrossProducts, lam: np.ndarray, reml: bool) -> _Solution 
 def gram_deviance(products: CrossProducts, gram: GroupGram, lam: np.ndarray, reml: bool) -> float:
     """``solve_at``'s deviance at Λ from ``gram`` (``products``' groups, q ≤ 2); inf where undefined."""
     logdet_M, RtR = gram.at(lam)
-    profiled = _profile(products.XytXy - RtR, logdet_M, products.n_obs, reml)
+    profiled = profiled_criterion(products.XytXy - RtR, logdet_M, products.n_obs, reml)
     return profiled[0] if profiled is not None else math.inf
 
 
 def _pattern_deviance(patterns: PatternProducts, lam: np.ndarray, reml: bool) -> float:
     """The deviance at Λ from the pattern sums (``solve_at``'s value, evaluated per pattern); inf where undefined."""
+    found = pattern_gram(patterns, lam)
+    if found is None:
+        return math.inf
+    logdet_M, RtR = found
+    profiled = profiled_criterion(patterns.XytXy - RtR, logdet_M, patterns.n_obs, reml)
+    return profiled[0] if profiled is not None else math.inf
+
+
+def pattern_gram(patterns: PatternProducts, lam: np.ndarray) -> tuple[float, np.ndarray] | None:
+    """log|M| and Σ_g R_g'R_g at Λ from the pattern sums: with C_P = Λ M_P⁻¹ Λ', Σ_g R_g'R_g = Σ_P Σ_ij C_P[i, j]
+    Σ_{g ∈ P} W_g[i]'W_g[j]. None where an M_P is not factorable."""
     M = lam.T @ patterns.ZtZ @ lam + np.eye(lam.shape[0])  # (P, q, q)
     try:
         L = np.linalg.cholesky(M)
     except np.linalg.LinAlgError:
-        return math.inf
+        return None
     logdet_M = 2.0 * float(patterns.counts @ np.log(np.diagonal(L, axis1=1, axis2=2)).sum(axis=1))
     T = np.linalg.solve(L, np.broadcast_to(lam.T, M.shape))  # L_P⁻¹ Λ'
     C = np.swapaxes(T, 1, 2) @ T  # Λ M_P⁻¹ Λ'
     k = patterns.XytXy.shape[0]
-    S = patterns.XytXy - (C.reshape(-1) @ patterns.WtW).reshape(k, k)
-    profiled = _profile(S, logdet_M, patterns.n_obs, reml)
-    return profiled[0] if profiled is not None else math.inf
+    return logdet_M, (C.reshape(-1) @ patterns.WtW).reshape(k, k)
 
 
-def _profile(S: np.ndarray, logdet_M: float, n: int, reml: bool) -> tuple[float, float, np.ndarray] | None:
+def profiled_criterion(S: np.ndarray, logdet_M: float, n: int, reml: bool) -> tuple[float, float, np.ndarray] | None:
     """Deviance, r² and the Cholesky factor of S = [A b; b' c]; None where r² ≤ 0 or S is not factorable."""
     p = S.shape[0] - 1
     try:
