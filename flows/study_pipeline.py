@@ -124,7 +124,7 @@ def _run_stages(config: StudyConfig, config_path: Path, formulas: dict, staging:
         fit_seconds[f"{selected.name} (REML)"] = round(selected.seconds, 4)
     else:
         # A GLMM has no REML (glmer fits by ML only): the selected model is reported as its ML fit.
-        selected = next(f for f in fits if f.name == chosen)
+        selected = chosen_ml
 
     fits = list(report_fits(fits, selected))  # the chosen candidate's ML arrays too, when its refit has its own
     release_freed_memory()
